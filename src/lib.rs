@@ -1,0 +1,2 @@
+//! udpchat: a chat system over UDP.
+pub mod wire;
