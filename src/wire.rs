@@ -601,9 +601,7 @@ mod tests {
     /// Builds `Chat` by hand so the string fields can break the rules.
     fn raw_chat(from: &str, text: &str) -> Vec<u8> {
         let mut out = vec![VERSION, 17]; // Message::Chat
-        for s in [from] {
-            push_str(&mut out, s);
-        }
+        push_str(&mut out, from);
         out.push(1); // id
         push_str(&mut out, text);
         out

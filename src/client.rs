@@ -1,0 +1,1280 @@
+//! The chat client as a sans-IO state machine.
+//!
+//! A [`Client`] registers with the server, keeps a local copy of the client
+//! table, sends direct messages straight to peers (falling back to the
+//! server's mailbox when a peer is silent), sends channel messages through
+//! the server, and shows what arrives. Console commands come in as lines
+//! ([`Client::handle_line`]) or as method calls; everything the console shows
+//! comes out as [`Event`]s.
+
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use rand_chacha::ChaCha12Rng;
+use rand_core::{RngCore, SeedableRng};
+use slab::Slab;
+
+use crate::table::{DeltaOutcome, LocalTable, PageOutcome};
+use crate::timer::{TimerKey, TimerWheel};
+use crate::wire::{
+    self, Entry, FieldError, MailId, Message, MsgId, Name, Refusal, Seq, Text, Token,
+};
+use crate::{ACK_TIMEOUT, RETRANSMIT, SERVER_TRIES, TICK, Transmit};
+
+/// Settings of a [`Client`].
+#[derive(Debug, Clone)]
+pub struct ClientConfig {
+    /// The name to register under.
+    pub name: Name,
+    /// The server's address.
+    pub server: SocketAddr,
+    /// Seeds message ids and sequence numbers (so a restarted client does
+    /// not reuse its predecessor's). Use OS randomness in production.
+    pub seed: [u8; 32],
+    /// Most rows kept in the local client table.
+    pub max_table: usize,
+}
+
+impl ClientConfig {
+    /// Defaults: a local table of at most 100,000 rows.
+    pub fn new(name: Name, server: SocketAddr, seed: [u8; 32]) -> Self {
+        ClientConfig {
+            name,
+            server,
+            seed,
+            max_table: 100_000,
+        }
+    }
+}
+
+/// Something for the console. [`Event::render`] gives the exact line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// Registration accepted.
+    Welcome,
+    /// The local client table changed.
+    TableUpdated,
+    /// A direct message was acked by its recipient.
+    ReceivedBy(Name),
+    /// No ack within 500 ms; the message went to the server.
+    NoAck(Name),
+    /// The recipient is offline in the local table; the message went to the
+    /// server directly.
+    PeerOffline(Name),
+    /// The server stored the message.
+    Saved,
+    /// The server says the recipient is online after all.
+    Exists(Name),
+    /// The retry after `Exists` got no ack either.
+    NotDelivered(Name),
+    /// Deregistration acked.
+    Bye,
+    /// A request that the client cannot live without got no answer.
+    ServerNotResponding,
+    /// The client is about to exit (follows `ServerNotResponding`).
+    Exiting,
+    /// A channel message got no answer from the server.
+    ChannelNotResponding,
+    /// Stored messages follow.
+    HaveMessages,
+    /// A stored message, shown on log-back.
+    Stored {
+        /// Sender.
+        from: Name,
+        /// Sent with `send_all`.
+        channel: bool,
+        /// When the server stored it (Unix seconds).
+        stored_at: i64,
+        /// The message.
+        text: Text,
+    },
+    /// A direct message arrived.
+    Direct {
+        /// Sender.
+        from: Name,
+        /// The message.
+        text: Text,
+    },
+    /// The server acked a channel message.
+    ChannelAcked,
+    /// A channel message arrived.
+    Channel {
+        /// Sender.
+        from: Name,
+        /// The message.
+        text: Text,
+    },
+    /// The name is held by a live client.
+    Rejected(Name),
+    /// The server had forgotten this client; it registered again by itself.
+    Reconnected,
+    /// The recipient's mailbox is over its limit.
+    MailboxFull(Name),
+    /// A user error, or a request the server refused.
+    Error(String),
+    /// A line of `list` or `help` output.
+    Info(String),
+    /// Not a line: the client is done and the process should exit with this
+    /// status.
+    Exit(i32),
+}
+
+impl Event {
+    /// The console line, `>>> ` included; `local_time` renders a Unix time
+    /// as `YYYY-MM-DD HH:MM:SS`. `None` for [`Event::Exit`].
+    pub fn render(&self, local_time: impl Fn(i64) -> String) -> Option<String> {
+        let body = match self {
+            Event::Welcome => "[Welcome, You are registered.]".to_string(),
+            Event::TableUpdated => "[Client table updated.]".to_string(),
+            Event::ReceivedBy(n) => format!("[Message received by {n}.]"),
+            Event::NoAck(n) => format!("[No ACK from {n}, message sent to server.]"),
+            Event::PeerOffline(n) => format!("[{n} is offline, message sent to server.]"),
+            Event::Saved => "[Messages received by the server and saved]".to_string(),
+            Event::Exists(n) => format!("[Client {n} exists!!]"),
+            Event::NotDelivered(n) => {
+                format!("[Error: {n} did not answer; the message was not delivered.]")
+            }
+            Event::Bye => "[You are Offline. Bye.]".to_string(),
+            Event::ServerNotResponding => "[Server not responding]".to_string(),
+            Event::Exiting => "[Exiting]".to_string(),
+            Event::ChannelNotResponding => "[Server not responding.]".to_string(),
+            Event::HaveMessages => "[You Have Messages]".to_string(),
+            Event::Stored {
+                from,
+                channel: false,
+                stored_at,
+                text,
+            } => {
+                format!("{from}: {} {text}", local_time(*stored_at))
+            }
+            Event::Stored {
+                from,
+                channel: true,
+                stored_at,
+                text,
+            } => {
+                format!("Channel_Message {from}: {} {text}", local_time(*stored_at))
+            }
+            Event::Direct { from, text } => format!("{from}: {text}"),
+            Event::ChannelAcked => "[Message received by Server.]".to_string(),
+            Event::Channel { from, text } => format!("[Channel_Message {from}: {text}]"),
+            Event::Rejected(n) => format!("[Registration rejected: name {n} is already in use.]"),
+            Event::Reconnected => "[Reconnected to server.]".to_string(),
+            Event::MailboxFull(n) => format!("[Error: mailbox of {n} is full, message not saved.]"),
+            Event::Error(e) => format!("[Error: {e}]"),
+            Event::Info(s) => s.clone(),
+            Event::Exit(_) => return None,
+        };
+        Some(format!(">>> {body}"))
+    }
+}
+
+/// Most console lines queued while the first registration is under way.
+const QUEUED_LINES: usize = 64;
+/// Most (sender, id) pairs remembered to show each message once.
+const SEEN: usize = 16_384;
+/// Out-of-order stored messages held back to be shown in order.
+const BATCH_AHEAD: u32 = 64;
+/// A mail batch that makes no progress this long is abandoned (the server
+/// keeps the rest for the next log-back).
+const BATCH_STALL: Duration = Duration::from_secs(5);
+
+/// Handle of an operation in flight.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+struct OpId(usize);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Timer {
+    Op(OpId),
+    Batch,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Joining {
+    /// At start-up.
+    First,
+    /// `reg` after `dereg`.
+    LogBack,
+    /// The server forgot the session.
+    Reconnect,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// Sent to the peer, awaiting its ack.
+    Direct,
+    /// Sent to the server as a save-message request.
+    Save(Seq),
+    /// Sent again to the fresh address after `Exists`.
+    Retry,
+}
+
+#[derive(Debug)]
+enum Kind {
+    Register {
+        seq: Seq,
+        joining: Joining,
+    },
+    Deregister {
+        seq: Seq,
+    },
+    Channel {
+        seq: Seq,
+        id: MsgId,
+        text: Text,
+    },
+    Direct {
+        to: Name,
+        addr: SocketAddr,
+        id: MsgId,
+        text: Text,
+        phase: Phase,
+    },
+    Sync {
+        seq: Seq,
+    },
+}
+
+#[derive(Debug)]
+struct Op {
+    kind: Kind,
+    sent: u8,
+    timer: TimerKey,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Presence {
+    /// Waiting for `Welcome`.
+    Joining,
+    Online,
+    /// After `dereg`: only `reg`, `list` and `help` work.
+    Offline,
+    /// Exit was requested; nothing more happens.
+    Done,
+}
+
+struct Batch {
+    total: u32,
+    next: u32,
+    ahead: BTreeMap<u32, Delivery>,
+    timer: TimerKey,
+}
+
+struct Delivery {
+    mail: MailId,
+    from: Name,
+    channel: bool,
+    stored_at: i64,
+    id: MsgId,
+    text: Text,
+}
+
+/// Remembers the last [`SEEN`] (sender, id) pairs.
+#[derive(Default)]
+struct Seen {
+    set: HashSet<(Name, MsgId)>,
+    order: VecDeque<(Name, MsgId)>,
+}
+
+impl Seen {
+    /// True the first time a pair is offered.
+    fn first(&mut self, from: &Name, id: MsgId) -> bool {
+        let key = (from.clone(), id);
+        if !self.set.insert(key.clone()) {
+            return false;
+        }
+        if self.order.len() == SEEN
+            && let Some(old) = self.order.pop_front()
+        {
+            self.set.remove(&old);
+        }
+        self.order.push_back(key);
+        true
+    }
+}
+
+/// A chat client. See the [crate docs](crate) for a driving loop.
+pub struct Client {
+    config: ClientConfig,
+    next_seq: u32,
+    next_msg: u64,
+    presence: Presence,
+    /// The first registration (welcome and table) is complete.
+    ready: bool,
+    /// Announce the table once the sync under way completes.
+    announce: bool,
+    token: Option<Token>,
+    table: LocalTable,
+    ops: Slab<Op>,
+    by_seq: HashMap<Seq, OpId>,
+    by_msg: HashMap<MsgId, OpId>,
+    sync: Option<OpId>,
+    batch: Option<Batch>,
+    seen: Seen,
+    queued: VecDeque<String>,
+    timers: TimerWheel<Timer>,
+    transmits: VecDeque<Transmit>,
+    events: VecDeque<Event>,
+}
+
+impl Client {
+    /// A client that starts registering at once.
+    pub fn new(config: ClientConfig, now: Instant) -> Client {
+        let mut rng = ChaCha12Rng::from_seed(config.seed);
+        let mut client = Client {
+            next_seq: rng.next_u32(),
+            next_msg: rng.next_u64(),
+            presence: Presence::Joining,
+            ready: false,
+            announce: false,
+            token: None,
+            table: LocalTable::new(config.max_table),
+            ops: Slab::new(),
+            by_seq: HashMap::new(),
+            by_msg: HashMap::new(),
+            sync: None,
+            batch: None,
+            seen: Seen::default(),
+            queued: VecDeque::new(),
+            timers: TimerWheel::new(now, TICK),
+            transmits: VecDeque::new(),
+            events: VecDeque::new(),
+            config,
+        };
+        client.register(now, Joining::First);
+        client
+    }
+
+    // ---- inputs -----------------------------------------------------------
+
+    /// Feeds one datagram received from `from`.
+    pub fn handle_datagram(&mut self, now: Instant, from: SocketAddr, data: &[u8]) {
+        if self.presence == Presence::Done {
+            return;
+        }
+        let Ok(msg) = wire::decode(data) else {
+            return;
+        };
+        let from_server = from == self.config.server;
+        match msg {
+            Message::Chat {
+                from: sender,
+                id,
+                text,
+            } => self.on_chat(from, sender, id, text),
+            Message::ChatAck { id } => self.on_chat_ack(id),
+            _ if !from_server => {}
+            Message::Welcome {
+                seq, token, mail, ..
+            } => self.on_welcome(now, seq, token, mail),
+            Message::Rejected { seq }
+                if self
+                    .take_server_op(seq, |k| matches!(k, Kind::Register { .. }))
+                    .is_some() =>
+            {
+                self.events
+                    .push_back(Event::Rejected(self.config.name.clone()));
+                self.exit(1);
+            }
+            Message::Ack { seq } => self.on_ack(now, seq),
+            Message::Exists { seq, entry } => self.on_exists(now, seq, entry),
+            Message::Refused { seq, reason } => self.on_refused(now, seq, reason),
+            Message::Page {
+                seq,
+                version,
+                entries,
+                next,
+            } => self.on_page(now, seq, version, &entries, next),
+            Message::Delta {
+                prev,
+                version,
+                entries,
+            } => self.on_delta(now, prev, version, &entries),
+            Message::Deliver {
+                mail,
+                pos,
+                from: sender,
+                channel,
+                stored_at,
+                id,
+                text,
+            } => {
+                let d = Delivery {
+                    mail,
+                    from: sender,
+                    channel,
+                    stored_at,
+                    id,
+                    text,
+                };
+                self.on_deliver(now, pos, d);
+            }
+            Message::Probe { nonce, name } => {
+                let alive = matches!(self.presence, Presence::Joining | Presence::Online);
+                if alive && name == self.config.name {
+                    self.send(self.config.server, &Message::ProbeReply { nonce });
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// Handles every timer due at `now`. Spurious calls do nothing.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        while let Some(timer) = self.timers.poll_expired(now) {
+            if self.presence == Presence::Done {
+                return;
+            }
+            match timer {
+                Timer::Op(op) => self.on_op_timer(now, op),
+                Timer::Batch => {
+                    // The server stopped streaming: show the table; the
+                    // rest of the mail waits for the next log-back.
+                    if self.batch.take().is_some() {
+                        self.start_sync(now, 0);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Runs one console line (`send Bob hi`, `list`, …).
+    pub fn handle_line(&mut self, now: Instant, line: &str) {
+        let line = line.trim_end_matches(['\r', '\n']);
+        let (command, rest) = split_word(line);
+        match command {
+            "" => {}
+            "help" => self.help(),
+            "list" => self.list(),
+            _ if !self.ready && self.presence != Presence::Done => {
+                // Typed (or piped) before the first registration finished:
+                // run it once it has.
+                if self.queued.len() < QUEUED_LINES {
+                    self.queued.push_back(line.to_string());
+                } else {
+                    self.error("still registering; try again in a moment.".to_string());
+                }
+            }
+            "send" => {
+                let (to, text) = split_word(rest);
+                if to.is_empty() || text.is_empty() {
+                    self.error("usage: send <name> <message>".to_string());
+                } else {
+                    self.send_message(now, to, text);
+                }
+            }
+            "send_all" => {
+                if rest.is_empty() {
+                    self.error("usage: send_all <message>".to_string());
+                } else {
+                    self.send_all(now, rest);
+                }
+            }
+            "dereg" => self.dereg(now, rest.trim()),
+            "reg" => self.reg(now, rest.trim()),
+            other => self.error(format!(
+                "unknown command {other}; type help for the commands."
+            )),
+        }
+    }
+
+    /// `send <to> <text>`: a direct message.
+    pub fn send_message(&mut self, now: Instant, to: &str, text: &str) {
+        if !self.usable() {
+            return;
+        }
+        let Some(text) = self.text(text) else {
+            return;
+        };
+        let entry = Name::new(to).ok().and_then(|n| self.table.get(&n).cloned());
+        let Some(entry) = entry else {
+            self.error(format!(
+                "unknown client {to}; type list to see the client table."
+            ));
+            return;
+        };
+        let id = self.msg_id();
+        if entry.online {
+            let kind = Kind::Direct {
+                to: entry.name,
+                addr: entry.addr,
+                id,
+                text,
+                phase: Phase::Direct,
+            };
+            let op = self.start(now, kind, RETRANSMIT);
+            self.by_msg.insert(id, op);
+        } else {
+            self.events
+                .push_back(Event::PeerOffline(entry.name.clone()));
+            let seq = self.seq();
+            let kind = Kind::Direct {
+                to: entry.name,
+                addr: entry.addr,
+                id,
+                text,
+                phase: Phase::Save(seq),
+            };
+            let op = self.start(now, kind, ACK_TIMEOUT);
+            self.by_seq.insert(seq, op);
+        }
+    }
+
+    /// `send_all <text>`: a channel message.
+    pub fn send_all(&mut self, now: Instant, text: &str) {
+        if !self.usable() {
+            return;
+        }
+        let Some(text) = self.text(text) else {
+            return;
+        };
+        let (seq, id) = (self.seq(), self.msg_id());
+        let op = self.start(now, Kind::Channel { seq, id, text }, ACK_TIMEOUT);
+        self.by_seq.insert(seq, op);
+    }
+
+    /// `dereg <name>`: a notified leave.
+    pub fn dereg(&mut self, now: Instant, name: &str) {
+        if name != self.config.name.as_str() {
+            self.error(format!("dereg takes your own name ({}).", self.config.name));
+            return;
+        }
+        if !self.usable() {
+            return;
+        }
+        if self
+            .ops
+            .iter()
+            .any(|(_, op)| matches!(op.kind, Kind::Deregister { .. }))
+        {
+            return;
+        }
+        let seq = self.seq();
+        let op = self.start(now, Kind::Deregister { seq }, ACK_TIMEOUT);
+        self.by_seq.insert(seq, op);
+    }
+
+    /// `reg <name>`: log back in after `dereg`.
+    pub fn reg(&mut self, now: Instant, name: &str) {
+        if name != self.config.name.as_str() {
+            self.error(format!("reg takes your own name ({}).", self.config.name));
+            return;
+        }
+        match self.presence {
+            Presence::Offline => self.register(now, Joining::LogBack),
+            Presence::Online => self.error("you are already online.".to_string()),
+            Presence::Joining => self.error("registration is under way; wait for it.".to_string()),
+            Presence::Done => {}
+        }
+    }
+
+    /// `list`: the local client table, one line a client.
+    pub fn list(&mut self) {
+        if self.table.is_empty() {
+            self.events
+                .push_back(Event::Info("The client table is empty.".to_string()));
+            return;
+        }
+        let width = self
+            .table
+            .iter()
+            .map(|e| e.name.as_str().len())
+            .max()
+            .unwrap_or(0);
+        let lines: Vec<Event> = self
+            .table
+            .iter()
+            .map(|e| {
+                let status = if e.online { "online" } else { "offline" };
+                Event::Info(format!(
+                    "{:<width$}  {:<21}  {status}",
+                    e.name.as_str(),
+                    e.addr.to_string()
+                ))
+            })
+            .collect();
+        self.events.extend(lines);
+    }
+
+    /// `help`: the commands.
+    pub fn help(&mut self) {
+        for line in [
+            "send <name> <message>   direct message to a client (yourself included)",
+            "send_all <message>      message to every other online client",
+            "dereg <your name>       leave (you stay offline until reg)",
+            "reg <your name>         log back in after dereg",
+            "list                    show the client table",
+            "help                    show this list",
+            "Ctrl+C                  quit without telling the server",
+        ] {
+            self.events.push_back(Event::Info(line.to_string()));
+        }
+    }
+
+    // ---- outputs ----------------------------------------------------------
+
+    /// The next datagram to send.
+    #[must_use]
+    pub fn poll_transmit(&mut self) -> Option<Transmit> {
+        self.transmits.pop_front()
+    }
+
+    /// The next thing to show.
+    #[must_use]
+    pub fn poll_event(&mut self) -> Option<Event> {
+        self.events.pop_front()
+    }
+
+    /// When [`Client::handle_timeout`] next has work, if ever.
+    #[must_use]
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        if self.presence == Presence::Done {
+            return None;
+        }
+        self.timers.poll_timeout()
+    }
+
+    /// No operation is in flight and nothing is queued: at end of input the
+    /// driver may exit.
+    pub fn is_idle(&self) -> bool {
+        self.presence != Presence::Joining
+            && self.ops.is_empty()
+            && self.batch.is_none()
+            && self.queued.is_empty()
+    }
+
+    /// The local client table.
+    pub fn table(&self) -> &LocalTable {
+        &self.table
+    }
+
+    /// Registered and not deregistered.
+    pub fn is_online(&self) -> bool {
+        self.presence == Presence::Online
+    }
+
+    /// The name this client registers under.
+    pub fn name(&self) -> &Name {
+        &self.config.name
+    }
+
+    // ---- incoming ---------------------------------------------------------
+
+    fn on_chat(&mut self, from: SocketAddr, sender: Name, id: MsgId, text: Text) {
+        // A deregistered client neither shows nor acks: the sender falls back
+        // to the server, which keeps the message for the next log-back.
+        if self.presence != Presence::Online {
+            return;
+        }
+        if self.seen.first(&sender, id) {
+            self.events.push_back(Event::Direct { from: sender, text });
+        }
+        self.send(from, &Message::ChatAck { id });
+    }
+
+    fn on_chat_ack(&mut self, id: MsgId) {
+        let Some(op) = self.by_msg.remove(&id) else {
+            return;
+        };
+        if let Some(Kind::Direct { to, .. }) = self.finish(op) {
+            self.events.push_back(Event::ReceivedBy(to));
+        }
+    }
+
+    fn on_welcome(&mut self, now: Instant, seq: Seq, token: Token, mail: u32) {
+        let Some(Kind::Register { joining, .. }) =
+            self.take_server_op(seq, |k| matches!(k, Kind::Register { .. }))
+        else {
+            return;
+        };
+        self.token = Some(token);
+        self.presence = Presence::Online;
+        match joining {
+            Joining::First => self.events.push_back(Event::Welcome),
+            Joining::LogBack => {}
+            Joining::Reconnect => self.events.push_back(Event::Reconnected),
+        }
+        self.announce = true;
+        if mail > 0 {
+            self.events.push_back(Event::HaveMessages);
+            let timer = self.timers.insert(now + BATCH_STALL, Timer::Batch);
+            self.batch = Some(Batch {
+                total: mail,
+                next: 0,
+                ahead: BTreeMap::new(),
+                timer,
+            });
+        } else {
+            self.start_sync(now, 0);
+        }
+    }
+
+    fn on_ack(&mut self, now: Instant, seq: Seq) {
+        let Some(kind) = self.take_server_op(seq, |k| {
+            matches!(
+                k,
+                Kind::Deregister { .. }
+                    | Kind::Channel { .. }
+                    | Kind::Direct {
+                        phase: Phase::Save(_),
+                        ..
+                    }
+            )
+        }) else {
+            return;
+        };
+        match kind {
+            Kind::Deregister { .. } => {
+                self.presence = Presence::Offline;
+                self.token = None;
+                if let Some(batch) = self.batch.take() {
+                    self.timers.cancel(batch.timer);
+                }
+                if let Some(op) = self.sync.take() {
+                    self.finish(op);
+                    self.table.cancel_sync();
+                }
+                self.events.push_back(Event::Bye);
+            }
+            Kind::Channel { .. } => self.events.push_back(Event::ChannelAcked),
+            _ => self.events.push_back(Event::Saved),
+        }
+        let _ = now;
+    }
+
+    fn on_exists(&mut self, now: Instant, seq: Seq, entry: Entry) {
+        let Some(&op) = self.by_seq.get(&seq) else {
+            return;
+        };
+        let Some(Op {
+            kind:
+                Kind::Direct {
+                    to,
+                    addr,
+                    id,
+                    phase,
+                    ..
+                },
+            ..
+        }) = self.ops.get_mut(op.0)
+        else {
+            return;
+        };
+        if !matches!(phase, Phase::Save(_)) || entry.name != *to {
+            return;
+        }
+        self.by_seq.remove(&seq);
+        *addr = entry.addr;
+        *phase = Phase::Retry;
+        let (to, id) = (to.clone(), *id);
+        self.events.push_back(Event::Exists(to));
+        self.by_msg.insert(id, op);
+        self.restart(now, op, RETRANSMIT);
+        // The table was wrong about this peer; catch up with the server's.
+        if self.sync.is_none() {
+            let since = self.table.version();
+            self.start_sync(now, since);
+        }
+    }
+
+    fn on_refused(&mut self, now: Instant, seq: Seq, reason: Refusal) {
+        let Some(&op) = self.by_seq.get(&seq) else {
+            return;
+        };
+        let Some(kind) = self.take_server_op(seq, |_| true) else {
+            return;
+        };
+        let _ = op;
+        match (kind, reason) {
+            (Kind::Direct { to, .. }, Refusal::MailboxFull) => {
+                self.events.push_back(Event::MailboxFull(to));
+            }
+            (Kind::Direct { to, .. }, Refusal::UnknownRecipient) => {
+                self.error(format!(
+                    "the server has no client {to}; the message was not saved."
+                ));
+            }
+            (Kind::Register { joining, .. }, _) => {
+                self.error("the server is full; try again later.".to_string());
+                if joining == Joining::First {
+                    self.exit(1);
+                } else {
+                    self.presence = Presence::Offline;
+                }
+            }
+            (Kind::Sync { .. }, _) => {
+                self.sync = None;
+                self.table.cancel_sync();
+                self.forget_session(now);
+            }
+            (Kind::Direct { .. } | Kind::Channel { .. }, Refusal::UnknownSession) => {
+                self.error(
+                    "the server lost this session; reconnecting — send it again.".to_string(),
+                );
+                self.forget_session(now);
+            }
+            (_, Refusal::MailboxFull) => {
+                self.error("the server's store is full; not saved.".to_string())
+            }
+            (_, _) => self.error("the server refused the request; try again later.".to_string()),
+        }
+    }
+
+    fn on_page(
+        &mut self,
+        now: Instant,
+        seq: Seq,
+        version: u64,
+        entries: &[Entry],
+        next: Option<u32>,
+    ) {
+        let Some(op) = self.sync else {
+            return;
+        };
+        if !matches!(self.ops.get(op.0), Some(Op { kind: Kind::Sync { seq: s }, .. }) if *s == seq)
+        {
+            return;
+        }
+        self.by_seq.remove(&seq);
+        match self.table.apply_page(version, entries, next) {
+            PageOutcome::More => {
+                let seq = self.seq();
+                if let Some(Op {
+                    kind: Kind::Sync { seq: s },
+                    ..
+                }) = self.ops.get_mut(op.0)
+                {
+                    *s = seq;
+                }
+                self.by_seq.insert(seq, op);
+                self.restart(now, op, ACK_TIMEOUT);
+            }
+            PageOutcome::Done { changed } => {
+                self.sync = None;
+                self.finish(op);
+                if changed || std::mem::take(&mut self.announce) {
+                    self.events.push_back(Event::TableUpdated);
+                }
+                if !self.ready {
+                    self.ready = true;
+                    for line in std::mem::take(&mut self.queued) {
+                        self.handle_line(now, &line);
+                    }
+                }
+            }
+        }
+    }
+
+    fn on_delta(&mut self, now: Instant, prev: u64, version: u64, entries: &[Entry]) {
+        // While joining or reading the mailbox the sync that follows brings
+        // the whole table; a delta now would only be announced twice.
+        if self.presence != Presence::Online || self.batch.is_some() {
+            return;
+        }
+        match self.table.apply_delta(prev, version, entries) {
+            DeltaOutcome::Applied { changed: true } => self.events.push_back(Event::TableUpdated),
+            DeltaOutcome::Applied { changed: false } | DeltaOutcome::Stale => {}
+            DeltaOutcome::Gap => {
+                if self.sync.is_none() {
+                    let since = self.table.version();
+                    self.start_sync(now, since);
+                }
+            }
+        }
+    }
+
+    fn on_deliver(&mut self, now: Instant, pos: Option<u32>, d: Delivery) {
+        // Acks only follow display: a message acked but not shown would be
+        // deleted by the server and lost.
+        if self.presence != Presence::Online {
+            return;
+        }
+        let Some(pos) = pos else {
+            let mail = d.mail;
+            if self.seen.first(&d.from, d.id) {
+                self.events.push_back(Event::Channel {
+                    from: d.from,
+                    text: d.text,
+                });
+            }
+            self.ack_mail(mail);
+            return;
+        };
+        let Some(batch) = self.batch.as_mut() else {
+            // A stored message outside a batch (a late retransmission): show
+            // it if new, ack it either way.
+            let mail = d.mail;
+            self.show_stored(d);
+            self.ack_mail(mail);
+            return;
+        };
+        if pos < batch.next {
+            self.ack_mail(d.mail);
+            return;
+        }
+        if pos >= batch.total || pos >= batch.next.saturating_add(BATCH_AHEAD) {
+            return;
+        }
+        batch.ahead.insert(pos, d);
+        let mut shown = Vec::new();
+        while let Some(d) = batch.ahead.remove(&batch.next) {
+            batch.next += 1;
+            shown.push(d);
+        }
+        let done = batch.next >= batch.total;
+        let progress = !shown.is_empty();
+        for d in shown {
+            let mail = d.mail;
+            self.show_stored(d);
+            self.ack_mail(mail);
+        }
+        if done {
+            if let Some(batch) = self.batch.take() {
+                self.timers.cancel(batch.timer);
+            }
+            self.start_sync(now, 0);
+        } else if progress && let Some(batch) = self.batch.as_mut() {
+            self.timers.cancel(batch.timer);
+            batch.timer = self.timers.insert(now + BATCH_STALL, Timer::Batch);
+        }
+    }
+
+    fn show_stored(&mut self, d: Delivery) {
+        if self.seen.first(&d.from, d.id) {
+            let event = Event::Stored {
+                from: d.from,
+                channel: d.channel,
+                stored_at: d.stored_at,
+                text: d.text,
+            };
+            self.events.push_back(event);
+        }
+    }
+
+    fn ack_mail(&mut self, mail: MailId) {
+        if let Some(token) = self.token {
+            self.send(self.config.server, &Message::Delivered { token, mail });
+        }
+    }
+
+    // ---- timers -----------------------------------------------------------
+
+    fn on_op_timer(&mut self, now: Instant, op: OpId) {
+        let Some(entry) = self.ops.get(op.0) else {
+            return;
+        };
+        let sent = entry.sent;
+        match &entry.kind {
+            Kind::Direct {
+                phase: Phase::Direct | Phase::Retry,
+                ..
+            } if sent < 2 => {
+                self.resend(now, op, RETRANSMIT);
+            }
+            Kind::Direct {
+                to,
+                id,
+                phase: Phase::Direct,
+                ..
+            } => {
+                // Silent for the whole ack window: hand it to the server.
+                let (to, id) = (to.clone(), *id);
+                self.by_msg.remove(&id);
+                self.events.push_back(Event::NoAck(to));
+                let seq = self.seq();
+                if let Some(Op {
+                    kind: Kind::Direct { phase, .. },
+                    ..
+                }) = self.ops.get_mut(op.0)
+                {
+                    *phase = Phase::Save(seq);
+                }
+                self.by_seq.insert(seq, op);
+                self.restart(now, op, ACK_TIMEOUT);
+            }
+            Kind::Direct {
+                to,
+                id,
+                phase: Phase::Retry,
+                ..
+            } => {
+                let (to, id) = (to.clone(), *id);
+                self.by_msg.remove(&id);
+                self.finish(op);
+                self.events.push_back(Event::NotDelivered(to));
+            }
+            _ if sent < SERVER_TRIES => self.resend(now, op, ACK_TIMEOUT),
+            _ => self.give_up(now, op),
+        }
+    }
+
+    /// Five tries without an answer from the server.
+    fn give_up(&mut self, now: Instant, op: OpId) {
+        let Some(kind) = self.finish(op) else {
+            return;
+        };
+        match kind {
+            Kind::Register {
+                seq,
+                joining: Joining::LogBack,
+            } => {
+                self.by_seq.remove(&seq);
+                self.presence = Presence::Offline;
+                self.events.push_back(Event::ServerNotResponding);
+            }
+            Kind::Register { .. } | Kind::Deregister { .. } | Kind::Direct { .. } => {
+                self.events.push_back(Event::ServerNotResponding);
+                self.events.push_back(Event::Exiting);
+                self.exit(1);
+            }
+            Kind::Channel { seq, .. } => {
+                self.by_seq.remove(&seq);
+                self.events.push_back(Event::ChannelNotResponding);
+            }
+            Kind::Sync { seq } => {
+                // The table stays as it is; the next delta will show the gap.
+                self.by_seq.remove(&seq);
+                self.sync = None;
+                self.table.cancel_sync();
+                if std::mem::take(&mut self.announce) || !self.ready {
+                    self.ready = true;
+                    for line in std::mem::take(&mut self.queued) {
+                        self.handle_line(now, &line);
+                    }
+                }
+            }
+        }
+    }
+
+    // ---- operations -------------------------------------------------------
+
+    fn register(&mut self, now: Instant, joining: Joining) {
+        self.presence = Presence::Joining;
+        let seq = self.seq();
+        let op = self.start(now, Kind::Register { seq, joining }, ACK_TIMEOUT);
+        self.by_seq.insert(seq, op);
+    }
+
+    /// The server no longer knows the session: register again by itself.
+    fn forget_session(&mut self, now: Instant) {
+        if self.presence != Presence::Online {
+            return;
+        }
+        self.token = None;
+        self.register(now, Joining::Reconnect);
+    }
+
+    fn start_sync(&mut self, now: Instant, since: u64) {
+        if let Some(op) = self.sync.take()
+            && let Some(Kind::Sync { seq }) = self.finish(op)
+        {
+            self.by_seq.remove(&seq);
+        }
+        self.table.start_sync(since);
+        let seq = self.seq();
+        let op = self.start(now, Kind::Sync { seq }, ACK_TIMEOUT);
+        self.by_seq.insert(seq, op);
+        self.sync = Some(op);
+    }
+
+    /// Registers an operation, sends its first datagram and arms its timer.
+    fn start(&mut self, now: Instant, kind: Kind, wait: Duration) -> OpId {
+        let timer_slot = self.ops.vacant_key();
+        let timer = self.timers.insert(now + wait, Timer::Op(OpId(timer_slot)));
+        let op = OpId(self.ops.insert(Op {
+            kind,
+            sent: 0,
+            timer,
+        }));
+        self.transmit_op(op);
+        op
+    }
+
+    /// Sends again and re-arms the timer (same phase).
+    fn resend(&mut self, now: Instant, op: OpId, wait: Duration) {
+        if let Some(entry) = self.ops.get_mut(op.0) {
+            entry.timer = self.timers.insert(now + wait, Timer::Op(op));
+        }
+        self.transmit_op(op);
+    }
+
+    /// Starts a new phase: the try counter starts over.
+    fn restart(&mut self, now: Instant, op: OpId, wait: Duration) {
+        if let Some(entry) = self.ops.get_mut(op.0) {
+            self.timers.cancel(entry.timer);
+            entry.sent = 0;
+        }
+        self.resend(now, op, wait);
+    }
+
+    fn transmit_op(&mut self, op: OpId) {
+        let Some(entry) = self.ops.get_mut(op.0) else {
+            return;
+        };
+        entry.sent = entry.sent.saturating_add(1);
+        let server = self.config.server;
+        let token = self.token.unwrap_or(Token([0; 16]));
+        let (to, msg) = match &entry.kind {
+            Kind::Register { seq, .. } => (
+                server,
+                Message::Register {
+                    seq: *seq,
+                    name: self.config.name.clone(),
+                },
+            ),
+            Kind::Deregister { seq } => (server, Message::Deregister { seq: *seq, token }),
+            Kind::Channel { seq, id, text } => (
+                server,
+                Message::ChannelSend {
+                    seq: *seq,
+                    token,
+                    id: *id,
+                    text: text.clone(),
+                },
+            ),
+            Kind::Direct {
+                addr,
+                id,
+                text,
+                phase: Phase::Direct | Phase::Retry,
+                ..
+            } => {
+                let from = self.config.name.clone();
+                (
+                    *addr,
+                    Message::Chat {
+                        from,
+                        id: *id,
+                        text: text.clone(),
+                    },
+                )
+            }
+            Kind::Direct {
+                to,
+                id,
+                text,
+                phase: Phase::Save(seq),
+                ..
+            } => {
+                let msg = Message::SaveMessage {
+                    seq: *seq,
+                    token,
+                    to: to.clone(),
+                    id: *id,
+                    text: text.clone(),
+                };
+                (server, msg)
+            }
+            Kind::Sync { seq } => {
+                let (since, from) = self.table.sync_request().unwrap_or((0, 0));
+                (
+                    server,
+                    Message::Sync {
+                        seq: *seq,
+                        token,
+                        since,
+                        from,
+                    },
+                )
+            }
+        };
+        self.send(to, &msg);
+    }
+
+    /// Removes a finished operation and its timer.
+    fn finish(&mut self, op: OpId) -> Option<Kind> {
+        let entry = self.ops.try_remove(op.0)?;
+        self.timers.cancel(entry.timer);
+        Some(entry.kind)
+    }
+
+    /// Completes the server request `seq` if it is of the expected kind.
+    fn take_server_op(&mut self, seq: Seq, want: impl Fn(&Kind) -> bool) -> Option<Kind> {
+        let &op = self.by_seq.get(&seq)?;
+        if !want(&self.ops.get(op.0)?.kind) {
+            return None;
+        }
+        self.by_seq.remove(&seq);
+        if self.sync == Some(op) {
+            self.sync = None;
+        }
+        self.finish(op)
+    }
+
+    // ---- helpers ----------------------------------------------------------
+
+    /// Whether a chat command may run now; explains why not.
+    fn usable(&mut self) -> bool {
+        match self.presence {
+            Presence::Online => true,
+            Presence::Offline => {
+                let name = self.config.name.clone();
+                self.error(format!("you are offline; type reg {name} to log back in."));
+                false
+            }
+            Presence::Joining => {
+                self.error("registration is under way; wait for it.".to_string());
+                false
+            }
+            Presence::Done => false,
+        }
+    }
+
+    fn text(&mut self, text: &str) -> Option<Text> {
+        match Text::new(text) {
+            Ok(t) => Some(t),
+            Err(FieldError::TooLong(n)) => {
+                self.error(format!(
+                    "message too long ({n} bytes); the limit is {}.",
+                    wire::MAX_TEXT
+                ));
+                None
+            }
+            Err(_) => {
+                self.error("empty message.".to_string());
+                None
+            }
+        }
+    }
+
+    fn error(&mut self, text: String) {
+        self.events.push_back(Event::Error(text));
+    }
+
+    fn exit(&mut self, code: i32) {
+        self.presence = Presence::Done;
+        self.events.push_back(Event::Exit(code));
+    }
+
+    fn seq(&mut self) -> Seq {
+        self.next_seq = self.next_seq.wrapping_add(1);
+        Seq(self.next_seq)
+    }
+
+    fn msg_id(&mut self) -> MsgId {
+        self.next_msg = self.next_msg.wrapping_add(1);
+        MsgId(self.next_msg)
+    }
+
+    fn send(&mut self, to: SocketAddr, msg: &Message) {
+        self.transmits.push_back(Transmit {
+            to,
+            payload: wire::encode_to_vec(msg),
+        });
+    }
+}
+
+/// Splits off the first whitespace-separated word; the rest keeps its inner
+/// spacing (a message is the rest of the line as typed).
+fn split_word(s: &str) -> (&str, &str) {
+    let s = s.trim_start();
+    match s.find(char::is_whitespace) {
+        Some(i) => {
+            let rest = &s[i..];
+            let sep = rest.chars().next().map_or(0, char::len_utf8);
+            (&s[..i], &rest[sep..])
+        }
+        None => (s, ""),
+    }
+}

@@ -1,0 +1,309 @@
+//! The client's poll loop: the socket, stdin (a terminal with a line editor,
+//! or a pipe read line by line) and signals.
+
+use std::io::{self, IsTerminal, Read, Write};
+use std::net::SocketAddr;
+use std::os::fd::RawFd;
+use std::time::{Duration, Instant};
+
+use mio::net::UdpSocket;
+use mio::unix::SourceFd;
+use mio::{Events, Interest, Poll, Token};
+use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+use signal_hook_mio::v1_0::Signals;
+
+use super::term::{EditorEvent, LineEditor, RawMode};
+use super::{Fatal, READ_BURST, RECV_BUF, bind, local_time, random_seed};
+use crate::wire::Name;
+use crate::{Client, ClientConfig, Event};
+
+const SOCKET: Token = Token(0);
+const STDIN: Token = Token(1);
+const SIGNALS: Token = Token(2);
+const STDIN_FD: RawFd = 0;
+/// A piped line longer than this is refused whole (no command is longer:
+/// a 1000-byte message plus the command and a 32-byte name).
+const MAX_LINE: usize = 4096;
+
+/// Runs a client until it exits. Returns the exit status.
+pub fn run(name: Name, server: SocketAddr, port: u16) -> Result<i32, Fatal> {
+    let local = match server {
+        SocketAddr::V4(_) => SocketAddr::from(([0, 0, 0, 0], port)),
+        SocketAddr::V6(_) => SocketAddr::from(([0u16; 8], port)),
+    };
+    let socket = bind(local)?;
+    socket.set_nonblocking(true).map_err(io_fatal)?;
+    let mut socket = UdpSocket::from_std(socket);
+    let mut poll = Poll::new().map_err(io_fatal)?;
+    poll.registry()
+        .register(&mut socket, SOCKET, Interest::READABLE)
+        .map_err(io_fatal)?;
+    let mut signals = Signals::new([SIGINT, SIGTERM, SIGHUP]).map_err(io_fatal)?;
+    poll.registry()
+        .register(&mut signals, SIGNALS, Interest::READABLE)
+        .map_err(io_fatal)?;
+
+    let mut console = Console::new()?;
+    // A regular file or /dev/null cannot be polled (epoll says EPERM): it
+    // is always readable, so it is read on every turn instead.
+    let stdin_polled = poll
+        .registry()
+        .register(&mut SourceFd(&STDIN_FD), STDIN, Interest::READABLE)
+        .is_ok();
+
+    let now = Instant::now();
+    let mut client = Client::new(ClientConfig::new(name, server, random_seed()?), now);
+    let mut events = Events::with_capacity(16);
+    let mut buf = [0u8; RECV_BUF];
+    let mut backlog = false;
+    let mut stdin_ready = true;
+    loop {
+        while let Some(t) = client.poll_transmit() {
+            // A full send buffer is one more loss; retransmissions cover it.
+            let _ = socket.send_to(&t.payload, t.to);
+        }
+        while let Some(event) = client.poll_event() {
+            if let Event::Exit(code) = event {
+                return Ok(code);
+            }
+            if let Some(line) = event.render(local_time) {
+                console.show(&line);
+            }
+        }
+        if console.eof && client.is_idle() {
+            return Ok(0);
+        }
+
+        let busy = backlog || (stdin_ready && !console.eof && !stdin_polled);
+        let timeout = if busy {
+            Some(Duration::ZERO)
+        } else {
+            client
+                .poll_timeout()
+                .map(|t| t.saturating_duration_since(Instant::now()))
+        };
+        if let Err(e) = poll.poll(&mut events, timeout) {
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(io_fatal(e));
+        }
+        for event in events.iter() {
+            match event.token() {
+                // Ctrl+C (outside raw mode), a closed terminal, kill: a silent
+                // leave — the server is not told.
+                SIGNALS => {
+                    if let Some(sig) = signals.pending().next() {
+                        return Ok(128 + sig);
+                    }
+                }
+                STDIN => stdin_ready = true,
+                _ => {}
+            }
+        }
+
+        let now = Instant::now();
+        backlog = true;
+        for _ in 0..READ_BURST {
+            match socket.recv_from(&mut buf) {
+                Ok((n, from)) => client.handle_datagram(now, from, &buf[..n]),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    backlog = false;
+                    break;
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                // ICMP "port unreachable" from an earlier send: the ack
+                // timeout already accounts for a dead peer.
+                Err(_) => {}
+            }
+        }
+        if stdin_ready && !console.eof {
+            stdin_ready = false;
+            for input in console.read()? {
+                match input {
+                    Input::Line(line) => client.handle_line(now, &line),
+                    Input::Interrupt => return Ok(130),
+                }
+            }
+        }
+        client.handle_timeout(now);
+    }
+}
+
+enum Input {
+    Line(String),
+    /// Ctrl+C typed in raw mode.
+    Interrupt,
+}
+
+/// Stdin and stdout: a terminal with a prompt and line editor, or plain
+/// lines. Restores the terminal when dropped (every return path of `run`).
+struct Console {
+    editor: Option<(LineEditor, RawMode)>,
+    nonblocking: Option<NonBlocking>,
+    pending: Vec<u8>,
+    /// Discarding the rest of an over-long piped line.
+    skipping: bool,
+    eof: bool,
+}
+
+impl Console {
+    fn new() -> Result<Console, Fatal> {
+        let stdin = io::stdin();
+        let editor = if stdin.is_terminal() && io::stdout().is_terminal() {
+            let raw = RawMode::enable(STDIN_FD).map_err(io_fatal)?;
+            let editor = LineEditor::new(">>> ");
+            let mut out = Vec::new();
+            editor.redraw(&mut out);
+            write_all(&out);
+            Some((editor, raw))
+        } else {
+            None
+        };
+        Ok(Console {
+            editor,
+            nonblocking: NonBlocking::enable(STDIN_FD),
+            pending: Vec::new(),
+            skipping: false,
+            eof: false,
+        })
+    }
+
+    /// Shows one output line (above the prompt on a terminal).
+    fn show(&mut self, line: &str) {
+        match &self.editor {
+            Some((editor, _)) => {
+                let mut out = Vec::new();
+                editor.print_above(line, &mut out);
+                write_all(&out);
+            }
+            None => {
+                let mut text = line.as_bytes().to_vec();
+                text.push(b'\n');
+                write_all(&text);
+            }
+        }
+    }
+
+    /// Reads what stdin has now.
+    fn read(&mut self) -> Result<Vec<Input>, Fatal> {
+        let mut inputs = Vec::new();
+        let mut buf = [0u8; 4096];
+        loop {
+            let n = match io::stdin().lock().read(&mut buf) {
+                Ok(0) => {
+                    self.end_of_input(&mut inputs);
+                    return Ok(inputs);
+                }
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(inputs),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(io_fatal(e)),
+            };
+            match &mut self.editor {
+                Some((editor, _)) => {
+                    let mut out = Vec::new();
+                    for event in editor.feed(&buf[..n], &mut out) {
+                        match event {
+                            EditorEvent::Line(line) => inputs.push(Input::Line(line)),
+                            EditorEvent::Interrupt => inputs.push(Input::Interrupt),
+                            // Ctrl+D: end of input, like a pipe's.
+                            EditorEvent::Eof => self.eof = true,
+                        }
+                    }
+                    write_all(&out);
+                    if self.eof {
+                        return Ok(inputs);
+                    }
+                }
+                None => self.split_lines(&buf[..n], &mut inputs),
+            }
+            // Without O_NONBLOCK one read is all that is safe.
+            if self.nonblocking.is_none() {
+                return Ok(inputs);
+            }
+        }
+    }
+
+    fn split_lines(&mut self, bytes: &[u8], inputs: &mut Vec<Input>) {
+        for &b in bytes {
+            if b == b'\n' {
+                if !std::mem::take(&mut self.skipping) {
+                    let line = String::from_utf8_lossy(&self.pending).into_owned();
+                    inputs.push(Input::Line(line));
+                }
+                self.pending.clear();
+            } else if self.skipping {
+                continue;
+            } else if self.pending.len() == MAX_LINE {
+                self.pending.clear();
+                self.skipping = true;
+                let msg = format!(">>> [Error: line longer than {MAX_LINE} bytes ignored.]");
+                self.show(&msg);
+            } else {
+                self.pending.push(b);
+            }
+        }
+    }
+
+    fn end_of_input(&mut self, inputs: &mut Vec<Input>) {
+        if !self.pending.is_empty() && !self.skipping {
+            let line = String::from_utf8_lossy(&self.pending).into_owned();
+            inputs.push(Input::Line(line));
+        }
+        self.pending.clear();
+        self.eof = true;
+    }
+}
+
+impl Drop for Console {
+    fn drop(&mut self) {
+        if let Some((_, raw)) = &self.editor {
+            // Leave the cursor on a fresh line for the shell.
+            write_all(b"\r\n");
+            raw.restore();
+        }
+    }
+}
+
+/// O_NONBLOCK on stdin for the life of the client, so reads can drain it
+/// (mio's readiness is edge-triggered). The old flags come back on drop.
+struct NonBlocking {
+    fd: RawFd,
+    flags: libc::c_int,
+}
+
+impl NonBlocking {
+    fn enable(fd: RawFd) -> Option<NonBlocking> {
+        // SAFETY: F_GETFL/F_SETFL on a descriptor we do not own only change
+        // its status flags; std offers no way to set O_NONBLOCK on stdin.
+        let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+        if flags < 0 {
+            return None;
+        }
+        // SAFETY: as above.
+        let set = unsafe { libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK) };
+        (set == 0).then_some(NonBlocking { fd, flags })
+    }
+}
+
+impl Drop for NonBlocking {
+    fn drop(&mut self) {
+        // SAFETY: restores the flags read in `enable` on the same descriptor.
+        unsafe {
+            libc::fcntl(self.fd, libc::F_SETFL, self.flags);
+        }
+    }
+}
+
+/// Writes and flushes; a closed stdout (terminal gone) is ignored — the
+/// signal that comes with it ends the client.
+fn write_all(bytes: &[u8]) {
+    let mut out = io::stdout().lock();
+    let _ = out.write_all(bytes);
+    let _ = out.flush();
+}
+
+fn io_fatal(e: io::Error) -> Fatal {
+    Fatal(format!("error: {e}"))
+}

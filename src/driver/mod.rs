@@ -1,0 +1,109 @@
+//! The thin I/O shell around the sans-IO core: one `mio` poll loop per mode
+//! that owns the socket (and stdin and the terminal for the client), reads
+//! the clock, feeds the state machine and flushes what it produces. No
+//! protocol logic lives here.
+
+pub mod client;
+pub mod server;
+pub mod term;
+
+use std::fs::File;
+use std::io::{self, Read};
+use std::net::{SocketAddr, UdpSocket};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+/// Receive buffer: larger than any valid datagram, so an oversize one is
+/// seen as oversize rather than silently truncated to a valid length.
+const RECV_BUF: usize = 2048;
+/// Datagrams read per loop turn before timers and output get their turn, so
+/// a flood cannot starve them.
+const READ_BURST: usize = 256;
+
+/// What a driver failed at, as the one line the user sees.
+#[derive(Debug)]
+pub struct Fatal(pub String);
+
+/// Binds a UDP socket, turning "address in use" into the exact message the
+/// specification asks for.
+pub(crate) fn bind(addr: SocketAddr) -> Result<UdpSocket, Fatal> {
+    match UdpSocket::bind(addr) {
+        Ok(s) => Ok(s),
+        Err(e) if e.kind() == io::ErrorKind::AddrInUse => Err(Fatal(format!(
+            "error: port {} is already in use",
+            addr.port()
+        ))),
+        Err(e) => Err(Fatal(format!("error: cannot bind {addr}: {e}"))),
+    }
+}
+
+/// 32 bytes from the OS for tokens and ids.
+pub(crate) fn random_seed() -> Result<[u8; 32], Fatal> {
+    let mut seed = [0u8; 32];
+    File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut seed))
+        .map_err(|e| Fatal(format!("error: cannot read /dev/urandom: {e}")))?;
+    Ok(seed)
+}
+
+/// Seconds since the Unix epoch (0 if the clock is before it).
+pub(crate) fn unix_now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+}
+
+/// Renders a Unix time as local `YYYY-MM-DD HH:MM:SS`.
+pub fn local_time(unix: i64) -> String {
+    // SAFETY: `tm` is plain old data that localtime_r fills in; both pointers
+    // are valid for the call. std has no local-time conversion, hence libc.
+    let tm = unsafe {
+        let mut tm: libc::tm = std::mem::zeroed();
+        let t: libc::time_t = unix as libc::time_t;
+        if libc::localtime_r(&t, &mut tm).is_null() {
+            return format!("@{unix}");
+        }
+        tm
+    };
+    format!(
+        "{:04}-{:02}-{:02} {:02}:{:02}:{:02}",
+        i64::from(tm.tm_year) + 1900,
+        tm.tm_mon + 1,
+        tm.tm_mday,
+        tm.tm_hour,
+        tm.tm_min,
+        tm.tm_sec
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn local_time_has_the_console_format() {
+        let s = local_time(1_700_000_000);
+        let b = s.as_bytes();
+        assert_eq!(s.len(), 19, "{s}");
+        for (i, c) in b.iter().enumerate() {
+            match i {
+                4 | 7 => assert_eq!(*c, b'-'),
+                10 => assert_eq!(*c, b' '),
+                13 | 16 => assert_eq!(*c, b':'),
+                _ => assert!(c.is_ascii_digit(), "{s}"),
+            }
+        }
+    }
+
+    #[test]
+    fn binding_a_taken_port_gives_the_specified_message() {
+        let taken = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let addr = taken.local_addr().unwrap();
+        let Err(Fatal(msg)) = bind(addr) else {
+            panic!("bound a taken port")
+        };
+        assert_eq!(
+            msg,
+            format!("error: port {} is already in use", addr.port())
+        );
+    }
+}

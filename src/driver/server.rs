@@ -1,0 +1,142 @@
+//! The server's poll loop.
+
+use std::io::{self, Write};
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use mio::net::UdpSocket;
+use mio::{Events, Interest, Poll, Token};
+use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+use signal_hook_mio::v1_0::Signals;
+
+use super::{Fatal, READ_BURST, RECV_BUF, bind, random_seed, unix_now};
+use crate::store::{MemoryStore, Store, StoreOp};
+use crate::{Server, ServerConfig, ServerEvent};
+
+const SOCKET: Token = Token(0);
+const SIGNALS: Token = Token(1);
+
+/// Runs the server on `addr` until a signal stops it. Returns the exit status.
+pub fn run(addr: SocketAddr) -> Result<i32, Fatal> {
+    let socket = bind(addr)?;
+    socket.set_nonblocking(true).map_err(io_fatal)?;
+    let mut socket = UdpSocket::from_std(socket);
+    let local = socket.local_addr().map_err(io_fatal)?;
+    let mut poll = Poll::new().map_err(io_fatal)?;
+    poll.registry()
+        .register(&mut socket, SOCKET, Interest::READABLE)
+        .map_err(io_fatal)?;
+    let mut signals = Signals::new([SIGINT, SIGTERM, SIGHUP]).map_err(io_fatal)?;
+    poll.registry()
+        .register(&mut signals, SIGNALS, Interest::READABLE)
+        .map_err(io_fatal)?;
+
+    let mut store = MemoryStore::new();
+    let mail = store.load().map_err(io_fatal)?;
+    let now = Instant::now();
+    let config = ServerConfig::new(random_seed()?, (now, unix_now()));
+    let mut server = Server::new(config, now, mail);
+    say(&format!("udpchat server listening on {local}"));
+
+    let mut events = Events::with_capacity(16);
+    let mut buf = [0u8; RECV_BUF];
+    let mut backlog = false;
+    loop {
+        let timeout = if backlog {
+            Some(Duration::ZERO)
+        } else {
+            server
+                .poll_timeout()
+                .map(|t| t.saturating_duration_since(Instant::now()))
+        };
+        if let Err(e) = poll.poll(&mut events, timeout) {
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(io_fatal(e));
+        }
+        for event in events.iter() {
+            if event.token() == SIGNALS && signals.pending().next().is_some() {
+                say("udpchat server stopped");
+                return Ok(0);
+            }
+        }
+        let now = Instant::now();
+        // Edge-triggered: keep reading until WouldBlock, in bursts.
+        backlog = true;
+        for _ in 0..READ_BURST {
+            match socket.recv_from(&mut buf) {
+                Ok((n, from)) => server.handle_datagram(now, from, &buf[..n]),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    backlog = false;
+                    break;
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                // ICMP errors from earlier sends surface here on Linux; they
+                // say nothing about the next datagram.
+                Err(_) => {}
+            }
+        }
+        server.handle_timeout(now);
+        flush(&mut server, &mut store, &socket)?;
+    }
+}
+
+/// Commits what the server wants stored, then sends what it released.
+fn flush(server: &mut Server, store: &mut dyn Store, socket: &UdpSocket) -> Result<(), Fatal> {
+    let mut ops: Vec<StoreOp> = Vec::new();
+    loop {
+        ops.clear();
+        while let Some(op) = server.poll_store() {
+            ops.push(op);
+        }
+        if !ops.is_empty() {
+            store
+                .commit(&ops)
+                .map_err(|e| Fatal(format!("error: cannot store messages: {e}")))?;
+            server.handle_committed();
+        }
+        while let Some(t) = server.poll_transmit() {
+            // UDP is lossy anyway: a full send buffer is one more loss that
+            // the retransmissions cover.
+            let _ = socket.send_to(&t.payload, t.to);
+        }
+        while let Some(event) = server.poll_event() {
+            log(&event);
+        }
+        if ops.is_empty() {
+            return Ok(());
+        }
+    }
+}
+
+fn log(event: &ServerEvent) {
+    let line = match event {
+        ServerEvent::Registered(name, addr) => format!("{name} registered from {addr}"),
+        ServerEvent::Offline(name, true) => format!("{name} deregistered"),
+        ServerEvent::Offline(name, false) => format!("{name} is silent: marked offline"),
+        ServerEvent::Stored { to, from, channel } => {
+            let kind = if *channel {
+                "channel message"
+            } else {
+                "message"
+            };
+            format!("stored a {kind} from {from} for {to}")
+        }
+        ServerEvent::Rejected(name, addr) => format!("refused {name} from {addr}: name in use"),
+        // Hostile input is counted, not logged line by line.
+        ServerEvent::Malformed(..) => return,
+    };
+    say(&line);
+}
+
+/// One line on stdout, flushed; a closed stdout is not worth dying for.
+fn say(line: &str) {
+    let mut out = io::stdout().lock();
+    let _ = writeln!(out, "{line}");
+    let _ = out.flush();
+}
+
+fn io_fatal(e: io::Error) -> Fatal {
+    Fatal(format!("error: {e}"))
+}
