@@ -853,7 +853,9 @@ impl Client {
             PageOutcome::Done { changed } => {
                 self.sync = None;
                 self.finish(op);
-                if changed || std::mem::take(&mut self.announce) {
+                // Announce a join or log-back even if the table looks the same.
+                let announce = std::mem::take(&mut self.announce);
+                if changed || announce {
                     self.events.push_back(Event::TableUpdated);
                 }
                 if !self.ready {

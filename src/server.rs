@@ -443,6 +443,9 @@ impl Server {
 
     /// Stores a direct message and acks its sender (after the commit).
     fn save(&mut self, now: Instant, sender: ClientId, seq: Seq, to: ClientId, mail: NewMail) {
+        // A probe may just have marked the recipient offline: everyone,
+        // the sender included, hears of it before the sender hears "saved".
+        self.flush_deltas();
         let reply = match self.put(now, to, mail, false) {
             Ok(_) => Message::Ack { seq },
             Err(reason) => Message::Refused { seq, reason },

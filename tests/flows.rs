@@ -1,0 +1,590 @@
+//! Every flow of SPEC §3 on the real state machines over an in-memory
+//! network with virtual time: no sockets, no sleeps.
+
+mod sim;
+
+use std::time::Duration;
+
+use sim::{Sim, addr, drop_all, drop_first, name};
+use udpchat::wire::Message;
+
+const WELCOME: &str = ">>> [Welcome, You are registered.]";
+const UPDATED: &str = ">>> [Client table updated.]";
+const SAVED: &str = ">>> [Messages received by the server and saved]";
+
+/// Alice, Bob and Carol registered one after another.
+fn three() -> Sim {
+    let mut s = Sim::new();
+    s.join("Alice", 2000);
+    s.join("Bob", 3000);
+    s.join("Carol", 4000);
+    s
+}
+
+#[test]
+fn registration_announces_every_change_to_every_client() {
+    let s = three();
+    assert_eq!(s.lines(0), [WELCOME, UPDATED, UPDATED, UPDATED]);
+    assert_eq!(s.lines(1), [WELCOME, UPDATED, UPDATED]);
+    assert_eq!(s.lines(2), [WELCOME, UPDATED]);
+    for node in &s.nodes {
+        let table: Vec<_> = node
+            .client
+            .table()
+            .iter()
+            .map(|e| (e.name.to_string(), e.addr, e.online))
+            .collect();
+        assert_eq!(
+            table,
+            [
+                ("Alice".to_string(), addr(2000), true),
+                ("Bob".to_string(), addr(3000), true),
+                ("Carol".to_string(), addr(4000), true)
+            ]
+        );
+        assert_eq!(node.client.table().version(), s.server.table().version());
+    }
+}
+
+#[test]
+fn direct_message_is_shown_and_acked() {
+    let mut s = three();
+    let (a, b) = (s.nodes[0].lines.len(), s.nodes[1].lines.len());
+    s.command(0, "send Bob Hello  there, 你好 😀");
+    assert_eq!(s.lines_since(1, b), [">>> Alice: Hello  there, 你好 😀"]);
+    assert_eq!(s.lines_since(0, a), [">>> [Message received by Bob.]"]);
+    // Direct: the server saw nothing of it.
+    assert_eq!(
+        s.count(|p| p.to == s.server_addr && matches!(p.msg, Message::SaveMessage { .. })),
+        0
+    );
+}
+
+#[test]
+fn self_message_goes_round_the_network() {
+    let mut s = Sim::new();
+    s.join("Alice", 2000);
+    s.command(0, "send Alice Hello, Alice!");
+    assert_eq!(
+        s.lines_since(0, 2),
+        [
+            ">>> Alice: Hello, Alice!",
+            ">>> [Message received by Alice.]"
+        ]
+    );
+}
+
+#[test]
+fn retransmitted_message_is_shown_once_and_acked_again() {
+    let mut s = three();
+    let b = s.nodes[1].lines.len();
+    // The first ack is lost: Alice resends at 250 ms, Bob acks the duplicate.
+    s.drop_rules
+        .push(drop_first(1, |p| matches!(p.msg, Message::ChatAck { .. })));
+    s.command(0, "send Bob once");
+    assert_eq!(s.lines_since(1, b), [">>> Alice: once"]);
+    assert_eq!(s.lines(0).last(), Some(&">>> [Message received by Bob.]"));
+    assert_eq!(s.count(|p| matches!(p.msg, Message::Chat { .. })), 2);
+    assert_eq!(s.count(|p| matches!(p.msg, Message::ChatAck { .. })), 2);
+}
+
+#[test]
+fn silent_peer_is_probed_marked_offline_and_the_message_saved() {
+    let mut s = three();
+    s.crash(1);
+    let (a, c) = (s.nodes[0].lines.len(), s.nodes[2].lines.len());
+    let t0 = s.now;
+    s.line(0, "send Bob Hello");
+    s.run_until(Duration::from_secs(5), |s| s.nodes[0].lines.len() > a);
+    // The verdict comes after the 500 ms ack window, not before.
+    assert!(s.now - t0 >= Duration::from_millis(500));
+    s.settle();
+    assert_eq!(
+        s.lines_since(0, a),
+        [
+            ">>> [No ACK from Bob, message sent to server.]",
+            UPDATED,
+            SAVED
+        ]
+    );
+    assert_eq!(s.lines_since(2, c), [UPDATED]);
+    let mail: Vec<_> = s
+        .server
+        .mailbox(&name("Bob"))
+        .map(|m| (m.from.to_string(), m.text.clone()))
+        .collect();
+    assert_eq!(mail, [("Alice".to_string(), "Hello".to_string())]);
+    assert!(!s.nodes[0].client.table().get(&name("Bob")).unwrap().online);
+}
+
+#[test]
+fn offline_peer_in_the_table_goes_straight_to_the_server() {
+    let mut s = three();
+    s.command(1, "dereg Bob");
+    assert_eq!(s.lines(1).last(), Some(&">>> [You are Offline. Bye.]"));
+    let a = s.nodes[0].lines.len();
+    s.command(0, "send Bob Hi");
+    assert_eq!(
+        s.lines_since(0, a),
+        [">>> [Bob is offline, message sent to server.]", SAVED]
+    );
+    // No direct attempt, and a deregistered Bob shows nothing.
+    assert_eq!(
+        s.count(|p| p.to == addr(3000) && matches!(p.msg, Message::Chat { .. })),
+        0
+    );
+    assert_eq!(s.lines(1).last(), Some(&">>> [You are Offline. Bye.]"));
+}
+
+#[test]
+fn deregistered_client_neither_shows_nor_acks_direct_messages() {
+    let mut s = three();
+    s.command(1, "dereg Bob");
+    let b = s.nodes[1].lines.len();
+    // Carol's table is stale on purpose: she never heard of the dereg.
+    let dereg_delta =
+        |p: &sim::Packet| p.to == addr(4000) && matches!(p.msg, Message::Delta { .. });
+    assert!(s.count(dereg_delta) > 0);
+    let bob = s.nodes[1].addr;
+    s.nodes[1].client.handle_datagram(
+        s.now,
+        addr(4000),
+        &udpchat::wire::encode_to_vec(&Message::Chat {
+            from: name("Carol"),
+            id: udpchat::wire::MsgId(9),
+            text: udpchat::wire::Text::new("hi").unwrap(),
+        }),
+    );
+    assert!(
+        s.nodes[1].client.poll_transmit().is_none(),
+        "no ack from {bob}"
+    );
+    assert!(s.nodes[1].client.poll_event().is_none());
+    assert_eq!(s.nodes[1].lines.len(), b);
+}
+
+#[test]
+fn log_back_delivers_mail_oldest_first_and_clears_it_only_after_acks() {
+    let mut s = three();
+    s.command(0, "dereg Alice");
+    s.run_for(Duration::from_secs(1));
+    s.command(1, "send_all Welcome to Channel");
+    s.run_for(Duration::from_secs(1));
+    s.command(1, "send Alice Hello");
+    s.run_for(Duration::from_secs(1));
+    s.command(2, "send Alice Hello!!");
+    assert_eq!(s.server.mailbox(&name("Alice")).count(), 3);
+    let a = s.nodes[0].lines.len();
+    let (b, c) = (s.nodes[1].lines.len(), s.nodes[2].lines.len());
+    s.command(0, "reg Alice");
+    assert_eq!(
+        s.lines_since(0, a),
+        [
+            ">>> [You Have Messages]",
+            ">>> Channel_Message Bob: T+1 Welcome to Channel",
+            ">>> Bob: T+2 Hello",
+            ">>> Carol: T+3 Hello!!",
+            UPDATED
+        ]
+    );
+    assert_eq!(s.lines_since(1, b), [UPDATED]);
+    assert_eq!(s.lines_since(2, c), [UPDATED]);
+    assert_eq!(s.server.mailbox(&name("Alice")).count(), 0);
+    assert_eq!(s.store.len(), 0);
+}
+
+#[test]
+fn lost_mail_ack_means_redelivery_but_the_message_is_shown_once() {
+    let mut s = three();
+    s.command(0, "dereg Alice");
+    s.command(1, "send Alice one");
+    s.command(1, "send Alice two");
+    s.drop_rules.push(drop_first(1, |p| {
+        matches!(p.msg, Message::Delivered { .. })
+    }));
+    let a = s.nodes[0].lines.len();
+    s.command(0, "reg Alice");
+    let shown: Vec<_> = s.lines_since(0, a);
+    assert_eq!(
+        shown,
+        [
+            ">>> [You Have Messages]",
+            ">>> Bob: T+0 one",
+            ">>> Bob: T+0 two",
+            UPDATED
+        ]
+    );
+    // The first message went out again because its ack was lost …
+    let delivered_one =
+        |p: &sim::Packet| matches!(&p.msg, Message::Deliver { text, .. } if text.as_str() == "one");
+    assert!(s.count(delivered_one) >= 2);
+    // … and is gone only now that an ack arrived.
+    assert_eq!(s.server.mailbox(&name("Alice")).count(), 0);
+}
+
+#[test]
+fn mailbox_survives_a_log_back_that_never_acks() {
+    let mut s = three();
+    s.command(0, "dereg Alice");
+    s.command(1, "send Alice keep me");
+    s.drop_rules
+        .push(drop_all(|p| matches!(p.msg, Message::Delivered { .. })));
+    s.command(0, "reg Alice");
+    s.run_for(Duration::from_secs(10));
+    // Never acked, never deleted: the next log-back gets it again.
+    assert_eq!(s.server.mailbox(&name("Alice")).count(), 1);
+    assert_eq!(s.store.len(), 1);
+}
+
+#[test]
+fn channel_message_reaches_everyone_online_and_is_acked() {
+    let mut s = three();
+    let (a, b, c) = (
+        s.nodes[0].lines.len(),
+        s.nodes[1].lines.len(),
+        s.nodes[2].lines.len(),
+    );
+    s.command(0, "send_all Welcome to Channel");
+    assert_eq!(s.lines_since(0, a), [">>> [Message received by Server.]"]);
+    assert_eq!(
+        s.lines_since(1, b),
+        [">>> [Channel_Message Alice: Welcome to Channel]"]
+    );
+    assert_eq!(
+        s.lines_since(2, c),
+        [">>> [Channel_Message Alice: Welcome to Channel]"]
+    );
+    // Both recipients acked, so no copy is left behind.
+    assert_eq!(s.store.len(), 0);
+}
+
+#[test]
+fn channel_silent_recipient_is_marked_offline_and_gets_a_stored_copy() {
+    let mut s = three();
+    s.crash(2);
+    let (a, b) = (s.nodes[0].lines.len(), s.nodes[1].lines.len());
+    s.command(0, "send_all anyone?");
+    assert_eq!(
+        s.lines_since(0, a),
+        [">>> [Message received by Server.]", UPDATED]
+    );
+    assert_eq!(
+        s.lines_since(1, b),
+        [">>> [Channel_Message Alice: anyone?]", UPDATED]
+    );
+    assert!(
+        !s.server
+            .table()
+            .get(s.server.table().lookup(&name("Carol")).unwrap())
+            .online
+    );
+    let carol: Vec<_> = s
+        .server
+        .mailbox(&name("Carol"))
+        .map(|m| (m.channel, m.text.clone()))
+        .collect();
+    assert_eq!(carol, [(true, "anyone?".to_string())]);
+    assert_eq!(s.server.mailbox(&name("Bob")).count(), 0);
+}
+
+#[test]
+fn channel_message_for_offline_clients_is_stored_at_once() {
+    let mut s = three();
+    s.command(2, "dereg Carol");
+    s.command(0, "send_all hi all");
+    let carol: Vec<_> = s
+        .server
+        .mailbox(&name("Carol"))
+        .map(|m| m.text.clone())
+        .collect();
+    assert_eq!(carol, ["hi all"]);
+    // No probe was needed for a client already offline.
+    assert_eq!(s.count(|p| matches!(p.msg, Message::Probe { .. })), 0);
+}
+
+#[test]
+fn server_answers_exists_for_a_live_recipient_and_the_retry_succeeds() {
+    let mut s = three();
+    // Alice's first two tries to Bob are lost; Bob answers the probe.
+    let to_bob = |p: &sim::Packet| p.to == addr(3000) && matches!(p.msg, Message::Chat { .. });
+    s.drop_rules.push(drop_first(2, to_bob));
+    let (a, b) = (s.nodes[0].lines.len(), s.nodes[1].lines.len());
+    s.command(0, "send Bob are you there");
+    assert_eq!(
+        s.lines_since(0, a),
+        [
+            ">>> [No ACK from Bob, message sent to server.]",
+            ">>> [Client Bob exists!!]",
+            ">>> [Message received by Bob.]"
+        ]
+    );
+    assert_eq!(s.lines_since(1, b), [">>> Alice: are you there"]);
+    assert_eq!(s.server.mailbox(&name("Bob")).count(), 0);
+}
+
+#[test]
+fn exists_then_silence_ends_in_an_explicit_error() {
+    let mut s = three();
+    s.drop_rules.push(drop_all(|p| {
+        p.to == addr(3000) && matches!(p.msg, Message::Chat { .. })
+    }));
+    let a = s.nodes[0].lines.len();
+    s.command(0, "send Bob lost");
+    assert_eq!(
+        s.lines_since(0, a),
+        [
+            ">>> [No ACK from Bob, message sent to server.]",
+            ">>> [Client Bob exists!!]",
+            ">>> [Error: Bob did not answer; the message was not delivered.]"
+        ]
+    );
+}
+
+#[test]
+fn retried_save_request_stores_the_message_once() {
+    let mut s = three();
+    s.command(1, "dereg Bob");
+    // The server's first ack is lost; the client retries the same request.
+    s.drop_rules.push(drop_first(1, |p| {
+        p.to == addr(2000) && matches!(p.msg, Message::Ack { .. })
+    }));
+    let a = s.nodes[0].lines.len();
+    s.command(0, "send Bob once only");
+    assert_eq!(
+        s.lines_since(0, a),
+        [">>> [Bob is offline, message sent to server.]", SAVED]
+    );
+    assert_eq!(s.count(|p| matches!(p.msg, Message::SaveMessage { .. })), 2);
+    assert_eq!(s.server.mailbox(&name("Bob")).count(), 1);
+}
+
+#[test]
+fn duplicate_live_name_is_rejected_after_the_probe() {
+    let mut s = Sim::new();
+    s.join("Alice", 2000);
+    let i = s.join("Alice", 3000);
+    assert_eq!(
+        s.lines(i),
+        [">>> [Registration rejected: name Alice is already in use.]"]
+    );
+    assert_eq!(s.nodes[i].exit, Some(1));
+    assert_eq!(s.lines(0), [WELCOME, UPDATED]);
+    assert_eq!(
+        s.count(|p| p.to == addr(2000) && matches!(p.msg, Message::Probe { .. })),
+        1
+    );
+}
+
+#[test]
+fn silent_holder_loses_the_name_after_the_probe() {
+    let mut s = Sim::new();
+    s.join("Alice", 2000);
+    s.crash(0);
+    let t0 = s.now;
+    let i = s.join("Alice", 3000);
+    assert_eq!(s.lines(i), [WELCOME, UPDATED]);
+    assert!(
+        s.now - t0 >= Duration::from_millis(500),
+        "took over before the probe ran out"
+    );
+    let id = s.server.table().lookup(&name("Alice")).unwrap();
+    assert_eq!(s.server.table().get(id).addr, addr(3000));
+}
+
+#[test]
+fn registering_again_from_the_same_address_is_idempotent() {
+    let mut s = Sim::new();
+    s.join("Alice", 2000);
+    let version = s.server.table().version();
+    // A restarted process on the same port.
+    s.crash(0);
+    let i = s.join("Alice", 2000);
+    assert_eq!(s.lines(i), [WELCOME, UPDATED]);
+    assert_eq!(
+        s.server.table().version(),
+        version,
+        "nothing changed in the table"
+    );
+}
+
+#[test]
+fn server_gone_dereg_gives_up_after_five_tries_and_exits() {
+    let mut s = three();
+    s.stop_server();
+    let a = s.nodes[0].lines.len();
+    let t0 = s.now;
+    s.command(0, "dereg Alice");
+    assert_eq!(
+        s.lines_since(0, a),
+        [">>> [Server not responding]", ">>> [Exiting]"]
+    );
+    assert_eq!(s.nodes[0].exit, Some(1));
+    assert_eq!(s.count(|p| matches!(p.msg, Message::Deregister { .. })), 5);
+    assert!(s.now - t0 >= Duration::from_millis(2500));
+}
+
+#[test]
+fn server_gone_channel_message_fails_but_the_client_stays() {
+    let mut s = three();
+    s.stop_server();
+    let a = s.nodes[0].lines.len();
+    s.command(0, "send_all anyone");
+    assert_eq!(s.lines_since(0, a), [">>> [Server not responding.]"]);
+    assert_eq!(s.nodes[0].exit, None);
+    // Direct chat still works without the server.
+    s.command(0, "send Carol still here");
+    assert_eq!(s.lines(2).last(), Some(&">>> Alice: still here"));
+    assert_eq!(s.lines(0).last(), Some(&">>> [Message received by Carol.]"));
+}
+
+#[test]
+fn server_gone_save_message_exits() {
+    let mut s = three();
+    s.command(1, "dereg Bob");
+    s.stop_server();
+    let a = s.nodes[0].lines.len();
+    s.command(0, "send Bob Hello");
+    assert_eq!(
+        s.lines_since(0, a),
+        [
+            ">>> [Bob is offline, message sent to server.]",
+            ">>> [Server not responding]",
+            ">>> [Exiting]"
+        ]
+    );
+    assert_eq!(s.nodes[0].exit, Some(1));
+}
+
+#[test]
+fn log_back_without_an_answer_leaves_the_client_offline_but_running() {
+    let mut s = three();
+    s.command(0, "dereg Alice");
+    s.stop_server();
+    let a = s.nodes[0].lines.len();
+    s.command(0, "reg Alice");
+    assert_eq!(s.lines_since(0, a), [">>> [Server not responding]"]);
+    assert_eq!(s.nodes[0].exit, None);
+    s.command(0, "send Bob hi");
+    assert_eq!(
+        s.lines(0).last(),
+        Some(&">>> [Error: you are offline; type reg Alice to log back in.]")
+    );
+}
+
+#[test]
+fn user_errors_are_explained() {
+    let mut s = three();
+    let cases = [
+        (
+            "dereg Bob",
+            ">>> [Error: dereg takes your own name (Alice).]",
+        ),
+        ("reg Bob", ">>> [Error: reg takes your own name (Alice).]"),
+        ("reg Alice", ">>> [Error: you are already online.]"),
+        (
+            "send Zed hi",
+            ">>> [Error: unknown client Zed; type list to see the client table.]",
+        ),
+        ("send Bob", ">>> [Error: usage: send <name> <message>]"),
+        ("send_all", ">>> [Error: usage: send_all <message>]"),
+        (
+            "frobnicate",
+            ">>> [Error: unknown command frobnicate; type help for the commands.]",
+        ),
+    ];
+    for (line, want) in cases {
+        s.command(0, line);
+        assert_eq!(s.lines(0).last(), Some(&want), "after {line:?}");
+    }
+    let long = format!("send Bob {}", "é".repeat(501));
+    s.command(0, &long);
+    assert_eq!(
+        s.lines(0).last(),
+        Some(&">>> [Error: message too long (1002 bytes); the limit is 1000.]")
+    );
+    // Nothing was sent for any of them.
+    assert_eq!(s.count(|p| matches!(p.msg, Message::Chat { .. })), 0);
+}
+
+#[test]
+fn list_shows_the_local_table() {
+    let mut s = three();
+    s.command(1, "dereg Bob");
+    let a = s.nodes[0].lines.len();
+    s.command(0, "list");
+    assert_eq!(
+        s.lines_since(0, a),
+        [
+            ">>> Alice  127.0.0.1:2000         online",
+            ">>> Bob    127.0.0.1:3000         offline",
+            ">>> Carol  127.0.0.1:4000         online"
+        ]
+    );
+}
+
+#[test]
+fn commands_typed_before_registration_run_after_it() {
+    let mut s = Sim::new();
+    s.join("Bob", 3000);
+    let i = s.spawn("Alice", 2000);
+    s.line(i, "send Bob early bird");
+    s.settle();
+    assert_eq!(
+        s.lines(i),
+        [WELCOME, UPDATED, ">>> [Message received by Bob.]"]
+    );
+    assert_eq!(s.lines(0).last(), Some(&">>> Alice: early bird"));
+}
+
+#[test]
+fn a_request_with_a_valid_token_from_another_address_is_ignored() {
+    let mut s = three();
+    let token = s
+        .log
+        .iter()
+        .find_map(|p| match p.msg {
+            Message::Welcome { token, .. } if p.to == addr(3000) => Some(token),
+            _ => None,
+        })
+        .unwrap();
+    let forged = udpchat::wire::encode_to_vec(&Message::Deregister {
+        seq: udpchat::wire::Seq(1),
+        token,
+    });
+    let now = s.now;
+    s.server.handle_datagram(now, addr(6666), &forged);
+    let bob = s.server.table().lookup(&name("Bob")).unwrap();
+    assert!(s.server.table().get(bob).online);
+    assert!(
+        s.server.poll_transmit().is_none(),
+        "no answer to an off-path host"
+    );
+}
+
+#[test]
+fn a_client_that_was_told_nothing_is_idle_only_when_done() {
+    let mut s = three();
+    s.crash(1);
+    s.line(0, "send Bob are you there");
+    assert!(!s.nodes[0].client.is_idle());
+    s.run_for(Duration::from_millis(600));
+    // Fallback in flight: still busy.
+    assert!(!s.nodes[0].client.is_idle());
+    s.settle();
+    assert!(s.nodes[0].client.is_idle());
+    assert_eq!(s.lines(0).last(), Some(&SAVED));
+}
+
+#[test]
+fn many_clients_converge_on_one_table() {
+    let mut s = Sim::new();
+    for i in 0..60u16 {
+        s.join(&format!("c{i:02}"), 2000 + i);
+    }
+    s.settle();
+    let version = s.server.table().version();
+    for node in &s.nodes {
+        assert_eq!(node.client.table().len(), 60);
+        assert_eq!(node.client.table().version(), version);
+    }
+}

@@ -1,0 +1,324 @@
+//! An in-memory network for the sans-IO state machines: one `Server`, any
+//! number of `Client`s, virtual time that jumps to the next deadline, and
+//! per-datagram drop rules. No sockets, no sleeps, no threads.
+
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use udpchat::store::{MemoryStore, Store, StoreOp};
+use udpchat::wire::{self, Message, Name};
+use udpchat::{Client, ClientConfig, Event, Server, ServerConfig};
+
+/// One-way latency of every link.
+pub const LATENCY: Duration = Duration::from_millis(1);
+/// Unix time of the simulation's start, for stored-message timestamps.
+pub const EPOCH_UNIX: i64 = 1_700_000_000;
+
+/// A datagram in flight.
+#[derive(Debug, Clone)]
+pub struct Packet {
+    pub from: SocketAddr,
+    pub to: SocketAddr,
+    pub msg: Message,
+}
+
+/// Decides whether a packet is lost; `true` drops it.
+pub type DropRule = Box<dyn FnMut(&Packet) -> bool>;
+
+pub struct Node {
+    pub client: Client,
+    pub addr: SocketAddr,
+    /// A dead node (crashed, silent leave) neither receives nor sends.
+    pub alive: bool,
+    pub lines: Vec<String>,
+    pub exit: Option<i32>,
+}
+
+pub struct Sim {
+    pub start: Instant,
+    pub now: Instant,
+    pub server: Server,
+    pub server_addr: SocketAddr,
+    pub server_up: bool,
+    pub store: MemoryStore,
+    pub nodes: Vec<Node>,
+    /// Delivery time → packets, in send order.
+    queue: BTreeMap<(Instant, u64), Packet>,
+    sent: u64,
+    pub drop_rules: Vec<DropRule>,
+    /// Every packet that was sent, for assertions on the wire.
+    pub log: Vec<Packet>,
+}
+
+pub fn name(s: &str) -> Name {
+    Name::new(s).unwrap()
+}
+
+pub fn addr(port: u16) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], port))
+}
+
+/// Renders stored-message times as `T+<seconds since start>`.
+pub fn sim_time(unix: i64) -> String {
+    format!("T+{}", unix - EPOCH_UNIX)
+}
+
+impl Sim {
+    pub fn new() -> Sim {
+        let start = Instant::now();
+        let config = ServerConfig::new([1; 32], (start, EPOCH_UNIX));
+        let server = Server::new(config, start, Vec::new());
+        Sim {
+            start,
+            now: start,
+            server,
+            server_addr: addr(1024),
+            server_up: true,
+            store: MemoryStore::new(),
+            nodes: Vec::new(),
+            queue: BTreeMap::new(),
+            sent: 0,
+            drop_rules: Vec::new(),
+            log: Vec::new(),
+        }
+    }
+
+    /// Starts a client and runs until its first registration settled.
+    pub fn join(&mut self, n: &str, port: u16) -> usize {
+        let i = self.spawn(n, port);
+        self.run_until(Duration::from_secs(10), |s| {
+            s.nodes[i].exit.is_some() || (s.nodes[i].client.is_idle() && s.quiet())
+        });
+        i
+    }
+
+    /// Starts a client without waiting.
+    pub fn spawn(&mut self, n: &str, port: u16) -> usize {
+        let mut seed = [0u8; 32];
+        seed[..2].copy_from_slice(&port.to_le_bytes());
+        seed[2] = self.nodes.len() as u8;
+        let config = ClientConfig::new(name(n), self.server_addr, seed);
+        let client = Client::new(config, self.now);
+        self.nodes.push(Node {
+            client,
+            addr: addr(port),
+            alive: true,
+            lines: Vec::new(),
+            exit: None,
+        });
+        let i = self.nodes.len() - 1;
+        self.drain_node(i);
+        i
+    }
+
+    /// Types a console line at client `i`.
+    pub fn line(&mut self, i: usize, line: &str) {
+        let now = self.now;
+        self.nodes[i].client.handle_line(now, line);
+        self.drain_node(i);
+    }
+
+    /// Types a line and runs until every operation it started is settled.
+    pub fn command(&mut self, i: usize, line: &str) {
+        self.line(i, line);
+        self.settle();
+    }
+
+    /// Runs until no client has work in flight and the network is empty
+    /// (at most a minute of virtual time).
+    pub fn settle(&mut self) {
+        self.run_until(Duration::from_secs(60), |s| {
+            s.quiet()
+                && s.nodes
+                    .iter()
+                    .all(|n| !n.alive || n.exit.is_some() || n.client.is_idle())
+        });
+    }
+
+    /// No datagram in flight and no server deadline pending.
+    pub fn quiet(&self) -> bool {
+        self.queue.is_empty() && (!self.server_up || self.server.poll_timeout().is_none())
+    }
+
+    /// Silent leave: the client stops, the server is not told.
+    pub fn crash(&mut self, i: usize) {
+        self.nodes[i].alive = false;
+    }
+
+    /// The server process stops.
+    pub fn stop_server(&mut self) {
+        self.server_up = false;
+    }
+
+    /// Advances virtual time by `d`, handling everything due on the way.
+    pub fn run_for(&mut self, d: Duration) {
+        let end = self.now + d;
+        self.run_until(d, |s| s.now >= end);
+    }
+
+    /// Runs until `done` holds or `limit` of virtual time passed. Returns
+    /// whether `done` held.
+    pub fn run_until(&mut self, limit: Duration, mut done: impl FnMut(&Sim) -> bool) -> bool {
+        let end = self.now + limit;
+        loop {
+            if done(self) {
+                return true;
+            }
+            let Some(next) = self.next_deadline() else {
+                // Nothing scheduled: time just passes.
+                self.now = end;
+                return done(self);
+            };
+            if next > end {
+                self.now = end;
+                return done(self);
+            }
+            self.now = self.now.max(next);
+            self.step();
+        }
+    }
+
+    fn next_deadline(&self) -> Option<Instant> {
+        let packet = self.queue.keys().next().map(|(t, _)| *t);
+        let server = if self.server_up {
+            self.server.poll_timeout()
+        } else {
+            None
+        };
+        let clients = self
+            .nodes
+            .iter()
+            .filter(|n| n.alive && n.exit.is_none())
+            .filter_map(|n| n.client.poll_timeout());
+        packet.into_iter().chain(server).chain(clients).min()
+    }
+
+    /// Delivers due packets and fires due timers at `self.now`.
+    fn step(&mut self) {
+        let now = self.now;
+        while let Some(entry) = self.queue.first_entry() {
+            if entry.key().0 > now {
+                break;
+            }
+            let packet = entry.remove();
+            self.deliver(packet);
+        }
+        if self.server_up {
+            self.server.handle_timeout(now);
+            self.drain_server();
+        }
+        for i in 0..self.nodes.len() {
+            if self.nodes[i].alive && self.nodes[i].exit.is_none() {
+                self.nodes[i].client.handle_timeout(now);
+                self.drain_node(i);
+            }
+        }
+    }
+
+    fn deliver(&mut self, p: Packet) {
+        let now = self.now;
+        let bytes = wire::encode_to_vec(&p.msg);
+        if p.to == self.server_addr {
+            if self.server_up {
+                self.server.handle_datagram(now, p.from, &bytes);
+                self.drain_server();
+            }
+            return;
+        }
+        if let Some(i) = self
+            .nodes
+            .iter()
+            .position(|n| n.addr == p.to && n.alive && n.exit.is_none())
+        {
+            self.nodes[i].client.handle_datagram(now, p.from, &bytes);
+            self.drain_node(i);
+        }
+    }
+
+    fn drain_server(&mut self) {
+        loop {
+            let ops: Vec<StoreOp> = std::iter::from_fn(|| self.server.poll_store()).collect();
+            if !ops.is_empty() {
+                self.store.commit(&ops).unwrap();
+                self.server.handle_committed();
+            }
+            while let Some(t) = self.server.poll_transmit() {
+                let from = self.server_addr;
+                self.enqueue(from, t.to, &t.payload);
+            }
+            while self.server.poll_event().is_some() {}
+            if ops.is_empty() {
+                break;
+            }
+        }
+    }
+
+    fn drain_node(&mut self, i: usize) {
+        while let Some(t) = self.nodes[i].client.poll_transmit() {
+            let from = self.nodes[i].addr;
+            self.enqueue(from, t.to, &t.payload);
+        }
+        while let Some(event) = self.nodes[i].client.poll_event() {
+            match event {
+                Event::Exit(code) => self.nodes[i].exit = Some(code),
+                other => {
+                    if let Some(line) = other.render(sim_time) {
+                        self.nodes[i].lines.push(line);
+                    }
+                }
+            }
+        }
+    }
+
+    fn enqueue(&mut self, from: SocketAddr, to: SocketAddr, payload: &[u8]) {
+        assert!(payload.len() <= wire::MAX_DATAGRAM, "oversize datagram");
+        let msg = wire::decode(payload).expect("state machines send only valid datagrams");
+        let packet = Packet { from, to, msg };
+        self.log.push(packet.clone());
+        for rule in &mut self.drop_rules {
+            if rule(&packet) {
+                return;
+            }
+        }
+        self.sent += 1;
+        self.queue.insert((self.now + LATENCY, self.sent), packet);
+    }
+
+    /// Lines client `i` printed, as `&str`s.
+    pub fn lines(&self, i: usize) -> Vec<&str> {
+        self.nodes[i].lines.iter().map(String::as_str).collect()
+    }
+
+    /// Lines client `i` printed since `from`.
+    pub fn lines_since(&self, i: usize, from: usize) -> Vec<&str> {
+        self.nodes[i].lines[from..]
+            .iter()
+            .map(String::as_str)
+            .collect()
+    }
+
+    /// How many packets matching `f` were sent (before drop rules).
+    pub fn count(&self, f: impl Fn(&Packet) -> bool) -> usize {
+        self.log.iter().filter(|p| f(p)).count()
+    }
+}
+
+/// Drops the first `n` packets matching `f`.
+pub fn drop_first(mut n: usize, f: impl Fn(&Packet) -> bool + 'static) -> DropRule {
+    Box::new(move |p| {
+        if n > 0 && f(p) {
+            n -= 1;
+            true
+        } else {
+            false
+        }
+    })
+}
+
+/// Drops every packet matching `f`.
+pub fn drop_all(f: impl Fn(&Packet) -> bool + 'static) -> DropRule {
+    Box::new(f)
+}
