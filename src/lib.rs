@@ -51,6 +51,8 @@
 //! # Ok::<(), std::io::Error>(())
 //! ```
 
+#![warn(missing_docs)]
+
 use std::net::SocketAddr;
 use std::time::Duration;
 

@@ -66,7 +66,14 @@ pub enum ServerEvent {
     /// probe found it silent.
     Offline(Name, bool),
     /// A message was stored for a recipient.
-    Stored { to: Name, from: Name, channel: bool },
+    Stored {
+        /// The recipient.
+        to: Name,
+        /// The sender.
+        from: Name,
+        /// A channel message.
+        channel: bool,
+    },
     /// A registration for a name held by a live client was refused.
     Rejected(Name, SocketAddr),
     /// A datagram was dropped as undecodable.

@@ -239,6 +239,11 @@ pub enum Refusal {
 pub type Entries = heapless::Vec<Entry, PAGE_ENTRIES>;
 
 /// Every message of the protocol. Variants are appended, never reordered.
+///
+/// Fields share one vocabulary: `seq` is the request's [`Seq`] (echoed by its
+/// answer), `token` the session [`Token`], `id` a chat message's [`MsgId`],
+/// `mail` a stored message's [`MailId`], `version` a client-table version.
+#[allow(missing_docs)] // the fields: see the vocabulary above
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Message {
     // ---- client → server -------------------------------------------------
