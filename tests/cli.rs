@@ -1,0 +1,175 @@
+//! The command line of the real binary: bad arguments, help, version, and a
+//! port that is already taken (SPEC.md §1).
+
+mod common;
+
+use std::net::UdpSocket;
+
+use common::{Client, PORT_RETRIES, Run, Server, TABLE, WELCOME, free_udp_port, run};
+
+/// Asserts the shape of every bad-argument failure: exit status 2, an
+/// `error: ` first line on stderr that mentions one of `names` (which
+/// argument is wrong), a `usage: ` line after it, nothing on stdout, no panic.
+#[track_caller]
+fn assert_usage_error(args: &[&str], names: &[&str]) {
+    let out = run(args);
+    let context = || {
+        format!(
+            "udpchat {args:?}: {}\nstdout: {:#?}\nstderr: {:#?}",
+            out.status, out.stdout, out.stderr
+        )
+    };
+    assert_eq!(out.status.code(), Some(2), "{}", context());
+    let first = out.stderr.first().map(String::as_str).unwrap_or("");
+    assert!(first.starts_with("error: "), "{}", context());
+    let lower = first.to_lowercase();
+    assert!(
+        names.iter().any(|n| lower.contains(&n.to_lowercase())),
+        "the error line should name the argument (one of {names:?}); {}",
+        context()
+    );
+    assert!(
+        out.stderr.iter().skip(1).any(|l| l.starts_with("usage: ")),
+        "no usage line after the error; {}",
+        context()
+    );
+    assert!(out.stdout.is_empty(), "{}", context());
+    assert!(out.no_panic(), "{}", context());
+}
+
+#[test]
+fn server_port_below_1024_is_refused() {
+    assert_usage_error(&["-s", "80"], &["80"]);
+}
+
+#[test]
+fn server_port_above_65535_is_refused() {
+    assert_usage_error(&["-s", "70000"], &["70000"]);
+}
+
+#[test]
+fn server_port_not_a_number_is_refused() {
+    assert_usage_error(&["-s", "abc"], &["abc"]);
+}
+
+#[test]
+fn empty_name_is_refused() {
+    assert_usage_error(&["-c", "", "127.0.0.1", "5000", "6000"], &["name"]);
+}
+
+#[test]
+fn name_of_33_bytes_is_refused() {
+    let ascii = "A".repeat(33);
+    assert_usage_error(&["-c", &ascii, "127.0.0.1", "5000", "6000"], &["name"]);
+    // 11 characters, but 33 bytes: the limit counts bytes.
+    let wide = "名".repeat(11);
+    assert_usage_error(&["-c", &wide, "127.0.0.1", "5000", "6000"], &["name"]);
+}
+
+#[test]
+fn bad_server_address_is_refused() {
+    assert_usage_error(
+        &["-c", "Alice", "999.1.1.1", "5000", "6000"],
+        &["999.1.1.1"],
+    );
+}
+
+#[test]
+fn missing_client_port_is_refused() {
+    assert_usage_error(
+        &["-c", "Alice", "127.0.0.1", "5000"],
+        &["client-port", "client port", "client_port"],
+    );
+}
+
+#[test]
+fn no_arguments_is_refused() {
+    assert_usage_error(&[], &["-s", "-c", "mode"]);
+}
+
+#[test]
+fn unknown_option_is_refused() {
+    assert_usage_error(&["-x"], &["x"]);
+}
+
+#[track_caller]
+fn assert_help(flag: &str) {
+    let out = run(&[flag]);
+    assert!(out.status.success(), "udpchat {flag}: {}", out.status);
+    assert!(
+        out.stdout.iter().any(|l| l.starts_with("usage: ")),
+        "udpchat {flag}: no usage on stdout: {:#?}",
+        out.stdout
+    );
+    let text = out.stdout.join("\n");
+    assert!(text.contains("-s") && text.contains("-c"), "{text}");
+    assert!(out.stderr.is_empty(), "{:#?}", out.stderr);
+}
+
+#[test]
+fn help_prints_usage() {
+    assert_help("-h");
+    assert_help("--help");
+}
+
+#[track_caller]
+fn assert_version(flag: &str) {
+    let out = run(&[flag]);
+    assert!(out.status.success(), "udpchat {flag}: {}", out.status);
+    let want = format!("udpchat {}", env!("CARGO_PKG_VERSION"));
+    assert_eq!(out.stdout, [want], "udpchat {flag}");
+    assert!(out.stderr.is_empty(), "{:#?}", out.stderr);
+}
+
+#[test]
+fn version_prints_the_crate_version() {
+    assert_version("-V");
+    assert_version("--version");
+}
+
+/// Holds a UDP port on 0.0.0.0 for the length of a test.
+fn occupy_port() -> (UdpSocket, u16) {
+    for _ in 0..PORT_RETRIES {
+        let port = free_udp_port();
+        if let Ok(socket) = UdpSocket::bind(("0.0.0.0", port)) {
+            return (socket, port);
+        }
+    }
+    panic!("could not hold any UDP port on 0.0.0.0");
+}
+
+#[track_caller]
+fn assert_port_in_use(out: &Run, port: u16) {
+    assert_eq!(out.status.code(), Some(1), "stderr: {:#?}", out.stderr);
+    assert_eq!(
+        out.stderr,
+        [format!("error: port {port} is already in use")]
+    );
+    assert!(out.stdout.is_empty(), "{:#?}", out.stdout);
+}
+
+#[test]
+fn server_port_in_use_exits_1() {
+    let (_held, port) = occupy_port();
+    let out = run(&["-s", &port.to_string()]);
+    assert_port_in_use(&out, port);
+}
+
+#[test]
+fn client_port_in_use_exits_1() {
+    let (_held, port) = occupy_port();
+    let server_port = free_udp_port().to_string();
+    let out = run(&["-c", "Alice", "127.0.0.1", &server_port, &port.to_string()]);
+    assert_port_in_use(&out, port);
+}
+
+#[test]
+fn name_of_32_bytes_is_accepted() {
+    let server = Server::start();
+    // Ten 3-byte characters and two ASCII letters: 32 bytes exactly.
+    let name = format!("{}ab", "名".repeat(10));
+    assert_eq!(name.len(), 32);
+    let mut client = Client::start(&name, server.port());
+    client.expect_lines(&[WELCOME, TABLE]);
+    client.finish();
+}
