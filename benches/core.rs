@@ -2,7 +2,6 @@
 //! `cargo bench --bench core`. Each line is the median of several timed runs.
 
 #[path = "../tests/sim/mod.rs"]
-#[allow(dead_code)]
 mod sim;
 
 use std::hint::black_box;
