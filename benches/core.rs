@@ -30,6 +30,7 @@ fn bench(label: &str, n: u64, mut f: impl FnMut()) {
 fn main() {
     let chat = Message::Chat {
         from: Name::new("Alice").unwrap(),
+        to: Name::new("Bob").unwrap(),
         id: MsgId(u64::MAX),
         text: Text::new(&"x".repeat(wire::MAX_TEXT)).unwrap(),
     };

@@ -34,16 +34,20 @@ pub struct ClientConfig {
     pub seed: [u8; 32],
     /// Most rows kept in the local client table.
     pub max_table: usize,
+    /// How often an online client tells the server it is still there.
+    pub heartbeat: Duration,
 }
 
 impl ClientConfig {
-    /// Defaults: a local table of at most 100,000 rows.
+    /// Defaults: a local table of at most 100,000 rows, a heartbeat every
+    /// 10 s.
     pub fn new(name: Name, server: SocketAddr, seed: [u8; 32]) -> Self {
         ClientConfig {
             name,
             server,
             seed,
             max_table: 100_000,
+            heartbeat: HEARTBEAT,
         }
     }
 }
@@ -170,6 +174,8 @@ impl Event {
     }
 }
 
+/// Default heartbeat interval (SPEC §3 Presence).
+pub const HEARTBEAT: Duration = Duration::from_secs(10);
 /// Most console lines queued while the first registration is under way.
 const QUEUED_LINES: usize = 64;
 /// Most (sender, id) pairs remembered to show each message once.
@@ -188,6 +194,8 @@ struct OpId(usize);
 enum Timer {
     Op(OpId),
     Batch,
+    /// Time to tell the server this client is still here.
+    Heartbeat,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -234,6 +242,27 @@ enum Kind {
     Sync {
         seq: Seq,
     },
+    Heartbeat {
+        seq: Seq,
+    },
+}
+
+impl Kind {
+    /// The sequence number of the request to the server under way, if any.
+    fn seq(&self) -> Option<Seq> {
+        match self {
+            Kind::Register { seq, .. }
+            | Kind::Deregister { seq }
+            | Kind::Channel { seq, .. }
+            | Kind::Sync { seq }
+            | Kind::Heartbeat { seq }
+            | Kind::Direct {
+                phase: Phase::Save(seq),
+                ..
+            } => Some(*seq),
+            Kind::Direct { .. } => None,
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -241,6 +270,9 @@ struct Op {
     kind: Kind,
     sent: u8,
     timer: TimerKey,
+    /// The session the operation started in: every retry carries it, so a
+    /// retry after `dereg` still finds the server's cached answer.
+    token: Option<Token>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -311,6 +343,7 @@ pub struct Client {
     by_msg: HashMap<MsgId, OpId>,
     sync: Option<OpId>,
     batch: Option<Batch>,
+    heartbeat: Option<TimerKey>,
     seen: Seen,
     queued: VecDeque<String>,
     timers: TimerWheel<Timer>,
@@ -335,6 +368,7 @@ impl Client {
             by_msg: HashMap::new(),
             sync: None,
             batch: None,
+            heartbeat: None,
             seen: Seen::default(),
             queued: VecDeque::new(),
             timers: TimerWheel::new(now, TICK),
@@ -360,10 +394,11 @@ impl Client {
         match msg {
             Message::Chat {
                 from: sender,
+                to,
                 id,
                 text,
-            } => self.on_chat(from, sender, id, text),
-            Message::ChatAck { id } => self.on_chat_ack(id),
+            } => self.on_chat(from, sender, to, id, text),
+            Message::ChatAck { id } => self.on_chat_ack(from, id),
             _ if !from_server => {}
             Message::Welcome {
                 seq, token, mail, ..
@@ -378,6 +413,18 @@ impl Client {
                 self.exit(1);
             }
             Message::Ack { seq } => self.on_ack(now, seq),
+            Message::Alive { seq, version } => {
+                let heartbeat = |k: &Kind| matches!(k, Kind::Heartbeat { .. });
+                let idle = self.sync.is_none() && self.batch.is_none();
+                // A newer table than ours means a delta was lost: catch up.
+                if self.take_server_op(seq, heartbeat).is_some()
+                    && idle
+                    && version > self.table.version()
+                {
+                    let since = self.table.version();
+                    self.start_sync(now, since);
+                }
+            }
             Message::Exists { seq, entry } => self.on_exists(now, seq, entry),
             Message::Refused { seq, reason } => self.on_refused(now, seq, reason),
             Message::Page {
@@ -428,6 +475,24 @@ impl Client {
             }
             match timer {
                 Timer::Op(op) => self.on_op_timer(now, op),
+                Timer::Heartbeat => {
+                    self.heartbeat = None;
+                    if self.presence == Presence::Online {
+                        let beating = self
+                            .ops
+                            .iter()
+                            .any(|(_, op)| matches!(op.kind, Kind::Heartbeat { .. }));
+                        if !beating {
+                            let seq = self.seq();
+                            let op = self.start(now, Kind::Heartbeat { seq }, ACK_TIMEOUT);
+                            self.by_seq.insert(seq, op);
+                        }
+                        self.heartbeat = Some(
+                            self.timers
+                                .insert(now + self.config.heartbeat, Timer::Heartbeat),
+                        );
+                    }
+                }
                 Timer::Batch => {
                     // The server stopped streaming: show the table; the
                     // rest of the mail waits for the next log-back.
@@ -639,7 +704,10 @@ impl Client {
     /// driver may exit.
     pub fn is_idle(&self) -> bool {
         self.presence != Presence::Joining
-            && self.ops.is_empty()
+            && self
+                .ops
+                .iter()
+                .all(|(_, op)| matches!(op.kind, Kind::Heartbeat { .. }))
             && self.batch.is_none()
             && self.queued.is_empty()
     }
@@ -661,10 +729,12 @@ impl Client {
 
     // ---- incoming ---------------------------------------------------------
 
-    fn on_chat(&mut self, from: SocketAddr, sender: Name, id: MsgId, text: Text) {
+    fn on_chat(&mut self, from: SocketAddr, sender: Name, to: Name, id: MsgId, text: Text) {
         // A deregistered client neither shows nor acks: the sender falls back
-        // to the server, which keeps the message for the next log-back.
-        if self.presence != Presence::Online {
+        // to the server, which keeps the message for the next log-back. Nor
+        // does a client that got someone else's message (it now has the port
+        // the sender's table still gives to that someone).
+        if self.presence != Presence::Online || to != self.config.name {
             return;
         }
         if self.seen.first(&sender, id) {
@@ -673,10 +743,16 @@ impl Client {
         self.send(from, &Message::ChatAck { id });
     }
 
-    fn on_chat_ack(&mut self, id: MsgId) {
-        let Some(op) = self.by_msg.remove(&id) else {
+    fn on_chat_ack(&mut self, from: SocketAddr, id: MsgId) {
+        let Some(&op) = self.by_msg.get(&id) else {
             return;
         };
+        // Only the address the message went to can ack it.
+        if !matches!(self.ops.get(op.0), Some(Op { kind: Kind::Direct { addr, .. }, .. }) if *addr == from)
+        {
+            return;
+        }
+        self.by_msg.remove(&id);
         if let Some(Kind::Direct { to, .. }) = self.finish(op) {
             self.events.push_back(Event::ReceivedBy(to));
         }
@@ -693,9 +769,20 @@ impl Client {
         match joining {
             Joining::First => self.events.push_back(Event::Welcome),
             Joining::LogBack => {}
-            Joining::Reconnect => self.events.push_back(Event::Reconnected),
+            Joining::Reconnect => {
+                // A restarted server may know fewer clients: start afresh.
+                self.table.clear();
+                self.events.push_back(Event::Reconnected);
+            }
         }
         self.announce = true;
+        if let Some(timer) = self.heartbeat.take() {
+            self.timers.cancel(timer);
+        }
+        self.heartbeat = Some(
+            self.timers
+                .insert(now + self.config.heartbeat, Timer::Heartbeat),
+        );
         if mail > 0 {
             self.events.push_back(Event::HaveMessages);
             let timer = self.timers.insert(now + BATCH_STALL, Timer::Batch);
@@ -726,15 +813,7 @@ impl Client {
         };
         match kind {
             Kind::Deregister { .. } => {
-                self.presence = Presence::Offline;
-                self.token = None;
-                if let Some(batch) = self.batch.take() {
-                    self.timers.cancel(batch.timer);
-                }
-                if let Some(op) = self.sync.take() {
-                    self.finish(op);
-                    self.table.cancel_sync();
-                }
+                self.go_offline();
                 self.events.push_back(Event::Bye);
             }
             Kind::Channel { .. } => self.events.push_back(Event::ChannelAcked),
@@ -779,16 +858,33 @@ impl Client {
     }
 
     fn on_refused(&mut self, now: Instant, seq: Seq, reason: Refusal) {
-        let Some(&op) = self.by_seq.get(&seq) else {
-            return;
-        };
+        let op_token = self
+            .by_seq
+            .get(&seq)
+            .and_then(|op| self.ops.get(op.0))
+            .and_then(|op| op.token);
         let Some(kind) = self.take_server_op(seq, |_| true) else {
             return;
         };
-        let _ = op;
+        // Only a refusal of the current session means "register again"; one
+        // for a request from an older session is just that request's end.
+        let current = op_token.is_some() && op_token == self.token;
         match (kind, reason) {
+            // The server does not know us (it restarted): we are offline
+            // already, which is what dereg asked for.
+            (Kind::Deregister { .. }, Refusal::UnknownSession) => {
+                self.go_offline();
+                self.events.push_back(Event::Bye);
+            }
+            (Kind::Heartbeat { .. }, _) if current => self.forget_session(now),
+            (Kind::Heartbeat { .. }, _) => {}
             (Kind::Direct { to, .. }, Refusal::MailboxFull) => {
                 self.events.push_back(Event::MailboxFull(to));
+            }
+            (Kind::Direct { to, .. }, Refusal::Busy) => {
+                self.error(format!(
+                    "the server is busy; the message to {to} was not saved — send it again."
+                ));
             }
             (Kind::Direct { to, .. }, Refusal::UnknownRecipient) => {
                 self.error(format!(
@@ -804,15 +900,24 @@ impl Client {
                 }
             }
             (Kind::Sync { .. }, _) => {
-                self.sync = None;
                 self.table.cancel_sync();
-                self.forget_session(now);
+                if current {
+                    self.forget_session(now);
+                }
             }
             (Kind::Direct { .. } | Kind::Channel { .. }, Refusal::UnknownSession) => {
-                self.error(
-                    "the server lost this session; reconnecting — send it again.".to_string(),
-                );
-                self.forget_session(now);
+                if self.presence == Presence::Online && current {
+                    self.error(
+                        "the server lost this session; reconnecting — send it again.".to_string(),
+                    );
+                    self.forget_session(now);
+                } else if self.presence == Presence::Online {
+                    self.error("the server lost this session; send it again.".to_string());
+                } else {
+                    self.error(
+                        "you went offline before the server took it; not saved.".to_string(),
+                    );
+                }
             }
             (_, Refusal::MailboxFull) => {
                 self.error("the server's store is full; not saved.".to_string())
@@ -858,12 +963,7 @@ impl Client {
                 if changed || announce {
                     self.events.push_back(Event::TableUpdated);
                 }
-                if !self.ready {
-                    self.ready = true;
-                    for line in std::mem::take(&mut self.queued) {
-                        self.handle_line(now, &line);
-                    }
-                }
+                self.become_ready(now);
             }
         }
     }
@@ -893,8 +993,12 @@ impl Client {
             return;
         }
         let Some(pos) = pos else {
+            // Live: a channel message as it happens, or a direct message the
+            // server kept for us while we were being taken for gone.
             let mail = d.mail;
-            if self.seen.first(&d.from, d.id) {
+            if !d.channel {
+                self.show_stored(d);
+            } else if self.seen.first(&d.from, d.id) {
                 self.events.push_back(Event::Channel {
                     from: d.from,
                     text: d.text,
@@ -1018,10 +1122,9 @@ impl Client {
         };
         match kind {
             Kind::Register {
-                seq,
                 joining: Joining::LogBack,
+                ..
             } => {
-                self.by_seq.remove(&seq);
                 self.presence = Presence::Offline;
                 self.events.push_back(Event::ServerNotResponding);
             }
@@ -1030,21 +1133,25 @@ impl Client {
                 self.events.push_back(Event::Exiting);
                 self.exit(1);
             }
-            Kind::Channel { seq, .. } => {
-                self.by_seq.remove(&seq);
-                self.events.push_back(Event::ChannelNotResponding);
-            }
-            Kind::Sync { seq } => {
-                // The table stays as it is; the next delta will show the gap.
-                self.by_seq.remove(&seq);
-                self.sync = None;
+            Kind::Channel { .. } => self.events.push_back(Event::ChannelNotResponding),
+            Kind::Sync { .. } => {
+                // The table stays as it is; a heartbeat or the next delta
+                // shows the gap again.
                 self.table.cancel_sync();
-                if std::mem::take(&mut self.announce) || !self.ready {
-                    self.ready = true;
-                    for line in std::mem::take(&mut self.queued) {
-                        self.handle_line(now, &line);
-                    }
-                }
+                self.announce = false;
+                self.become_ready(now);
+            }
+            // The server may be gone; chat goes on, the next beat tries again.
+            Kind::Heartbeat { .. } => {}
+        }
+    }
+
+    /// The first registration is complete: run what was typed meanwhile.
+    fn become_ready(&mut self, now: Instant) {
+        if !self.ready {
+            self.ready = true;
+            for line in std::mem::take(&mut self.queued) {
+                self.handle_line(now, &line);
             }
         }
     }
@@ -1088,6 +1195,7 @@ impl Client {
             kind,
             sent: 0,
             timer,
+            token: self.token,
         }));
         self.transmit_op(op);
         op
@@ -1116,7 +1224,7 @@ impl Client {
         };
         entry.sent = entry.sent.saturating_add(1);
         let server = self.config.server;
-        let token = self.token.unwrap_or(Token([0; 16]));
+        let token = entry.token.or(self.token).unwrap_or(Token([0; 16]));
         let (to, msg) = match &entry.kind {
             Kind::Register { seq, .. } => (
                 server,
@@ -1136,17 +1244,19 @@ impl Client {
                 },
             ),
             Kind::Direct {
+                to,
                 addr,
                 id,
                 text,
                 phase: Phase::Direct | Phase::Retry,
-                ..
             } => {
                 let from = self.config.name.clone();
+                let to = to.clone();
                 (
                     *addr,
                     Message::Chat {
                         from,
+                        to,
                         id: *id,
                         text: text.clone(),
                     },
@@ -1168,6 +1278,17 @@ impl Client {
                 };
                 (server, msg)
             }
+            Kind::Heartbeat { seq } => {
+                let version = self.table.version();
+                (
+                    server,
+                    Message::Heartbeat {
+                        seq: *seq,
+                        token,
+                        version,
+                    },
+                )
+            }
             Kind::Sync { seq } => {
                 let (since, from) = self.table.sync_request().unwrap_or((0, 0));
                 (
@@ -1184,24 +1305,52 @@ impl Client {
         self.send(to, &msg);
     }
 
-    /// Removes a finished operation and its timer.
+    /// Removes a finished operation with its timer and every index entry
+    /// pointing at it (slab slots are reused, so none may linger).
     fn finish(&mut self, op: OpId) -> Option<Kind> {
         let entry = self.ops.try_remove(op.0)?;
         self.timers.cancel(entry.timer);
+        if let Some(seq) = entry.kind.seq()
+            && self.by_seq.get(&seq) == Some(&op)
+        {
+            self.by_seq.remove(&seq);
+        }
+        if let Kind::Direct { id, .. } = entry.kind
+            && self.by_msg.get(&id) == Some(&op)
+        {
+            self.by_msg.remove(&id);
+        }
+        if self.sync == Some(op) {
+            self.sync = None;
+        }
         Some(entry.kind)
     }
 
     /// Completes the server request `seq` if it is of the expected kind.
     fn take_server_op(&mut self, seq: Seq, want: impl Fn(&Kind) -> bool) -> Option<Kind> {
         let &op = self.by_seq.get(&seq)?;
-        if !want(&self.ops.get(op.0)?.kind) {
+        let kind = &self.ops.get(op.0)?.kind;
+        if kind.seq() != Some(seq) || !want(kind) {
             return None;
         }
-        self.by_seq.remove(&seq);
-        if self.sync == Some(op) {
-            self.sync = None;
-        }
         self.finish(op)
+    }
+
+    /// After `dereg` (or a server that no longer knows us): no session, no
+    /// heartbeat, no mail batch or table sync under way.
+    fn go_offline(&mut self) {
+        self.presence = Presence::Offline;
+        self.token = None;
+        if let Some(timer) = self.heartbeat.take() {
+            self.timers.cancel(timer);
+        }
+        if let Some(batch) = self.batch.take() {
+            self.timers.cancel(batch.timer);
+        }
+        if let Some(op) = self.sync {
+            self.finish(op);
+            self.table.cancel_sync();
+        }
     }
 
     // ---- helpers ----------------------------------------------------------

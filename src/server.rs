@@ -12,7 +12,7 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use rand_chacha::ChaCha12Rng;
 use rand_core::{RngCore, SeedableRng};
@@ -40,6 +40,9 @@ pub struct ServerConfig {
     pub mailbox_bytes: usize,
     /// Most bytes stored over all mailboxes.
     pub store_bytes: usize,
+    /// An online client not heard from for this long (three missed 10 s
+    /// heartbeats) is marked offline.
+    pub presence_timeout: Duration,
 }
 
 impl ServerConfig {
@@ -53,6 +56,7 @@ impl ServerConfig {
             mailbox_messages: 1000,
             mailbox_bytes: 1 << 20,
             store_bytes: 256 << 20,
+            presence_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -76,6 +80,8 @@ pub enum ServerEvent {
     },
     /// A registration for a name held by a live client was refused.
     Rejected(Name, SocketAddr),
+    /// A recipient's mailbox was full, so it did not get a channel message.
+    MailboxFull(Name),
     /// A datagram was dropped as undecodable.
     Malformed(SocketAddr, wire::WireError),
 }
@@ -107,6 +113,8 @@ enum Timer {
     Probe(ClientId),
     /// Resend a delivery or check the client's liveness.
     Delivery(ClientId, MailId),
+    /// Has the client been heard from lately?
+    Presence(ClientId),
 }
 
 #[derive(Debug, Clone)]
@@ -128,8 +136,6 @@ enum Waiter {
     },
     /// A registration that would take the probed client's name.
     Register { addr: SocketAddr, seq: Seq },
-    /// Deliveries to the probed client went unacked.
-    Deliveries,
 }
 
 #[derive(Debug, Clone)]
@@ -145,6 +151,9 @@ struct Probe {
     sent: u8,
     timer: TimerKey,
     waiters: Vec<Waiter>,
+    /// Deliveries to the probed client went unacked. A flag, not a waiter,
+    /// so a full waiter list can never strand them.
+    deliveries: bool,
 }
 
 #[derive(Debug)]
@@ -162,6 +171,9 @@ struct Session {
     queue: VecDeque<(MailId, Option<u32>)>,
     inflight: BTreeMap<MailId, Inflight>,
     rounds: u8,
+    /// When an authenticated datagram last came from the client.
+    last_heard: Option<Instant>,
+    presence: Option<TimerKey>,
 }
 
 #[derive(Debug, Default)]
@@ -242,7 +254,7 @@ impl Server {
         match msg {
             Message::Register { seq, name } => self.on_register(now, from, seq, name),
             Message::Deregister { seq, token } => {
-                if let Some(id) = self.request(from, token, seq) {
+                if let Some(id) = self.request(now, from, token, seq) {
                     if self.table.get(id).online {
                         self.set_offline(id, true);
                     }
@@ -256,7 +268,7 @@ impl Server {
                 id,
                 text,
             } => {
-                if let Some(sender) = self.online_request(from, token, seq) {
+                if let Some(sender) = self.online_request(now, from, token, seq) {
                     let mail = NewMail {
                         from: self.table.get(sender).name.clone(),
                         id,
@@ -271,7 +283,7 @@ impl Server {
                 id,
                 text,
             } => {
-                if let Some(sender) = self.online_request(from, token, seq) {
+                if let Some(sender) = self.online_request(now, from, token, seq) {
                     self.on_channel(now, sender, seq, id, text);
                 }
             }
@@ -281,7 +293,7 @@ impl Server {
                 since,
                 from: row,
             } => {
-                if let Some(id) = self.online_request(from, token, seq) {
+                if let Some(id) = self.online_request(now, from, token, seq) {
                     let (entries, next) = self.table.page(since, row);
                     let version = self.table.version();
                     self.forget(id, seq);
@@ -297,14 +309,14 @@ impl Server {
                 }
             }
             Message::Heartbeat { seq, token, .. } => {
-                if let Some(id) = self.online_request(from, token, seq) {
+                if let Some(id) = self.online_request(now, from, token, seq) {
                     self.forget(id, seq);
                     let version = self.table.version();
                     self.send(from, &Message::Alive { seq, version });
                 }
             }
             Message::Delivered { token, mail } => {
-                if let Some(id) = self.authenticate(from, token) {
+                if let Some(id) = self.authenticate(now, from, token) {
                     self.on_delivered(now, id, mail);
                 }
             }
@@ -321,6 +333,7 @@ impl Server {
             match timer {
                 Timer::Probe(id) => self.on_probe_timer(now, id),
                 Timer::Delivery(id, mail) => self.on_delivery_timer(now, id, mail),
+                Timer::Presence(id) => self.on_presence_timer(now, id),
             }
         }
     }
@@ -360,6 +373,20 @@ impl Server {
     #[must_use]
     pub fn poll_timeout(&self) -> Option<Instant> {
         self.timers.poll_timeout()
+    }
+
+    /// Nothing under way but presence tracking: no probe, no delivery in
+    /// flight or queued, nothing to store or send. (Costs a pass over the
+    /// clients.)
+    pub fn is_idle(&self) -> bool {
+        self.probes.is_empty()
+            && self.store_ops.is_empty()
+            && self.uncommitted == 0
+            && self.transmits.is_empty()
+            && self
+                .sessions
+                .iter()
+                .all(|s| s.inflight.is_empty() && s.queue.is_empty())
     }
 
     /// The client table.
@@ -422,7 +449,7 @@ impl Server {
                 .any(|w| matches!(w, Waiter::Register { addr, seq: s } if *addr == from && *s == seq))
         });
         if !waiting {
-            self.probe(now, id, Waiter::Register { addr: from, seq });
+            self.wait_for_probe(now, id, Waiter::Register { addr: from, seq });
         }
     }
 
@@ -434,7 +461,7 @@ impl Server {
         };
         self.pending(sender, seq);
         if self.table.get(to).online {
-            self.probe(
+            self.wait_for_probe(
                 now,
                 to,
                 Waiter::Save {
@@ -454,7 +481,14 @@ impl Server {
         // the sender included, hears of it before the sender hears "saved".
         self.flush_deltas();
         let reply = match self.put(now, to, mail, false) {
-            Ok(_) => Message::Ack { seq },
+            Ok(mail) => {
+                // The recipient may be online again by now (it came back
+                // while the probe ran): then it gets the message at once.
+                if let Some(mail) = mail {
+                    self.deliver_live(now, to, mail);
+                }
+                Message::Ack { seq }
+            }
             Err(reason) => Message::Refused { seq, reason },
         };
         self.reply(sender, seq, reply);
@@ -470,23 +504,43 @@ impl Server {
             .collect();
         // Every recipient gets a stored copy first, so an online one that
         // never acks (or a crash mid fan-out) still finds it in its mailbox;
-        // its ack deletes the copy.
+        // its ack deletes the copy. If the store as a whole cannot take a
+        // copy for everyone, the message is refused: never acked half-kept.
+        let size = text.as_str().len() + crate::store::MAIL_OVERHEAD;
+        let needed = size.saturating_mul(recipients.len());
+        if self.stored_bytes.saturating_add(needed) > self.config.store_bytes {
+            let reason = Refusal::MailboxFull;
+            self.reply(sender, seq, Message::Refused { seq, reason });
+            return;
+        }
         for r in recipients {
             let mail = NewMail {
                 from: from.clone(),
                 id,
                 text: text.clone(),
             };
-            if let Ok(Some(mail)) = self.put(now, r, mail, true)
-                && self.table.get(r).online
-            {
-                self.sessions[r.index() as usize]
-                    .queue
-                    .push_back((mail, None));
-                self.pump(now, r);
+            match self.put(now, r, mail, true) {
+                Ok(Some(mail)) => self.deliver_live(now, r, mail),
+                Ok(None) => {}
+                // This recipient's own mailbox is full: it misses the
+                // message (logged), as a full mailbox bounces direct mail.
+                Err(_) => {
+                    let to = self.table.get(r).name.clone();
+                    self.event(ServerEvent::MailboxFull(to));
+                }
             }
         }
         self.reply(sender, seq, Message::Ack { seq });
+    }
+
+    /// Sends a just-stored message to its recipient now if it is online.
+    fn deliver_live(&mut self, now: Instant, to: ClientId, mail: MailId) {
+        if self.table.get(to).online {
+            self.sessions[to.index() as usize]
+                .queue
+                .push_back((mail, None));
+            self.pump(now, to);
+        }
     }
 
     fn on_delivered(&mut self, now: Instant, id: ClientId, mail: MailId) {
@@ -513,6 +567,10 @@ impl Server {
             return;
         };
         self.timers.cancel(probe.timer);
+        self.heard(now, id);
+        if probe.deliveries {
+            self.redeliver(now, id);
+        }
         for waiter in probe.waiters {
             match waiter {
                 Waiter::Save { from, seq, .. } => {
@@ -524,7 +582,6 @@ impl Server {
                     self.event(ServerEvent::Rejected(name, addr));
                     self.send(addr, &Message::Rejected { seq });
                 }
-                Waiter::Deliveries => self.redeliver(now, id),
             }
         }
     }
@@ -555,7 +612,11 @@ impl Server {
         if self.table.get(id).online {
             self.set_offline(id, false);
         }
-        for waiter in probe.waiters {
+        let mut waiters = probe.waiters;
+        // Mail first, so a newcomer taking the name finds it in the mailbox
+        // it is welcomed with.
+        waiters.sort_by_key(|w| matches!(w, Waiter::Register { .. }));
+        for waiter in waiters {
             match waiter {
                 Waiter::Save { from, seq, mail } => self.save(now, from, seq, id, *mail),
                 Waiter::Register { addr, seq } => {
@@ -563,7 +624,6 @@ impl Server {
                         self.accept(now, id, addr, seq);
                     }
                 }
-                Waiter::Deliveries => {}
             }
         }
     }
@@ -584,11 +644,7 @@ impl Server {
         }
         // Unacked for the whole ack timeout: is the client still there?
         // (One liveness check covers every delivery in flight.)
-        let checking = session
-            .probe
-            .as_ref()
-            .is_some_and(|p| p.waiters.iter().any(|w| matches!(w, Waiter::Deliveries)));
-        if checking {
+        if session.probe.as_ref().is_some_and(|p| p.deliveries) {
             return;
         }
         session.rounds += 1;
@@ -598,16 +654,47 @@ impl Server {
             self.set_offline(id, false);
             return;
         }
-        self.probe(now, id, Waiter::Deliveries);
+        self.probe(now, id).deliveries = true;
+    }
+
+    fn on_presence_timer(&mut self, now: Instant, id: ClientId) {
+        let session = &mut self.sessions[id.index() as usize];
+        session.presence = None;
+        if !self.table.get(id).online {
+            return;
+        }
+        let heard = session.last_heard.unwrap_or(now);
+        let due = heard + self.config.presence_timeout;
+        if now >= due {
+            // Three heartbeats missed: a silent leave, noticed without
+            // anyone having to message the client.
+            self.set_offline(id, false);
+        } else {
+            session.presence = Some(self.timers.insert(due, Timer::Presence(id)));
+        }
+    }
+
+    /// The client showed signs of life: push its presence deadline out
+    /// (lazily: the timer re-arms itself when it fires early).
+    fn heard(&mut self, now: Instant, id: ClientId) {
+        let session = &mut self.sessions[id.index() as usize];
+        session.last_heard = Some(now);
+        if session.presence.is_none() && self.table.get(id).online {
+            let due = now + self.config.presence_timeout;
+            session.presence = Some(self.timers.insert(due, Timer::Presence(id)));
+        }
     }
 
     // ---- sessions ---------------------------------------------------------
 
     /// The session a token belongs to, if the datagram comes from the
     /// address registered for it (an off-path host cannot act for a client).
-    fn authenticate(&mut self, from: SocketAddr, token: Token) -> Option<ClientId> {
+    fn authenticate(&mut self, now: Instant, from: SocketAddr, token: Token) -> Option<ClientId> {
         match self.tokens.get(&token) {
-            Some(&id) if self.table.get(id).addr == from => Some(id),
+            Some(&id) if self.table.get(id).addr == from => {
+                self.heard(now, id);
+                Some(id)
+            }
             _ => {
                 self.stats.ignored += 1;
                 None
@@ -617,8 +704,27 @@ impl Server {
 
     /// Authenticates a request and answers it from the reply cache if it is a
     /// retransmission; `Some` means "new, go ahead".
-    fn request(&mut self, from: SocketAddr, token: Token, seq: Seq) -> Option<ClientId> {
-        let id = self.authenticate(from, token)?;
+    fn request(
+        &mut self,
+        now: Instant,
+        from: SocketAddr,
+        token: Token,
+        seq: Seq,
+    ) -> Option<ClientId> {
+        let Some(id) = self.authenticate(now, from, token) else {
+            // A token this server never issued (it restarted): say so, and
+            // the client knows it is not registered here.
+            if !self.tokens.contains_key(&token) {
+                self.send(
+                    from,
+                    &Message::Refused {
+                        seq,
+                        reason: Refusal::UnknownSession,
+                    },
+                );
+            }
+            return None;
+        };
         if self.cached(id, seq) {
             return None;
         }
@@ -627,8 +733,14 @@ impl Server {
 
     /// [`Server::request`] for requests that need the client online; an
     /// offline one is told its session is gone (it re-registers).
-    fn online_request(&mut self, from: SocketAddr, token: Token, seq: Seq) -> Option<ClientId> {
-        let Some(id) = self.authenticate(from, token) else {
+    fn online_request(
+        &mut self,
+        now: Instant,
+        from: SocketAddr,
+        token: Token,
+        seq: Seq,
+    ) -> Option<ClientId> {
+        let Some(id) = self.authenticate(now, from, token) else {
             if !self.tokens.contains_key(&token) {
                 self.send(
                     from,
@@ -748,6 +860,7 @@ impl Server {
         };
         self.reply(id, seq, welcome);
         self.event(ServerEvent::Registered(name, addr));
+        self.heard(now, id);
         // Queued after the welcome, so the client learns the batch size first.
         self.pump(now, id);
     }
@@ -762,34 +875,48 @@ impl Server {
         self.event(ServerEvent::Offline(name, notified));
     }
 
-    /// Starts (or joins) a liveness probe of `id`. A probe with too many
-    /// waiters drops the newcomer, whose client will retry.
-    fn probe(&mut self, now: Instant, id: ClientId, waiter: Waiter) {
-        let session = &mut self.sessions[id.index() as usize];
-        if let Some(probe) = session.probe.as_mut() {
-            if probe.waiters.len() < PROBE_WAITERS {
-                probe.waiters.push(waiter);
-            } else {
-                self.stats.ignored += 1;
-            }
+    /// Makes a request wait for a liveness probe of `id`. When the probe
+    /// already has [`PROBE_WAITERS`] waiting, a save-message is refused as
+    /// busy (an explicit answer; its sender may try again) and a
+    /// registration is dropped (its client retries by itself).
+    fn wait_for_probe(&mut self, now: Instant, id: ClientId, waiter: Waiter) {
+        let probe = self.probe(now, id);
+        if probe.waiters.len() < PROBE_WAITERS {
+            probe.waiters.push(waiter);
             return;
         }
-        let nonce = self.rng.next_u64();
-        let timer = self.timers.insert(now + RETRANSMIT, Timer::Probe(id));
-        session.probe = Some(Probe {
-            nonce,
-            sent: 1,
-            timer,
-            waiters: vec![waiter],
-        });
-        self.probes.insert(nonce, id);
-        let entry = self.table.get(id);
-        let msg = Message::Probe {
-            nonce,
-            name: entry.name.clone(),
+        self.stats.ignored += 1;
+        if let Waiter::Save { from, seq, .. } = waiter {
+            let reason = Refusal::Busy;
+            self.reply(from, seq, Message::Refused { seq, reason });
+        }
+    }
+
+    /// The liveness probe of `id`, started if none is under way.
+    fn probe(&mut self, now: Instant, id: ClientId) -> &mut Probe {
+        let probe = match self.sessions[id.index() as usize].probe.take() {
+            Some(probe) => probe,
+            None => {
+                let nonce = self.rng.next_u64();
+                let timer = self.timers.insert(now + RETRANSMIT, Timer::Probe(id));
+                self.probes.insert(nonce, id);
+                let entry = self.table.get(id);
+                let msg = Message::Probe {
+                    nonce,
+                    name: entry.name.clone(),
+                };
+                let to = entry.addr;
+                self.send(to, &msg);
+                Probe {
+                    nonce,
+                    sent: 1,
+                    timer,
+                    waiters: Vec::new(),
+                    deliveries: false,
+                }
+            }
         };
-        let to = entry.addr;
-        self.send(to, &msg);
+        self.sessions[id.index() as usize].probe.insert(probe)
     }
 
     // ---- mail -------------------------------------------------------------

@@ -334,8 +334,15 @@ pub enum Message {
     Probe { nonce: u64, name: Name },
 
     // ---- client → client -------------------------------------------------
-    /// A direct message.
-    Chat { from: Name, id: MsgId, text: Text },
+    /// A direct message. It names its recipient, so a client that now
+    /// holds an address the sender's table gives to someone else neither
+    /// shows nor acks it.
+    Chat {
+        from: Name,
+        to: Name,
+        id: MsgId,
+        text: Text,
+    },
     /// The direct message `id` was shown (or had been).
     ChatAck { id: MsgId },
 
@@ -405,7 +412,7 @@ pub const MAX_ENCODED: usize = {
     let delta = 1 + VARINT64 + VARINT64 + ENTRIES_MAX;
     let deliver = 1 + VARINT64 + 1 + VARINT32 + NAME_MAX + 1 + VARINT64 + VARINT64 + TEXT_MAX;
     let save = 1 + VARINT32 + 16 + NAME_MAX + VARINT64 + TEXT_MAX;
-    let chat = 1 + NAME_MAX + VARINT64 + TEXT_MAX;
+    let chat = 1 + NAME_MAX + NAME_MAX + VARINT64 + TEXT_MAX;
     let mut max = page;
     if delta > max {
         max = delta;
@@ -545,6 +552,7 @@ mod tests {
             },
             Message::Chat {
                 from: longest_name('x'),
+                to: longest_name('y'),
                 id,
                 text: longest_text(),
             },
@@ -603,10 +611,12 @@ mod tests {
         assert_eq!(decode(&[VERSION, 120]), Err(WireError::Malformed));
     }
 
-    /// Builds `Chat` by hand so the string fields can break the rules.
+    /// Builds `Chat` (to "Al") by hand so the string fields can break the
+    /// rules.
     fn raw_chat(from: &str, text: &str) -> Vec<u8> {
         let mut out = vec![VERSION, 17]; // Message::Chat
         push_str(&mut out, from);
+        push_str(&mut out, "Al");
         out.push(1); // id
         push_str(&mut out, text);
         out
@@ -633,6 +643,7 @@ mod tests {
             decode(&bytes),
             Ok(Message::Chat {
                 from: name("Bob"),
+                to: name("Al"),
                 id: MsgId(1),
                 text: Text::new("hi").unwrap()
             })

@@ -151,6 +151,7 @@ fn deregistered_client_neither_shows_nor_acks_direct_messages() {
         addr(4000),
         &udpchat::wire::encode_to_vec(&Message::Chat {
             from: name("Carol"),
+            to: name("Bob"),
             id: udpchat::wire::MsgId(9),
             text: udpchat::wire::Text::new("hi").unwrap(),
         }),

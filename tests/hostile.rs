@@ -112,7 +112,8 @@ fn samples() -> Vec<Message> {
             name: name.clone(),
         },
         Message::Chat {
-            from: name,
+            from: name.clone(),
+            to: name,
             id: MsgId(26),
             text,
         },

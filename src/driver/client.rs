@@ -56,12 +56,12 @@ pub fn run(name: Name, server: SocketAddr, port: u16) -> Result<i32, Fatal> {
     let mut events = Events::with_capacity(16);
     let mut buf = [0u8; RECV_BUF];
     let mut backlog = false;
-    let mut stdin_ready = true;
+    // epoll reports input already waiting when stdin is registered; an
+    // unpolled stdin (a regular file) is read on every turn.
+    let mut stdin_ready = !stdin_polled;
     loop {
-        while let Some(t) = client.poll_transmit() {
-            // A full send buffer is one more loss; retransmissions cover it.
-            let _ = socket.send_to(&t.payload, t.to);
-        }
+        // Show first, then send: the acks among the datagrams promise the
+        // server that these lines are on the screen.
         while let Some(event) = client.poll_event() {
             if let Event::Exit(code) = event {
                 return Ok(code);
@@ -69,6 +69,10 @@ pub fn run(name: Name, server: SocketAddr, port: u16) -> Result<i32, Fatal> {
             if let Some(line) = event.render(local_time) {
                 console.show(&line);
             }
+        }
+        while let Some(t) = client.poll_transmit() {
+            // A full send buffer is one more loss; retransmissions cover it.
+            let _ = socket.send_to(&t.payload, t.to);
         }
         if console.eof && client.is_idle() {
             return Ok(0);
@@ -118,7 +122,7 @@ pub fn run(name: Name, server: SocketAddr, port: u16) -> Result<i32, Fatal> {
             }
         }
         if stdin_ready && !console.eof {
-            stdin_ready = false;
+            stdin_ready = !stdin_polled;
             for input in console.read()? {
                 match input {
                     Input::Line(line) => client.handle_line(now, &line),
@@ -141,6 +145,9 @@ enum Input {
 struct Console {
     editor: Option<(LineEditor, RawMode)>,
     nonblocking: Option<NonBlocking>,
+    /// Read buffer: large, so that one read takes a whole paste on a
+    /// terminal, where only one read per readiness is safe.
+    buf: Vec<u8>,
     pending: Vec<u8>,
     /// Discarding the rest of an over-long piped line.
     skipping: bool,
@@ -160,9 +167,17 @@ impl Console {
         } else {
             None
         };
+        // Never on a terminal: its open file is shared with stdout, whose
+        // writes would then fail with EAGAIN when the terminal is slow.
+        let nonblocking = if stdin.is_terminal() {
+            None
+        } else {
+            NonBlocking::enable(STDIN_FD)
+        };
         Ok(Console {
             editor,
-            nonblocking: NonBlocking::enable(STDIN_FD),
+            nonblocking,
+            buf: vec![0; 1 << 16],
             pending: Vec::new(),
             skipping: false,
             eof: false,
@@ -188,15 +203,21 @@ impl Console {
     /// Reads what stdin has now.
     fn read(&mut self) -> Result<Vec<Input>, Fatal> {
         let mut inputs = Vec::new();
-        let mut buf = [0u8; 4096];
+        let mut buf = std::mem::take(&mut self.buf);
+        let result = self.read_into(&mut buf, &mut inputs);
+        self.buf = buf;
+        result.map(|()| inputs)
+    }
+
+    fn read_into(&mut self, buf: &mut [u8], inputs: &mut Vec<Input>) -> Result<(), Fatal> {
         loop {
-            let n = match io::stdin().lock().read(&mut buf) {
+            let n = match io::stdin().lock().read(buf) {
                 Ok(0) => {
-                    self.end_of_input(&mut inputs);
-                    return Ok(inputs);
+                    self.end_of_input(inputs);
+                    return Ok(());
                 }
                 Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(inputs),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => return Err(io_fatal(e)),
             };
@@ -213,14 +234,14 @@ impl Console {
                     }
                     write_all(&out);
                     if self.eof {
-                        return Ok(inputs);
+                        return Ok(());
                     }
                 }
-                None => self.split_lines(&buf[..n], &mut inputs),
+                None => self.split_lines(&buf[..n], inputs),
             }
             // Without O_NONBLOCK one read is all that is safe.
             if self.nonblocking.is_none() {
-                return Ok(inputs);
+                return Ok(());
             }
         }
     }

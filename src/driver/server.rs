@@ -124,6 +124,9 @@ fn log(event: &ServerEvent) {
             format!("stored a {kind} from {from} for {to}")
         }
         ServerEvent::Rejected(name, addr) => format!("refused {name} from {addr}: name in use"),
+        ServerEvent::MailboxFull(name) => {
+            format!("mailbox of {name} is full: a channel message was not kept")
+        }
         // Hostile input is counted, not logged line by line.
         ServerEvent::Malformed(..) => return,
     };

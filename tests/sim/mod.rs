@@ -138,9 +138,9 @@ impl Sim {
         });
     }
 
-    /// No datagram in flight and no server deadline pending.
+    /// No datagram in flight and the server has nothing under way.
     pub fn quiet(&self) -> bool {
-        self.queue.is_empty() && (!self.server_up || self.server.poll_timeout().is_none())
+        self.queue.is_empty() && (!self.server_up || self.server.is_idle())
     }
 
     /// Silent leave: the client stops, the server is not told.

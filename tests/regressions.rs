@@ -1,0 +1,267 @@
+//! Bugs found in review, each pinned by the scenario that exposed it, and
+//! the presence (heartbeat) behaviour that fixed several of them.
+
+mod sim;
+
+use std::time::Duration;
+
+use sim::{EPOCH_UNIX, Sim, addr, drop_all, drop_first, name};
+use udpchat::store::Store;
+use udpchat::wire::Message;
+use udpchat::{Server, ServerConfig};
+
+const SAVED: &str = ">>> [Messages received by the server and saved]";
+const UPDATED: &str = ">>> [Client table updated.]";
+
+fn three() -> Sim {
+    let mut s = Sim::new();
+    s.join("Alice", 2000);
+    s.join("Bob", 3000);
+    s.join("Carol", 4000);
+    s
+}
+
+/// A server with a smaller configuration.
+fn sim_with(config: impl FnOnce(&mut ServerConfig)) -> Sim {
+    let mut s = Sim::new();
+    let mut c = ServerConfig::new([1; 32], (s.start, EPOCH_UNIX));
+    config(&mut c);
+    s.server = Server::new(c, s.now, Vec::new());
+    s
+}
+
+/// 65 senders fall back for one silent recipient at once: more than a probe
+/// takes waiters. Every sender still gets exactly one outcome — saved, or
+/// told the server was busy — and nobody exits.
+#[test]
+fn more_waiters_than_a_probe_takes_all_get_an_answer() {
+    let mut s = Sim::new();
+    s.join("Bob", 3000);
+    for i in 0..65u16 {
+        s.join(&format!("s{i:02}"), 4000 + i);
+    }
+    s.crash(0);
+    for i in 1..=65 {
+        s.line(i, "send Bob hi");
+    }
+    s.settle();
+    let busy = ">>> [Error: the server is busy; the message to Bob was not saved — send it again.]";
+    let mut saved = 0;
+    for i in 1..=65 {
+        assert_eq!(s.nodes[i].exit, None, "sender {i}: {:?}", s.lines(i));
+        let outcomes: Vec<_> = s
+            .lines(i)
+            .into_iter()
+            .filter(|l| *l == SAVED || *l == busy)
+            .collect();
+        assert_eq!(outcomes.len(), 1, "sender {i}: {:?}", s.lines(i));
+        saved += usize::from(outcomes[0] == SAVED);
+    }
+    assert_eq!(s.server.mailbox(&name("Bob")).count(), saved);
+    assert!(saved >= 64, "only the overflow is refused");
+}
+
+/// A new client on a silent client's old port must not show or ack
+/// messages meant for the old one.
+#[test]
+fn a_chat_for_someone_else_at_a_reused_port_is_not_taken() {
+    let mut s = Sim::new();
+    s.join("Alice", 2000);
+    s.join("Bob", 3000);
+    s.crash(1);
+    let c = s.join("Carol", 3000);
+    let (a, cl) = (s.nodes[0].lines.len(), s.nodes[c].lines.len());
+    s.command(0, "send Bob for Bob only");
+    assert_eq!(
+        s.lines_since(c, cl),
+        [UPDATED],
+        "Carol only sees Bob go offline"
+    );
+    assert_eq!(
+        s.lines_since(0, a),
+        [
+            ">>> [No ACK from Bob, message sent to server.]",
+            UPDATED,
+            SAVED
+        ]
+    );
+    assert_eq!(s.server.mailbox(&name("Bob")).count(), 1);
+}
+
+/// The server's probe of a live client is lost, so it is marked offline and
+/// its message saved. Its next heartbeat is answered "unknown session": it
+/// registers again by itself and gets the message.
+#[test]
+fn a_live_client_taken_for_gone_reconnects_on_its_heartbeat_and_gets_its_mail() {
+    let mut s = three();
+    s.drop_rules.push(drop_first(2, |p| {
+        p.to == addr(3000) && matches!(p.msg, Message::Chat { .. })
+    }));
+    s.drop_rules.push(drop_first(2, |p| {
+        p.to == addr(3000) && matches!(p.msg, Message::Probe { .. })
+    }));
+    let b = s.nodes[1].lines.len();
+    s.command(0, "send Bob hello");
+    assert_eq!(s.lines(0).last(), Some(&SAVED));
+    s.run_until(Duration::from_secs(15), |s| s.nodes[1].lines.len() >= b + 4);
+    let got = s.lines_since(1, b);
+    assert_eq!(got[0], ">>> [Reconnected to server.]");
+    assert_eq!(got[1], ">>> [You Have Messages]");
+    assert!(
+        got[2].starts_with(">>> Alice: T+") && got[2].ends_with(" hello"),
+        "{got:?}"
+    );
+    assert_eq!(got[3], UPDATED);
+    assert_eq!(s.server.mailbox(&name("Bob")).count(), 0);
+}
+
+/// A silent leave is noticed by missed heartbeats alone.
+#[test]
+fn three_missed_heartbeats_mark_a_client_offline() {
+    let mut s = three();
+    s.crash(1);
+    let a = s.nodes[0].lines.len();
+    s.run_for(Duration::from_secs(25));
+    assert!(
+        s.lines_since(0, a).is_empty(),
+        "not before three heartbeats are missed"
+    );
+    s.run_for(Duration::from_secs(10));
+    assert_eq!(s.lines_since(0, a), [UPDATED]);
+    assert!(!s.nodes[0].client.table().get(&name("Bob")).unwrap().online);
+    // Heartbeats went out every 10 s from the live clients.
+    let beats = s.count(|p| p.from == addr(2000) && matches!(p.msg, Message::Heartbeat { .. }));
+    assert_eq!(beats, 3);
+}
+
+/// A lost delta is noticed on the next heartbeat, whose answer carries the
+/// server's table version.
+#[test]
+fn a_lost_delta_is_repaired_by_the_heartbeat() {
+    let mut s = Sim::new();
+    s.join("Alice", 2000);
+    s.drop_rules.push(drop_all(|p| {
+        p.to == addr(2000) && matches!(p.msg, Message::Delta { .. })
+    }));
+    s.join("Bob", 3000);
+    assert!(s.nodes[0].client.table().get(&name("Bob")).is_none());
+    s.run_for(Duration::from_secs(11));
+    assert!(s.nodes[0].client.table().get(&name("Bob")).is_some());
+    assert_eq!(
+        s.nodes[0].client.table().version(),
+        s.server.table().version()
+    );
+    assert_eq!(s.lines(0).last(), Some(&UPDATED));
+}
+
+/// The store as a whole cannot take the channel message: refused, clearly,
+/// and nothing stored; never "received" with copies silently missing.
+#[test]
+fn a_channel_message_the_store_cannot_hold_is_refused() {
+    let mut s = sim_with(|c| c.store_bytes = 200);
+    s.join("Alice", 2000);
+    s.join("Bob", 3000);
+    s.join("Carol", 4000);
+    s.command(1, "dereg Bob");
+    let a = s.nodes[0].lines.len();
+    s.command(0, "send_all to everyone");
+    assert_eq!(
+        s.lines_since(0, a),
+        [">>> [Error: the server's store is full; not saved.]"]
+    );
+    assert_eq!(s.server.stored_bytes(), 0);
+    assert!(!s.lines(2).iter().any(|l| l.contains("to everyone")));
+}
+
+/// One recipient's full mailbox does not hold up the channel: the others
+/// get the message, that one misses it, nothing already kept is lost.
+#[test]
+fn a_full_mailbox_misses_channel_messages_without_blocking_the_channel() {
+    let mut s = sim_with(|c| c.mailbox_messages = 1);
+    s.join("Alice", 2000);
+    s.join("Bob", 3000);
+    s.join("Carol", 4000);
+    s.command(1, "dereg Bob");
+    s.command(2, "send Bob first");
+    let a = s.nodes[0].lines.len();
+    s.command(0, "send_all to everyone");
+    assert_eq!(s.lines_since(0, a), [">>> [Message received by Server.]"]);
+    assert_eq!(
+        s.lines(2).last(),
+        Some(&">>> [Channel_Message Alice: to everyone]")
+    );
+    let bob: Vec<_> = s
+        .server
+        .mailbox(&name("Bob"))
+        .map(|m| m.text.clone())
+        .collect();
+    assert_eq!(bob, ["first"]);
+    // And a direct message to the full mailbox says so.
+    s.command(0, "send Bob second");
+    assert_eq!(
+        s.lines(0).last(),
+        Some(&">>> [Error: mailbox of Bob is full, message not saved.]")
+    );
+}
+
+/// After a server restart, dereg is answered "unknown session": the client
+/// is offline already, which is what it asked for.
+#[test]
+fn dereg_after_a_server_restart_is_a_clean_leave() {
+    let mut s = three();
+    let mail = s.store.load().unwrap();
+    s.server = Server::new(
+        ServerConfig::new([2; 32], (s.start, EPOCH_UNIX)),
+        s.now,
+        mail,
+    );
+    let a = s.nodes[0].lines.len();
+    s.command(0, "dereg Alice");
+    assert_eq!(s.lines_since(0, a), [">>> [You are Offline. Bye.]"]);
+    assert_eq!(s.nodes[0].exit, None);
+}
+
+/// A registration taking over a name and a save-message for it wait on the
+/// same probe: the message is stored first and reaches the newcomer.
+#[test]
+fn a_message_saved_during_a_takeover_reaches_the_new_holder() {
+    let mut s = Sim::new();
+    s.join("Alice", 2000);
+    s.join("Bob", 3000);
+    s.crash(1);
+    s.line(0, "send Bob hello");
+    s.run_for(Duration::from_millis(100));
+    let nb = s.spawn("Bob", 3500);
+    s.settle();
+    assert!(s.lines(0).contains(&SAVED), "{:?}", s.lines(0));
+    assert!(
+        s.lines(nb).iter().any(|l| l.ends_with(" hello")),
+        "{:?}",
+        s.lines(nb)
+    );
+    assert_eq!(s.server.mailbox(&name("Bob")).count(), 0);
+}
+
+/// A save-message is stored but its ack is lost; the user deregisters; the
+/// retry still carries the old session and gets the cached answer.
+#[test]
+fn a_retry_after_dereg_still_learns_the_message_was_saved() {
+    let mut s = three();
+    s.command(1, "dereg Bob");
+    s.drop_rules.push(drop_first(1, |p| {
+        p.to == addr(2000) && matches!(p.msg, Message::Ack { .. })
+    }));
+    let a = s.nodes[0].lines.len();
+    s.line(0, "send Bob x");
+    s.run_for(Duration::from_millis(50));
+    s.line(0, "dereg Alice");
+    s.settle();
+    assert_eq!(s.server.mailbox(&name("Bob")).count(), 1);
+    let lines = s.lines_since(0, a);
+    assert_eq!(
+        lines.iter().filter(|l| **l == SAVED).count(),
+        1,
+        "{lines:?}"
+    );
+    assert!(!lines.iter().any(|l| l.contains("Error")), "{lines:?}");
+}
