@@ -740,29 +740,10 @@ impl Server {
         token: Token,
         seq: Seq,
     ) -> Option<ClientId> {
-        let Some(id) = self.authenticate(now, from, token) else {
-            if !self.tokens.contains_key(&token) {
-                self.send(
-                    from,
-                    &Message::Refused {
-                        seq,
-                        reason: Refusal::UnknownSession,
-                    },
-                );
-            }
-            return None;
-        };
-        if self.cached(id, seq) {
-            return None;
-        }
+        let id = self.request(now, from, token, seq)?;
         if !self.table.get(id).online {
-            self.send(
-                from,
-                &Message::Refused {
-                    seq,
-                    reason: Refusal::UnknownSession,
-                },
-            );
+            let reason = Refusal::UnknownSession;
+            self.send(from, &Message::Refused { seq, reason });
             return None;
         }
         Some(id)

@@ -4,7 +4,7 @@
 use std::io::{self, IsTerminal, Read, Write};
 use std::net::SocketAddr;
 use std::os::fd::RawFd;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use mio::net::UdpSocket;
 use mio::unix::SourceFd;
@@ -13,7 +13,7 @@ use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use signal_hook_mio::v1_0::Signals;
 
 use super::term::{EditorEvent, LineEditor, RawMode};
-use super::{Fatal, READ_BURST, RECV_BUF, bind, local_time, random_seed};
+use super::{Fatal, RECV_BUF, bind, local_time, random_seed, read_burst, wait};
 use crate::wire::Name;
 use crate::{Client, ClientConfig, Event};
 
@@ -79,19 +79,7 @@ pub fn run(name: Name, server: SocketAddr, port: u16) -> Result<i32, Fatal> {
         }
 
         let busy = backlog || (stdin_ready && !console.eof && !stdin_polled);
-        let timeout = if busy {
-            Some(Duration::ZERO)
-        } else {
-            client
-                .poll_timeout()
-                .map(|t| t.saturating_duration_since(Instant::now()))
-        };
-        if let Err(e) = poll.poll(&mut events, timeout) {
-            if e.kind() == io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(io_fatal(e));
-        }
+        wait(&mut poll, &mut events, client.poll_timeout(), busy)?;
         for event in events.iter() {
             match event.token() {
                 // Ctrl+C (outside raw mode), a closed terminal, kill: a silent
@@ -107,20 +95,9 @@ pub fn run(name: Name, server: SocketAddr, port: u16) -> Result<i32, Fatal> {
         }
 
         let now = Instant::now();
-        backlog = true;
-        for _ in 0..READ_BURST {
-            match socket.recv_from(&mut buf) {
-                Ok((n, from)) => client.handle_datagram(now, from, &buf[..n]),
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    backlog = false;
-                    break;
-                }
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                // ICMP "port unreachable" from an earlier send: the ack
-                // timeout already accounts for a dead peer.
-                Err(_) => {}
-            }
-        }
+        backlog = read_burst(&socket, &mut buf, |from, data| {
+            client.handle_datagram(now, from, data)
+        });
         if stdin_ready && !console.eof {
             stdin_ready = !stdin_polled;
             for input in console.read()? {

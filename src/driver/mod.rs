@@ -10,7 +10,9 @@ pub mod term;
 use std::fs::File;
 use std::io::{self, Read};
 use std::net::{SocketAddr, UdpSocket};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use mio::{Events, Poll};
 
 /// Receive buffer: larger than any valid datagram, so an oversize one is
 /// seen as oversize rather than silently truncated to a valid length.
@@ -18,6 +20,45 @@ const RECV_BUF: usize = 2048;
 /// Datagrams read per loop turn before timers and output get their turn, so
 /// a flood cannot starve them.
 const READ_BURST: usize = 256;
+
+/// Sleeps until something is ready or `deadline` passes (at once when
+/// `busy`). A signal interrupting the wait counts as a wake-up.
+pub(crate) fn wait(
+    poll: &mut Poll,
+    events: &mut Events,
+    deadline: Option<Instant>,
+    busy: bool,
+) -> Result<(), Fatal> {
+    let timeout = if busy {
+        Some(Duration::ZERO)
+    } else {
+        deadline.map(|t| t.saturating_duration_since(Instant::now()))
+    };
+    match poll.poll(events, timeout) {
+        Err(e) if e.kind() != io::ErrorKind::Interrupted => Err(Fatal(format!("error: {e}"))),
+        _ => Ok(()),
+    }
+}
+
+/// Feeds up to [`READ_BURST`] datagrams to `handle` (mio is edge-triggered:
+/// the socket must be read until `WouldBlock`, but a flood must not starve
+/// timers and output). Returns whether more may be waiting.
+pub(crate) fn read_burst(
+    socket: &mio::net::UdpSocket,
+    buf: &mut [u8],
+    mut handle: impl FnMut(SocketAddr, &[u8]),
+) -> bool {
+    for _ in 0..READ_BURST {
+        match socket.recv_from(buf) {
+            Ok((n, from)) => handle(from, &buf[..n]),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return false,
+            // Interrupted, or an ICMP error from an earlier send surfacing
+            // here on Linux: neither says anything about the next datagram.
+            Err(_) => {}
+        }
+    }
+    true
+}
 
 /// What a driver failed at, as the one line the user sees.
 #[derive(Debug)]

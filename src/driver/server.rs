@@ -2,14 +2,14 @@
 
 use std::io::{self, Write};
 use std::net::SocketAddr;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use mio::net::UdpSocket;
 use mio::{Events, Interest, Poll, Token};
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use signal_hook_mio::v1_0::Signals;
 
-use super::{Fatal, READ_BURST, RECV_BUF, bind, random_seed, unix_now};
+use super::{Fatal, RECV_BUF, bind, random_seed, read_burst, unix_now, wait};
 use crate::store::{MemoryStore, Store, StoreOp};
 use crate::{Server, ServerConfig, ServerEvent};
 
@@ -42,19 +42,7 @@ pub fn run(addr: SocketAddr) -> Result<i32, Fatal> {
     let mut buf = [0u8; RECV_BUF];
     let mut backlog = false;
     loop {
-        let timeout = if backlog {
-            Some(Duration::ZERO)
-        } else {
-            server
-                .poll_timeout()
-                .map(|t| t.saturating_duration_since(Instant::now()))
-        };
-        if let Err(e) = poll.poll(&mut events, timeout) {
-            if e.kind() == io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(io_fatal(e));
-        }
+        wait(&mut poll, &mut events, server.poll_timeout(), backlog)?;
         for event in events.iter() {
             if event.token() == SIGNALS && signals.pending().next().is_some() {
                 say("udpchat server stopped");
@@ -62,21 +50,9 @@ pub fn run(addr: SocketAddr) -> Result<i32, Fatal> {
             }
         }
         let now = Instant::now();
-        // Edge-triggered: keep reading until WouldBlock, in bursts.
-        backlog = true;
-        for _ in 0..READ_BURST {
-            match socket.recv_from(&mut buf) {
-                Ok((n, from)) => server.handle_datagram(now, from, &buf[..n]),
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    backlog = false;
-                    break;
-                }
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                // ICMP errors from earlier sends surface here on Linux; they
-                // say nothing about the next datagram.
-                Err(_) => {}
-            }
-        }
+        backlog = read_burst(&socket, &mut buf, |from, data| {
+            server.handle_datagram(now, from, data)
+        });
         server.handle_timeout(now);
         flush(&mut server, &mut store, &socket)?;
     }
