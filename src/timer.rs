@@ -686,7 +686,7 @@ mod tests {
             let _ = wheel.cancel(*key);
         }
         let mut now = start;
-        for _ in 0..400 {
+        for _ in 0..1000 {
             while wheel.poll_expired(now).is_some() {}
             match wheel.poll_timeout() {
                 Some(wake) => assert!(wake > now, "{wake:?} is not after {now:?}"),
@@ -765,6 +765,19 @@ mod tests {
         );
         assert_eq!(drain(&mut wheel, century_rounded), ["century"]);
         assert!(wheel.steps < 200, "{} steps", wheel.steps);
+    }
+
+    #[test]
+    fn a_jump_over_many_top_level_turns_refiles_once() {
+        let start = anchor();
+        let mut wheel = TimerWheel::new(start, TICK);
+        let turns = |n: u32| TICK * (1 << 30) * 64 * n;
+        let _ = wheel.insert(start + turns(1 << 14) + ms(3), "later");
+        let _ = wheel.insert(start + turns(1 << 12), "sooner");
+        // Cascading the top level once per turn would take thousands of steps.
+        let end = start + turns(1 << 14) + ms(5);
+        assert_eq!(drain(&mut wheel, end), ["sooner", "later"]);
+        assert!(wheel.steps <= 4, "{} steps", wheel.steps);
     }
 
     #[test]
