@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use rand_chacha::ChaCha12Rng;
 use rand_core::{RngCore, SeedableRng};
 
-use crate::store::{StoreOp, StoredMail};
+use crate::store::{Loaded, StoreOp, StoredMail};
 use crate::table::{ClientId, Directory};
 use crate::timer::{TimerKey, TimerWheel};
 use crate::wire::{self, MailId, Message, MsgId, Name, Refusal, Seq, Text, Token};
@@ -203,10 +203,10 @@ pub struct Server {
 }
 
 impl Server {
-    /// A server with an empty table and mailboxes from `mail` (as loaded from
-    /// a [`Store`](crate::store::Store); recipients' rows are created offline
-    /// with an unspecified address until they register).
-    pub fn new(config: ServerConfig, now: Instant, mail: Vec<StoredMail>) -> Server {
+    /// A server with the registry and mailboxes a [`Store`](crate::store::Store)
+    /// loaded: every known client starts offline (at its last known address)
+    /// until it is heard from again.
+    pub fn new(config: ServerConfig, now: Instant, loaded: Loaded) -> Server {
         let mut server = Server {
             rng: ChaCha12Rng::from_seed(config.seed),
             table: Directory::new(config.max_clients),
@@ -224,8 +224,13 @@ impl Server {
             stats: ServerStats::default(),
             config,
         };
+        for (name, addr) in &loaded.clients {
+            server.row(name, *addr);
+        }
+        // Mail for a name the registry lacks (a store edited by hand) still
+        // gets a row, so it is not lost.
         let unknown = SocketAddr::from(([0, 0, 0, 0], 0));
-        for m in mail {
+        for m in loaded.mail {
             let Some(to) = server.row(&m.to, unknown) else {
                 continue;
             };
@@ -818,6 +823,13 @@ impl Server {
                 token
             }
         };
+        if !keep {
+            // The registry: who may have mail, and where it was last seen.
+            self.store_ops.push_back(StoreOp::Client {
+                name: name.clone(),
+                addr,
+            });
+        }
         self.table.set(id, addr, true);
         self.cancel_deliveries(id);
         let mail: Vec<MailId> = self

@@ -4,8 +4,9 @@
 //! on storage: it only holds back its acks until the driver reports the
 //! commit (group commit: one transaction per loop iteration).
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io;
+use std::net::SocketAddr;
 
 use crate::wire::{MailId, MsgId, Name};
 
@@ -52,6 +53,24 @@ pub enum StoreOp {
         /// The message.
         mail: MailId,
     },
+    /// A client registered: remember its name and the address it came from
+    /// (replaces an earlier address).
+    Client {
+        /// The name.
+        name: Name,
+        /// Its last known address.
+        addr: SocketAddr,
+    },
+}
+
+/// What a [`Store`] holds, as loaded when the server starts.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Loaded {
+    /// Every registered name with its last known address, in registration
+    /// order.
+    pub clients: Vec<(Name, SocketAddr)>,
+    /// Every stored message, in store order.
+    pub mail: Vec<StoredMail>,
 }
 
 /// Where committed [`StoreOp`]s go.
@@ -60,8 +79,8 @@ pub enum StoreOp {
 /// after it returns `Ok` does the driver call
 /// [`Server::handle_committed`](crate::Server::handle_committed).
 pub trait Store {
-    /// Every stored message, in store order (used at server start).
-    fn load(&mut self) -> io::Result<Vec<StoredMail>>;
+    /// The registry and every stored message (used at server start).
+    fn load(&mut self) -> io::Result<Loaded>;
     /// Applies `ops` as one transaction.
     fn commit(&mut self, ops: &[StoreOp]) -> io::Result<()>;
 }
@@ -69,6 +88,8 @@ pub trait Store {
 /// A [`Store`] that keeps everything in memory: nothing survives a restart.
 #[derive(Debug, Default)]
 pub struct MemoryStore {
+    clients: Vec<(Name, SocketAddr)>,
+    index: HashMap<Name, usize>,
     mail: BTreeMap<MailId, StoredMail>,
     keys: HashSet<(Name, Name, MsgId)>,
 }
@@ -91,8 +112,11 @@ impl MemoryStore {
 }
 
 impl Store for MemoryStore {
-    fn load(&mut self) -> io::Result<Vec<StoredMail>> {
-        Ok(self.mail.values().cloned().collect())
+    fn load(&mut self) -> io::Result<Loaded> {
+        Ok(Loaded {
+            clients: self.clients.clone(),
+            mail: self.mail.values().cloned().collect(),
+        })
     }
 
     fn commit(&mut self, ops: &[StoreOp]) -> io::Result<()> {
@@ -108,6 +132,13 @@ impl Store for MemoryStore {
                         self.keys.remove(&(m.to, m.from, m.id));
                     }
                 }
+                StoreOp::Client { name, addr } => match self.index.get(name) {
+                    Some(&i) => self.clients[i].1 = *addr,
+                    None => {
+                        self.index.insert(name.clone(), self.clients.len());
+                        self.clients.push((name.clone(), *addr));
+                    }
+                },
             }
         }
         Ok(())

@@ -181,7 +181,7 @@ fn server_survives_random_datagrams_from_random_hosts() {
     let mut now = start;
     let mut config = ServerConfig::new([3; 32], (start, 1_700_000_000));
     config.max_clients = 64;
-    let mut server = Server::new(config, start, Vec::new());
+    let mut server = Server::new(config, start, Default::default());
     for i in 0..100_000 {
         let from = SocketAddr::from((
             [127, 0, 0, 1 + rng.below(4) as u8],

@@ -26,7 +26,7 @@ fn sim_with(config: impl FnOnce(&mut ServerConfig)) -> Sim {
     let mut s = Sim::new();
     let mut c = ServerConfig::new([1; 32], (s.start, EPOCH_UNIX));
     config(&mut c);
-    s.server = Server::new(c, s.now, Vec::new());
+    s.server = Server::new(c, s.now, Default::default());
     s
 }
 

@@ -32,10 +32,10 @@ pub fn run(addr: SocketAddr) -> Result<i32, Fatal> {
         .map_err(io_fatal)?;
 
     let mut store = MemoryStore::new();
-    let mail = store.load().map_err(io_fatal)?;
+    let loaded = store.load().map_err(io_fatal)?;
     let now = Instant::now();
     let config = ServerConfig::new(random_seed()?, (now, unix_now()));
-    let mut server = Server::new(config, now, mail);
+    let mut server = Server::new(config, now, loaded);
     say(&format!("udpchat server listening on {local}"));
 
     let mut events = Events::with_capacity(16);

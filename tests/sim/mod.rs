@@ -70,7 +70,7 @@ impl Sim {
     pub fn new() -> Sim {
         let start = Instant::now();
         let config = ServerConfig::new([1; 32], (start, EPOCH_UNIX));
-        let server = Server::new(config, start, Vec::new());
+        let server = Server::new(config, start, Default::default());
         Sim {
             start,
             now: start,
