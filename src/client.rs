@@ -273,6 +273,8 @@ struct Op {
     /// The session the operation started in: every retry carries it, so a
     /// retry after `dereg` still finds the server's cached answer.
     token: Option<Token>,
+    /// Waiting for a new session: the server had forgotten ours.
+    parked: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -775,6 +777,19 @@ impl Client {
                 self.events.push_back(Event::Reconnected);
             }
         }
+        let parked: Vec<OpId> = self
+            .ops
+            .iter()
+            .filter(|(_, op)| op.parked)
+            .map(|(i, _)| OpId(i))
+            .collect();
+        for op in parked {
+            if let Some(entry) = self.ops.get_mut(op.0) {
+                entry.parked = false;
+                entry.token = Some(token);
+            }
+            self.restart(now, op, ACK_TIMEOUT);
+        }
         self.announce = true;
         if let Some(timer) = self.heartbeat.take() {
             self.timers.cancel(timer);
@@ -863,12 +878,33 @@ impl Client {
             .get(&seq)
             .and_then(|op| self.ops.get(op.0))
             .and_then(|op| op.token);
+        let current = op_token.is_some() && op_token == self.token;
+        if reason == Refusal::UnknownSession && current && self.presence == Presence::Online {
+            // The server forgot us (it restarted): a message on its way to
+            // it waits for the new session and goes again, same id, so it
+            // is stored once whatever happened before.
+            if let Some(&op) = self.by_seq.get(&seq)
+                && let Some(entry) = self.ops.get_mut(op.0)
+                && matches!(
+                    entry.kind,
+                    Kind::Channel { .. }
+                        | Kind::Direct {
+                            phase: Phase::Save(_),
+                            ..
+                        }
+                )
+            {
+                self.timers.cancel(entry.timer);
+                entry.parked = true;
+                self.forget_session(now);
+                return;
+            }
+        }
         let Some(kind) = self.take_server_op(seq, |_| true) else {
             return;
         };
         // Only a refusal of the current session means "register again"; one
         // for a request from an older session is just that request's end.
-        let current = op_token.is_some() && op_token == self.token;
         match (kind, reason) {
             // The server does not know us (it restarted): we are offline
             // already, which is what dereg asked for.
@@ -1196,6 +1232,7 @@ impl Client {
             sent: 0,
             timer,
             token: self.token,
+            parked: false,
         }));
         self.transmit_op(op);
         op

@@ -2,19 +2,45 @@
 //! <server-port> <client-port>` runs a client.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use udpchat::driver::{self, Fatal};
 use udpchat::wire::Name;
 
-const USAGE: &str = "usage: udpchat -s <port> [--bind ADDR] | udpchat -c <name> <server-ip> <server-port> <client-port>";
+const USAGE: &str = "usage: udpchat -s <port> [options] | udpchat -c <name> <server-ip> <server-port> <client-port> [--heartbeat SECS]";
+
+const HELP: &str = "
+  -s <port>               run the registry server on <port> (1024-65535)
+    --bind ADDR           listen on ADDR instead of 0.0.0.0
+    --data-dir DIR        keep the registry and mailboxes in DIR (default ./udpchat-data)
+    --mailbox-messages N  most messages kept for one client (default 1000)
+    --mailbox-bytes N     most bytes kept for one client (default 1048576)
+    --store-bytes N       most bytes kept in all (default 268435456)
+    --heartbeat SECS      the clients' heartbeat interval; 3 missed = offline (default 10)
+  -c <name> <server-ip> <server-port> <client-port>
+                          run a client named <name> on <client-port>
+    --heartbeat SECS      tell the server every SECS seconds that you are here (default 10)
+  -h, --help              show this help
+  -V, --version           show the version";
+
+/// Flags only the server takes.
+const SERVER_ONLY: [&str; 5] = [
+    "bind",
+    "data-dir",
+    "mailbox-messages",
+    "mailbox-bytes",
+    "store-bytes",
+];
 
 enum Mode {
-    Server(SocketAddr),
+    Server(driver::server::Options),
     Client {
         name: Name,
         server: SocketAddr,
         port: u16,
+        heartbeat: Duration,
     },
     Help,
     Version,
@@ -32,22 +58,20 @@ fn main() -> ExitCode {
     };
     let result = match mode {
         Mode::Help => {
-            println!("{USAGE}");
-            println!();
-            println!("  -s <port>           run the registry server on <port> (1024-65535)");
-            println!("  --bind ADDR         with -s: listen on ADDR instead of 0.0.0.0");
-            println!("  -c <name> <server-ip> <server-port> <client-port>");
-            println!("                      run a client named <name> on <client-port>");
-            println!("  -h, --help          show this help");
-            println!("  -V, --version       show the version");
+            println!("{USAGE}\n{HELP}");
             return ExitCode::SUCCESS;
         }
         Mode::Version => {
             println!("udpchat {}", env!("CARGO_PKG_VERSION"));
             return ExitCode::SUCCESS;
         }
-        Mode::Server(addr) => driver::server::run(addr),
-        Mode::Client { name, server, port } => driver::client::run(name, server, port),
+        Mode::Server(options) => driver::server::run(options),
+        Mode::Client {
+            name,
+            server,
+            port,
+            heartbeat,
+        } => driver::client::run(name, server, port, heartbeat),
     };
     match result {
         Ok(code) => ExitCode::from(u8::try_from(code).unwrap_or(1)),
@@ -63,6 +87,11 @@ fn parse(args: &[String]) -> Result<Mode, String> {
     opts.optopt("s", "", "run the server", "PORT");
     opts.optopt("c", "", "run a client", "NAME");
     opts.optopt("", "bind", "server listen address", "ADDR");
+    opts.optopt("", "data-dir", "server data directory", "DIR");
+    opts.optopt("", "mailbox-messages", "messages per mailbox", "N");
+    opts.optopt("", "mailbox-bytes", "bytes per mailbox", "N");
+    opts.optopt("", "store-bytes", "bytes stored in all", "N");
+    opts.optopt("", "heartbeat", "heartbeat interval", "SECS");
     opts.optflag("h", "help", "show help");
     opts.optflag("V", "version", "show the version");
     let m = opts.parse(args).map_err(|e| e.to_string())?;
@@ -72,6 +101,7 @@ fn parse(args: &[String]) -> Result<Mode, String> {
     if m.opt_present("V") {
         return Ok(Mode::Version);
     }
+    let heartbeat = parse_heartbeat(m.opt_str("heartbeat"))?;
     match (m.opt_str("s"), m.opt_str("c")) {
         (Some(_), Some(_)) => Err("-s and -c cannot be combined".to_string()),
         (Some(port), None) => {
@@ -83,11 +113,25 @@ fn parse(args: &[String]) -> Result<Mode, String> {
                 Some(ip) => parse_ip("--bind", &ip)?,
                 None => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
             };
-            Ok(Mode::Server(SocketAddr::new(ip, port)))
+            let limit = |flag: &str, default: usize| match m.opt_str(flag) {
+                Some(n) => parse_count(flag, &n),
+                None => Ok(default),
+            };
+            Ok(Mode::Server(driver::server::Options {
+                addr: SocketAddr::new(ip, port),
+                data_dir: PathBuf::from(
+                    m.opt_str("data-dir")
+                        .unwrap_or_else(|| "udpchat-data".to_string()),
+                ),
+                heartbeat,
+                mailbox_messages: limit("mailbox-messages", 1000)?,
+                mailbox_bytes: limit("mailbox-bytes", 1 << 20)?,
+                store_bytes: limit("store-bytes", 256 << 20)?,
+            }))
         }
         (None, Some(name)) => {
-            if m.opt_present("bind") {
-                return Err("--bind goes with -s".to_string());
+            if let Some(flag) = SERVER_ONLY.iter().find(|f| m.opt_present(f)) {
+                return Err(format!("--{flag} goes with -s"));
             }
             let name = Name::new(&name)
                 .map_err(|e| format!("name '{name}': {e}; a name is 1-32 bytes without spaces"))?;
@@ -97,7 +141,12 @@ fn parse(args: &[String]) -> Result<Mode, String> {
             let ip = parse_ip("server-ip", ip)?;
             let server = SocketAddr::new(ip, parse_port("server-port", server_port)?);
             let port = parse_port("client-port", client_port)?;
-            Ok(Mode::Client { name, server, port })
+            Ok(Mode::Client {
+                name,
+                server,
+                port,
+                heartbeat,
+            })
         }
         (None, None) => Err("choose -s <port> (server) or -c ... (client)".to_string()),
     }
@@ -108,6 +157,27 @@ fn parse_port(what: &str, s: &str) -> Result<u16, String> {
         Ok(p) if (1024..=65535).contains(&p) => Ok(p as u16),
         Ok(p) => Err(format!("{what} {p}: must be between 1024 and 65535")),
         Err(_) => Err(format!("{what} '{s}': not a number")),
+    }
+}
+
+/// A positive count for a `--<flag> N` limit.
+fn parse_count(flag: &str, s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(n) if n > 0 => Ok(n),
+        _ => Err(format!("--{flag} '{s}': must be a whole number above 0")),
+    }
+}
+
+/// `--heartbeat SECS`: 0.05 to 3600 seconds, 10 by default.
+fn parse_heartbeat(s: Option<String>) -> Result<Duration, String> {
+    let Some(s) = s else {
+        return Ok(Duration::from_secs(10));
+    };
+    match s.parse::<f64>() {
+        Ok(secs) if (0.05..=3600.0).contains(&secs) => Ok(Duration::from_secs_f64(secs)),
+        _ => Err(format!(
+            "--heartbeat '{s}': must be a number of seconds from 0.05 to 3600"
+        )),
     }
 }
 

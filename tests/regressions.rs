@@ -265,3 +265,31 @@ fn a_retry_after_dereg_still_learns_the_message_was_saved() {
     );
     assert!(!lines.iter().any(|l| l.contains("Error")), "{lines:?}");
 }
+
+/// A save-message that reaches a restarted server (which answers "unknown
+/// session") is not bounced to the user: the client registers again and the
+/// message goes once more under the new session, stored once.
+#[test]
+fn a_save_after_a_server_restart_reconnects_and_is_saved() {
+    let mut s = three();
+    s.command(1, "dereg Bob");
+    let loaded = s.store.load().unwrap();
+    s.server = Server::new(
+        ServerConfig::new([2; 32], (s.start, EPOCH_UNIX)),
+        s.now,
+        loaded,
+    );
+    let a = s.nodes[0].lines.len();
+    s.command(0, "send Bob after the restart");
+    let lines = s.lines_since(0, a);
+    assert_eq!(lines[0], ">>> [Bob is offline, message sent to server.]");
+    assert_eq!(lines[1], ">>> [Reconnected to server.]");
+    assert!(lines.contains(&SAVED), "{lines:?}");
+    assert!(!lines.iter().any(|l| l.contains("Error")), "{lines:?}");
+    let bob: Vec<_> = s
+        .server
+        .mailbox(&name("Bob"))
+        .map(|m| m.text.clone())
+        .collect();
+    assert_eq!(bob, ["after the restart"]);
+}

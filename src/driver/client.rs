@@ -4,7 +4,7 @@
 use std::io::{self, IsTerminal, Read, Write};
 use std::net::SocketAddr;
 use std::os::fd::RawFd;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use mio::net::UdpSocket;
 use mio::unix::SourceFd;
@@ -26,7 +26,7 @@ const STDIN_FD: RawFd = 0;
 const MAX_LINE: usize = 4096;
 
 /// Runs a client until it exits. Returns the exit status.
-pub fn run(name: Name, server: SocketAddr, port: u16) -> Result<i32, Fatal> {
+pub fn run(name: Name, server: SocketAddr, port: u16, heartbeat: Duration) -> Result<i32, Fatal> {
     let local = match server {
         SocketAddr::V4(_) => SocketAddr::from(([0, 0, 0, 0], port)),
         SocketAddr::V6(_) => SocketAddr::from(([0u16; 8], port)),
@@ -52,7 +52,9 @@ pub fn run(name: Name, server: SocketAddr, port: u16) -> Result<i32, Fatal> {
         .is_ok();
 
     let now = Instant::now();
-    let mut client = Client::new(ClientConfig::new(name, server, random_seed()?), now);
+    let mut config = ClientConfig::new(name, server, random_seed()?);
+    config.heartbeat = heartbeat;
+    let mut client = Client::new(config, now);
     let mut events = Events::with_capacity(16);
     let mut buf = [0u8; RECV_BUF];
     let mut backlog = false;

@@ -5,6 +5,7 @@
 
 pub mod client;
 pub mod server;
+pub mod sqlite;
 pub mod term;
 
 use std::fs::File;

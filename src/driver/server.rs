@@ -2,23 +2,57 @@
 
 use std::io::{self, Write};
 use std::net::SocketAddr;
-use std::time::Instant;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
 
 use mio::net::UdpSocket;
 use mio::{Events, Interest, Poll, Token};
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use signal_hook_mio::v1_0::Signals;
 
+use super::sqlite::SqliteStore;
 use super::{Fatal, RECV_BUF, bind, random_seed, read_burst, unix_now, wait};
-use crate::store::{MemoryStore, Store, StoreOp};
+use crate::store::{Store, StoreOp};
 use crate::{Server, ServerConfig, ServerEvent};
 
 const SOCKET: Token = Token(0);
 const SIGNALS: Token = Token(1);
 
-/// Runs the server on `addr` until a signal stops it. Returns the exit status.
-pub fn run(addr: SocketAddr) -> Result<i32, Fatal> {
-    let socket = bind(addr)?;
+/// What the command line chose for the server.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Where to listen.
+    pub addr: SocketAddr,
+    /// Where the database lives.
+    pub data_dir: PathBuf,
+    /// The heartbeat interval clients use; three missed ones mark a client
+    /// offline.
+    pub heartbeat: Duration,
+    /// Most messages in one mailbox.
+    pub mailbox_messages: usize,
+    /// Most bytes in one mailbox.
+    pub mailbox_bytes: usize,
+    /// Most bytes stored in all.
+    pub store_bytes: usize,
+}
+
+/// Runs the server until a signal stops it. Returns the exit status.
+pub fn run(options: Options) -> Result<i32, Fatal> {
+    // The data first: a damaged store must stop the server before it
+    // answers anyone.
+    let mut store = SqliteStore::open(&options.data_dir).map_err(|e| {
+        Fatal(format!(
+            "error: data dir {}: {e}",
+            options.data_dir.display()
+        ))
+    })?;
+    let loaded = store.load().map_err(|e| {
+        Fatal(format!(
+            "error: data dir {}: {e}",
+            options.data_dir.display()
+        ))
+    })?;
+    let socket = bind(options.addr)?;
     socket.set_nonblocking(true).map_err(io_fatal)?;
     let mut socket = UdpSocket::from_std(socket);
     let local = socket.local_addr().map_err(io_fatal)?;
@@ -31,10 +65,12 @@ pub fn run(addr: SocketAddr) -> Result<i32, Fatal> {
         .register(&mut signals, SIGNALS, Interest::READABLE)
         .map_err(io_fatal)?;
 
-    let mut store = MemoryStore::new();
-    let loaded = store.load().map_err(io_fatal)?;
     let now = Instant::now();
-    let config = ServerConfig::new(random_seed()?, (now, unix_now()));
+    let mut config = ServerConfig::new(random_seed()?, (now, unix_now()));
+    config.presence_timeout = options.heartbeat * 3;
+    config.mailbox_messages = options.mailbox_messages;
+    config.mailbox_bytes = options.mailbox_bytes;
+    config.store_bytes = options.store_bytes;
     let mut server = Server::new(config, now, loaded);
     say(&format!("udpchat server listening on {local}"));
 

@@ -323,10 +323,20 @@ pub struct Server {
     port: u16,
     output: Captured,
     dir: TempDir,
+    /// Flags after `-s <port>`, kept so that [`Server::restart`] starts the
+    /// same server again.
+    extra: Vec<String>,
 }
 
 /// A directory removed on drop, also when a test panics.
-struct TempDir(PathBuf);
+pub struct TempDir(PathBuf);
+
+impl TempDir {
+    /// The directory's path.
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
 
 impl Drop for TempDir {
     fn drop(&mut self) {
@@ -348,25 +358,51 @@ fn fresh_dir() -> TempDir {
     TempDir(dir)
 }
 
+/// A fresh, empty directory for a test's own files (a data directory to
+/// damage, a file to pass where a directory belongs); removed on drop.
+pub fn scratch_dir() -> TempDir {
+    fresh_dir()
+}
+
+/// Spawns `udpchat -s <port> <extra…>` in `dir` with its output captured.
+fn spawn_server(dir: &Path, port: u16, extra: &[String]) -> (Child, Captured) {
+    let mut child = Command::new(BIN)
+        .arg("-s")
+        .arg(port.to_string())
+        .args(extra)
+        .current_dir(dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn udpchat server");
+    let output = Captured::take(&mut child);
+    (child, output)
+}
+
+/// The line a server on `port` prints once it listens.
+fn listening_line(port: u16) -> String {
+    format!("udpchat server listening on 0.0.0.0:{port}")
+}
+
 impl Server {
     /// Starts a server on a free port and waits until it says it listens.
     pub fn start() -> Server {
+        Server::start_with(&[])
+    }
+
+    /// Starts `udpchat -s <port> <extra…>` on a free port, in a fresh working
+    /// directory (so a relative `--data-dir` lands inside it, as does the
+    /// default one), and waits until it says it listens.
+    pub fn start_with(extra: &[&str]) -> Server {
         harness_start();
         let dir = fresh_dir();
+        let extra: Vec<String> = extra.iter().map(|&a| a.to_owned()).collect();
         let mut last_failure = String::new();
         for _ in 0..PORT_RETRIES {
             let port = free_udp_port();
-            let mut child = Command::new(BIN)
-                .arg("-s")
-                .arg(port.to_string())
-                .current_dir(&dir.0)
-                .stdin(Stdio::null())
-                .stdout(Stdio::piped())
-                .stderr(Stdio::piped())
-                .spawn()
-                .expect("spawn udpchat server");
-            let mut output = Captured::take(&mut child);
-            let ready = format!("udpchat server listening on 0.0.0.0:{port}");
+            let (mut child, mut output) = spawn_server(&dir.0, port, &extra);
+            let ready = listening_line(port);
             let deadline = Instant::now() + DEADLINE;
             let listening = output.pump_until(deadline, |o| o.stdout.contains(&ready) || o.ended());
             if output.stdout.contains(&ready) {
@@ -375,6 +411,7 @@ impl Server {
                     port,
                     output,
                     dir,
+                    extra,
                 };
             }
             if !listening {
@@ -411,6 +448,34 @@ impl Server {
     /// drop); its default data directory lives inside.
     pub fn dir(&self) -> &Path {
         &self.dir.0
+    }
+
+    /// Starts the server again on the same port, in the same working
+    /// directory and with the same flags (so with the same data directory),
+    /// and waits until it says it listens. The running process, if any, is
+    /// killed with SIGKILL and reaped first; call [`Server::kill`] before to
+    /// choose the moment of the crash. The output captured so far is
+    /// replaced by the new process's.
+    #[track_caller]
+    pub fn restart(&mut self) {
+        // Once reaped, the old process's socket is closed, so the port is
+        // free for the new one.
+        reap(&mut self.child);
+        let (child, output) = spawn_server(&self.dir.0, self.port, &self.extra);
+        self.child = child;
+        self.output = output;
+        let ready = listening_line(self.port);
+        let deadline = Instant::now() + DEADLINE;
+        self.output
+            .pump_until(deadline, |o| o.stdout.contains(&ready) || o.ended());
+        if !self.output.stdout.contains(&ready) {
+            let status = wait_child(&mut self.child, Instant::now());
+            panic!(
+                "restarted server on port {} did not print {ready:?} within {DEADLINE:?} \
+                 (exit: {status:?})\nstdout: {:#?}\nstderr: {:#?}",
+                self.port, self.output.stdout, self.output.stderr
+            );
+        }
     }
 
     /// Sends SIGINT, as Ctrl+C in its terminal would.
@@ -469,6 +534,12 @@ impl Client {
     /// Starts a client on a free port and waits for its first stdout line
     /// (which stays unread, for the test to `expect`).
     pub fn start(name: &str, server_port: u16) -> Client {
+        Client::start_with(name, server_port, &[])
+    }
+
+    /// [`Client::start`] with `extra` flags after the four positional
+    /// arguments (`--heartbeat 0.2`…).
+    pub fn start_with(name: &str, server_port: u16, extra: &[&str]) -> Client {
         let mut last_failure = String::new();
         for _ in 0..PORT_RETRIES {
             let port = free_udp_port();
@@ -478,6 +549,7 @@ impl Client {
                 .arg("127.0.0.1")
                 .arg(server_port.to_string())
                 .arg(port.to_string())
+                .args(extra)
                 .stdin(Stdio::piped())
                 .stdout(Stdio::piped())
                 .stderr(Stdio::piped())
@@ -523,9 +595,19 @@ impl Client {
     /// client's count of table lines is deterministic.
     #[track_caller]
     pub fn join_all<const N: usize>(server: &Server, names: [&str; N]) -> [Client; N] {
+        Client::join_all_with(server, names, &[])
+    }
+
+    /// [`Client::join_all`] with `extra` flags for every client.
+    #[track_caller]
+    pub fn join_all_with<const N: usize>(
+        server: &Server,
+        names: [&str; N],
+        extra: &[&str],
+    ) -> [Client; N] {
         let mut clients: Vec<Client> = Vec::with_capacity(N);
         for name in names {
-            let mut newcomer = Client::start(name, server.port());
+            let mut newcomer = Client::start_with(name, server.port(), extra);
             newcomer.expect_lines(&[WELCOME, TABLE]);
             for earlier in &mut clients {
                 earlier.expect(TABLE);
@@ -591,6 +673,28 @@ impl Client {
             ));
         }
         self.cursor += 1;
+    }
+
+    /// The next unread stdout line, if one arrives within `within`; it
+    /// counts as read. `None` when none arrived in time or stdout closed
+    /// with every line read (see [`Client::stdout_closed`]). For tests that
+    /// take whichever of several outcomes comes; [`Client::expect`] is for a
+    /// line known in advance.
+    pub fn next_line(&mut self, within: Duration) -> Option<String> {
+        let want = self.cursor + 1;
+        let deadline = Instant::now() + within;
+        self.output
+            .pump_until(deadline, |o| o.stdout.len() >= want || o.out_done);
+        let line = self.output.stdout.get(self.cursor).cloned()?;
+        self.cursor += 1;
+        Some(line)
+    }
+
+    /// True once the process closed its stdout (it ended) and every line it
+    /// wrote has been read.
+    pub fn stdout_closed(&mut self) -> bool {
+        self.output.drain();
+        self.output.out_done && self.output.stdout.len() <= self.cursor
     }
 
     /// [`Client::expect`] for each pattern in order.
@@ -706,9 +810,9 @@ impl Client {
         }
     }
 
-    /// Panics with the whole transcript, what was typed, and stderr.
+    /// Panics with `what`, the whole transcript, what was typed, and stderr.
     #[track_caller]
-    fn fail(&mut self, what: &str) -> ! {
+    pub fn fail(&mut self, what: &str) -> ! {
         self.output.drain();
         let mut report = format!(
             "client {} (port {}): {what}\n--- stdout ---\n",
@@ -762,8 +866,17 @@ impl Run {
 /// Runs `udpchat <args>` with stdin null and waits (up to [`DEADLINE`]) for it
 /// to exit and close its output; panics if it does not.
 pub fn run(args: &[&str]) -> Run {
-    let mut child = Command::new(BIN)
-        .args(args)
+    run_command(Command::new(BIN).args(args), args)
+}
+
+/// [`run`] with `dir` as the working directory, so that nothing the binary
+/// writes by default lands in the crate.
+pub fn run_in(dir: &Path, args: &[&str]) -> Run {
+    run_command(Command::new(BIN).args(args).current_dir(dir), args)
+}
+
+fn run_command(command: &mut Command, args: &[&str]) -> Run {
+    let mut child = command
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

@@ -1,0 +1,1002 @@
+//! The durable [`Store`]: an embedded SQLite database (`udpchat.db` in the
+//! data directory) holding the mailbox and the registry.
+//!
+//! This is I/O, not protocol: only the driver opens one. Every
+//! [`Store::commit`] is one transaction, made durable before it returns (WAL
+//! with `synchronous=FULL` syncs the log on every commit), so the server only
+//! releases its "saved" acks for messages that survive a crash. A file this
+//! build does not understand (not SQLite, another program's database, a newer
+//! schema, a damaged page) is refused with a [`StoreError`] and left exactly
+//! as it was: nothing here repairs, truncates or recreates a database.
+//!
+//! # Schema (version 1, in `PRAGMA user_version`)
+//!
+//! ```sql
+//! CREATE TABLE clients (
+//!     name          TEXT PRIMARY KEY,  -- a wire::Name
+//!     addr          TEXT NOT NULL,     -- last known address, "ip:port"
+//!     registered_at INTEGER            -- first registration, Unix seconds
+//! );
+//! CREATE TABLE mail (
+//!     id        INTEGER PRIMARY KEY,   -- the MailId (store order)
+//!     recipient TEXT NOT NULL,
+//!     sender    TEXT NOT NULL,
+//!     channel   INTEGER NOT NULL,      -- 1: sent to the channel (send_all)
+//!     stored_at INTEGER NOT NULL,      -- Unix seconds
+//!     msg_id    INTEGER NOT NULL,      -- the sender's u64 MsgId, bit-cast to i64
+//!     text      TEXT NOT NULL,         -- 1 to 1000 bytes of UTF-8
+//!     UNIQUE (recipient, sender, msg_id)
+//! );
+//! ```
+//!
+//! `msg_id` is chosen by the sender and may use all 64 bits; SQLite integers
+//! are signed, so ids from 2^63 up are stored as negative numbers (same
+//! bits; `printf('%u', msg_id)` shows the u64). The file is marked with
+//! `PRAGMA application_id = 0x75647063` ("udpc"), so another program's
+//! database is never mistaken for an empty one.
+//!
+//! # For operators
+//!
+//! WAL lets a reader in while the server runs. Look, don't edit: the running
+//! server's memory is the working copy, and rows it cannot load stop the
+//! next start with an error naming the row.
+//!
+//! ```sql
+//! -- sqlite3 udpchat-data/udpchat.db
+//! SELECT name, addr, datetime(registered_at, 'unixepoch') FROM clients ORDER BY rowid;
+//! SELECT recipient, count(*) AS messages, sum(length(CAST(text AS BLOB))) AS bytes
+//!   FROM mail GROUP BY recipient ORDER BY messages DESC;
+//! SELECT id, sender, channel, datetime(stored_at, 'unixepoch'), text
+//!   FROM mail WHERE recipient = 'Bob' ORDER BY id;
+//! SELECT id, sender, printf('%u', msg_id) AS msg_id FROM mail;   -- the u64, unsigned again
+//! PRAGMA user_version;      -- schema version (1)
+//! PRAGMA integrity_check;   -- "ok" when the file is sound
+//! ```
+
+use std::fmt;
+use std::fs;
+use std::io;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::Duration;
+
+use rusqlite::types::ValueRef;
+use rusqlite::{Connection, ErrorCode, OpenFlags, Row, Transaction, TransactionBehavior, params};
+
+use crate::store::{Loaded, Store, StoreOp, StoredMail};
+use crate::wire::{MAX_TEXT, MailId, MsgId, Name};
+
+/// The database's file name inside the data directory.
+pub const DB_FILE: &str = "udpchat.db";
+
+/// "udpc": marks the file as ours in the SQLite header.
+const APPLICATION_ID: i64 = 0x7564_7063;
+
+/// Schema steps: `MIGRATIONS[v]` takes the database from version `v` to
+/// `v + 1`. Only ever appended to.
+const MIGRATIONS: &[&str] = &[
+    // 1: the mailbox and the registry.
+    "PRAGMA application_id = 1969516643;
+     CREATE TABLE clients (
+         name          TEXT PRIMARY KEY,
+         addr          TEXT NOT NULL,
+         registered_at INTEGER
+     );
+     CREATE TABLE mail (
+         id        INTEGER PRIMARY KEY,
+         recipient TEXT NOT NULL,
+         sender    TEXT NOT NULL,
+         channel   INTEGER NOT NULL,
+         stored_at INTEGER NOT NULL,
+         msg_id    INTEGER NOT NULL,
+         text      TEXT NOT NULL,
+         UNIQUE (recipient, sender, msg_id)
+     );",
+];
+
+/// The schema version this build writes and understands.
+pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
+
+/// How long a write waits for a lock held by another connection (an
+/// operator's shell, say) before the commit fails.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+
+// `ON CONFLICT DO NOTHING` rather than `INSERT OR IGNORE`: both skip a row
+// whose id or (recipient, sender, msg_id) is already stored, but OR IGNORE
+// would also silently skip a row that breaks any other constraint.
+const PUT: &str = "INSERT INTO mail (id, recipient, sender, channel, stored_at, msg_id, text)
+                   VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) ON CONFLICT DO NOTHING";
+const DELETE: &str = "DELETE FROM mail WHERE id = ?1 AND recipient = ?2";
+// registered_at keeps the first registration; the clock is SQLite's.
+const CLIENT: &str = "INSERT INTO clients (name, addr, registered_at) VALUES (?1, ?2, unixepoch())
+                      ON CONFLICT (name) DO UPDATE SET addr = excluded.addr";
+// rowid is the insertion order, and an upsert's UPDATE keeps it.
+const LOAD_CLIENTS: &str = "SELECT rowid, name, addr FROM clients ORDER BY rowid";
+const LOAD_MAIL: &str =
+    "SELECT id, recipient, sender, channel, stored_at, msg_id, text FROM mail ORDER BY id";
+
+/// Why a data directory could not be opened: one line naming the file and
+/// what is wrong with it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoreError(String);
+
+impl fmt::Display for StoreError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for StoreError {}
+
+/// The mailbox and registry in `DIR/udpchat.db`.
+pub struct SqliteStore {
+    conn: Connection,
+    path: PathBuf,
+}
+
+impl fmt::Debug for SqliteStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SqliteStore")
+            .field("path", &self.path)
+            .finish_non_exhaustive()
+    }
+}
+
+impl SqliteStore {
+    /// Opens `dir/udpchat.db`, creating the directory (mode 0700) and the
+    /// database (mode 0600: it holds private messages) if missing.
+    ///
+    /// Sets WAL, `synchronous=FULL`, foreign keys and a busy timeout; checks
+    /// that the file is a udpchat database this build understands; runs
+    /// `PRAGMA quick_check` and refuses a damaged file; migrates an older
+    /// schema. Never repairs or replaces anything.
+    pub fn open(dir: &Path) -> Result<SqliteStore, StoreError> {
+        create_dir(dir)?;
+        let path = dir.join(DB_FILE);
+        // SQLite would say only "unable to open database file"; opening it
+        // ourselves first names the reason (permission denied, is a
+        // directory, read-only file system).
+        create_file(&path)?;
+        let conn = Connection::open_with_flags(
+            &path,
+            OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )
+        .map_err(|e| open_error(&path, &e))?;
+        let mut store = SqliteStore { conn, path };
+        store.prepare().map_err(|e| open_error(&store.path, &e))??;
+        Ok(store)
+    }
+
+    /// The database file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Everything `open` does after the file is open. The outer error is
+    /// SQLite's, the inner one a verdict on the file.
+    fn prepare(&mut self) -> rusqlite::Result<Result<(), StoreError>> {
+        let conn = &mut self.conn;
+        conn.busy_timeout(BUSY_TIMEOUT)?;
+        // SQLite falls back to read-only when it cannot write, and would
+        // only fail at the first commit, after the server said "listening".
+        if conn.is_readonly(rusqlite::MAIN_DB)? {
+            return Ok(Err(StoreError(format!(
+                "cannot write {}: permission denied (opened read-only)",
+                self.path.display()
+            ))));
+        }
+        // Reading the header is what finds a file that is not SQLite.
+        if let Err(e) = check_identity(conn, &self.path)? {
+            return Ok(Err(e));
+        }
+        if let Err(e) = quick_check(conn, &self.path)? {
+            return Ok(Err(e));
+        }
+        let mode: String =
+            conn.pragma_update_and_check(None, "journal_mode", "WAL", |r| r.get(0))?;
+        if !mode.eq_ignore_ascii_case("wal") {
+            return Ok(Err(StoreError(format!(
+                "cannot use write-ahead logging for {} (journal mode stays {mode}); \
+                 is the data dir on a network file system?",
+                self.path.display()
+            ))));
+        }
+        conn.pragma_update(None, "synchronous", "FULL")?;
+        conn.pragma_update(None, "foreign_keys", true)?;
+        migrate(conn, &self.path)
+    }
+
+    fn apply(tx: &Transaction<'_>, path: &Path, op: &StoreOp) -> io::Result<()> {
+        let sql = |e| sql_io_error(path, &e);
+        match op {
+            StoreOp::Put(m) => {
+                let id = mail_id(m.mail).ok_or_else(|| {
+                    invalid(path, format!("mail id {} does not fit SQLite", m.mail.0))
+                })?;
+                if !(1..=MAX_TEXT).contains(&m.text.len()) {
+                    // Stored, it would stop the next start: refuse it now.
+                    return Err(invalid(
+                        path,
+                        format!("mail {id}: text of {} bytes", m.text.len()),
+                    ));
+                }
+                tx.prepare_cached(PUT)
+                    .and_then(|mut s| {
+                        s.execute(params![
+                            id,
+                            m.to.as_str(),
+                            m.from.as_str(),
+                            m.channel,
+                            m.stored_at,
+                            m.id.0.cast_signed(),
+                            m.text,
+                        ])
+                    })
+                    .map_err(sql)?;
+            }
+            StoreOp::Delete { to, mail } => {
+                // An id beyond i64 was never stored: nothing to delete.
+                if let Some(id) = mail_id(*mail) {
+                    tx.prepare_cached(DELETE)
+                        .and_then(|mut s| s.execute(params![id, to.as_str()]))
+                        .map_err(sql)?;
+                }
+            }
+            StoreOp::Client { name, addr } => {
+                tx.prepare_cached(CLIENT)
+                    .and_then(|mut s| s.execute(params![name.as_str(), addr.to_string()]))
+                    .map_err(sql)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Store for SqliteStore {
+    /// Clients in registration order, mail in id order. Every row is
+    /// checked; the first bad one is an `InvalidData` error naming it.
+    fn load(&mut self) -> io::Result<Loaded> {
+        let path = &self.path;
+        let sql = |e| sql_io_error(path, &e);
+        let mut loaded = Loaded::default();
+
+        let mut stmt = self.conn.prepare_cached(LOAD_CLIENTS).map_err(sql)?;
+        let mut rows = stmt.query([]).map_err(sql)?;
+        while let Some(row) = rows.next().map_err(sql)? {
+            let rowid = integer(row, 0, "rowid").unwrap_or_default();
+            let client = client_row(row)
+                .map_err(|what| invalid(path, format!("clients row {rowid}: {what}")))?;
+            loaded.clients.push(client);
+        }
+        drop(rows);
+        drop(stmt);
+
+        let mut stmt = self.conn.prepare_cached(LOAD_MAIL).map_err(sql)?;
+        let mut rows = stmt.query([]).map_err(sql)?;
+        while let Some(row) = rows.next().map_err(sql)? {
+            let id = integer(row, 0, "id").unwrap_or_default();
+            let mail =
+                mail_row(row).map_err(|what| invalid(path, format!("mail row {id}: {what}")))?;
+            loaded.mail.push(mail);
+        }
+        Ok(loaded)
+    }
+
+    /// All of `ops` in one IMMEDIATE transaction: on any error nothing of
+    /// the batch is kept (the transaction rolls back when dropped).
+    fn commit(&mut self, ops: &[StoreOp]) -> io::Result<()> {
+        if ops.is_empty() {
+            return Ok(());
+        }
+        let path = &self.path;
+        // IMMEDIATE takes the write lock up front (waiting out the busy
+        // timeout), instead of failing when a read upgrades to a write.
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(|e| sql_io_error(path, &e))?;
+        for op in ops {
+            Self::apply(&tx, path, op)?;
+        }
+        tx.commit().map_err(|e| sql_io_error(path, &e))
+    }
+}
+
+fn client_row(row: &Row<'_>) -> Result<(Name, SocketAddr), String> {
+    let name = text(row, 1, "name")?;
+    let name = Name::new(&name).map_err(|e| format!("name {name:?} is not a valid name: {e}"))?;
+    let addr = text(row, 2, "addr")?;
+    let addr = SocketAddr::from_str(&addr)
+        .map_err(|_| format!("addr {addr:?} of {name} is not an ip:port address"))?;
+    Ok((name, addr))
+}
+
+fn mail_row(row: &Row<'_>) -> Result<StoredMail, String> {
+    let id = integer(row, 0, "id")?;
+    let mail = u64::try_from(id)
+        .map(MailId)
+        .map_err(|_| "negative id".to_string())?;
+    let name = |i, col| {
+        let s = text(row, i, col)?;
+        Name::new(&s).map_err(|e| format!("{col} {s:?} is not a valid name: {e}"))
+    };
+    let to = name(1, "recipient")?;
+    let from = name(2, "sender")?;
+    let channel = match integer(row, 3, "channel")? {
+        0 => false,
+        1 => true,
+        n => return Err(format!("channel is {n}, not 0 or 1")),
+    };
+    let stored_at = integer(row, 4, "stored_at")?;
+    let id = MsgId(integer(row, 5, "msg_id")?.cast_unsigned());
+    let text = text(row, 6, "text")?;
+    if !(1..=MAX_TEXT).contains(&text.len()) {
+        return Err(format!(
+            "text is {} bytes long (must be 1 to {MAX_TEXT})",
+            text.len()
+        ));
+    }
+    Ok(StoredMail {
+        mail,
+        to,
+        from,
+        channel,
+        stored_at,
+        id,
+        text,
+    })
+}
+
+/// Column `i` as text; anything else (NULL, a number, invalid UTF-8) is
+/// described, not coerced.
+fn text(row: &Row<'_>, i: usize, col: &str) -> Result<String, String> {
+    match row.get_ref(i).map_err(|e| format!("{col}: {e}"))? {
+        ValueRef::Text(bytes) => {
+            String::from_utf8(bytes.to_vec()).map_err(|_| format!("{col} is not valid UTF-8"))
+        }
+        other => Err(format!("{col} is {}, not text", other.data_type())),
+    }
+}
+
+fn integer(row: &Row<'_>, i: usize, col: &str) -> Result<i64, String> {
+    match row.get_ref(i).map_err(|e| format!("{col}: {e}"))? {
+        ValueRef::Integer(n) => Ok(n),
+        other => Err(format!("{col} is {}, not an integer", other.data_type())),
+    }
+}
+
+fn mail_id(mail: MailId) -> Option<i64> {
+    i64::try_from(mail.0).ok()
+}
+
+/// Refuses a file that is not ours or is newer than this build.
+fn check_identity(conn: &Connection, path: &Path) -> rusqlite::Result<Result<(), StoreError>> {
+    let app: i64 = conn.pragma_query_value(None, "application_id", |r| r.get(0))?;
+    let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+    let objects: i64 = conn.query_row("SELECT count(*) FROM sqlite_schema", [], |r| r.get(0))?;
+    let path = path.display();
+    Ok(match (app, version) {
+        (APPLICATION_ID, v) if v > SCHEMA_VERSION => Err(StoreError(format!(
+            "{path} was written by a newer udpchat (schema {v}, this build knows {SCHEMA_VERSION})"
+        ))),
+        (APPLICATION_ID, v) if v >= 1 => Ok(()),
+        (0, 0) if objects == 0 => Ok(()),
+        (APPLICATION_ID, v) => Err(StoreError(format!(
+            "{path} is not a usable udpchat database (schema version {v})"
+        ))),
+        _ => Err(StoreError(format!(
+            "{path} is not a udpchat database (it is another program's SQLite database)"
+        ))),
+    })
+}
+
+fn quick_check(conn: &Connection, path: &Path) -> rusqlite::Result<Result<(), StoreError>> {
+    let mut stmt = conn.prepare("PRAGMA quick_check(1)")?;
+    let first: String = stmt.query_row([], |r| r.get(0))?;
+    Ok(if first == "ok" {
+        Ok(())
+    } else {
+        Err(damaged(path, &first))
+    })
+}
+
+fn damaged(path: &Path, what: &str) -> StoreError {
+    // quick_check starts with a "*** in database main ***" banner; the
+    // first line after it says what is wrong.
+    let what = what
+        .lines()
+        .map(str::trim)
+        .find(|l| !l.is_empty() && !l.starts_with("***"))
+        .unwrap_or(what);
+    StoreError(format!(
+        "{} is damaged: {what} (left untouched; see `PRAGMA integrity_check`)",
+        path.display()
+    ))
+}
+
+/// Brings the schema up to [`SCHEMA_VERSION`], one transaction per step.
+fn migrate(conn: &mut Connection, path: &Path) -> rusqlite::Result<Result<(), StoreError>> {
+    loop {
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        // Read again under the write lock: another process may have
+        // migrated since the identity check.
+        let version: i64 = tx.pragma_query_value(None, "user_version", |r| r.get(0))?;
+        if version > SCHEMA_VERSION {
+            return Ok(Err(StoreError(format!(
+                "{} was written by a newer udpchat (schema {version}, this build knows {SCHEMA_VERSION})",
+                path.display()
+            ))));
+        }
+        let Some(step) = usize::try_from(version)
+            .ok()
+            .and_then(|v| MIGRATIONS.get(v))
+        else {
+            return Ok(Ok(()));
+        };
+        tx.execute_batch(step)?;
+        tx.pragma_update(None, "user_version", version + 1)?;
+        tx.commit()?;
+    }
+}
+
+fn create_dir(dir: &Path) -> Result<(), StoreError> {
+    let mut builder = fs::DirBuilder::new();
+    builder.recursive(true);
+    #[cfg(unix)]
+    std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
+    builder.create(dir).map_err(|e| {
+        StoreError(format!(
+            "cannot create {}: {}",
+            dir.display(),
+            io_reason(&e)
+        ))
+    })
+}
+
+fn create_file(path: &Path) -> Result<(), StoreError> {
+    let mut options = fs::OpenOptions::new();
+    options.read(true).write(true).create(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    options
+        .open(path)
+        .map(drop)
+        .map_err(|e| StoreError(format!("cannot open {}: {}", path.display(), io_reason(&e))))
+}
+
+/// "permission denied" rather than "Permission denied (os error 13)".
+fn io_reason(e: &io::Error) -> String {
+    let full = e.to_string();
+    let text = full.split(" (os error").next().unwrap_or(&full);
+    let mut chars = text.chars();
+    match chars.next() {
+        Some(c) => c.to_lowercase().chain(chars).collect(),
+        None => full,
+    }
+}
+
+/// An SQLite error while opening, as a verdict on the file.
+fn open_error(path: &Path, e: &rusqlite::Error) -> StoreError {
+    let p = path.display();
+    StoreError(match e.sqlite_error_code() {
+        Some(ErrorCode::NotADatabase) => {
+            format!("{p} is not a udpchat database (it is not an SQLite database at all)")
+        }
+        Some(ErrorCode::DatabaseCorrupt) => {
+            return damaged(path, "database disk image is malformed");
+        }
+        Some(ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked) => {
+            format!("{p} is locked by another process (another udpchat server on this data dir?)")
+        }
+        Some(ErrorCode::PermissionDenied | ErrorCode::ReadOnly) => {
+            format!("cannot write {p}: permission denied")
+        }
+        Some(ErrorCode::DiskFull) => format!("cannot write {p}: the disk is full"),
+        Some(ErrorCode::CannotOpen) => format!("cannot open {p}: {e}"),
+        _ => format!("{p}: {e}"),
+    })
+}
+
+fn sql_io_error(path: &Path, e: &rusqlite::Error) -> io::Error {
+    let kind = match e.sqlite_error_code() {
+        Some(ErrorCode::DatabaseCorrupt | ErrorCode::NotADatabase) => io::ErrorKind::InvalidData,
+        Some(ErrorCode::DiskFull) => io::ErrorKind::StorageFull,
+        Some(ErrorCode::PermissionDenied) => io::ErrorKind::PermissionDenied,
+        Some(ErrorCode::ReadOnly) => io::ErrorKind::ReadOnlyFilesystem,
+        Some(ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked) => io::ErrorKind::ResourceBusy,
+        _ => io::ErrorKind::Other,
+    };
+    io::Error::new(kind, format!("{}: {e}", path.display()))
+}
+
+fn invalid(path: &Path, what: String) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::InvalidData,
+        format!("{}: {what}", path.display()),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::MemoryStore;
+
+    /// A fresh directory under the system temp dir, removed when dropped
+    /// (also when the test fails).
+    struct TempDir(PathBuf);
+
+    impl TempDir {
+        fn new(name: &str) -> TempDir {
+            let dir = std::env::temp_dir()
+                .join(format!("udpchat-sqlite-test-{}-{name}", std::process::id()));
+            let _ = fs::remove_dir_all(&dir);
+            TempDir(dir)
+        }
+    }
+
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn name(s: &str) -> Name {
+        Name::new(s).unwrap()
+    }
+
+    fn mail(mail: u64, to: &str, from: &str, id: u64, text: &str) -> StoredMail {
+        StoredMail {
+            mail: MailId(mail),
+            to: name(to),
+            from: name(from),
+            channel: mail.is_multiple_of(2),
+            stored_at: 1_700_000_000 + mail as i64,
+            id: MsgId(id),
+            text: text.to_string(),
+        }
+    }
+
+    fn put(m: StoredMail) -> StoreOp {
+        StoreOp::Put(m)
+    }
+
+    fn client(n: &str, addr: &str) -> StoreOp {
+        StoreOp::Client {
+            name: name(n),
+            addr: addr.parse().unwrap(),
+        }
+    }
+
+    fn delete(to: &str, mail: u64) -> StoreOp {
+        StoreOp::Delete {
+            to: name(to),
+            mail: MailId(mail),
+        }
+    }
+
+    fn raw(store: &SqliteStore) -> Connection {
+        Connection::open(store.path()).unwrap()
+    }
+
+    fn count(conn: &Connection, table: &str) -> i64 {
+        conn.query_row(&format!("SELECT count(*) FROM {table}"), [], |r| r.get(0))
+            .unwrap()
+    }
+
+    fn open_err(dir: &Path) -> String {
+        match SqliteStore::open(dir) {
+            Ok(store) => panic!("{} opened", store.path().display()),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    #[test]
+    fn round_trip_survives_reopen_and_matches_memory_store() {
+        let dir = TempDir::new("round-trip");
+        let batches = vec![
+            vec![
+                client("Alice", "127.0.0.1:2000"),
+                client("Bob", "[::1]:3000"),
+            ],
+            vec![
+                put(mail(1, "Bob", "Alice", u64::MAX, "hi 😀")),
+                put(mail(2, "Bob", "Alice", 7, &"x".repeat(MAX_TEXT))),
+                put(mail(3, "Alice", "Bob", 0, "yo")),
+            ],
+            vec![delete("Bob", 1), client("Carol", "10.0.0.3:4000")],
+        ];
+        let mut memory = MemoryStore::new();
+        {
+            let mut store = SqliteStore::open(&dir.0).unwrap();
+            for ops in &batches {
+                store.commit(ops).unwrap();
+                memory.commit(ops).unwrap();
+            }
+            assert_eq!(store.load().unwrap(), memory.load().unwrap());
+        }
+        let mut store = SqliteStore::open(&dir.0).unwrap();
+        let loaded = store.load().unwrap();
+        assert_eq!(loaded, memory.load().unwrap());
+        let names: Vec<&str> = loaded.clients.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(names, ["Alice", "Bob", "Carol"]);
+        let ids: Vec<u64> = loaded.mail.iter().map(|m| m.mail.0).collect();
+        assert_eq!(ids, [2, 3]);
+        // The high bit of a u64 id survives as the same bits in an i64.
+        let conn = raw(&store);
+        let stored: i64 = conn
+            .query_row("SELECT msg_id FROM mail WHERE id = 2", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(stored, 7);
+        store
+            .commit(&[put(mail(4, "Bob", "Alice", u64::MAX, "again"))])
+            .unwrap();
+        let stored: i64 = conn
+            .query_row("SELECT msg_id FROM mail WHERE id = 4", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(stored, -1);
+        assert_eq!(
+            store.load().unwrap().mail.last().unwrap().id,
+            MsgId(u64::MAX)
+        );
+    }
+
+    #[test]
+    fn put_is_idempotent() {
+        let dir = TempDir::new("idempotent");
+        let mut store = SqliteStore::open(&dir.0).unwrap();
+        let first = mail(1, "Bob", "Alice", 42, "hello");
+        // A retried request, in the same batch and in a later one.
+        store
+            .commit(&[put(first.clone()), put(first.clone())])
+            .unwrap();
+        store.commit(&[put(first.clone())]).unwrap();
+        // The same (recipient, sender, msg_id) under a new mail id.
+        store
+            .commit(&[put(mail(2, "Bob", "Alice", 42, "hello"))])
+            .unwrap();
+        // The same mail id for another key is not allowed to replace it.
+        store
+            .commit(&[put(mail(1, "Carol", "Dave", 9, "other"))])
+            .unwrap();
+        assert_eq!(store.load().unwrap().mail, [first]);
+        // The same msg_id from another sender, or to another recipient, is
+        // a different message.
+        store
+            .commit(&[
+                put(mail(3, "Bob", "Carol", 42, "from Carol")),
+                put(mail(4, "Dave", "Alice", 42, "to Dave")),
+            ])
+            .unwrap();
+        assert_eq!(count(&raw(&store), "mail"), 3);
+    }
+
+    #[test]
+    fn delete_removes_only_the_acked_mail() {
+        let dir = TempDir::new("delete");
+        let mut store = SqliteStore::open(&dir.0).unwrap();
+        store
+            .commit(&[
+                put(mail(1, "Bob", "Alice", 1, "one")),
+                put(mail(2, "Bob", "Alice", 2, "two")),
+                put(mail(3, "Carol", "Alice", 3, "three")),
+            ])
+            .unwrap();
+        store.commit(&[delete("Bob", 2)]).unwrap();
+        // Unknown ids, a wrong recipient and an id beyond i64 delete nothing.
+        store
+            .commit(&[delete("Bob", 99), delete("Bob", 3), delete("Bob", u64::MAX)])
+            .unwrap();
+        let ids: Vec<u64> = store
+            .load()
+            .unwrap()
+            .mail
+            .iter()
+            .map(|m| m.mail.0)
+            .collect();
+        assert_eq!(ids, [1, 3]);
+    }
+
+    #[test]
+    fn client_upsert_replaces_the_address_and_keeps_the_order() {
+        let dir = TempDir::new("upsert");
+        let mut store = SqliteStore::open(&dir.0).unwrap();
+        store
+            .commit(&[
+                client("Alice", "127.0.0.1:2000"),
+                client("Bob", "127.0.0.1:3000"),
+            ])
+            .unwrap();
+        let conn = raw(&store);
+        let first: i64 = conn
+            .query_row(
+                "SELECT registered_at FROM clients WHERE name = 'Alice'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        conn.execute(
+            "UPDATE clients SET registered_at = 5 WHERE name = 'Alice'",
+            [],
+        )
+        .unwrap();
+        store.commit(&[client("Alice", "10.1.2.3:4000")]).unwrap();
+        let loaded = store.load().unwrap();
+        assert_eq!(
+            loaded.clients,
+            [
+                (name("Alice"), "10.1.2.3:4000".parse().unwrap()),
+                (name("Bob"), "127.0.0.1:3000".parse().unwrap()),
+            ]
+        );
+        assert!(
+            first > 1_600_000_000,
+            "registered_at {first} is not Unix seconds"
+        );
+        let kept: i64 = conn
+            .query_row(
+                "SELECT registered_at FROM clients WHERE name = 'Alice'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(kept, 5, "a new address must not move the registration");
+        assert_eq!(count(&conn, "clients"), 2);
+    }
+
+    #[test]
+    fn a_failing_op_leaves_nothing_of_its_batch() {
+        let dir = TempDir::new("atomic");
+        let mut store = SqliteStore::open(&dir.0).unwrap();
+        let before = vec![
+            client("Alice", "127.0.0.1:2000"),
+            put(mail(1, "Bob", "Alice", 1, "kept")),
+        ];
+        store.commit(&before).unwrap();
+        let expected = store.load().unwrap();
+
+        // SQLite refuses the last statement of the batch.
+        store
+            .conn
+            .execute_batch(
+                "CREATE TEMP TRIGGER refuse BEFORE INSERT ON main.mail WHEN NEW.text = 'boom'
+                 BEGIN SELECT RAISE(ABORT, 'refused by test'); END;",
+            )
+            .unwrap();
+        let batch = [
+            client("Alice", "10.0.0.1:1"),
+            client("Carol", "10.0.0.2:2"),
+            delete("Bob", 1),
+            put(mail(2, "Carol", "Alice", 2, "fine")),
+            put(mail(3, "Carol", "Alice", 3, "boom")),
+        ];
+        let err = store.commit(&batch).unwrap_err();
+        assert!(err.to_string().contains("refused by test"), "{err}");
+        assert_eq!(store.load().unwrap(), expected);
+        assert_eq!(
+            raw(&store)
+                .query_row("SELECT count(*) FROM mail", [], |r| r.get::<_, i64>(0))
+                .unwrap(),
+            1
+        );
+
+        // Refused before SQLite sees it: a text no load would accept.
+        let mut empty = mail(4, "Carol", "Alice", 4, "x");
+        empty.text.clear();
+        let err = store
+            .commit(&[client("Dave", "10.0.0.4:4"), put(empty)])
+            .unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::InvalidData);
+        assert_eq!(store.load().unwrap(), expected);
+
+        // The connection is still good for the next batch.
+        store.commit(&batch[..4]).unwrap();
+        assert_eq!(store.load().unwrap().mail.len(), 1);
+        assert_eq!(store.load().unwrap().clients.len(), 2);
+    }
+
+    #[test]
+    fn garbage_file_is_refused_and_left_alone() {
+        let dir = TempDir::new("garbage");
+        fs::create_dir_all(&dir.0).unwrap();
+        let file = dir.0.join(DB_FILE);
+        let garbage: Vec<u8> = (0..8192u32).map(|i| (i * 7 + 3) as u8).collect();
+        fs::write(&file, &garbage).unwrap();
+        let err = open_err(&dir.0);
+        assert!(err.contains("is not a udpchat database"), "{err}");
+        assert!(err.contains(&file.display().to_string()), "{err}");
+        assert_eq!(fs::read(&file).unwrap(), garbage);
+    }
+
+    #[test]
+    fn another_programs_database_is_refused() {
+        let dir = TempDir::new("foreign");
+        fs::create_dir_all(&dir.0).unwrap();
+        let conn = Connection::open(dir.0.join(DB_FILE)).unwrap();
+        conn.execute_batch("CREATE TABLE notes (body TEXT);")
+            .unwrap();
+        drop(conn);
+        let err = open_err(&dir.0);
+        assert!(err.contains("is not a udpchat database"), "{err}");
+    }
+
+    #[test]
+    fn a_newer_schema_is_refused() {
+        let dir = TempDir::new("future");
+        let store = SqliteStore::open(&dir.0).unwrap();
+        raw(&store).pragma_update(None, "user_version", 7).unwrap();
+        drop(store);
+        let err = open_err(&dir.0);
+        assert!(
+            err.contains("was written by a newer udpchat (schema 7, this build knows 1)"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_damaged_file_is_refused_and_left_alone() {
+        let dir = TempDir::new("damaged");
+        let mut store = SqliteStore::open(&dir.0).unwrap();
+        let ops: Vec<StoreOp> = (1..=200)
+            .map(|i| put(mail(i, "Bob", "Alice", i, &"m".repeat(200))))
+            .collect();
+        store.commit(&ops).unwrap();
+        let file = store.path().to_path_buf();
+        // Closing the last connection checkpoints the WAL into the file.
+        drop(store);
+        let mut bytes = fs::read(&file).unwrap();
+        let page = 4096;
+        assert!(bytes.len() > 6 * page, "{} bytes", bytes.len());
+        // Pages 2.. hold the tables and their indexes: scribble over some.
+        for b in &mut bytes[page..4 * page] {
+            *b = 0xA5;
+        }
+        fs::write(&file, &bytes).unwrap();
+        let err = open_err(&dir.0);
+        assert!(err.contains("is damaged"), "{err}");
+        assert_eq!(fs::read(&file).unwrap(), bytes);
+    }
+
+    #[test]
+    fn an_uncreatable_directory_is_a_clear_error() {
+        let dir = TempDir::new("uncreatable");
+        fs::create_dir_all(&dir.0).unwrap();
+        let file = dir.0.join("plain-file");
+        fs::write(&file, b"not a directory").unwrap();
+        let target = file.join("data");
+        let err = open_err(&target);
+        assert_eq!(
+            err,
+            format!("cannot create {}: not a directory", target.display())
+        );
+    }
+
+    #[test]
+    fn the_database_path_being_a_directory_is_a_clear_error() {
+        let dir = TempDir::new("db-is-dir");
+        fs::create_dir_all(dir.0.join(DB_FILE)).unwrap();
+        let err = open_err(&dir.0);
+        assert!(err.starts_with("cannot open "), "{err}");
+        assert!(err.ends_with(": is a directory"), "{err}");
+    }
+
+    #[test]
+    fn wal_and_full_sync_are_set() {
+        let dir = TempDir::new("pragmas");
+        let store = SqliteStore::open(&dir.0).unwrap();
+        let get = |p: &str| -> String {
+            store
+                .conn
+                .pragma_query_value(None, p, |r| r.get::<_, rusqlite::types::Value>(0))
+                .map(|v| format!("{v:?}"))
+                .unwrap()
+        };
+        assert_eq!(get("journal_mode"), "Text(\"wal\")");
+        assert_eq!(get("synchronous"), "Integer(2)"); // FULL
+        assert_eq!(get("foreign_keys"), "Integer(1)");
+        assert_eq!(get("busy_timeout"), "Integer(5000)");
+        assert_eq!(get("user_version"), format!("Integer({SCHEMA_VERSION})"));
+        assert_eq!(get("application_id"), format!("Integer({APPLICATION_ID})"));
+        // WAL is a property of the file: a fresh connection sees it too.
+        let mode: String = raw(&store)
+            .pragma_query_value(None, "journal_mode", |r| r.get(0))
+            .unwrap();
+        assert_eq!(mode, "wal");
+    }
+
+    #[test]
+    fn a_commit_is_visible_to_another_connection() {
+        let dir = TempDir::new("visible");
+        let mut store = SqliteStore::open(&dir.0).unwrap();
+        let other = raw(&store);
+        assert_eq!(count(&other, "mail"), 0);
+        store
+            .commit(&[
+                client("Alice", "127.0.0.1:2000"),
+                put(mail(1, "Bob", "Alice", 1, "hi")),
+            ])
+            .unwrap();
+        // Still open, nothing checkpointed: the committed rows are in the WAL.
+        assert_eq!(count(&other, "mail"), 1);
+        assert_eq!(count(&other, "clients"), 1);
+        let text: String = other
+            .query_row("SELECT text FROM mail WHERE recipient = 'Bob'", [], |r| {
+                r.get(0)
+            })
+            .unwrap();
+        assert_eq!(text, "hi");
+    }
+
+    #[test]
+    fn a_bad_row_is_a_load_error_naming_it() {
+        let cases = [
+            (
+                "UPDATE clients SET addr = 'nowhere' WHERE name = 'Alice'",
+                "clients row 1: addr \"nowhere\"",
+            ),
+            (
+                "UPDATE clients SET name = 'two words' WHERE name = 'Alice'",
+                "clients row 1: name \"two words\" is not a valid name",
+            ),
+            (
+                "UPDATE clients SET addr = x'01'",
+                "clients row 1: addr is Blob, not text",
+            ),
+            (
+                "UPDATE mail SET text = ''",
+                "mail row 1: text is 0 bytes long",
+            ),
+            (
+                "UPDATE mail SET text = printf('%.1001c', 'x')",
+                "mail row 1: text is 1001 bytes long",
+            ),
+            (
+                "UPDATE mail SET sender = ''",
+                "mail row 1: sender \"\" is not a valid name",
+            ),
+            (
+                "UPDATE mail SET channel = 2",
+                "mail row 1: channel is 2, not 0 or 1",
+            ),
+            (
+                "UPDATE mail SET stored_at = 'yesterday'",
+                "mail row 1: stored_at is Text, not an integer",
+            ),
+            (
+                "UPDATE mail SET text = CAST(x'ff' AS TEXT)",
+                "mail row 1: text is not valid UTF-8",
+            ),
+            ("UPDATE mail SET id = -5", "mail row -5: negative id"),
+        ];
+        for (i, (sql, expected)) in cases.iter().enumerate() {
+            let dir = TempDir::new(&format!("bad-row-{i}"));
+            let mut store = SqliteStore::open(&dir.0).unwrap();
+            store
+                .commit(&[
+                    client("Alice", "127.0.0.1:2000"),
+                    put(mail(1, "Bob", "Alice", 1, "hi")),
+                ])
+                .unwrap();
+            raw(&store).execute(sql, []).unwrap();
+            let err = store.load().unwrap_err();
+            assert_eq!(err.kind(), io::ErrorKind::InvalidData, "{sql}");
+            let msg = err.to_string();
+            assert!(
+                msg.starts_with(&store.path().display().to_string()),
+                "{msg}"
+            );
+            assert!(msg.contains(expected), "{sql}: {msg}");
+        }
+    }
+
+    #[test]
+    fn a_mail_id_beyond_i64_is_refused() {
+        let dir = TempDir::new("huge-id");
+        let mut store = SqliteStore::open(&dir.0).unwrap();
+        let err = store
+            .commit(&[put(mail(u64::MAX, "Bob", "Alice", 1, "hi"))])
+            .unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::InvalidData);
+        assert!(store.load().unwrap().mail.is_empty());
+    }
+}
