@@ -293,3 +293,54 @@ fn a_save_after_a_server_restart_reconnects_and_is_saved() {
         .collect();
     assert_eq!(bob, ["after the restart"]);
 }
+
+/// The server acked a channel message, Bob acked his copy, Carol's copy was
+/// still in flight when the server crashed: after the restart Carol gets it
+/// (from her mailbox, once she has reconnected by herself) and Bob does not
+/// get it again.
+#[test]
+fn a_channel_message_survives_a_crash_mid_fan_out() {
+    let mut s = three();
+    s.drop_rules.push(drop_all(|p| {
+        p.to == addr(4000) && matches!(p.msg, Message::Deliver { .. })
+    }));
+    let (a, b, c) = (
+        s.nodes[0].lines.len(),
+        s.nodes[1].lines.len(),
+        s.nodes[2].lines.len(),
+    );
+    s.line(0, "send_all to everyone");
+    s.run_until(Duration::from_secs(5), |s| s.nodes[0].lines.len() > a);
+    assert_eq!(s.lines_since(0, a), [">>> [Message received by Server.]"]);
+    s.run_for(Duration::from_millis(100));
+    assert_eq!(
+        s.lines_since(1, b),
+        [">>> [Channel_Message Alice: to everyone]"]
+    );
+    // Crash: the server comes back from what was committed.
+    s.drop_rules.clear();
+    let loaded = s.store.load().unwrap();
+    assert_eq!(loaded.mail.len(), 1, "only Carol's copy is left");
+    s.server = Server::new(
+        ServerConfig::new([2; 32], (s.start, EPOCH_UNIX)),
+        s.now,
+        loaded,
+    );
+    s.run_until(Duration::from_secs(15), |s| s.lines(2).len() >= c + 4);
+    let carol = s.lines_since(2, c);
+    assert_eq!(
+        carol[..2],
+        [">>> [Reconnected to server.]", ">>> [You Have Messages]"]
+    );
+    assert!(
+        carol[2].starts_with(">>> Channel_Message Alice: T+") && carol[2].ends_with(" to everyone")
+    );
+    s.settle();
+    let bob_again = s
+        .lines_since(1, b)
+        .iter()
+        .filter(|l| l.contains("to everyone"))
+        .count();
+    assert_eq!(bob_again, 1);
+    assert_eq!(s.server.mailbox(&name("Carol")).count(), 0);
+}
