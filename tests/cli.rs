@@ -5,7 +5,9 @@ mod common;
 
 use std::net::UdpSocket;
 
-use common::{Client, PORT_RETRIES, Run, Server, TABLE, WELCOME, free_udp_port, run};
+use common::{
+    Client, PORT_RETRIES, Run, Server, TABLE, WELCOME, free_udp_port, run, run_in, scratch_dir,
+};
 
 /// Asserts the shape of every bad-argument failure: exit status 2, an
 /// `error: ` first line on stderr that mentions one of `names` (which
@@ -151,8 +153,14 @@ fn assert_port_in_use(out: &Run, port: u16) {
 #[test]
 fn server_port_in_use_exits_1() {
     let (_held, port) = occupy_port();
-    let out = run(&["-s", &port.to_string()]);
+    // In a scratch directory: whatever the server would create stays there.
+    let dir = scratch_dir();
+    let out = run_in(dir.path(), &["-s", &port.to_string()]);
     assert_port_in_use(&out, port);
+    assert!(
+        !dir.path().join("udpchat-data").exists(),
+        "a server that cannot listen created its data directory"
+    );
 }
 
 #[test]

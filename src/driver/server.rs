@@ -38,21 +38,14 @@ pub struct Options {
 
 /// Runs the server until a signal stops it. Returns the exit status.
 pub fn run(options: Options) -> Result<i32, Fatal> {
-    // The data first: a damaged store must stop the server before it
-    // answers anyone.
-    let mut store = SqliteStore::open(&options.data_dir).map_err(|e| {
-        Fatal(format!(
-            "error: data dir {}: {e}",
-            options.data_dir.display()
-        ))
-    })?;
-    let loaded = store.load().map_err(|e| {
-        Fatal(format!(
-            "error: data dir {}: {e}",
-            options.data_dir.display()
-        ))
-    })?;
+    // The port first: a server that cannot listen must not create or touch
+    // a data directory. Then the data: a damaged store stops the server
+    // before it reads a single datagram.
     let socket = bind(options.addr)?;
+    let dir = options.data_dir.display();
+    let data_error = |e: &dyn std::fmt::Display| Fatal(format!("error: data dir {dir}: {e}"));
+    let mut store = SqliteStore::open(&options.data_dir).map_err(|e| data_error(&e))?;
+    let loaded = store.load().map_err(|e| data_error(&e))?;
     socket.set_nonblocking(true).map_err(io_fatal)?;
     let mut socket = UdpSocket::from_std(socket);
     let local = socket.local_addr().map_err(io_fatal)?;

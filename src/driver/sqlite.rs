@@ -446,11 +446,13 @@ fn create_dir(dir: &Path) -> Result<(), StoreError> {
     #[cfg(unix)]
     std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
     builder.create(dir).map_err(|e| {
-        StoreError(format!(
-            "cannot create {}: {}",
-            dir.display(),
+        // "File exists" for a path that is a file says the wrong thing.
+        let reason = if dir.is_file() {
+            "it is a file, not a directory".to_string()
+        } else {
             io_reason(&e)
-        ))
+        };
+        StoreError(format!("cannot create {}: {reason}", dir.display()))
     })
 }
 
