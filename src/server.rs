@@ -188,6 +188,8 @@ pub struct Server {
     config: ServerConfig,
     rng: ChaCha12Rng,
     table: Directory,
+    /// `sessions[i]` belongs to table row `i`: rows are never removed and a
+    /// session is pushed with every row, so a `ClientId` indexes both.
     sessions: Vec<Session>,
     tokens: HashMap<Token, ClientId>,
     probes: HashMap<u64, ClientId>,
