@@ -58,6 +58,8 @@ use std::time::Duration;
 
 pub mod client;
 pub mod driver;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod server;
 pub mod store;
 pub mod table;

@@ -444,6 +444,11 @@ impl Server {
         self.port
     }
 
+    /// The server's process id (for `/proc/<pid>/status`).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// The server's working directory (fresh for each server, removed on
     /// drop); its default data directory lives inside.
     pub fn dir(&self) -> &Path {
@@ -628,6 +633,11 @@ impl Client {
     /// The client's own UDP port.
     pub fn port(&self) -> u16 {
         self.port
+    }
+
+    /// The client's process id (for `/proc/<pid>/status`).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     /// Types `line` (a newline is added) and flushes it.
