@@ -289,6 +289,8 @@ enum Presence {
 }
 
 struct Batch {
+    /// The welcome's `seq`: deliveries of another batch are not ours.
+    id: Seq,
     total: u32,
     next: u32,
     ahead: BTreeMap<u32, Delivery>,
@@ -345,6 +347,8 @@ pub struct Client {
     by_msg: HashMap<MsgId, OpId>,
     sync: Option<OpId>,
     batch: Option<Batch>,
+    /// The welcome that opened the latest mail batch.
+    last_batch: Option<Seq>,
     heartbeat: Option<TimerKey>,
     seen: Seen,
     queued: VecDeque<String>,
@@ -370,6 +374,7 @@ impl Client {
             by_msg: HashMap::new(),
             sync: None,
             batch: None,
+            last_batch: None,
             heartbeat: None,
             seen: Seen::default(),
             queued: VecDeque::new(),
@@ -442,6 +447,7 @@ impl Client {
             } => self.on_delta(now, prev, version, &entries),
             Message::Deliver {
                 mail,
+                batch,
                 pos,
                 from: sender,
                 channel,
@@ -457,7 +463,7 @@ impl Client {
                     id,
                     text,
                 };
-                self.on_deliver(now, pos, d);
+                self.on_deliver(now, batch, pos, d);
             }
             Message::Probe { nonce, name } => {
                 let alive = matches!(self.presence, Presence::Joining | Presence::Online);
@@ -770,7 +776,12 @@ impl Client {
         self.presence = Presence::Online;
         match joining {
             Joining::First => self.events.push_back(Event::Welcome),
-            Joining::LogBack => {}
+            // The server may have restarted while we were offline, and a
+            // restarted server numbers table versions afresh: a version
+            // kept from before would make later catch-up syncs skip rows
+            // (simulation seeds 3394, 4211). The entries stay, so sends
+            // work while the mail streams; the full sync refreshes them.
+            Joining::LogBack => self.table.forget_version(),
             Joining::Reconnect => {
                 // A restarted server may know fewer clients: start afresh.
                 self.table.clear();
@@ -791,6 +802,7 @@ impl Client {
             self.restart(now, op, ACK_TIMEOUT);
         }
         self.announce = true;
+        self.last_batch = Some(seq);
         if let Some(timer) = self.heartbeat.take() {
             self.timers.cancel(timer);
         }
@@ -798,10 +810,17 @@ impl Client {
             self.timers
                 .insert(now + self.config.heartbeat, Timer::Heartbeat),
         );
+        // A batch of the previous session (the server restarted mid-stream)
+        // is void: positions start over with this welcome, and its stall
+        // timer must not abandon the new batch (simulation seed 3594).
+        if let Some(old) = self.batch.take() {
+            self.timers.cancel(old.timer);
+        }
         if mail > 0 {
             self.events.push_back(Event::HaveMessages);
             let timer = self.timers.insert(now + BATCH_STALL, Timer::Batch);
             self.batch = Some(Batch {
+                id: seq,
                 total: mail,
                 next: 0,
                 ahead: BTreeMap::new(),
@@ -1022,7 +1041,7 @@ impl Client {
         }
     }
 
-    fn on_deliver(&mut self, now: Instant, pos: Option<u32>, d: Delivery) {
+    fn on_deliver(&mut self, now: Instant, batch_id: Seq, pos: Option<u32>, d: Delivery) {
         // Acks only follow display: a message acked but not shown would be
         // deleted by the server and lost.
         if self.presence != Presence::Online {
@@ -1043,16 +1062,23 @@ impl Client {
             self.ack_mail(mail);
             return;
         };
-        let Some(batch) = self.batch.as_mut() else {
-            // A stored message outside a batch (a late retransmission): show
-            // it if new, ack it either way.
-            let mail = d.mail;
-            self.show_stored(d);
-            self.ack_mail(mail);
+        // A delayed datagram of an earlier batch (simulation seeds 12299,
+        // 12489) must not take a place in this one: it is ignored, unacked,
+        // and the current batch brings the message in its order.
+        let Some(batch) = self.batch.as_mut().filter(|b| b.id == batch_id) else {
+            if self.batch.is_none() && self.last_batch == Some(batch_id) {
+                // A late retransmission of the batch just finished.
+                let mail = d.mail;
+                self.show_stored(d);
+                self.ack_mail(mail);
+            }
             return;
         };
         if pos < batch.next {
-            self.ack_mail(d.mail);
+            // Shown already (the ack was lost): ack again.
+            let mail = d.mail;
+            self.show_stored(d);
+            self.ack_mail(mail);
             return;
         }
         if pos >= batch.total || pos >= batch.next.saturating_add(BATCH_AHEAD) {

@@ -749,6 +749,8 @@ impl<'a> Reader<'a> {
             },
             15 => Message::Deliver {
                 mail: MailId(self.number(m)),
+                // A welcome's seq echoed back, so batches can match.
+                batch: Seq(self.number(m) as u32),
                 pos: self.bool().then(|| self.u32() % 64),
                 from: self.name(),
                 channel: self.bool(),
@@ -910,6 +912,7 @@ pub fn sample_messages() -> Vec<(&'static str, Message)> {
             "deliver",
             Message::Deliver {
                 mail: MailId(18),
+                batch: Seq(12),
                 pos: Some(0),
                 from: name("Bob"),
                 channel: false,

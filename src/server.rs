@@ -171,6 +171,8 @@ struct Session {
     queue: VecDeque<(MailId, Option<u32>)>,
     inflight: BTreeMap<MailId, Inflight>,
     rounds: u8,
+    /// The welcome that opened the current mail batch.
+    batch: Seq,
     /// When an authenticated datagram last came from the client.
     last_heard: Option<Instant>,
     presence: Option<TimerKey>,
@@ -842,6 +844,7 @@ impl Server {
         let session = &mut self.sessions[id.index() as usize];
         session.token = Some(token);
         session.rounds = 0;
+        session.batch = seq;
         session.queue = mail
             .iter()
             .enumerate()
@@ -1033,8 +1036,10 @@ impl Server {
         let Ok(text) = Text::new(&m.text) else {
             return;
         };
+        let batch = self.sessions[id.index() as usize].batch;
         let msg = Message::Deliver {
             mail,
+            batch,
             pos,
             from: m.from.clone(),
             channel: m.channel,

@@ -382,6 +382,14 @@ impl LocalTable {
         self.sync.is_some()
     }
 
+    /// Keeps the entries but no longer vouches for them: back to version 0,
+    /// so the next delta or heartbeat asks for a full snapshot. For a client
+    /// logging back in, whose server may have restarted meanwhile (and
+    /// numbers versions afresh), while its entries stay usable for sending.
+    pub fn forget_version(&mut self) {
+        self.version = 0;
+    }
+
     /// Forgets every entry and goes back to version 0 (e.g. the server
     /// restarted and its versions started over). Cancels any sync.
     pub fn clear(&mut self) {

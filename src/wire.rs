@@ -199,7 +199,9 @@ impl fmt::Debug for Token {
 }
 
 /// Request sequence number; an ack or reply echoes it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize,
+)]
 pub struct Seq(pub u32);
 
 /// A chat message's id, chosen by its sender; (sender, id) is unique and is
@@ -319,10 +321,13 @@ pub enum Message {
         version: u64,
         entries: Entries,
     },
-    /// A stored message. `pos` is its place in the batch announced by
-    /// `Welcome` (shown in that order); `None` for a live channel message.
+    /// A stored message. `pos` is its place in the batch announced by the
+    /// `Welcome` whose `seq` is `batch` (shown in that order; a delayed
+    /// datagram of an earlier batch is told apart by it); `None` for a
+    /// message sent live.
     Deliver {
         mail: MailId,
+        batch: Seq,
         pos: Option<u32>,
         from: Name,
         channel: bool,
@@ -410,7 +415,8 @@ const ENTRIES_MAX: usize = 1 + PAGE_ENTRIES * ENTRY_MAX;
 pub const MAX_ENCODED: usize = {
     let page = 1 + VARINT32 + VARINT64 + ENTRIES_MAX + 1 + VARINT32;
     let delta = 1 + VARINT64 + VARINT64 + ENTRIES_MAX;
-    let deliver = 1 + VARINT64 + 1 + VARINT32 + NAME_MAX + 1 + VARINT64 + VARINT64 + TEXT_MAX;
+    let deliver =
+        1 + VARINT64 + VARINT32 + 1 + VARINT32 + NAME_MAX + 1 + VARINT64 + VARINT64 + TEXT_MAX;
     let save = 1 + VARINT32 + 16 + NAME_MAX + VARINT64 + TEXT_MAX;
     let chat = 1 + NAME_MAX + NAME_MAX + VARINT64 + TEXT_MAX;
     let mut max = page;
@@ -539,6 +545,7 @@ mod tests {
             },
             Message::Deliver {
                 mail: MailId(u64::MAX),
+                batch: seq,
                 pos: Some(u32::MAX),
                 from: longest_name('x'),
                 channel: true,

@@ -201,6 +201,7 @@ fn template(rng: &mut ChaCha8Rng) -> Message {
         },
         14 => Message::Deliver {
             mail: MailId(rng.next_u64()),
+            batch: Seq(rng.next_u32()),
             pos: Some(rng.next_u32()),
             from: name(rng),
             channel: rng.next_u32().is_multiple_of(2),

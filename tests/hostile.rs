@@ -100,6 +100,7 @@ fn samples() -> Vec<Message> {
         },
         Message::Deliver {
             mail: MailId(23),
+            batch: Seq(12),
             pos: Some(0),
             from: name.clone(),
             channel: true,

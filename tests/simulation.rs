@@ -158,7 +158,7 @@ fn log_back_after_server_restart_converges_even_if_its_sync_is_lost() {
 /// starts a new one. (Bugs 3394 and 4211 are the log-back table fix above.)
 #[test]
 fn regression_seeds() {
-    for seed in [3394, 3594, 4211] {
+    for seed in [3394, 3594, 4211, 12299, 12489] {
         let r = run_seed(seed);
         assert!(r.violations.is_empty(), "{}", describe(&r));
     }
