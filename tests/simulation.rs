@@ -156,6 +156,9 @@ fn log_back_after_server_restart_converges_even_if_its_sync_is_lost() {
 /// abandoned the new batch, and the rest of the mail was shown in arrival
 /// order, not store order. Fixed by cancelling the old batch when a welcome
 /// starts a new one. (Bugs 3394 and 4211 are the log-back table fix above.)
+/// Seeds 12299 and 12489: a delayed delivery of an earlier mail batch took a
+/// place in the new batch, so mail was shown out of store order; deliveries
+/// now carry their batch (the welcome's seq) and strays are ignored.
 #[test]
 fn regression_seeds() {
     for seed in [3394, 3594, 4211, 12299, 12489] {
