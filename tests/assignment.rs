@@ -6,7 +6,9 @@ mod common;
 
 use std::net::UdpSocket;
 
-use common::{BYE, Client, DEADLINE, MAIL, QUIET, SAVED, Server, TABLE, WELCOME};
+use common::{
+    BYE, Client, DEADLINE, MAIL, QUIET, SAVED, Server, TABLE, WELCOME, chat, send_to_offline,
+};
 
 /// "Server exit" in the seed: Ctrl+C on the server, and wait until it is gone
 /// so that every later request really finds no server.
@@ -24,27 +26,6 @@ fn stop_server(server: &mut Server) {
 fn leave_silently(client: &mut Client, sig: libc::c_int) {
     client.signal(sig);
     client.wait_exit(DEADLINE);
-}
-
-/// `from` sends `text` to the online `to`, which shows it and acks.
-#[track_caller]
-fn chat(from: &mut Client, to: &mut Client, text: &str) {
-    let to_name = to.name().to_owned();
-    let from_name = from.name().to_owned();
-    from.send(&format!("send {to_name} {text}"));
-    to.expect(&format!(">>> {from_name}: {text}"));
-    from.expect(&format!(">>> [Message received by {to_name}.]"));
-}
-
-/// `from` sends to `to_name`, whom its table already shows offline: the
-/// message goes to the server, which stores it.
-#[track_caller]
-fn send_to_offline(from: &mut Client, to_name: &str, text: &str) {
-    from.send(&format!("send {to_name} {text}"));
-    from.expect_lines(&[
-        &format!(">>> [{to_name} is offline, message sent to server.]"),
-        SAVED,
-    ]);
 }
 
 #[test]

@@ -11,8 +11,8 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::{
-    BYE, Client, DEADLINE, MAIL, QUIET, Run, SAVED, Server, TABLE, free_udp_port, line_matches,
-    run_in, scratch_dir,
+    BYE, Client, DEADLINE, MAIL, QUIET, Run, SAVED, Server, TABLE, chat, free_udp_port,
+    line_matches, run_in, scratch_dir, send_to_offline,
 };
 use rand_chacha::ChaCha8Rng;
 use rand_chacha::rand_core::{RngCore, SeedableRng};
@@ -27,27 +27,6 @@ const NOT_RESPONDING: &str = ">>> [Server not responding]";
 const EXITING: &str = ">>> [Exiting]";
 /// `>>> [Reconnected to server.]`
 const RECONNECTED: &str = ">>> [Reconnected to server.]";
-
-/// `from` sends `text` to the online `to`, which shows it and acks.
-#[track_caller]
-fn chat(from: &mut Client, to: &mut Client, text: &str) {
-    let to_name = to.name().to_owned();
-    let from_name = from.name().to_owned();
-    from.send(&format!("send {to_name} {text}"));
-    to.expect(&format!(">>> {from_name}: {text}"));
-    from.expect(&format!(">>> [Message received by {to_name}.]"));
-}
-
-/// `from` sends to `to_name`, whom its table shows offline: the server
-/// stores it.
-#[track_caller]
-fn send_to_offline(from: &mut Client, to_name: &str, text: &str) {
-    from.send(&format!("send {to_name} {text}"));
-    from.expect_lines(&[
-        &format!(">>> [{to_name} is offline, message sent to server.]"),
-        SAVED,
-    ]);
-}
 
 /// `client` deregisters; every client in `others` sees the table change.
 #[track_caller]

@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
-use common::{Client, DEADLINE, Server, TABLE, WELCOME};
+use common::{Client, DEADLINE, Server, TABLE, WELCOME, chat};
 use rand_chacha::ChaCha8Rng;
 use rand_chacha::rand_core::{RngCore, SeedableRng};
 use udpchat::wire::{
@@ -436,16 +436,6 @@ impl Drop for Flood {
 }
 
 // ---------------------------------------------------------------------------
-
-/// `from` sends `text` to the online `to`, which shows it and acks.
-#[track_caller]
-fn chat(from: &mut Client, to: &mut Client, text: &str) {
-    let to_name = to.name().to_owned();
-    let from_name = from.name().to_owned();
-    from.send(&format!("send {to_name} {text}"));
-    to.expect(&format!(">>> {from_name}: {text}"));
-    from.expect(&format!(">>> [Message received by {to_name}.]"));
-}
 
 /// `from` sends `text` to the channel; `to` is the other client.
 #[track_caller]

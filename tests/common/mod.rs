@@ -911,3 +911,24 @@ fn run_command(command: &mut Command, args: &[&str]) -> Run {
         stderr: output.stderr,
     }
 }
+
+/// `from` sends `text` to the online `to`, which shows it and acks.
+#[track_caller]
+pub fn chat(from: &mut Client, to: &mut Client, text: &str) {
+    let to_name = to.name().to_owned();
+    let from_name = from.name().to_owned();
+    from.send(&format!("send {to_name} {text}"));
+    to.expect(&format!(">>> {from_name}: {text}"));
+    from.expect(&format!(">>> [Message received by {to_name}.]"));
+}
+
+/// `from` sends to `to_name`, whom its table already shows offline: the
+/// message goes to the server, which stores it.
+#[track_caller]
+pub fn send_to_offline(from: &mut Client, to_name: &str, text: &str) {
+    from.send(&format!("send {to_name} {text}"));
+    from.expect_lines(&[
+        &format!(">>> [{to_name} is offline, message sent to server.]"),
+        SAVED,
+    ]);
+}
