@@ -6,20 +6,17 @@ use std::net::SocketAddr;
 use std::os::fd::RawFd;
 use std::time::{Duration, Instant};
 
-use mio::net::UdpSocket;
 use mio::unix::SourceFd;
-use mio::{Events, Interest, Poll, Token};
-use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
-use signal_hook_mio::v1_0::Signals;
+use mio::{Events, Interest, Token};
 
 use super::term::{EditorEvent, LineEditor, RawMode};
-use super::{Fatal, RECV_BUF, bind, local_time, random_seed, read_burst, wait};
+use super::{
+    Fatal, RECV_BUF, SIGNALS, bind, io_fatal, listen, local_time, random_seed, read_burst, wait,
+};
 use crate::wire::Name;
 use crate::{Client, ClientConfig, Event};
 
-const SOCKET: Token = Token(0);
-const STDIN: Token = Token(1);
-const SIGNALS: Token = Token(2);
+const STDIN: Token = Token(2);
 const STDIN_FD: RawFd = 0;
 /// A piped line longer than this is refused whole (no command is longer:
 /// a 1000-byte message plus the command and a 32-byte name).
@@ -32,16 +29,7 @@ pub fn run(name: Name, server: SocketAddr, port: u16, heartbeat: Duration) -> Re
         SocketAddr::V6(_) => SocketAddr::from(([0u16; 8], port)),
     };
     let socket = bind(local)?;
-    socket.set_nonblocking(true).map_err(io_fatal)?;
-    let mut socket = UdpSocket::from_std(socket);
-    let mut poll = Poll::new().map_err(io_fatal)?;
-    poll.registry()
-        .register(&mut socket, SOCKET, Interest::READABLE)
-        .map_err(io_fatal)?;
-    let mut signals = Signals::new([SIGINT, SIGTERM, SIGHUP]).map_err(io_fatal)?;
-    poll.registry()
-        .register(&mut signals, SIGNALS, Interest::READABLE)
-        .map_err(io_fatal)?;
+    let (socket, mut poll, mut signals) = listen(socket)?;
 
     let mut console = Console::new()?;
     // A regular file or /dev/null cannot be polled (epoll says EPERM): it
@@ -302,8 +290,4 @@ fn write_all(bytes: &[u8]) {
     let mut out = io::stdout().lock();
     let _ = out.write_all(bytes);
     let _ = out.flush();
-}
-
-fn io_fatal(e: io::Error) -> Fatal {
-    Fatal(format!("error: {e}"))
 }

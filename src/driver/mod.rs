@@ -13,7 +13,9 @@ use std::io::{self, Read};
 use std::net::{SocketAddr, UdpSocket};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use mio::{Events, Poll};
+use mio::{Events, Interest, Poll, Token};
+use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+use signal_hook_mio::v1_0::Signals;
 
 /// Receive buffer: larger than any valid datagram, so an oversize one is
 /// seen as oversize rather than silently truncated to a valid length.
@@ -21,6 +23,27 @@ const RECV_BUF: usize = 2048;
 /// Datagrams read per loop turn before timers and output get their turn, so
 /// a flood cannot starve them.
 const READ_BURST: usize = 256;
+
+/// The socket's readiness token in both loops.
+pub(crate) const SOCKET: Token = Token(0);
+/// SIGINT, SIGTERM and SIGHUP, in both loops.
+pub(crate) const SIGNALS: Token = Token(1);
+
+/// Makes a bound socket non-blocking and registers it, and the signals that
+/// end a process (SIGINT, SIGTERM, SIGHUP), with a new poll.
+pub(crate) fn listen(socket: UdpSocket) -> Result<(mio::net::UdpSocket, Poll, Signals), Fatal> {
+    socket.set_nonblocking(true).map_err(io_fatal)?;
+    let mut socket = mio::net::UdpSocket::from_std(socket);
+    let poll = Poll::new().map_err(io_fatal)?;
+    poll.registry()
+        .register(&mut socket, SOCKET, Interest::READABLE)
+        .map_err(io_fatal)?;
+    let mut signals = Signals::new([SIGINT, SIGTERM, SIGHUP]).map_err(io_fatal)?;
+    poll.registry()
+        .register(&mut signals, SIGNALS, Interest::READABLE)
+        .map_err(io_fatal)?;
+    Ok((socket, poll, signals))
+}
 
 /// Sleeps until something is ready or `deadline` passes (at once when
 /// `busy`). A signal interrupting the wait counts as a wake-up.
@@ -36,7 +59,7 @@ pub(crate) fn wait(
         deadline.map(|t| t.saturating_duration_since(Instant::now()))
     };
     match poll.poll(events, timeout) {
-        Err(e) if e.kind() != io::ErrorKind::Interrupted => Err(Fatal(format!("error: {e}"))),
+        Err(e) if e.kind() != io::ErrorKind::Interrupted => Err(io_fatal(e)),
         _ => Ok(()),
     }
 }
@@ -59,6 +82,11 @@ pub(crate) fn read_burst(
         }
     }
     true
+}
+
+/// An I/O failure as the line the user sees.
+pub(crate) fn io_fatal(e: io::Error) -> Fatal {
+    Fatal(format!("error: {e}"))
 }
 
 /// What a driver failed at, as the one line the user sees.

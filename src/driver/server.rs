@@ -5,18 +5,15 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+use mio::Events;
 use mio::net::UdpSocket;
-use mio::{Events, Interest, Poll, Token};
-use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
-use signal_hook_mio::v1_0::Signals;
 
 use super::sqlite::SqliteStore;
-use super::{Fatal, RECV_BUF, bind, random_seed, read_burst, unix_now, wait};
+use super::{
+    Fatal, RECV_BUF, SIGNALS, bind, io_fatal, listen, random_seed, read_burst, unix_now, wait,
+};
 use crate::store::{Store, StoreOp};
 use crate::{Server, ServerConfig, ServerEvent};
-
-const SOCKET: Token = Token(0);
-const SIGNALS: Token = Token(1);
 
 /// What the command line chose for the server.
 #[derive(Debug, Clone)]
@@ -46,17 +43,8 @@ pub fn run(options: Options) -> Result<i32, Fatal> {
     let data_error = |e: &dyn std::fmt::Display| Fatal(format!("error: data dir {dir}: {e}"));
     let mut store = SqliteStore::open(&options.data_dir).map_err(|e| data_error(&e))?;
     let loaded = store.load().map_err(|e| data_error(&e))?;
-    socket.set_nonblocking(true).map_err(io_fatal)?;
-    let mut socket = UdpSocket::from_std(socket);
+    let (socket, mut poll, mut signals) = listen(socket)?;
     let local = socket.local_addr().map_err(io_fatal)?;
-    let mut poll = Poll::new().map_err(io_fatal)?;
-    poll.registry()
-        .register(&mut socket, SOCKET, Interest::READABLE)
-        .map_err(io_fatal)?;
-    let mut signals = Signals::new([SIGINT, SIGTERM, SIGHUP]).map_err(io_fatal)?;
-    poll.registry()
-        .register(&mut signals, SIGNALS, Interest::READABLE)
-        .map_err(io_fatal)?;
 
     let now = Instant::now();
     let mut config = ServerConfig::new(random_seed()?, (now, unix_now()));
@@ -143,8 +131,4 @@ fn say(line: &str) {
     let mut out = io::stdout().lock();
     let _ = writeln!(out, "{line}");
     let _ = out.flush();
-}
-
-fn io_fatal(e: io::Error) -> Fatal {
-    Fatal(format!("error: {e}"))
 }
