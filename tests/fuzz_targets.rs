@@ -11,11 +11,14 @@
 //! cargo test --test fuzz_targets -- --ignored regenerate_seed_corpus
 //! ```
 
+mod inputs;
+
 use std::fs;
 use std::path::{Path, PathBuf};
 
 use std::time::Instant;
 
+use inputs::{Rng, mutate};
 use udpchat::fuzzing;
 
 /// A fuzz target: panics on a broken invariant.
@@ -26,25 +29,6 @@ const TARGETS: [(&str, Target); 3] = [
     ("server", |data| fuzzing::server(Instant::now(), data)),
     ("client", |data| fuzzing::client(Instant::now(), data)),
 ];
-
-/// A small deterministic generator (xorshift64*), so failures replay.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n.max(1) as u64) as usize
-    }
-    fn bytes(&mut self, max: usize) -> Vec<u8> {
-        let n = self.below(max + 1);
-        (0..n).map(|_| self.next() as u8).collect()
-    }
-}
 
 fn corpus_dir(target: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -66,38 +50,6 @@ fn committed_seeds(target: &str) -> Vec<(String, Vec<u8>)> {
         .collect();
     seeds.sort();
     seeds
-}
-
-/// A seed with a few bytes changed, cut, duplicated or extended: the kind
-/// of input a fuzzer tries first.
-fn mutate(rng: &mut Rng, seed: &[u8]) -> Vec<u8> {
-    let mut d = seed.to_vec();
-    for _ in 0..=rng.below(6) {
-        match rng.below(5) {
-            0 if !d.is_empty() => {
-                let i = rng.below(d.len());
-                d[i] = rng.next() as u8;
-            }
-            1 => d.truncate(rng.below(d.len() + 1)),
-            2 => {
-                let at = rng.below(d.len() + 1);
-                let extra = rng.bytes(8);
-                d.splice(at..at, extra);
-            }
-            3 if !d.is_empty() => {
-                let from = rng.below(d.len());
-                let to = from + rng.below(d.len() - from + 1);
-                let copy = d[from..to].to_vec();
-                d.extend(copy);
-            }
-            _ if !d.is_empty() => {
-                let i = rng.below(d.len());
-                d[i] ^= 1 << rng.below(8);
-            }
-            _ => {}
-        }
-    }
-    d
 }
 
 #[test]
@@ -132,49 +84,42 @@ fn committed_seeds_match_the_generator() {
     }
 }
 
-#[test]
-fn decode_target_on_random_and_mutated_datagrams() {
-    let seeds = committed_seeds("decode");
-    let mut rng = Rng(0x5eed_0001);
-    for i in 0..200_000 {
-        let data = if i % 4 == 0 {
-            rng.bytes(1300)
+/// Feeds `target` `runs` generated inputs: every `random_every`-th is random
+/// bytes (up to `max_len`), the rest mutated committed seeds.
+fn generated(
+    target: &str,
+    rng_seed: u64,
+    runs: usize,
+    random_every: usize,
+    max_len: usize,
+    f: Target,
+) {
+    let seeds = committed_seeds(target);
+    let mut rng = Rng(rng_seed);
+    for i in 0..runs {
+        let data = if i % random_every == 0 {
+            rng.bytes(max_len)
         } else {
             let seed = &seeds[rng.below(seeds.len())].1;
             mutate(&mut rng, seed)
         };
-        fuzzing::decode(&data);
+        f(&data);
     }
+}
+
+#[test]
+fn decode_target_on_random_and_mutated_datagrams() {
+    generated("decode", 0x5eed_0001, 200_000, 4, 1300, TARGETS[0].1);
 }
 
 #[test]
 fn server_target_on_random_and_mutated_scripts() {
-    let seeds = committed_seeds("server");
-    let mut rng = Rng(0x5eed_0002);
-    for i in 0..10_000 {
-        let data = if i % 3 == 0 {
-            rng.bytes(2000)
-        } else {
-            let seed = &seeds[rng.below(seeds.len())].1;
-            mutate(&mut rng, seed)
-        };
-        fuzzing::server(Instant::now(), &data);
-    }
+    generated("server", 0x5eed_0002, 10_000, 3, 2000, TARGETS[1].1);
 }
 
 #[test]
 fn client_target_on_random_and_mutated_scripts() {
-    let seeds = committed_seeds("client");
-    let mut rng = Rng(0x5eed_0003);
-    for i in 0..10_000 {
-        let data = if i % 3 == 0 {
-            rng.bytes(2000)
-        } else {
-            let seed = &seeds[rng.below(seeds.len())].1;
-            mutate(&mut rng, seed)
-        };
-        fuzzing::client(Instant::now(), &data);
-    }
+    generated("client", 0x5eed_0003, 10_000, 3, 2000, TARGETS[2].1);
 }
 
 /// Rewrites fuzz/corpus/<target>/seed-* from `fuzzing::seeds` (removing
