@@ -63,6 +63,8 @@ pub mod fuzzing;
 pub mod server;
 pub mod store;
 pub mod table;
+#[cfg(test)]
+mod test_rng;
 pub mod timer;
 pub mod wire;
 

@@ -541,26 +541,7 @@ mod tests {
         dir
     }
 
-    /// splitmix64: a tiny deterministic source for the lossy exchanges.
-    struct Rng(u64);
-
-    impl Rng {
-        fn next(&mut self) -> u64 {
-            self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-            let mut z = self.0;
-            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-            z ^ (z >> 31)
-        }
-
-        fn below(&mut self, n: usize) -> usize {
-            (self.next() % n as u64) as usize
-        }
-
-        fn chance(&mut self, percent: u64) -> bool {
-            self.next() % 100 < percent
-        }
-    }
+    use crate::test_rng::Rng;
 
     fn assert_same(dir: &Directory, local: &LocalTable) {
         assert_eq!(local.version(), dir.version(), "versions differ");
@@ -853,9 +834,9 @@ mod tests {
             *next_name += 1;
             return;
         }
-        let id = ClientId(rng.below(dir.len()) as u32);
+        let id = ClientId(rng.index(dir.len()) as u32);
         let e = dir.get(id).clone();
-        dir.set(id, addr(rng.below(60_000) as u16), !e.online);
+        dir.set(id, addr(rng.index(60_000) as u16), !e.online);
     }
 
     /// Feeds one page exchange, losing ~20% of them (request or answer): the
@@ -909,14 +890,14 @@ mod tests {
             // Churn for a while, then let the table settle so a pass can
             // see it still.
             if exchanges < 800 && rng.chance(5) {
-                for _ in 0..=rng.below(3) {
+                for _ in 0..=rng.index(3) {
                     churn(&mut dir, &mut rng, &mut next_name);
                 }
                 in_flight.extend(dir.take_deltas());
             }
             // Broadcast deltas reach the client mid-sync and are set aside.
             if !in_flight.is_empty() && rng.chance(10) {
-                let d = in_flight.swap_remove(rng.below(in_flight.len()));
+                let d = in_flight.swap_remove(rng.index(in_flight.len()));
                 assert_eq!(
                     local.apply_delta(d.prev, d.version, &d.entries),
                     DeltaOutcome::Stale
@@ -938,18 +919,18 @@ mod tests {
             // once per tick, while several page round trips fit in one.
             if round < 300 && rng.chance(25) {
                 // Sometimes a burst bigger than one datagram.
-                let n = if rng.chance(10) { 45 } else { 1 + rng.below(4) };
+                let n = if rng.chance(10) { 45 } else { 1 + rng.index(4) };
                 for _ in 0..n {
                     churn(&mut dir, &mut rng, &mut next_name);
                 }
                 in_flight.extend(dir.take_deltas());
             }
             // Deliver a few, in any order; some are lost, some duplicated.
-            for _ in 0..rng.below(4) {
+            for _ in 0..rng.index(4) {
                 if in_flight.is_empty() {
                     break;
                 }
-                let i = rng.below(in_flight.len());
+                let i = rng.index(in_flight.len());
                 let d = if rng.chance(15) {
                     in_flight[i].clone()
                 } else {

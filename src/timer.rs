@@ -796,22 +796,7 @@ mod tests {
         assert_eq!(wheel.cancel(key), Some("never"));
     }
 
-    /// A tiny deterministic PRNG (splitmix64), so the model test needs no crate.
-    struct Rng(u64);
-
-    impl Rng {
-        fn next(&mut self) -> u64 {
-            self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-            let mut z = self.0;
-            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-            z ^ (z >> 31)
-        }
-
-        fn below(&mut self, bound: u64) -> u64 {
-            self.next() % bound.max(1)
-        }
-    }
+    use crate::test_rng::Rng;
 
     /// `start` shifted by a signed number of nanoseconds.
     fn offset(start: Instant, ns: i128) -> Instant {
