@@ -892,6 +892,19 @@ fn with_seed(test: &str, default_seed: u64, body: impl FnOnce(u64)) {
 }
 
 /// The server, and the proxy in front of it.
+const AB: [&str; 2] = ["Alice", "Bob"];
+
+/// A server behind the proxy with Alice and Bob online, each seeing both.
+fn alice_and_bob(seed: u64) -> (Server, Proxy, Peer, Peer) {
+    let (server, proxy) = network(seed);
+    let mut alice = Peer::join("Alice", &proxy, &AB);
+    let mut bob = Peer::join("Bob", &proxy, &AB);
+    let both = [("Alice", true), ("Bob", true)];
+    alice.await_table(&both);
+    bob.await_table(&both);
+    (server, proxy, alice, bob)
+}
+
 fn network(seed: u64) -> (Server, Proxy) {
     let server = Server::start_with(&HEARTBEAT);
     let proxy = Proxy::start(server.port(), Chaos::new(seed));
@@ -1075,14 +1088,8 @@ fn chaos_case03_channel() {
 #[test]
 fn chaos_case11_silent_leave_falls_back_to_server() {
     const TEST: &str = "chaos_case11_silent_leave_falls_back_to_server";
-    const AB: [&str; 2] = ["Alice", "Bob"];
     with_seed(TEST, 0xc4a0_5011, |seed| {
-        let (_server, proxy) = network(seed);
-        let mut alice = Peer::join("Alice", &proxy, &AB);
-        let mut bob = Peer::join("Bob", &proxy, &AB);
-        let both = [("Alice", true), ("Bob", true)];
-        alice.await_table(&both);
-        bob.await_table(&both);
+        let (_server, proxy, mut alice, mut bob) = alice_and_bob(seed);
         let mut ledger = Ledger::default();
 
         bob.client.signal(libc::SIGINT);
@@ -1119,14 +1126,8 @@ fn chaos_case11_silent_leave_falls_back_to_server() {
 #[test]
 fn chaos_exists_then_retry() {
     const TEST: &str = "chaos_exists_then_retry";
-    const AB: [&str; 2] = ["Alice", "Bob"];
     with_seed(TEST, 0xc4a0_5e71, |seed| {
-        let (_server, proxy) = network(seed);
-        let mut alice = Peer::join("Alice", &proxy, &AB);
-        let mut bob = Peer::join("Bob", &proxy, &AB);
-        let both = [("Alice", true), ("Bob", true)];
-        alice.await_table(&both);
-        bob.await_table(&both);
+        let (_server, proxy, mut alice, mut bob) = alice_and_bob(seed);
         let mut ledger = Ledger::default();
 
         for round in 0..4 {
