@@ -724,13 +724,7 @@ impl Server {
             // A token this server never issued (it restarted): say so, and
             // the client knows it is not registered here.
             if !self.tokens.contains_key(&token) {
-                self.send(
-                    from,
-                    &Message::Refused {
-                        seq,
-                        reason: Refusal::UnknownSession,
-                    },
-                );
+                self.refuse_session(from, seq);
             }
             return None;
         };
@@ -751,11 +745,16 @@ impl Server {
     ) -> Option<ClientId> {
         let id = self.request(now, from, token, seq)?;
         if !self.table.get(id).online {
-            let reason = Refusal::UnknownSession;
-            self.send(from, &Message::Refused { seq, reason });
+            self.refuse_session(from, seq);
             return None;
         }
         Some(id)
+    }
+
+    /// "Unknown session": the client re-registers by itself.
+    fn refuse_session(&mut self, to: SocketAddr, seq: Seq) {
+        let reason = Refusal::UnknownSession;
+        self.send(to, &Message::Refused { seq, reason });
     }
 
     /// If `seq` was seen: resend its reply (or ignore it while pending).
