@@ -57,9 +57,11 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 pub mod client;
+pub mod crypto;
 pub mod driver;
 #[doc(hidden)]
 pub mod fuzzing;
+pub mod packet;
 pub mod server;
 pub mod store;
 pub mod table;
