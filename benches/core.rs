@@ -7,7 +7,9 @@ mod sim;
 use std::hint::black_box;
 use std::time::{Duration, Instant};
 
-use udpchat::wire::{self, Message, MsgId, Name, Seq, Text, Token};
+use udpchat::crypto::{self, Keypair, Link};
+use udpchat::packet::{MAX_DATAGRAM, TAG_LEN, XX1_LEN};
+use udpchat::wire::{self, MailBody, Message, MsgId, Name, Seq, Text};
 
 /// Runs `f` (which does `n` operations) a few times; prints the median.
 fn bench(label: &str, n: u64, mut f: impl FnMut()) {
@@ -37,10 +39,9 @@ fn main() {
     let ack = Message::Ack { seq: Seq(123_456) };
     let save = Message::SaveMessage {
         seq: Seq(9),
-        token: Token([3; 16]),
         to: Name::new("Bob").unwrap(),
         id: MsgId(77),
-        text: Text::new("a short message, as most are").unwrap(),
+        sealed: (0..100u8).collect(),
     };
     const N: u64 = 100_000;
     let mut buf = [0u8; wire::MAX_DATAGRAM];
@@ -61,6 +62,9 @@ fn main() {
             }
         });
     }
+
+    handshakes();
+    sessions();
 
     // Whole flows through the real state machines on the simulated network
     // (virtual time, no loss): the cost of the protocol logic itself.
@@ -98,5 +102,126 @@ fn main() {
         }
         s.settle();
         assert_eq!(s.store.len(), 0, "every copy acked and deleted");
+    });
+}
+
+/// The Noise handshakes, each side timed on its own (its DH operations are
+/// most of the cost): the client–server `XX` and the client–client `IK`.
+fn handshakes() {
+    const N: u64 = 200;
+    let (client, server) = (Keypair::from_secret([1; 32]), Keypair::from_secret([2; 32]));
+    let mut buf = [0u8; MAX_DATAGRAM];
+    let mut scratch = [0u8; MAX_DATAGRAM];
+    // Messages of one full handshake, for the side not being timed.
+    let xx = |seed: u8| {
+        let mut c = crypto::client_handshake(&client, [seed; 32]);
+        let mut s = crypto::server_handshake(&server, [seed; 32]);
+        let (mut m1, mut m2, mut m3) = ([0u8; XX1_LEN + TAG_LEN], [0u8; 96], [0u8; 200]);
+        let n1 = c.write_message(&[], &mut m1).unwrap();
+        s.read_message(&m1[..n1], &mut [0u8; 64]).unwrap();
+        let n2 = s.write_message(&[], &mut m2).unwrap();
+        c.read_message(&m2[..n2], &mut [0u8; 64]).unwrap();
+        let n3 = c.write_message(b"register", &mut m3).unwrap();
+        (m1[..n1].to_vec(), m2[..n2].to_vec(), m3[..n3].to_vec())
+    };
+    let recorded: Vec<_> = (0..N).map(|i| xx(i as u8)).collect();
+    bench("handshake XX (client-server): client side", N, || {
+        for i in 0..N {
+            let mut c = crypto::client_handshake(&client, [i as u8; 32]);
+            c.write_message(&[], &mut buf).unwrap();
+            c.read_message(&recorded[i as usize].1, &mut scratch)
+                .unwrap();
+            black_box(c.write_message(b"register", &mut buf).unwrap());
+        }
+    });
+    bench("handshake XX (client-server): server side", N, || {
+        for i in 0..N {
+            let (m1, _, m3) = &recorded[i as usize];
+            let mut s = crypto::server_handshake(&server, [i as u8; 32]);
+            s.read_message(m1, &mut scratch).unwrap();
+            s.write_message(&[], &mut buf).unwrap();
+            black_box(s.read_message(m3, &mut scratch).unwrap());
+        }
+    });
+    let (alice, bob) = (Keypair::from_secret([3; 32]), Keypair::from_secret([4; 32]));
+    let ik = |seed: u8| {
+        let mut i = crypto::peer_initiator(&alice, &bob.public(), [seed; 32]);
+        let mut r = crypto::peer_responder(&bob, [seed; 32]);
+        let (mut m1, mut m2) = ([0u8; 200], [0u8; 200]);
+        let n1 = i.write_message(&[], &mut m1).unwrap();
+        r.read_message(&m1[..n1], &mut [0u8; 64]).unwrap();
+        let n2 = r.write_message(&[], &mut m2).unwrap();
+        (m1[..n1].to_vec(), m2[..n2].to_vec())
+    };
+    let recorded: Vec<_> = (0..N).map(|i| ik(i as u8)).collect();
+    bench("handshake IK (client-client): initiator", N, || {
+        for i in 0..N {
+            let mut h = crypto::peer_initiator(&alice, &bob.public(), [i as u8; 32]);
+            h.write_message(&[], &mut buf).unwrap();
+            black_box(
+                h.read_message(&recorded[i as usize].1, &mut scratch)
+                    .unwrap(),
+            );
+        }
+    });
+    bench("handshake IK (client-client): responder", N, || {
+        for i in 0..N {
+            let mut h = crypto::peer_responder(&bob, [i as u8; 32]);
+            h.read_message(&recorded[i as usize].0, &mut scratch)
+                .unwrap();
+            black_box(h.write_message(&[], &mut buf).unwrap());
+        }
+    });
+    let (na, nb) = (Name::new("Alice").unwrap(), Name::new("Bob").unwrap());
+    let body = wire::encode_body(&MailBody {
+        id: MsgId(5),
+        text: Text::new(&"x".repeat(wire::MAX_TEXT)).unwrap(),
+    });
+    bench("sealed mail (K), 1000-byte text: seal", N, || {
+        for i in 0..N {
+            black_box(crypto::seal_mail(
+                &alice,
+                &na,
+                &bob.public(),
+                &nb,
+                &body,
+                [i as u8; 32],
+            ));
+        }
+    });
+    let sealed = crypto::seal_mail(&alice, &na, &bob.public(), &nb, &body, [9; 32]);
+    bench("sealed mail (K), 1000-byte text: open", N, || {
+        for _ in 0..N {
+            black_box(crypto::open_mail(&bob, &nb, &alice.public(), &na, &sealed).unwrap());
+        }
+    });
+}
+
+/// One session datagram: encrypt a 1000-byte chat and decrypt it (with the
+/// replay check).
+fn sessions() {
+    let (a, b) = (Keypair::from_secret([5; 32]), Keypair::from_secret([6; 32]));
+    let mut i = crypto::peer_initiator(&a, &b.public(), [1; 32]);
+    let mut r = crypto::peer_responder(&b, [2; 32]);
+    let (mut m, mut p) = ([0u8; 200], [0u8; 200]);
+    let n = i.write_message(&[], &mut m).unwrap();
+    r.read_message(&m[..n], &mut p).unwrap();
+    let n = r.write_message(&[], &mut m).unwrap();
+    i.read_message(&m[..n], &mut p).unwrap();
+    let (mut tx, mut rx) = (Link::new(i, 1, 2).unwrap(), Link::new(r, 2, 1).unwrap());
+    let chat = wire::encode_to_vec(&Message::Chat {
+        from: Name::new("Alice").unwrap(),
+        to: Name::new("Bob").unwrap(),
+        id: MsgId(1),
+        text: Text::new(&"x".repeat(wire::MAX_TEXT)).unwrap(),
+    });
+    const N: u64 = 20_000;
+    let mut buf = [0u8; MAX_DATAGRAM];
+    bench("session: seal + open a 1000-byte chat", N, || {
+        for _ in 0..N {
+            let d = tx.seal(&chat).unwrap();
+            let nonce = u64::from_le_bytes(d[6..14].try_into().unwrap());
+            black_box(rx.open(nonce, &d[14..], &mut buf).unwrap());
+        }
     });
 }

@@ -10,8 +10,9 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use udpchat::crypto::PublicKey;
 use udpchat::driver::sqlite::SqliteStore;
-use udpchat::store::{Store, StoreOp, StoredMail};
+use udpchat::store::{Body, Store, StoreOp, StoredMail};
 use udpchat::wire::{MailId, MsgId, Name};
 
 /// Mail per commit: 1 is the naive driver; 16 and 64 are what one loop
@@ -89,6 +90,11 @@ fn message(i: usize) -> Result<StoreOp, String> {
         channel: false,
         stored_at: 1_700_000_000,
         id: MsgId(i),
-        text: "x".repeat(TEXT_BYTES),
+        // A sealed message of this many text bytes is this long: what the
+        // store writes is the seal, not the text.
+        body: Body::Sealed {
+            key: PublicKey([7; 32]),
+            sealed: vec![0x5a; TEXT_BYTES + 11 + udpchat::crypto::SEALED_OVERHEAD],
+        },
     }))
 }

@@ -4,538 +4,672 @@
 //! Each entry point takes arbitrary bytes and panics only when an invariant
 //! is broken — a panic here is a finding, not a crash on bad input.
 //!
-//! [`server`] and [`client`] read the bytes as a *script*: a header, then
-//! steps, each chosen by one byte (deliver raw bytes, deliver a well-formed
-//! message built from the following bytes, let time pass, commit the store,
-//! type a line …). Reading past the end yields zeros, so every byte string
-//! is a valid script and a mutation of one byte changes one decision. Values
-//! the machine under test sends out (tokens, nonces, sequence numbers, mail
-//! ids) are remembered and can be echoed back, so a script can hold a real
-//! session without guessing a 128-bit token. [`seeds`] writes scripts in the
-//! same format for the committed corpus.
+//! [`decode`] takes one datagram (or one decrypted message). [`server`] and
+//! [`client`] read the bytes as a *script* that drives a small world: a
+//! real [`Server`] and two real [`Client`]s, Alice and Bob, each with its own
+//! key, on an in-memory network, and an attacker who sees every datagram.
+//! Each step is chosen by one byte: deliver, reorder, drop, replay an old
+//! datagram (from its source or a spoofed one), tamper with a datagram in
+//! flight (handshakes included), send one to another destination, inject raw
+//! or forged bytes, let time pass, commit the store, restart the server,
+//! type a command. Reading past the end yields zeros, so every byte string is
+//! a valid script and a mutation of one byte changes one decision. The two
+//! targets differ in where injected and forged bytes go: the server, or
+//! Alice.
+//!
+//! Checked throughout: nothing is sent while store operations are
+//! uncommitted; every datagram fits; no deadline is due right after
+//! `handle_timeout`; table, mailboxes and store stay within their limits;
+//! after a commit the store holds exactly what the server holds; nothing is
+//! shown as from X that X did not send; and an address only the attacker
+//! uses never gets more than 3× the bytes it sent, nor a table row.
+//! [`seeds`] writes scripts for the committed corpus.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
-use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use crate::store::{Loaded, MemoryStore, Store, StoreOp, StoredMail};
-use crate::wire::{self, Entries, Entry, MailId, Message, MsgId, Name, Refusal, Seq, Text, Token};
-use crate::{Client, ClientConfig, Server, ServerConfig, Transmit};
+use crate::crypto::{self, Keypair};
+use crate::packet::{self, COOKIE_LEN, Datagram, Packet, TOKEN_LEN};
+use crate::server::AMPLIFICATION;
+use crate::store::{Body, MemoryStore, Store, StoreOp};
+use crate::wire::{self, Content, Entry, MailId, Message, MsgId, Name, Refusal, Seq, Text};
+use crate::{Client, ClientConfig, Event, Server, ServerConfig, Transmit};
 
 /// Steps run per script at most, so one input stays fast however long.
-const MAX_STEPS: usize = 2048;
-/// Values remembered per kind (tokens, nonces, …) for echoing back.
-const MEMORY: usize = 8;
+const MAX_STEPS: usize = 1024;
+/// Datagrams in flight at most (the oldest is lost past it).
+const IN_FLIGHT: usize = 64;
+/// Past datagrams the attacker keeps to replay.
+const RECORDED: usize = 64;
 /// Server limits, small so the bounds are reached within a short script.
-const MAX_CLIENTS: usize = 16;
-const MAILBOX_MESSAGES: usize = 8;
-const MAILBOX_BYTES: usize = 2048;
+const MAX_CLIENTS: usize = 4;
+const MAILBOX_MESSAGES: usize = 4;
+const MAILBOX_BYTES: usize = 4096;
 const STORE_BYTES: usize = 8192;
-/// The client's local-table bound.
-const MAX_TABLE: usize = 16;
 /// Unix time of a script's start.
 const EPOCH_UNIX: i64 = 1_700_000_000;
 
-/// The client under test registers under `NAMES[0]` with this server.
 fn server_addr() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], 1024))
 }
 
-/// Source and table addresses a script can pick (index 0 is the client
-/// target's server; the v4-mapped v6 one is a different address than its v4
-/// twin, which the token check must notice).
-fn addrs() -> [SocketAddr; 8] {
+/// Where the clients live.
+const CLIENTS: [(&str, u16); 2] = [("Alice", 2000), ("Bob", 3000)];
+
+/// Addresses only the attacker uses as sources: whatever reaches them was
+/// provoked by spoofed datagrams.
+fn victims() -> [SocketAddr; 2] {
     [
-        server_addr(),
-        SocketAddr::from(([127, 0, 0, 1], 2000)),
-        SocketAddr::from(([127, 0, 0, 1], 2001)),
-        SocketAddr::from(([127, 0, 0, 2], 2000)),
-        SocketAddr::from(([10, 0, 0, 1], 65535)),
-        SocketAddr::from((Ipv6Addr::LOCALHOST, 2000)),
-        SocketAddr::from((Ipv4Addr::new(127, 0, 0, 1).to_ipv6_mapped(), 2000)),
-        SocketAddr::from(([0, 0, 0, 0], 0)),
+        SocketAddr::from(([127, 0, 0, 66], 6666)),
+        SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, 6667)),
     ]
 }
 
-/// Names a script can pick by index; more than [`MAX_CLIENTS`] of them so
-/// the table fills up. The last index reads a raw name instead.
-const NAMES: [&str; 31] = [
-    "Alice",
-    "Bob",
-    "Carol",
-    "张伟",
-    "xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx",
-    "e",
-    "f",
-    "g",
-    "h",
-    "i",
-    "j",
-    "k",
-    "l",
-    "m",
-    "n",
-    "o",
-    "p",
-    "q",
-    "r",
-    "s",
-    "t",
-    "u",
-    "v",
-    "w",
-    "y",
-    "z",
-    "😀",
-    "alice",
-    "A-1",
-    "b.b",
-    "__",
-];
-const RAW_NAME: u8 = NAMES.len() as u8;
-/// [`Reader::text`]: this length byte means "a long text" (u16 length).
-const LONG_TEXT: u8 = 0xff;
-/// [`Reader::seq`] and friends: a choice byte below this picks a remembered
-/// value (0 the newest), at or above it reads a raw one.
-const RAW: u8 = 0x80;
-
 // ---- decode -----------------------------------------------------------------
 
-/// `wire::decode` on arbitrary bytes: whatever decodes re-encodes within
-/// [`wire::MAX_DATAGRAM`] to a datagram that decodes to an equal value.
+/// Decoding on arbitrary bytes: a datagram that parses is written back to
+/// the very same bytes (every field has one encoding), and a message that
+/// decodes re-encodes within [`wire::MAX_PLAINTEXT`] to a message that
+/// decodes to an equal value.
 ///
-/// Values, not bytes, are compared: postcard accepts over-long varints, so
-/// the re-encoding may be shorter than the input — but never longer, since
-/// the encoder writes every field in its shortest form.
+/// Values, not bytes, are compared for messages: postcard accepts
+/// over-long varints, so the re-encoding may be shorter than the input —
+/// but never longer, since the encoder writes every field in its shortest
+/// form.
 pub fn decode(data: &[u8]) {
-    let Ok(msg) = wire::decode(data) else {
-        return;
-    };
-    let again = wire::encode_to_vec(&msg);
-    assert!(
-        !again.is_empty() && again.len() <= wire::MAX_DATAGRAM,
-        "{msg:?} re-encoded to {} bytes",
-        again.len()
-    );
-    assert!(
-        again.len() <= data.len(),
-        "{msg:?} re-encoded longer than its input"
-    );
-    assert_eq!(wire::decode(&again).as_ref(), Ok(&msg), "input {data:?}");
-    // The canonical form is a fixed point.
-    assert_eq!(wire::encode_to_vec(&msg), again);
-}
-
-// ---- server -----------------------------------------------------------------
-
-/// Server script steps (`byte % SERVER_STEPS`).
-mod server_step {
-    pub const RAW: u8 = 0;
-    pub const MESSAGE: u8 = 1;
-    pub const ADVANCE: u8 = 2;
-    pub const DEADLINE: u8 = 3;
-    pub const COMMIT: u8 = 4;
-    pub const COUNT: u8 = 5;
-}
-
-/// Drives a [`Server`] (16 clients, 8 messages or 2 KiB a mailbox, 8 KiB in
-/// all) through a script.
-///
-/// Header: seed byte; up to 4 loaded clients and up to 4 loaded messages
-/// (texts may break the rules, as a store edited by hand could). Steps: raw
-/// datagram, well-formed message, advance time, jump to the next deadline,
-/// commit the store.
-///
-/// Checked throughout: nothing is sent while store operations are
-/// uncommitted; every datagram sent decodes and fits; no deadline is due
-/// right after `handle_timeout`; the table, every mailbox and the store stay
-/// within their limits; after a commit the store holds exactly what the
-/// server holds.
-///
-/// `start` is the virtual clock's origin (the caller reads a clock once:
-/// `Instant` has no constructor). Only offsets from it matter, so a run does
-/// not depend on when it happens.
-pub fn server(start: Instant, data: &[u8]) {
-    let mut r = Reader::new(data);
-    let mut config = ServerConfig::new([r.byte(); 32], (start, EPOCH_UNIX));
-    config.max_clients = MAX_CLIENTS;
-    config.mailbox_messages = MAILBOX_MESSAGES;
-    config.mailbox_bytes = MAILBOX_BYTES;
-    config.store_bytes = STORE_BYTES;
-    let loaded = read_loaded(&mut r);
-    let mut store = MemoryStore::new();
-    let mut seed_ops: Vec<StoreOp> = loaded
-        .clients
-        .iter()
-        .map(|(name, addr)| StoreOp::Client {
-            name: name.clone(),
-            addr: *addr,
-        })
-        .collect();
-    seed_ops.extend(loaded.mail.iter().cloned().map(StoreOp::Put));
-    store.commit(&seed_ops).expect("memory store");
-    // A store from a server with bigger limits may start over ours: the
-    // server must not grow it, and may not be blamed for it.
-    let total_limit = STORE_BYTES.max(loaded.mail.iter().map(StoredMail::size).sum());
-    let mut box_limits: HashMap<Name, (usize, usize)> = HashMap::new();
-    for m in &loaded.mail {
-        let e = box_limits.entry(m.to.clone()).or_default();
-        e.0 += 1;
-        e.1 += m.size();
+    if let Ok(Datagram::Packet(p)) = packet::parse(data) {
+        assert_eq!(p.to_vec(), data, "{p:?}");
     }
-    let box_limit = |name: &Name| {
-        let (n, bytes) = box_limits.get(name).copied().unwrap_or_default();
-        (MAILBOX_MESSAGES.max(n), MAILBOX_BYTES.max(bytes))
-    };
-
-    let mut server = Server::new(config, start, loaded);
-    let mut now = start;
-    let mut memory = Memory::default();
-    let mut uncommitted: Vec<StoreOp> = Vec::new();
-    let mut steps = 0;
-    while !r.is_empty() && steps < MAX_STEPS {
-        steps += 1;
-        match r.byte() % server_step::COUNT {
-            server_step::RAW => {
-                let from = r.source(&memory, addrs()[1]);
-                let payload = r.raw_datagram();
-                server.handle_datagram(now, from, payload);
-            }
-            server_step::MESSAGE => {
-                let msg = r.message(&mut memory);
-                let from = r.source(&memory, addrs()[1]);
-                server.handle_datagram(now, from, &wire::encode_to_vec(&msg));
-            }
-            server_step::ADVANCE => {
-                now += Duration::from_millis(u64::from(r.u16()));
-                server_timeout(&mut server, now);
-            }
-            server_step::DEADLINE => {
-                if let Some(t) = server.poll_timeout() {
-                    now = now.max(t);
-                }
-                server_timeout(&mut server, now);
-            }
-            _ => {
-                store.commit(&uncommitted).expect("memory store");
-                uncommitted.clear();
-                server.handle_committed();
-            }
-        }
-        // Drain like the driver, except that committing is a script step.
-        while let Some(op) = server.poll_store() {
-            uncommitted.push(op);
-        }
-        while let Some(t) = server.poll_transmit() {
-            assert!(
-                uncommitted.is_empty(),
-                "sent {t:?} with {} store operations uncommitted",
-                uncommitted.len()
-            );
-            memory.learn(&check_transmit(&t), t.to);
-        }
-        while server.poll_event().is_some() {}
-
-        assert!(server.table().len() <= MAX_CLIENTS, "table over its bound");
+    if let Ok(msg) = wire::decode(data) {
+        let again = wire::encode_to_vec(&msg);
         assert!(
-            server.stored_bytes() <= total_limit,
-            "stored {} bytes, limit {total_limit}",
-            server.stored_bytes()
+            !again.is_empty() && again.len() <= wire::MAX_PLAINTEXT,
+            "{msg:?} re-encoded to {} bytes",
+            again.len()
         );
-        for (_, entry) in server.table().iter() {
-            let (n, bytes) = box_limit(&entry.name);
-            let mail: Vec<&StoredMail> = server.mailbox(&entry.name).collect();
-            assert!(mail.len() <= n, "mailbox of {} over its count", entry.name);
-            let size: usize = mail.iter().map(|m| m.size()).sum();
-            assert!(size <= bytes, "mailbox of {} over its bytes", entry.name);
-        }
-        if uncommitted.is_empty() {
-            assert_store_mirrors(&mut store, &server);
-        }
+        assert!(
+            again.len() <= data.len(),
+            "{msg:?} re-encoded longer than its input"
+        );
+        assert_eq!(wire::decode(&again).as_ref(), Ok(&msg), "input {data:?}");
+        assert_eq!(wire::encode_to_vec(&msg), again);
+    }
+    if let Some(body) = wire::decode_body(data) {
+        assert_eq!(wire::decode_body(&wire::encode_body(&body)), Some(body));
     }
 }
 
-fn server_timeout(server: &mut Server, now: Instant) {
-    server.handle_timeout(now);
-    assert!(
-        server.poll_timeout().is_none_or(|t| t > now),
-        "a deadline is due right after handle_timeout"
-    );
+// ---- the world ----------------------------------------------------------------
+
+/// Script steps (`byte % COUNT`).
+mod step {
+    pub const DELIVER: u8 = 0;
+    pub const REORDER: u8 = 1;
+    pub const DROP: u8 = 2;
+    pub const REPLAY: u8 = 3;
+    pub const TAMPER: u8 = 4;
+    pub const REDIRECT: u8 = 5;
+    pub const RAW: u8 = 6;
+    pub const ADVANCE: u8 = 7;
+    pub const DEADLINE: u8 = 8;
+    pub const COMMIT: u8 = 9;
+    pub const LINE: u8 = 10;
+    pub const RESTART: u8 = 11;
+    pub const FORGE: u8 = 12;
+    pub const COUNT: u8 = 13;
 }
 
-/// With everything committed, the durable copy is the server's memory: the
-/// same registry (name → last address) and the same mail, record for record.
-fn assert_store_mirrors(store: &mut MemoryStore, server: &Server) {
-    let durable = store.load().expect("memory store");
-    let mut rows: BTreeMap<Name, SocketAddr> = BTreeMap::new();
-    let mut mail: Vec<StoredMail> = Vec::new();
-    for (_, entry) in server.table().iter() {
-        rows.insert(entry.name.clone(), entry.addr);
-        mail.extend(server.mailbox(&entry.name).cloned());
-    }
-    mail.sort_by_key(|m| m.mail);
-    let clients: BTreeMap<Name, SocketAddr> = durable.clients.into_iter().collect();
-    assert_eq!(clients, rows, "registry: store vs server");
-    assert_eq!(durable.mail, mail, "mail: store vs server");
+/// Drives a server, Alice and Bob through a script; injected and forged
+/// datagrams go to the server.
+pub fn server(start: Instant, data: &[u8]) {
+    World::new(start, true).run(data);
 }
 
-/// The header's loaded state: distinct clients (at most 4), and mail only
-/// for them with distinct, increasing ids — a store the server itself could
-/// have written, apart from the texts.
-fn read_loaded(r: &mut Reader<'_>) -> Loaded {
-    let mut loaded = Loaded::default();
-    for _ in 0..r.byte() % 5 {
-        let name = r.name();
-        let addr = r.addr();
-        if loaded.clients.iter().all(|(n, _)| *n != name) {
-            loaded.clients.push((name, addr));
-        }
-    }
-    let mut next = 0u64;
-    for i in 0..r.byte() % 5 {
-        let to = r.byte();
-        let from = r.name();
-        let channel = r.bool();
-        let stored_at = r.u64() as i64;
-        next += 1 + u64::from(r.byte());
-        // Any length, empty or over the limit: the store is not trusted.
-        let text = match r.byte() {
-            LONG_TEXT => "é".repeat(usize::from(r.u16() % 600)),
-            n => String::from_utf8_lossy(r.take(usize::from(n % 64))).into_owned(),
+/// Drives the same world; injected and forged datagrams go to Alice.
+pub fn client(start: Instant, data: &[u8]) {
+    World::new(start, false).run(data);
+}
+
+struct Flight {
+    from: SocketAddr,
+    to: SocketAddr,
+    payload: Vec<u8>,
+}
+
+struct Node {
+    name: Name,
+    addr: SocketAddr,
+    client: Client,
+    exited: bool,
+}
+
+struct World {
+    start: Instant,
+    now: Instant,
+    at_server: bool,
+    config: ServerConfig,
+    server: Server,
+    store: MemoryStore,
+    uncommitted: Vec<StoreOp>,
+    nodes: Vec<Node>,
+    net: VecDeque<Flight>,
+    recorded: VecDeque<Flight>,
+    /// Text → who sent it (texts are unique).
+    sent: HashMap<String, Name>,
+    texts: u32,
+    /// Per victim: bytes received from it, bytes sent to it (by anyone).
+    victim_bytes: BTreeMap<SocketAddr, (usize, usize)>,
+}
+
+fn keypair(n: u8) -> Keypair {
+    Keypair::from_secret([n; 32])
+}
+
+impl World {
+    fn new(start: Instant, at_server: bool) -> World {
+        let mut config = ServerConfig::new([9; 32], keypair(99), (start, EPOCH_UNIX));
+        config.max_clients = MAX_CLIENTS;
+        config.mailbox_messages = MAILBOX_MESSAGES;
+        config.mailbox_bytes = MAILBOX_BYTES;
+        config.store_bytes = STORE_BYTES;
+        config.max_handshakes = 8;
+        let server = Server::new(config.clone(), start, Default::default());
+        let server_key = server.public_key();
+        let nodes = CLIENTS
+            .iter()
+            .enumerate()
+            .map(|(i, &(name, port))| {
+                let name = Name::new(name).expect("a valid name");
+                // Alice pinned the server's key; Bob meets it first now.
+                let pin = (i == 0).then_some(server_key);
+                let mut c = ClientConfig::new(
+                    name.clone(),
+                    server_addr(),
+                    [i as u8 + 1; 32],
+                    keypair(i as u8 + 1),
+                    pin,
+                );
+                c.max_table = MAX_CLIENTS;
+                Node {
+                    name,
+                    addr: SocketAddr::from(([127, 0, 0, 1], port)),
+                    client: Client::new(c, start),
+                    exited: false,
+                }
+            })
+            .collect();
+        let mut w = World {
+            start,
+            now: start,
+            at_server,
+            config,
+            server,
+            store: MemoryStore::new(),
+            uncommitted: Vec::new(),
+            nodes,
+            net: VecDeque::new(),
+            recorded: VecDeque::new(),
+            sent: HashMap::new(),
+            texts: 0,
+            victim_bytes: BTreeMap::new(),
         };
-        let Some((to, _)) = loaded
-            .clients
-            .get(usize::from(to) % loaded.clients.len().max(1))
-        else {
-            continue;
+        for i in 0..w.nodes.len() {
+            w.drain_client(i);
+        }
+        w
+    }
+
+    fn run(mut self, data: &[u8]) {
+        let mut r = Reader::new(data);
+        let mut steps = 0;
+        while !r.is_empty() && steps < MAX_STEPS {
+            steps += 1;
+            match r.byte() % step::COUNT {
+                step::DELIVER => {
+                    if let Some(f) = self.net.pop_front() {
+                        self.deliver(f);
+                    }
+                }
+                step::REORDER => {
+                    let k = r.byte() as usize;
+                    if let Some(f) = self.take(k) {
+                        self.deliver(f);
+                    }
+                }
+                step::DROP => {
+                    let k = r.byte() as usize;
+                    let _ = self.take(k);
+                }
+                step::REPLAY => {
+                    let k = r.byte() as usize;
+                    let spoof = r.byte();
+                    if !self.recorded.is_empty() {
+                        let f = &self.recorded[k % self.recorded.len()];
+                        let from = match spoof % 3 {
+                            0 => f.from,
+                            1 => victims()[0],
+                            _ => self.nodes[spoof as usize % self.nodes.len()].addr,
+                        };
+                        let f = Flight {
+                            from,
+                            to: f.to,
+                            payload: f.payload.clone(),
+                        };
+                        self.deliver(f);
+                    }
+                }
+                step::TAMPER => {
+                    let k = r.byte() as usize;
+                    let how = r.byte();
+                    let at = r.u16() as usize;
+                    let value = r.byte();
+                    if let Some(mut f) = self.take(k) {
+                        let p = &mut f.payload;
+                        match how % 4 {
+                            0 if !p.is_empty() => {
+                                let i = at % p.len();
+                                p[i] ^= 1 << (value % 8);
+                            }
+                            1 if !p.is_empty() => {
+                                let i = at % p.len();
+                                p[i] = value;
+                            }
+                            2 => p.truncate(at % (p.len() + 1)),
+                            _ => p.extend(std::iter::repeat_n(value, at % 17)),
+                        }
+                        self.deliver(f);
+                    }
+                }
+                step::REDIRECT => {
+                    let k = r.byte() as usize;
+                    let to = r.byte();
+                    if let Some(mut f) = self.take(k) {
+                        f.to = self.pick_addr(to);
+                        self.deliver(f);
+                    }
+                }
+                step::RAW => {
+                    let from = self.pick_source(r.byte());
+                    let len = r.byte() as usize * 5;
+                    let payload = r.take(len).to_vec();
+                    let to = self.target();
+                    self.deliver(Flight { from, to, payload });
+                }
+                step::ADVANCE => {
+                    self.now += Duration::from_millis(u64::from(r.u16()) % 20_000);
+                    self.timeouts();
+                }
+                step::DEADLINE => {
+                    if let Some(t) = self.next_deadline() {
+                        self.now = self.now.max(t);
+                    }
+                    self.timeouts();
+                }
+                step::COMMIT => self.commit(),
+                step::LINE => {
+                    let who = r.byte() as usize % self.nodes.len();
+                    let line = self.command(who, r.byte(), r.byte());
+                    if !self.nodes[who].exited {
+                        let now = self.now;
+                        self.nodes[who].client.handle_line(now, &line);
+                        self.drain_client(who);
+                    }
+                }
+                step::RESTART => {
+                    // A crash: whatever was not committed is gone.
+                    self.uncommitted.clear();
+                    let loaded = self.store.load().expect("memory store");
+                    self.server = Server::new(self.config.clone(), self.now, loaded);
+                    self.drain_server();
+                }
+                step::FORGE => {
+                    let f = self.forge(&mut r);
+                    self.deliver(f);
+                }
+                _ => {}
+            }
+        }
+        self.commit();
+    }
+
+    fn take(&mut self, k: usize) -> Option<Flight> {
+        if self.net.is_empty() {
+            return None;
+        }
+        let k = k % self.net.len();
+        self.net.remove(k)
+    }
+
+    fn target(&self) -> SocketAddr {
+        if self.at_server {
+            server_addr()
+        } else {
+            self.nodes[0].addr
+        }
+    }
+
+    fn pick_addr(&self, b: u8) -> SocketAddr {
+        match b as usize % (self.nodes.len() + 1) {
+            0 => server_addr(),
+            i => self.nodes[i - 1].addr,
+        }
+    }
+
+    fn pick_source(&self, b: u8) -> SocketAddr {
+        let v = victims();
+        match b % 4 {
+            0 | 1 => v[b as usize % 2],
+            2 => server_addr(),
+            _ => self.nodes[b as usize % self.nodes.len()].addr,
+        }
+    }
+
+    /// A structurally valid datagram with guessed or observed values: a
+    /// real session index with garbage ciphertext, a forged cookie, a
+    /// reset with a made-up token …
+    fn forge(&mut self, r: &mut Reader<'_>) -> Flight {
+        let from = self.pick_source(r.byte());
+        let to = self.target();
+        // An index seen on the wire, or a guess.
+        let seen: Vec<u32> = self
+            .recorded
+            .iter()
+            .filter_map(|f| match packet::parse(&f.payload) {
+                Ok(Datagram::Packet(
+                    Packet::Data { receiver, .. }
+                    | Packet::Finish { receiver, .. }
+                    | Packet::Retry { receiver, .. }
+                    | Packet::Response { receiver, .. }
+                    | Packet::PeerResponse { receiver, .. },
+                )) => Some(receiver),
+                _ => None,
+            })
+            .collect();
+        let pick = r.byte() as usize;
+        let index = if seen.is_empty() || pick.is_multiple_of(4) {
+            r.u32()
+        } else {
+            seen[pick % seen.len()]
         };
-        loaded.mail.push(StoredMail {
-            mail: MailId(next),
-            to: to.clone(),
+        let junk: Vec<u8> = (0..32 + r.byte() as usize)
+            .map(|i| i as u8 ^ pick as u8)
+            .collect();
+        let cookie = [r.byte(); COOKIE_LEN];
+        let token = [r.byte(); TOKEN_LEN];
+        let noise32 = [r.byte(); packet::XX1_LEN];
+        let payload = match r.byte() % 7 {
+            0 => Packet::Data {
+                receiver: index,
+                nonce: u64::from(r.u32()),
+                ciphertext: &junk,
+            }
+            .to_vec(),
+            1 => Packet::Finish {
+                receiver: index,
+                noise: &junk[..junk.len().max(packet::XX3_LEN).min(junk.len())],
+            }
+            .to_vec(),
+            2 => Packet::Initial {
+                sender: index,
+                cookie: Some(&cookie),
+                noise: &noise32,
+            }
+            .to_vec(),
+            3 => Packet::Reset {
+                receiver: index,
+                token: &token,
+            }
+            .to_vec(),
+            4 => {
+                // A real handshake's first message from a key of our own.
+                let mut hs = crypto::client_handshake(&keypair(77), [r.byte(); 32]);
+                let mut buf = [0u8; packet::XX1_LEN + packet::TAG_LEN];
+                let _ = hs.write_message(&[], &mut buf);
+                Packet::Initial {
+                    sender: index,
+                    cookie: None,
+                    noise: (&buf[..packet::XX1_LEN]).try_into().expect("32 bytes"),
+                }
+                .to_vec()
+            }
+            5 => {
+                // A real peer handshake to Alice from a key no table has.
+                let alice = keypair(1).public();
+                let mut hs = crypto::peer_initiator(&keypair(78), &alice, [r.byte(); 32]);
+                let mut m = [0u8; packet::IK1_LEN];
+                let _ = hs.write_message(&[], &mut m);
+                Packet::PeerInit {
+                    sender: index,
+                    noise: &m,
+                }
+                .to_vec()
+            }
+            _ => vec![1, 0, r.byte(), r.byte()],
+        };
+        Flight { from, to, payload }
+    }
+
+    fn command(&mut self, who: usize, what: u8, arg: u8) -> String {
+        let other = self.nodes[(who + 1 + arg as usize) % self.nodes.len()]
+            .name
+            .clone();
+        let me = self.nodes[who].name.clone();
+        match what % 8 {
+            0..=2 => {
+                let text = self.text(&me, arg);
+                format!("send {other} {text}")
+            }
+            3 => {
+                let text = self.text(&me, arg);
+                format!("send_all {text}")
+            }
+            4 => format!("dereg {me}"),
+            5 => format!("reg {me}"),
+            6 => "list".to_string(),
+            _ => {
+                let text = self.text(&me, arg);
+                format!("send {me} {text}")
+            }
+        }
+    }
+
+    fn text(&mut self, sender: &Name, arg: u8) -> String {
+        self.texts += 1;
+        let t = if arg.is_multiple_of(5) {
+            // Near the limit, in four-byte characters: nothing may cut it.
+            format!("f{}-{}", self.texts, "😀".repeat(240))
+        } else {
+            format!("f{}", self.texts)
+        };
+        self.sent.insert(t.clone(), sender.clone());
+        t
+    }
+
+    // ---- the network and the machines -------------------------------------
+
+    fn deliver(&mut self, f: Flight) {
+        let now = self.now;
+        if let Some(v) = self.victim_bytes.get_mut(&f.from) {
+            v.0 += f.payload.len();
+        } else if victims().contains(&f.from) {
+            self.victim_bytes.insert(f.from, (f.payload.len(), 0));
+        }
+        if self.recorded.len() == RECORDED {
+            self.recorded.pop_front();
+        }
+        self.recorded.push_back(Flight {
+            from: f.from,
+            to: f.to,
+            payload: f.payload.clone(),
+        });
+        if f.to == server_addr() {
+            self.server.handle_datagram(now, f.from, &f.payload);
+            self.drain_server();
+        } else if let Some(i) = self.nodes.iter().position(|n| n.addr == f.to)
+            && !self.nodes[i].exited
+        {
+            self.nodes[i]
+                .client
+                .handle_datagram(now, f.from, &f.payload);
+            self.drain_client(i);
+        }
+    }
+
+    fn send(&mut self, from: SocketAddr, t: Transmit) {
+        assert!(
+            t.payload.len() <= packet::MAX_DATAGRAM,
+            "{:?} of {} bytes from {from}",
+            t.what,
+            t.payload.len()
+        );
+        if victims().contains(&t.to) {
+            let v = self.victim_bytes.entry(t.to).or_default();
+            v.1 += t.payload.len();
+            assert!(
+                v.1 <= AMPLIFICATION * v.0,
+                "{from} sent {} bytes to {} which sent only {}",
+                v.1,
+                t.to,
+                v.0
+            );
+            return;
+        }
+        if self.net.len() == IN_FLIGHT {
+            self.net.pop_front();
+        }
+        self.net.push_back(Flight {
             from,
-            channel,
-            stored_at,
-            id: MsgId(u64::from(i)),
-            text,
+            to: t.to,
+            payload: t.payload,
         });
     }
-    loaded
-}
 
-// ---- client -----------------------------------------------------------------
-
-/// Client script steps (`byte % COUNT`).
-mod client_step {
-    pub const RAW: u8 = 0;
-    pub const MESSAGE: u8 = 1;
-    pub const ADVANCE: u8 = 2;
-    pub const DEADLINE: u8 = 3;
-    pub const LINE: u8 = 4;
-    pub const COMMAND: u8 = 5;
-    pub const COUNT: u8 = 6;
-}
-
-/// Commands of [`client_step::COMMAND`] (`byte % COUNT`).
-mod command {
-    pub const SEND: u8 = 0;
-    pub const SEND_ALL: u8 = 1;
-    pub const DEREG: u8 = 2;
-    pub const REG: u8 = 3;
-    pub const LIST: u8 = 4;
-    pub const HELP: u8 = 5;
-    pub const COUNT: u8 = 6;
-}
-
-/// Drives a [`Client`] named `Alice` (local table of 16) through a script.
-///
-/// Header: seed byte, heartbeat byte (1–20 s). Steps: raw datagram,
-/// well-formed message (from the server by default), advance time, jump to
-/// the next deadline, raw typed bytes (split into lines), a well-formed
-/// command.
-///
-/// Checked throughout: every datagram sent decodes and fits; no deadline is
-/// due right after `handle_timeout`; the table stays within its bound; every
-/// event renders; after `Exit` nothing more is sent and nothing is due.
-///
-/// `start` is the virtual clock's origin, as for [`server`].
-pub fn client(start: Instant, data: &[u8]) {
-    let mut r = Reader::new(data);
-    let name = Name::new(NAMES[0]).expect("valid name");
-    let mut config = ClientConfig::new(name, server_addr(), [r.byte(); 32]);
-    config.max_table = MAX_TABLE;
-    config.heartbeat = Duration::from_secs(1 + u64::from(r.byte() % 20));
-    let mut client = Client::new(config, start);
-    let mut now = start;
-    let mut memory = Memory::default();
-    let mut exited = false;
-    let mut steps = 0;
-    loop {
-        // Drain first: the registration is out before the first step.
-        while let Some(t) = client.poll_transmit() {
-            assert!(!exited, "sent {t:?} after exiting");
-            memory.learn(&check_transmit(&t), t.to);
+    fn drain_server(&mut self) {
+        while let Some(op) = self.server.poll_store() {
+            self.uncommitted.push(op);
         }
-        while let Some(event) = client.poll_event() {
-            if let crate::Event::Exit(_) = event {
-                assert!(!exited, "exited twice");
-                exited = true;
-            } else {
-                let line = event.render(|unix| unix.to_string());
-                assert!(line.is_some(), "{event:?} renders no line");
+        if !self.uncommitted.is_empty() {
+            assert!(
+                self.server.poll_transmit().is_none(),
+                "a datagram left before its store operations were committed"
+            );
+        } else {
+            while let Some(t) = self.server.poll_transmit() {
+                self.send(server_addr(), t);
             }
         }
-        if exited {
-            assert_eq!(client.poll_timeout(), None, "a deadline after exit");
+        while self.server.poll_event().is_some() {}
+        self.check_server();
+    }
+
+    fn drain_client(&mut self, i: usize) {
+        let from = self.nodes[i].addr;
+        while let Some(t) = self.nodes[i].client.poll_transmit() {
+            self.send(from, t);
         }
-        assert!(client.table().len() <= MAX_TABLE, "table over its bound");
-        if r.is_empty() || steps == MAX_STEPS {
-            break;
-        }
-        steps += 1;
-        match r.byte() % client_step::COUNT {
-            client_step::RAW => {
-                let from = r.source(&memory, server_addr());
-                let payload = r.raw_datagram();
-                client.handle_datagram(now, from, payload);
-            }
-            client_step::MESSAGE => {
-                let msg = r.message(&mut memory);
-                let from = r.source(&memory, server_addr());
-                client.handle_datagram(now, from, &wire::encode_to_vec(&msg));
-            }
-            client_step::ADVANCE => {
-                now += Duration::from_millis(u64::from(r.u16()));
-                client_timeout(&mut client, now);
-            }
-            client_step::DEADLINE => {
-                if let Some(t) = client.poll_timeout() {
-                    now = now.max(t);
+        while let Some(event) = self.nodes[i].client.poll_event() {
+            let _ = event.render(|unix| unix.to_string());
+            match event {
+                Event::Exit(_) => self.nodes[i].exited = true,
+                Event::Direct { from, text }
+                | Event::Channel { from, text }
+                | Event::Stored { from, text, .. } => {
+                    let sender = self.sent.get(text.as_str());
+                    assert!(
+                        sender == Some(&from),
+                        "{} shows {:?} as from {from}, sent by {sender:?}",
+                        self.nodes[i].name,
+                        text.as_str()
+                    );
                 }
-                client_timeout(&mut client, now);
-            }
-            client_step::LINE => {
-                let n = usize::from(r.u16() % 1200);
-                let typed = String::from_utf8_lossy(r.take(n)).into_owned();
-                for line in typed.split('\n') {
-                    client.handle_line(now, line);
-                }
-            }
-            _ => {
-                let line = r.command();
-                client.handle_line(now, &line);
+                _ => {}
             }
         }
-    }
-}
-
-fn client_timeout(client: &mut Client, now: Instant) {
-    client.handle_timeout(now);
-    assert!(
-        client.poll_timeout().is_none_or(|t| t > now),
-        "a deadline is due right after handle_timeout"
-    );
-}
-
-/// Every datagram either machine sends is one well-formed message.
-fn check_transmit(t: &Transmit) -> Message {
-    assert!(
-        t.payload.len() <= wire::MAX_DATAGRAM,
-        "a {}-byte datagram",
-        t.payload.len()
-    );
-    match wire::decode(&t.payload) {
-        Ok(msg) => msg,
-        Err(e) => panic!("sent an undecodable datagram ({e}): {:?}", t.payload),
-    }
-}
-
-// ---- script reading ---------------------------------------------------------
-
-/// Values seen in sent datagrams, each with the address it went to (a reply
-/// that echoes one usually has to come from there).
-#[derive(Default)]
-struct Memory {
-    tokens: VecDeque<(Token, SocketAddr)>,
-    seqs: VecDeque<(Seq, SocketAddr)>,
-    /// Probe nonces, message ids, mail ids, table versions.
-    numbers: VecDeque<(u64, SocketAddr)>,
-    /// The address of the value picked last: the default source.
-    hint: Option<SocketAddr>,
-}
-
-fn remember<T>(ring: &mut VecDeque<(T, SocketAddr)>, value: T, to: SocketAddr) {
-    if ring.len() == MEMORY {
-        ring.pop_front();
-    }
-    ring.push_back((value, to));
-}
-
-impl Memory {
-    fn learn(&mut self, msg: &Message, to: SocketAddr) {
-        use Message::*;
-        match *msg {
-            Register { seq, .. }
-            | Rejected { seq }
-            | Ack { seq }
-            | Exists { seq, .. }
-            | Refused { seq, .. } => remember(&mut self.seqs, seq, to),
-            Deregister { seq, token } => {
-                remember(&mut self.seqs, seq, to);
-                remember(&mut self.tokens, token, to);
-            }
-            SaveMessage { seq, token, id, .. } | ChannelSend { seq, token, id, .. } => {
-                remember(&mut self.seqs, seq, to);
-                remember(&mut self.tokens, token, to);
-                remember(&mut self.numbers, id.0, to);
-            }
-            Sync {
-                seq, token, since, ..
-            } => {
-                remember(&mut self.seqs, seq, to);
-                remember(&mut self.tokens, token, to);
-                remember(&mut self.numbers, since, to);
-            }
-            Heartbeat {
-                seq,
-                token,
-                version,
-            } => {
-                remember(&mut self.seqs, seq, to);
-                remember(&mut self.tokens, token, to);
-                remember(&mut self.numbers, version, to);
-            }
-            Delivered { token, mail } => {
-                remember(&mut self.tokens, token, to);
-                remember(&mut self.numbers, mail.0, to);
-            }
-            ProbeReply { nonce } | Probe { nonce, .. } => remember(&mut self.numbers, nonce, to),
-            Welcome {
-                seq,
-                token,
-                version,
-                ..
-            } => {
-                remember(&mut self.seqs, seq, to);
-                remember(&mut self.tokens, token, to);
-                remember(&mut self.numbers, version, to);
-            }
-            Page { seq, version, .. } | Alive { seq, version } => {
-                remember(&mut self.seqs, seq, to);
-                remember(&mut self.numbers, version, to);
-            }
-            Delta { version, .. } => remember(&mut self.numbers, version, to),
-            Deliver { mail, .. } => remember(&mut self.numbers, mail.0, to),
-            Chat { id, .. } | ChatAck { id } => remember(&mut self.numbers, id.0, to),
+        assert!(self.nodes[i].client.table().len() <= MAX_CLIENTS);
+        if self.nodes[i].exited {
+            assert!(self.nodes[i].client.poll_timeout().is_none());
         }
     }
+
+    fn timeouts(&mut self) {
+        let now = self.now;
+        self.server.handle_timeout(now);
+        assert!(
+            self.server.poll_timeout().is_none_or(|t| t > now),
+            "server deadline not after now"
+        );
+        self.drain_server();
+        for i in 0..self.nodes.len() {
+            if self.nodes[i].exited {
+                continue;
+            }
+            self.nodes[i].client.handle_timeout(now);
+            assert!(
+                self.nodes[i].client.poll_timeout().is_none_or(|t| t > now),
+                "client deadline not after now"
+            );
+            self.drain_client(i);
+        }
+    }
+
+    fn next_deadline(&self) -> Option<Instant> {
+        let clients = self
+            .nodes
+            .iter()
+            .filter(|n| !n.exited)
+            .filter_map(|n| n.client.poll_timeout());
+        self.server.poll_timeout().into_iter().chain(clients).min()
+    }
+
+    fn commit(&mut self) {
+        while let Some(op) = self.server.poll_store() {
+            self.uncommitted.push(op);
+        }
+        if !self.uncommitted.is_empty() {
+            let ops = std::mem::take(&mut self.uncommitted);
+            self.store.commit(&ops).expect("memory store");
+            self.server.handle_committed();
+            self.check_store();
+        }
+        self.drain_server();
+    }
+
+    fn check_server(&self) {
+        let s = &self.server;
+        assert!(s.table().len() <= MAX_CLIENTS, "table over its bound");
+        assert!(s.stored_bytes() <= STORE_BYTES, "store over its bound");
+        for (_, e) in s.table().iter() {
+            assert!(!victims().contains(&e.addr), "a spoofed address got a row");
+            let mail: Vec<_> = s.mailbox(&e.name).collect();
+            assert!(mail.len() <= MAILBOX_MESSAGES, "mailbox over its bound");
+            let bytes: usize = mail.iter().map(|m| m.size()).sum();
+            assert!(bytes <= MAILBOX_BYTES, "mailbox over its byte bound");
+            for m in mail {
+                assert!(!matches!(m.body, Body::Clear(_)), "mail kept in clear");
+            }
+        }
+        let _ = self.start;
+    }
+
+    /// After a commit the store holds exactly the server's mailboxes.
+    fn check_store(&mut self) {
+        let loaded = self.store.load().expect("memory store");
+        let mut stored: Vec<(MailId, Name)> =
+            loaded.mail.iter().map(|m| (m.mail, m.to.clone())).collect();
+        stored.sort();
+        let mut held: Vec<(MailId, Name)> = self
+            .server
+            .table()
+            .iter()
+            .flat_map(|(_, e)| self.server.mailbox(&e.name).map(|m| (m.mail, m.to.clone())))
+            .collect();
+        held.sort();
+        assert_eq!(stored, held, "store and server disagree");
+    }
 }
 
-/// The `i`-th newest remembered value (modulo how many there are).
-fn newest<T: Copy>(ring: &VecDeque<(T, SocketAddr)>, i: u8) -> (T, SocketAddr) {
-    ring[ring.len() - 1 - usize::from(i) % ring.len()]
-}
-
-/// Reads a script; past the end every read yields zeros.
+/// Reads script bytes; past the end, zeros.
 struct Reader<'a> {
     data: &'a [u8],
 }
@@ -550,269 +684,40 @@ impl<'a> Reader<'a> {
     }
 
     fn take(&mut self, n: usize) -> &'a [u8] {
-        let (head, rest) = self.data.split_at(n.min(self.data.len()));
+        let n = n.min(self.data.len());
+        let (head, rest) = self.data.split_at(n);
         self.data = rest;
         head
     }
 
-    fn array<const N: usize>(&mut self) -> [u8; N] {
-        let mut out = [0; N];
-        let head = self.take(N);
-        out[..head.len()].copy_from_slice(head);
-        out
-    }
-
     fn byte(&mut self) -> u8 {
-        self.array::<1>()[0]
-    }
-
-    fn bool(&mut self) -> bool {
-        self.byte() & 1 == 1
+        self.take(1).first().copied().unwrap_or(0)
     }
 
     fn u16(&mut self) -> u16 {
-        u16::from_le_bytes(self.array())
+        u16::from_le_bytes([self.byte(), self.byte()])
     }
 
     fn u32(&mut self) -> u32 {
-        u32::from_le_bytes(self.array())
-    }
-
-    fn u64(&mut self) -> u64 {
-        u64::from_le_bytes(self.array())
-    }
-
-    /// A length (u16, up to just over one datagram) and that many bytes.
-    fn raw_datagram(&mut self) -> &'a [u8] {
-        let n = usize::from(self.u16()) % (wire::MAX_DATAGRAM + 2);
-        self.take(n)
-    }
-
-    fn addr(&mut self) -> SocketAddr {
-        let all = addrs();
-        all[usize::from(self.byte()) % all.len()]
-    }
-
-    /// Where a datagram comes from: one of [`addrs`], or (two values in
-    /// ten) the address of the value picked last, else `default`.
-    fn source(&mut self, memory: &Memory, default: SocketAddr) -> SocketAddr {
-        let b = self.byte() % 10;
-        let all = addrs();
-        match all.get(usize::from(b)) {
-            Some(&addr) => addr,
-            None => memory.hint.unwrap_or(default),
-        }
-    }
-
-    fn name(&mut self) -> Name {
-        let b = self.byte() % (RAW_NAME + 1);
-        let raw;
-        let s = match NAMES.get(usize::from(b)) {
-            Some(s) => *s,
-            None => {
-                let n = usize::from(self.byte() % 40);
-                raw = String::from_utf8_lossy(self.take(n)).into_owned();
-                &raw
-            }
-        };
-        Name::new(s).unwrap_or_else(|_| Name::new("Invalid").expect("valid name"))
-    }
-
-    fn text(&mut self) -> Text {
-        let s = match self.byte() {
-            // Over the limit and multi-byte: exercises the bound and UTF-8
-            // boundaries in the encoder.
-            LONG_TEXT => "€".repeat(usize::from(self.u16() % 340)),
-            n => String::from_utf8_lossy(self.take(usize::from(n % 64) + 1)).into_owned(),
-        };
-        Text::new(&s).unwrap_or_else(|_| Text::new("…").expect("valid text"))
-    }
-
-    fn seq(&mut self, memory: &mut Memory) -> Seq {
-        let b = self.byte();
-        if b < RAW && !memory.seqs.is_empty() {
-            let (seq, addr) = newest(&memory.seqs, b);
-            memory.hint = Some(addr);
-            return seq;
-        }
-        Seq(self.u32())
-    }
-
-    fn token(&mut self, memory: &mut Memory) -> Token {
-        let b = self.byte();
-        if b < RAW && !memory.tokens.is_empty() {
-            let (token, addr) = newest(&memory.tokens, b);
-            memory.hint = Some(addr);
-            return token;
-        }
-        Token(self.array())
-    }
-
-    fn number(&mut self, memory: &mut Memory) -> u64 {
-        let b = self.byte();
-        if b < RAW && !memory.numbers.is_empty() {
-            let (n, addr) = newest(&memory.numbers, b);
-            memory.hint = Some(addr);
-            return n;
-        }
-        self.u64()
-    }
-
-    fn entry(&mut self) -> Entry {
-        Entry {
-            name: self.name(),
-            addr: self.addr(),
-            online: self.bool(),
-        }
-    }
-
-    fn entries(&mut self) -> Entries {
-        let n = usize::from(self.byte()) % (wire::PAGE_ENTRIES + 1);
-        (0..n).map(|_| self.entry()).collect()
-    }
-
-    /// A well-formed message: the variant by index (as on the wire), the
-    /// fields from the following bytes or from [`Memory`].
-    fn message(&mut self, m: &mut Memory) -> Message {
-        m.hint = None;
-        match self.byte() % 20 {
-            0 => Message::Register {
-                seq: self.seq(m),
-                name: self.name(),
-            },
-            1 => Message::Deregister {
-                seq: self.seq(m),
-                token: self.token(m),
-            },
-            2 => Message::SaveMessage {
-                seq: self.seq(m),
-                token: self.token(m),
-                to: self.name(),
-                id: MsgId(self.number(m)),
-                text: self.text(),
-            },
-            3 => Message::ChannelSend {
-                seq: self.seq(m),
-                token: self.token(m),
-                id: MsgId(self.number(m)),
-                text: self.text(),
-            },
-            4 => Message::Sync {
-                seq: self.seq(m),
-                token: self.token(m),
-                since: self.number(m),
-                from: self.u32(),
-            },
-            5 => Message::Heartbeat {
-                seq: self.seq(m),
-                token: self.token(m),
-                version: self.number(m),
-            },
-            6 => Message::Delivered {
-                token: self.token(m),
-                mail: MailId(self.number(m)),
-            },
-            7 => Message::ProbeReply {
-                nonce: self.number(m),
-            },
-            8 => Message::Welcome {
-                seq: self.seq(m),
-                token: self.token(m),
-                version: self.number(m),
-                mail: self.u32() % 64,
-            },
-            9 => Message::Rejected { seq: self.seq(m) },
-            10 => Message::Ack { seq: self.seq(m) },
-            11 => Message::Exists {
-                seq: self.seq(m),
-                entry: self.entry(),
-            },
-            12 => Message::Refused {
-                seq: self.seq(m),
-                reason: match self.byte() % 4 {
-                    0 => Refusal::MailboxFull,
-                    1 => Refusal::UnknownRecipient,
-                    2 => Refusal::UnknownSession,
-                    _ => Refusal::Busy,
-                },
-            },
-            13 => Message::Page {
-                seq: self.seq(m),
-                version: self.number(m),
-                entries: self.entries(),
-                next: self.bool().then(|| self.u32() % 64),
-            },
-            14 => Message::Delta {
-                prev: self.number(m),
-                version: self.number(m),
-                entries: self.entries(),
-            },
-            15 => Message::Deliver {
-                mail: MailId(self.number(m)),
-                // A welcome's seq echoed back, so batches can match.
-                batch: Seq(self.number(m) as u32),
-                pos: self.bool().then(|| self.u32() % 64),
-                from: self.name(),
-                channel: self.bool(),
-                stored_at: self.u64() as i64,
-                id: MsgId(self.number(m)),
-                text: self.text(),
-            },
-            16 => Message::Probe {
-                nonce: self.number(m),
-                name: self.name(),
-            },
-            17 => Message::Chat {
-                from: self.name(),
-                to: self.name(),
-                id: MsgId(self.number(m)),
-                text: self.text(),
-            },
-            18 => Message::ChatAck {
-                id: MsgId(self.number(m)),
-            },
-            _ => Message::Alive {
-                seq: self.seq(m),
-                version: self.number(m),
-            },
-        }
-    }
-
-    /// A console line that parses: `send <name> <text>`, `send_all`, …
-    fn command(&mut self) -> String {
-        match self.byte() % command::COUNT {
-            command::SEND => {
-                let to = self.name();
-                format!("send {to} {}", self.text())
-            }
-            command::SEND_ALL => format!("send_all {}", self.text()),
-            command::DEREG => format!("dereg {}", self.name()),
-            command::REG => format!("reg {}", self.name()),
-            command::LIST => "list".to_string(),
-            _ => "help".to_string(),
-        }
+        u32::from_le_bytes([self.byte(), self.byte(), self.byte(), self.byte()])
     }
 }
 
-// ---- seeds ------------------------------------------------------------------
+// ---- samples and seeds -----------------------------------------------------------
 
-/// One message of every variant, with fields that take every wire path
-/// (multi-byte names and text, v4 and v6 addresses, `Some` and `None`).
+/// One message of every variant, named, for seeds and hostile-input tests.
 pub fn sample_messages() -> Vec<(&'static str, Message)> {
-    let name = |s| Name::new(s).expect("valid name");
-    let text = |s| Text::new(s).expect("valid text");
-    let token = Token([7; 16]);
-    let v4 = Entry {
-        name: name("Alice"),
-        addr: SocketAddr::from(([127, 0, 0, 1], 2000)),
+    let name = |s: &str| Name::new(s).expect("a valid name");
+    let text = |s: &str| Text::new(s).expect("a valid text");
+    let key = keypair(5).public();
+    let entry = Entry {
+        name: name("Bob"),
+        addr: SocketAddr::from(([127, 0, 0, 1], 3000)),
         online: true,
+        key,
     };
-    let v6 = Entry {
-        name: name("张伟"),
-        addr: SocketAddr::from((Ipv6Addr::LOCALHOST, 65535)),
-        online: false,
-    };
-    let entries: Entries = [v4.clone(), v6].into_iter().collect();
+    let entries: wire::Entries = [entry.clone()].into_iter().collect();
+    let sealed: wire::Sealed = (0..60u8).collect();
     vec![
         (
             "register",
@@ -821,327 +726,270 @@ pub fn sample_messages() -> Vec<(&'static str, Message)> {
                 name: name("Alice"),
             },
         ),
-        ("deregister", Message::Deregister { seq: Seq(2), token }),
+        ("deregister", Message::Deregister { seq: Seq(2) }),
         (
             "save_message",
             Message::SaveMessage {
                 seq: Seq(3),
-                token,
                 to: name("Bob"),
                 id: MsgId(4),
-                text: text("hello 你好"),
+                sealed: sealed.clone(),
             },
         ),
         (
             "channel_send",
             Message::ChannelSend {
-                seq: Seq(u32::MAX),
-                token,
-                id: MsgId(u64::MAX),
-                text: text("hi all"),
+                seq: Seq(5),
+                id: MsgId(6),
+                text: text("hello all"),
             },
         ),
         (
             "sync",
             Message::Sync {
-                seq: Seq(5),
-                token,
-                since: 300,
+                seq: Seq(7),
+                since: 3,
                 from: 20,
             },
         ),
         (
             "heartbeat",
             Message::Heartbeat {
-                seq: Seq(6),
-                token,
-                version: 7,
+                seq: Seq(8),
+                version: 9,
             },
         ),
-        (
-            "delivered",
-            Message::Delivered {
-                token,
-                mail: MailId(8),
-            },
-        ),
+        ("delivered", Message::Delivered { mail: MailId(10) }),
         ("probe_reply", Message::ProbeReply { nonce: 1 << 40 }),
+        ("path_response", Message::PathResponse { nonce: 7 }),
         (
             "welcome",
             Message::Welcome {
-                seq: Seq(9),
-                token,
-                version: 10,
+                seq: Seq(11),
+                version: 12,
                 mail: 2,
+                reset: [3; TOKEN_LEN],
             },
         ),
-        ("rejected", Message::Rejected { seq: Seq(11) }),
-        ("ack", Message::Ack { seq: Seq(12) }),
+        (
+            "rejected",
+            Message::Rejected {
+                seq: Seq(13),
+                reason: wire::Rejection::OtherKey,
+            },
+        ),
+        ("ack", Message::Ack { seq: Seq(14) }),
         (
             "exists",
             Message::Exists {
-                seq: Seq(13),
-                entry: v4,
+                seq: Seq(15),
+                entry: entry.clone(),
             },
         ),
         (
             "refused",
             Message::Refused {
-                seq: Seq(14),
+                seq: Seq(16),
                 reason: Refusal::MailboxFull,
             },
         ),
         (
             "page",
             Message::Page {
-                seq: Seq(15),
-                version: 16,
+                seq: Seq(17),
+                version: 18,
                 entries: entries.clone(),
-                next: Some(2),
+                next: Some(1),
             },
         ),
         (
             "delta",
             Message::Delta {
-                prev: 16,
-                version: 17,
+                prev: 18,
+                version: 19,
                 entries,
             },
         ),
         (
-            "deliver",
+            "deliver_sealed",
             Message::Deliver {
-                mail: MailId(18),
-                batch: Seq(12),
+                mail: MailId(20),
+                batch: Seq(21),
                 pos: Some(0),
+                stored_at: EPOCH_UNIX,
                 from: name("Bob"),
-                channel: false,
-                stored_at: -1,
-                id: MsgId(19),
-                text: text("stored 😀"),
+                content: Content::Sealed { key, sealed },
             },
         ),
         (
-            "probe",
-            Message::Probe {
-                nonce: 20,
-                name: name("Alice"),
-            },
-        ),
-        (
-            "chat",
-            Message::Chat {
+            "deliver_relayed",
+            Message::Deliver {
+                mail: MailId(22),
+                batch: Seq(21),
+                pos: None,
+                stored_at: EPOCH_UNIX,
                 from: name("Bob"),
-                to: name("Alice"),
-                id: MsgId(21),
-                text: text("hey"),
+                content: Content::Relayed {
+                    channel: true,
+                    id: MsgId(23),
+                    text: text("to all"),
+                },
             },
         ),
-        ("chat_ack", Message::ChatAck { id: MsgId(21) }),
+        ("probe", Message::Probe { nonce: 24 }),
         (
             "alive",
             Message::Alive {
-                seq: Seq(22),
-                version: 23,
+                seq: Seq(25),
+                version: 26,
             },
         ),
+        ("path_challenge", Message::PathChallenge { nonce: 27 }),
+        (
+            "chat",
+            Message::Chat {
+                from: name("Alice"),
+                to: name("Bob"),
+                id: MsgId(28),
+                text: text("hi"),
+            },
+        ),
+        ("chat_ack", Message::ChatAck { id: MsgId(29) }),
     ]
 }
 
-/// Writes scripts in the format [`Reader`] reads.
-struct Writer(Vec<u8>);
+/// Real datagrams of every packet type, as a run of the world produces them
+/// (handshakes, sessions, retries, resets), for seeds and hostile tests.
+pub fn sample_datagrams(start: Instant) -> Vec<Vec<u8>> {
+    let mut w = World::new(start, true);
+    let mut out = Vec::new();
+    for _ in 0..40 {
+        while let Some(f) = w.net.pop_front() {
+            out.push(f.payload.clone());
+            w.deliver(f);
+        }
+        w.commit();
+        if w.net.is_empty() {
+            break;
+        }
+    }
+    out.truncate(64);
+    out
+}
 
-impl Writer {
-    fn bytes(mut self, b: &[u8]) -> Self {
-        self.0.extend_from_slice(b);
+/// A script writer for the committed seeds.
+#[derive(Default)]
+struct Script(Vec<u8>);
+
+impl Script {
+    fn step(mut self, s: u8, args: &[u8]) -> Self {
+        self.0.push(s);
+        self.0.extend_from_slice(args);
         self
     }
-    fn advance(self, step: u8, ms: u16) -> Self {
-        self.bytes(&[step]).bytes(&ms.to_le_bytes())
-    }
-    fn raw_seq(self, seq: u32) -> Self {
-        self.bytes(&[RAW]).bytes(&seq.to_le_bytes())
-    }
-    fn text(self, s: &str) -> Self {
-        let n = u8::try_from(s.len() - 1).expect("short seed text");
-        self.bytes(&[n]).bytes(s.as_bytes())
+
+    /// Delivers everything in flight (committing as the driver would),
+    /// `n` rounds.
+    fn settle(mut self, n: usize) -> Self {
+        for _ in 0..n {
+            for _ in 0..12 {
+                self = self.step(step::DELIVER, &[]);
+            }
+            self = self.step(step::COMMIT, &[]);
+        }
+        self
     }
 }
 
-/// Name indexes used by the seeds.
-const ALICE: u8 = 0;
-const BOB: u8 = 1;
-const CAROL: u8 = 2;
-/// [`Reader::source`]: "where the value picked last was sent".
-const HINTED: u8 = 8;
-
-/// The committed seed corpus: `(target, file name, contents)`. Decode seeds
-/// are real datagrams, one per variant; server and client seeds are scripts
-/// that hold real sessions (registration, mail, probes, timeouts).
+/// The committed seed corpus: (target, file name, bytes).
 pub fn seeds() -> Vec<(&'static str, String, Vec<u8>)> {
     let mut out = Vec::new();
     for (name, msg) in sample_messages() {
         out.push(("decode", format!("seed-{name}"), wire::encode_to_vec(&msg)));
     }
-    // The longest datagrams.
-    let long = Text::new(&"😀".repeat(wire::MAX_TEXT / 4)).expect("valid text");
-    let chat = Message::Chat {
-        from: Name::new(NAMES[4]).expect("valid name"),
-        to: Name::new(NAMES[4]).expect("valid name"),
-        id: MsgId(u64::MAX),
-        text: long,
-    };
-    out.push(("decode", "seed-chat-max".into(), wire::encode_to_vec(&chat)));
-
-    let (msg, raw, adv, deadline, commit) = (
-        server_step::MESSAGE,
-        server_step::RAW,
-        server_step::ADVANCE,
-        server_step::DEADLINE,
-        server_step::COMMIT,
-    );
-    let [a1, a2, a3] = [1, 2, 3];
-    // Alice and Bob register, commit, Alice's session saves mail for Carol
-    // (offline, unknown) and Bob, sends to the channel; time passes.
-    let sessions = Writer(vec![1, 0, 0])
-        .bytes(&[msg, 0])
-        .raw_seq(1)
-        .bytes(&[ALICE, a1])
-        .bytes(&[msg, 0])
-        .raw_seq(1)
-        .bytes(&[BOB, a2, commit])
-        // SaveMessage with Alice's token (Bob's is the newest), to Carol.
-        .bytes(&[msg, 2])
-        .raw_seq(2)
-        .bytes(&[1, CAROL, RAW])
-        .bytes(&5u64.to_le_bytes())
-        .text("for carol")
-        .bytes(&[HINTED, commit])
-        // ChannelSend from Alice.
-        .bytes(&[msg, 3])
-        .raw_seq(3)
-        .bytes(&[1, RAW])
-        .bytes(&6u64.to_le_bytes())
-        .text("hello all")
-        .bytes(&[HINTED, commit])
-        .advance(adv, 400)
-        .bytes(&[deadline, commit, deadline, commit])
-        .advance(adv, 40_000)
-        .bytes(&[commit]);
-    out.push(("server", "seed-sessions".into(), sessions.0));
-    // A loaded store (two clients, mail for one) and a client logging back
-    // in, acking its delivery; then garbage.
-    let loaded = Writer(vec![2, 2, ALICE, a1, BOB, a2, 1])
-        .bytes(&[0, BOB, 0])
-        .bytes(&[0; 8])
-        .bytes(&[0])
-        .bytes(&[5])
-        .bytes(b"hello")
-        .bytes(&[msg, 0])
-        .raw_seq(7)
-        .bytes(&[ALICE, a1, commit])
-        // Delivered with the welcome's token and the delivery's mail id.
-        .bytes(&[msg, 6, 0, 1, HINTED, commit])
-        .bytes(&[raw, a3, 4, 0, 1, 0xff, 0, 0])
-        .bytes(&[deadline, commit]);
-    out.push(("server", "seed-loaded".into(), loaded.0));
-    // A name held by a live client at another address: the probe, its
-    // reply, and a registration over a silent holder.
-    let probe = Writer(vec![3, 0, 0])
-        .bytes(&[msg, 0])
-        .raw_seq(1)
-        .bytes(&[ALICE, a1, commit])
-        .bytes(&[msg, 0])
-        .raw_seq(2)
-        .bytes(&[ALICE, a2, commit])
-        // ProbeReply with the probe's nonce, from where it was sent.
-        .bytes(&[msg, 7, 0, HINTED, commit])
-        .bytes(&[msg, 0])
-        .raw_seq(3)
-        .bytes(&[ALICE, a3, commit])
-        .bytes(&[deadline, commit, deadline, commit, deadline, commit]);
-    out.push(("server", "seed-probe".into(), probe.0));
-
-    let (cmsg, cline, ccmd, cadv, cdeadline) = (
-        client_step::MESSAGE,
-        client_step::LINE,
-        client_step::COMMAND,
-        client_step::ADVANCE,
-        client_step::DEADLINE,
-    );
-    let server = 0;
-    // Welcome (echoing the registration's seq), a table page, a direct
-    // message both ways, stored mail, a channel message, heartbeats.
-    let session = Writer(vec![9, 2])
-        .bytes(&[cmsg, 8, 0, RAW])
-        .bytes(&[1; 16])
-        .bytes(&[RAW])
-        .bytes(&1u64.to_le_bytes())
-        .bytes(&[0, 0, 0, 0, server])
-        // Page answering the sync: Alice and Bob online.
-        .bytes(&[cmsg, 13, 0, RAW])
-        .bytes(&2u64.to_le_bytes())
-        .bytes(&[2, ALICE, 1, 1, BOB, 2, 1, 0, server])
-        .bytes(&[ccmd, command::SEND, BOB])
-        .text("hi bob")
-        .bytes(&[cmsg, 18, 0, 2])
-        .bytes(&[cmsg, 17, BOB, ALICE, RAW])
-        .bytes(&3u64.to_le_bytes())
-        .text("hi alice")
-        .bytes(&[2])
-        .bytes(&[cmsg, 15, RAW])
-        .bytes(&4u64.to_le_bytes())
-        .bytes(&[0, CAROL, 1])
-        .bytes(&[0; 8])
-        .bytes(&[RAW])
-        .bytes(&5u64.to_le_bytes())
-        .text("channel")
-        .bytes(&[server])
-        .bytes(&[ccmd, command::SEND, CAROL])
-        .text("offline?")
-        .bytes(&[ccmd, command::SEND_ALL])
-        .text("all")
-        .advance(cadv, 600)
-        .bytes(&[cdeadline, cdeadline, cdeadline])
-        .bytes(&[ccmd, command::LIST, ccmd, command::HELP]);
-    out.push(("client", "seed-session".into(), session.0));
-    // Typed lines before and after a silent server: queued commands, the
-    // give-up path and the exit.
-    let typed = b"send Bob hi\nlist\nsend_all x\ndereg Alice\nreg Alice\nhelp";
-    let silent = Writer(vec![1, 9])
-        .bytes(&[cline])
-        .bytes(&(typed.len() as u16).to_le_bytes())
-        .bytes(typed)
-        .bytes(&[cdeadline; 12]);
-    out.push(("client", "seed-silent".into(), silent.0));
-    // Registered, then dereg and reg again with a stored-mail batch.
-    let logback = Writer(vec![4, 0])
-        .bytes(&[cmsg, 8, 0, RAW])
-        .bytes(&[2; 16])
-        .bytes(&[RAW])
-        .bytes(&1u64.to_le_bytes())
-        .bytes(&[0, 0, 0, 0, server])
-        .bytes(&[cmsg, 13, 0, RAW])
-        .bytes(&1u64.to_le_bytes())
-        .bytes(&[1, ALICE, 1, 1, 0, server])
-        .bytes(&[ccmd, command::DEREG, ALICE])
-        .bytes(&[cmsg, 10, 0, server])
-        .bytes(&[ccmd, command::REG, ALICE])
-        .bytes(&[cmsg, 8, 0, RAW])
-        .bytes(&[3; 16])
-        .bytes(&[RAW])
-        .bytes(&2u64.to_le_bytes())
-        .bytes(&[2, 0, 0, 0, server])
-        .bytes(&[cmsg, 15, RAW])
-        .bytes(&9u64.to_le_bytes())
-        .bytes(&[1, 1, 0, 0, 0, BOB, 0])
-        .bytes(&[0; 8])
-        .bytes(&[RAW])
-        .bytes(&1u64.to_le_bytes())
-        .text("one")
-        .bytes(&[server])
-        .bytes(&[cadv, 0x88, 0x13, cdeadline, cdeadline]);
-    out.push(("client", "seed-logback".into(), logback.0));
+    let cookie = [7u8; COOKIE_LEN];
+    let token = [8u8; TOKEN_LEN];
+    let noise = [9u8; packet::XX1_LEN];
+    for (name, p) in [
+        (
+            "packet-initial",
+            Packet::Initial {
+                sender: 1,
+                cookie: Some(&cookie),
+                noise: &noise,
+            },
+        ),
+        (
+            "packet-reset",
+            Packet::Reset {
+                receiver: 2,
+                token: &token,
+            },
+        ),
+        (
+            "packet-data",
+            Packet::Data {
+                receiver: 3,
+                nonce: 4,
+                ciphertext: &[5; 40],
+            },
+        ),
+    ] {
+        out.push(("decode", format!("seed-{name}"), p.to_vec()));
+    }
+    let join = Script::default().settle(4);
+    let chat = Script(join.0.clone())
+        .step(step::LINE, &[0, 0, 1])
+        .settle(3)
+        .step(step::LINE, &[1, 3, 1])
+        .settle(3);
+    let mail = Script(join.0.clone())
+        .step(step::LINE, &[1, 4, 0])
+        .settle(3)
+        .step(step::LINE, &[0, 0, 1])
+        .step(step::DEADLINE, &[])
+        .settle(2)
+        .step(step::DEADLINE, &[])
+        .settle(3)
+        .step(step::LINE, &[1, 5, 0])
+        .settle(4);
+    let tamper = Script::default()
+        .step(step::DELIVER, &[])
+        .step(step::TAMPER, &[0, 0, 10, 0, 3])
+        .step(step::DEADLINE, &[])
+        .settle(4)
+        .step(step::TAMPER, &[0, 1, 40, 0, 0xff])
+        .settle(2);
+    let replay = Script(chat.0.clone())
+        .step(step::REPLAY, &[0, 0])
+        .step(step::REPLAY, &[5, 1])
+        .step(step::REPLAY, &[9, 2])
+        .step(step::REDIRECT, &[0, 1])
+        .settle(2);
+    let restart = Script(join.0.clone())
+        .step(step::RESTART, &[])
+        .step(step::ADVANCE, &[0x10, 0x27])
+        .step(step::LINE, &[0, 3, 2])
+        .settle(6);
+    let forge = Script(join.0.clone())
+        .step(step::FORGE, &[0, 1, 0, 0, 0, 0, 0, 0, 0, 0])
+        .step(step::FORGE, &[1, 2, 1, 2, 3, 4, 5, 6, 7, 8, 1])
+        .step(step::FORGE, &[0, 3, 9, 9, 9, 9, 4, 9])
+        .step(step::RAW, &[0, 4, 1, 0, 7, 7])
+        .settle(2);
+    for target in ["server", "client"] {
+        for (name, s) in [
+            ("join", &join),
+            ("chat", &chat),
+            ("mail", &mail),
+            ("tamper", &tamper),
+            ("replay", &replay),
+            ("restart", &restart),
+            ("forge", &forge),
+        ] {
+            out.push((target, format!("seed-{name}"), s.0.clone()));
+        }
+    }
     out
 }
 
@@ -1150,10 +998,52 @@ mod tests {
     use super::*;
 
     #[test]
-    fn every_pool_name_is_a_valid_name() {
-        // An invalid one would silently become the fallback name.
-        for s in NAMES {
-            assert!(Name::new(s).is_ok(), "{s:?}");
+    fn the_join_seed_registers_both_clients() {
+        let start = Instant::now();
+        let mut w = World::new(start, true);
+        for _ in 0..4 {
+            while let Some(f) = w.net.pop_front() {
+                w.deliver(f);
+            }
+            w.commit();
         }
+        assert!(w.nodes.iter().all(|n| n.client.is_online()));
+        assert_eq!(w.server.table().len(), 2);
+    }
+
+    #[test]
+    fn sample_datagrams_cover_the_handshake_and_session_types() {
+        let kinds: std::collections::BTreeSet<u8> = sample_datagrams(Instant::now())
+            .iter()
+            .map(|d| d[1])
+            .collect();
+        // Initial, Retry, Response, Finish, Data.
+        for k in 1..=5 {
+            assert!(kinds.contains(&k), "no packet of type {k}: {kinds:?}");
+        }
+    }
+
+    #[test]
+    fn a_victim_address_is_never_amplified() {
+        let start = Instant::now();
+        let mut w = World::new(start, true);
+        // A first message from a spoofed source: one small retry at most.
+        let mut hs = crypto::client_handshake(&keypair(50), [1; 32]);
+        let mut buf = [0u8; packet::XX1_LEN + packet::TAG_LEN];
+        hs.write_message(&[], &mut buf).unwrap();
+        let p = Packet::Initial {
+            sender: 1,
+            cookie: None,
+            noise: (&buf[..packet::XX1_LEN]).try_into().expect("32 bytes"),
+        }
+        .to_vec();
+        w.deliver(Flight {
+            from: victims()[0],
+            to: server_addr(),
+            payload: p,
+        });
+        let (got, sent) = w.victim_bytes[&victims()[0]];
+        assert!(sent > 0 && sent <= AMPLIFICATION * got, "{sent} vs {got}");
+        assert_eq!(w.server.sessions(), (0, 0));
     }
 }

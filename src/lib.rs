@@ -17,12 +17,18 @@
 //! ```no_run
 //! use std::net::UdpSocket;
 //! use std::time::Instant;
-//! use udpchat::{Client, ClientConfig, Event, wire::Name};
+//! use udpchat::{Client, ClientConfig, Event, crypto::Keypair, wire::Name};
 //!
 //! let socket = UdpSocket::bind("0.0.0.0:2000")?;
 //! let server = "127.0.0.1:1024".parse().unwrap();
 //! let name = Name::new("Alice").unwrap();
-//! let mut client = Client::new(ClientConfig::new(name, server, [7; 32]), Instant::now());
+//! // Seeds and the key's 32 secret bytes come from the OS in real use (the
+//! // `udpchat` binary keeps the key in a 0600 file).
+//! let key = Keypair::from_secret([9; 32]);
+//! // `None`: first contact; keep the key of `Event::ServerKeyLearned` and
+//! // pass it here next time, so a server with another key is refused.
+//! let config = ClientConfig::new(name, server, [7; 32], key, None);
+//! let mut client = Client::new(config, Instant::now());
 //! client.handle_line(Instant::now(), "send Bob hello");
 //! let mut buf = [0u8; 1500];
 //! loop {
@@ -89,6 +95,9 @@ pub const TICK: Duration = Duration::from_millis(5);
 pub struct Transmit {
     /// Destination.
     pub to: SocketAddr,
-    /// Encoded message (at most [`wire::MAX_DATAGRAM`] bytes).
+    /// The datagram (at most [`wire::MAX_DATAGRAM`] bytes).
     pub payload: Vec<u8>,
+    /// What it carries (its contents are encrypted): for logs, counters and
+    /// tests.
+    pub what: wire::What,
 }

@@ -9,7 +9,7 @@ use std::time::Duration;
 use udpchat::driver::{self, Fatal};
 use udpchat::wire::Name;
 
-const USAGE: &str = "usage: udpchat -s <port> [options] | udpchat -c <name> <server-ip> <server-port> <client-port> [--heartbeat SECS]";
+const USAGE: &str = "usage: udpchat -s <port> [options] | udpchat -c <name> <server-ip> <server-port> <client-port> [--key FILE] [--heartbeat SECS] | udpchat --release <name> [--data-dir DIR]";
 
 const HELP: &str = "
   -s <port>               run the registry server on <port> (1024-65535)
@@ -21,7 +21,11 @@ const HELP: &str = "
     --heartbeat SECS      the clients' heartbeat interval; 3 missed = offline (default 10)
   -c <name> <server-ip> <server-port> <client-port>
                           run a client named <name> on <client-port>
+    --key FILE            the key that owns <name> (default $XDG_CONFIG_HOME/udpchat/<name>.key,
+                          else ~/.config/udpchat/<name>.key; created on first start)
     --heartbeat SECS      tell the server every SECS seconds that you are here (default 10)
+  --release <name>        (server stopped) free <name> in --data-dir: the next key to
+                          register it owns it; its stored messages are deleted
   -h, --help              show this help
   -V, --version           show the version";
 
@@ -36,12 +40,8 @@ const SERVER_ONLY: [&str; 5] = [
 
 enum Mode {
     Server(driver::server::Options),
-    Client {
-        name: Name,
-        server: SocketAddr,
-        port: u16,
-        heartbeat: Duration,
-    },
+    Client(driver::client::Options),
+    Release { name: Name, data_dir: PathBuf },
     Help,
     Version,
 }
@@ -66,12 +66,8 @@ fn main() -> ExitCode {
             return ExitCode::SUCCESS;
         }
         Mode::Server(options) => driver::server::run(options),
-        Mode::Client {
-            name,
-            server,
-            port,
-            heartbeat,
-        } => driver::client::run(name, server, port, heartbeat),
+        Mode::Client(options) => driver::client::run(options),
+        Mode::Release { name, data_dir } => driver::server::release(&data_dir, &name),
     };
     match result {
         Ok(code) => ExitCode::from(u8::try_from(code).unwrap_or(1)),
@@ -92,6 +88,8 @@ fn parse(args: &[String]) -> Result<Mode, String> {
     opts.optopt("", "mailbox-bytes", "bytes per mailbox", "N");
     opts.optopt("", "store-bytes", "bytes stored in all", "N");
     opts.optopt("", "heartbeat", "heartbeat interval", "SECS");
+    opts.optopt("", "key", "client key file", "FILE");
+    opts.optopt("", "release", "release a name", "NAME");
     opts.optflag("h", "help", "show help");
     opts.optflag("V", "version", "show the version");
     let m = opts.parse(args).map_err(|e| e.to_string())?;
@@ -102,6 +100,24 @@ fn parse(args: &[String]) -> Result<Mode, String> {
         return Ok(Mode::Version);
     }
     let heartbeat = parse_heartbeat(m.opt_str("heartbeat"))?;
+    let data_dir = match m.opt_str("data-dir") {
+        Some(d) if d.is_empty() => return Err("--data-dir: an empty path".to_string()),
+        Some(d) => PathBuf::from(d),
+        None => PathBuf::from("udpchat-data"),
+    };
+    if let Some(name) = m.opt_str("release") {
+        if m.opt_present("s") || m.opt_present("c") {
+            return Err("--release goes alone (with --data-dir)".to_string());
+        }
+        if let Some(extra) = m.free.first() {
+            return Err(format!("unexpected argument '{extra}'"));
+        }
+        let name = Name::new(&name).map_err(|e| format!("name '{name}': {e}"))?;
+        return Ok(Mode::Release { name, data_dir });
+    }
+    if m.opt_present("key") && !m.opt_present("c") {
+        return Err("--key goes with -c".to_string());
+    }
     match (m.opt_str("s"), m.opt_str("c")) {
         (Some(_), Some(_)) => Err("-s and -c cannot be combined".to_string()),
         (Some(port), None) => {
@@ -119,10 +135,7 @@ fn parse(args: &[String]) -> Result<Mode, String> {
             };
             Ok(Mode::Server(driver::server::Options {
                 addr: SocketAddr::new(ip, port),
-                data_dir: PathBuf::from(
-                    m.opt_str("data-dir")
-                        .unwrap_or_else(|| "udpchat-data".to_string()),
-                ),
+                data_dir,
                 heartbeat,
                 mailbox_messages: limit("mailbox-messages", 1000)?,
                 mailbox_bytes: limit("mailbox-bytes", 1 << 20)?,
@@ -141,12 +154,17 @@ fn parse(args: &[String]) -> Result<Mode, String> {
             let ip = parse_ip("server-ip", ip)?;
             let server = SocketAddr::new(ip, parse_port("server-port", server_port)?);
             let port = parse_port("client-port", client_port)?;
-            Ok(Mode::Client {
+            let key = match m.opt_str("key") {
+                Some(k) if k.is_empty() => return Err("--key: an empty path".to_string()),
+                k => k.map(PathBuf::from),
+            };
+            Ok(Mode::Client(driver::client::Options {
                 name,
                 server,
                 port,
                 heartbeat,
-            })
+                key,
+            }))
         }
         (None, None) => Err("choose -s <port> (server) or -c ... (client)".to_string()),
     }

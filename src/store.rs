@@ -8,7 +8,8 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io;
 use std::net::SocketAddr;
 
-use crate::wire::{MailId, MsgId, Name};
+use crate::crypto::{self, Keypair, PublicKey, ServerSecrets};
+use crate::wire::{self, MailBody, MailId, MsgId, Name, Text};
 
 /// A message kept for a recipient until it acked it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -25,20 +26,104 @@ pub struct StoredMail {
     pub stored_at: i64,
     /// The sender's message id: (to, from, id) is unique in the store.
     pub id: MsgId,
-    /// The message (1–1000 bytes, checked when it arrived; kept at its own
-    /// size rather than in a fixed 1000-byte buffer).
-    pub text: String,
+    /// The message, never in clear text once the server has started.
+    pub body: Body,
 }
 
-/// Memory a stored message costs besides its text: the record, the names,
-/// the indexes. Counted so the byte limits bound real memory, not just text.
-pub const MAIL_OVERHEAD: usize = 128;
+/// A stored message's contents.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Body {
+    /// A direct message sealed by its sender to the recipient's key: the
+    /// server cannot read or alter it. `key` is the sender's static key
+    /// when it was stored.
+    Sealed {
+        /// The sender's key.
+        key: PublicKey,
+        /// The sealed [`crate::wire::MailBody`].
+        sealed: Vec<u8>,
+    },
+    /// A message the server encrypted with its storage key (a channel
+    /// message): salt, then the encrypted [`crate::wire::MailBody`].
+    AtRest(Vec<u8>),
+    /// A message stored in clear by a server of protocol version 1. The
+    /// server encrypts these at start ([`StoreOp::Rewrite`]).
+    Clear(String),
+}
+
+impl Body {
+    /// Bytes of the stored form.
+    pub fn len(&self) -> usize {
+        match self {
+            Body::Sealed { sealed, .. } => sealed.len(),
+            Body::AtRest(b) => b.len(),
+            Body::Clear(t) => t.len(),
+        }
+    }
+
+    /// Never true for a stored message; for clippy's len/is_empty pairing.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Memory a stored message costs besides its body: the record, the names,
+/// the indexes, a key. Counted so the byte limits bound real memory.
+pub const MAIL_OVERHEAD: usize = 160;
 
 impl StoredMail {
     /// Bytes counted against mailbox limits.
     pub fn size(&self) -> usize {
-        self.text.len() + MAIL_OVERHEAD
+        self.body.len() + MAIL_OVERHEAD
     }
+}
+
+impl StoredMail {
+    /// What the message says, as its recipient (with its key) would read
+    /// it; channel copies need the server's secrets. For tests and
+    /// checkers that hold every key: the server itself cannot open sealed
+    /// mail.
+    pub fn open(&self, recipient: &Keypair, server: &ServerSecrets) -> Option<MailBody> {
+        match &self.body {
+            Body::Sealed { key, sealed } => {
+                let plain = crypto::open_mail(recipient, &self.to, key, &self.from, sealed)?;
+                wire::decode_body(&plain)
+            }
+            Body::AtRest(blob) => {
+                let ad = at_rest_ad(&self.to, &self.from, self.channel, self.id);
+                wire::decode_body(&server.open_at_rest(&ad, blob)?)
+            }
+            Body::Clear(text) => Some(MailBody {
+                id: self.id,
+                text: Text::new(text).ok()?,
+            }),
+        }
+    }
+}
+
+/// What a message encrypted at rest is bound to: a row moved to another
+/// mailbox, or relabelled, no longer decrypts.
+pub(crate) fn at_rest_ad(to: &Name, from: &Name, channel: bool, id: MsgId) -> Vec<u8> {
+    let mut ad = b"udpchat 2 at rest".to_vec();
+    for name in [to, from] {
+        ad.push(name.as_str().len() as u8);
+        ad.extend_from_slice(name.as_str().as_bytes());
+    }
+    ad.push(u8::from(channel));
+    ad.extend_from_slice(&id.0.to_le_bytes());
+    ad
+}
+
+/// A registry row: a name, the address it was last seen at, and the key
+/// that owns it (`None` for a name registered before keys existed, or
+/// released by the operator: its next registration binds it).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientRecord {
+    /// The name.
+    pub name: Name,
+    /// Its last known address.
+    pub addr: SocketAddr,
+    /// The key that owns the name.
+    pub key: Option<PublicKey>,
 }
 
 /// One change to durable state.
@@ -53,22 +138,26 @@ pub enum StoreOp {
         /// The message.
         mail: MailId,
     },
-    /// A client registered: remember its name and the address it came from
-    /// (replaces an earlier address).
-    Client {
-        /// The name.
-        name: Name,
-        /// Its last known address.
-        addr: SocketAddr,
+    /// A client registered (or its address changed): remember its name, the
+    /// address it came from and the key that owns the name (replaces an
+    /// earlier address; a name's key changes only from none to one).
+    Client(ClientRecord),
+    /// Replace a stored message's body (a clear-text one of version 1,
+    /// encrypted at rest).
+    Rewrite {
+        /// The message.
+        mail: MailId,
+        /// Its new body.
+        body: Body,
     },
 }
 
 /// What a [`Store`] holds, as loaded when the server starts.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Loaded {
-    /// Every registered name with its last known address, in registration
-    /// order.
-    pub clients: Vec<(Name, SocketAddr)>,
+    /// Every registered name with its last known address and its key, in
+    /// registration order.
+    pub clients: Vec<ClientRecord>,
     /// Every stored message, in store order.
     pub mail: Vec<StoredMail>,
 }
@@ -88,7 +177,7 @@ pub trait Store {
 /// A [`Store`] that keeps everything in memory: nothing survives a restart.
 #[derive(Debug, Default)]
 pub struct MemoryStore {
-    clients: Vec<(Name, SocketAddr)>,
+    clients: Vec<ClientRecord>,
     index: HashMap<Name, usize>,
     mail: BTreeMap<MailId, StoredMail>,
     keys: HashSet<(Name, Name, MsgId)>,
@@ -132,13 +221,22 @@ impl Store for MemoryStore {
                         self.keys.remove(&(m.to, m.from, m.id));
                     }
                 }
-                StoreOp::Client { name, addr } => match self.index.get(name) {
-                    Some(&i) => self.clients[i].1 = *addr,
+                StoreOp::Client(c) => match self.index.get(&c.name) {
+                    Some(&i) => {
+                        let row = &mut self.clients[i];
+                        row.addr = c.addr;
+                        row.key = row.key.or(c.key);
+                    }
                     None => {
-                        self.index.insert(name.clone(), self.clients.len());
-                        self.clients.push((name.clone(), *addr));
+                        self.index.insert(c.name.clone(), self.clients.len());
+                        self.clients.push(c.clone());
                     }
                 },
+                StoreOp::Rewrite { mail, body } => {
+                    if let Some(m) = self.mail.get_mut(mail) {
+                        m.body = body.clone();
+                    }
+                }
             }
         }
         Ok(())

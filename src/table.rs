@@ -25,8 +25,9 @@
 //!
 //! let addr: SocketAddr = "127.0.0.1:4000".parse().unwrap();
 //! let mut dir = Directory::new(100);
-//! for i in 0..30 {
-//!     dir.insert(Name::new(&format!("c{i}")).unwrap(), addr, true).unwrap();
+//! for i in 0..30u8 {
+//!     let key = udpchat::crypto::PublicKey([i; 32]);
+//!     dir.insert(Name::new(&format!("c{i}")).unwrap(), addr, true, key).unwrap();
 //! }
 //!
 //! let mut local = LocalTable::new(100);
@@ -46,6 +47,7 @@ use std::collections::{BTreeMap, HashMap};
 
 use core::net::SocketAddr;
 
+use crate::crypto::PublicKey;
 use crate::wire::{Entries, Entry, Name, PAGE_ENTRIES};
 
 /// Rows one [`Directory::page`] call looks at, at most: a sparse catch-up
@@ -164,6 +166,7 @@ impl Directory {
         name: Name,
         addr: SocketAddr,
         online: bool,
+        key: PublicKey,
     ) -> Result<ClientId, TableFull> {
         if let Some(id) = self.lookup(&name) {
             self.set(id, addr, online);
@@ -178,6 +181,7 @@ impl Directory {
                 name: name.clone(),
                 addr,
                 online,
+                key,
             },
             changed_at: 0,
             dirty: false,
@@ -199,6 +203,20 @@ impl Directory {
         }
         row.entry.addr = addr;
         row.entry.online = online;
+        self.touch(id);
+        true
+    }
+
+    /// Binds a row's name to `key` (a name registered before keys existed,
+    /// or released by the operator, is bound by its next registration).
+    pub fn set_key(&mut self, id: ClientId, key: PublicKey) -> bool {
+        let Some(row) = self.rows.get_mut(id.0 as usize) else {
+            return false;
+        };
+        if row.entry.key == key {
+            return false;
+        }
+        row.entry.key = key;
         self.touch(id);
         true
     }
@@ -530,13 +548,15 @@ mod tests {
             name: name(i),
             addr: addr(port),
             online,
+            key: PublicKey([1; 32]),
         }
     }
 
     fn directory(rows: usize, max_rows: usize) -> Directory {
         let mut dir = Directory::new(max_rows);
         for i in 0..rows {
-            dir.insert(name(i), addr(i as u16), true).unwrap();
+            dir.insert(name(i), addr(i as u16), true, PublicKey([1; 32]))
+                .unwrap();
         }
         dir
     }
@@ -566,13 +586,22 @@ mod tests {
 
     #[test]
     fn deltas_chunk_chain_and_end_at_the_current_version() {
+        let p = PAGE_ENTRIES;
+        // Rows in chunks of a page each: [p, p, …, the rest].
+        let chunks = |n: usize| {
+            let mut v = vec![p; n / p];
+            if !n.is_multiple_of(p) {
+                v.push(n % p);
+            }
+            v
+        };
         let mut dir = directory(50, 100);
         let first = dir.take_deltas();
-        assert_eq!(first.len(), 3);
+        assert_eq!(first.len(), 50usize.div_ceil(p));
         assert_eq!(first[0].prev, 0);
         assert_eq!(
             first.iter().map(|d| d.entries.len()).collect::<Vec<_>>(),
-            [20, 20, 10]
+            chunks(50)
         );
         for pair in first.windows(2) {
             assert_eq!(pair[0].version, pair[1].prev);
@@ -587,12 +616,12 @@ mod tests {
         let second = dir.take_deltas();
         assert_eq!(
             second.iter().map(|d| d.entries.len()).collect::<Vec<_>>(),
-            [20, 20, 5]
+            chunks(45)
         );
         assert_eq!(second[0].prev, before);
-        assert_eq!(second[0].version, before + 20);
-        assert_eq!(second[1].prev, before + 20);
-        assert_eq!(second[2].version, dir.version());
+        assert_eq!(second[0].version, before + p as u64);
+        assert_eq!(second[1].prev, before + p as u64);
+        assert_eq!(second.last().unwrap().version, dir.version());
         assert_eq!(second[0].entries[0], entry(0, 9000, true));
     }
 
@@ -624,9 +653,15 @@ mod tests {
     fn insert_of_a_known_name_updates_its_row() {
         let mut dir = directory(2, 2);
         let v = dir.version();
-        assert_eq!(dir.insert(name(1), addr(1), true), Ok(ClientId(1)));
+        assert_eq!(
+            dir.insert(name(1), addr(1), true, PublicKey([1; 32])),
+            Ok(ClientId(1))
+        );
         assert_eq!(dir.version(), v, "same address and presence: no change");
-        assert_eq!(dir.insert(name(1), addr(7), false), Ok(ClientId(1)));
+        assert_eq!(
+            dir.insert(name(1), addr(7), false, PublicKey([1; 32])),
+            Ok(ClientId(1))
+        );
         assert_eq!(dir.get(ClientId(1)), &entry(1, 7, false));
         assert_eq!(dir.len(), 2);
         assert_eq!(dir.lookup(&name(1)), Some(ClientId(1)));
@@ -636,7 +671,10 @@ mod tests {
     fn a_full_directory_refuses_new_rows_without_changing() {
         let mut dir = directory(3, 3);
         let v = dir.version();
-        assert_eq!(dir.insert(name(3), addr(3), true), Err(TableFull));
+        assert_eq!(
+            dir.insert(name(3), addr(3), true, PublicKey([1; 32])),
+            Err(TableFull)
+        );
         assert_eq!(dir.version(), v);
         assert_eq!(dir.len(), 3);
         assert_eq!(dir.lookup(&name(3)), None);
@@ -644,14 +682,15 @@ mod tests {
 
     #[test]
     fn delta_rules_stale_gap_and_overlap() {
-        let mut dir = directory(30, 100);
-        let deltas = dir.take_deltas(); // (0,20], (20,30]
+        let p = PAGE_ENTRIES as u64;
+        let mut dir = directory(2 * PAGE_ENTRIES, 100);
+        let deltas = dir.take_deltas(); // (0,p], (p,2p], …
         let mut local = LocalTable::new(100);
         assert_eq!(
             local.apply_delta(deltas[0].prev, deltas[0].version, &deltas[0].entries),
             DeltaOutcome::Applied { changed: true }
         );
-        assert_eq!(local.version(), 20);
+        assert_eq!(local.version(), p);
         // The same delta again, and one wholly behind.
         assert_eq!(
             local.apply_delta(deltas[0].prev, deltas[0].version, &deltas[0].entries),
@@ -660,15 +699,15 @@ mod tests {
         assert_eq!(local.apply_delta(3, 8, &[]), DeltaOutcome::Stale);
         // Starts after the local version: a delta went missing.
         assert_eq!(
-            local.apply_delta(25, 30, &[entry(99, 1, true)]),
+            local.apply_delta(p + 5, 2 * p, &[entry(99, 1, true)]),
             DeltaOutcome::Gap
         );
         assert_eq!(local.get(&name(99)), None);
-        assert_eq!(local.version(), 20);
+        assert_eq!(local.version(), p);
         // Overlapping: starts before the local version, ends after it.
         let d = &deltas[1];
         assert_eq!(
-            local.apply_delta(15, d.version, &d.entries),
+            local.apply_delta(p - 5, d.version, &d.entries),
             DeltaOutcome::Applied { changed: true }
         );
         assert_same(&dir, &local);
@@ -685,7 +724,8 @@ mod tests {
 
     #[test]
     fn deltas_are_not_applied_during_a_sync_but_force_another_pass() {
-        let mut dir = directory(30, 100);
+        // Two pages.
+        let mut dir = directory(PAGE_ENTRIES + 10, 100);
         let _ = dir.take_deltas();
         let mut local = LocalTable::new(100);
         local.start_sync(0);
@@ -706,7 +746,7 @@ mod tests {
         );
         assert_eq!(local.get(&name(0)), Some(&entry(0, 0, true)));
         let (since, from) = local.sync_request().unwrap();
-        assert_eq!((since, from), (0, 20));
+        assert_eq!((since, from), (0, PAGE_ENTRIES as u32));
         let (entries, next) = dir.page(since, from);
         assert_eq!(
             local.apply_page(old_version, &entries, next),
@@ -730,14 +770,14 @@ mod tests {
         let (p0, n0) = dir.page(0, 0);
         assert_eq!(p0.len(), PAGE_ENTRIES);
         assert_eq!(p0[0], entry(0, 0, true));
-        assert_eq!(n0, Some(20));
+        assert_eq!(n0, Some(PAGE_ENTRIES as u32));
         let (p1, n1) = dir.page(0, 40);
         assert_eq!(p1.len(), 5);
         assert_eq!(n1, None);
         assert_eq!(dir.page(0, 45), (Entries::new(), None));
         assert_eq!(dir.page(0, u32::MAX), (Entries::new(), None));
         // A page that fills exactly on the last row has nowhere to go next.
-        assert_eq!(dir.page(0, 25).1, None);
+        assert_eq!(dir.page(0, (45 - PAGE_ENTRIES) as u32).1, None);
         // Nothing changed after the current version.
         assert_eq!(dir.page(dir.version(), 0), (Entries::new(), None));
     }
@@ -794,7 +834,8 @@ mod tests {
         // Updates to known names still apply; new names are ignored.
         let _ = dir.take_deltas();
         dir.set(ClientId(2), addr(42), false);
-        dir.insert(name(50), addr(50), true).unwrap();
+        dir.insert(name(50), addr(50), true, PublicKey([1; 32]))
+            .unwrap();
         for d in dir.take_deltas() {
             assert_eq!(
                 local.apply_delta(d.prev, d.version, &d.entries),
@@ -830,7 +871,11 @@ mod tests {
     /// One change to the directory: a newcomer (while there is room) or a
     /// presence flip of a random row.
     fn churn(dir: &mut Directory, rng: &mut Rng, next_name: &mut usize) {
-        if rng.chance(30) && dir.insert(name(*next_name), addr(7), true).is_ok() {
+        if rng.chance(30)
+            && dir
+                .insert(name(*next_name), addr(7), true, PublicKey([1; 32]))
+                .is_ok()
+        {
             *next_name += 1;
             return;
         }

@@ -1,5 +1,7 @@
-//! The wire format: one datagram carries one [`Message`], encoded as a
-//! protocol version byte followed by the message in `postcard`.
+//! The messages: what travels *inside* an encrypted session (a `Data`
+//! datagram, or the payload of the handshake's third message; the datagram
+//! layer is [`crate::packet`]). One datagram carries one [`Message`],
+//! encoded with `postcard`.
 //!
 //! Every variable-length field has a bound ([`Name`], [`Text`], table pages),
 //! decoding borrows strings from the datagram and copies them into
@@ -15,27 +17,29 @@ use core::net::SocketAddr;
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
-/// The protocol version this build speaks; the first byte of every datagram.
-pub const VERSION: u8 = 1;
-/// No datagram is larger than this (a conservative path MTU for UDP).
-pub const MAX_DATAGRAM: usize = 1200;
+use crate::crypto::{PublicKey, SEALED_OVERHEAD};
+pub use crate::packet::{MAX_DATAGRAM, MAX_PLAINTEXT, VERSION};
+
 /// Longest client name, in bytes of UTF-8.
 pub const MAX_NAME: usize = 32;
 /// Longest chat message, in bytes of UTF-8.
 pub const MAX_TEXT: usize = 1000;
-/// Client-table entries carried by one `Page` or `Delta` datagram.
-pub const PAGE_ENTRIES: usize = 20;
+/// Client-table entries carried by one `Page` or `Delta` datagram (each
+/// row carries its 32-byte key).
+pub const PAGE_ENTRIES: usize = 13;
+/// The body of sealed mail, at most: a [`MailBody`] with the longest text.
+pub const MAX_BODY: usize = VARINT64 + TEXT_MAX;
+/// Sealed mail, at most: the body, an ephemeral key and a tag.
+pub const MAX_SEALED: usize = MAX_BODY + SEALED_OVERHEAD;
 
 /// Why a datagram was rejected.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum WireError {
-    /// Zero bytes: not even a version.
+    /// Zero bytes.
     Empty,
-    /// Larger than [`MAX_DATAGRAM`].
+    /// Larger than [`MAX_PLAINTEXT`].
     Oversize(usize),
-    /// A version byte this build does not speak.
-    Version(u8),
-    /// The bytes after the version are not a valid message (bad variant,
+    /// The bytes are not a valid message (bad variant,
     /// truncated, string too long, invalid name, …).
     Malformed,
     /// A valid message followed by extra bytes.
@@ -46,8 +50,7 @@ impl fmt::Display for WireError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             WireError::Empty => write!(f, "empty datagram"),
-            WireError::Oversize(n) => write!(f, "datagram of {n} bytes exceeds {MAX_DATAGRAM}"),
-            WireError::Version(v) => write!(f, "unknown protocol version {v}"),
+            WireError::Oversize(n) => write!(f, "message of {n} bytes exceeds {MAX_PLAINTEXT}"),
             WireError::Malformed => write!(f, "malformed message"),
             WireError::Trailing(n) => write!(f, "{n} trailing bytes after the message"),
         }
@@ -182,30 +185,15 @@ macro_rules! borrowed_str_serde {
 borrowed_str_serde!(Name);
 borrowed_str_serde!(Text);
 
-/// A 128-bit session token given by the server in [`Message::Welcome`].
-/// Every later request carries it; the server also checks the source address.
-#[derive(Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-pub struct Token(pub [u8; 16]);
-
-impl fmt::Debug for Token {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        // Half the token is plenty to tell sessions apart in a log.
-        write!(f, "Token(")?;
-        for b in &self.0[..4] {
-            write!(f, "{b:02x}")?;
-        }
-        write!(f, "…)")
-    }
-}
-
 /// Request sequence number; an ack or reply echoes it.
 #[derive(
     Debug, Clone, Copy, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize,
 )]
 pub struct Seq(pub u32);
 
-/// A chat message's id, chosen by its sender; (sender, id) is unique and is
-/// what receivers deduplicate on, end to end through the mailbox.
+/// A chat message's id, chosen at random by its sender; (sender, id) is
+/// unique and is what receivers deduplicate on, end to end through the
+/// mailbox.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct MsgId(pub u64);
 
@@ -218,10 +206,12 @@ pub struct MailId(pub u64);
 pub struct Entry {
     /// The client's name.
     pub name: Name,
-    /// The source address the server saw the client register from.
+    /// The source address the server last validated for the client.
     pub addr: SocketAddr,
     /// Whether the server believes the client is online.
     pub online: bool,
+    /// The static key that owns the name (the server vouches for it).
+    pub key: PublicKey,
 }
 
 /// Why the server refused a request.
@@ -231,75 +221,114 @@ pub enum Refusal {
     MailboxFull,
     /// The recipient of a save-message request was never registered.
     UnknownRecipient,
-    /// The token is not a live session (e.g. the server restarted).
+    /// The session is not a live registration (e.g. the client went
+    /// offline meanwhile): register again.
     UnknownSession,
     /// The server is at a bound (pending requests, clients) and refused.
     Busy,
 }
 
+/// Why a registration was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Rejection {
+    /// The name is held by a live client (same key, another process).
+    InUse,
+    /// The name belongs to another key.
+    OtherKey,
+}
+
 /// Table entries of one datagram.
 pub type Entries = heapless::Vec<Entry, PAGE_ENTRIES>;
 
+/// Sealed mail: a [`MailBody`] sealed by its sender to its recipient's key
+/// (Noise `K`, see [`crate::crypto::seal_mail`]). The server stores and
+/// forwards it but can neither read nor alter it.
+pub type Sealed = heapless::Vec<u8, MAX_SEALED>;
+
+/// What sealed mail holds.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MailBody {
+    /// The sender's message id (the one the recipient deduplicates on).
+    pub id: MsgId,
+    /// The message.
+    pub text: Text,
+}
+
+/// A stored message as it is delivered.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Content {
+    /// A direct message, sealed by the sender; `key` is the sender's key as
+    /// the server knew it when it stored the message.
+    Sealed {
+        /// The sender's static key.
+        key: PublicKey,
+        /// The sealed [`MailBody`].
+        sealed: Sealed,
+    },
+    /// A message the server relays as it is: a channel message (which the
+    /// server reads by design), or a direct message stored by a server of
+    /// protocol version 1.
+    Relayed {
+        /// A channel message.
+        channel: bool,
+        /// The sender's message id.
+        id: MsgId,
+        /// The message.
+        text: Text,
+    },
+}
+
 /// Every message of the protocol. Variants are appended, never reordered.
 ///
-/// Fields share one vocabulary: `seq` is the request's [`Seq`] (echoed by its
-/// answer), `token` the session [`Token`], `id` a chat message's [`MsgId`],
-/// `mail` a stored message's [`MailId`], `version` a client-table version.
+/// Fields share one vocabulary: `seq` is the request's [`Seq`] (echoed by
+/// its answer), `id` a chat message's [`MsgId`], `mail` a stored message's
+/// [`MailId`], `version` a client-table version, `nonce` a value the answer
+/// echoes. Every message travels inside a Noise session, which is what
+/// authenticates it: none carries a token or trusts a name it does not
+/// check against the session's key.
 #[allow(missing_docs)] // the fields: see the vocabulary above
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Message {
     // ---- client → server -------------------------------------------------
-    /// Register (or log back in) under `name`. Answered by `Welcome` or
-    /// `Rejected`.
+    /// Register (or log back in) under `name`, as the session's key.
+    /// Answered by `Welcome`, `Rejected` or `Refused`.
     Register { seq: Seq, name: Name },
     /// Notified leave. Answered by `Ack`.
-    Deregister { seq: Seq, token: Token },
-    /// Store `text` for `to` (the recipient did not ack a direct message).
-    /// Answered by `Ack` (saved), `Exists` or `Refused`.
+    Deregister { seq: Seq },
+    /// Store sealed mail for `to` (the recipient did not ack a direct
+    /// message). Answered by `Ack` (saved), `Exists` or `Refused`.
     SaveMessage {
         seq: Seq,
-        token: Token,
         to: Name,
         id: MsgId,
-        text: Text,
+        sealed: Sealed,
     },
     /// A channel message for every other client. Answered by `Ack`.
-    ChannelSend {
-        seq: Seq,
-        token: Token,
-        id: MsgId,
-        text: Text,
-    },
+    ChannelSend { seq: Seq, id: MsgId, text: Text },
     /// Ask for the table entries changed after version `since`, starting at
     /// row `from`. Answered by `Page`.
-    Sync {
-        seq: Seq,
-        token: Token,
-        since: u64,
-        from: u32,
-    },
+    Sync { seq: Seq, since: u64, from: u32 },
     /// Presence, carrying the client's table version. Answered by `Alive`.
-    Heartbeat {
-        seq: Seq,
-        token: Token,
-        version: u64,
-    },
+    Heartbeat { seq: Seq, version: u64 },
     /// The client displayed (or had already displayed) a `Deliver`.
-    Delivered { token: Token, mail: MailId },
+    Delivered { mail: MailId },
     /// Answer to `Probe`.
     ProbeReply { nonce: u64 },
+    /// Answer to `PathChallenge`, from the address being validated.
+    PathResponse { nonce: u64 },
 
     // ---- server → client -------------------------------------------------
     /// Registration accepted; `mail` stored messages follow as `Deliver`s
-    /// with positions `0..mail`.
+    /// with positions `0..mail`. `reset` proves a later stateless reset of
+    /// this session.
     Welcome {
         seq: Seq,
-        token: Token,
         version: u64,
         mail: u32,
+        reset: [u8; crate::packet::TOKEN_LEN],
     },
-    /// The name is held by a live client.
-    Rejected { seq: Seq },
+    /// Registration refused.
+    Rejected { seq: Seq, reason: Rejection },
     /// The request `seq` was carried out (deregistered, saved, channel
     /// message stored).
     Ack { seq: Seq },
@@ -329,19 +358,21 @@ pub enum Message {
         mail: MailId,
         batch: Seq,
         pos: Option<u32>,
-        from: Name,
-        channel: bool,
         stored_at: i64,
-        id: MsgId,
-        text: Text,
+        from: Name,
+        content: Content,
     },
-    /// "Are you still `name`?" Answered by `ProbeReply` with the same nonce.
-    Probe { nonce: u64, name: Name },
+    /// "Are you still there?" Answered by `ProbeReply` with the same nonce.
+    Probe { nonce: u64 },
+    /// Answer to `Heartbeat`, with the server's table version.
+    Alive { seq: Seq, version: u64 },
+    /// "Do you receive at this new address?" (the client's source address
+    /// changed). Answered by `PathResponse` with the same nonce.
+    PathChallenge { nonce: u64 },
 
     // ---- client → client -------------------------------------------------
-    /// A direct message. It names its recipient, so a client that now
-    /// holds an address the sender's table gives to someone else neither
-    /// shows nor acks it.
+    /// A direct message. It names sender and recipient; the recipient shows
+    /// it only if the session's key is the sender's key in its table.
     Chat {
         from: Name,
         to: Name,
@@ -350,28 +381,88 @@ pub enum Message {
     },
     /// The direct message `id` was shown (or had been).
     ChatAck { id: MsgId },
-
-    // ---- server → client (appended) --------------------------------------
-    /// Answer to `Heartbeat`, with the server's table version.
-    Alive { seq: Seq, version: u64 },
 }
 
-/// Encodes `msg` (with the version byte) into `buf`, returning the length.
+/// What a datagram carries, for logs, tests and counters (the contents of
+/// a `Data` datagram are encrypted; its sender knows what it put in).
+#[allow(missing_docs)] // one per packet type and message variant
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum What {
+    Initial,
+    Retry,
+    Response,
+    Finish,
+    PeerInit,
+    PeerResponse,
+    Reset,
+    Negotiate,
+    Register,
+    Deregister,
+    SaveMessage,
+    ChannelSend,
+    Sync,
+    Heartbeat,
+    Delivered,
+    ProbeReply,
+    PathResponse,
+    Welcome,
+    Rejected,
+    Ack,
+    Exists,
+    Refused,
+    Page,
+    Delta,
+    Deliver,
+    Probe,
+    Alive,
+    PathChallenge,
+    Chat,
+    ChatAck,
+}
+
+impl Message {
+    /// Which message this is.
+    pub fn what(&self) -> What {
+        match self {
+            Message::Register { .. } => What::Register,
+            Message::Deregister { .. } => What::Deregister,
+            Message::SaveMessage { .. } => What::SaveMessage,
+            Message::ChannelSend { .. } => What::ChannelSend,
+            Message::Sync { .. } => What::Sync,
+            Message::Heartbeat { .. } => What::Heartbeat,
+            Message::Delivered { .. } => What::Delivered,
+            Message::ProbeReply { .. } => What::ProbeReply,
+            Message::PathResponse { .. } => What::PathResponse,
+            Message::Welcome { .. } => What::Welcome,
+            Message::Rejected { .. } => What::Rejected,
+            Message::Ack { .. } => What::Ack,
+            Message::Exists { .. } => What::Exists,
+            Message::Refused { .. } => What::Refused,
+            Message::Page { .. } => What::Page,
+            Message::Delta { .. } => What::Delta,
+            Message::Deliver { .. } => What::Deliver,
+            Message::Probe { .. } => What::Probe,
+            Message::Alive { .. } => What::Alive,
+            Message::PathChallenge { .. } => What::PathChallenge,
+            Message::Chat { .. } => What::Chat,
+            Message::ChatAck { .. } => What::ChatAck,
+        }
+    }
+}
+
+/// Encodes `msg` into `buf`, returning the length.
 ///
-/// Every message fits in [`MAX_DATAGRAM`] by construction (checked at
+/// Every message fits in [`MAX_PLAINTEXT`] by construction (checked at
 /// compile time below), so this only fails if `buf` is too small.
 pub fn encode(msg: &Message, buf: &mut [u8]) -> Result<usize, WireError> {
-    let (first, rest) = buf.split_first_mut().ok_or(WireError::Empty)?;
-    *first = VERSION;
-    let used = postcard::to_slice(msg, rest)
-        .map_err(|_| WireError::Oversize(MAX_DATAGRAM + 1))?
-        .len();
-    Ok(1 + used)
+    postcard::to_slice(msg, buf)
+        .map(|used| used.len())
+        .map_err(|_| WireError::Oversize(MAX_PLAINTEXT + 1))
 }
 
 /// Encodes `msg` into a fresh, exactly sized buffer.
 pub fn encode_to_vec(msg: &Message) -> Vec<u8> {
-    let mut buf = [0u8; MAX_DATAGRAM];
+    let mut buf = [0u8; MAX_PLAINTEXT];
     match encode(msg, &mut buf) {
         Ok(n) => buf[..n].to_vec(),
         // Unreachable: every message fits (see the compile-time check).
@@ -379,66 +470,83 @@ pub fn encode_to_vec(msg: &Message) -> Vec<u8> {
     }
 }
 
-/// Decodes one datagram. Rejects empty, oversize, wrong-version, malformed
-/// and trailing-byte input.
+/// Decodes one message. Rejects empty, oversize, malformed and
+/// trailing-byte input.
 pub fn decode(data: &[u8]) -> Result<Message, WireError> {
-    if data.len() > MAX_DATAGRAM {
+    if data.len() > MAX_PLAINTEXT {
         return Err(WireError::Oversize(data.len()));
     }
-    let (&version, body) = data.split_first().ok_or(WireError::Empty)?;
-    if version != VERSION {
-        return Err(WireError::Version(version));
+    if data.is_empty() {
+        return Err(WireError::Empty);
     }
     let (msg, rest) =
-        postcard::take_from_bytes::<Message>(body).map_err(|_| WireError::Malformed)?;
+        postcard::take_from_bytes::<Message>(data).map_err(|_| WireError::Malformed)?;
     if !rest.is_empty() {
         return Err(WireError::Trailing(rest.len()));
     }
     Ok(msg)
 }
 
+/// Encodes a [`MailBody`] (the plaintext that gets sealed).
+pub fn encode_body(body: &MailBody) -> Vec<u8> {
+    let mut buf = [0u8; MAX_BODY];
+    postcard::to_slice(body, &mut buf)
+        .map(|b| b.to_vec())
+        .unwrap_or_default()
+}
+
+/// Decodes a [`MailBody`] (an opened seal), exactly.
+pub fn decode_body(data: &[u8]) -> Option<MailBody> {
+    match postcard::take_from_bytes::<MailBody>(data) {
+        Ok((body, [])) => Some(body),
+        _ => None,
+    }
+}
+
 // ---- worst-case sizes, checked at compile time ------------------------------
 // postcard: varint u32 ≤ 5 bytes, u64 ≤ 10, i64 (zigzag) ≤ 10, a string is a
 // varint length (≤ 2 bytes below 16384) and its bytes, a bool 1, an Option 1 +
-// value, an enum variant index 1 (fewer than 128 variants).
+// value, an enum variant index 1 (fewer than 128 variants), a byte array its
+// bytes, a bounded byte vector a varint length and its bytes.
 
 const VARINT32: usize = 5;
 const VARINT64: usize = 10;
 const NAME_MAX: usize = 1 + MAX_NAME;
 const TEXT_MAX: usize = 2 + MAX_TEXT;
+const KEY_MAX: usize = crate::crypto::KEY_LEN;
+const SEALED_MAX: usize = 2 + MAX_SEALED;
 /// SocketAddr: variant, 16 address bytes (v6), port as a varint u16.
 const ADDR_MAX: usize = 1 + 16 + 3;
-const ENTRY_MAX: usize = NAME_MAX + ADDR_MAX + 1;
+const ENTRY_MAX: usize = NAME_MAX + ADDR_MAX + 1 + KEY_MAX;
 const ENTRIES_MAX: usize = 1 + PAGE_ENTRIES * ENTRY_MAX;
 
-/// Upper bound of an encoded datagram, over every variant (the largest ones).
+/// Upper bound of an encoded message, over every variant (the largest ones).
 pub const MAX_ENCODED: usize = {
     let page = 1 + VARINT32 + VARINT64 + ENTRIES_MAX + 1 + VARINT32;
     let delta = 1 + VARINT64 + VARINT64 + ENTRIES_MAX;
-    let deliver =
-        1 + VARINT64 + VARINT32 + 1 + VARINT32 + NAME_MAX + 1 + VARINT64 + VARINT64 + TEXT_MAX;
-    let save = 1 + VARINT32 + 16 + NAME_MAX + VARINT64 + TEXT_MAX;
+    let deliver_head = 1 + VARINT64 + VARINT32 + 1 + VARINT32 + VARINT64 + NAME_MAX + 1;
+    let sealed = deliver_head + KEY_MAX + SEALED_MAX;
+    let relayed = deliver_head + 1 + VARINT64 + TEXT_MAX;
+    let save = 1 + VARINT32 + NAME_MAX + VARINT64 + SEALED_MAX;
     let chat = 1 + NAME_MAX + NAME_MAX + VARINT64 + TEXT_MAX;
     let mut max = page;
-    if delta > max {
-        max = delta;
+    let all = [delta, sealed, relayed, save, chat];
+    let mut i = 0;
+    while i < all.len() {
+        if all[i] > max {
+            max = all[i];
+        }
+        i += 1;
     }
-    if deliver > max {
-        max = deliver;
-    }
-    if save > max {
-        max = save;
-    }
-    if chat > max {
-        max = chat;
-    }
-    1 + max
+    max
 };
 
 const _: () = assert!(
-    MAX_ENCODED <= MAX_DATAGRAM,
+    MAX_ENCODED <= MAX_PLAINTEXT,
     "a message can exceed one datagram"
 );
+// A registration rides in the handshake's last message.
+const _: () = assert!(1 + VARINT32 + NAME_MAX <= crate::packet::MAX_FINISH_PAYLOAD);
 
 #[cfg(test)]
 mod tests {
@@ -458,6 +566,10 @@ mod tests {
         Text::new(&"😀".repeat(MAX_TEXT / 4)).unwrap()
     }
 
+    fn longest_sealed() -> Sealed {
+        (0..MAX_SEALED).map(|i| i as u8).collect()
+    }
+
     fn widest_entry(i: usize) -> Entry {
         let mut n = longest_name('x').as_str().to_string();
         n.replace_range(0..3, &format!("{i:03}"));
@@ -472,57 +584,64 @@ mod tests {
                 0,
             )),
             online: true,
+            key: PublicKey([0xff; 32]),
         }
     }
 
     /// The largest instance of every variant.
     fn largest_messages() -> Vec<Message> {
         let seq = Seq(u32::MAX);
-        let token = Token([0xff; 16]);
         let id = MsgId(u64::MAX);
         let entries: Entries = (0..PAGE_ENTRIES).map(widest_entry).collect();
+        let deliver = |content| Message::Deliver {
+            mail: MailId(u64::MAX),
+            batch: seq,
+            pos: Some(u32::MAX),
+            stored_at: i64::MIN,
+            from: longest_name('x'),
+            content,
+        };
         vec![
             Message::Register {
                 seq,
                 name: longest_name('é'),
             },
-            Message::Deregister { seq, token },
+            Message::Deregister { seq },
             Message::SaveMessage {
                 seq,
-                token,
                 to: longest_name('x'),
                 id,
-                text: longest_text(),
+                sealed: longest_sealed(),
             },
             Message::ChannelSend {
                 seq,
-                token,
                 id,
                 text: longest_text(),
             },
             Message::Sync {
                 seq,
-                token,
                 since: u64::MAX,
                 from: u32::MAX,
             },
             Message::Heartbeat {
                 seq,
-                token,
                 version: u64::MAX,
             },
             Message::Delivered {
-                token,
                 mail: MailId(u64::MAX),
             },
             Message::ProbeReply { nonce: u64::MAX },
+            Message::PathResponse { nonce: u64::MAX },
             Message::Welcome {
                 seq,
-                token,
                 version: u64::MAX,
                 mail: u32::MAX,
+                reset: [0xff; 16],
             },
-            Message::Rejected { seq },
+            Message::Rejected {
+                seq,
+                reason: Rejection::OtherKey,
+            },
             Message::Ack { seq },
             Message::Exists {
                 seq,
@@ -543,20 +662,21 @@ mod tests {
                 version: u64::MAX,
                 entries,
             },
-            Message::Deliver {
-                mail: MailId(u64::MAX),
-                batch: seq,
-                pos: Some(u32::MAX),
-                from: longest_name('x'),
+            deliver(Content::Sealed {
+                key: PublicKey([0xff; 32]),
+                sealed: longest_sealed(),
+            }),
+            deliver(Content::Relayed {
                 channel: true,
-                stored_at: i64::MIN,
                 id,
                 text: longest_text(),
+            }),
+            Message::Probe { nonce: u64::MAX },
+            Message::Alive {
+                seq,
+                version: u64::MAX,
             },
-            Message::Probe {
-                nonce: u64::MAX,
-                name: longest_name('x'),
-            },
+            Message::PathChallenge { nonce: u64::MAX },
             Message::Chat {
                 from: longest_name('x'),
                 to: longest_name('y'),
@@ -564,15 +684,12 @@ mod tests {
                 text: longest_text(),
             },
             Message::ChatAck { id },
-            Message::Alive {
-                seq,
-                version: u64::MAX,
-            },
         ]
     }
 
     #[test]
     fn every_variant_round_trips_within_the_datagram_bound() {
+        let mut whats = std::collections::HashSet::new();
         for msg in largest_messages() {
             let bytes = encode_to_vec(&msg);
             assert!(!bytes.is_empty(), "{msg:?} did not encode");
@@ -581,9 +698,26 @@ mod tests {
                 "{msg:?} is {} bytes",
                 bytes.len()
             );
-            assert_eq!(bytes[0], VERSION);
-            assert_eq!(decode(&bytes), Ok(msg));
+            assert_eq!(decode(&bytes), Ok(msg.clone()));
+            whats.insert(msg.what());
         }
+        // Every message variant (the packet types are the other eight).
+        assert_eq!(whats.len(), 22);
+    }
+
+    #[test]
+    fn the_largest_body_fits_its_seal() {
+        let body = MailBody {
+            id: MsgId(u64::MAX),
+            text: longest_text(),
+        };
+        let bytes = encode_body(&body);
+        assert!(bytes.len() <= MAX_BODY, "{}", bytes.len());
+        assert_eq!(decode_body(&bytes), Some(body));
+        assert_eq!(decode_body(&bytes[..bytes.len() - 1]), None);
+        let mut longer = bytes.clone();
+        longer.push(0);
+        assert_eq!(decode_body(&longer), None);
     }
 
     #[test]
@@ -605,23 +739,29 @@ mod tests {
     }
 
     #[test]
-    fn oversize_empty_and_wrong_version_are_rejected() {
+    fn oversize_empty_and_unknown_variants_are_rejected() {
         assert_eq!(decode(&[]), Err(WireError::Empty));
         assert_eq!(
-            decode(&[VERSION; MAX_DATAGRAM + 1]),
-            Err(WireError::Oversize(MAX_DATAGRAM + 1))
+            decode(&[0; MAX_PLAINTEXT + 1]),
+            Err(WireError::Oversize(MAX_PLAINTEXT + 1))
         );
-        let mut bytes = encode_to_vec(&Message::Ack { seq: Seq(7) });
-        bytes[0] = VERSION + 1;
-        assert_eq!(decode(&bytes), Err(WireError::Version(VERSION + 1)));
-        // An unknown variant index.
-        assert_eq!(decode(&[VERSION, 120]), Err(WireError::Malformed));
+        assert_eq!(decode(&[120]), Err(WireError::Malformed));
+    }
+
+    /// The variant index of `Chat`, from the encoder itself.
+    fn chat_variant() -> u8 {
+        encode_to_vec(&Message::Chat {
+            from: name("a"),
+            to: name("b"),
+            id: MsgId(0),
+            text: Text::new("c").unwrap(),
+        })[0]
     }
 
     /// Builds `Chat` (to "Al") by hand so the string fields can break the
     /// rules.
     fn raw_chat(from: &str, text: &str) -> Vec<u8> {
-        let mut out = vec![VERSION, 17]; // Message::Chat
+        let mut out = vec![chat_variant()];
         push_str(&mut out, from);
         push_str(&mut out, "Al");
         out.push(1); // id
@@ -681,7 +821,24 @@ mod tests {
     fn a_length_prefix_beyond_the_datagram_is_rejected_without_allocating() {
         // A string length of 2^35: postcard must notice the bytes are not
         // there rather than reserve memory for them.
-        let bytes = [VERSION, 17, 0x80, 0x80, 0x80, 0x80, 0x40, b'a'];
+        let bytes = [chat_variant(), 0x80, 0x80, 0x80, 0x80, 0x40, b'a'];
+        assert_eq!(decode(&bytes), Err(WireError::Malformed));
+    }
+
+    #[test]
+    fn a_sealed_field_longer_than_its_bound_is_rejected() {
+        let mut bytes = encode_to_vec(&Message::SaveMessage {
+            seq: Seq(1),
+            to: name("Bob"),
+            id: MsgId(2),
+            sealed: longest_sealed(),
+        });
+        // Claim one byte more than the bound and supply it.
+        let at = bytes.len() - MAX_SEALED - 2;
+        let n = MAX_SEALED + 1;
+        bytes[at] = (n & 0x7f) as u8 | 0x80;
+        bytes[at + 1] = (n >> 7) as u8;
+        bytes.push(0);
         assert_eq!(decode(&bytes), Err(WireError::Malformed));
     }
 

@@ -15,9 +15,7 @@ use std::time::{Duration, Instant};
 use common::{Client, DEADLINE, Server, TABLE, WELCOME, chat};
 use rand_chacha::ChaCha8Rng;
 use rand_chacha::rand_core::{RngCore, SeedableRng};
-use udpchat::wire::{
-    self, Entries, Entry, MailId, Message, MsgId, Name, Refusal, Seq, Text, Token,
-};
+use udpchat::packet::{self, Packet};
 
 /// Datagrams sent at each target (the server and the client).
 const PER_TARGET: usize = 100_000;
@@ -37,8 +35,7 @@ const FLOOD_LIMIT: Duration = Duration::from_secs(25);
 const START_LEGIT_AT: usize = PER_TARGET / 4;
 /// Memory is sampled every this many datagrams per target.
 const SAMPLE_EVERY: usize = 5_000;
-/// The name of the flooded client: no flood datagram may be a chat message
-/// that is really addressed to it (that would be a legitimate message).
+/// The name of the flooded client.
 const VICTIM: &str = "Alice";
 const SEED: u64 = 0xf100_d006;
 
@@ -100,126 +97,67 @@ fn kernel_drops(port: u16) -> u64 {
 // ---------------------------------------------------------------------------
 // The flood.
 
-fn name(rng: &mut ChaCha8Rng) -> Name {
-    const NAMES: [&str; 5] = ["Mallory", "Eve", "Trudy", "Bob", "x"];
-    let pick = NAMES[(rng.next_u32() as usize) % NAMES.len()];
-    Name::new(pick).expect("valid name")
-}
-
-fn text(rng: &mut ChaCha8Rng) -> Text {
-    // Mostly short, sometimes the longest a message may be.
-    let len = if rng.next_u32().is_multiple_of(8) {
-        wire::MAX_TEXT
-    } else {
-        (rng.next_u32() % 64) as usize + 1
-    };
-    let s: String = (0..len)
-        .map(|_| char::from(b'a' + (rng.next_u32() % 26) as u8))
-        .collect();
-    Text::new(&s).expect("valid text")
-}
-
-fn token(rng: &mut ChaCha8Rng) -> Token {
-    let mut t = [0u8; 16];
-    rng.fill_bytes(&mut t);
-    Token(t)
-}
-
-/// A well-formed message of a random kind with random fields: never a
-/// registration (which would rightly add a client) nor a chat message to
-/// the victim (which would rightly be shown).
-fn template(rng: &mut ChaCha8Rng) -> Message {
-    let seq = Seq(rng.next_u32());
-    let entry = Entry {
-        name: name(rng),
-        addr: SocketAddr::from(([127, 0, 0, 1], (rng.next_u32() % 60_000 + 1024) as u16)),
-        online: rng.next_u32().is_multiple_of(2),
-    };
-    let mut entries = Entries::new();
-    for _ in 0..rng.next_u32() % 21 {
-        let _ = entries.push(entry.clone());
-    }
-    match rng.next_u32() % 17 {
-        0 => Message::Deregister {
-            seq,
-            token: token(rng),
+/// A well-formed datagram of a random type with random contents: the
+/// framing is right, the cryptography is not (the flood has no keys).
+/// Protocol-version-1 messages too, as an old client would send.
+fn template(rng: &mut ChaCha8Rng) -> Vec<u8> {
+    let index = rng.next_u32();
+    let mut bytes = vec![0u8; 16 + (rng.next_u32() % 1100) as usize];
+    rng.fill_bytes(&mut bytes);
+    let mut cookie = [0u8; packet::COOKIE_LEN];
+    rng.fill_bytes(&mut cookie);
+    let mut token = [0u8; packet::TOKEN_LEN];
+    rng.fill_bytes(&mut token);
+    let mut k32 = [0u8; packet::XX1_LEN];
+    rng.fill_bytes(&mut k32);
+    let mut xx2 = [0u8; packet::XX2_LEN];
+    rng.fill_bytes(&mut xx2);
+    let mut ik1 = [0u8; packet::IK1_LEN];
+    rng.fill_bytes(&mut ik1);
+    let mut ik2 = [0u8; packet::IK2_LEN];
+    rng.fill_bytes(&mut ik2);
+    let cookie = rng.next_u32().is_multiple_of(2).then_some(&cookie);
+    let p = match rng.next_u32() % 9 {
+        0 => Packet::Initial {
+            sender: index,
+            cookie,
+            noise: &k32,
         },
-        1 => Message::SaveMessage {
-            seq,
-            token: token(rng),
-            to: name(rng),
-            id: MsgId(rng.next_u64()),
-            text: text(rng),
+        1 => Packet::Retry {
+            receiver: index,
+            cookie: cookie.unwrap_or(&[0; packet::COOKIE_LEN]),
         },
-        2 => Message::ChannelSend {
-            seq,
-            token: token(rng),
-            id: MsgId(rng.next_u64()),
-            text: text(rng),
+        2 => Packet::Response {
+            receiver: index,
+            sender: rng.next_u32(),
+            noise: &xx2,
         },
-        3 => Message::Sync {
-            seq,
-            token: token(rng),
-            since: rng.next_u64(),
-            from: rng.next_u32(),
+        3 => Packet::Finish {
+            receiver: index,
+            noise: &bytes,
         },
-        4 => Message::Heartbeat {
-            seq,
-            token: token(rng),
-            version: rng.next_u64(),
-        },
-        5 => Message::Delivered {
-            token: token(rng),
-            mail: MailId(rng.next_u64()),
-        },
-        6 => Message::ProbeReply {
+        4 | 5 => Packet::Data {
+            receiver: index,
             nonce: rng.next_u64(),
+            ciphertext: &bytes,
         },
-        7 => Message::Welcome {
-            seq,
-            token: token(rng),
-            version: rng.next_u64(),
-            mail: rng.next_u32(),
+        6 => Packet::PeerInit {
+            sender: index,
+            noise: &ik1,
         },
-        8 => Message::Rejected { seq },
-        9 => Message::Ack { seq },
-        10 => Message::Exists { seq, entry },
-        11 => Message::Refused {
-            seq,
-            reason: Refusal::UnknownSession,
+        7 => Packet::PeerResponse {
+            receiver: index,
+            sender: rng.next_u32(),
+            noise: &ik2,
         },
-        12 => Message::Page {
-            seq,
-            version: rng.next_u64(),
-            entries,
-            next: Some(rng.next_u32()),
-        },
-        13 => Message::Delta {
-            prev: rng.next_u64(),
-            version: rng.next_u64(),
-            entries,
-        },
-        14 => Message::Deliver {
-            mail: MailId(rng.next_u64()),
-            batch: Seq(rng.next_u32()),
-            pos: Some(rng.next_u32()),
-            from: name(rng),
-            channel: rng.next_u32().is_multiple_of(2),
-            stored_at: 1_700_000_000,
-            id: MsgId(rng.next_u64()),
-            text: text(rng),
-        },
-        15 => Message::Probe {
-            nonce: rng.next_u64(),
-            name: Name::new(VICTIM).expect("valid name"),
-        },
-        _ => Message::Chat {
-            from: name(rng),
-            to: name(rng),
-            id: MsgId(rng.next_u64()),
-            text: text(rng),
-        },
-    }
+        _ => {
+            // An old client's datagram: version 1 and a few bytes.
+            let mut v1 = vec![1u8];
+            v1.extend_from_slice(&bytes[..(rng.next_u32() % 16) as usize]);
+            return v1;
+        }
+    };
+    p.to_vec()
 }
 
 /// What kinds of datagram the flood sent.
@@ -230,9 +168,6 @@ struct Mix {
     mutated: usize,
     trailing: usize,
     valid: usize,
-    /// Generated datagrams that decoded to something a legitimate peer
-    /// could send (a registration, a chat for the victim): replaced.
-    replaced: usize,
     /// `send_to` failed (a full send buffer).
     send_errors: usize,
 }
@@ -240,7 +175,7 @@ struct Mix {
 /// Raw material generated up front, so that the flood thread (a debug
 /// build, like the test) spends its time sending rather than encoding.
 struct Pool {
-    /// Well-formed messages, encoded.
+    /// Well-formed datagrams.
     templates: Vec<Vec<u8>>,
     /// Random bytes, a little longer than the longest datagram sent.
     noise: Vec<u8>,
@@ -248,9 +183,7 @@ struct Pool {
 
 impl Pool {
     fn new(rng: &mut ChaCha8Rng) -> Pool {
-        let templates = (0..2048)
-            .map(|_| wire::encode_to_vec(&template(rng)))
-            .collect();
+        let templates = (0..2048).map(|_| template(rng)).collect();
         let mut noise = vec![0u8; 64 * 1024];
         rng.fill_bytes(&mut noise);
         Pool { templates, noise }
@@ -268,54 +201,44 @@ impl Pool {
 }
 
 /// One hostile datagram.
+/// Nothing the flood sends can be legitimate: it holds no key.
 fn hostile(rng: &mut ChaCha8Rng, pool: &Pool, mix: &mut Mix) -> Vec<u8> {
-    loop {
-        let roll = rng.next_u32() % 100;
-        let data = if roll < 30 {
-            // Random bytes, some over the 1200-byte limit, half with the
-            // right version byte.
-            let len = (rng.next_u32() % 1300) as usize;
-            let mut d = pool.noise(rng, len);
-            if let Some(first) = d.first_mut()
-                && rng.next_u32().is_multiple_of(2)
-            {
-                *first = wire::VERSION;
-            }
-            mix.random += 1;
-            d
-        } else if roll < 55 {
-            let mut d = pool.template(rng);
-            let cut = (rng.next_u32() as usize) % d.len();
-            d.truncate(cut);
-            mix.truncated += 1;
-            d
-        } else if roll < 85 {
-            let mut d = pool.template(rng);
-            for _ in 0..=rng.next_u32() % 4 {
-                let at = (rng.next_u32() as usize) % d.len();
-                d[at] = rng.next_u32() as u8;
-            }
-            mix.mutated += 1;
-            d
-        } else if roll < 95 {
-            let mut d = pool.template(rng);
-            let extra = (rng.next_u32() % 8) as usize + 1;
-            d.extend_from_slice(&pool.noise(rng, extra));
-            mix.trailing += 1;
-            d
-        } else {
-            mix.valid += 1;
-            pool.template(rng)
-        };
-        let legitimate = match wire::decode(&data) {
-            Ok(Message::Register { .. }) => true,
-            Ok(Message::Chat { to, .. }) => to.as_str() == VICTIM,
-            _ => false,
-        };
-        if !legitimate {
-            return data;
+    let roll = rng.next_u32() % 100;
+    if roll < 30 {
+        // Random bytes, some over the 1200-byte limit, half with the
+        // right version byte.
+        let len = (rng.next_u32() % 1300) as usize;
+        let mut d = pool.noise(rng, len);
+        if let Some(first) = d.first_mut()
+            && rng.next_u32().is_multiple_of(2)
+        {
+            *first = packet::VERSION;
         }
-        mix.replaced += 1;
+        mix.random += 1;
+        d
+    } else if roll < 55 {
+        let mut d = pool.template(rng);
+        let cut = (rng.next_u32() as usize) % d.len();
+        d.truncate(cut);
+        mix.truncated += 1;
+        d
+    } else if roll < 85 {
+        let mut d = pool.template(rng);
+        for _ in 0..=rng.next_u32() % 4 {
+            let at = (rng.next_u32() as usize) % d.len();
+            d[at] = rng.next_u32() as u8;
+        }
+        mix.mutated += 1;
+        d
+    } else if roll < 95 {
+        let mut d = pool.template(rng);
+        let extra = (rng.next_u32() % 8) as usize + 1;
+        d.extend_from_slice(&pool.noise(rng, extra));
+        mix.trailing += 1;
+        d
+    } else {
+        mix.valid += 1;
+        pool.template(rng)
     }
 }
 

@@ -114,12 +114,12 @@ fn decode_target_on_random_and_mutated_datagrams() {
 
 #[test]
 fn server_target_on_random_and_mutated_scripts() {
-    generated("server", 0x5eed_0002, 10_000, 3, 2000, TARGETS[1].1);
+    generated("server", 0x5eed_0002, 2_000, 3, 2000, TARGETS[1].1);
 }
 
 #[test]
 fn client_target_on_random_and_mutated_scripts() {
-    generated("client", 0x5eed_0003, 10_000, 3, 2000, TARGETS[2].1);
+    generated("client", 0x5eed_0003, 2_000, 3, 2000, TARGETS[2].1);
 }
 
 /// Rewrites fuzz/corpus/<target>/seed-* from `fuzzing::seeds` (removing

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use sim::{EPOCH_UNIX, Sim, addr, drop_all, drop_first, name};
 use udpchat::store::Store;
-use udpchat::wire::Message;
+use udpchat::wire::What;
 use udpchat::{Server, ServerConfig};
 
 const SAVED: &str = ">>> [Messages received by the server and saved]";
@@ -24,7 +24,7 @@ fn three() -> Sim {
 /// A server with a smaller configuration.
 fn sim_with(config: impl FnOnce(&mut ServerConfig)) -> Sim {
     let mut s = Sim::new();
-    let mut c = ServerConfig::new([1; 32], (s.start, EPOCH_UNIX));
+    let mut c = ServerConfig::new([1; 32], sim::server_key(), (s.start, EPOCH_UNIX));
     config(&mut c);
     s.server = Server::new(c, s.now, Default::default());
     s
@@ -94,12 +94,11 @@ fn a_chat_for_someone_else_at_a_reused_port_is_not_taken() {
 #[test]
 fn a_live_client_taken_for_gone_reconnects_on_its_heartbeat_and_gets_its_mail() {
     let mut s = three();
-    s.drop_rules.push(drop_first(2, |p| {
-        p.to == addr(3000) && matches!(p.msg, Message::Chat { .. })
-    }));
-    s.drop_rules.push(drop_first(2, |p| {
-        p.to == addr(3000) && matches!(p.msg, Message::Probe { .. })
-    }));
+    // Every copy of the message's first try (see the exists flow test).
+    s.drop_rules
+        .push(drop_first(3, |p| p.to == addr(3000) && p.is(What::Chat)));
+    s.drop_rules
+        .push(drop_first(2, |p| p.to == addr(3000) && p.is(What::Probe)));
     let b = s.nodes[1].lines.len();
     s.command(0, "send Bob hello");
     assert_eq!(s.lines(0).last(), Some(&SAVED));
@@ -130,7 +129,7 @@ fn three_missed_heartbeats_mark_a_client_offline() {
     assert_eq!(s.lines_since(0, a), [UPDATED]);
     assert!(!s.nodes[0].client.table().get(&name("Bob")).unwrap().online);
     // Heartbeats went out every 10 s from the live clients.
-    let beats = s.count(|p| p.from == addr(2000) && matches!(p.msg, Message::Heartbeat { .. }));
+    let beats = s.count(|p| p.from == addr(2000) && p.is(What::Heartbeat));
     assert_eq!(beats, 3);
 }
 
@@ -140,9 +139,8 @@ fn three_missed_heartbeats_mark_a_client_offline() {
 fn a_lost_delta_is_repaired_by_the_heartbeat() {
     let mut s = Sim::new();
     s.join("Alice", 2000);
-    s.drop_rules.push(drop_all(|p| {
-        p.to == addr(2000) && matches!(p.msg, Message::Delta { .. })
-    }));
+    s.drop_rules
+        .push(drop_all(|p| p.to == addr(2000) && p.is(What::Delta)));
     s.join("Bob", 3000);
     assert!(s.nodes[0].client.table().get(&name("Bob")).is_none());
     s.run_for(Duration::from_secs(11));
@@ -190,11 +188,7 @@ fn a_full_mailbox_misses_channel_messages_without_blocking_the_channel() {
         s.lines(2).last(),
         Some(&">>> [Channel_Message Alice: to everyone]")
     );
-    let bob: Vec<_> = s
-        .server
-        .mailbox(&name("Bob"))
-        .map(|m| m.text.clone())
-        .collect();
+    let bob: Vec<_> = s.mailbox("Bob").into_iter().map(|(_, _, t)| t).collect();
     assert_eq!(bob, ["first"]);
     // And a direct message to the full mailbox says so.
     s.command(0, "send Bob second");
@@ -211,7 +205,7 @@ fn dereg_after_a_server_restart_is_a_clean_leave() {
     let mut s = three();
     let mail = s.store.load().unwrap();
     s.server = Server::new(
-        ServerConfig::new([2; 32], (s.start, EPOCH_UNIX)),
+        ServerConfig::new([2; 32], sim::server_key(), (s.start, EPOCH_UNIX)),
         s.now,
         mail,
     );
@@ -248,9 +242,8 @@ fn a_message_saved_during_a_takeover_reaches_the_new_holder() {
 fn a_retry_after_dereg_still_learns_the_message_was_saved() {
     let mut s = three();
     s.command(1, "dereg Bob");
-    s.drop_rules.push(drop_first(1, |p| {
-        p.to == addr(2000) && matches!(p.msg, Message::Ack { .. })
-    }));
+    s.drop_rules
+        .push(drop_first(1, |p| p.to == addr(2000) && p.is(What::Ack)));
     let a = s.nodes[0].lines.len();
     s.line(0, "send Bob x");
     s.run_for(Duration::from_millis(50));
@@ -275,7 +268,7 @@ fn a_save_after_a_server_restart_reconnects_and_is_saved() {
     s.command(1, "dereg Bob");
     let loaded = s.store.load().unwrap();
     s.server = Server::new(
-        ServerConfig::new([2; 32], (s.start, EPOCH_UNIX)),
+        ServerConfig::new([2; 32], sim::server_key(), (s.start, EPOCH_UNIX)),
         s.now,
         loaded,
     );
@@ -286,11 +279,7 @@ fn a_save_after_a_server_restart_reconnects_and_is_saved() {
     assert_eq!(lines[1], ">>> [Reconnected to server.]");
     assert!(lines.contains(&SAVED), "{lines:?}");
     assert!(!lines.iter().any(|l| l.contains("Error")), "{lines:?}");
-    let bob: Vec<_> = s
-        .server
-        .mailbox(&name("Bob"))
-        .map(|m| m.text.clone())
-        .collect();
+    let bob: Vec<_> = s.mailbox("Bob").into_iter().map(|(_, _, t)| t).collect();
     assert_eq!(bob, ["after the restart"]);
 }
 
@@ -301,9 +290,8 @@ fn a_save_after_a_server_restart_reconnects_and_is_saved() {
 #[test]
 fn a_channel_message_survives_a_crash_mid_fan_out() {
     let mut s = three();
-    s.drop_rules.push(drop_all(|p| {
-        p.to == addr(4000) && matches!(p.msg, Message::Deliver { .. })
-    }));
+    s.drop_rules
+        .push(drop_all(|p| p.to == addr(4000) && p.is(What::Deliver)));
     let (a, b, c) = (
         s.nodes[0].lines.len(),
         s.nodes[1].lines.len(),
@@ -322,7 +310,7 @@ fn a_channel_message_survives_a_crash_mid_fan_out() {
     let loaded = s.store.load().unwrap();
     assert_eq!(loaded.mail.len(), 1, "only Carol's copy is left");
     s.server = Server::new(
-        ServerConfig::new([2; 32], (s.start, EPOCH_UNIX)),
+        ServerConfig::new([2; 32], sim::server_key(), (s.start, EPOCH_UNIX)),
         s.now,
         loaded,
     );

@@ -18,7 +18,7 @@ use std::time::Duration;
 use chaos::{Report, run_seed};
 use sim::{EPOCH_UNIX, Sim, addr, drop_all};
 use udpchat::store::Store;
-use udpchat::wire::Message;
+use udpchat::wire::What;
 use udpchat::{Server, ServerConfig};
 
 /// Runs `seeds` over every core; returns the failing reports.
@@ -102,10 +102,10 @@ fn replay() {
     assert!(r.violations.is_empty(), "{}", describe(&r));
 }
 
-/// The server crashes and comes back with a fresh seed (new tokens, table
+/// The server crashes and comes back with a fresh seed (new sessions, table
 /// versions numbered afresh from its store).
 fn restart_server(s: &mut Sim, seed: u8) {
-    let config = ServerConfig::new([seed; 32], (s.start, EPOCH_UNIX));
+    let config = ServerConfig::new([seed; 32], sim::server_key(), (s.start, EPOCH_UNIX));
     let loaded = s.store.load().unwrap();
     s.server = Server::new(config, s.now, loaded);
 }
@@ -142,9 +142,8 @@ fn log_back_after_server_restart_converges_even_if_its_sync_is_lost() {
     // Carol is gone for good; Bob reconnects by his heartbeat.
     s.crash(carol);
     s.run_for(Duration::from_secs(12));
-    s.drop_rules.push(drop_all(|p| {
-        p.to == addr(2000) && matches!(p.msg, Message::Page { .. })
-    }));
+    s.drop_rules
+        .push(drop_all(|p| p.to == addr(2000) && p.is(What::Page)));
     s.line(alice, "reg Alice");
     s.run_for(Duration::from_secs(4));
     s.drop_rules.clear();

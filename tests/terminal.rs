@@ -44,8 +44,11 @@ impl PtyClient {
         let (master, slave) =
             unsafe { (OwnedFd::from_raw_fd(master), OwnedFd::from_raw_fd(slave)) };
         let port = free_udp_port().to_string();
+        let home = common::config_home(server_port);
         let child = Command::new(BIN)
             .args(["-c", name, "127.0.0.1", &server_port.to_string(), &port])
+            .env("XDG_CONFIG_HOME", &home)
+            .env("HOME", home.join("home"))
             .stdin(Stdio::from(slave.try_clone().unwrap()))
             .stdout(Stdio::from(slave.try_clone().unwrap()))
             .stderr(Stdio::from(slave.try_clone().unwrap()))

@@ -9,10 +9,14 @@ use std::time::{Duration, Instant};
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Token};
 
+use std::path::PathBuf;
+
+use super::keys::{self, KnownServers};
 use super::term::{EditorEvent, LineEditor, RawMode};
 use super::{
     Fatal, RECV_BUF, SIGNALS, bind, io_fatal, listen, local_time, random_seed, read_burst, wait,
 };
+use crate::crypto::Keypair;
 use crate::wire::Name;
 use crate::{Client, ClientConfig, Event};
 
@@ -22,13 +26,45 @@ const STDIN_FD: RawFd = 0;
 /// a 1000-byte message plus the command and a 32-byte name).
 const MAX_LINE: usize = 4096;
 
+/// What the command line chose for a client.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// The name to register.
+    pub name: Name,
+    /// The server's address.
+    pub server: SocketAddr,
+    /// The local port.
+    pub port: u16,
+    /// The heartbeat interval.
+    pub heartbeat: Duration,
+    /// `--key FILE`, or the default key file of the name.
+    pub key: Option<PathBuf>,
+}
+
 /// Runs a client until it exits. Returns the exit status.
-pub fn run(name: Name, server: SocketAddr, port: u16, heartbeat: Duration) -> Result<i32, Fatal> {
+pub fn run(options: Options) -> Result<i32, Fatal> {
+    let Options {
+        name,
+        server,
+        port,
+        heartbeat,
+        key,
+    } = options;
+    // The port first: a client that cannot run must not create a key.
     let local = match server {
         SocketAddr::V4(_) => SocketAddr::from(([0, 0, 0, 0], port)),
         SocketAddr::V6(_) => SocketAddr::from(([0u16; 8], port)),
     };
     let socket = bind(local)?;
+    let key_path = match key {
+        Some(path) => path,
+        None => keys::default_key_path(&name)?,
+    };
+    let secret = random_seed()?;
+    let (key, _) = keys::load_or_create(&key_path, || Keypair::from_secret(secret))?;
+    let known = KnownServers::beside(&key_path);
+    let server_text = server.to_string();
+    let pinned = known.lookup(&server_text)?;
     let (socket, mut poll, mut signals) = listen(socket)?;
 
     let mut console = Console::new()?;
@@ -40,7 +76,7 @@ pub fn run(name: Name, server: SocketAddr, port: u16, heartbeat: Duration) -> Re
         .is_ok();
 
     let now = Instant::now();
-    let mut config = ClientConfig::new(name, server, random_seed()?);
+    let mut config = ClientConfig::new(name, server, random_seed()?, key, pinned.map(|p| p.0));
     config.heartbeat = heartbeat;
     let mut client = Client::new(config, now);
     let mut events = Events::with_capacity(16);
@@ -53,11 +89,29 @@ pub fn run(name: Name, server: SocketAddr, port: u16, heartbeat: Duration) -> Re
         // Show first, then send: the acks among the datagrams promise the
         // server that these lines are on the screen.
         while let Some(event) = client.poll_event() {
-            if let Event::Exit(code) = event {
-                return Ok(code);
-            }
-            if let Some(line) = event.render(local_time) {
-                console.show(&line);
+            match event {
+                Event::Exit(code) => return Ok(code),
+                // First contact: remember the key, as ssh does.
+                Event::ServerKeyLearned(key) => known.remember(&server_text, &key)?,
+                Event::ServerKeyChanged {
+                    pinned: old,
+                    presented,
+                } => {
+                    let line = pinned.map_or(0, |p| p.1);
+                    console.show(&format!(
+                        ">>> [Error: the server at {server_text} presented key {}, not the key {} \
+                         remembered in {} (line {line}); if its key changed on purpose, delete \
+                         that line and start again.]",
+                        presented.fingerprint(),
+                        old.fingerprint(),
+                        known.path().display()
+                    ));
+                }
+                other => {
+                    if let Some(line) = other.render(local_time) {
+                        console.show(&line);
+                    }
+                }
             }
         }
         while let Some(t) = client.poll_transmit() {

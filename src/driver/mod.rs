@@ -4,6 +4,7 @@
 //! protocol logic lives here.
 
 pub mod client;
+pub mod keys;
 pub mod server;
 pub mod sqlite;
 pub mod term;

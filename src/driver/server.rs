@@ -8,12 +8,18 @@ use std::time::{Duration, Instant};
 use mio::Events;
 use mio::net::UdpSocket;
 
+use super::keys;
 use super::sqlite::SqliteStore;
 use super::{
     Fatal, RECV_BUF, SIGNALS, bind, io_fatal, listen, random_seed, read_burst, unix_now, wait,
 };
+use crate::crypto::Keypair;
 use crate::store::{Store, StoreOp};
+use crate::wire::{Name, Rejection};
 use crate::{Server, ServerConfig, ServerEvent};
+
+/// The server's static key, in its data directory.
+pub const KEY_FILE: &str = "server.key";
 
 /// What the command line chose for the server.
 #[derive(Debug, Clone)]
@@ -43,17 +49,24 @@ pub fn run(options: Options) -> Result<i32, Fatal> {
     let data_error = |e: &dyn std::fmt::Display| Fatal(format!("error: data dir {dir}: {e}"));
     let mut store = SqliteStore::open(&options.data_dir).map_err(|e| data_error(&e))?;
     let loaded = store.load().map_err(|e| data_error(&e))?;
+    // Created on first start, kept ever after: clients pin it.
+    let secret = random_seed()?;
+    let key_path = options.data_dir.join(KEY_FILE);
+    let (key, _) = keys::load_or_create(&key_path, || Keypair::from_secret(secret))?;
+    let fingerprint = key.public().to_hex();
     let (socket, mut poll, mut signals) = listen(socket)?;
     let local = socket.local_addr().map_err(io_fatal)?;
 
     let now = Instant::now();
-    let mut config = ServerConfig::new(random_seed()?, (now, unix_now()));
+    let mut config = ServerConfig::new(random_seed()?, key, (now, unix_now()));
     config.presence_timeout = options.heartbeat * 3;
     config.mailbox_messages = options.mailbox_messages;
     config.mailbox_bytes = options.mailbox_bytes;
     config.store_bytes = options.store_bytes;
     let mut server = Server::new(config, now, loaded);
     say(&format!("udpchat server listening on {local}"));
+    // The public half only: what a user may compare out of band.
+    say(&format!("server key {fingerprint}"));
 
     let mut events = Events::with_capacity(16);
     let mut buf = [0u8; RECV_BUF];
@@ -116,12 +129,20 @@ fn log(event: &ServerEvent) {
             };
             format!("stored a {kind} from {from} for {to}")
         }
-        ServerEvent::Rejected(name, addr) => format!("refused {name} from {addr}: name in use"),
+        ServerEvent::Rejected(name, addr, Rejection::InUse) => {
+            format!("refused {name} from {addr}: name in use")
+        }
+        ServerEvent::Rejected(name, addr, Rejection::OtherKey) => {
+            format!("refused {name} from {addr}: the name belongs to another key")
+        }
+        ServerEvent::Moved(name, addr) => format!("{name} moved to {addr}"),
+        ServerEvent::Undecryptable(name, mail) => format!(
+            "stored message {} for {name} cannot be decrypted (damaged, or server.key changed): dropped",
+            mail.0
+        ),
         ServerEvent::MailboxFull(name) => {
             format!("mailbox of {name} is full: a channel message was not kept")
         }
-        // Hostile input is counted, not logged line by line.
-        ServerEvent::Malformed(..) => return,
     };
     say(&line);
 }
@@ -131,4 +152,24 @@ fn say(line: &str) {
     let mut out = io::stdout().lock();
     let _ = writeln!(out, "{line}");
     let _ = out.flush();
+}
+
+/// `udpchat --release NAME`: frees a name in the data directory (the
+/// server stopped), so the next key to register it owns it.
+pub fn release(data_dir: &std::path::Path, name: &Name) -> Result<i32, Fatal> {
+    let dir = data_dir.display();
+    if !data_dir.join(super::sqlite::DB_FILE).is_file() {
+        return Err(Fatal(format!(
+            "error: data dir {dir}: no udpchat database here"
+        )));
+    }
+    let mut store =
+        SqliteStore::open(data_dir).map_err(|e| Fatal(format!("error: data dir {dir}: {e}")))?;
+    let deleted = store
+        .release(name)
+        .map_err(|e| Fatal(format!("error: {e}")))?;
+    say(&format!(
+        "released {name}: the next key to register it owns it; {deleted} stored messages for it were deleted"
+    ));
+    Ok(0)
 }

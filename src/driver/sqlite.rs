@@ -9,25 +9,35 @@
 //! schema, a damaged page) is refused with a [`StoreError`] and left exactly
 //! as it was: nothing here repairs, truncates or recreates a database.
 //!
-//! # Schema (version 1, in `PRAGMA user_version`)
+//! # Schema (version 2, in `PRAGMA user_version`)
 //!
 //! ```sql
 //! CREATE TABLE clients (
 //!     name          TEXT PRIMARY KEY,  -- a wire::Name
 //!     addr          TEXT NOT NULL,     -- last known address, "ip:port"
-//!     registered_at INTEGER            -- first registration, Unix seconds
+//!     registered_at INTEGER,           -- first registration, Unix seconds
+//!     key           BLOB               -- the X25519 key that owns the name (32 bytes);
+//!                                      -- NULL: the next registration binds it
 //! );
 //! CREATE TABLE mail (
-//!     id        INTEGER PRIMARY KEY,   -- the MailId (store order)
-//!     recipient TEXT NOT NULL,
-//!     sender    TEXT NOT NULL,
-//!     channel   INTEGER NOT NULL,      -- 1: sent to the channel (send_all)
-//!     stored_at INTEGER NOT NULL,      -- Unix seconds
-//!     msg_id    INTEGER NOT NULL,      -- the sender's u64 MsgId, bit-cast to i64
-//!     text      TEXT NOT NULL,         -- 1 to 1000 bytes of UTF-8
+//!     id         INTEGER PRIMARY KEY,  -- the MailId (store order)
+//!     recipient  TEXT NOT NULL,
+//!     sender     TEXT NOT NULL,
+//!     channel    INTEGER NOT NULL,     -- 1: sent to the channel (send_all)
+//!     stored_at  INTEGER NOT NULL,     -- Unix seconds
+//!     msg_id     INTEGER NOT NULL,     -- the sender's u64 MsgId, bit-cast to i64
+//!     kind       INTEGER NOT NULL,     -- 1: sealed by the sender for the recipient
+//!                                      -- 2: encrypted at rest by the server (channel)
+//!                                      -- 0: clear text from schema 1, until the
+//!                                      --    server's first commit encrypts it
+//!     body       BLOB NOT NULL,        -- the seal, or salt and ciphertext (or the text)
+//!     sender_key BLOB,                 -- kind 1: the sender's key (32 bytes)
 //!     UNIQUE (recipient, sender, msg_id)
 //! );
 //! ```
+//!
+//! Schema 1 had no keys and kept `text` in clear; opening it migrates it
+//! (names get bound to keys by their next registration).
 //!
 //! `msg_id` is chosen by the sender and may use all 64 bits; SQLite integers
 //! are signed, so ids from 2^63 up are stored as negative numbers (same
@@ -46,10 +56,11 @@
 //! SELECT name, addr, datetime(registered_at, 'unixepoch') FROM clients ORDER BY rowid;
 //! SELECT recipient, count(*) AS messages, sum(length(CAST(text AS BLOB))) AS bytes
 //!   FROM mail GROUP BY recipient ORDER BY messages DESC;
-//! SELECT id, sender, channel, datetime(stored_at, 'unixepoch'), text
-//!   FROM mail WHERE recipient = 'Bob' ORDER BY id;
+//! SELECT id, sender, channel, datetime(stored_at, 'unixepoch'), kind, length(body)
+//!   FROM mail WHERE recipient = 'Bob' ORDER BY id;            -- bodies are ciphertext
+//! SELECT name, hex(key) FROM clients;                         -- who owns which name
 //! SELECT id, sender, printf('%u', msg_id) AS msg_id FROM mail;   -- the u64, unsigned again
-//! PRAGMA user_version;      -- schema version (1)
+//! PRAGMA user_version;      -- schema version (2)
 //! PRAGMA integrity_check;   -- "ok" when the file is sound
 //! ```
 
@@ -64,8 +75,9 @@ use std::time::Duration;
 use rusqlite::types::ValueRef;
 use rusqlite::{Connection, ErrorCode, OpenFlags, Row, Transaction, TransactionBehavior, params};
 
-use crate::store::{Loaded, Store, StoreOp, StoredMail};
-use crate::wire::{MAX_TEXT, MailId, MsgId, Name};
+use crate::crypto::PublicKey;
+use crate::store::{Body, ClientRecord, Loaded, Store, StoreOp, StoredMail};
+use crate::wire::{MAX_SEALED, MAX_TEXT, MailId, MsgId, Name};
 
 /// The database's file name inside the data directory.
 pub const DB_FILE: &str = "udpchat.db";
@@ -93,7 +105,30 @@ const MIGRATIONS: &[&str] = &[
          text      TEXT NOT NULL,
          UNIQUE (recipient, sender, msg_id)
      );",
+    // 2: names owned by keys; mail bodies sealed or encrypted, not text.
+    "ALTER TABLE clients ADD COLUMN key BLOB;
+     CREATE TABLE mail_v2 (
+         id         INTEGER PRIMARY KEY,
+         recipient  TEXT NOT NULL,
+         sender     TEXT NOT NULL,
+         channel    INTEGER NOT NULL,
+         stored_at  INTEGER NOT NULL,
+         msg_id     INTEGER NOT NULL,
+         kind       INTEGER NOT NULL,
+         body       BLOB NOT NULL,
+         sender_key BLOB,
+         UNIQUE (recipient, sender, msg_id)
+     );
+     INSERT INTO mail_v2 (id, recipient, sender, channel, stored_at, msg_id, kind, body)
+         SELECT id, recipient, sender, channel, stored_at, msg_id, 0, CAST(text AS BLOB) FROM mail;
+     DROP TABLE mail;
+     ALTER TABLE mail_v2 RENAME TO mail;",
 ];
+
+/// `mail.kind`: what `body` holds.
+const KIND_CLEAR: i64 = 0;
+const KIND_SEALED: i64 = 1;
+const KIND_AT_REST: i64 = 2;
 
 /// The schema version this build writes and understands.
 pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
@@ -105,16 +140,22 @@ const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 // `ON CONFLICT DO NOTHING` rather than `INSERT OR IGNORE`: both skip a row
 // whose id or (recipient, sender, msg_id) is already stored, but OR IGNORE
 // would also silently skip a row that breaks any other constraint.
-const PUT: &str = "INSERT INTO mail (id, recipient, sender, channel, stored_at, msg_id, text)
-                   VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) ON CONFLICT DO NOTHING";
+const PUT: &str = "INSERT INTO mail
+                       (id, recipient, sender, channel, stored_at, msg_id, kind, body, sender_key)
+                   VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9) ON CONFLICT DO NOTHING";
 const DELETE: &str = "DELETE FROM mail WHERE id = ?1 AND recipient = ?2";
-// registered_at keeps the first registration; the clock is SQLite's.
-const CLIENT: &str = "INSERT INTO clients (name, addr, registered_at) VALUES (?1, ?2, unixepoch())
-                      ON CONFLICT (name) DO UPDATE SET addr = excluded.addr";
+const REWRITE: &str = "UPDATE mail SET kind = ?2, body = ?3, sender_key = ?4 WHERE id = ?1";
+// registered_at keeps the first registration; the clock is SQLite's. A
+// name's key is set once (from NULL): the server never rebinds a name.
+const CLIENT: &str = "INSERT INTO clients (name, addr, registered_at, key)
+                          VALUES (?1, ?2, unixepoch(), ?3)
+                      ON CONFLICT (name) DO UPDATE SET addr = excluded.addr,
+                          key = coalesce(clients.key, excluded.key)";
 // rowid is the insertion order, and an upsert's UPDATE keeps it.
-const LOAD_CLIENTS: &str = "SELECT rowid, name, addr FROM clients ORDER BY rowid";
-const LOAD_MAIL: &str =
-    "SELECT id, recipient, sender, channel, stored_at, msg_id, text FROM mail ORDER BY id";
+const LOAD_CLIENTS: &str = "SELECT rowid, name, addr, key FROM clients ORDER BY rowid";
+const LOAD_MAIL: &str = "SELECT id, recipient, sender, channel, stored_at, msg_id, kind, body,
+                                sender_key
+                         FROM mail ORDER BY id";
 
 /// Why a data directory could not be opened: one line naming the file and
 /// what is wrong with it.
@@ -173,6 +214,38 @@ impl SqliteStore {
         &self.path
     }
 
+    /// Releases `name` (an operator's decision, e.g. for a user who lost
+    /// their key file): the key that owns it is forgotten, so the next key
+    /// to register the name owns it, and its mailbox is deleted — mail
+    /// sealed for the old key, or channel copies, is no one else's to
+    /// read. Returns how many messages were deleted. Run it with the
+    /// server stopped: a running server keeps the binding it loaded.
+    pub fn release(&mut self, name: &Name) -> Result<usize, StoreError> {
+        let path = self.path.clone();
+        let err = |e: rusqlite::Error| StoreError(format!("{}: {e}", path.display()));
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(err)?;
+        let known = tx
+            .execute(
+                "UPDATE clients SET key = NULL WHERE name = ?1",
+                [name.as_str()],
+            )
+            .map_err(err)?;
+        if known == 0 {
+            return Err(StoreError(format!(
+                "{}: no client named {name} is registered",
+                path.display()
+            )));
+        }
+        let deleted = tx
+            .execute("DELETE FROM mail WHERE recipient = ?1", [name.as_str()])
+            .map_err(err)?;
+        tx.commit().map_err(err)?;
+        Ok(deleted)
+    }
+
     /// Everything `open` does after the file is open. The outer error is
     /// SQLite's, the inner one a verdict on the file.
     fn prepare(&mut self) -> rusqlite::Result<Result<(), StoreError>> {
@@ -214,13 +287,7 @@ impl SqliteStore {
                 let id = mail_id(m.mail).ok_or_else(|| {
                     invalid(path, format!("mail id {} does not fit SQLite", m.mail.0))
                 })?;
-                if !(1..=MAX_TEXT).contains(&m.text.len()) {
-                    // Stored, it would stop the next start: refuse it now.
-                    return Err(invalid(
-                        path,
-                        format!("mail {id}: text of {} bytes", m.text.len()),
-                    ));
-                }
+                let (kind, body, key) = body_columns(path, id, &m.body)?;
                 tx.prepare_cached(PUT)
                     .and_then(|mut s| {
                         s.execute(params![
@@ -230,10 +297,20 @@ impl SqliteStore {
                             m.channel,
                             m.stored_at,
                             m.id.0.cast_signed(),
-                            m.text,
+                            kind,
+                            body,
+                            key,
                         ])
                     })
                     .map_err(sql)?;
+            }
+            StoreOp::Rewrite { mail, body } => {
+                if let Some(id) = mail_id(*mail) {
+                    let (kind, body, key) = body_columns(path, id, body)?;
+                    tx.prepare_cached(REWRITE)
+                        .and_then(|mut s| s.execute(params![id, kind, body, key]))
+                        .map_err(sql)?;
+                }
             }
             StoreOp::Delete { to, mail } => {
                 // An id beyond i64 was never stored: nothing to delete.
@@ -243,9 +320,10 @@ impl SqliteStore {
                         .map_err(sql)?;
                 }
             }
-            StoreOp::Client { name, addr } => {
+            StoreOp::Client(c) => {
+                let key = c.key.map(|k| k.0.to_vec());
                 tx.prepare_cached(CLIENT)
-                    .and_then(|mut s| s.execute(params![name.as_str(), addr.to_string()]))
+                    .and_then(|mut s| s.execute(params![c.name.as_str(), c.addr.to_string(), key]))
                     .map_err(sql)?;
             }
         }
@@ -303,13 +381,59 @@ impl Store for SqliteStore {
     }
 }
 
-fn client_row(row: &Row<'_>) -> Result<(Name, SocketAddr), String> {
+/// `mail.kind`, `body` and `sender_key` of a body. A body no load would
+/// accept is refused here, before it could stop the next start.
+fn body_columns(path: &Path, id: i64, body: &Body) -> io::Result<(i64, Vec<u8>, Option<Vec<u8>>)> {
+    let ok = match body {
+        Body::Sealed { sealed, .. } => (1..=MAX_SEALED).contains(&sealed.len()),
+        Body::AtRest(b) => (1..=MAX_SEALED).contains(&b.len()),
+        Body::Clear(t) => (1..=MAX_TEXT).contains(&t.len()),
+    };
+    if !ok {
+        return Err(invalid(
+            path,
+            format!("mail {id}: body of {} bytes", body.len()),
+        ));
+    }
+    Ok(match body {
+        Body::Sealed { key, sealed } => (KIND_SEALED, sealed.clone(), Some(key.0.to_vec())),
+        Body::AtRest(b) => (KIND_AT_REST, b.clone(), None),
+        Body::Clear(t) => (KIND_CLEAR, t.as_bytes().to_vec(), None),
+    })
+}
+
+fn client_row(row: &Row<'_>) -> Result<ClientRecord, String> {
     let name = text(row, 1, "name")?;
     let name = Name::new(&name).map_err(|e| format!("name {name:?} is not a valid name: {e}"))?;
     let addr = text(row, 2, "addr")?;
     let addr = SocketAddr::from_str(&addr)
         .map_err(|_| format!("addr {addr:?} of {name} is not an ip:port address"))?;
-    Ok((name, addr))
+    let key = match row.get_ref(3).map_err(|e| format!("key: {e}"))? {
+        ValueRef::Null => None,
+        _ => Some(key(row, 3, "key")?),
+    };
+    Ok(ClientRecord { name, addr, key })
+}
+
+/// Column `i` as a 32-byte key.
+fn key(row: &Row<'_>, i: usize, col: &str) -> Result<PublicKey, String> {
+    match row.get_ref(i).map_err(|e| format!("{col}: {e}"))? {
+        ValueRef::Blob(b) => b
+            .try_into()
+            .map(PublicKey)
+            .map_err(|_| format!("{col} is {} bytes, not 32", b.len())),
+        other => Err(format!(
+            "{col} is {}, not a 32-byte blob",
+            other.data_type()
+        )),
+    }
+}
+
+fn blob(row: &Row<'_>, i: usize, col: &str) -> Result<Vec<u8>, String> {
+    match row.get_ref(i).map_err(|e| format!("{col}: {e}"))? {
+        ValueRef::Blob(b) => Ok(b.to_vec()),
+        other => Err(format!("{col} is {}, not a blob", other.data_type())),
+    }
 }
 
 fn mail_row(row: &Row<'_>) -> Result<StoredMail, String> {
@@ -330,11 +454,30 @@ fn mail_row(row: &Row<'_>) -> Result<StoredMail, String> {
     };
     let stored_at = integer(row, 4, "stored_at")?;
     let id = MsgId(integer(row, 5, "msg_id")?.cast_unsigned());
-    let text = text(row, 6, "text")?;
-    if !(1..=MAX_TEXT).contains(&text.len()) {
+    let bytes = blob(row, 7, "body")?;
+    let body = match integer(row, 6, "kind")? {
+        KIND_CLEAR => {
+            let text =
+                String::from_utf8(bytes).map_err(|_| "body is not valid UTF-8".to_string())?;
+            if !(1..=MAX_TEXT).contains(&text.len()) {
+                return Err(format!(
+                    "text is {} bytes long (must be 1 to {MAX_TEXT})",
+                    text.len()
+                ));
+            }
+            Body::Clear(text)
+        }
+        KIND_SEALED => Body::Sealed {
+            key: key(row, 8, "sender_key")?,
+            sealed: bytes,
+        },
+        KIND_AT_REST => Body::AtRest(bytes),
+        n => return Err(format!("kind is {n}, not 0, 1 or 2")),
+    };
+    if body.is_empty() || body.len() > MAX_SEALED {
         return Err(format!(
-            "text is {} bytes long (must be 1 to {MAX_TEXT})",
-            text.len()
+            "body is {} bytes long (must be 1 to {MAX_SEALED})",
+            body.len()
         ));
     }
     Ok(StoredMail {
@@ -344,7 +487,7 @@ fn mail_row(row: &Row<'_>) -> Result<StoredMail, String> {
         channel,
         stored_at,
         id,
-        text,
+        body,
     })
 }
 
@@ -555,7 +698,11 @@ mod tests {
             channel: mail.is_multiple_of(2),
             stored_at: 1_700_000_000 + mail as i64,
             id: MsgId(id),
-            text: text.to_string(),
+            // The store keeps bodies as they come: any bytes will do.
+            body: Body::Sealed {
+                key: PublicKey([7; 32]),
+                sealed: text.as_bytes().to_vec(),
+            },
         }
     }
 
@@ -563,11 +710,20 @@ mod tests {
         StoreOp::Put(m)
     }
 
-    fn client(n: &str, addr: &str) -> StoreOp {
-        StoreOp::Client {
+    fn key_of(n: &str) -> PublicKey {
+        PublicKey([n.as_bytes()[0]; 32])
+    }
+
+    fn record(n: &str, addr: &str) -> ClientRecord {
+        ClientRecord {
             name: name(n),
             addr: addr.parse().unwrap(),
+            key: Some(key_of(n)),
         }
+    }
+
+    fn client(n: &str, addr: &str) -> StoreOp {
+        StoreOp::Client(record(n, addr))
     }
 
     fn delete(to: &str, mail: u64) -> StoreOp {
@@ -620,7 +776,7 @@ mod tests {
         let mut store = SqliteStore::open(&dir.0).unwrap();
         let loaded = store.load().unwrap();
         assert_eq!(loaded, memory.load().unwrap());
-        let names: Vec<&str> = loaded.clients.iter().map(|(n, _)| n.as_str()).collect();
+        let names: Vec<&str> = loaded.clients.iter().map(|c| c.name.as_str()).collect();
         assert_eq!(names, ["Alice", "Bob", "Carol"]);
         let ids: Vec<u64> = loaded.mail.iter().map(|m| m.mail.0).collect();
         assert_eq!(ids, [2, 3]);
@@ -727,10 +883,18 @@ mod tests {
         assert_eq!(
             loaded.clients,
             [
-                (name("Alice"), "10.1.2.3:4000".parse().unwrap()),
-                (name("Bob"), "127.0.0.1:3000".parse().unwrap()),
+                record("Alice", "10.1.2.3:4000"),
+                record("Bob", "127.0.0.1:3000"),
             ]
         );
+        // A name's key is never replaced, only bound once.
+        store
+            .commit(&[StoreOp::Client(ClientRecord {
+                key: Some(PublicKey([9; 32])),
+                ..record("Alice", "10.1.2.3:4000")
+            })])
+            .unwrap();
+        assert_eq!(store.load().unwrap().clients[0].key, Some(key_of("Alice")));
         assert!(
             first > 1_600_000_000,
             "registered_at {first} is not Unix seconds"
@@ -761,7 +925,7 @@ mod tests {
         store
             .conn
             .execute_batch(
-                "CREATE TEMP TRIGGER refuse BEFORE INSERT ON main.mail WHEN NEW.text = 'boom'
+                "CREATE TEMP TRIGGER refuse BEFORE INSERT ON main.mail WHEN NEW.body = CAST('boom' AS BLOB)
                  BEGIN SELECT RAISE(ABORT, 'refused by test'); END;",
             )
             .unwrap();
@@ -782,9 +946,9 @@ mod tests {
             1
         );
 
-        // Refused before SQLite sees it: a text no load would accept.
+        // Refused before SQLite sees it: a body no load would accept.
         let mut empty = mail(4, "Carol", "Alice", 4, "x");
-        empty.text.clear();
+        empty.body = Body::AtRest(Vec::new());
         let err = store
             .commit(&[client("Dave", "10.0.0.4:4"), put(empty)])
             .unwrap_err();
@@ -830,7 +994,7 @@ mod tests {
         drop(store);
         let err = open_err(&dir.0);
         assert!(
-            err.contains("was written by a newer udpchat (schema 7, this build knows 1)"),
+            err.contains("was written by a newer udpchat (schema 7, this build knows 2)"),
             "{err}"
         );
     }
@@ -921,12 +1085,12 @@ mod tests {
         // Still open, nothing checkpointed: the committed rows are in the WAL.
         assert_eq!(count(&other, "mail"), 1);
         assert_eq!(count(&other, "clients"), 1);
-        let text: String = other
-            .query_row("SELECT text FROM mail WHERE recipient = 'Bob'", [], |r| {
+        let body: Vec<u8> = other
+            .query_row("SELECT body FROM mail WHERE recipient = 'Bob'", [], |r| {
                 r.get(0)
             })
             .unwrap();
-        assert_eq!(text, "hi");
+        assert_eq!(body, b"hi");
     }
 
     #[test]
@@ -945,12 +1109,32 @@ mod tests {
                 "clients row 1: addr is Blob, not text",
             ),
             (
-                "UPDATE mail SET text = ''",
-                "mail row 1: text is 0 bytes long",
+                "UPDATE clients SET key = x'0102'",
+                "clients row 1: key is 2 bytes, not 32",
             ),
             (
-                "UPDATE mail SET text = printf('%.1001c', 'x')",
+                "UPDATE mail SET body = x''",
+                "mail row 1: body is 0 bytes long",
+            ),
+            (
+                "UPDATE mail SET body = CAST(printf('%.1061c', 'x') AS BLOB)",
+                "mail row 1: body is 1061 bytes long",
+            ),
+            (
+                "UPDATE mail SET kind = 0, body = CAST(printf('%.1001c', 'x') AS BLOB)",
                 "mail row 1: text is 1001 bytes long",
+            ),
+            (
+                "UPDATE mail SET kind = 5",
+                "mail row 1: kind is 5, not 0, 1 or 2",
+            ),
+            (
+                "UPDATE mail SET sender_key = x'01'",
+                "mail row 1: sender_key is 1 bytes, not 32",
+            ),
+            (
+                "UPDATE mail SET body = 'text, not a blob'",
+                "mail row 1: body is Text, not a blob",
             ),
             (
                 "UPDATE mail SET sender = ''",
@@ -965,8 +1149,8 @@ mod tests {
                 "mail row 1: stored_at is Text, not an integer",
             ),
             (
-                "UPDATE mail SET text = CAST(x'ff' AS TEXT)",
-                "mail row 1: text is not valid UTF-8",
+                "UPDATE mail SET kind = 0, body = x'ff'",
+                "mail row 1: body is not valid UTF-8",
             ),
             ("UPDATE mail SET id = -5", "mail row -5: negative id"),
         ];
@@ -1000,5 +1184,77 @@ mod tests {
             .unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::InvalidData);
         assert!(store.load().unwrap().mail.is_empty());
+    }
+
+    #[test]
+    fn a_schema_1_database_is_migrated_keeping_every_row() {
+        let dir = TempDir::new("migrate");
+        fs::create_dir_all(&dir.0).unwrap();
+        {
+            // Exactly what a version-1 server wrote.
+            let conn = Connection::open(dir.0.join(DB_FILE)).unwrap();
+            conn.execute_batch(MIGRATIONS[0]).unwrap();
+            conn.execute_batch(
+                "PRAGMA user_version = 1;
+                 INSERT INTO clients (name, addr, registered_at) VALUES ('Bob', '127.0.0.1:3000', 5);
+                 INSERT INTO mail (id, recipient, sender, channel, stored_at, msg_id, text)
+                     VALUES (7, 'Bob', 'Alice', 0, 1700000000, -1, 'old 😀');",
+            )
+            .unwrap();
+        }
+        let mut store = SqliteStore::open(&dir.0).unwrap();
+        let loaded = store.load().unwrap();
+        assert_eq!(
+            loaded.clients,
+            [ClientRecord {
+                key: None,
+                ..record("Bob", "127.0.0.1:3000")
+            }]
+        );
+        assert_eq!(loaded.mail.len(), 1);
+        let m = &loaded.mail[0];
+        assert_eq!((m.mail, m.id), (MailId(7), MsgId(u64::MAX)));
+        assert_eq!(m.body, Body::Clear("old 😀".to_string()));
+        // The server encrypts it at rest with its first commit.
+        store
+            .commit(&[StoreOp::Rewrite {
+                mail: MailId(7),
+                body: Body::AtRest(vec![1; 40]),
+            }])
+            .unwrap();
+        assert_eq!(
+            store.load().unwrap().mail[0].body,
+            Body::AtRest(vec![1; 40])
+        );
+        let version: i64 = raw(&store)
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .unwrap();
+        assert_eq!(version, 2);
+    }
+
+    #[test]
+    fn release_forgets_the_key_and_deletes_the_mailbox() {
+        let dir = TempDir::new("release");
+        let mut store = SqliteStore::open(&dir.0).unwrap();
+        store
+            .commit(&[
+                client("Alice", "127.0.0.1:2000"),
+                client("Bob", "127.0.0.1:3000"),
+                put(mail(1, "Alice", "Bob", 1, "for Alice")),
+                put(mail(2, "Alice", "Bob", 2, "also")),
+                put(mail(3, "Bob", "Alice", 3, "for Bob")),
+            ])
+            .unwrap();
+        assert_eq!(store.release(&name("Alice")), Ok(2));
+        let loaded = store.load().unwrap();
+        assert_eq!(loaded.clients[0].key, None);
+        assert_eq!(loaded.clients[1].key, Some(key_of("Bob")));
+        let ids: Vec<u64> = loaded.mail.iter().map(|m| m.mail.0).collect();
+        assert_eq!(ids, [3]);
+        let err = store.release(&name("Nobody")).unwrap_err();
+        assert!(err.to_string().contains("no client named Nobody"), "{err}");
+        // The next registration binds the name to its key.
+        store.commit(&[client("Alice", "127.0.0.1:2001")]).unwrap();
+        assert_eq!(store.load().unwrap().clients[0].key, Some(key_of("Alice")));
     }
 }

@@ -9,13 +9,14 @@
 // Each test crate uses a different part of the harness.
 #![allow(dead_code)]
 
+use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::UdpSocket;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
-use std::sync::OnceLock;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
+use std::sync::{Mutex, OnceLock};
 use std::thread;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -364,6 +365,39 @@ pub fn scratch_dir() -> TempDir {
     fresh_dir()
 }
 
+/// Where clients of the server on a port keep their keys and
+/// `known_servers` (`XDG_CONFIG_HOME`): inside that server's directory, so
+/// a client started again under the same name has the same key, and no
+/// test ever touches the real `~/.config` or meets another test's server
+/// on a reused port.
+fn config_homes() -> &'static Mutex<HashMap<u16, PathBuf>> {
+    static HOMES: OnceLock<Mutex<HashMap<u16, PathBuf>>> = OnceLock::new();
+    HOMES.get_or_init(Default::default)
+}
+
+/// The config home of clients of `server_port` (a fresh one if no harness
+/// server runs there).
+pub fn config_home(server_port: u16) -> PathBuf {
+    let mut homes = config_homes().lock().unwrap_or_else(|e| e.into_inner());
+    homes
+        .entry(server_port)
+        .or_insert_with(|| {
+            // No server of ours: a directory of its own, kept for the run.
+            let dir = fresh_dir();
+            let path = dir.0.join("config");
+            std::mem::forget(dir);
+            path
+        })
+        .clone()
+}
+
+/// The key file of client `name` of the server on `server_port`.
+pub fn key_file(server_port: u16, name: &str) -> PathBuf {
+    config_home(server_port)
+        .join("udpchat")
+        .join(format!("{name}.key"))
+}
+
 /// Spawns `udpchat -s <port> <extra…>` in `dir` with its output captured.
 fn spawn_server(dir: &Path, port: u16, extra: &[String]) -> (Child, Captured) {
     let mut child = Command::new(BIN)
@@ -406,6 +440,10 @@ impl Server {
             let deadline = Instant::now() + DEADLINE;
             let listening = output.pump_until(deadline, |o| o.stdout.contains(&ready) || o.ended());
             if output.stdout.contains(&ready) {
+                config_homes()
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(port, dir.0.join("config"));
                 return Server {
                     child,
                     port,
@@ -515,6 +553,10 @@ impl Drop for Server {
     fn drop(&mut self) {
         // The directory goes afterwards, with the field.
         reap(&mut self.child);
+        config_homes()
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&self.port);
     }
 }
 
@@ -548,6 +590,7 @@ impl Client {
         let mut last_failure = String::new();
         for _ in 0..PORT_RETRIES {
             let port = free_udp_port();
+            let home = config_home(server_port);
             let mut child = Command::new(BIN)
                 .arg("-c")
                 .arg(name)
@@ -555,6 +598,8 @@ impl Client {
                 .arg(server_port.to_string())
                 .arg(port.to_string())
                 .args(extra)
+                .env("XDG_CONFIG_HOME", &home)
+                .env("HOME", home.join("home"))
                 .stdin(Stdio::piped())
                 .stdout(Stdio::piped())
                 .stderr(Stdio::piped())
@@ -876,13 +921,28 @@ impl Run {
 /// Runs `udpchat <args>` with stdin null and waits (up to [`DEADLINE`]) for it
 /// to exit and close its output; panics if it does not.
 pub fn run(args: &[&str]) -> Run {
-    run_command(Command::new(BIN).args(args), args)
+    let home = config_home(0);
+    run_command(
+        Command::new(BIN)
+            .args(args)
+            .env("XDG_CONFIG_HOME", &home)
+            .env("HOME", home.join("home")),
+        args,
+    )
 }
 
 /// [`run`] with `dir` as the working directory, so that nothing the binary
 /// writes by default lands in the crate.
 pub fn run_in(dir: &Path, args: &[&str]) -> Run {
-    run_command(Command::new(BIN).args(args).current_dir(dir), args)
+    let home = config_home(0);
+    run_command(
+        Command::new(BIN)
+            .args(args)
+            .current_dir(dir)
+            .env("XDG_CONFIG_HOME", &home)
+            .env("HOME", home.join("home")),
+        args,
+    )
 }
 
 fn run_command(command: &mut Command, args: &[&str]) -> Run {

@@ -16,8 +16,20 @@
 //! The checker reads the client's console lines, like a user would: every
 //! message text is unique (`m<seed>-c<sender>-<n>`), so a display can be
 //! attributed to the send it came from.
+//!
+//! Most runs also have an attacker. On path, it records datagrams and later
+//! replays them: unchanged, from another address (a victim's or a client's),
+//! to another destination, or with bytes flipped. Off path, it forges
+//! datagrams from victim addresses: random session indexes, handshakes of
+//! its own, forged cookies and reset tokens, old protocol versions. As
+//! another user, it runs clients of its own key under names that others
+//! own. The checker adds: nothing is shown as from X that X did not send
+//! (above); mail is deleted only after its recipient showed it, and the
+//! hijacker is never welcomed nor shown anything; an address only the
+//! attacker uses (a victim) never gets more than 3× the bytes sent from it,
+//! nor a table row.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::hash::{DefaultHasher, Hash, Hasher};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -25,8 +37,11 @@ use std::time::{Duration, Instant};
 use rand_chacha::ChaCha8Rng;
 use rand_core::{RngCore, SeedableRng};
 
-use udpchat::store::{MemoryStore, Store, StoreOp};
-use udpchat::wire::{self, Message, Name};
+use udpchat::crypto::{self, Keypair, ServerSecrets};
+use udpchat::packet::{self, Packet as Datagram};
+use udpchat::server::AMPLIFICATION;
+use udpchat::store::{MemoryStore, Store, StoreOp, StoredMail};
+use udpchat::wire::{self, Name};
 use udpchat::{Client, ClientConfig, Event, Server, ServerConfig, ServerEvent};
 
 /// Unix time of the simulation's start (stored-message timestamps).
@@ -62,6 +77,8 @@ pub struct Params {
     pub chaos: Duration,
     /// Small mailbox and store limits (exercise the refusals).
     pub small_limits: bool,
+    /// Mean time between two moves of the attacker (`None`: no attacker).
+    pub attack_every: Option<Duration>,
 }
 
 impl Params {
@@ -88,6 +105,8 @@ impl Params {
             think,
             chaos: Duration::from_secs(20 + rng.below(20)),
             small_limits: rng.below(4) == 0,
+            // Most runs have an attacker, a few keep the plain network.
+            attack_every: (rng.below(5) != 0).then(|| Duration::from_millis(20 + rng.below(300))),
         }
     }
 }
@@ -154,6 +173,7 @@ struct Display {
     at: Instant,
 }
 
+#[derive(Clone)]
 struct Packet {
     from: SocketAddr,
     to: SocketAddr,
@@ -180,6 +200,8 @@ pub struct Report {
     pub datagrams: (u64, u64),
     /// Server and client crashes.
     pub crashes: (usize, usize),
+    /// The attacker's hijack attempts and datagrams injected.
+    pub attacks: (usize, usize),
     /// Displays left out of the cross-process "exactly once" rule because
     /// the recipient's process restarted (it forgets what it showed).
     pub excluded_restarts: usize,
@@ -223,6 +245,21 @@ fn slot_name(slot: usize) -> Name {
     Name::new(&format!("c{slot}")).expect("short ascii name")
 }
 
+/// A slot's key: one user, one key file, whatever process runs it.
+fn slot_key(seed: u64, slot: usize) -> Keypair {
+    let mut secret = [0u8; 32];
+    secret[..8].copy_from_slice(&seed.to_le_bytes());
+    secret[8..16].copy_from_slice(&(slot as u64).to_le_bytes());
+    secret[16] = 0xc1;
+    Keypair::from_secret(secret)
+}
+
+fn server_keypair(seed: u64) -> Keypair {
+    let mut secret = [0x5eu8; 32];
+    secret[..8].copy_from_slice(&seed.to_le_bytes());
+    Keypair::from_secret(secret)
+}
+
 fn slot_addr(slot: usize, k: usize) -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], 20_000 + (slot * 8 + k % 8) as u16))
 }
@@ -231,6 +268,36 @@ fn slot_addr(slot: usize, k: usize) -> SocketAddr {
 fn sim_time(unix: i64) -> String {
     format!("T+{}", unix - EPOCH_UNIX)
 }
+
+/// Addresses only the attacker sends from: whatever they receive was
+/// provoked by spoofed datagrams.
+fn victims() -> [SocketAddr; 3] {
+    [
+        SocketAddr::from(([127, 0, 0, 99], 9001)),
+        SocketAddr::from(([127, 0, 0, 99], 9002)),
+        SocketAddr::from(([127, 0, 0, 98], 9003)),
+    ]
+}
+
+/// Where the hijacker's processes run.
+fn mallory_addr() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 66], 6666))
+}
+
+/// The attacker: what it recorded on path, what its victims got, and the
+/// hijacker's current process.
+#[derive(Default)]
+struct Attacker {
+    recorded: VecDeque<Packet>,
+    /// Victim → (bytes sent from it, bytes sent to it).
+    victims: BTreeMap<SocketAddr, (usize, usize)>,
+    mallory: Option<Client>,
+    /// Hijack attempts, and datagrams injected.
+    moves: (usize, usize),
+}
+
+/// Datagrams the on-path attacker keeps to replay.
+const RECORDED: usize = 512;
 
 /// One simulated world.
 pub struct World {
@@ -253,6 +320,12 @@ pub struct World {
     put_times: HashMap<u64, Instant>,
     /// (text, recipient slot) that a full mailbox kept out.
     bounced: HashSet<(String, usize)>,
+    /// Mail id → (recipient slot, text) of committed puts.
+    mail_texts: HashMap<u64, (usize, String)>,
+    /// The server's secrets (for opening channel copies in the store).
+    secrets: ServerSecrets,
+    /// Slots that have pinned the server's key (a first process meets it).
+    pinned: BTreeSet<usize>,
     procs: Vec<Proc>,
     /// Slot → its current process.
     current: Vec<Option<usize>>,
@@ -274,6 +347,8 @@ pub struct World {
     report: Report,
     /// Print every delivered datagram and console line (`UDPCHAT_SIM_TRACE`).
     trace_on: bool,
+    attacker: Attacker,
+    next_attack: Instant,
 }
 
 impl World {
@@ -281,7 +356,7 @@ impl World {
     pub fn new(p: Params) -> World {
         let mut rng = ChaCha8Rng::seed_from_u64(p.seed);
         let start = Instant::now();
-        let mut config = ServerConfig::new([0; 32], (start, EPOCH_UNIX));
+        let mut config = ServerConfig::new([0; 32], server_keypair(p.seed), (start, EPOCH_UNIX));
         // Every name fits, exactly: the table bound is reached, not passed.
         config.max_clients = p.clients;
         if p.small_limits {
@@ -308,6 +383,9 @@ impl World {
             puts: HashMap::new(),
             put_times: HashMap::new(),
             bounced: HashSet::new(),
+            mail_texts: HashMap::new(),
+            secrets: ServerSecrets::derive(&server_keypair(p.seed)),
+            pinned: BTreeSet::new(),
             procs: Vec::new(),
             current: vec![None; n],
             next_port: vec![0; n],
@@ -325,6 +403,8 @@ impl World {
             displays: HashMap::new(),
             hasher: DefaultHasher::new(),
             trace_on: std::env::var_os("UDPCHAT_SIM_TRACE").is_some(),
+            attacker: Attacker::default(),
+            next_attack: start,
             report: Report {
                 seed: p.seed,
                 ..Report::default()
@@ -338,6 +418,9 @@ impl World {
             w.next_act[slot] = at + w.rng.millis(500, 3000);
         }
         w.next_fault = start + w.p.fault_every;
+        if let Some(every) = w.p.attack_every {
+            w.next_attack = start + every;
+        }
         w
     }
 
@@ -363,6 +446,7 @@ impl World {
         self.check_end();
         self.report.trace = self.hasher.finish();
         self.report.datagrams = (self.sent, self.dropped);
+        self.report.attacks = self.attacker.moves;
         self.report
     }
 
@@ -413,6 +497,12 @@ impl World {
         if self.workload {
             consider(self.next_act.iter().min().copied());
         }
+        if self.faults && self.p.attack_every.is_some() {
+            consider(Some(self.next_attack));
+        }
+        if let Some(m) = &self.attacker.mallory {
+            consider(m.poll_timeout());
+        }
         if self.faults {
             consider(Some(self.next_fault));
         }
@@ -438,6 +528,20 @@ impl World {
                 + self
                     .rng
                     .millis(0, 2 * self.p.fault_every.as_millis() as u64);
+        }
+        if self.faults
+            && let Some(every) = self.p.attack_every
+            && self.next_attack <= now
+        {
+            self.attack();
+            let mean = every.as_millis() as u64;
+            self.next_attack = now + self.rng.millis(mean / 2, 2 * mean);
+        }
+        if let Some(m) = self.attacker.mallory.as_mut()
+            && m.poll_timeout().is_some_and(|t| t <= now)
+        {
+            m.handle_timeout(now);
+            self.drain_mallory();
         }
         if let Some(at) = self.server_restart
             && at <= now
@@ -493,11 +597,13 @@ impl World {
             }
         }
         self.check_pending();
+        self.check_victims();
         // 5. The commit point.
         self.commit();
     }
 
     fn commit(&mut self) {
+        let mut deleted_unseen = Vec::new();
         loop {
             let Some(server) = self.server.as_mut() else {
                 return;
@@ -513,17 +619,36 @@ impl World {
                     match op {
                         StoreOp::Put(m) => {
                             self.put_times.insert(m.mail.0, self.now);
-                            if let Some(slot) = slot_of(&m.to) {
+                            if let (Some(slot), Some(text)) =
+                                (slot_of(&m.to), open(&self.secrets, self.p.seed, m))
+                            {
                                 self.puts
-                                    .insert((slot, m.text.clone()), (m.mail.0, m.stored_at));
+                                    .insert((slot, text.clone()), (m.mail.0, m.stored_at));
+                                self.mail_texts.insert(m.mail.0, (slot, text));
                             }
                         }
-                        StoreOp::Client { name, .. } => {
-                            if let Some(slot) = slot_of(name) {
+                        StoreOp::Client(c) => {
+                            if let Some(slot) = slot_of(&c.name) {
                                 self.registry.insert(slot);
                             }
                         }
-                        StoreOp::Delete { .. } => {}
+                        StoreOp::Delete { mail, .. } => {
+                            // Only the owner's ack deletes mail, and it acks
+                            // only what it showed.
+                            if let Some((slot, text)) = self.mail_texts.get(&mail.0) {
+                                let shown = self
+                                    .displays
+                                    .get(text)
+                                    .is_some_and(|d| d.iter().any(|d| d.slot == *slot));
+                                if !shown {
+                                    deleted_unseen.push(format!(
+                                        "mail {} for c{slot} ({text}) deleted, never shown by c{slot}",
+                                        mail.0
+                                    ));
+                                }
+                            }
+                        }
+                        StoreOp::Rewrite { .. } => {}
                     }
                 }
             }
@@ -541,6 +666,9 @@ impl World {
             for t in out {
                 self.enqueue(from, t.to, t.payload);
             }
+            for v in std::mem::take(&mut deleted_unseen) {
+                self.violation(v);
+            }
             if !more {
                 return;
             }
@@ -552,10 +680,11 @@ impl World {
         if self.trace_on {
             let at = (now - self.start).as_secs_f64();
             println!(
-                "{at:9.3} {} -> {} {:?}",
+                "{at:9.3} {} -> {} {:?} ({} bytes)",
                 p.from.port(),
                 p.to.port(),
-                wire::decode(&p.payload)
+                p.payload.get(1),
+                p.payload.len()
             );
         }
         if p.to == self.server_addr {
@@ -563,7 +692,14 @@ impl World {
                 return;
             };
             server.handle_datagram(now, p.from, &p.payload);
-            self.drain_server(Some(&p.payload));
+            self.drain_server(Some(p.from));
+            return;
+        }
+        if p.to == mallory_addr() {
+            if let Some(m) = self.attacker.mallory.as_mut() {
+                m.handle_datagram(now, p.from, &p.payload);
+                self.drain_mallory();
+            }
             return;
         }
         let target = (0..self.p.clients).find_map(|slot| {
@@ -580,9 +716,9 @@ impl World {
     }
 
     /// Takes the server's events (and its store ops, held until the commit
-    /// point); `input` is the datagram just handled, for attributing a
-    /// bounced channel copy.
-    fn drain_server(&mut self, input: Option<&[u8]>) {
+    /// point); `input` is the source of the datagram just handled, for
+    /// attributing a bounced channel copy to its sender's send.
+    fn drain_server(&mut self, input: Option<SocketAddr>) {
         let Some(server) = self.server.as_mut() else {
             return;
         };
@@ -598,10 +734,19 @@ impl World {
         if bounced.is_empty() {
             return;
         }
-        if let Some(Ok(Message::ChannelSend { text, .. })) = input.map(wire::decode) {
+        let sending = input.and_then(|from| {
+            self.current.iter().flatten().find_map(|&pid| {
+                let proc = &self.procs[pid];
+                match &proc.pending {
+                    Some(Pending::Send(text)) if proc.addr == from => Some(text.clone()),
+                    _ => None,
+                }
+            })
+        });
+        if let Some(text) = sending {
             for to in bounced {
                 if let Some(slot) = slot_of(&to) {
-                    self.bounced.insert((text.as_str().to_string(), slot));
+                    self.bounced.insert((text.clone(), slot));
                 }
             }
         }
@@ -640,6 +785,32 @@ impl World {
         if payload.len() > wire::MAX_DATAGRAM {
             self.violation(format!("oversize datagram from {from}"));
         }
+        if victims().contains(&from) {
+            self.attacker.victims.entry(from).or_default().0 += payload.len();
+        }
+        if victims().contains(&to) {
+            let v = self.attacker.victims.entry(to).or_default();
+            v.1 += payload.len();
+            let (got, sent) = *v;
+            if sent > AMPLIFICATION * got {
+                self.violation(format!(
+                    "{from} sent {sent} bytes to {to}, which sent only {got} (more than {AMPLIFICATION}×)"
+                ));
+            }
+            // Nobody lives there: nothing to deliver.
+            return;
+        }
+        // The on-path attacker sees every datagram and keeps some.
+        if self.faults && self.p.attack_every.is_some() && self.rng.chance(0.2) {
+            if self.attacker.recorded.len() == RECORDED {
+                self.attacker.recorded.pop_front();
+            }
+            self.attacker.recorded.push_back(Packet {
+                from,
+                to,
+                payload: payload.clone(),
+            });
+        }
         let now = self.now;
         let cut = self.cuts.iter().any(|&(a, b, until)| {
             until > now
@@ -672,6 +843,236 @@ impl World {
                     payload: payload.clone(),
                 },
             );
+        }
+    }
+
+    // ---- the attacker ---------------------------------------------------------
+
+    fn attack(&mut self) {
+        let roll = self.rng.below(100);
+        self.attacker.moves.1 += 1;
+        match roll {
+            // On path: a recorded datagram again, changed or not.
+            0..=49 => {
+                if self.attacker.recorded.is_empty() {
+                    return;
+                }
+                let k = self.rng.below(self.attacker.recorded.len() as u64) as usize;
+                let mut p = self.attacker.recorded[k].clone();
+                match self.rng.below(6) {
+                    0 | 1 => {}
+                    2 => p.from = self.any_victim(),
+                    3 => p.from = self.any_client_addr().unwrap_or(p.from),
+                    4 => p.to = self.any_client_addr().unwrap_or(self.server_addr),
+                    _ => {
+                        if !p.payload.is_empty() {
+                            let i = self.rng.below(p.payload.len() as u64) as usize;
+                            p.payload[i] ^= 1 << self.rng.below(8);
+                        }
+                    }
+                }
+                self.inject(p);
+            }
+            // Another user: a process of its own key under a name someone
+            // else owns.
+            50..=57 => self.hijack(),
+            // Off path: forged datagrams from a victim's address.
+            _ => {
+                let from = self.any_victim();
+                let to = if self.rng.chance(0.5) {
+                    self.server_addr
+                } else {
+                    self.any_client_addr().unwrap_or(self.server_addr)
+                };
+                let payload = self.forge();
+                self.inject(Packet { from, to, payload });
+            }
+        }
+    }
+
+    /// The server keeps nothing for an address that never proved it
+    /// receives: no handshake, no session, no table row.
+    fn check_victims(&mut self) {
+        let Some(server) = &self.server else {
+            return;
+        };
+        let held: Vec<String> = victims()
+            .into_iter()
+            .filter_map(|v| {
+                let state = server.state_at(v);
+                let row = server.table().iter().any(|(_, e)| e.addr == v);
+                (state > 0 || row).then(|| {
+                    format!("the server holds {state} handshakes or sessions for {v} (row: {row})")
+                })
+            })
+            .collect();
+        for v in held {
+            self.violation(v);
+        }
+    }
+
+    /// Sends a datagram the attacker made, through the same network.
+    fn inject(&mut self, p: Packet) {
+        if self.trace_on {
+            let at = (self.now - self.start).as_secs_f64();
+            println!("{at:9.3} attacker {} -> {}", p.from, p.to);
+        }
+        self.enqueue(p.from, p.to, p.payload);
+    }
+
+    fn any_victim(&mut self) -> SocketAddr {
+        let v = victims();
+        v[self.rng.below(v.len() as u64) as usize]
+    }
+
+    fn any_client_addr(&mut self) -> Option<SocketAddr> {
+        let slot = self.rng.below(self.p.clients as u64) as usize;
+        self.current[slot].map(|pid| self.procs[pid].addr)
+    }
+
+    /// A well-formed datagram with guessed values: the attacker knows the
+    /// protocol, not the keys.
+    fn forge(&mut self) -> Vec<u8> {
+        let index = self.rng.next_u32();
+        let mut junk = vec![0u8; 16 + self.rng.below(200) as usize];
+        self.rng.fill_bytes(&mut junk);
+        let mut seed = [0; 32];
+        self.rng.fill_bytes(&mut seed);
+        let attacker = Keypair::from_secret(seed);
+        match self.rng.below(8) {
+            0 => Datagram::Data {
+                receiver: index,
+                nonce: self.rng.next_u64() % 100,
+                ciphertext: &junk,
+            }
+            .to_vec(),
+            1 | 2 => {
+                // A real first handshake message, with no cookie or a
+                // forged one: the server must answer only with a retry.
+                let mut hs = crypto::client_handshake(&attacker, seed);
+                let mut buf = [0u8; packet::XX1_LEN + packet::TAG_LEN];
+                let _ = hs.write_message(&[], &mut buf);
+                let noise: [u8; packet::XX1_LEN] =
+                    buf[..packet::XX1_LEN].try_into().expect("32 bytes");
+                let mut cookie = [0u8; packet::COOKIE_LEN];
+                self.rng.fill_bytes(&mut cookie);
+                let forged = self.rng.chance(0.5);
+                Datagram::Initial {
+                    sender: index,
+                    cookie: forged.then_some(&cookie),
+                    noise: &noise,
+                }
+                .to_vec()
+            }
+            3 => {
+                let mut token = [0u8; packet::TOKEN_LEN];
+                self.rng.fill_bytes(&mut token);
+                Datagram::Reset {
+                    receiver: index,
+                    token: &token,
+                }
+                .to_vec()
+            }
+            4 => {
+                let mut cookie = [0u8; packet::COOKIE_LEN];
+                self.rng.fill_bytes(&mut cookie);
+                Datagram::Retry {
+                    receiver: index,
+                    cookie: &cookie,
+                }
+                .to_vec()
+            }
+            5 => {
+                // A real peer handshake to a client, from a key no table
+                // has.
+                let slot = self.rng.below(self.p.clients as u64) as usize;
+                let to = slot_key(self.p.seed, slot).public();
+                let mut hs = crypto::peer_initiator(&attacker, &to, seed);
+                let mut m = [0u8; packet::IK1_LEN];
+                let _ = hs.write_message(&[], &mut m);
+                Datagram::PeerInit {
+                    sender: index,
+                    noise: &m,
+                }
+                .to_vec()
+            }
+            6 => {
+                // Protocol version 1, as an old client would send.
+                let mut v1 = vec![1u8];
+                v1.extend_from_slice(&junk[..8]);
+                v1
+            }
+            _ => {
+                let n = packet::FINISH_HEADER + packet::XX3_LEN + 8;
+                let mut f = junk;
+                f.resize(n.max(f.len()), 0);
+                Datagram::Finish {
+                    receiver: index,
+                    noise: &f[packet::FINISH_HEADER..],
+                }
+                .to_vec()
+            }
+        }
+    }
+
+    /// A client of the attacker's own key registers a name that a slot's
+    /// key owns (committed): it must be refused, every time.
+    fn hijack(&mut self) {
+        if self.attacker.mallory.is_some() || self.registry.is_empty() {
+            return;
+        }
+        let owned: Vec<usize> = self.registry.iter().copied().collect();
+        let slot = owned[self.rng.below(owned.len() as u64) as usize];
+        let mut seed = [0; 32];
+        self.rng.fill_bytes(&mut seed);
+        let config = ClientConfig::new(
+            slot_name(slot),
+            self.server_addr,
+            seed,
+            Keypair::from_secret(seed),
+            Some(server_keypair(self.p.seed).public()),
+        );
+        self.attacker.moves.0 += 1;
+        self.attacker.mallory = Some(Client::new(config, self.now));
+        self.drain_mallory();
+    }
+
+    fn drain_mallory(&mut self) {
+        let Some(m) = self.attacker.mallory.as_mut() else {
+            return;
+        };
+        let mut out = Vec::new();
+        let mut lines = Vec::new();
+        let mut exited = false;
+        while let Some(t) = m.poll_transmit() {
+            out.push(t);
+        }
+        while let Some(event) = m.poll_event() {
+            match event {
+                Event::Exit(_) => exited = true,
+                other => lines.extend(other.render(sim_time)),
+            }
+        }
+        let name = m.name().clone();
+        if exited {
+            self.attacker.mallory = None;
+        }
+        for t in out {
+            self.enqueue(mallory_addr(), t.to, t.payload);
+        }
+        for line in lines {
+            let body = line.strip_prefix(">>> ").unwrap_or(&line);
+            let hijacked = body == "[Welcome, You are registered.]"
+                || body == "[You Have Messages]"
+                || body.starts_with("[Message received by")
+                || parse_display(body).is_some();
+            if hijacked {
+                self.violation(format!("the hijacker of {name} got: {line}"));
+            }
+            if self.trace_on {
+                let at = (self.now - self.start).as_secs_f64();
+                println!("{at:9.3} hijacker as {name}: {line}");
+            }
         }
     }
 
@@ -775,7 +1176,20 @@ impl World {
         let addr = slot_addr(slot, self.next_port[slot]);
         let mut seed = [0; 32];
         self.rng.fill_bytes(&mut seed);
-        let config = ClientConfig::new(slot_name(slot), self.server_addr, seed);
+        // The first process of a slot meets the server's key; later ones
+        // have it pinned (as the key file's known_servers would).
+        let pin = self
+            .pinned
+            .contains(&slot)
+            .then(|| server_keypair(self.p.seed).public());
+        self.pinned.insert(slot);
+        let config = ClientConfig::new(
+            slot_name(slot),
+            self.server_addr,
+            seed,
+            slot_key(self.p.seed, slot),
+            pin,
+        );
         let max_table = config.max_table;
         let client = Client::new(config, self.now);
         let pid = self.procs.len();
@@ -1088,6 +1502,11 @@ impl World {
             return;
         };
         let mut v = Vec::new();
+        for (_, e) in server.table().iter() {
+            if victims().contains(&e.addr) || e.addr == mallory_addr() {
+                v.push(format!("{} has the attacker's address {}", e.name, e.addr));
+            }
+        }
         // Outcomes.
         let mut counts = [0; 5];
         for (text, rec) in &self.sends {
@@ -1102,8 +1521,13 @@ impl World {
                 .map(|d| d.iter().collect())
                 .unwrap_or_default();
             let shown_by = |slot: usize| shown.iter().filter(|d| d.slot == slot).count();
-            let mailbox_has =
-                |slot: usize| server.mailbox(&slot_name(slot)).any(|m| m.text == *text);
+            let secrets = &self.secrets;
+            let seed = self.p.seed;
+            let mailbox_has = |slot: usize| {
+                server
+                    .mailbox(&slot_name(slot))
+                    .any(|m| open(secrets, seed, m).as_deref() == Some(text))
+            };
             match (outcome, rec.to) {
                 (Outcome::Delivered, Some(to))
                     if !shown.iter().any(|d| d.slot == to && d.at <= at) =>
@@ -1239,6 +1663,14 @@ fn parse_display(body: &str) -> Option<Parsed> {
         channel,
         stored,
     })
+}
+
+/// A stored message's text, opened with its recipient's key (or the
+/// server's secrets, for a channel copy): the checker holds every key.
+fn open(secrets: &ServerSecrets, seed: u64, m: &StoredMail) -> Option<String> {
+    let slot = slot_of(&m.to)?;
+    let body = m.open(&slot_key(seed, slot), secrets)?;
+    Some(body.text.to_string())
 }
 
 fn slot_of(name: &Name) -> Option<usize> {

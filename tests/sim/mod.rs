@@ -8,8 +8,9 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
+use udpchat::crypto::{Keypair, PublicKey, ServerSecrets};
 use udpchat::store::{MemoryStore, Store, StoreOp};
-use udpchat::wire::{self, Message, Name};
+use udpchat::wire::{self, Name, What};
 use udpchat::{Client, ClientConfig, Event, Server, ServerConfig};
 
 /// One-way latency of every link.
@@ -17,12 +18,21 @@ pub const LATENCY: Duration = Duration::from_millis(1);
 /// Unix time of the simulation's start, for stored-message timestamps.
 pub const EPOCH_UNIX: i64 = 1_700_000_000;
 
-/// A datagram in flight.
+/// A datagram in flight: its bytes are encrypted; `what` is what its
+/// sender put in (`None`: injected by a test, as an attacker would).
 #[derive(Debug, Clone)]
 pub struct Packet {
     pub from: SocketAddr,
     pub to: SocketAddr,
-    pub msg: Message,
+    pub what: Option<What>,
+    pub payload: Vec<u8>,
+}
+
+impl Packet {
+    /// Whether it carries `w`.
+    pub fn is(&self, w: What) -> bool {
+        self.what == Some(w)
+    }
 }
 
 /// Decides whether a packet is lost; `true` drops it.
@@ -61,6 +71,21 @@ pub fn addr(port: u16) -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], port))
 }
 
+/// The key of a client name: the same name gets the same key, as one user
+/// keeps one key file.
+pub fn key_of(name: &str) -> Keypair {
+    let mut secret = [0x42u8; 32];
+    for (i, b) in name.bytes().enumerate() {
+        secret[i % 32] ^= b.wrapping_add(i as u8);
+    }
+    Keypair::from_secret(secret)
+}
+
+/// The server's key.
+pub fn server_key() -> Keypair {
+    Keypair::from_secret([0x53; 32])
+}
+
 /// Renders stored-message times as `T+<seconds since start>`.
 pub fn sim_time(unix: i64) -> String {
     format!("T+{}", unix - EPOCH_UNIX)
@@ -69,7 +94,7 @@ pub fn sim_time(unix: i64) -> String {
 impl Sim {
     pub fn new() -> Sim {
         let start = Instant::now();
-        let config = ServerConfig::new([1; 32], (start, EPOCH_UNIX));
+        let config = ServerConfig::new([1; 32], server_key(), (start, EPOCH_UNIX));
         let server = Server::new(config, start, Default::default());
         Sim {
             start,
@@ -95,12 +120,31 @@ impl Sim {
         i
     }
 
-    /// Starts a client without waiting.
+    /// Starts a client without waiting (its key is its name's, the
+    /// server's key pinned).
     pub fn spawn(&mut self, n: &str, port: u16) -> usize {
+        self.spawn_keyed(n, port, key_of(n))
+    }
+
+    /// Starts a client with a key of its own choosing.
+    pub fn spawn_keyed(&mut self, n: &str, port: u16, key: Keypair) -> usize {
+        let pin = Some(self.server.public_key());
+        self.spawn_with(n, port, key, pin)
+    }
+
+    /// Starts a client with a key and a pinned server key (`None`: first
+    /// contact).
+    pub fn spawn_with(
+        &mut self,
+        n: &str,
+        port: u16,
+        key: Keypair,
+        server_key: Option<PublicKey>,
+    ) -> usize {
         let mut seed = [0u8; 32];
         seed[..2].copy_from_slice(&port.to_le_bytes());
         seed[2] = self.nodes.len() as u8;
-        let config = ClientConfig::new(name(n), self.server_addr, seed);
+        let config = ClientConfig::new(name(n), self.server_addr, seed, key, server_key);
         let client = Client::new(config, self.now);
         self.nodes.push(Node {
             client,
@@ -220,7 +264,7 @@ impl Sim {
 
     fn deliver(&mut self, p: Packet) {
         let now = self.now;
-        let bytes = wire::encode_to_vec(&p.msg);
+        let bytes = p.payload;
         if p.to == self.server_addr {
             if self.server_up {
                 self.server.handle_datagram(now, p.from, &bytes);
@@ -247,7 +291,7 @@ impl Sim {
             }
             while let Some(t) = self.server.poll_transmit() {
                 let from = self.server_addr;
-                self.enqueue(from, t.to, &t.payload);
+                self.enqueue(from, t.to, Some(t.what), t.payload);
             }
             while self.server.poll_event().is_some() {}
             if ops.is_empty() {
@@ -259,7 +303,7 @@ impl Sim {
     fn drain_node(&mut self, i: usize) {
         while let Some(t) = self.nodes[i].client.poll_transmit() {
             let from = self.nodes[i].addr;
-            self.enqueue(from, t.to, &t.payload);
+            self.enqueue(from, t.to, Some(t.what), t.payload);
         }
         while let Some(event) = self.nodes[i].client.poll_event() {
             match event {
@@ -273,10 +317,19 @@ impl Sim {
         }
     }
 
-    fn enqueue(&mut self, from: SocketAddr, to: SocketAddr, payload: &[u8]) {
+    /// Sends raw bytes from `from` (an attacker, a replay) into the network.
+    pub fn inject(&mut self, from: SocketAddr, to: SocketAddr, payload: Vec<u8>) {
+        self.enqueue(from, to, None, payload);
+    }
+
+    fn enqueue(&mut self, from: SocketAddr, to: SocketAddr, what: Option<What>, payload: Vec<u8>) {
         assert!(payload.len() <= wire::MAX_DATAGRAM, "oversize datagram");
-        let msg = wire::decode(payload).expect("state machines send only valid datagrams");
-        let packet = Packet { from, to, msg };
+        let packet = Packet {
+            from,
+            to,
+            what,
+            payload,
+        };
         self.log.push(packet.clone());
         for rule in &mut self.drop_rules {
             if rule(&packet) {
@@ -285,6 +338,21 @@ impl Sim {
         }
         self.sent += 1;
         self.queue.insert((self.now + LATENCY, self.sent), packet);
+    }
+
+    /// What is in `n`'s mailbox, opened with every key the simulation
+    /// holds: (sender, channel, text), in store order.
+    pub fn mailbox(&self, n: &str) -> Vec<(String, bool, String)> {
+        let secrets = ServerSecrets::derive(&server_key());
+        self.server
+            .mailbox(&name(n))
+            .map(|m| {
+                let text = m
+                    .open(&key_of(n), &secrets)
+                    .map_or_else(|| "<unreadable>".to_string(), |b| b.text.to_string());
+                (m.from.to_string(), m.channel, text)
+            })
+            .collect()
     }
 
     /// Lines client `i` printed, as `&str`s.

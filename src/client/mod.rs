@@ -6,6 +6,11 @@
 //! the server, and shows what arrives. Console commands come in as lines
 //! ([`Client::handle_line`]) or as method calls; everything the console shows
 //! comes out as [`Event`]s.
+//!
+//! Every datagram travels in a Noise session: with the server (`XX`, its
+//! key pinned) and with each peer (`IK`, the peer's key
+//! from the table). Mail for an offline peer is sealed to
+//! its key before the server ever sees it.
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
@@ -15,12 +20,21 @@ use rand_chacha::ChaCha12Rng;
 use rand_core::{RngCore, SeedableRng};
 use slab::Slab;
 
+use crate::crypto::{self, Keypair, PublicKey};
+use crate::packet::{self, Datagram, Packet};
 use crate::table::{DeltaOutcome, LocalTable, PageOutcome};
 use crate::timer::{TimerKey, TimerWheel};
 use crate::wire::{
-    self, Entry, FieldError, MailId, Message, MsgId, Name, Refusal, Seq, Text, Token,
+    self, Content, Entry, FieldError, MailBody, MailId, Message, MsgId, Name, Refusal, Rejection,
+    Seq, Text,
 };
 use crate::{ACK_TIMEOUT, RETRANSMIT, SERVER_TRIES, TICK, Transmit};
+
+mod peers;
+mod session;
+
+use peers::{PeerInput, Peers};
+use session::{KeyCheck, ServerSession};
 
 /// Settings of a [`Client`].
 #[derive(Debug, Clone)]
@@ -29,25 +43,42 @@ pub struct ClientConfig {
     pub name: Name,
     /// The server's address.
     pub server: SocketAddr,
-    /// Seeds message ids and sequence numbers (so a restarted client does
-    /// not reuse its predecessor's). Use OS randomness in production.
+    /// Seeds message ids, sequence numbers, session indexes and every
+    /// handshake's ephemeral key. Use OS randomness in production.
     pub seed: [u8; 32],
+    /// The client's static key: it owns the name.
+    pub key: Keypair,
+    /// The server's key as remembered from an earlier contact; `None` on
+    /// first contact (the key the server presents is then learned, see
+    /// [`Event::ServerKeyLearned`]).
+    pub server_key: Option<PublicKey>,
     /// Most rows kept in the local client table.
     pub max_table: usize,
     /// How often an online client tells the server it is still there.
     pub heartbeat: Duration,
+    /// Most peers with a session kept at once (the least recently used go).
+    pub max_peers: usize,
 }
 
 impl ClientConfig {
     /// Defaults: a local table of at most 100,000 rows, a heartbeat every
-    /// 10 s.
-    pub fn new(name: Name, server: SocketAddr, seed: [u8; 32]) -> Self {
+    /// 10 s, sessions with up to 256 peers.
+    pub fn new(
+        name: Name,
+        server: SocketAddr,
+        seed: [u8; 32],
+        key: Keypair,
+        server_key: Option<PublicKey>,
+    ) -> Self {
         ClientConfig {
             name,
             server,
             seed,
+            key,
+            server_key,
             max_table: 100_000,
             heartbeat: HEARTBEAT,
+            max_peers: 256,
         }
     }
 }
@@ -111,6 +142,21 @@ pub enum Event {
     },
     /// The name is held by a live client.
     Rejected(Name),
+    /// The name belongs to another key.
+    RejectedKey(Name),
+    /// First contact with the server: this is its key, to remember (not a
+    /// console line).
+    ServerKeyLearned(PublicKey),
+    /// The server presented another key than the one remembered for it;
+    /// nothing but the handshake was sent. The client exits.
+    ServerKeyChanged {
+        /// The key remembered.
+        pinned: PublicKey,
+        /// The key presented.
+        presented: PublicKey,
+    },
+    /// The server speaks another protocol version. The client exits.
+    VersionMismatch(u8),
     /// The server had forgotten this client; it registered again by itself.
     Reconnected,
     /// The recipient's mailbox is over its limit.
@@ -164,6 +210,20 @@ impl Event {
             Event::ChannelAcked => "[Message received by Server.]".to_string(),
             Event::Channel { from, text } => format!("[Channel_Message {from}: {text}]"),
             Event::Rejected(n) => format!("[Registration rejected: name {n} is already in use.]"),
+            Event::RejectedKey(n) => {
+                format!("[Registration rejected: name {n} belongs to another key.]")
+            }
+            Event::ServerKeyLearned(_) => return None,
+            Event::ServerKeyChanged { pinned, presented } => format!(
+                "[Error: the server presented key {}, not the key {} remembered for it; \
+                 not connecting.]",
+                presented.fingerprint(),
+                pinned.fingerprint()
+            ),
+            Event::VersionMismatch(v) => format!(
+                "[Error: server speaks protocol version {v}; this client speaks {}.]",
+                packet::VERSION
+            ),
             Event::Reconnected => "[Reconnected to server.]".to_string(),
             Event::MailboxFull(n) => format!("[Error: mailbox of {n} is full, message not saved.]"),
             Event::Error(e) => format!("[Error: {e}]"),
@@ -235,9 +295,14 @@ enum Kind {
     Direct {
         to: Name,
         addr: SocketAddr,
+        /// The recipient's key, from the table (or the server's `Exists`).
+        key: PublicKey,
         id: MsgId,
         text: Text,
         phase: Phase,
+        /// The message sealed to `key`, once it goes to the server (boxed:
+        /// most operations never need its kilobyte).
+        sealed: Option<Box<wire::Sealed>>,
     },
     Sync {
         seq: Seq,
@@ -270,9 +335,9 @@ struct Op {
     kind: Kind,
     sent: u8,
     timer: TimerKey,
-    /// The session the operation started in: every retry carries it, so a
-    /// retry after `dereg` still finds the server's cached answer.
-    token: Option<Token>,
+    /// Which registration the operation started in (a count): a refusal
+    /// of an older session's request is just that request's end.
+    session: u32,
     /// Waiting for a new session: the server had forgotten ours.
     parked: bool,
 }
@@ -302,8 +367,9 @@ struct Delivery {
     from: Name,
     channel: bool,
     stored_at: i64,
-    id: MsgId,
-    text: Text,
+    /// `None`: the seal did not open (not sealed by the sender's key for
+    /// ours); it is reported and acked, never shown.
+    body: Option<(MsgId, Text)>,
 }
 
 /// Remembers the last [`SEEN`] (sender, id) pairs.
@@ -333,14 +399,17 @@ impl Seen {
 /// A chat client. See the [crate docs](crate) for a driving loop.
 pub struct Client {
     config: ClientConfig,
+    rng: ChaCha12Rng,
     next_seq: u32,
-    next_msg: u64,
     presence: Presence,
     /// The first registration (welcome and table) is complete.
     ready: bool,
     /// Announce the table once the sync under way completes.
     announce: bool,
-    token: Option<Token>,
+    session: ServerSession,
+    /// Counts registrations (see [`Op::session`]).
+    sessions: u32,
+    peers: Peers,
     table: LocalTable,
     ops: Slab<Op>,
     by_seq: HashMap<Seq, OpId>,
@@ -363,11 +432,13 @@ impl Client {
         let mut rng = ChaCha12Rng::from_seed(config.seed);
         let mut client = Client {
             next_seq: rng.next_u32(),
-            next_msg: rng.next_u64(),
+            rng,
             presence: Presence::Joining,
             ready: false,
             announce: false,
-            token: None,
+            session: ServerSession::new(config.server_key),
+            sessions: 0,
+            peers: Peers::new(config.max_peers),
             table: LocalTable::new(config.max_table),
             ops: Slab::new(),
             by_seq: HashMap::new(),
@@ -394,29 +465,103 @@ impl Client {
         if self.presence == Presence::Done {
             return;
         }
-        let Ok(msg) = wire::decode(data) else {
+        let Ok(datagram) = packet::parse(data) else {
             return;
         };
         let from_server = from == self.config.server;
+        let packet = match datagram {
+            Datagram::Packet(p) => p,
+            Datagram::Negotiate(versions) => {
+                // Unauthenticated, so believed only while it can matter:
+                // before the server answered our first handshake message.
+                if from_server
+                    && self.session.at_first_message()
+                    && !versions.contains(&packet::VERSION)
+                {
+                    let theirs = versions.iter().copied().max().unwrap_or(0);
+                    self.events.push_back(Event::VersionMismatch(theirs));
+                    self.exit(1);
+                }
+                return;
+            }
+            // A client answers no one it has no session with.
+            Datagram::OtherVersion(_) => return,
+        };
+        match packet {
+            Packet::Retry { receiver, cookie }
+                if from_server && self.session.on_retry(receiver, cookie) =>
+            {
+                self.send_join();
+            }
+            Packet::Response {
+                receiver,
+                sender,
+                noise,
+            } if from_server => self.on_response(receiver, sender, noise),
+            // The server restarted and lost our session: the same path as
+            // an "unknown session" answer.
+            Packet::Reset { receiver, token }
+                if from_server && self.session.is_reset(receiver, token) =>
+            {
+                self.on_lost_session(now);
+            }
+            Packet::Data {
+                receiver,
+                nonce,
+                ciphertext,
+            } => {
+                if self.session.owns(receiver) {
+                    if let Some(msg) = self.session.open(nonce, ciphertext) {
+                        self.on_server_message(now, msg);
+                    }
+                } else if self.peers.owns(receiver) {
+                    let input = self.peers.on_data(receiver, nonce, ciphertext);
+                    self.on_peer(now, from, input);
+                }
+            }
+            Packet::PeerInit { sender, noise } => {
+                let table = &self.table;
+                let session = &self.session;
+                let input = self.peers.on_init(
+                    &self.config.key,
+                    from,
+                    sender,
+                    noise,
+                    &mut self.rng,
+                    |key| table.iter().any(|e| e.key == *key),
+                    |i| session.owns(i),
+                );
+                self.on_peer(now, from, input);
+            }
+            Packet::PeerResponse {
+                receiver,
+                sender,
+                noise,
+            } => {
+                let input = self.peers.on_response(receiver, sender, noise);
+                self.on_peer(now, from, input);
+            }
+            _ => {}
+        }
+    }
+
+    /// A message on the server session.
+    fn on_server_message(&mut self, now: Instant, msg: Message) {
         match msg {
-            Message::Chat {
-                from: sender,
-                to,
-                id,
-                text,
-            } => self.on_chat(from, sender, to, id, text),
-            Message::ChatAck { id } => self.on_chat_ack(from, id),
-            _ if !from_server => {}
             Message::Welcome {
-                seq, token, mail, ..
-            } => self.on_welcome(now, seq, token, mail),
-            Message::Rejected { seq }
+                seq, mail, reset, ..
+            } => self.on_welcome(now, seq, mail, reset),
+            Message::Rejected { seq, reason }
                 if self
                     .take_server_op(seq, |k| matches!(k, Kind::Register { .. }))
                     .is_some() =>
             {
-                self.events
-                    .push_back(Event::Rejected(self.config.name.clone()));
+                self.session.end_join();
+                let name = self.config.name.clone();
+                self.events.push_back(match reason {
+                    Rejection::InUse => Event::Rejected(name),
+                    Rejection::OtherKey => Event::RejectedKey(name),
+                });
                 self.exit(1);
             }
             Message::Ack { seq } => self.on_ack(now, seq),
@@ -449,29 +594,91 @@ impl Client {
                 mail,
                 batch,
                 pos,
-                from: sender,
-                channel,
                 stored_at,
-                id,
-                text,
+                from,
+                content,
             } => {
-                let d = Delivery {
-                    mail,
-                    from: sender,
-                    channel,
-                    stored_at,
-                    id,
-                    text,
-                };
+                let d = self.open_delivery(mail, stored_at, from, content);
                 self.on_deliver(now, batch, pos, d);
             }
-            Message::Probe { nonce, name } => {
-                let alive = matches!(self.presence, Presence::Joining | Presence::Online);
-                if alive && name == self.config.name {
-                    self.send(self.config.server, &Message::ProbeReply { nonce });
+            Message::Probe { nonce } => {
+                if matches!(self.presence, Presence::Joining | Presence::Online) {
+                    self.send_server(&Message::ProbeReply { nonce });
                 }
             }
+            Message::PathChallenge { nonce } => {
+                // The server saw us at a new address: say it is really us.
+                self.send_server(&Message::PathResponse { nonce });
+            }
             _ => {}
+        }
+    }
+
+    /// What a peer datagram brought.
+    fn on_peer(&mut self, now: Instant, from: SocketAddr, input: PeerInput) {
+        match input {
+            PeerInput::Nothing => {}
+            PeerInput::Reply(t) => self.transmits.push_back(t),
+            PeerInput::UnknownKey => {
+                // Someone our table does not know: perhaps it is behind.
+                if self.presence == Presence::Online && self.sync.is_none() {
+                    let since = self.table.version();
+                    self.start_sync(now, since);
+                }
+            }
+            PeerInput::Established(key) => self.flush_direct(&key),
+            PeerInput::Message { key, index, msg } => match msg {
+                Message::Chat {
+                    from: sender,
+                    to,
+                    id,
+                    text,
+                } => self.on_chat(now, key, index, from, sender, to, id, text),
+                Message::ChatAck { id } => self.on_chat_ack(key, id),
+                _ => {}
+            },
+        }
+    }
+
+    /// XX message 2 from the server: check its key, then send message 3
+    /// with the registration in it.
+    fn on_response(&mut self, receiver: u32, sender: u32, noise: &[u8; packet::XX2_LEN]) {
+        let register = self.ops.iter().find_map(|(_, op)| match op.kind {
+            Kind::Register { seq, .. } => Some(seq),
+            _ => None,
+        });
+        let Some(seq) = register else {
+            return;
+        };
+        let first = Message::Register {
+            seq,
+            name: self.config.name.clone(),
+        };
+        match self.session.on_response(receiver, sender, noise, &first) {
+            None => {}
+            Some(KeyCheck::Changed { pinned, presented }) => {
+                self.session.end_join();
+                self.events
+                    .push_back(Event::ServerKeyChanged { pinned, presented });
+                self.exit(1);
+            }
+            Some(check) => {
+                if let KeyCheck::Learned(key) = check {
+                    self.events.push_back(Event::ServerKeyLearned(key));
+                }
+                self.send_join();
+            }
+        }
+    }
+
+    /// Sends the handshake datagram the registration is at.
+    fn send_join(&mut self) {
+        if let Some((payload, what)) = self.session.join_datagram() {
+            self.transmits.push_back(Transmit {
+                to: self.config.server,
+                payload,
+                what,
+            });
         }
     }
 
@@ -567,27 +774,53 @@ impl Client {
             ));
             return;
         };
+        if entry.key.is_none() {
+            self.error(format!(
+                "{to} has no key yet (not registered since the server was upgraded); \
+                 the message was not sent."
+            ));
+            return;
+        }
         let id = self.msg_id();
         if entry.online {
             let kind = Kind::Direct {
                 to: entry.name,
                 addr: entry.addr,
+                key: entry.key,
                 id,
                 text,
                 phase: Phase::Direct,
+                sealed: None,
             };
             let op = self.start(now, kind, RETRANSMIT);
             self.by_msg.insert(id, op);
         } else {
             self.events
                 .push_back(Event::PeerOffline(entry.name.clone()));
+            // Sealed to the recipient's key before the server sees it.
+            let body = wire::encode_body(&MailBody {
+                id,
+                text: text.clone(),
+            });
+            let mut seed = [0; 32];
+            self.rng.fill_bytes(&mut seed);
+            let sealed = crypto::seal_mail(
+                &self.config.key,
+                &self.config.name,
+                &entry.key,
+                &entry.name,
+                &body,
+                seed,
+            );
             let seq = self.seq();
             let kind = Kind::Direct {
                 to: entry.name,
                 addr: entry.addr,
+                key: entry.key,
                 id,
                 text,
                 phase: Phase::Save(seq),
+                sealed: wire::Sealed::from_slice(&sealed).ok().map(Box::new),
             };
             let op = self.start(now, kind, ACK_TIMEOUT);
             self.by_seq.insert(seq, op);
@@ -737,26 +970,48 @@ impl Client {
 
     // ---- incoming ---------------------------------------------------------
 
-    fn on_chat(&mut self, from: SocketAddr, sender: Name, to: Name, id: MsgId, text: Text) {
+    #[allow(clippy::too_many_arguments)]
+    fn on_chat(
+        &mut self,
+        now: Instant,
+        key: PublicKey,
+        index: u32,
+        from: SocketAddr,
+        sender: Name,
+        to: Name,
+        id: MsgId,
+        text: Text,
+    ) {
         // A deregistered client neither shows nor acks: the sender falls back
         // to the server, which keeps the message for the next log-back. Nor
-        // does a client that got someone else's message (it now has the port
-        // the sender's table still gives to that someone).
+        // does a client that got someone else's message.
         if self.presence != Presence::Online || to != self.config.name {
+            return;
+        }
+        // Shown as from `sender` only if the session's key owns that name.
+        if self.table.get(&sender).is_none_or(|e| e.key != key) {
+            if self.sync.is_none() {
+                // Perhaps our table is behind (a new client): catch up; the
+                // sender tries again, or the server keeps the message.
+                let since = self.table.version();
+                self.start_sync(now, since);
+            }
             return;
         }
         if self.seen.first(&sender, id) {
             self.events.push_back(Event::Direct { from: sender, text });
         }
-        self.send(from, &Message::ChatAck { id });
+        if let Some(t) = self.peers.reply(index, from, &Message::ChatAck { id }) {
+            self.transmits.push_back(t);
+        }
     }
 
-    fn on_chat_ack(&mut self, from: SocketAddr, id: MsgId) {
+    fn on_chat_ack(&mut self, key: PublicKey, id: MsgId) {
         let Some(&op) = self.by_msg.get(&id) else {
             return;
         };
-        // Only the address the message went to can ack it.
-        if !matches!(self.ops.get(op.0), Some(Op { kind: Kind::Direct { addr, .. }, .. }) if *addr == from)
+        // Only the recipient's key can ack it.
+        if !matches!(self.ops.get(op.0), Some(Op { kind: Kind::Direct { key: k, .. }, .. }) if *k == key)
         {
             return;
         }
@@ -766,13 +1021,15 @@ impl Client {
         }
     }
 
-    fn on_welcome(&mut self, now: Instant, seq: Seq, token: Token, mail: u32) {
+    fn on_welcome(&mut self, now: Instant, seq: Seq, mail: u32, reset: [u8; packet::TOKEN_LEN]) {
         let Some(Kind::Register { joining, .. }) =
             self.take_server_op(seq, |k| matches!(k, Kind::Register { .. }))
         else {
             return;
         };
-        self.token = Some(token);
+        self.session.end_join();
+        self.session.set_reset(reset);
+        self.sessions = self.sessions.wrapping_add(1);
         self.presence = Presence::Online;
         match joining {
             Joining::First => self.events.push_back(Event::Welcome),
@@ -797,7 +1054,7 @@ impl Client {
         for op in parked {
             if let Some(entry) = self.ops.get_mut(op.0) {
                 entry.parked = false;
-                entry.token = Some(token);
+                entry.session = self.sessions;
             }
             self.restart(now, op, ACK_TIMEOUT);
         }
@@ -865,6 +1122,7 @@ impl Client {
                 Kind::Direct {
                     to,
                     addr,
+                    key,
                     id,
                     phase,
                     ..
@@ -874,11 +1132,12 @@ impl Client {
         else {
             return;
         };
-        if !matches!(phase, Phase::Save(_)) || entry.name != *to {
+        if !matches!(phase, Phase::Save(_)) || entry.name != *to || entry.key.is_none() {
             return;
         }
         self.by_seq.remove(&seq);
         *addr = entry.addr;
+        *key = entry.key;
         *phase = Phase::Retry;
         let (to, id) = (to.clone(), *id);
         self.events.push_back(Event::Exists(to));
@@ -891,13 +1150,72 @@ impl Client {
         }
     }
 
+    /// A stateless reset proved the server holds no session of ours (it
+    /// restarted): what was on its way to it waits for a new registration
+    /// and goes again (same ids, so stored once whatever happened before).
+    fn on_lost_session(&mut self, now: Instant) {
+        if self.presence != Presence::Online {
+            return;
+        }
+        let mut dereg = false;
+        let ids: Vec<OpId> = self.ops.iter().map(|(i, _)| OpId(i)).collect();
+        for op in ids {
+            let Some(entry) = self.ops.get_mut(op.0) else {
+                continue;
+            };
+            match entry.kind {
+                Kind::Channel { .. }
+                | Kind::Direct {
+                    phase: Phase::Save(_),
+                    ..
+                } => {
+                    self.timers.cancel(entry.timer);
+                    entry.parked = true;
+                }
+                Kind::Deregister { .. } => {
+                    dereg = true;
+                    self.finish(op);
+                }
+                Kind::Sync { .. } => {
+                    self.finish(op);
+                    self.table.cancel_sync();
+                }
+                Kind::Heartbeat { .. } => {
+                    self.finish(op);
+                }
+                _ => {}
+            }
+        }
+        if dereg {
+            // We are not registered any more, which is what dereg asked for.
+            self.go_offline();
+            self.events.push_back(Event::Bye);
+            self.drop_parked("you went offline before the server took it; not saved.");
+        } else {
+            self.forget_session(now);
+        }
+    }
+
+    /// Ends every parked operation with an error line.
+    fn drop_parked(&mut self, why: &str) {
+        let parked: Vec<OpId> = self
+            .ops
+            .iter()
+            .filter(|(_, op)| op.parked)
+            .map(|(i, _)| OpId(i))
+            .collect();
+        for op in parked {
+            self.finish(op);
+            self.error(why.to_string());
+        }
+    }
+
     fn on_refused(&mut self, now: Instant, seq: Seq, reason: Refusal) {
-        let op_token = self
+        let current = self
             .by_seq
             .get(&seq)
             .and_then(|op| self.ops.get(op.0))
-            .and_then(|op| op.token);
-        let current = op_token.is_some() && op_token == self.token;
+            .is_some_and(|op| op.session == self.sessions);
         if reason == Refusal::UnknownSession && current && self.presence == Presence::Online {
             // The server forgot us (it restarted): a message on its way to
             // it waits for the new session and goes again, same id, so it
@@ -1051,13 +1369,13 @@ impl Client {
             // Live: a channel message as it happens, or a direct message the
             // server kept for us while we were being taken for gone.
             let mail = d.mail;
-            if !d.channel {
-                self.show_stored(d);
-            } else if self.seen.first(&d.from, d.id) {
-                self.events.push_back(Event::Channel {
-                    from: d.from,
-                    text: d.text,
-                });
+            match d.body {
+                Some((id, text)) if d.channel => {
+                    if self.seen.first(&d.from, id) {
+                        self.events.push_back(Event::Channel { from: d.from, text });
+                    }
+                }
+                _ => self.show_stored(d),
             }
             self.ack_mail(mail);
             return;
@@ -1109,21 +1427,56 @@ impl Client {
     }
 
     fn show_stored(&mut self, d: Delivery) {
-        if self.seen.first(&d.from, d.id) {
+        let Some((id, text)) = d.body else {
+            self.error(format!(
+                "a stored message from {} could not be verified (not sealed by its key \
+                 for yours); it was dropped.",
+                d.from
+            ));
+            return;
+        };
+        if self.seen.first(&d.from, id) {
             let event = Event::Stored {
                 from: d.from,
                 channel: d.channel,
                 stored_at: d.stored_at,
-                text: d.text,
+                text,
             };
             self.events.push_back(event);
         }
     }
 
-    fn ack_mail(&mut self, mail: MailId) {
-        if let Some(token) = self.token {
-            self.send(self.config.server, &Message::Delivered { token, mail });
+    /// A delivery as shown: sealed mail opened with our key (it must have
+    /// been sealed by the key the server vouches for, between exactly these
+    /// names), relayed channel mail as it came in our session.
+    fn open_delivery(
+        &mut self,
+        mail: MailId,
+        stored_at: i64,
+        from: Name,
+        content: Content,
+    ) -> Delivery {
+        let (channel, body) = match content {
+            Content::Sealed { key, sealed } => {
+                let body =
+                    crypto::open_mail(&self.config.key, &self.config.name, &key, &from, &sealed)
+                        .and_then(|plain| wire::decode_body(&plain))
+                        .map(|b| (b.id, b.text));
+                (false, body)
+            }
+            Content::Relayed { channel, id, text } => (channel, Some((id, text))),
+        };
+        Delivery {
+            mail,
+            from,
+            channel,
+            stored_at,
+            body,
         }
+    }
+
+    fn ack_mail(&mut self, mail: MailId) {
+        self.send_server(&Message::Delivered { mail });
     }
 
     // ---- timers -----------------------------------------------------------
@@ -1142,21 +1495,36 @@ impl Client {
             }
             Kind::Direct {
                 to,
+                key,
                 id,
+                text,
                 phase: Phase::Direct,
                 ..
             } => {
-                // Silent for the whole ack window: hand it to the server.
-                let (to, id) = (to.clone(), *id);
+                // Silent for the whole ack window: hand it to the server,
+                // sealed to the recipient's key (the server cannot read it).
+                let (to, key, id) = (to.clone(), *key, *id);
+                let body = wire::encode_body(&MailBody {
+                    id,
+                    text: text.clone(),
+                });
+                let mut seed = [0; 32];
+                self.rng.fill_bytes(&mut seed);
+                let sealed =
+                    crypto::seal_mail(&self.config.key, &self.config.name, &key, &to, &body, seed);
                 self.by_msg.remove(&id);
                 self.events.push_back(Event::NoAck(to));
                 let seq = self.seq();
                 if let Some(Op {
-                    kind: Kind::Direct { phase, .. },
+                    kind:
+                        Kind::Direct {
+                            phase, sealed: s, ..
+                        },
                     ..
                 }) = self.ops.get_mut(op.0)
                 {
                     *phase = Phase::Save(seq);
+                    *s = wire::Sealed::from_slice(&sealed).ok().map(Box::new);
                 }
                 self.by_seq.insert(seq, op);
                 self.restart(now, op, ACK_TIMEOUT);
@@ -1222,6 +1590,8 @@ impl Client {
 
     fn register(&mut self, now: Instant, joining: Joining) {
         self.presence = Presence::Joining;
+        // Every registration is a fresh handshake: it proves the key anew.
+        self.session.begin(&self.config.key, &mut self.rng);
         let seq = self.seq();
         let op = self.start(now, Kind::Register { seq, joining }, ACK_TIMEOUT);
         self.by_seq.insert(seq, op);
@@ -1232,7 +1602,6 @@ impl Client {
         if self.presence != Presence::Online {
             return;
         }
-        self.token = None;
         self.register(now, Joining::Reconnect);
     }
 
@@ -1257,7 +1626,7 @@ impl Client {
             kind,
             sent: 0,
             timer,
-            token: self.token,
+            session: self.sessions,
             parked: false,
         }));
         self.transmit_op(op);
@@ -1286,86 +1655,112 @@ impl Client {
             return;
         };
         entry.sent = entry.sent.saturating_add(1);
-        let server = self.config.server;
-        let token = entry.token.or(self.token).unwrap_or(Token([0; 16]));
-        let (to, msg) = match &entry.kind {
-            Kind::Register { seq, .. } => (
-                server,
-                Message::Register {
-                    seq: *seq,
-                    name: self.config.name.clone(),
-                },
-            ),
-            Kind::Deregister { seq } => (server, Message::Deregister { seq: *seq, token }),
-            Kind::Channel { seq, id, text } => (
-                server,
-                Message::ChannelSend {
-                    seq: *seq,
-                    token,
-                    id: *id,
-                    text: text.clone(),
-                },
-            ),
+        self.emit(op, true);
+    }
+
+    /// Sends the operation's datagram (without counting a try). `retry`:
+    /// this is a try, so an unanswered direct message may start a fresh
+    /// handshake (not when a finished handshake releases it).
+    fn emit(&mut self, op: OpId, retry: bool) {
+        let Some(entry) = self.ops.get(op.0) else {
+            return;
+        };
+        let msg = match &entry.kind {
+            Kind::Register { .. } => {
+                // Message 3 twice unanswered: the server may have lost the
+                // handshake (it restarted); start it over.
+                if self.session.finish_tries().is_some_and(|n| n >= 2) || !self.session.joining() {
+                    self.session.begin(&self.config.key, &mut self.rng);
+                }
+                self.send_join();
+                return;
+            }
+            Kind::Deregister { seq } => Message::Deregister { seq: *seq },
+            Kind::Channel { seq, id, text } => Message::ChannelSend {
+                seq: *seq,
+                id: *id,
+                text: text.clone(),
+            },
             Kind::Direct {
                 to,
                 addr,
+                key,
                 id,
                 text,
-                phase: Phase::Direct | Phase::Retry,
-            } => {
-                let from = self.config.name.clone();
-                let to = to.clone();
-                (
-                    *addr,
-                    Message::Chat {
-                        from,
-                        to,
-                        id: *id,
-                        text: text.clone(),
-                    },
-                )
-            }
-            Kind::Direct {
-                to,
-                id,
-                text,
-                phase: Phase::Save(seq),
+                phase: phase @ (Phase::Direct | Phase::Retry),
                 ..
             } => {
-                let msg = Message::SaveMessage {
-                    seq: *seq,
-                    token,
+                let msg = Message::Chat {
+                    from: self.config.name.clone(),
                     to: to.clone(),
                     id: *id,
                     text: text.clone(),
                 };
-                (server, msg)
+                // Unanswered once (or the server says the peer is alive
+                // after all): the peer may have restarted and lost our
+                // link, so a new handshake runs beside the old link.
+                let fresh = retry && (*phase == Phase::Retry || entry.sent >= 2);
+                let (key, addr) = (*key, *addr);
+                let session = &self.session;
+                let out = self.peers.send(
+                    &self.config.key,
+                    key,
+                    addr,
+                    &msg,
+                    fresh,
+                    &mut self.rng,
+                    |i| session.owns(i),
+                );
+                self.transmits.extend(out);
+                return;
             }
-            Kind::Heartbeat { seq } => {
-                let version = self.table.version();
-                (
-                    server,
-                    Message::Heartbeat {
-                        seq: *seq,
-                        token,
-                        version,
-                    },
-                )
-            }
+            Kind::Direct {
+                to,
+                id,
+                phase: Phase::Save(seq),
+                sealed: Some(sealed),
+                ..
+            } => Message::SaveMessage {
+                seq: *seq,
+                to: to.clone(),
+                id: *id,
+                sealed: (**sealed).clone(),
+            },
+            // Never: a save always has its seal.
+            Kind::Direct { .. } => return,
+            Kind::Heartbeat { seq } => Message::Heartbeat {
+                seq: *seq,
+                version: self.table.version(),
+            },
             Kind::Sync { seq } => {
                 let (since, from) = self.table.sync_request().unwrap_or((0, 0));
-                (
-                    server,
-                    Message::Sync {
-                        seq: *seq,
-                        token,
-                        since,
-                        from,
-                    },
-                )
+                Message::Sync {
+                    seq: *seq,
+                    since,
+                    from,
+                }
             }
         };
-        self.send(to, &msg);
+        self.send_server(&msg);
+    }
+
+    /// Our handshake with `key` finished: the direct messages that waited
+    /// for it go now (their tries and timers are unchanged).
+    fn flush_direct(&mut self, key: &PublicKey) {
+        let waiting: Vec<OpId> = self
+            .ops
+            .iter()
+            .filter(|(_, op)| {
+                matches!(
+                    &op.kind,
+                    Kind::Direct { key: k, phase: Phase::Direct | Phase::Retry, .. } if k == key
+                )
+            })
+            .map(|(i, _)| OpId(i))
+            .collect();
+        for op in waiting {
+            self.emit(op, false);
+        }
     }
 
     /// Removes a finished operation with its timer and every index entry
@@ -1403,7 +1798,6 @@ impl Client {
     /// heartbeat, no mail batch or table sync under way.
     fn go_offline(&mut self) {
         self.presence = Presence::Offline;
-        self.token = None;
         if let Some(timer) = self.heartbeat.take() {
             self.timers.cancel(timer);
         }
@@ -1466,16 +1860,21 @@ impl Client {
         Seq(self.next_seq)
     }
 
+    /// A fresh message id: random, so no one can guess the next one and
+    /// take its place.
     fn msg_id(&mut self) -> MsgId {
-        self.next_msg = self.next_msg.wrapping_add(1);
-        MsgId(self.next_msg)
+        MsgId(self.rng.next_u64())
     }
 
-    fn send(&mut self, to: SocketAddr, msg: &Message) {
-        self.transmits.push_back(Transmit {
-            to,
-            payload: wire::encode_to_vec(msg),
-        });
+    /// Sends `msg` to the server in our session (nothing without one).
+    fn send_server(&mut self, msg: &Message) {
+        if let Some(payload) = self.session.seal(msg) {
+            self.transmits.push_back(Transmit {
+                to: self.config.server,
+                payload,
+                what: msg.what(),
+            });
+        }
     }
 }
 

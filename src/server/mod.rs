@@ -1,9 +1,14 @@
 //! The registry server as a sans-IO state machine.
 //!
-//! It keeps the client table ([`Directory`]), one session per row (token,
-//! reply cache, liveness probe, mail deliveries in flight) and every mailbox
-//! in memory. Datagrams and time come in through `handle_*`; datagrams,
-//! storage operations and log events go out through `poll_*`.
+//! It keeps the client table ([`Directory`]), one session per row (its Noise
+//! link, reply cache, liveness probe, mail deliveries in flight) and every
+//! mailbox in memory. Datagrams and time come in through `handle_*`;
+//! datagrams, storage operations and log events go out through `poll_*`.
+//!
+//! Everything a client asks arrives on an authenticated Noise session (see
+//! [`links`]); a name belongs to the first key that registered it, and only
+//! a session of that key can register it, log back in, take it over or
+//! receive its mail.
 //!
 //! Durability rule: while any [`StoreOp`] is uncommitted, no datagram leaves
 //! ([`Server::poll_transmit`] returns `None`). The driver commits the batch
@@ -17,18 +22,29 @@ use std::time::{Duration, Instant};
 use rand_chacha::ChaCha12Rng;
 use rand_core::{RngCore, SeedableRng};
 
-use crate::store::{Loaded, StoreOp, StoredMail};
+use crate::crypto::{AT_REST_SALT, Keypair, PublicKey};
+use crate::store::{Body, ClientRecord, Loaded, StoreOp, StoredMail, at_rest_ad};
 use crate::table::{ClientId, Directory};
 use crate::timer::{TimerKey, TimerWheel};
-use crate::wire::{self, MailId, Message, MsgId, Name, Refusal, Seq, Text, Token};
+use crate::wire::{
+    self, Content, MailBody, MailId, Message, MsgId, Name, Refusal, Rejection, Seq, Text, What,
+};
 use crate::{RETRANSMIT, TICK, Transmit};
+
+pub mod links;
+
+pub use links::{AMPLIFICATION, LinkId, LinkStats};
+use links::{Incoming, Links};
 
 /// Limits and seeds for a [`Server`].
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
-    /// Seeds session tokens and probe nonces. Use 32 bytes from the OS in
-    /// production; a fixed seed makes a simulation reproducible.
+    /// Seeds every handshake, session index, cookie secret and probe nonce.
+    /// Use 32 bytes from the OS in production; a fixed seed makes a
+    /// simulation reproducible.
     pub seed: [u8; 32],
+    /// The server's static key (kept across restarts: clients pin it).
+    pub key: Keypair,
     /// Wall-clock anchor: the Unix time (seconds) at `Instant` — stored
     /// messages are stamped `unix + (now - instant)`.
     pub clock: (Instant, i64),
@@ -43,20 +59,25 @@ pub struct ServerConfig {
     /// An online client not heard from for this long (three missed 10 s
     /// heartbeats) is marked offline.
     pub presence_timeout: Duration,
+    /// Most handshakes under way (and most sessions no registration has
+    /// claimed yet); past it the oldest is forgotten.
+    pub max_handshakes: usize,
 }
 
 impl ServerConfig {
     /// Defaults: 100,000 clients, 1,000 messages or 1 MiB per mailbox,
-    /// 256 MiB in all.
-    pub fn new(seed: [u8; 32], clock: (Instant, i64)) -> Self {
+    /// 256 MiB in all, 4,096 handshakes under way.
+    pub fn new(seed: [u8; 32], key: Keypair, clock: (Instant, i64)) -> Self {
         ServerConfig {
             seed,
+            key,
             clock,
             max_clients: 100_000,
             mailbox_messages: 1000,
             mailbox_bytes: 1 << 20,
             store_bytes: 256 << 20,
             presence_timeout: Duration::from_secs(30),
+            max_handshakes: 4096,
         }
     }
 }
@@ -78,21 +99,27 @@ pub enum ServerEvent {
         /// A channel message.
         channel: bool,
     },
-    /// A registration for a name held by a live client was refused.
-    Rejected(Name, SocketAddr),
+    /// A registration was refused: the name is held by a live client, or
+    /// belongs to another key.
+    Rejected(Name, SocketAddr, Rejection),
+    /// A client's address changed (validated), e.g. a NAT rebinding.
+    Moved(Name, SocketAddr),
+    /// A stored message could not be decrypted (a damaged store, or a
+    /// server key that changed) and was dropped.
+    Undecryptable(Name, MailId),
     /// A recipient's mailbox was full, so it did not get a channel message.
     MailboxFull(Name),
-    /// A datagram was dropped as undecodable.
-    Malformed(SocketAddr, wire::WireError),
 }
 
 /// Counters of dropped input.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct ServerStats {
-    /// Datagrams that did not decode.
+    /// Datagrams that did not parse, decrypt or decode.
     pub malformed: u64,
-    /// Requests ignored: bad token, wrong source address, or a bound reached.
+    /// Requests ignored: not from a registered session, or a bound reached.
     pub ignored: u64,
+    /// The session layer's counters.
+    pub links: LinkStats,
 }
 
 /// Most replies remembered per session, to answer retransmitted requests.
@@ -121,9 +148,10 @@ enum Timer {
 enum Cached {
     /// Being worked on (probe or commit pending): retries are ignored.
     Pending,
-    /// The encoded reply (replies are small; the datagram, not a `Message`
-    /// with its inline 1000-byte text buffer, is what is kept).
-    Done(Vec<u8>),
+    /// The encoded reply, sealed afresh each time it is sent (replies are
+    /// small; the bytes, not a `Message` with its inline 1000-byte text
+    /// buffer, are what is kept).
+    Done(What, Vec<u8>),
 }
 
 #[derive(Debug)]
@@ -135,14 +163,14 @@ enum Waiter {
         mail: Box<NewMail>,
     },
     /// A registration that would take the probed client's name.
-    Register { addr: SocketAddr, seq: Seq },
+    Register { link: LinkId, seq: Seq },
 }
 
 #[derive(Debug, Clone)]
 struct NewMail {
     from: Name,
     id: MsgId,
-    text: Text,
+    body: Body,
 }
 
 #[derive(Debug)]
@@ -165,7 +193,8 @@ struct Inflight {
 
 #[derive(Debug, Default)]
 struct Session {
-    token: Option<Token>,
+    /// The client's current Noise session.
+    link: Option<LinkId>,
     replies: VecDeque<(Seq, Cached)>,
     probe: Option<Probe>,
     queue: VecDeque<(MailId, Option<u32>)>,
@@ -190,10 +219,10 @@ pub struct Server {
     config: ServerConfig,
     rng: ChaCha12Rng,
     table: Directory,
+    links: Links,
     /// `sessions[i]` belongs to table row `i`: rows are never removed and a
     /// session is pushed with every row, so a `ClientId` indexes both.
     sessions: Vec<Session>,
-    tokens: HashMap<Token, ClientId>,
     probes: HashMap<u64, ClientId>,
     mailboxes: HashMap<ClientId, Mailbox>,
     stored_bytes: usize,
@@ -209,13 +238,23 @@ pub struct Server {
 impl Server {
     /// A server with the registry and mailboxes a [`Store`](crate::store::Store)
     /// loaded: every known client starts offline (at its last known address)
-    /// until it is heard from again.
+    /// until it is heard from again. Mail a version-1 server stored in clear
+    /// is encrypted at rest by the first commit ([`StoreOp::Rewrite`]).
     pub fn new(config: ServerConfig, now: Instant, loaded: Loaded) -> Server {
+        let mut rng = ChaCha12Rng::from_seed(config.seed);
+        let mut cookie_secret = [0; 32];
+        rng.fill_bytes(&mut cookie_secret);
+        let links = Links::new(
+            config.key.clone(),
+            cookie_secret,
+            now,
+            config.max_handshakes,
+        );
         let mut server = Server {
-            rng: ChaCha12Rng::from_seed(config.seed),
+            rng,
             table: Directory::new(config.max_clients),
+            links,
             sessions: Vec::new(),
-            tokens: HashMap::new(),
             probes: HashMap::new(),
             mailboxes: HashMap::new(),
             stored_bytes: 0,
@@ -228,17 +267,35 @@ impl Server {
             stats: ServerStats::default(),
             config,
         };
-        for (name, addr) in &loaded.clients {
-            server.row(name, *addr);
+        for c in &loaded.clients {
+            server.row(&c.name, c.addr, c.key.unwrap_or(PublicKey::NONE));
         }
         // Mail for a name the registry lacks (a store edited by hand) still
         // gets a row, so it is not lost.
         let unknown = SocketAddr::from(([0, 0, 0, 0], 0));
-        for m in loaded.mail {
-            let Some(to) = server.row(&m.to, unknown) else {
+        for mut m in loaded.mail {
+            let Some(to) = server.row(&m.to, unknown, PublicKey::NONE) else {
                 continue;
             };
+            if let Body::Clear(text) = &m.body {
+                let body = server.legacy_at_rest(&m, text);
+                server.store_ops.push_back(StoreOp::Rewrite {
+                    mail: m.mail,
+                    body: body.clone(),
+                });
+                m.body = body;
+            }
             server.next_mail = server.next_mail.max(m.mail.0 + 1);
+            if server.content(&m).is_none() {
+                // Encrypted under a server key that is gone, or damaged:
+                // nobody can ever read it. Said once, then dropped.
+                server.event(ServerEvent::Undecryptable(m.to.clone(), m.mail));
+                server.store_ops.push_back(StoreOp::Delete {
+                    to: m.to.clone(),
+                    mail: m.mail,
+                });
+                continue;
+            }
             server.stored_bytes += m.size();
             let mb = server.mailboxes.entry(to).or_default();
             mb.bytes += m.size();
@@ -252,18 +309,21 @@ impl Server {
 
     /// Feeds one datagram received from `from`.
     pub fn handle_datagram(&mut self, now: Instant, from: SocketAddr, data: &[u8]) {
-        let msg = match wire::decode(data) {
-            Ok(msg) => msg,
-            Err(e) => {
-                self.stats.malformed += 1;
-                self.event(ServerEvent::Malformed(from, e));
+        let incoming = self
+            .links
+            .handle(now, from, data, &mut self.rng, &mut self.transmits);
+        let (link, msg) = match incoming {
+            None => return,
+            Some(Incoming::Moved(link, addr)) => {
+                self.on_moved(now, link, addr);
                 return;
             }
+            Some(Incoming::Message(link, msg)) => (link, msg),
         };
         match msg {
-            Message::Register { seq, name } => self.on_register(now, from, seq, name),
-            Message::Deregister { seq, token } => {
-                if let Some(id) = self.request(now, from, token, seq) {
+            Message::Register { seq, name } => self.on_register(now, link, seq, name),
+            Message::Deregister { seq } => {
+                if let Some(id) = self.request(now, link, seq) {
                     if self.table.get(id).online {
                         self.set_offline(id, true);
                     }
@@ -272,64 +332,62 @@ impl Server {
             }
             Message::SaveMessage {
                 seq,
-                token,
                 to,
                 id,
-                text,
+                sealed,
             } => {
-                if let Some(sender) = self.online_request(now, from, token, seq) {
+                if let Some(sender) = self.online_request(now, link, seq) {
+                    let entry = self.table.get(sender);
                     let mail = NewMail {
-                        from: self.table.get(sender).name.clone(),
+                        from: entry.name.clone(),
                         id,
-                        text,
+                        body: Body::Sealed {
+                            key: entry.key,
+                            sealed: sealed.to_vec(),
+                        },
                     };
                     self.on_save(now, sender, seq, to, mail);
                 }
             }
-            Message::ChannelSend {
-                seq,
-                token,
-                id,
-                text,
-            } => {
-                if let Some(sender) = self.online_request(now, from, token, seq) {
+            Message::ChannelSend { seq, id, text } => {
+                if let Some(sender) = self.online_request(now, link, seq) {
                     self.on_channel(now, sender, seq, id, text);
                 }
             }
             Message::Sync {
                 seq,
-                token,
                 since,
                 from: row,
             } => {
-                if let Some(id) = self.online_request(now, from, token, seq) {
+                if let Some(id) = self.online_request(now, link, seq) {
                     let (entries, next) = self.table.page(since, row);
                     let version = self.table.version();
                     self.forget(id, seq);
-                    self.send(
-                        from,
-                        &Message::Page {
-                            seq,
-                            version,
-                            entries,
-                            next,
-                        },
-                    );
+                    let page = Message::Page {
+                        seq,
+                        version,
+                        entries,
+                        next,
+                    };
+                    self.links.send(link, &page, &mut self.transmits);
                 }
             }
-            Message::Heartbeat { seq, token, .. } => {
-                if let Some(id) = self.online_request(now, from, token, seq) {
+            Message::Heartbeat { seq, .. } => {
+                if let Some(id) = self.online_request(now, link, seq) {
                     self.forget(id, seq);
                     let version = self.table.version();
-                    self.send(from, &Message::Alive { seq, version });
+                    let alive = Message::Alive { seq, version };
+                    self.links.send(link, &alive, &mut self.transmits);
                 }
             }
-            Message::Delivered { token, mail } => {
-                if let Some(id) = self.authenticate(now, from, token) {
+            Message::Delivered { mail } => {
+                if let Some(id) = self.authenticate(now, link) {
                     self.on_delivered(now, id, mail);
                 }
             }
-            Message::ProbeReply { nonce } => self.on_probe_reply(now, from, nonce),
+            Message::ProbeReply { nonce } => self.on_probe_reply(now, link, nonce),
+            // A path response that moved nothing (a late copy): harmless.
+            Message::PathResponse { .. } => {}
             // Server-bound traffic only; anything else is a confused or
             // hostile peer.
             _ => self.stats.ignored += 1,
@@ -403,6 +461,11 @@ impl Server {
         &self.table
     }
 
+    /// The server's public key (clients pin it).
+    pub fn public_key(&self) -> PublicKey {
+        self.links.public()
+    }
+
     /// Messages waiting for `name`, in store order.
     pub fn mailbox(&self, name: &Name) -> impl Iterator<Item = &StoredMail> {
         self.table
@@ -417,49 +480,95 @@ impl Server {
         self.stored_bytes
     }
 
+    /// Handshakes under way and sessions established.
+    pub fn sessions(&self) -> (usize, usize) {
+        (self.links.handshakes(), self.links.len())
+    }
+
+    /// Handshakes and sessions held for `addr`: zero for an address that
+    /// never proved it receives (see [`links`]). Costs a pass over them.
+    pub fn state_at(&self, addr: SocketAddr) -> usize {
+        self.links.state_at(addr)
+    }
+
     /// Dropped-input counters.
     pub fn stats(&self) -> ServerStats {
-        self.stats
+        let mut stats = self.stats;
+        stats.links = self.links.stats();
+        stats.malformed += stats.links.malformed;
+        stats
     }
 
     // ---- requests ---------------------------------------------------------
 
-    fn on_register(&mut self, now: Instant, from: SocketAddr, seq: Seq, name: Name) {
+    /// A registration on `link`: its key must own the name (or the name be
+    /// new, or unbound: then it becomes the key's).
+    fn on_register(&mut self, now: Instant, link: LinkId, seq: Seq, name: Name) {
+        let (Some(key), Some(from)) = (self.links.remote(link), self.links.addr(link)) else {
+            return;
+        };
         let Some(id) = self.table.lookup(&name) else {
-            match self.table.insert(name.clone(), from, false) {
+            match self.table.insert(name.clone(), from, false, key) {
                 Ok(id) => {
                     self.sessions.push(Session::default());
-                    self.accept(now, id, from, seq);
+                    self.accept(now, id, link, seq);
                 }
                 // No row, so no session to cache in: a retry is refused again.
-                Err(_) => self.send(
-                    from,
-                    &Message::Refused {
-                        seq,
-                        reason: Refusal::Busy,
-                    },
-                ),
+                Err(_) => {
+                    let reason = Refusal::Busy;
+                    let msg = Message::Refused { seq, reason };
+                    self.links.send(link, &msg, &mut self.transmits);
+                }
             }
             return;
         };
         let entry = self.table.get(id);
-        let (same_addr, online) = (entry.addr == from, entry.online);
-        if same_addr && self.cached(id, seq) {
+        let (same_addr, online, owner) = (entry.addr == from, entry.online, entry.key);
+        if !owner.is_none() && owner != key {
+            // Whether the owner is online, silent or gone: never its mail,
+            // never its name.
+            self.stats.ignored += 1;
+            let reason = Rejection::OtherKey;
+            self.event(ServerEvent::Rejected(name, from, reason));
+            let msg = Message::Rejected { seq, reason };
+            self.links.send(link, &msg, &mut self.transmits);
             return;
         }
-        if !online || same_addr {
-            self.accept(now, id, from, seq);
+        let current = self.sessions[id.index() as usize].link == Some(link);
+        if current && self.cached(id, seq) {
             return;
         }
-        // Held by a client at another address: only a silent holder loses it.
+        if current || !online || same_addr {
+            self.accept(now, id, link, seq);
+            return;
+        }
+        // Held by a live-looking process of the same key at another
+        // address: only a silent holder loses it.
         let waiting = self.sessions[id.index() as usize].probe.as_ref().is_some_and(|p| {
             p.waiters
                 .iter()
-                .any(|w| matches!(w, Waiter::Register { addr, seq: s } if *addr == from && *s == seq))
+                .any(|w| matches!(w, Waiter::Register { link: l, seq: s } if *l == link && *s == seq))
         });
         if !waiting {
-            self.wait_for_probe(now, id, Waiter::Register { addr: from, seq });
+            self.wait_for_probe(now, id, Waiter::Register { link, seq });
         }
+    }
+
+    /// The client of `link` now receives at `addr`: its row and everyone's
+    /// table follow.
+    fn on_moved(&mut self, now: Instant, link: LinkId, addr: SocketAddr) {
+        let Some(id) = self.authenticate(now, link) else {
+            return;
+        };
+        let entry = self.table.get(id);
+        let (name, key, online) = (entry.name.clone(), entry.key, entry.online);
+        self.table.set(id, addr, online);
+        self.store_ops.push_back(StoreOp::Client(ClientRecord {
+            name: name.clone(),
+            addr,
+            key: Some(key),
+        }));
+        self.event(ServerEvent::Moved(name, addr));
     }
 
     fn on_save(&mut self, now: Instant, sender: ClientId, seq: Seq, to: Name, mail: NewMail) {
@@ -515,18 +624,30 @@ impl Server {
         // never acks (or a crash mid fan-out) still finds it in its mailbox;
         // its ack deletes the copy. If the store as a whole cannot take a
         // copy for everyone, the message is refused: never acked half-kept.
-        let size = text.as_str().len() + crate::store::MAIL_OVERHEAD;
+        let size = wire::MAX_BODY.min(text.as_str().len() + 11)
+            + crate::crypto::AT_REST_OVERHEAD
+            + crate::store::MAIL_OVERHEAD;
         let needed = size.saturating_mul(recipients.len());
         if self.stored_bytes.saturating_add(needed) > self.config.store_bytes {
             let reason = Refusal::MailboxFull;
             self.reply(sender, seq, Message::Refused { seq, reason });
             return;
         }
+        let body = wire::encode_body(&MailBody { id, text });
         for r in recipients {
+            // Encrypted at rest under the server's storage key: the store's
+            // files never hold a message's text.
+            let to = self.table.get(r).name.clone();
+            let mut salt = [0; AT_REST_SALT];
+            self.rng.fill_bytes(&mut salt);
+            let sealed =
+                self.links
+                    .secrets()
+                    .seal_at_rest(salt, &at_rest_ad(&to, &from, true, id), &body);
             let mail = NewMail {
                 from: from.clone(),
                 id,
-                text: text.clone(),
+                body: Body::AtRest(sealed),
             };
             match self.put(now, r, mail, true) {
                 Ok(Some(mail)) => self.deliver_live(now, r, mail),
@@ -562,12 +683,13 @@ impl Server {
         self.pump(now, id);
     }
 
-    fn on_probe_reply(&mut self, now: Instant, from: SocketAddr, nonce: u64) {
+    fn on_probe_reply(&mut self, now: Instant, link: LinkId, nonce: u64) {
         let Some(&id) = self.probes.get(&nonce) else {
             self.stats.ignored += 1;
             return;
         };
-        if self.table.get(id).addr != from {
+        // Only the probed session can say it is alive.
+        if self.sessions[id.index() as usize].link != Some(link) {
             self.stats.ignored += 1;
             return;
         }
@@ -586,10 +708,15 @@ impl Server {
                     let entry = self.table.get(id).clone();
                     self.reply(from, seq, Message::Exists { seq, entry });
                 }
-                Waiter::Register { addr, seq } => {
+                Waiter::Register { link, seq } => {
                     let name = self.table.get(id).name.clone();
-                    self.event(ServerEvent::Rejected(name, addr));
-                    self.send(addr, &Message::Rejected { seq });
+                    let addr = self.links.addr(link);
+                    let reason = Rejection::InUse;
+                    if let Some(addr) = addr {
+                        self.event(ServerEvent::Rejected(name, addr, reason));
+                    }
+                    let msg = Message::Rejected { seq, reason };
+                    self.links.send(link, &msg, &mut self.transmits);
                 }
             }
         }
@@ -605,12 +732,8 @@ impl Server {
         if probe.sent < 2 {
             probe.sent += 1;
             probe.timer = self.timers.insert(now + RETRANSMIT, Timer::Probe(id));
-            let msg = Message::Probe {
-                nonce: probe.nonce,
-                name: self.table.get(id).name.clone(),
-            };
-            let to = self.table.get(id).addr;
-            self.send(to, &msg);
+            let msg = Message::Probe { nonce: probe.nonce };
+            self.send_to(id, &msg);
             return;
         }
         // Silent for the whole ack timeout: the client is gone.
@@ -628,9 +751,9 @@ impl Server {
         for waiter in waiters {
             match waiter {
                 Waiter::Save { from, seq, mail } => self.save(now, from, seq, id, *mail),
-                Waiter::Register { addr, seq } => {
-                    if !self.table.get(id).online {
-                        self.accept(now, id, addr, seq);
+                Waiter::Register { link, seq } => {
+                    if !self.table.get(id).online && self.links.get(link).is_some() {
+                        self.accept(now, id, link, seq);
                     }
                 }
             }
@@ -696,11 +819,11 @@ impl Server {
 
     // ---- sessions ---------------------------------------------------------
 
-    /// The session a token belongs to, if the datagram comes from the
-    /// address registered for it (an off-path host cannot act for a client).
-    fn authenticate(&mut self, now: Instant, from: SocketAddr, token: Token) -> Option<ClientId> {
-        match self.tokens.get(&token) {
-            Some(&id) if self.table.get(id).addr == from => {
+    /// The registered client whose current session `link` is.
+    fn authenticate(&mut self, now: Instant, link: LinkId) -> Option<ClientId> {
+        let owner = self.links.get(link).and_then(|l| l.owner);
+        match owner {
+            Some(id) if self.sessions[id.index() as usize].link == Some(link) => {
                 self.heard(now, id);
                 Some(id)
             }
@@ -713,19 +836,11 @@ impl Server {
 
     /// Authenticates a request and answers it from the reply cache if it is a
     /// retransmission; `Some` means "new, go ahead".
-    fn request(
-        &mut self,
-        now: Instant,
-        from: SocketAddr,
-        token: Token,
-        seq: Seq,
-    ) -> Option<ClientId> {
-        let Some(id) = self.authenticate(now, from, token) else {
-            // A token this server never issued (it restarted): say so, and
-            // the client knows it is not registered here.
-            if !self.tokens.contains_key(&token) {
-                self.refuse_session(from, seq);
-            }
+    fn request(&mut self, now: Instant, link: LinkId, seq: Seq) -> Option<ClientId> {
+        let Some(id) = self.authenticate(now, link) else {
+            // A session no registration succeeded on: the client learns it
+            // is not registered.
+            self.refuse_session(link, seq);
             return None;
         };
         if self.cached(id, seq) {
@@ -736,25 +851,20 @@ impl Server {
 
     /// [`Server::request`] for requests that need the client online; an
     /// offline one is told its session is gone (it re-registers).
-    fn online_request(
-        &mut self,
-        now: Instant,
-        from: SocketAddr,
-        token: Token,
-        seq: Seq,
-    ) -> Option<ClientId> {
-        let id = self.request(now, from, token, seq)?;
+    fn online_request(&mut self, now: Instant, link: LinkId, seq: Seq) -> Option<ClientId> {
+        let id = self.request(now, link, seq)?;
         if !self.table.get(id).online {
-            self.refuse_session(from, seq);
+            self.refuse_session(link, seq);
             return None;
         }
         Some(id)
     }
 
     /// "Unknown session": the client re-registers by itself.
-    fn refuse_session(&mut self, to: SocketAddr, seq: Seq) {
+    fn refuse_session(&mut self, link: LinkId, seq: Seq) {
         let reason = Refusal::UnknownSession;
-        self.send(to, &Message::Refused { seq, reason });
+        let msg = Message::Refused { seq, reason };
+        self.links.send(link, &msg, &mut self.transmits);
     }
 
     /// If `seq` was seen: resend its reply (or ignore it while pending).
@@ -763,12 +873,10 @@ impl Server {
         let Some((_, cached)) = session.replies.iter().find(|(s, _)| *s == seq) else {
             return false;
         };
-        if let Cached::Done(payload) = cached {
-            let to = self.table.get(id).addr;
-            self.transmits.push_back(Transmit {
-                to,
-                payload: payload.clone(),
-            });
+        if let (Cached::Done(what, plain), Some(link)) = (cached, session.link) {
+            let (what, plain) = (*what, plain.clone());
+            self.links
+                .send_encoded(link, &plain, what, &mut self.transmits);
         }
         true
     }
@@ -788,51 +896,62 @@ impl Server {
             .retain(|(s, _)| *s != seq);
     }
 
-    /// Sends `msg` to the client's registered address and caches it for
-    /// retransmitted requests.
+    /// Sends `msg` on the client's session and caches it for retransmitted
+    /// requests.
     fn reply(&mut self, id: ClientId, seq: Seq, msg: Message) {
-        let payload = wire::encode_to_vec(&msg);
-        let replies = &mut self.sessions[id.index() as usize].replies;
+        let (what, plain) = (msg.what(), wire::encode_to_vec(&msg));
+        let session = &mut self.sessions[id.index() as usize];
+        let replies = &mut session.replies;
         match replies.iter_mut().find(|(s, _)| *s == seq) {
-            Some((_, cached)) => *cached = Cached::Done(payload.clone()),
+            Some((_, cached)) => *cached = Cached::Done(what, plain.clone()),
             None => {
                 if replies.len() == REPLY_CACHE {
                     replies.pop_front();
                 }
-                replies.push_back((seq, Cached::Done(payload.clone())));
+                replies.push_back((seq, Cached::Done(what, plain.clone())));
             }
         }
-        let to = self.table.get(id).addr;
-        self.transmits.push_back(Transmit { to, payload });
+        if let Some(link) = session.link {
+            self.links
+                .send_encoded(link, &plain, what, &mut self.transmits);
+        }
     }
 
-    /// Marks the client online at `addr`, welcomes it and starts streaming
-    /// its mailbox.
-    fn accept(&mut self, now: Instant, id: ClientId, addr: SocketAddr, seq: Seq) {
-        let entry = self.table.get(id);
-        // Same live session again (a restarted process on the same port, or
-        // a retry): keep its token, so registering is idempotent.
-        let keep = entry.online && entry.addr == addr;
-        let name = entry.name.clone();
-        let token = match self.sessions[id.index() as usize].token {
-            Some(token) if keep => token,
-            old => {
-                if let Some(old) = old {
-                    self.tokens.remove(&old);
-                }
-                let mut token = Token([0; 16]);
-                self.rng.fill_bytes(&mut token.0);
-                self.tokens.insert(token, id);
-                token
-            }
+    /// Sends `msg` on the client's session (no caching).
+    fn send_to(&mut self, id: ClientId, msg: &Message) {
+        if let Some(link) = self.sessions[id.index() as usize].link {
+            self.links.send(link, msg, &mut self.transmits);
+        }
+    }
+
+    /// Makes `link` the client's session, marks it online at the link's
+    /// address, welcomes it and starts streaming its mailbox.
+    fn accept(&mut self, now: Instant, id: ClientId, link: LinkId, seq: Seq) {
+        let (Some(addr), Some(key)) = (self.links.addr(link), self.links.remote(link)) else {
+            return;
         };
-        if !keep {
-            // The registry: who may have mail, and where it was last seen.
-            self.store_ops.push_back(StoreOp::Client {
+        let entry = self.table.get(id);
+        let changed = !(entry.online && entry.addr == addr && entry.key == key);
+        let name = entry.name.clone();
+        let session = &mut self.sessions[id.index() as usize];
+        if let Some(old) = session.link.replace(link)
+            && old != link
+        {
+            // The previous session is over: a datagram on it now gets a
+            // stateless reset, and its process registers again if alive.
+            self.links.remove(old);
+        }
+        self.links.set_owner(link, id);
+        if changed {
+            // The registry: who owns the name, who may have mail, and where
+            // it was last seen. Committed before the welcome leaves.
+            self.store_ops.push_back(StoreOp::Client(ClientRecord {
                 name: name.clone(),
                 addr,
-            });
+                key: Some(key),
+            }));
         }
+        self.table.set_key(id, key);
         self.table.set(id, addr, true);
         self.cancel_deliveries(id);
         let mail: Vec<MailId> = self
@@ -841,7 +960,6 @@ impl Server {
             .map(|mb| mb.mail.keys().copied().collect())
             .unwrap_or_default();
         let session = &mut self.sessions[id.index() as usize];
-        session.token = Some(token);
         session.rounds = 0;
         session.batch = seq;
         session.queue = mail
@@ -851,9 +969,9 @@ impl Server {
             .collect();
         let welcome = Message::Welcome {
             seq,
-            token,
             version: self.table.version(),
             mail: mail.len() as u32,
+            reset: self.links.reset_token(link),
         };
         self.reply(id, seq, welcome);
         self.event(ServerEvent::Registered(name, addr));
@@ -863,12 +981,17 @@ impl Server {
     }
 
     /// Marks the client offline, tells everyone (via the next delta) and
-    /// stops its deliveries; its mail stays.
+    /// stops its deliveries; its mail stays. A client found silent loses
+    /// its session too (a dereg'd one keeps it, so a retried dereg still
+    /// finds its answer).
     fn set_offline(&mut self, id: ClientId, notified: bool) {
         let entry = self.table.get(id);
         let (addr, name) = (entry.addr, entry.name.clone());
         self.table.set(id, addr, false);
         self.cancel_deliveries(id);
+        if !notified && let Some(link) = self.sessions[id.index() as usize].link.take() {
+            self.links.remove(link);
+        }
         self.event(ServerEvent::Offline(name, notified));
     }
 
@@ -897,13 +1020,7 @@ impl Server {
                 let nonce = self.rng.next_u64();
                 let timer = self.timers.insert(now + RETRANSMIT, Timer::Probe(id));
                 self.probes.insert(nonce, id);
-                let entry = self.table.get(id);
-                let msg = Message::Probe {
-                    nonce,
-                    name: entry.name.clone(),
-                };
-                let to = entry.addr;
-                self.send(to, &msg);
+                self.send_to(id, &Message::Probe { nonce });
                 Probe {
                     nonce,
                     sent: 1,
@@ -934,7 +1051,7 @@ impl Server {
             channel,
             stored_at: self.unix_time(now),
             id: mail.id,
-            text: mail.text.as_str().to_string(),
+            body: mail.body,
         };
         let mb = self.mailboxes.entry(to).or_default();
         if mb.keys.contains(&(stored.from.clone(), stored.id)) {
@@ -1031,8 +1148,8 @@ impl Server {
         let Some(m) = self.mailboxes.get(&id).and_then(|mb| mb.mail.get(&mail)) else {
             return;
         };
-        // Checked on the way in; a store edited by hand may hold anything.
-        let Ok(text) = Text::new(&m.text) else {
+        // Checked when loaded or stored; a failure here delivers nothing.
+        let Some(content) = self.content(m) else {
             return;
         };
         let batch = self.sessions[id.index() as usize].batch;
@@ -1040,14 +1157,50 @@ impl Server {
             mail,
             batch,
             pos,
-            from: m.from.clone(),
-            channel: m.channel,
             stored_at: m.stored_at,
-            id: m.id,
-            text,
+            from: m.from.clone(),
+            content,
         };
-        let to = self.table.get(id).addr;
-        self.send(to, &msg);
+        self.send_to(id, &msg);
+    }
+
+    /// A stored message as it is delivered: sealed mail as it was sealed,
+    /// a channel copy decrypted from the store (it travels in the
+    /// recipient's session).
+    fn content(&self, m: &StoredMail) -> Option<Content> {
+        match &m.body {
+            Body::Sealed { key, sealed } => Some(Content::Sealed {
+                key: *key,
+                sealed: wire::Sealed::from_slice(sealed).ok()?,
+            }),
+            Body::AtRest(blob) => {
+                let ad = at_rest_ad(&m.to, &m.from, m.channel, m.id);
+                let plain = self.links.secrets().open_at_rest(&ad, blob)?;
+                let body = wire::decode_body(&plain)?;
+                Some(Content::Relayed {
+                    channel: m.channel,
+                    id: body.id,
+                    text: body.text,
+                })
+            }
+            Body::Clear(text) => Some(Content::Relayed {
+                channel: m.channel,
+                id: m.id,
+                text: Text::new(text).ok()?,
+            }),
+        }
+    }
+
+    /// A version-1 message stored in clear, encrypted at rest.
+    fn legacy_at_rest(&mut self, m: &StoredMail, text: &str) -> Body {
+        let Ok(text) = Text::new(text) else {
+            return m.body.clone();
+        };
+        let body = wire::encode_body(&MailBody { id: m.id, text });
+        let mut salt = [0; AT_REST_SALT];
+        self.rng.fill_bytes(&mut salt);
+        let ad = at_rest_ad(&m.to, &m.from, m.channel, m.id);
+        Body::AtRest(self.links.secrets().seal_at_rest(salt, &ad, &body))
     }
 
     fn cancel_deliveries(&mut self, id: ClientId) {
@@ -1061,20 +1214,13 @@ impl Server {
     // ---- plumbing ---------------------------------------------------------
 
     /// The row for `name`, created offline at `addr` if missing.
-    fn row(&mut self, name: &Name, addr: SocketAddr) -> Option<ClientId> {
+    fn row(&mut self, name: &Name, addr: SocketAddr, key: PublicKey) -> Option<ClientId> {
         if let Some(id) = self.table.lookup(name) {
             return Some(id);
         }
-        let id = self.table.insert(name.clone(), addr, false).ok()?;
+        let id = self.table.insert(name.clone(), addr, false, key).ok()?;
         self.sessions.push(Session::default());
         Some(id)
-    }
-
-    fn send(&mut self, to: SocketAddr, msg: &Message) {
-        self.transmits.push_back(Transmit {
-            to,
-            payload: wire::encode_to_vec(msg),
-        });
     }
 
     /// Turns the table changes made since the last flush into deltas for
@@ -1084,11 +1230,11 @@ impl Server {
         if deltas.is_empty() {
             return;
         }
-        let online: Vec<SocketAddr> = self
+        let online: Vec<LinkId> = self
             .table
             .iter()
             .filter(|(_, e)| e.online)
-            .map(|(_, e)| e.addr)
+            .filter_map(|(id, _)| self.sessions[id.index() as usize].link)
             .collect();
         for delta in deltas {
             let msg = Message::Delta {
@@ -1096,12 +1242,10 @@ impl Server {
                 version: delta.version,
                 entries: delta.entries,
             };
-            let payload = wire::encode_to_vec(&msg);
-            for &to in &online {
-                self.transmits.push_back(Transmit {
-                    to,
-                    payload: payload.clone(),
-                });
+            let plain = wire::encode_to_vec(&msg);
+            for &link in &online {
+                self.links
+                    .send_encoded(link, &plain, What::Delta, &mut self.transmits);
             }
         }
     }

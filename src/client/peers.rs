@@ -1,0 +1,379 @@
+//! Sessions with other clients: one `IK` handshake per peer key, then an
+//! encrypted link that direct messages and their acks ride.
+//!
+//! A peer is its static key (the table says which name owns it). Either
+//! side may start a handshake; the newest link that carried data becomes
+//! the one to send on, and an ack goes back on the link its message came
+//! on, so two clients that start at once still converge. A few older links
+//! are kept to receive what is still in flight; the least recently used
+//! peers are forgotten past a bound.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+
+use rand_chacha::ChaCha12Rng;
+use rand_core::RngCore;
+use snow::HandshakeState;
+
+use crate::Transmit;
+use crate::crypto::{self, Keypair, Link, PublicKey};
+use crate::packet::{IK1_LEN, IK2_LEN, MAX_DATAGRAM, Packet};
+use crate::wire::{self, Message, What};
+
+/// Links kept per peer besides the one sent on.
+const OLDER_LINKS: usize = 2;
+
+enum Slot {
+    /// Our message 1 is out; the datagram is kept to send again.
+    Initiating {
+        key: PublicKey,
+        hs: Box<HandshakeState>,
+        datagram: Vec<u8>,
+    },
+    /// An established link. A link we answered keeps the message 1 it
+    /// answered and our answer, so a retransmitted message 1 gets the same
+    /// answer rather than a new session.
+    Link {
+        key: PublicKey,
+        link: Box<Link>,
+        answered: Option<(Vec<u8>, Vec<u8>)>,
+    },
+}
+
+#[derive(Default)]
+struct Peer {
+    initiating: Option<u32>,
+    /// The link to send on.
+    current: Option<u32>,
+    /// Links that may still receive, oldest first.
+    older: Vec<u32>,
+    used: u64,
+}
+
+/// What a datagram from a peer brought (handed over at once, never stored:
+/// its size is no cost).
+#[allow(clippy::large_enum_variant)]
+pub(super) enum PeerInput {
+    /// Nothing (or nothing valid).
+    Nothing,
+    /// Answer this (a handshake response).
+    Reply(Transmit),
+    /// A handshake from a key our table does not have: the table may be
+    /// behind.
+    UnknownKey,
+    /// Our handshake with `key` finished: what waited for it can go.
+    Established(PublicKey),
+    /// A message on the link `index` from `key`.
+    Message {
+        key: PublicKey,
+        index: u32,
+        msg: Message,
+    },
+}
+
+/// Every peer session of a client.
+pub(super) struct Peers {
+    slots: HashMap<u32, Slot>,
+    peers: HashMap<PublicKey, Peer>,
+    clock: u64,
+    max: usize,
+}
+
+impl Peers {
+    pub fn new(max: usize) -> Peers {
+        Peers {
+            slots: HashMap::new(),
+            peers: HashMap::new(),
+            clock: 0,
+            max: max.max(1),
+        }
+    }
+
+    /// Whether `index` is one of ours.
+    pub fn owns(&self, index: u32) -> bool {
+        self.slots.contains_key(&index)
+    }
+
+    fn fresh_index(&self, rng: &mut ChaCha12Rng, taken: impl Fn(u32) -> bool) -> u32 {
+        loop {
+            let i = rng.next_u32();
+            if !self.slots.contains_key(&i) && !taken(i) {
+                return i;
+            }
+        }
+    }
+
+    /// The datagrams that move `msg` towards the peer `key` at `addr`: the
+    /// message on the current link, or (while there is none) our handshake's
+    /// first message, started if need be. With `fresh`, a new handshake
+    /// starts beside the current link: a message that went unanswered may
+    /// have gone down a link the peer no longer has (it restarted), and the
+    /// new link takes over once it is up.
+    #[allow(clippy::too_many_arguments)]
+    pub fn send(
+        &mut self,
+        local: &Keypair,
+        key: PublicKey,
+        addr: SocketAddr,
+        msg: &Message,
+        fresh: bool,
+        rng: &mut ChaCha12Rng,
+        taken: impl Fn(u32) -> bool,
+    ) -> Vec<Transmit> {
+        self.clock += 1;
+        let clock = self.clock;
+        let peer = self.peers.entry(key).or_default();
+        peer.used = clock;
+        let mut out = Vec::new();
+        if let Some(index) = peer.current
+            && let Some(Slot::Link { link, .. }) = self.slots.get_mut(&index)
+        {
+            if let Some(payload) = link.seal(&wire::encode_to_vec(msg)) {
+                out.push(Transmit {
+                    to: addr,
+                    payload,
+                    what: msg.what(),
+                });
+            }
+            if !fresh || peer.initiating.is_some() {
+                return out;
+            }
+        }
+        if let Some(index) = peer.initiating
+            && let Some(Slot::Initiating { datagram, .. }) = self.slots.get(&index)
+        {
+            out.push(Transmit {
+                to: addr,
+                payload: datagram.clone(),
+                what: What::PeerInit,
+            });
+            return out;
+        }
+        let mut seed = [0; 32];
+        rng.fill_bytes(&mut seed);
+        let mut hs = crypto::peer_initiator(local, &key, seed);
+        let mut msg1 = [0u8; IK1_LEN];
+        if !matches!(hs.write_message(&[], &mut msg1), Ok(IK1_LEN)) {
+            return out;
+        }
+        let index = self.fresh_index(rng, taken);
+        let datagram = Packet::PeerInit {
+            sender: index,
+            noise: &msg1,
+        }
+        .to_vec();
+        if let Some(peer) = self.peers.get_mut(&key) {
+            peer.initiating = Some(index);
+        }
+        self.slots.insert(
+            index,
+            Slot::Initiating {
+                key,
+                hs: Box::new(hs),
+                datagram: datagram.clone(),
+            },
+        );
+        self.evict();
+        out.push(Transmit {
+            to: addr,
+            payload: datagram,
+            what: What::PeerInit,
+        });
+        out
+    }
+
+    /// Sends `msg` on exactly the link `index` (an ack goes back the way
+    /// its message came).
+    pub fn reply(&mut self, index: u32, to: SocketAddr, msg: &Message) -> Option<Transmit> {
+        let Some(Slot::Link { link, .. }) = self.slots.get_mut(&index) else {
+            return None;
+        };
+        let payload = link.seal(&wire::encode_to_vec(msg))?;
+        Some(Transmit {
+            to,
+            payload,
+            what: msg.what(),
+        })
+    }
+
+    /// A peer's message 1. `known` says whether a key owns a name in our
+    /// table: a handshake from any other key is not answered.
+    #[allow(clippy::too_many_arguments)]
+    pub fn on_init(
+        &mut self,
+        local: &Keypair,
+        from: SocketAddr,
+        sender: u32,
+        noise: &[u8; IK1_LEN],
+        rng: &mut ChaCha12Rng,
+        known: impl Fn(&PublicKey) -> bool,
+        taken: impl Fn(u32) -> bool,
+    ) -> PeerInput {
+        // The same message 1 again: the same answer.
+        for slot in self.slots.values() {
+            if let Slot::Link {
+                answered: Some((init, response)),
+                ..
+            } = slot
+                && init.as_slice() == noise.as_slice()
+            {
+                return PeerInput::Reply(Transmit {
+                    to: from,
+                    payload: response.clone(),
+                    what: What::PeerResponse,
+                });
+            }
+        }
+        let mut seed = [0; 32];
+        rng.fill_bytes(&mut seed);
+        let mut hs = crypto::peer_responder(local, seed);
+        let mut scratch = [0u8; MAX_DATAGRAM];
+        if hs.read_message(noise, &mut scratch).is_err() {
+            return PeerInput::Nothing;
+        }
+        let Some(key) = crypto::remote_static(&hs) else {
+            return PeerInput::Nothing;
+        };
+        if !known(&key) {
+            return PeerInput::UnknownKey;
+        }
+        let mut msg2 = [0u8; IK2_LEN];
+        if !matches!(hs.write_message(&[], &mut msg2), Ok(IK2_LEN)) {
+            return PeerInput::Nothing;
+        }
+        let index = self.fresh_index(rng, taken);
+        let response = Packet::PeerResponse {
+            receiver: sender,
+            sender: index,
+            noise: &msg2,
+        }
+        .to_vec();
+        let Some(link) = Link::new(hs, index, sender) else {
+            return PeerInput::Nothing;
+        };
+        self.clock += 1;
+        let peer = self.peers.entry(key).or_default();
+        peer.used = self.clock;
+        peer.older.push(index);
+        self.slots.insert(
+            index,
+            Slot::Link {
+                key,
+                link: Box::new(link),
+                answered: Some((noise.to_vec(), response.clone())),
+            },
+        );
+        self.trim(key);
+        self.evict();
+        PeerInput::Reply(Transmit {
+            to: from,
+            payload: response,
+            what: What::PeerResponse,
+        })
+    }
+
+    /// A peer's message 2, answering ours.
+    pub fn on_response(&mut self, receiver: u32, sender: u32, noise: &[u8; IK2_LEN]) -> PeerInput {
+        let Some(Slot::Initiating { .. }) = self.slots.get(&receiver) else {
+            return PeerInput::Nothing;
+        };
+        let Some(Slot::Initiating { key, mut hs, .. }) = self.slots.remove(&receiver) else {
+            return PeerInput::Nothing;
+        };
+        if let Some(peer) = self.peers.get_mut(&key)
+            && peer.initiating == Some(receiver)
+        {
+            peer.initiating = None;
+        }
+        let mut scratch = [0u8; MAX_DATAGRAM];
+        if hs.read_message(noise, &mut scratch).is_err() {
+            return PeerInput::Nothing;
+        }
+        let Some(link) = Link::new(*hs, receiver, sender) else {
+            return PeerInput::Nothing;
+        };
+        if link.remote() != key {
+            return PeerInput::Nothing;
+        }
+        self.slots.insert(
+            receiver,
+            Slot::Link {
+                key,
+                link: Box::new(link),
+                answered: None,
+            },
+        );
+        self.make_current(key, receiver);
+        PeerInput::Established(key)
+    }
+
+    /// Session data from a peer.
+    pub fn on_data(&mut self, receiver: u32, nonce: u64, ciphertext: &[u8]) -> PeerInput {
+        let Some(Slot::Link { key, link, .. }) = self.slots.get_mut(&receiver) else {
+            return PeerInput::Nothing;
+        };
+        let key = *key;
+        let mut buf = [0u8; MAX_DATAGRAM];
+        let Some(plain) = link.open(nonce, ciphertext, &mut buf) else {
+            return PeerInput::Nothing;
+        };
+        let Ok(msg) = wire::decode(plain) else {
+            return PeerInput::Nothing;
+        };
+        // Data proves the link works both ways: the newest such link is
+        // the one to send on.
+        if self
+            .peers
+            .get(&key)
+            .is_some_and(|p| p.current != Some(receiver))
+        {
+            self.make_current(key, receiver);
+        }
+        PeerInput::Message {
+            key,
+            index: receiver,
+            msg,
+        }
+    }
+
+    fn make_current(&mut self, key: PublicKey, index: u32) {
+        self.clock += 1;
+        let peer = self.peers.entry(key).or_default();
+        peer.used = self.clock;
+        peer.older.retain(|&i| i != index);
+        if let Some(old) = peer.current.replace(index) {
+            peer.older.push(old);
+        }
+        self.trim(key);
+    }
+
+    /// Keeps at most [`OLDER_LINKS`] older links for `key`.
+    fn trim(&mut self, key: PublicKey) {
+        let Some(peer) = self.peers.get_mut(&key) else {
+            return;
+        };
+        while peer.older.len() > OLDER_LINKS {
+            let index = peer.older.remove(0);
+            self.slots.remove(&index);
+        }
+    }
+
+    /// Forgets the least recently used peers past the bound.
+    fn evict(&mut self) {
+        while self.peers.len() > self.max {
+            let Some((&key, _)) = self.peers.iter().min_by_key(|(k, p)| (p.used, **k)) else {
+                return;
+            };
+            if let Some(peer) = self.peers.remove(&key) {
+                for index in peer
+                    .current
+                    .into_iter()
+                    .chain(peer.initiating)
+                    .chain(peer.older)
+                {
+                    self.slots.remove(&index);
+                }
+            }
+        }
+    }
+}
