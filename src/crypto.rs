@@ -254,6 +254,16 @@ pub fn peer_responder(local: &Keypair, seed: [u8; 32]) -> HandshakeState {
     )
 }
 
+/// Whether `remote` is of small order: any key of ours gives the all-zero
+/// shared secret with it (RFC 7748 §6.1), so a peer can "prove" it without
+/// a private key. Never accepted as an identity.
+pub fn is_weak(local: &Keypair, remote: &PublicKey) -> bool {
+    let mut dh = dh();
+    dh.set(local.secret());
+    let mut out = [0u8; KEY_LEN];
+    dh.dh(&remote.0, &mut out).is_err() || out == [0; KEY_LEN]
+}
+
 /// The remote static key a handshake has learned, if any.
 pub fn remote_static(hs: &HandshakeState) -> Option<PublicKey> {
     let rs = hs.get_remote_static()?;
@@ -804,6 +814,21 @@ mod tests {
             assert_eq!(open(&bob, &nb, &alice.public(), &na, &bad), None);
         }
         assert_eq!(open(&bob, &nb, &alice.public(), &na, &sealed[..10]), None);
+    }
+
+    #[test]
+    fn small_order_keys_are_weak_and_real_ones_are_not() {
+        let me = keys(3);
+        assert!(is_weak(&me, &PublicKey::NONE));
+        let mut one = [0u8; 32];
+        one[0] = 1;
+        assert!(is_weak(&me, &PublicKey(one)));
+        // p - 1 (order 2), little-endian.
+        let mut p_minus_1 = [0xffu8; 32];
+        p_minus_1[0] = 0xec;
+        p_minus_1[31] = 0x7f;
+        assert!(is_weak(&me, &PublicKey(p_minus_1)));
+        assert!(!is_weak(&me, &keys(4).public()));
     }
 
     #[test]

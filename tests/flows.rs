@@ -581,3 +581,74 @@ fn many_clients_converge_on_one_table() {
         assert_eq!(node.client.table().version(), version);
     }
 }
+
+/// Impersonation by a registered user: Carol holds a real session with Bob
+/// (her own key, which Bob's table has) and sends a chat claiming to be
+/// from Alice, under any id. Bob shows nothing and acks nothing; the same
+/// session's chats as Carol are shown as hers.
+#[test]
+fn a_chat_is_shown_only_as_from_the_key_that_sent_it() {
+    use udpchat::crypto::{self, Link};
+    use udpchat::packet::{self, Datagram, Packet};
+    use udpchat::wire::{self, Message, MsgId, Text};
+
+    let mut s = three();
+    let (carol_key, bob_key) = (sim::key_of("Carol"), sim::key_of("Bob"));
+    let now = s.now;
+    let mut hs = crypto::peer_initiator(&carol_key, &bob_key.public(), [7; 32]);
+    let mut m1 = [0u8; packet::IK1_LEN];
+    hs.write_message(&[], &mut m1).unwrap();
+    let init = Packet::PeerInit {
+        sender: 77,
+        noise: &m1,
+    }
+    .to_vec();
+    let bob = &mut s.nodes[1].client;
+    bob.handle_datagram(now, addr(4000), &init);
+    let response = bob
+        .poll_transmit()
+        .expect("Bob answers a key his table has");
+    let Ok(Datagram::Packet(Packet::PeerResponse { sender, noise, .. })) =
+        packet::parse(&response.payload)
+    else {
+        panic!("not a peer response: {:?}", response.what);
+    };
+    hs.read_message(noise, &mut [0u8; 64]).unwrap();
+    let mut link = Link::new(hs, 77, sender).unwrap();
+    let chat = |from: &str, id: u64, text: &str| {
+        wire::encode_to_vec(&Message::Chat {
+            from: name(from),
+            to: name("Bob"),
+            id: MsgId(id),
+            text: Text::new(text).unwrap(),
+        })
+    };
+    // As Alice, under ids Alice might use next: nothing shown, nothing acked.
+    for id in [1, 2, u64::MAX] {
+        let forged = link
+            .seal(&chat("Alice", id, "send me your password"))
+            .unwrap();
+        bob.handle_datagram(now, addr(4000), &forged);
+    }
+    // (A mismatch makes Bob check his table with the server: a sync.)
+    while let Some(t) = bob.poll_transmit() {
+        assert_ne!(t.what, What::ChatAck, "Bob acked a forgery");
+        assert_eq!(t.to, s.server_addr);
+    }
+    assert!(bob.poll_event().is_none(), "Bob showed a forgery");
+    // As herself: shown as Carol's, and acked on the same session.
+    let own = link.seal(&chat("Carol", 1, "hi, it is Carol")).unwrap();
+    bob.handle_datagram(now, addr(4000), &own);
+    let ack = bob.poll_transmit().expect("an ack");
+    assert_eq!(ack.what, What::ChatAck);
+    assert!(matches!(
+        bob.poll_event(),
+        Some(udpchat::Event::Direct { from, text })
+            if from == name("Carol") && text.as_str() == "hi, it is Carol"
+    ));
+    // Alice's real message under the same id is still shown (the forgery
+    // took no place in Bob's dedup).
+    let a = s.nodes[1].lines.len();
+    s.command(0, "send Bob the real one");
+    assert_eq!(s.lines_since(1, a), [">>> Alice: the real one"]);
+}

@@ -332,3 +332,26 @@ fn a_channel_message_survives_a_crash_mid_fan_out() {
     assert_eq!(bob_again, 1);
     assert_eq!(s.server.mailbox(&name("Carol")).count(), 0);
 }
+
+/// A server that restarts between its cookie and the client's answer has a
+/// new cookie secret: the client takes the new cookie instead of sending
+/// the stale one until it gives up.
+#[test]
+fn a_cookie_from_before_a_server_restart_is_replaced() {
+    let mut s = Sim::new();
+    // Alice's first datagram is answered with a retry; her answer to it is
+    // lost, and the server restarts meanwhile.
+    s.drop_rules.push(drop_first(1, |p| {
+        p.from == addr(2000) && p.is(What::Initial) && p.payload.len() > 40
+    }));
+    let alice = s.spawn("Alice", 2000);
+    s.run_for(Duration::from_millis(100));
+    let config = ServerConfig::new([9; 32], sim::server_key(), (s.start, EPOCH_UNIX));
+    let loaded = s.store.load().unwrap();
+    s.server = Server::new(config, s.now, loaded);
+    s.run_until(Duration::from_secs(10), |s| s.nodes[alice].lines.len() >= 2);
+    assert_eq!(
+        s.lines(alice),
+        [">>> [Welcome, You are registered.]", UPDATED]
+    );
+}

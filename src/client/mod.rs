@@ -34,10 +34,11 @@ mod peers;
 mod session;
 
 use peers::{PeerInput, Peers};
-use session::{KeyCheck, ServerSession};
+use session::{KeyCheck, ServerSession, Trouble};
 
-/// Settings of a [`Client`].
-#[derive(Debug, Clone)]
+/// Settings of a [`Client`]. Its `Debug` shows neither the seed nor the
+/// key's secret half.
+#[derive(Clone)]
 pub struct ClientConfig {
     /// The name to register under.
     pub name: Name,
@@ -58,6 +59,20 @@ pub struct ClientConfig {
     pub heartbeat: Duration,
     /// Most peers with a session kept at once (the least recently used go).
     pub max_peers: usize,
+}
+
+impl std::fmt::Debug for ClientConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClientConfig")
+            .field("name", &self.name)
+            .field("server", &self.server)
+            .field("key", &self.key)
+            .field("server_key", &self.server_key)
+            .field("max_table", &self.max_table)
+            .field("heartbeat", &self.heartbeat)
+            .field("max_peers", &self.max_peers)
+            .finish_non_exhaustive()
+    }
 }
 
 impl ClientConfig {
@@ -119,6 +134,9 @@ pub enum Event {
         from: Name,
         /// Sent with `send_all`.
         channel: bool,
+        /// False only for a direct message stored by protocol version 1,
+        /// whose sender nothing proved (shown with "(unverified)").
+        verified: bool,
         /// When the server stored it (Unix seconds).
         stored_at: i64,
         /// The message.
@@ -193,16 +211,19 @@ impl Event {
             Event::Stored {
                 from,
                 channel: false,
+                verified,
                 stored_at,
                 text,
             } => {
-                format!("{from}: {} {text}", local_time(*stored_at))
+                let unverified = if *verified { "" } else { " (unverified)" };
+                format!("{from}: {} {text}{unverified}", local_time(*stored_at))
             }
             Event::Stored {
                 from,
                 channel: true,
                 stored_at,
                 text,
+                ..
             } => {
                 format!("Channel_Message {from}: {} {text}", local_time(*stored_at))
             }
@@ -366,6 +387,8 @@ struct Delivery {
     mail: MailId,
     from: Name,
     channel: bool,
+    /// False for a direct message nobody proved the sender of.
+    verified: bool,
     stored_at: i64,
     /// `None`: the seal did not open (not sealed by the sender's key for
     /// ours); it is reported and acked, never shown.
@@ -472,15 +495,14 @@ impl Client {
         let packet = match datagram {
             Datagram::Packet(p) => p,
             Datagram::Negotiate(versions) => {
-                // Unauthenticated, so believed only while it can matter:
-                // before the server answered our first handshake message.
+                // Unauthenticated: noted, and believed only if the server
+                // never answers our handshake (see `give_up`).
                 if from_server
                     && self.session.at_first_message()
                     && !versions.contains(&packet::VERSION)
                 {
                     let theirs = versions.iter().copied().max().unwrap_or(0);
-                    self.events.push_back(Event::VersionMismatch(theirs));
-                    self.exit(1);
+                    self.session.note(Trouble::Version(theirs));
                 }
                 return;
             }
@@ -522,13 +544,14 @@ impl Client {
             Packet::PeerInit { sender, noise } => {
                 let table = &self.table;
                 let session = &self.session;
+                // An unbound name's placeholder is no one's key.
                 let input = self.peers.on_init(
                     &self.config.key,
                     from,
                     sender,
                     noise,
                     &mut self.rng,
-                    |key| table.iter().any(|e| e.key == *key),
+                    |key| !key.is_none() && table.iter().any(|e| e.key == *key),
                     |i| session.owns(i),
                 );
                 self.on_peer(now, from, input);
@@ -655,13 +678,10 @@ impl Client {
             name: self.config.name.clone(),
         };
         match self.session.on_response(receiver, sender, noise, &first) {
-            None => {}
-            Some(KeyCheck::Changed { pinned, presented }) => {
-                self.session.end_join();
-                self.events
-                    .push_back(Event::ServerKeyChanged { pinned, presented });
-                self.exit(1);
-            }
+            // Not the pinned key: nothing more goes to it; the next try
+            // starts afresh, and if none meets the pinned key the change is
+            // reported (a forgery cannot end the registration by itself).
+            None | Some(KeyCheck::Changed) => {}
             Some(check) => {
                 if let KeyCheck::Learned(key) = check {
                     self.events.push_back(Event::ServerKeyLearned(key));
@@ -989,7 +1009,11 @@ impl Client {
             return;
         }
         // Shown as from `sender` only if the session's key owns that name.
-        if self.table.get(&sender).is_none_or(|e| e.key != key) {
+        if self
+            .table
+            .get(&sender)
+            .is_none_or(|e| e.key != key || e.key.is_none())
+        {
             if self.sync.is_none() {
                 // Perhaps our table is behind (a new client): catch up; the
                 // sender tries again, or the server keeps the message.
@@ -1439,6 +1463,7 @@ impl Client {
             let event = Event::Stored {
                 from: d.from,
                 channel: d.channel,
+                verified: d.verified,
                 stored_at: d.stored_at,
                 text,
             };
@@ -1456,20 +1481,34 @@ impl Client {
         from: Name,
         content: Content,
     ) -> Delivery {
-        let (channel, body) = match content {
+        let (channel, verified, body) = match content {
             Content::Sealed { key, sealed } => {
-                let body =
-                    crypto::open_mail(&self.config.key, &self.config.name, &key, &from, &sealed)
-                        .and_then(|plain| wire::decode_body(&plain))
-                        .map(|b| (b.id, b.text));
-                (false, body)
+                // The server says which key sealed it; our table, where it
+                // knows the sender, must agree (else the server lies about
+                // one or the other).
+                let agrees = self
+                    .table
+                    .get(&from)
+                    .is_none_or(|e| e.key.is_none() || e.key == key);
+                let body = agrees
+                    .then(|| {
+                        crypto::open_mail(&self.config.key, &self.config.name, &key, &from, &sealed)
+                    })
+                    .flatten()
+                    .and_then(|plain| wire::decode_body(&plain))
+                    .map(|b| (b.id, b.text));
+                (false, true, body)
             }
-            Content::Relayed { channel, id, text } => (channel, Some((id, text))),
+            // A channel message is the server's word by design; a direct one
+            // the server relays was stored by protocol version 1, which
+            // proved no sender: shown as unverified.
+            Content::Relayed { channel, id, text } => (channel, channel, Some((id, text))),
         };
         Delivery {
             mail,
             from,
             channel,
+            verified,
             stored_at,
             body,
         }
@@ -1550,6 +1589,21 @@ impl Client {
         let Some(kind) = self.finish(op) else {
             return;
         };
+        // No handshake completed in five tries: what we heard instead is now
+        // the likely reason. Neither is authenticated, so neither stops a
+        // registration that could still succeed.
+        if matches!(kind, Kind::Register { .. })
+            && let Some(trouble) = self.session.end_join()
+        {
+            match trouble {
+                Trouble::Version(v) => self.events.push_back(Event::VersionMismatch(v)),
+                Trouble::KeyChanged { pinned, presented } => self
+                    .events
+                    .push_back(Event::ServerKeyChanged { pinned, presented }),
+            }
+            self.exit(1);
+            return;
+        }
         match kind {
             Kind::Register {
                 joining: Joining::LogBack,

@@ -234,6 +234,10 @@ impl Peers {
         let Some(key) = crypto::remote_static(&hs) else {
             return PeerInput::Nothing;
         };
+        // A small-order key can be "proved" without a private key.
+        if crypto::is_weak(local, &key) {
+            return PeerInput::Nothing;
+        }
         if !known(&key) {
             return PeerInput::UnknownKey;
         }
@@ -274,20 +278,21 @@ impl Peers {
 
     /// A peer's message 2, answering ours.
     pub fn on_response(&mut self, receiver: u32, sender: u32, noise: &[u8; IK2_LEN]) -> PeerInput {
-        let Some(Slot::Initiating { .. }) = self.slots.get(&receiver) else {
+        let Some(Slot::Initiating { hs, .. }) = self.slots.get_mut(&receiver) else {
             return PeerInput::Nothing;
         };
-        let Some(Slot::Initiating { key, mut hs, .. }) = self.slots.remove(&receiver) else {
+        let mut scratch = [0u8; MAX_DATAGRAM];
+        if hs.read_message(noise, &mut scratch).is_err() {
+            // A forgery: snow restored its state, the real answer may come.
+            return PeerInput::Nothing;
+        }
+        let Some(Slot::Initiating { key, hs, .. }) = self.slots.remove(&receiver) else {
             return PeerInput::Nothing;
         };
         if let Some(peer) = self.peers.get_mut(&key)
             && peer.initiating == Some(receiver)
         {
             peer.initiating = None;
-        }
-        let mut scratch = [0u8; MAX_DATAGRAM];
-        if hs.read_message(noise, &mut scratch).is_err() {
-            return PeerInput::Nothing;
         }
         let Some(link) = Link::new(*hs, receiver, sender) else {
             return PeerInput::Nothing;

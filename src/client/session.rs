@@ -33,8 +33,18 @@ pub(super) enum KeyCheck {
     Pinned,
     /// First contact: this key is now pinned.
     Learned(PublicKey),
-    /// Not the pinned key: nothing more is sent.
-    Changed {
+    /// Not the pinned key: nothing more is sent (noted as [`Trouble`]).
+    Changed,
+}
+
+/// Why a handshake may be failing, from unauthenticated answers: reported
+/// only if it never succeeds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Trouble {
+    /// A version answer: the server speaks this version instead.
+    Version(u8),
+    /// A message 2 from another key than the pinned one.
+    KeyChanged {
         pinned: PublicKey,
         presented: PublicKey,
     },
@@ -46,6 +56,7 @@ pub(super) struct ServerSession {
     reset: Option<[u8; TOKEN_LEN]>,
     join: Option<Join>,
     pinned: Option<PublicKey>,
+    trouble: Option<Trouble>,
 }
 
 impl ServerSession {
@@ -55,7 +66,13 @@ impl ServerSession {
             reset: None,
             join: None,
             pinned,
+            trouble: None,
         }
+    }
+
+    /// Notes a reason the handshake may be failing.
+    pub fn note(&mut self, trouble: Trouble) {
+        self.trouble = Some(trouble);
     }
 
     /// Whether a handshake is under way and still at message 1 (the only
@@ -84,9 +101,11 @@ impl ServerSession {
         });
     }
 
-    /// The handshake is over (welcomed, rejected or abandoned).
-    pub fn end_join(&mut self) {
+    /// The handshake is over (welcomed, rejected or abandoned); what was
+    /// noted against it, if anything.
+    pub fn end_join(&mut self) -> Option<Trouble> {
         self.join = None;
+        self.trouble.take()
     }
 
     /// Whether a handshake is under way.
@@ -126,10 +145,14 @@ impl ServerSession {
     }
 
     /// The server asks us to prove we receive: keep the cookie. True when
-    /// it was for our handshake (then message 1 goes again at once).
+    /// it was for our handshake (then message 1 goes again at once). A
+    /// different cookie replaces ours: the server restarted (new secret)
+    /// since it gave us the one we have.
     pub fn on_retry(&mut self, receiver: u32, got: &[u8; COOKIE_LEN]) -> bool {
         match &mut self.join {
-            Some(Join::Initial { local, cookie, .. }) if *local == receiver && cookie.is_none() => {
+            Some(Join::Initial { local, cookie, .. })
+                if *local == receiver && cookie.as_ref() != Some(got) =>
+            {
                 *cookie = Some(*got);
                 true
             }
@@ -147,25 +170,27 @@ impl ServerSession {
         noise: &[u8; XX2_LEN],
         first: &Message,
     ) -> Option<KeyCheck> {
-        let Some(Join::Initial { local, .. }) = &self.join else {
+        let Some(Join::Initial { hs, local, .. }) = &mut self.join else {
             return None;
         };
         if *local != receiver {
             return None;
         }
+        let mut scratch = [0u8; MAX_DATAGRAM];
+        if hs.read_message(noise, &mut scratch).is_err() {
+            // A forgery: snow restored its state, the real answer may
+            // still come.
+            return None;
+        }
         let Some(Join::Initial { mut hs, local, .. }) = self.join.take() else {
             return None;
         };
-        let mut scratch = [0u8; MAX_DATAGRAM];
-        if hs.read_message(noise, &mut scratch).is_err() {
-            // Not from the server we started with (a forgery): keep waiting.
-            // snow's state is spent, so the next try starts afresh.
-            return None;
-        }
         let presented = crypto::remote_static(&hs)?;
         let check = match self.pinned {
             Some(pinned) if pinned != presented => {
-                return Some(KeyCheck::Changed { pinned, presented });
+                // The next try starts a new handshake.
+                self.trouble = Some(Trouble::KeyChanged { pinned, presented });
+                return Some(KeyCheck::Changed);
             }
             Some(_) => KeyCheck::Pinned,
             None => {

@@ -136,6 +136,10 @@ fn log(event: &ServerEvent) {
             format!("refused {name} from {addr}: the name belongs to another key")
         }
         ServerEvent::Moved(name, addr) => format!("{name} moved to {addr}"),
+        ServerEvent::Unverifiable { to, from, mail } => format!(
+            "stored message {} for {to} is not sealed by the key of {from}: dropped",
+            mail.0
+        ),
         ServerEvent::Undecryptable(name, mail) => format!(
             "stored message {} for {name} cannot be decrypted (damaged, or server.key changed): dropped",
             mail.0

@@ -35,10 +35,19 @@ const PATH_TRIES: u8 = 3;
 /// No address that has not proved it receives gets more than this many
 /// times the bytes it sent (QUIC's anti-amplification limit).
 pub const AMPLIFICATION: usize = 3;
+/// Stateless resets sent per second at most: after a restart every client
+/// gets one soon enough (they retry), while collecting the tokens of all
+/// 2^32 indexes would take over a year.
+const RESETS_PER_SECOND: u32 = 128;
 
-/// Handle of an established session.
+/// Handle of an established session: its slot and its (random, unique)
+/// session index, so a handle kept after its session ended never reaches
+/// the session that reuses the slot.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct LinkId(usize);
+pub struct LinkId {
+    slot: usize,
+    index: u32,
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Slot {
@@ -79,9 +88,11 @@ pub struct ServerLink {
     /// The registered client this session belongs to, once one is.
     pub owner: Option<ClientId>,
     /// The registration that rode the handshake's last message: a
-    /// retransmitted `Finish` is handled as that request again.
+    /// retransmitted `Finish` is handled as that request again, until the
+    /// client's first session datagram shows it got the answer.
     hello: (Seq, Name),
     finish: Vec<u8>,
+    data_seen: bool,
     path: Option<PathCheck>,
 }
 
@@ -117,12 +128,16 @@ pub struct Links {
     handshakes: Slab<Handshake>,
     /// Handshakes in the order they began (all live equally long).
     handshake_order: VecDeque<(Instant, usize, u32)>,
-    by_ephemeral: HashMap<[u8; 32], usize>,
+    /// A client's ephemeral key and address → its handshake (an on-path
+    /// copy from elsewhere is another handshake, not a claim on this one).
+    by_ephemeral: HashMap<([u8; 32], SocketAddr), usize>,
     links: Slab<ServerLink>,
     /// Links that no registration claimed yet, oldest first.
     unowned: VecDeque<(Instant, LinkId, u32)>,
     by_index: HashMap<u32, Slot>,
     max_handshakes: usize,
+    /// Resets sent in the current second, and when it began.
+    resets: (Instant, u32),
     stats: LinkStats,
 }
 
@@ -147,6 +162,7 @@ impl Links {
             unowned: VecDeque::new(),
             by_index: HashMap::new(),
             max_handshakes,
+            resets: (now, 0),
             stats: LinkStats::default(),
         }
     }
@@ -196,7 +212,22 @@ impl Links {
 
     /// The link, if it still exists.
     pub fn get(&self, id: LinkId) -> Option<&ServerLink> {
-        self.links.get(id.0)
+        self.links
+            .get(id.slot)
+            .filter(|l| l.link.local_index() == id.index)
+    }
+
+    fn get_mut(&mut self, id: LinkId) -> Option<&mut ServerLink> {
+        self.links
+            .get_mut(id.slot)
+            .filter(|l| l.link.local_index() == id.index)
+    }
+
+    fn id_of(&self, slot: usize) -> LinkId {
+        LinkId {
+            slot,
+            index: self.links[slot].link.local_index(),
+        }
     }
 
     /// The link's client key.
@@ -211,21 +242,21 @@ impl Links {
 
     /// The reset token of this link (told to the client in `Welcome`).
     pub fn reset_token(&self, id: LinkId) -> [u8; TOKEN_LEN] {
-        let index = self.get(id).map_or(0, |l| l.link.local_index());
-        self.secrets.reset_token(index)
+        self.secrets.reset_token(id.index)
     }
 
     /// Marks the link as the session of `owner`.
     pub fn set_owner(&mut self, id: LinkId, owner: ClientId) {
-        if let Some(l) = self.links.get_mut(id.0) {
+        if let Some(l) = self.get_mut(id) {
             l.owner = Some(owner);
         }
     }
 
     /// Drops a link: datagrams for it get a stateless reset from now on.
     pub fn remove(&mut self, id: LinkId) {
-        if let Some(l) = self.links.try_remove(id.0) {
-            self.by_index.remove(&l.link.local_index());
+        if self.get(id).is_some() {
+            self.links.remove(id.slot);
+            self.by_index.remove(&id.index);
         }
     }
 
@@ -243,7 +274,7 @@ impl Links {
         what: What,
         out: &mut VecDeque<Transmit>,
     ) {
-        let Some(l) = self.links.get_mut(id.0) else {
+        let Some(l) = self.get_mut(id) else {
             return;
         };
         if let Some(payload) = l.link.seal(plain) {
@@ -322,7 +353,7 @@ impl Links {
                 receiver,
                 nonce,
                 ciphertext,
-            } => self.data(from, receiver, nonce, ciphertext, data.len(), rng, out),
+            } => self.data(now, from, receiver, nonce, ciphertext, data.len(), rng, out),
             // Client-bound packets: a confused or hostile sender.
             Packet::Retry { .. }
             | Packet::Response { .. }
@@ -361,10 +392,10 @@ impl Links {
         out: &mut VecDeque<Transmit>,
     ) {
         let ephemeral = *noise;
-        if let Some(&h) = self.by_ephemeral.get(&ephemeral) {
+        if let Some(&h) = self.by_ephemeral.get(&(ephemeral, from)) {
             // Message 1 again (our answer was lost): the same answer.
             let h = &self.handshakes[h];
-            if h.addr == from && h.client == client {
+            if h.client == client {
                 out.push_back(Transmit {
                     to: from,
                     payload: h.response.clone(),
@@ -410,7 +441,7 @@ impl Links {
             ephemeral,
             response,
         });
-        self.by_ephemeral.insert(ephemeral, h);
+        self.by_ephemeral.insert((ephemeral, from), h);
         self.by_index.insert(local, Slot::Handshake(h));
         self.handshake_order.push_back((now, h, local));
     }
@@ -434,11 +465,10 @@ impl Links {
                 break;
             }
             self.unowned.pop_front();
-            let stale = self
-                .links
-                .get(id.0)
-                .is_some_and(|l| l.owner.is_none() && l.link.local_index() == local);
-            if stale {
+            if self
+                .get(id)
+                .is_some_and(|l| l.owner.is_none() && local == id.index)
+            {
                 self.remove(id);
             }
         }
@@ -449,7 +479,7 @@ impl Links {
     fn drop_handshake(&mut self, h: usize, local: u32) {
         if self.handshakes.get(h).is_some_and(|x| x.local == local) {
             let x = self.handshakes.remove(h);
-            self.by_ephemeral.remove(&x.ephemeral);
+            self.by_ephemeral.remove(&(x.ephemeral, x.addr));
             if self.by_index.get(&local) == Some(&Slot::Handshake(h)) {
                 self.by_index.remove(&local);
             }
@@ -471,42 +501,53 @@ impl Links {
                 if self.handshakes[h].addr != from {
                     return None;
                 }
-                let mut x = self.handshakes.remove(h);
-                self.by_ephemeral.remove(&x.ephemeral);
-                self.by_index.remove(&receiver);
+                // A forged message 3 leaves the handshake as it was (snow
+                // restores its state), so the real one still gets through.
                 let mut buf = [0u8; MAX_DATAGRAM];
-                let Ok(n) = x.hs.read_message(noise, &mut buf) else {
+                let Ok(n) = self.handshakes[h].hs.read_message(noise, &mut buf) else {
                     self.stats.malformed += 1;
                     return None;
                 };
+                let x = self.handshakes.remove(h);
+                self.by_ephemeral.remove(&(x.ephemeral, x.addr));
+                self.by_index.remove(&receiver);
                 let Ok(Message::Register { seq, name }) = wire::decode(&buf[..n]) else {
                     self.stats.malformed += 1;
                     return None;
                 };
+                // A small-order key can be "proved" without a private key.
+                if crypto::remote_static(&x.hs).is_none_or(|k| crypto::is_weak(&self.key, &k)) {
+                    self.stats.malformed += 1;
+                    return None;
+                }
                 let link = Link::new(x.hs, x.local, x.client)?;
-                let id = LinkId(self.links.insert(ServerLink {
+                let slot = self.links.insert(ServerLink {
                     link,
                     addr: from,
                     owner: None,
                     hello: (seq, name.clone()),
                     finish: datagram.to_vec(),
+                    data_seen: false,
                     path: None,
-                }));
-                self.by_index.insert(receiver, Slot::Link(id.0));
+                });
+                let id = self.id_of(slot);
+                self.by_index.insert(receiver, Slot::Link(slot));
                 self.unowned.push_back((now, id, receiver));
                 self.expire(now);
                 Some(Incoming::Message(id, Message::Register { seq, name }))
             }
             Some(Slot::Link(l)) => {
                 // The same message 3 again (our answer was lost): the same
-                // request again, which the reply cache answers.
+                // request again, which the reply cache answers. Once the
+                // client sent session data it had its answer: a copy now is
+                // a replay.
                 let link = &self.links[l];
-                if link.finish != datagram || link.addr != from {
+                if link.finish != datagram || link.addr != from || link.data_seen {
                     return None;
                 }
                 let (seq, name) = link.hello.clone();
                 Some(Incoming::Message(
-                    LinkId(l),
+                    self.id_of(l),
                     Message::Register { seq, name },
                 ))
             }
@@ -517,6 +558,7 @@ impl Links {
     #[allow(clippy::too_many_arguments)]
     fn data(
         &mut self,
+        now: Instant,
         from: SocketAddr,
         receiver: u32,
         nonce: u64,
@@ -532,6 +574,13 @@ impl Links {
             None => {
                 // Not ours (any more): the client learns it without anyone
                 // else being able to tell it so. Smaller than the datagram.
+                if now.saturating_duration_since(self.resets.0) >= Duration::from_secs(1) {
+                    self.resets = (now, 0);
+                }
+                if self.resets.1 >= RESETS_PER_SECOND {
+                    return None;
+                }
+                self.resets.1 += 1;
                 self.stats.resets += 1;
                 let token = self.secrets.reset_token(receiver);
                 let reset = Packet::Reset {
@@ -556,8 +605,13 @@ impl Links {
             self.stats.malformed += 1;
             return None;
         };
+        link.data_seen = true;
+        let id = LinkId {
+            slot: l,
+            index: receiver,
+        };
         if from == link.addr {
-            return Some(Incoming::Message(LinkId(l), msg));
+            return Some(Incoming::Message(id, msg));
         }
         // Authenticated, from a new address: the client may have moved (a
         // NAT rebinding), or someone replays its datagrams from elsewhere.
@@ -569,10 +623,10 @@ impl Links {
         {
             link.addr = from;
             link.path = None;
-            return Some(Incoming::Moved(LinkId(l), from));
+            return Some(Incoming::Moved(id, from));
         }
         self.challenge(l, from, len, rng, out);
-        Some(Incoming::Message(LinkId(l), msg))
+        Some(Incoming::Message(id, msg))
     }
 
     /// Sends (within the amplification limit) a path challenge to `addr`.

@@ -36,8 +36,9 @@ pub mod links;
 pub use links::{AMPLIFICATION, LinkId, LinkStats};
 use links::{Incoming, Links};
 
-/// Limits and seeds for a [`Server`].
-#[derive(Debug, Clone)]
+/// Limits and seeds for a [`Server`]. Its `Debug` shows neither the seed nor
+/// the key's secret half.
+#[derive(Clone)]
 pub struct ServerConfig {
     /// Seeds every handshake, session index, cookie secret and probe nonce.
     /// Use 32 bytes from the OS in production; a fixed seed makes a
@@ -62,6 +63,20 @@ pub struct ServerConfig {
     /// Most handshakes under way (and most sessions no registration has
     /// claimed yet); past it the oldest is forgotten.
     pub max_handshakes: usize,
+}
+
+impl std::fmt::Debug for ServerConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServerConfig")
+            .field("key", &self.key)
+            .field("max_clients", &self.max_clients)
+            .field("mailbox_messages", &self.mailbox_messages)
+            .field("mailbox_bytes", &self.mailbox_bytes)
+            .field("store_bytes", &self.store_bytes)
+            .field("presence_timeout", &self.presence_timeout)
+            .field("max_handshakes", &self.max_handshakes)
+            .finish_non_exhaustive()
+    }
 }
 
 impl ServerConfig {
@@ -107,6 +122,16 @@ pub enum ServerEvent {
     /// A stored message could not be decrypted (a damaged store, or a
     /// server key that changed) and was dropped.
     Undecryptable(Name, MailId),
+    /// A stored message claims a sender whose key did not seal it (a store
+    /// edited by hand, or a name released since): dropped.
+    Unverifiable {
+        /// The recipient.
+        to: Name,
+        /// The sender it claims.
+        from: Name,
+        /// The message.
+        mail: MailId,
+    },
     /// A recipient's mailbox was full, so it did not get a channel message.
     MailboxFull(Name),
 }
@@ -162,7 +187,8 @@ enum Waiter {
         seq: Seq,
         mail: Box<NewMail>,
     },
-    /// A registration that would take the probed client's name.
+    /// A registration that would take the probed client's name (by a
+    /// session of the key that owns it).
     Register { link: LinkId, seq: Seq },
 }
 
@@ -286,6 +312,27 @@ impl Server {
                 m.body = body;
             }
             server.next_mail = server.next_mail.max(m.mail.0 + 1);
+            // Sealed mail is delivered with the key it was stored with: it
+            // must be the key the sender's name is bound to, or a forgery
+            // written into the store would be vouched for.
+            if let Body::Sealed { key, .. } = &m.body {
+                let bound = server
+                    .table
+                    .lookup(&m.from)
+                    .map(|id| server.table.get(id).key);
+                if bound != Some(*key) {
+                    server.event(ServerEvent::Unverifiable {
+                        to: m.to.clone(),
+                        from: m.from.clone(),
+                        mail: m.mail,
+                    });
+                    server.store_ops.push_back(StoreOp::Delete {
+                        to: m.to.clone(),
+                        mail: m.mail,
+                    });
+                    continue;
+                }
+            }
             if server.content(&m).is_none() {
                 // Encrypted under a server key that is gone, or damaged:
                 // nobody can ever read it. Said once, then dropped.
@@ -534,11 +581,16 @@ impl Server {
             self.links.send(link, &msg, &mut self.transmits);
             return;
         }
-        let current = self.sessions[id.index() as usize].link == Some(link);
-        if current && self.cached(id, seq) {
+        // A session registers once: a registration on one that is already
+        // a client's (a retransmission, or a replay) gets the cached answer
+        // or nothing. A new registration is a new handshake.
+        if self.links.get(link).is_some_and(|l| l.owner.is_some()) {
+            if self.sessions[id.index() as usize].link == Some(link) {
+                self.cached(id, seq);
+            }
             return;
         }
-        if current || !online || same_addr {
+        if !online || same_addr {
             self.accept(now, id, link, seq);
             return;
         }
@@ -931,6 +983,12 @@ impl Server {
             return;
         };
         let entry = self.table.get(id);
+        // Checked by every caller; checked again here, where it matters: a
+        // name is never given to another key.
+        if !entry.key.is_none() && entry.key != key {
+            self.stats.ignored += 1;
+            return;
+        }
         let changed = !(entry.online && entry.addr == addr && entry.key == key);
         let name = entry.name.clone();
         let session = &mut self.sessions[id.index() as usize];
