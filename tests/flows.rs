@@ -652,3 +652,99 @@ fn a_chat_is_shown_only_as_from_the_key_that_sent_it() {
     s.command(0, "send Bob the real one");
     assert_eq!(s.lines_since(1, a), [">>> Alice: the real one"]);
 }
+
+/// A NAT rebinding: Alice's datagrams suddenly come from another port. Her
+/// session and name stay; the server challenges the new address, moves her
+/// there once it answers from it, and everyone's table follows.
+#[test]
+fn an_address_change_keeps_the_session_once_the_new_address_is_validated() {
+    let mut s = three();
+    let (b, c) = (s.nodes[1].lines.len(), s.nodes[2].lines.len());
+    s.nodes[0].addr = addr(2500);
+    let a = s.nodes[0].lines.len();
+    s.command(0, "send_all from my new port");
+    // The first answer went to the old address; the retry's reached her,
+    // after the table change (her own row moved) did.
+    assert_eq!(
+        s.lines_since(0, a),
+        [UPDATED, ">>> [Message received by Server.]"]
+    );
+    assert_eq!(
+        s.count(|p| p.to == addr(2500) && p.is(What::PathChallenge)),
+        1
+    );
+    let alice = s.server.table().lookup(&name("Alice")).unwrap();
+    assert_eq!(s.server.table().get(alice).addr, addr(2500));
+    assert!(s.server.table().get(alice).online);
+    assert_eq!(
+        s.lines_since(1, b),
+        [">>> [Channel_Message Alice: from my new port]", UPDATED]
+    );
+    assert_eq!(s.lines_since(2, c)[1], UPDATED);
+    for i in [1, 2] {
+        let row = s.nodes[i]
+            .client
+            .table()
+            .get(&name("Alice"))
+            .unwrap()
+            .clone();
+        assert_eq!(row.addr, addr(2500), "client {i}'s table");
+    }
+    // The registry too: a restarted server still knows where she was.
+    let stored = udpchat::store::Store::load(&mut s.store).unwrap();
+    assert!(
+        stored
+            .clients
+            .iter()
+            .any(|c| c.name == name("Alice") && c.addr == addr(2500))
+    );
+    // And direct messages find her there.
+    let a = s.nodes[0].lines.len();
+    s.command(1, "send Alice welcome to 2500");
+    assert_eq!(s.lines_since(0, a), [">>> Bob: welcome to 2500"]);
+}
+
+/// Someone re-sends one of Alice's datagrams from an address of its own
+/// before the original arrives: it is served (it is Alice's own request),
+/// but the answer goes to Alice's address, the stranger gets only a small
+/// challenge it cannot answer, and nothing moves.
+#[test]
+fn a_datagram_copied_to_another_address_moves_nothing() {
+    let mut s = three();
+    let to_server = |p: &sim::Packet| p.from == addr(2000) && p.is(What::ChannelSend);
+    s.drop_rules.push(drop_first(1, to_server));
+    s.line(0, "send_all through a thief");
+    let copied = s
+        .log
+        .iter()
+        .rev()
+        .find(|p| p.from == addr(2000) && p.is(What::ChannelSend))
+        .unwrap()
+        .payload
+        .clone();
+    let thief = addr(6666);
+    let server = s.server_addr;
+    s.inject(thief, server, copied.clone());
+    s.settle();
+    let alice = s.server.table().lookup(&name("Alice")).unwrap();
+    assert_eq!(s.server.table().get(alice).addr, addr(2000));
+    let to_thief: usize = s
+        .log
+        .iter()
+        .filter(|p| p.to == thief)
+        .map(|p| p.payload.len())
+        .sum();
+    assert!(
+        to_thief <= 3 * copied.len(),
+        "{to_thief} bytes to the thief for {}",
+        copied.len()
+    );
+    assert!(s.lines(0).contains(&">>> [Message received by Server.]"));
+    assert_eq!(
+        s.lines(1)
+            .iter()
+            .filter(|l| l.contains("through a thief"))
+            .count(),
+        1
+    );
+}
