@@ -12,6 +12,15 @@
 //! The `udpchat` binary drives them with a thin `mio` loop; you can drive
 //! them from your own loop the same way.
 //!
+//! Every datagram travels in a Noise session ([`crypto`], on the `snow`
+//! crate): `XX` between a client and the server, whose key the client pins;
+//! `IK` between two clients, keyed by the table's keys. A name belongs to
+//! the first key that registered it; mail for an offline client is sealed by
+//! its sender to its key (Noise `K`), so the server stores what it cannot
+//! read. The datagram layer is [`packet`], the messages inside sessions are
+//! [`wire`]. Keys come in the configs ([`crypto::Keypair`]); every random
+//! choice comes from the config's seed, so a run replays exactly.
+//!
 //! # Driving a client from your own loop
 //!
 //! ```no_run

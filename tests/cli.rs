@@ -181,3 +181,34 @@ fn name_of_32_bytes_is_accepted() {
     client.expect_lines(&[WELCOME, TABLE]);
     client.finish();
 }
+
+#[test]
+fn key_and_release_flags_are_checked() {
+    assert_usage_error(&["-s", "5000", "--key", "k"], &["--key"]);
+    assert_usage_error(
+        &["-c", "Alice", "127.0.0.1", "5000", "6000", "--key", ""],
+        &["--key"],
+    );
+    assert_usage_error(&["--release", "Alice", "-s", "5000"], &["--release"]);
+    assert_usage_error(&["--release", "two words"], &["name"]);
+    assert_usage_error(&["--release", "Alice", "extra"], &["extra"]);
+    assert_usage_error(&["-s", "5000", "--data-dir", ""], &["--data-dir"]);
+}
+
+#[test]
+fn release_without_a_database_is_a_clear_error() {
+    let dir = scratch_dir();
+    let out = run_in(
+        dir.path(),
+        &["--release", "Alice", "--data-dir", "nothing-here"],
+    );
+    assert_eq!(out.status.code(), Some(1), "{:?}", out.stderr);
+    assert_eq!(out.stderr.len(), 1, "{:?}", out.stderr);
+    assert!(
+        out.stderr[0].starts_with("error: data dir nothing-here:"),
+        "{:?}",
+        out.stderr
+    );
+    // Nothing was created.
+    assert!(!dir.path().join("nothing-here").exists());
+}
