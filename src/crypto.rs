@@ -331,8 +331,8 @@ impl ReplayWindow {
 pub struct Link {
     transport: StatelessTransportState,
     remote: PublicKey,
-    local: u32,
-    remote_index: u32,
+    local: u64,
+    remote_index: u64,
     next_nonce: u64,
     replay: ReplayWindow,
 }
@@ -351,7 +351,7 @@ impl fmt::Debug for Link {
 impl Link {
     /// The session of a finished handshake; `None` if it is not finished or
     /// learned no remote key.
-    pub fn new(hs: HandshakeState, local: u32, remote_index: u32) -> Option<Link> {
+    pub fn new(hs: HandshakeState, local: u64, remote_index: u64) -> Option<Link> {
         let remote = remote_static(&hs)?;
         let transport = hs.into_stateless_transport_mode().ok()?;
         Some(Link {
@@ -370,12 +370,12 @@ impl Link {
     }
 
     /// Our index: the peer puts it in every datagram to us.
-    pub fn local_index(&self) -> u32 {
+    pub fn local_index(&self) -> u64 {
         self.local
     }
 
     /// The peer's index: we put it in every datagram to the peer.
-    pub fn remote_index(&self) -> u32 {
+    pub fn remote_index(&self) -> u64 {
         self.remote_index
     }
 
@@ -390,8 +390,9 @@ impl Link {
         let mut out = vec![0; DATA_HEADER + plaintext.len() + TAG_LEN];
         out[0] = packet::VERSION;
         out[1] = packet::kind::DATA;
-        out[2..6].copy_from_slice(&self.remote_index.to_le_bytes());
-        out[6..14].copy_from_slice(&nonce.to_le_bytes());
+        let at = 2 + packet::INDEX_LEN;
+        out[2..at].copy_from_slice(&self.remote_index.to_le_bytes());
+        out[at..DATA_HEADER].copy_from_slice(&nonce.to_le_bytes());
         let n = self
             .transport
             .write_message(nonce, plaintext, &mut out[DATA_HEADER..])
@@ -540,7 +541,7 @@ impl ServerSecrets {
     /// from this server (QUIC's stateless reset): the client learns it
     /// inside the session, and the server can compute it again after a
     /// restart.
-    pub fn reset_token(&self, index: u32) -> [u8; TOKEN_LEN] {
+    pub fn reset_token(&self, index: u64) -> [u8; TOKEN_LEN] {
         let mut data = b"reset".to_vec();
         data.extend_from_slice(&index.to_le_bytes());
         let mac = hmac(&self.reset, &data);
@@ -681,7 +682,7 @@ mod tests {
         (Link::new(c, 10, 20).unwrap(), Link::new(s, 20, 10).unwrap())
     }
 
-    fn data(datagram: &[u8]) -> (u32, u64, Vec<u8>) {
+    fn data(datagram: &[u8]) -> (u64, u64, Vec<u8>) {
         match parse(datagram) {
             Ok(Datagram::Packet(Packet::Data {
                 receiver,

@@ -372,7 +372,7 @@ impl World {
         let from = self.pick_source(r.byte());
         let to = self.target();
         // An index seen on the wire, or a guess.
-        let seen: Vec<u32> = self
+        let seen: Vec<u64> = self
             .recorded
             .iter()
             .filter_map(|f| match packet::parse(&f.payload) {
@@ -388,7 +388,7 @@ impl World {
             .collect();
         let pick = r.byte() as usize;
         let index = if seen.is_empty() || pick.is_multiple_of(4) {
-            r.u32()
+            u64::from(r.u32())
         } else {
             seen[pick % seen.len()]
         };
@@ -831,6 +831,7 @@ pub fn sample_messages() -> Vec<(&'static str, Message)> {
                 from: name("Bob"),
                 content: Content::Relayed {
                     channel: true,
+                    verified: true,
                     id: MsgId(23),
                     text: text("to all"),
                 },

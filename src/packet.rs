@@ -33,12 +33,15 @@ pub const TAG_LEN: usize = 16;
 pub const COOKIE_LEN: usize = 20;
 /// A stateless reset token.
 pub const TOKEN_LEN: usize = 16;
+/// Bytes of a session index: 64 bits, so that no one can collect, in
+/// advance, the reset tokens of the indexes a server may hand out.
+pub const INDEX_LEN: usize = 8;
 /// Header of a `Data` datagram: version, type, receiver index, nonce.
-pub const DATA_HEADER: usize = 1 + 1 + 4 + 8;
+pub const DATA_HEADER: usize = 1 + 1 + INDEX_LEN + 8;
 /// Most plaintext one `Data` datagram carries.
 pub const MAX_PLAINTEXT: usize = MAX_DATAGRAM - DATA_HEADER - TAG_LEN;
 /// Header of a `Finish` datagram: version, type, receiver index.
-pub const FINISH_HEADER: usize = 1 + 1 + 4;
+pub const FINISH_HEADER: usize = 1 + 1 + INDEX_LEN;
 /// Most plaintext the third client–server handshake message carries
 /// (after its encrypted static key and its tag).
 pub const MAX_FINISH_PAYLOAD: usize = MAX_DATAGRAM - FINISH_HEADER - XX3_LEN;
@@ -74,7 +77,7 @@ pub enum Packet<'a> {
     /// once the client has one. `sender` is the client's session index.
     Initial {
         /// The client's index for this session.
-        sender: u32,
+        sender: u64,
         /// The cookie proving the client receives at its address.
         cookie: Option<&'a [u8; COOKIE_LEN]>,
         /// XX message 1.
@@ -84,23 +87,23 @@ pub enum Packet<'a> {
     /// this cookie. Stateless on the server.
     Retry {
         /// The client's index, echoed.
-        receiver: u32,
+        receiver: u64,
         /// The cookie.
         cookie: &'a [u8; COOKIE_LEN],
     },
     /// Server → client: XX message 2.
     Response {
         /// The client's index.
-        receiver: u32,
+        receiver: u64,
         /// The server's index for this session.
-        sender: u32,
+        sender: u64,
         /// XX message 2.
         noise: &'a [u8; XX2_LEN],
     },
     /// Client → server: XX message 3, whose payload is the first request.
     Finish {
         /// The server's index.
-        receiver: u32,
+        receiver: u64,
         /// XX message 3.
         noise: &'a [u8],
     },
@@ -108,7 +111,7 @@ pub enum Packet<'a> {
     /// session's keys with an explicit nonce (UDP reorders and loses).
     Data {
         /// The receiving side's index.
-        receiver: u32,
+        receiver: u64,
         /// The nonce: the sender's counter, checked against a replay window.
         nonce: u64,
         /// Ciphertext and tag.
@@ -117,16 +120,16 @@ pub enum Packet<'a> {
     /// Client → client: IK message 1.
     PeerInit {
         /// The initiator's index.
-        sender: u32,
+        sender: u64,
         /// IK message 1.
         noise: &'a [u8; IK1_LEN],
     },
     /// Client → client: IK message 2.
     PeerResponse {
         /// The initiator's index.
-        receiver: u32,
+        receiver: u64,
         /// The responder's index.
-        sender: u32,
+        sender: u64,
         /// IK message 2.
         noise: &'a [u8; IK2_LEN],
     },
@@ -134,7 +137,7 @@ pub enum Packet<'a> {
     /// restarted), proved by a token the client got inside the session.
     Reset {
         /// The index the server no longer knows.
-        receiver: u32,
+        receiver: u64,
         /// The token.
         token: &'a [u8; TOKEN_LEN],
     },
@@ -177,10 +180,6 @@ impl fmt::Display for PacketError {
 
 impl std::error::Error for PacketError {}
 
-fn u32_at(b: &[u8], at: usize) -> Option<u32> {
-    Some(u32::from_le_bytes(b.get(at..at + 4)?.try_into().ok()?))
-}
-
 fn u64_at(b: &[u8], at: usize) -> Option<u64> {
     Some(u64::from_le_bytes(b.get(at..at + 8)?.try_into().ok()?))
 }
@@ -211,32 +210,37 @@ pub fn parse(data: &[u8]) -> Result<Datagram<'_>, PacketError> {
         other => return Ok(Datagram::OtherVersion(other)),
     }
     let &ty = data.get(1).ok_or(PacketError::Length)?;
-    let idx = |at| u32_at(data, at).ok_or(PacketError::Length);
+    let idx = |at| u64_at(data, at).ok_or(PacketError::Length);
+    // Offsets: version and type, then one or two indexes.
+    const I1: usize = 2;
+    const I2: usize = I1 + INDEX_LEN;
+    const AFTER1: usize = I2;
+    const AFTER2: usize = I2 + INDEX_LEN;
     let packet = match ty {
         kind::INITIAL => {
-            let sender = idx(2)?;
-            match data.get(6) {
+            let sender = idx(I1)?;
+            match data.get(AFTER1) {
                 Some(0) => Packet::Initial {
                     sender,
                     cookie: None,
-                    noise: exact(data, 7)?,
+                    noise: exact(data, AFTER1 + 1)?,
                 },
                 Some(1) => Packet::Initial {
                     sender,
-                    cookie: Some(fixed(data, 7)?),
-                    noise: exact(data, 7 + COOKIE_LEN)?,
+                    cookie: Some(fixed(data, AFTER1 + 1)?),
+                    noise: exact(data, AFTER1 + 1 + COOKIE_LEN)?,
                 },
                 _ => return Err(PacketError::Length),
             }
         }
         kind::RETRY => Packet::Retry {
-            receiver: idx(2)?,
-            cookie: exact(data, 6)?,
+            receiver: idx(I1)?,
+            cookie: exact(data, AFTER1)?,
         },
         kind::RESPONSE => Packet::Response {
-            receiver: idx(2)?,
-            sender: idx(6)?,
-            noise: exact(data, 10)?,
+            receiver: idx(I1)?,
+            sender: idx(I2)?,
+            noise: exact(data, AFTER2)?,
         },
         kind::FINISH => {
             let noise = data.get(FINISH_HEADER..).ok_or(PacketError::Length)?;
@@ -244,7 +248,7 @@ pub fn parse(data: &[u8]) -> Result<Datagram<'_>, PacketError> {
                 return Err(PacketError::Length);
             }
             Packet::Finish {
-                receiver: idx(2)?,
+                receiver: idx(I1)?,
                 noise,
             }
         }
@@ -255,23 +259,23 @@ pub fn parse(data: &[u8]) -> Result<Datagram<'_>, PacketError> {
                 return Err(PacketError::Length);
             }
             Packet::Data {
-                receiver: idx(2)?,
-                nonce: u64_at(data, 6).ok_or(PacketError::Length)?,
+                receiver: idx(I1)?,
+                nonce: u64_at(data, AFTER1).ok_or(PacketError::Length)?,
                 ciphertext,
             }
         }
         kind::PEER_INIT => Packet::PeerInit {
-            sender: idx(2)?,
-            noise: exact(data, 6)?,
+            sender: idx(I1)?,
+            noise: exact(data, AFTER1)?,
         },
         kind::PEER_RESPONSE => Packet::PeerResponse {
-            receiver: idx(2)?,
-            sender: idx(6)?,
-            noise: exact(data, 10)?,
+            receiver: idx(I1)?,
+            sender: idx(I2)?,
+            noise: exact(data, AFTER2)?,
         },
         kind::RESET => Packet::Reset {
-            receiver: idx(2)?,
-            token: exact(data, 6)?,
+            receiver: idx(I1)?,
+            token: exact(data, AFTER1)?,
         },
         other => return Err(PacketError::UnknownType(other)),
     };
@@ -356,15 +360,16 @@ impl Packet<'_> {
 
     /// The encoded length.
     pub fn len(&self) -> usize {
+        const I: usize = INDEX_LEN;
         2 + match self {
-            Packet::Initial { cookie, .. } => 4 + 1 + cookie.map_or(0, |c| c.len()) + XX1_LEN,
-            Packet::Retry { .. } => 4 + COOKIE_LEN,
-            Packet::Response { .. } => 8 + XX2_LEN,
-            Packet::Finish { noise, .. } => 4 + noise.len(),
-            Packet::Data { ciphertext, .. } => 12 + ciphertext.len(),
-            Packet::PeerInit { .. } => 4 + IK1_LEN,
-            Packet::PeerResponse { .. } => 8 + IK2_LEN,
-            Packet::Reset { .. } => 4 + TOKEN_LEN,
+            Packet::Initial { cookie, .. } => I + 1 + cookie.map_or(0, |c| c.len()) + XX1_LEN,
+            Packet::Retry { .. } => I + COOKIE_LEN,
+            Packet::Response { .. } => 2 * I + XX2_LEN,
+            Packet::Finish { noise, .. } => I + noise.len(),
+            Packet::Data { ciphertext, .. } => I + 8 + ciphertext.len(),
+            Packet::PeerInit { .. } => I + IK1_LEN,
+            Packet::PeerResponse { .. } => 2 * I + IK2_LEN,
+            Packet::Reset { .. } => I + TOKEN_LEN,
         }
     }
 
@@ -383,11 +388,11 @@ pub fn negotiation() -> [u8; 2] {
 // Every stateless answer is smaller than what provokes it, and the XX
 // response is within 3× of the cookie-carrying initial (it only ever goes to
 // an address that proved it receives, but the bound costs nothing).
-const INITIAL_MIN: usize = 2 + 4 + 1 + XX1_LEN;
-const _: () = assert!(2 + 4 + COOKIE_LEN <= 3 * INITIAL_MIN);
-const _: () = assert!(2 + 8 + XX2_LEN <= 3 * (INITIAL_MIN + COOKIE_LEN));
-const _: () = assert!(2 + 4 + TOKEN_LEN <= DATA_HEADER + TAG_LEN + 1);
-const _: () = assert!(2 + 8 + IK2_LEN <= 2 + 4 + IK1_LEN);
+const INITIAL_MIN: usize = 2 + INDEX_LEN + 1 + XX1_LEN;
+const _: () = assert!(2 + INDEX_LEN + COOKIE_LEN <= INITIAL_MIN);
+const _: () = assert!(2 + 2 * INDEX_LEN + XX2_LEN <= 3 * (INITIAL_MIN + COOKIE_LEN));
+const _: () = assert!(2 + INDEX_LEN + TOKEN_LEN <= DATA_HEADER + TAG_LEN + 1);
+const _: () = assert!(2 + 2 * INDEX_LEN + IK2_LEN <= 2 + INDEX_LEN + IK1_LEN);
 
 #[cfg(test)]
 mod tests {
@@ -409,7 +414,7 @@ mod tests {
                 noise: &xx1,
             },
             Packet::Initial {
-                sender: u32::MAX,
+                sender: u64::MAX,
                 cookie: Some(&cookie),
                 noise: &xx1,
             },

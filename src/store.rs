@@ -45,6 +45,10 @@ pub enum Body {
     /// A message the server encrypted with its storage key (a channel
     /// message): salt, then the encrypted [`crate::wire::MailBody`].
     AtRest(Vec<u8>),
+    /// Like `AtRest`, for a message a server of protocol version 1 stored
+    /// in clear: nothing ever proved its sender, so it is shown marked
+    /// "(unverified)".
+    Legacy(Vec<u8>),
     /// A message stored in clear by a server of protocol version 1. The
     /// server encrypts these at start ([`StoreOp::Rewrite`]).
     Clear(String),
@@ -55,7 +59,7 @@ impl Body {
     pub fn len(&self) -> usize {
         match self {
             Body::Sealed { sealed, .. } => sealed.len(),
-            Body::AtRest(b) => b.len(),
+            Body::AtRest(b) | Body::Legacy(b) => b.len(),
             Body::Clear(t) => t.len(),
         }
     }
@@ -88,7 +92,7 @@ impl StoredMail {
                 let plain = crypto::open_mail(recipient, &self.to, key, &self.from, sealed)?;
                 wire::decode_body(&plain)
             }
-            Body::AtRest(blob) => {
+            Body::AtRest(blob) | Body::Legacy(blob) => {
                 let ad = at_rest_ad(&self.to, &self.from, self.channel, self.id);
                 wire::decode_body(&server.open_at_rest(&ad, blob)?)
             }

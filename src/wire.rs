@@ -266,11 +266,14 @@ pub enum Content {
         sealed: Sealed,
     },
     /// A message the server relays as it is: a channel message (which the
-    /// server reads by design), or a direct message stored by a server of
-    /// protocol version 1.
+    /// server reads by design), or a message stored by a server of protocol
+    /// version 1.
     Relayed {
         /// A channel message.
         channel: bool,
+        /// False for a message of protocol version 1, whose sender nothing
+        /// proved. (A direct message relayed is never taken as verified.)
+        verified: bool,
         /// The sender's message id.
         id: MsgId,
         /// The message.
@@ -526,7 +529,7 @@ pub const MAX_ENCODED: usize = {
     let delta = 1 + VARINT64 + VARINT64 + ENTRIES_MAX;
     let deliver_head = 1 + VARINT64 + VARINT32 + 1 + VARINT32 + VARINT64 + NAME_MAX + 1;
     let sealed = deliver_head + KEY_MAX + SEALED_MAX;
-    let relayed = deliver_head + 1 + VARINT64 + TEXT_MAX;
+    let relayed = deliver_head + 1 + 1 + VARINT64 + TEXT_MAX;
     let save = 1 + VARINT32 + NAME_MAX + VARINT64 + SEALED_MAX;
     let chat = 1 + NAME_MAX + NAME_MAX + VARINT64 + TEXT_MAX;
     let mut max = page;
@@ -668,6 +671,7 @@ mod tests {
             }),
             deliver(Content::Relayed {
                 channel: true,
+                verified: true,
                 id,
                 text: longest_text(),
             }),

@@ -1000,7 +1000,7 @@ fn an_unproven_first_datagram_earns_little_and_changes_nothing() {
     let mut attacks = Vec::new();
     for round in 0..20u8 {
         let msg1 = xx_message_1(&mallory, [round; 32]);
-        let sender = u32::from(round);
+        let sender = u64::from(round);
         attacks.push(
             Packet::Initial {
                 sender,
@@ -1497,6 +1497,7 @@ fn fake_delivery(from: &str, t: &str) -> Message {
         from: name(from),
         content: Content::Relayed {
             channel: true,
+            verified: true,
             id: MsgId(77),
             text: text(t),
         },
@@ -1540,7 +1541,7 @@ fn forged_messages_show_nothing() {
     for _ in 0..20 {
         raw.push(
             Packet::Data {
-                receiver: rng.next_u32(),
+                receiver: rng.next_u64(),
                 nonce: rng.next_u64() % 64,
                 ciphertext: &clear,
             }
@@ -1552,7 +1553,7 @@ fn forged_messages_show_nothing() {
         rng.fill_bytes(&mut ct);
         raw.push(
             Packet::Data {
-                receiver: rng.next_u32(),
+                receiver: rng.next_u64(),
                 nonce: rng.next_u64(),
                 ciphertext: &ct,
             }
@@ -1564,7 +1565,7 @@ fn forged_messages_show_nothing() {
         rng.fill_bytes(&mut ik1);
         raw.push(
             Packet::PeerInit {
-                sender: rng.next_u32(),
+                sender: rng.next_u64(),
                 noise: &ik1,
             }
             .to_vec(),
@@ -1573,8 +1574,8 @@ fn forged_messages_show_nothing() {
         rng.fill_bytes(&mut ik2);
         raw.push(
             Packet::PeerResponse {
-                receiver: rng.next_u32(),
-                sender: rng.next_u32(),
+                receiver: rng.next_u64(),
+                sender: rng.next_u64(),
                 noise: &ik2,
             }
             .to_vec(),
@@ -1583,7 +1584,7 @@ fn forged_messages_show_nothing() {
         rng.fill_bytes(&mut token);
         raw.push(
             Packet::Reset {
-                receiver: rng.next_u32(),
+                receiver: rng.next_u64(),
                 token: &token,
             }
             .to_vec(),

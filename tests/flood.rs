@@ -101,7 +101,7 @@ fn kernel_drops(port: u16) -> u64 {
 /// framing is right, the cryptography is not (the flood has no keys).
 /// Protocol-version-1 messages too, as an old client would send.
 fn template(rng: &mut ChaCha8Rng) -> Vec<u8> {
-    let index = rng.next_u32();
+    let index = rng.next_u64();
     let mut bytes = vec![0u8; 16 + (rng.next_u32() % 1100) as usize];
     rng.fill_bytes(&mut bytes);
     let mut cookie = [0u8; packet::COOKIE_LEN];
@@ -129,7 +129,7 @@ fn template(rng: &mut ChaCha8Rng) -> Vec<u8> {
         },
         2 => Packet::Response {
             receiver: index,
-            sender: rng.next_u32(),
+            sender: rng.next_u64(),
             noise: &xx2,
         },
         3 => Packet::Finish {
@@ -147,7 +147,7 @@ fn template(rng: &mut ChaCha8Rng) -> Vec<u8> {
         },
         7 => Packet::PeerResponse {
             receiver: index,
-            sender: rng.next_u32(),
+            sender: rng.next_u64(),
             noise: &ik2,
         },
         _ => {

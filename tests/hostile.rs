@@ -95,7 +95,7 @@ fn server_survives_random_datagrams_from_random_hosts() {
                 hs.write_message(&[], &mut buf).unwrap();
                 let noise: [u8; packet::XX1_LEN] = buf[..packet::XX1_LEN].try_into().unwrap();
                 Packet::Initial {
-                    sender: rng.next() as u32,
+                    sender: rng.next(),
                     cookie: cookies.get(&from),
                     noise: &noise,
                 }

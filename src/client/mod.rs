@@ -134,8 +134,8 @@ pub enum Event {
         from: Name,
         /// Sent with `send_all`.
         channel: bool,
-        /// False only for a direct message stored by protocol version 1,
-        /// whose sender nothing proved (shown with "(unverified)").
+        /// False for a message stored by protocol version 1, whose sender
+        /// nothing proved (shown with "(unverified)").
         verified: bool,
         /// When the server stored it (Unix seconds).
         stored_at: i64,
@@ -221,11 +221,15 @@ impl Event {
             Event::Stored {
                 from,
                 channel: true,
+                verified,
                 stored_at,
                 text,
-                ..
             } => {
-                format!("Channel_Message {from}: {} {text}", local_time(*stored_at))
+                let unverified = if *verified { "" } else { " (unverified)" };
+                format!(
+                    "Channel_Message {from}: {} {text}{unverified}",
+                    local_time(*stored_at)
+                )
             }
             Event::Direct { from, text } => format!("{from}: {text}"),
             Event::ChannelAcked => "[Message received by Server.]".to_string(),
@@ -665,7 +669,7 @@ impl Client {
 
     /// XX message 2 from the server: check its key, then send message 3
     /// with the registration in it.
-    fn on_response(&mut self, receiver: u32, sender: u32, noise: &[u8; packet::XX2_LEN]) {
+    fn on_response(&mut self, receiver: u64, sender: u64, noise: &[u8; packet::XX2_LEN]) {
         let register = self.ops.iter().find_map(|(_, op)| match op.kind {
             Kind::Register { seq, .. } => Some(seq),
             _ => None,
@@ -995,7 +999,7 @@ impl Client {
         &mut self,
         now: Instant,
         key: PublicKey,
-        index: u32,
+        index: u64,
         from: SocketAddr,
         sender: Name,
         to: Name,
@@ -1289,11 +1293,15 @@ impl Client {
                 ));
             }
             (Kind::Register { joining, .. }, _) => {
+                self.session.end_join();
                 self.error("the server is full; try again later.".to_string());
                 if joining == Joining::First {
                     self.exit(1);
                 } else {
+                    // What waited for this registration ends here, said so:
+                    // a later `reg` must not send it unannounced.
                     self.presence = Presence::Offline;
+                    self.drop_parked("the server is full; the message was not saved.");
                 }
             }
             (Kind::Sync { .. }, _) => {
@@ -1499,10 +1507,15 @@ impl Client {
                     .map(|b| (b.id, b.text));
                 (false, true, body)
             }
-            // A channel message is the server's word by design; a direct one
-            // the server relays was stored by protocol version 1, which
-            // proved no sender: shown as unverified.
-            Content::Relayed { channel, id, text } => (channel, channel, Some((id, text))),
+            // A channel message is the server's word by design; one the
+            // server marks as stored by protocol version 1 proved no sender,
+            // and a direct one relayed never does: shown as unverified.
+            Content::Relayed {
+                channel,
+                verified,
+                id,
+                text,
+            } => (channel, channel && verified, Some((id, text))),
         };
         Delivery {
             mail,

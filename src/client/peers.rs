@@ -42,11 +42,11 @@ enum Slot {
 
 #[derive(Default)]
 struct Peer {
-    initiating: Option<u32>,
+    initiating: Option<u64>,
     /// The link to send on.
-    current: Option<u32>,
+    current: Option<u64>,
     /// Links that may still receive, oldest first.
-    older: Vec<u32>,
+    older: Vec<u64>,
     used: u64,
 }
 
@@ -66,14 +66,14 @@ pub(super) enum PeerInput {
     /// A message on the link `index` from `key`.
     Message {
         key: PublicKey,
-        index: u32,
+        index: u64,
         msg: Message,
     },
 }
 
 /// Every peer session of a client.
 pub(super) struct Peers {
-    slots: HashMap<u32, Slot>,
+    slots: HashMap<u64, Slot>,
     peers: HashMap<PublicKey, Peer>,
     clock: u64,
     max: usize,
@@ -90,13 +90,13 @@ impl Peers {
     }
 
     /// Whether `index` is one of ours.
-    pub fn owns(&self, index: u32) -> bool {
+    pub fn owns(&self, index: u64) -> bool {
         self.slots.contains_key(&index)
     }
 
-    fn fresh_index(&self, rng: &mut ChaCha12Rng, taken: impl Fn(u32) -> bool) -> u32 {
+    fn fresh_index(&self, rng: &mut ChaCha12Rng, taken: impl Fn(u64) -> bool) -> u64 {
         loop {
-            let i = rng.next_u32();
+            let i = rng.next_u64();
             if !self.slots.contains_key(&i) && !taken(i) {
                 return i;
             }
@@ -118,7 +118,7 @@ impl Peers {
         msg: &Message,
         fresh: bool,
         rng: &mut ChaCha12Rng,
-        taken: impl Fn(u32) -> bool,
+        taken: impl Fn(u64) -> bool,
     ) -> Vec<Transmit> {
         self.clock += 1;
         let clock = self.clock;
@@ -135,7 +135,7 @@ impl Peers {
                     what: msg.what(),
                 });
             }
-            if !fresh || peer.initiating.is_some() {
+            if !fresh {
                 return out;
             }
         }
@@ -184,7 +184,7 @@ impl Peers {
 
     /// Sends `msg` on exactly the link `index` (an ack goes back the way
     /// its message came).
-    pub fn reply(&mut self, index: u32, to: SocketAddr, msg: &Message) -> Option<Transmit> {
+    pub fn reply(&mut self, index: u64, to: SocketAddr, msg: &Message) -> Option<Transmit> {
         let Some(Slot::Link { link, .. }) = self.slots.get_mut(&index) else {
             return None;
         };
@@ -203,11 +203,11 @@ impl Peers {
         &mut self,
         local: &Keypair,
         from: SocketAddr,
-        sender: u32,
+        sender: u64,
         noise: &[u8; IK1_LEN],
         rng: &mut ChaCha12Rng,
         known: impl Fn(&PublicKey) -> bool,
-        taken: impl Fn(u32) -> bool,
+        taken: impl Fn(u64) -> bool,
     ) -> PeerInput {
         // The same message 1 again: the same answer.
         for slot in self.slots.values() {
@@ -277,7 +277,7 @@ impl Peers {
     }
 
     /// A peer's message 2, answering ours.
-    pub fn on_response(&mut self, receiver: u32, sender: u32, noise: &[u8; IK2_LEN]) -> PeerInput {
+    pub fn on_response(&mut self, receiver: u64, sender: u64, noise: &[u8; IK2_LEN]) -> PeerInput {
         let Some(Slot::Initiating { hs, .. }) = self.slots.get_mut(&receiver) else {
             return PeerInput::Nothing;
         };
@@ -313,7 +313,7 @@ impl Peers {
     }
 
     /// Session data from a peer.
-    pub fn on_data(&mut self, receiver: u32, nonce: u64, ciphertext: &[u8]) -> PeerInput {
+    pub fn on_data(&mut self, receiver: u64, nonce: u64, ciphertext: &[u8]) -> PeerInput {
         let Some(Slot::Link { key, link, .. }) = self.slots.get_mut(&receiver) else {
             return PeerInput::Nothing;
         };
@@ -341,7 +341,7 @@ impl Peers {
         }
     }
 
-    fn make_current(&mut self, key: PublicKey, index: u32) {
+    fn make_current(&mut self, key: PublicKey, index: u64) {
         self.clock += 1;
         let peer = self.peers.entry(key).or_default();
         peer.used = self.clock;

@@ -18,7 +18,7 @@ enum Join {
     /// Message 1 sent (with the cookie, once a `Retry` gave one).
     Initial {
         hs: Box<HandshakeState>,
-        local: u32,
+        local: u64,
         msg1: [u8; XX1_LEN],
         cookie: Option<[u8; COOKIE_LEN]>,
     },
@@ -95,7 +95,7 @@ impl ServerSession {
         msg1.copy_from_slice(&buf[..XX1_LEN]);
         self.join = Some(Join::Initial {
             hs: Box::new(hs),
-            local: rng.next_u32(),
+            local: rng.next_u64(),
             msg1,
             cookie: None,
         });
@@ -148,7 +148,7 @@ impl ServerSession {
     /// it was for our handshake (then message 1 goes again at once). A
     /// different cookie replaces ours: the server restarted (new secret)
     /// since it gave us the one we have.
-    pub fn on_retry(&mut self, receiver: u32, got: &[u8; COOKIE_LEN]) -> bool {
+    pub fn on_retry(&mut self, receiver: u64, got: &[u8; COOKIE_LEN]) -> bool {
         match &mut self.join {
             Some(Join::Initial { local, cookie, .. })
                 if *local == receiver && cookie.as_ref() != Some(got) =>
@@ -165,8 +165,8 @@ impl ServerSession {
     /// our handshake or does not authenticate.
     pub fn on_response(
         &mut self,
-        receiver: u32,
-        sender: u32,
+        receiver: u64,
+        sender: u64,
         noise: &[u8; XX2_LEN],
         first: &Message,
     ) -> Option<KeyCheck> {
@@ -217,7 +217,7 @@ impl ServerSession {
     }
 
     /// Whether `receiver` is our session's index.
-    pub fn owns(&self, receiver: u32) -> bool {
+    pub fn owns(&self, receiver: u64) -> bool {
         self.link
             .as_ref()
             .is_some_and(|l| l.local_index() == receiver)
@@ -241,7 +241,7 @@ impl ServerSession {
     }
 
     /// A stateless reset: true if it proves the server lost our session.
-    pub fn is_reset(&self, receiver: u32, token: &[u8; TOKEN_LEN]) -> bool {
+    pub fn is_reset(&self, receiver: u64, token: &[u8; TOKEN_LEN]) -> bool {
         match (&self.link, &self.reset) {
             (Some(link), Some(ours)) => link.remote_index() == receiver && same_secret(ours, token),
             _ => false,

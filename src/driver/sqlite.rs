@@ -28,8 +28,10 @@
 //!     msg_id     INTEGER NOT NULL,     -- the sender's u64 MsgId, bit-cast to i64
 //!     kind       INTEGER NOT NULL,     -- 1: sealed by the sender for the recipient
 //!                                      -- 2: encrypted at rest by the server (channel)
+//!                                      -- 3: like 2, stored in clear by schema 1 (shown
+//!                                      --    as unverified: no sender was proved)
 //!                                      -- 0: clear text from schema 1, until the
-//!                                      --    server's first commit encrypts it
+//!                                      --    server's first commit encrypts it (as 3)
 //!     body       BLOB NOT NULL,        -- the seal, or salt and ciphertext (or the text)
 //!     sender_key BLOB,                 -- kind 1: the sender's key (32 bytes)
 //!     UNIQUE (recipient, sender, msg_id)
@@ -129,6 +131,7 @@ const MIGRATIONS: &[&str] = &[
 const KIND_CLEAR: i64 = 0;
 const KIND_SEALED: i64 = 1;
 const KIND_AT_REST: i64 = 2;
+const KIND_LEGACY: i64 = 3;
 
 /// The schema version this build writes and understands.
 pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
@@ -386,7 +389,7 @@ impl Store for SqliteStore {
 fn body_columns(path: &Path, id: i64, body: &Body) -> io::Result<(i64, Vec<u8>, Option<Vec<u8>>)> {
     let ok = match body {
         Body::Sealed { sealed, .. } => (1..=MAX_SEALED).contains(&sealed.len()),
-        Body::AtRest(b) => (1..=MAX_SEALED).contains(&b.len()),
+        Body::AtRest(b) | Body::Legacy(b) => (1..=MAX_SEALED).contains(&b.len()),
         Body::Clear(t) => (1..=MAX_TEXT).contains(&t.len()),
     };
     if !ok {
@@ -398,6 +401,7 @@ fn body_columns(path: &Path, id: i64, body: &Body) -> io::Result<(i64, Vec<u8>, 
     Ok(match body {
         Body::Sealed { key, sealed } => (KIND_SEALED, sealed.clone(), Some(key.0.to_vec())),
         Body::AtRest(b) => (KIND_AT_REST, b.clone(), None),
+        Body::Legacy(b) => (KIND_LEGACY, b.clone(), None),
         Body::Clear(t) => (KIND_CLEAR, t.as_bytes().to_vec(), None),
     })
 }
@@ -472,7 +476,8 @@ fn mail_row(row: &Row<'_>) -> Result<StoredMail, String> {
             sealed: bytes,
         },
         KIND_AT_REST => Body::AtRest(bytes),
-        n => return Err(format!("kind is {n}, not 0, 1 or 2")),
+        KIND_LEGACY => Body::Legacy(bytes),
+        n => return Err(format!("kind is {n}, not 0, 1, 2 or 3")),
     };
     if body.is_empty() || body.len() > MAX_SEALED {
         return Err(format!(
@@ -1126,7 +1131,7 @@ mod tests {
             ),
             (
                 "UPDATE mail SET kind = 5",
-                "mail row 1: kind is 5, not 0, 1 or 2",
+                "mail row 1: kind is 5, not 0, 1, 2 or 3",
             ),
             (
                 "UPDATE mail SET sender_key = x'01'",

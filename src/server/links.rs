@@ -30,15 +30,13 @@ const COOKIE_PERIOD: Duration = Duration::from_secs(60);
 const HANDSHAKE_TTL: Duration = Duration::from_secs(10);
 /// A link on which no registration succeeded is dropped after this time.
 const UNOWNED_TTL: Duration = Duration::from_secs(30);
-/// Path challenges sent to one new address, at most.
-const PATH_TRIES: u8 = 3;
+/// A path challenge is sent again at most this often (each time a datagram
+/// comes from the new address, within the amplification budget), so a lost
+/// challenge never strands a client that moved.
+const PATH_RETRY: Duration = Duration::from_millis(250);
 /// No address that has not proved it receives gets more than this many
 /// times the bytes it sent (QUIC's anti-amplification limit).
 pub const AMPLIFICATION: usize = 3;
-/// Stateless resets sent per second at most: after a restart every client
-/// gets one soon enough (they retry), while collecting the tokens of all
-/// 2^32 indexes would take over a year.
-const RESETS_PER_SECOND: u32 = 128;
 
 /// Handle of an established session: its slot and its (random, unique)
 /// session index, so a handle kept after its session ended never reaches
@@ -46,7 +44,7 @@ const RESETS_PER_SECOND: u32 = 128;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct LinkId {
     slot: usize,
-    index: u32,
+    index: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -59,9 +57,9 @@ struct Handshake {
     hs: HandshakeState,
     addr: SocketAddr,
     /// The client's index for the session.
-    client: u32,
+    client: u64,
     /// Ours.
-    local: u32,
+    local: u64,
     /// The client's ephemeral key: a retransmitted message 1 is answered
     /// with the same message 2, not a new handshake.
     ephemeral: [u8; 32],
@@ -76,7 +74,7 @@ struct PathCheck {
     /// Bytes received from / sent to `addr` while it is unproven.
     received: usize,
     sent: usize,
-    tries: u8,
+    last: Option<Instant>,
 }
 
 /// An established session with a client.
@@ -127,17 +125,15 @@ pub struct Links {
     start: Instant,
     handshakes: Slab<Handshake>,
     /// Handshakes in the order they began (all live equally long).
-    handshake_order: VecDeque<(Instant, usize, u32)>,
+    handshake_order: VecDeque<(Instant, usize, u64)>,
     /// A client's ephemeral key and address → its handshake (an on-path
     /// copy from elsewhere is another handshake, not a claim on this one).
     by_ephemeral: HashMap<([u8; 32], SocketAddr), usize>,
     links: Slab<ServerLink>,
     /// Links that no registration claimed yet, oldest first.
-    unowned: VecDeque<(Instant, LinkId, u32)>,
-    by_index: HashMap<u32, Slot>,
+    unowned: VecDeque<(Instant, LinkId, u64)>,
+    by_index: HashMap<u64, Slot>,
     max_handshakes: usize,
-    /// Resets sent in the current second, and when it began.
-    resets: (Instant, u32),
     stats: LinkStats,
 }
 
@@ -162,7 +158,6 @@ impl Links {
             unowned: VecDeque::new(),
             by_index: HashMap::new(),
             max_handshakes,
-            resets: (now, 0),
             stats: LinkStats::default(),
         }
     }
@@ -372,9 +367,9 @@ impl Links {
     }
 
     /// A fresh session index, unused by any handshake or link.
-    fn fresh_index(&self, rng: &mut ChaCha12Rng) -> u32 {
+    fn fresh_index(&self, rng: &mut ChaCha12Rng) -> u64 {
         loop {
-            let i = rng.next_u32();
+            let i = rng.next_u64();
             if !self.by_index.contains_key(&i) {
                 return i;
             }
@@ -386,7 +381,7 @@ impl Links {
         &mut self,
         now: Instant,
         from: SocketAddr,
-        client: u32,
+        client: u64,
         noise: &[u8; packet::XX1_LEN],
         rng: &mut ChaCha12Rng,
         out: &mut VecDeque<Transmit>,
@@ -476,7 +471,7 @@ impl Links {
 
     /// Removes handshake `h` if it is still the one begun with index
     /// `local` (slab slots are reused).
-    fn drop_handshake(&mut self, h: usize, local: u32) {
+    fn drop_handshake(&mut self, h: usize, local: u64) {
         if self.handshakes.get(h).is_some_and(|x| x.local == local) {
             let x = self.handshakes.remove(h);
             self.by_ephemeral.remove(&(x.ephemeral, x.addr));
@@ -492,7 +487,7 @@ impl Links {
         &mut self,
         now: Instant,
         from: SocketAddr,
-        receiver: u32,
+        receiver: u64,
         noise: &[u8],
         datagram: &[u8],
     ) -> Option<Incoming> {
@@ -560,7 +555,7 @@ impl Links {
         &mut self,
         now: Instant,
         from: SocketAddr,
-        receiver: u32,
+        receiver: u64,
         nonce: u64,
         ciphertext: &[u8],
         len: usize,
@@ -573,14 +568,9 @@ impl Links {
             Some(Slot::Handshake(_)) => return None,
             None => {
                 // Not ours (any more): the client learns it without anyone
-                // else being able to tell it so. Smaller than the datagram.
-                if now.saturating_duration_since(self.resets.0) >= Duration::from_secs(1) {
-                    self.resets = (now, 0);
-                }
-                if self.resets.1 >= RESETS_PER_SECOND {
-                    return None;
-                }
-                self.resets.1 += 1;
+                // else being able to tell it so. Smaller than the datagram,
+                // and no one can collect tokens in advance: indexes are 64
+                // random bits.
                 self.stats.resets += 1;
                 let token = self.secrets.reset_token(receiver);
                 let reset = Packet::Reset {
@@ -625,13 +615,15 @@ impl Links {
             link.path = None;
             return Some(Incoming::Moved(id, from));
         }
-        self.challenge(l, from, len, rng, out);
+        self.challenge(now, l, from, len, rng, out);
         Some(Incoming::Message(id, msg))
     }
 
     /// Sends (within the amplification limit) a path challenge to `addr`.
+    #[allow(clippy::too_many_arguments)]
     fn challenge(
         &mut self,
+        now: Instant,
         l: usize,
         addr: SocketAddr,
         len: usize,
@@ -646,11 +638,14 @@ impl Links {
                 nonce: rng.next_u64(),
                 received: 0,
                 sent: 0,
-                tries: 0,
+                last: None,
             }),
         };
         path.received += len;
-        if path.tries >= PATH_TRIES {
+        if path
+            .last
+            .is_some_and(|t| now.saturating_duration_since(t) < PATH_RETRY)
+        {
             return;
         }
         let plain = wire::encode_to_vec(&Message::PathChallenge { nonce: path.nonce });
@@ -661,7 +656,7 @@ impl Links {
             return;
         }
         path.sent += payload.len();
-        path.tries += 1;
+        path.last = Some(now);
         out.push_back(Transmit {
             to: addr,
             payload,

@@ -554,6 +554,17 @@ impl Server {
         let (Some(key), Some(from)) = (self.links.remote(link), self.links.addr(link)) else {
             return;
         };
+        // A session registers once, one name: a registration on one that
+        // is already a client's (a retransmission, or a replay) gets the
+        // cached answer or nothing. A new registration is a new handshake.
+        if let Some(owner) = self.links.get(link).and_then(|l| l.owner) {
+            if self.table.lookup(&name) == Some(owner)
+                && self.sessions[owner.index() as usize].link == Some(link)
+            {
+                self.cached(owner, seq);
+            }
+            return;
+        }
         let Some(id) = self.table.lookup(&name) else {
             match self.table.insert(name.clone(), from, false, key) {
                 Ok(id) => {
@@ -579,15 +590,6 @@ impl Server {
             self.event(ServerEvent::Rejected(name, from, reason));
             let msg = Message::Rejected { seq, reason };
             self.links.send(link, &msg, &mut self.transmits);
-            return;
-        }
-        // A session registers once: a registration on one that is already
-        // a client's (a retransmission, or a replay) gets the cached answer
-        // or nothing. A new registration is a new handshake.
-        if self.links.get(link).is_some_and(|l| l.owner.is_some()) {
-            if self.sessions[id.index() as usize].link == Some(link) {
-                self.cached(id, seq);
-            }
             return;
         }
         if !online || same_addr {
@@ -1231,25 +1233,28 @@ impl Server {
                 key: *key,
                 sealed: wire::Sealed::from_slice(sealed).ok()?,
             }),
-            Body::AtRest(blob) => {
+            Body::AtRest(blob) | Body::Legacy(blob) => {
                 let ad = at_rest_ad(&m.to, &m.from, m.channel, m.id);
                 let plain = self.links.secrets().open_at_rest(&ad, blob)?;
                 let body = wire::decode_body(&plain)?;
                 Some(Content::Relayed {
                     channel: m.channel,
+                    verified: matches!(m.body, Body::AtRest(_)),
                     id: body.id,
                     text: body.text,
                 })
             }
             Body::Clear(text) => Some(Content::Relayed {
                 channel: m.channel,
+                verified: false,
                 id: m.id,
                 text: Text::new(text).ok()?,
             }),
         }
     }
 
-    /// A version-1 message stored in clear, encrypted at rest.
+    /// A version-1 message stored in clear, encrypted at rest (and marked:
+    /// it proves no sender).
     fn legacy_at_rest(&mut self, m: &StoredMail, text: &str) -> Body {
         let Ok(text) = Text::new(text) else {
             return m.body.clone();
@@ -1258,7 +1263,7 @@ impl Server {
         let mut salt = [0; AT_REST_SALT];
         self.rng.fill_bytes(&mut salt);
         let ad = at_rest_ad(&m.to, &m.from, m.channel, m.id);
-        Body::AtRest(self.links.secrets().seal_at_rest(salt, &ad, &body))
+        Body::Legacy(self.links.secrets().seal_at_rest(salt, &ad, &body))
     }
 
     fn cancel_deliveries(&mut self, id: ClientId) {

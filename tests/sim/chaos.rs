@@ -933,7 +933,7 @@ impl World {
     /// A well-formed datagram with guessed values: the attacker knows the
     /// protocol, not the keys.
     fn forge(&mut self) -> Vec<u8> {
-        let index = self.rng.next_u32();
+        let index = self.rng.next_u64();
         let mut junk = vec![0u8; 16 + self.rng.below(200) as usize];
         self.rng.fill_bytes(&mut junk);
         let mut seed = [0; 32];
