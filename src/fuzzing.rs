@@ -145,7 +145,6 @@ struct Node {
 }
 
 struct World {
-    start: Instant,
     now: Instant,
     at_server: bool,
     config: ServerConfig,
@@ -200,7 +199,6 @@ impl World {
             })
             .collect();
         let mut w = World {
-            start,
             now: start,
             at_server,
             config,
@@ -649,7 +647,6 @@ impl World {
                 assert!(!matches!(m.body, Body::Clear(_)), "mail kept in clear");
             }
         }
-        let _ = self.start;
     }
 
     /// After a commit the store holds exactly the server's mailboxes.
