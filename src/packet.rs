@@ -466,6 +466,20 @@ mod tests {
     }
 
     #[test]
+    fn the_stateless_answers_have_the_sizes_the_readme_gives() {
+        let retry = Packet::Retry {
+            receiver: 1,
+            cookie: &[0; COOKIE_LEN],
+        };
+        let reset = Packet::Reset {
+            receiver: 1,
+            token: &[0; TOKEN_LEN],
+        };
+        assert_eq!((retry.len(), reset.len()), (30, 26));
+        assert_eq!(negotiation().len(), 2);
+    }
+
+    #[test]
     fn a_byte_more_or_less_is_rejected() {
         for bytes in samples() {
             let is_variable = matches!(bytes[1], kind::FINISH | kind::DATA);
