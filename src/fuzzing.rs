@@ -117,7 +117,9 @@ mod step {
     pub const LINE: u8 = 10;
     pub const RESTART: u8 = 11;
     pub const FORGE: u8 = 12;
-    pub const COUNT: u8 = 13;
+    /// The store refuses the batch (full or locked).
+    pub const FAIL_COMMIT: u8 = 13;
+    pub const COUNT: u8 = 14;
 }
 
 /// Drives a server, Alice and Bob through a script; injected and forged
@@ -305,6 +307,14 @@ impl World {
                     self.timeouts();
                 }
                 step::COMMIT => self.commit(),
+                step::FAIL_COMMIT => {
+                    let failure = if r.byte().is_multiple_of(2) {
+                        crate::StoreFailure::Full
+                    } else {
+                        crate::StoreFailure::Busy
+                    };
+                    self.fail_commit(failure);
+                }
                 step::LINE => {
                     let who = r.byte() as usize % self.nodes.len();
                     let line = self.command(who, r.byte(), r.byte());
@@ -629,6 +639,19 @@ impl World {
             self.store.commit(&ops).expect("memory store");
             self.server.handle_committed();
             self.check_store();
+        }
+        self.drain_server();
+    }
+
+    /// The store takes nothing of what is uncommitted.
+    fn fail_commit(&mut self, failure: crate::StoreFailure) {
+        while let Some(op) = self.server.poll_store() {
+            self.uncommitted.push(op);
+        }
+        if !self.uncommitted.is_empty() {
+            self.uncommitted.clear();
+            let now = self.now;
+            self.server.handle_commit_failed(now, failure);
         }
         self.drain_server();
     }
@@ -975,8 +998,26 @@ pub fn seeds() -> Vec<(&'static str, String, Vec<u8>)> {
         .step(step::FORGE, &[0, 3, 9, 9, 9, 9, 4, 9])
         .step(step::RAW, &[0, 4, 1, 0, 7, 7])
         .settle(2);
+    // A save and a channel message whose commits fail, then a save that is
+    // kept and read.
+    let mut fails = Script(join.0.clone())
+        .step(step::LINE, &[1, 4, 0])
+        .settle(3);
+    for (line, failure) in [([0, 0, 0], 0), ([0, 3, 1], 1)] {
+        fails = fails.step(step::LINE, &line);
+        for _ in 0..12 {
+            fails = fails.step(step::DELIVER, &[]);
+        }
+        fails = fails.step(step::FAIL_COMMIT, &[failure]).settle(3);
+    }
+    let fails = fails
+        .step(step::LINE, &[0, 0, 0])
+        .settle(3)
+        .step(step::LINE, &[1, 5, 0])
+        .settle(4);
     for target in ["server", "client"] {
         for (name, s) in [
+            ("store-fails", &fails),
             ("join", &join),
             ("chat", &chat),
             ("mail", &mail),

@@ -226,6 +226,12 @@ pub enum Refusal {
     UnknownSession,
     /// The server is at a bound (pending requests, clients) and refused.
     Busy,
+    /// The server's store could not take the message (its disk is full):
+    /// not saved.
+    StoreFull,
+    /// The server's database is locked by another process: not saved, send
+    /// it again.
+    StoreBusy,
 }
 
 /// Why a registration was refused.

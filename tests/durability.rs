@@ -522,3 +522,186 @@ fn a_data_dir_that_is_a_file_is_refused() {
         b"not a directory\n"
     );
 }
+
+// ---------------------------------------------------------------------------
+// A store that cannot take a write: a full disk, a lock someone else holds,
+// a second server.
+
+const STORE_FULL: &str = ">>> [Error: the server's store is full; not saved.]";
+const STORE_BUSY: &str = ">>> [Error: the server's store is busy (locked by another process); not saved — send it again.]";
+
+/// A tmpfs of `size` mounted at `path` (as root), unmounted on drop.
+struct Tmpfs(std::path::PathBuf);
+
+impl Tmpfs {
+    /// `None` when not root: mounting is not ours to do then.
+    fn mount(path: &Path, size: &str) -> Option<Tmpfs> {
+        // SAFETY: geteuid has no preconditions and cannot fail.
+        if unsafe { libc::geteuid() } != 0 {
+            eprintln!("skipped: mounting a small tmpfs needs root");
+            return None;
+        }
+        std::fs::create_dir_all(path).expect("create mount point");
+        let status = std::process::Command::new("mount")
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={size},mode=0700"),
+                "tmpfs",
+            ])
+            .arg(path)
+            .status()
+            .expect("run mount");
+        assert!(
+            status.success(),
+            "mount tmpfs at {}: {status}",
+            path.display()
+        );
+        Some(Tmpfs(path.to_owned()))
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        // Lazy: a server still holding files there must not keep it.
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+/// Writes `path` until the file system has no byte left.
+fn fill(path: &Path) {
+    use std::io::Write;
+    let mut file = std::fs::File::create(path).expect("create filler");
+    let mut chunk = 64 * 1024;
+    while chunk > 0 {
+        match file.write(&vec![0x55; chunk]) {
+            Ok(0) => chunk /= 2,
+            Ok(_) => {}
+            Err(e) if e.raw_os_error() == Some(libc::ENOSPC) => chunk /= 2,
+            Err(e) => panic!("fill {}: {e}", path.display()),
+        }
+    }
+    file.sync_all().expect("sync filler");
+}
+
+#[test]
+fn a_full_disk_refuses_the_message_clearly_and_the_server_serves_on() {
+    let scratch = scratch_dir();
+    let data = scratch.path().join("data");
+    let Some(_disk) = Tmpfs::mount(&data, "2m") else {
+        return;
+    };
+    let data_arg = data.to_str().expect("temp paths are UTF-8");
+    let mut server = Server::start_with(&["--data-dir", data_arg]);
+    let [mut alice, mut bob, mut carol] = Client::join_all(&server, ["Alice", "Bob", "Carol"]);
+    dereg(&mut bob, &mut [&mut alice, &mut carol]);
+
+    let filler = data.join("filler");
+    fill(&filler);
+    alice.send("send Bob lost to a full disk");
+    alice.expect_lines(&[">>> [Bob is offline, message sent to server.]", STORE_FULL]);
+    alice.send("send_all also lost");
+    alice.expect(STORE_FULL);
+    server.expect_stdout("disk is full; they are refused until it can");
+    // Everything that needs no new row on disk goes on: direct chat, and a
+    // newcomer is welcomed (its row is written once there is room).
+    chat(&mut alice, &mut carol, "still here?");
+    chat(&mut carol, &mut alice, "yes");
+    let mut dave = Client::start("Dave", server.port());
+    dave.expect_lines(&[common::WELCOME, TABLE]);
+    alice.expect(TABLE);
+    carol.expect(TABLE);
+    assert!(server.running());
+
+    std::fs::remove_file(&filler).expect("remove filler");
+    send_to_offline(&mut alice, "Bob", "kept");
+    server.expect_stdout("the store takes writes again");
+    // Bob gets the saved message, and nothing of what was refused.
+    bob.send("reg Bob");
+    bob.expect_lines(&[MAIL, ">>> Alice: <ts> kept", TABLE]);
+    for c in [&mut alice, &mut carol, &mut dave] {
+        c.expect(TABLE);
+    }
+    bob.expect_quiet(QUIET);
+
+    // Dave's row, welcomed while the disk was full, reached it since.
+    let db = rusqlite::Connection::open(data.join("udpchat.db")).expect("open the database");
+    let rows: i64 = db
+        .query_row(
+            "SELECT count(*) FROM clients WHERE name = 'Dave'",
+            [],
+            |r| r.get(0),
+        )
+        .expect("read the registry");
+    assert_eq!(rows, 1);
+    for c in [&mut alice, &mut bob, &mut carol, &mut dave] {
+        c.finish();
+    }
+}
+
+#[test]
+fn a_locked_database_refuses_busy_readers_still_read_and_the_server_serves_on() {
+    let mut server = Server::start_with(&["--data-dir", "data"]);
+    let [mut alice, mut bob, mut carol] = Client::join_all(&server, ["Alice", "Bob", "Carol"]);
+    dereg(&mut bob, &mut [&mut alice, &mut carol]);
+    let db = server.dir().join("data").join("udpchat.db");
+
+    // An operator's shell holds the write lock, as `BEGIN IMMEDIATE` in
+    // `sqlite3` would.
+    let shell = rusqlite::Connection::open(&db).expect("open the database");
+    shell
+        .execute_batch("BEGIN IMMEDIATE")
+        .expect("take the write lock");
+    alice.send("send Bob not now");
+    alice.expect_lines(&[">>> [Bob is offline, message sent to server.]", STORE_BUSY]);
+    server.expect_stdout("they are refused until it can");
+    chat(&mut alice, &mut carol, "the server still answers");
+    // A reader beside the running server: the data dir's lock is not
+    // SQLite's.
+    let reader = rusqlite::Connection::open(&db).expect("open for reading");
+    let rows: i64 = reader
+        .query_row("SELECT count(*) FROM clients", [], |r| r.get(0))
+        .expect("read while locked");
+    assert_eq!(rows, 3);
+    shell.execute_batch("ROLLBACK").expect("release the lock");
+
+    send_to_offline(&mut alice, "Bob", "now");
+    bob.send("reg Bob");
+    bob.expect_lines(&[MAIL, ">>> Alice: <ts> now", TABLE]);
+    alice.expect(TABLE);
+    carol.expect(TABLE);
+    bob.expect_quiet(QUIET);
+    assert!(server.running());
+    for c in [&mut alice, &mut bob, &mut carol] {
+        c.finish();
+    }
+}
+
+#[test]
+fn a_second_server_on_one_data_dir_is_refused() {
+    let server = Server::start_with(&["--data-dir", "data"]);
+    let data = server.dir().join("data");
+    let data_arg = data.to_str().expect("temp paths are UTF-8");
+    let port = free_udp_port().to_string();
+    for args in [
+        &["-s", &port, "--data-dir", data_arg][..],
+        &["--release", "Alice", "--data-dir", data_arg][..],
+    ] {
+        let run = run_in(server.dir(), args);
+        let context = format!("udpchat {args:?}: {run:?}");
+        assert_eq!(run.status.code(), Some(1), "{context}");
+        let [line] = &run.stderr[..] else {
+            panic!("expected one stderr line\n{context}");
+        };
+        assert!(
+            line.starts_with("error: ")
+                && line.contains("is in use by another udpchat process")
+                && line.contains(data_arg),
+            "{context}"
+        );
+    }
+}

@@ -1324,9 +1324,13 @@ impl Client {
                     );
                 }
             }
-            (_, Refusal::MailboxFull) => {
+            (_, Refusal::MailboxFull | Refusal::StoreFull) => {
                 self.error("the server's store is full; not saved.".to_string())
             }
+            (_, Refusal::StoreBusy) => self.error(
+                "the server's store is busy (locked by another process); not saved — send it again."
+                    .to_string(),
+            ),
             (_, _) => self.error("the server refused the request; try again later.".to_string()),
         }
     }

@@ -16,7 +16,7 @@ use super::{
 use crate::crypto::Keypair;
 use crate::store::{Store, StoreOp};
 use crate::wire::{Name, Rejection};
-use crate::{Server, ServerConfig, ServerEvent};
+use crate::{Server, ServerConfig, ServerEvent, StoreFailure};
 
 /// The server's static key, in its data directory.
 pub const KEY_FILE: &str = "server.key";
@@ -71,6 +71,7 @@ pub fn run(options: Options) -> Result<i32, Fatal> {
     let mut events = Events::with_capacity(16);
     let mut buf = [0u8; RECV_BUF];
     let mut backlog = false;
+    let mut failing = false;
     loop {
         wait(&mut poll, &mut events, server.poll_timeout(), backlog)?;
         for event in events.iter() {
@@ -84,12 +85,19 @@ pub fn run(options: Options) -> Result<i32, Fatal> {
             server.handle_datagram(now, from, data)
         });
         server.handle_timeout(now);
-        flush(&mut server, &mut store, &socket)?;
+        flush(&mut server, &mut store, &socket, now, &mut failing)?;
     }
 }
 
 /// Commits what the server wants stored, then sends what it released.
-fn flush(server: &mut Server, store: &mut dyn Store, socket: &UdpSocket) -> Result<(), Fatal> {
+/// `failing`: the last commit failed (said once, until one succeeds).
+fn flush(
+    server: &mut Server,
+    store: &mut dyn Store,
+    socket: &UdpSocket,
+    now: Instant,
+    failing: &mut bool,
+) -> Result<(), Fatal> {
     let mut ops: Vec<StoreOp> = Vec::new();
     loop {
         ops.clear();
@@ -97,10 +105,29 @@ fn flush(server: &mut Server, store: &mut dyn Store, socket: &UdpSocket) -> Resu
             ops.push(op);
         }
         if !ops.is_empty() {
-            store
-                .commit(&ops)
-                .map_err(|e| Fatal(format!("error: cannot store messages: {e}")))?;
-            server.handle_committed();
+            match store.commit(&ops) {
+                Ok(()) => {
+                    server.handle_committed();
+                    if std::mem::take(failing) {
+                        say("the store takes writes again");
+                    }
+                }
+                Err(e) => {
+                    // A full disk or a lock someone else holds: refuse what
+                    // needed the store, serve everything else, try again.
+                    let failure = StoreFailure::of(&e)
+                        .ok_or_else(|| Fatal(format!("error: cannot store messages: {e}")))?;
+                    if !std::mem::replace(failing, true) {
+                        say(&format!(
+                            "cannot store messages: {e}; they are refused until it can"
+                        ));
+                    }
+                    server.handle_commit_failed(now, failure);
+                    // The refusals and everything else go out now; what is
+                    // left over waits for its retry.
+                    ops.clear();
+                }
+            }
         }
         while let Some(t) = server.poll_transmit() {
             // UDP is lossy anyway: a full send buffer is one more loss that
@@ -146,6 +173,22 @@ fn log(event: &ServerEvent) {
         ),
         ServerEvent::MailboxFull(name) => {
             format!("mailbox of {name} is full: a channel message was not kept")
+        }
+        ServerEvent::NotSaved {
+            from,
+            channel,
+            failure,
+        } => {
+            let kind = if *channel {
+                "channel message"
+            } else {
+                "message"
+            };
+            let why = match failure {
+                StoreFailure::Full => "the store is full",
+                StoreFailure::Busy => "the database is locked by another process",
+            };
+            format!("refused a {kind} from {from}: {why}")
         }
     };
     say(&line);

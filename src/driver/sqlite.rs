@@ -137,8 +137,16 @@ const KIND_LEGACY: i64 = 3;
 pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
 
 /// How long a write waits for a lock held by another connection (an
-/// operator's shell, say) before the commit fails.
-const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+/// operator's shell, say) before the commit fails and its messages are
+/// refused "busy". Short: the poll loop waits with it, and clients give the
+/// server 500 ms per try.
+const BUSY_TIMEOUT: Duration = Duration::from_millis(100);
+
+/// Held (`flock`, exclusive) by the process that has the data directory
+/// open: a second server, or `--release` beside a running one, is refused.
+/// A lock beside the database rather than SQLite's own locks, which
+/// readers such as the `sqlite3` shell must still be able to take.
+pub const LOCK_FILE: &str = "udpchat.lock";
 
 // `ON CONFLICT DO NOTHING` rather than `INSERT OR IGNORE`: both skip a row
 // whose id or (recipient, sender, msg_id) is already stored, but OR IGNORE
@@ -177,6 +185,8 @@ impl std::error::Error for StoreError {}
 pub struct SqliteStore {
     conn: Connection,
     path: PathBuf,
+    /// The data directory's lock, held while the store is open.
+    _lock: fs::File,
 }
 
 impl fmt::Debug for SqliteStore {
@@ -197,6 +207,7 @@ impl SqliteStore {
     /// schema. Never repairs or replaces anything.
     pub fn open(dir: &Path) -> Result<SqliteStore, StoreError> {
         create_dir(dir)?;
+        let lock = lock_dir(dir)?;
         let path = dir.join(DB_FILE);
         // SQLite would say only "unable to open database file"; opening it
         // ourselves first names the reason (permission denied, is a
@@ -207,7 +218,11 @@ impl SqliteStore {
             OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
         )
         .map_err(|e| open_error(&path, &e))?;
-        let mut store = SqliteStore { conn, path };
+        let mut store = SqliteStore {
+            conn,
+            path,
+            _lock: lock,
+        };
         store.prepare().map_err(|e| open_error(&store.path, &e))??;
         Ok(store)
     }
@@ -604,15 +619,33 @@ fn create_dir(dir: &Path) -> Result<(), StoreError> {
     })
 }
 
-fn create_file(path: &Path) -> Result<(), StoreError> {
+fn create_file(path: &Path) -> Result<fs::File, StoreError> {
     let mut options = fs::OpenOptions::new();
     options.read(true).write(true).create(true);
     #[cfg(unix)]
     std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
     options
         .open(path)
-        .map(drop)
         .map_err(|e| StoreError(format!("cannot open {}: {}", path.display(), io_reason(&e))))
+}
+
+/// Takes the data directory's lock without waiting.
+fn lock_dir(dir: &Path) -> Result<fs::File, StoreError> {
+    let path = dir.join(LOCK_FILE);
+    let file = create_file(&path)?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(fs::TryLockError::WouldBlock) => Err(StoreError(format!(
+            "{} is in use by another udpchat process (a server, or --release); it holds {}",
+            dir.display(),
+            path.display()
+        ))),
+        Err(fs::TryLockError::Error(e)) => Err(StoreError(format!(
+            "cannot lock {}: {}",
+            path.display(),
+            io_reason(&e)
+        ))),
+    }
 }
 
 /// "permission denied" rather than "Permission denied (os error 13)".
@@ -1065,7 +1098,10 @@ mod tests {
         assert_eq!(get("journal_mode"), "Text(\"wal\")");
         assert_eq!(get("synchronous"), "Integer(2)"); // FULL
         assert_eq!(get("foreign_keys"), "Integer(1)");
-        assert_eq!(get("busy_timeout"), "Integer(5000)");
+        assert_eq!(
+            get("busy_timeout"),
+            format!("Integer({})", BUSY_TIMEOUT.as_millis())
+        );
         assert_eq!(get("user_version"), format!("Integer({SCHEMA_VERSION})"));
         assert_eq!(get("application_id"), format!("Integer({APPLICATION_ID})"));
         // WAL is a property of the file: a fresh connection sees it too.

@@ -14,6 +14,11 @@
 //! ([`Server::poll_transmit`] returns `None`). The driver commits the batch
 //! and calls [`Server::handle_committed`], so every ack that promises "saved"
 //! follows its write to disk, and replies keep the order they were made in.
+//! A commit that fails (a full disk, a database another process locked) is
+//! reported with [`Server::handle_commit_failed`]: the messages of the batch
+//! are taken back and their senders refused (never acked), while the rest of
+//! the batch — acks, registrations, moves, which promised nobody "saved" —
+//! is retried until the store takes it, so the server keeps serving.
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
@@ -134,6 +139,47 @@ pub enum ServerEvent {
     },
     /// A recipient's mailbox was full, so it did not get a channel message.
     MailboxFull(Name),
+    /// The store refused a commit, so a message was refused to its sender.
+    NotSaved {
+        /// The sender.
+        from: Name,
+        /// A channel message.
+        channel: bool,
+        /// Why.
+        failure: StoreFailure,
+    },
+}
+
+/// Why a commit failed, as far as the senders it refuses care.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StoreFailure {
+    /// The disk (or the store's quota) is full.
+    Full,
+    /// Another process holds the database's write lock.
+    Busy,
+}
+
+impl StoreFailure {
+    /// The failure an I/O error from a [`Store`](crate::store::Store) is,
+    /// if it is one the server can serve through (anything else — a
+    /// damaged database, a failing disk — is the operator's to see).
+    pub fn of(e: &std::io::Error) -> Option<StoreFailure> {
+        use std::io::ErrorKind;
+        match e.kind() {
+            ErrorKind::ResourceBusy => Some(StoreFailure::Busy),
+            ErrorKind::StorageFull | ErrorKind::QuotaExceeded | ErrorKind::FileTooLarge => {
+                Some(StoreFailure::Full)
+            }
+            _ => None,
+        }
+    }
+
+    fn refusal(self) -> Refusal {
+        match self {
+            StoreFailure::Full => Refusal::StoreFull,
+            StoreFailure::Busy => Refusal::StoreBusy,
+        }
+    }
 }
 
 /// Counters of dropped input.
@@ -158,6 +204,9 @@ const DELIVERY_WINDOW: usize = 16;
 const DELIVERY_ROUNDS: u8 = 3;
 /// Most events queued for the log; older ones are dropped first.
 const EVENT_QUEUE: usize = 1024;
+/// How soon changes a failed commit left over are tried again (sooner if
+/// new changes come: they go in the same transaction, first).
+const STORE_RETRY: Duration = Duration::from_secs(1);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Timer {
@@ -167,6 +216,34 @@ enum Timer {
     Delivery(ClientId, MailId),
     /// Has the client been heard from lately?
     Presence(ClientId),
+    /// Try again what a failed commit left over.
+    StoreRetry,
+}
+
+/// What the batch since the last commit promised, so that a failed commit
+/// can take it back. Indexes into `transmits` are stable meanwhile: nothing
+/// leaves while a store operation is uncommitted.
+#[derive(Debug, Default)]
+struct Batch {
+    /// Messages put: (recipient, mail).
+    mail: Vec<(ClientId, MailId)>,
+    /// The first of them: ids only grow, so a message is the batch's if
+    /// its id is at least this.
+    first_mail: Option<MailId>,
+    /// Their (recipient, sender, id), to spot a retry of one of them.
+    keys: HashSet<(ClientId, Name, MsgId)>,
+    /// Requests acked "saved" on the strength of this batch: (sender, seq,
+    /// channel).
+    acks: Vec<(ClientId, Seq, bool)>,
+    /// Those acks in `transmits` (first sends and cached resends).
+    ack_transmits: Vec<(usize, ClientId, Seq)>,
+    /// Deliveries of the batch's messages in `transmits`.
+    deliveries: Vec<(usize, MailId)>,
+    /// The batch's other operations, polled already: they promised nobody
+    /// "saved", so a failed commit defers them rather than undoing them.
+    others: Vec<StoreOp>,
+    /// Log lines saying "stored": given once it is true.
+    stored: Vec<ServerEvent>,
 }
 
 #[derive(Debug, Clone)]
@@ -257,6 +334,12 @@ pub struct Server {
     transmits: VecDeque<Transmit>,
     store_ops: VecDeque<StoreOp>,
     uncommitted: usize,
+    batch: Batch,
+    /// Operations a failed commit left over, committed before any new one.
+    deferred: Vec<StoreOp>,
+    /// Where in `deferred` each client's row waits.
+    deferred_rows: HashMap<Name, usize>,
+    retry: Option<TimerKey>,
     events: VecDeque<ServerEvent>,
     stats: ServerStats,
 }
@@ -289,6 +372,10 @@ impl Server {
             transmits: VecDeque::new(),
             store_ops: VecDeque::new(),
             uncommitted: 0,
+            batch: Batch::default(),
+            deferred: Vec::new(),
+            deferred_rows: HashMap::new(),
+            retry: None,
             events: VecDeque::new(),
             stats: ServerStats::default(),
             config,
@@ -448,6 +535,10 @@ impl Server {
                 Timer::Probe(id) => self.on_probe_timer(now, id),
                 Timer::Delivery(id, mail) => self.on_delivery_timer(now, id, mail),
                 Timer::Presence(id) => self.on_presence_timer(now, id),
+                Timer::StoreRetry => {
+                    self.retry = None;
+                    self.undefer();
+                }
             }
         }
     }
@@ -456,6 +547,110 @@ impl Server {
     /// datagrams held behind them.
     pub fn handle_committed(&mut self) {
         self.uncommitted = 0;
+        let batch = std::mem::take(&mut self.batch);
+        for event in batch.stored {
+            self.event(event);
+        }
+    }
+
+    /// The driver's commit of the operations polled since the last
+    /// [`Server::handle_committed`] failed: none of them reached the store.
+    /// Its messages are taken back and every request they answered is
+    /// refused (the "saved" acks held back are replaced); everything else
+    /// of it is committed again before any newer operation, on its own
+    /// after a second if nothing newer comes.
+    pub fn handle_commit_failed(&mut self, now: Instant, failure: StoreFailure) {
+        self.uncommitted = 0;
+        let batch = std::mem::take(&mut self.batch);
+        // Not polled yet, so not tried, but made with the batch's promises.
+        let unpolled: Vec<StoreOp> = self.store_ops.drain(..).collect();
+        for op in batch.others.into_iter().chain(unpolled) {
+            self.defer(op);
+        }
+        if !self.deferred.is_empty() && self.retry.is_none() {
+            self.retry = Some(self.timers.insert(now + STORE_RETRY, Timer::StoreRetry));
+        }
+        for &(to, mail) in &batch.mail {
+            self.unput(to, mail);
+        }
+        let mut gone: HashSet<usize> = batch.deliveries.iter().map(|&(i, _)| i).collect();
+        let reason = failure.refusal();
+        let mut refusals: HashMap<(ClientId, Seq), (What, Vec<u8>)> = HashMap::new();
+        for &(sender, seq, channel) in &batch.acks {
+            let msg = Message::Refused { seq, reason };
+            let encoded = (msg.what(), wire::encode_to_vec(&msg));
+            // A retry of the request gets the same refusal.
+            self.cache(sender, seq, encoded.clone());
+            refusals.insert((sender, seq), encoded);
+            let from = self.table.get(sender).name.clone();
+            self.event(ServerEvent::NotSaved {
+                from,
+                channel,
+                failure,
+            });
+        }
+        for &(i, sender, seq) in &batch.ack_transmits {
+            let (Some((what, plain)), Some(link)) = (
+                refusals.get(&(sender, seq)),
+                self.sessions[sender.index() as usize].link,
+            ) else {
+                gone.insert(i);
+                continue;
+            };
+            let mut sealed = VecDeque::new();
+            self.links.send_encoded(link, plain, *what, &mut sealed);
+            match sealed.pop_front() {
+                Some(t) if i < self.transmits.len() => self.transmits[i] = t,
+                _ => {
+                    gone.insert(i);
+                }
+            }
+        }
+        if !gone.is_empty() {
+            let mut i = 0;
+            self.transmits.retain(|_| {
+                i += 1;
+                !gone.contains(&(i - 1))
+            });
+        }
+    }
+
+    /// Keeps `op` for the next commit; a client's newest row replaces an
+    /// older one still waiting, so waiting rows never outnumber clients.
+    fn defer(&mut self, op: StoreOp) {
+        match &op {
+            // Taken back (see `unput`): it answered a request refused now.
+            StoreOp::Put(_) => return,
+            StoreOp::Client(c) => {
+                if let Some(&i) = self.deferred_rows.get(&c.name) {
+                    // In the older one's place: still before any message
+                    // that needs the row.
+                    self.deferred[i] = op;
+                    return;
+                }
+                self.deferred_rows
+                    .insert(c.name.clone(), self.deferred.len());
+            }
+            StoreOp::Delete { .. } | StoreOp::Rewrite { .. } => {}
+        }
+        self.deferred.push(op);
+    }
+
+    /// Puts what a failed commit left over in front of the queue.
+    fn undefer(&mut self) {
+        self.deferred_rows.clear();
+        for op in self.deferred.drain(..).rev() {
+            self.store_ops.push_front(op);
+        }
+    }
+
+    /// Takes back a message the store never got.
+    fn unput(&mut self, to: ClientId, mail: MailId) {
+        let session = &mut self.sessions[to.index() as usize];
+        if let Some(f) = session.inflight.remove(&mail) {
+            self.timers.cancel(f.timer);
+        }
+        self.take_mail(to, mail);
     }
 
     /// The next datagram to send, or `None` (also while store operations
@@ -472,7 +667,14 @@ impl Server {
     /// The next storage operation to commit.
     #[must_use]
     pub fn poll_store(&mut self) -> Option<StoreOp> {
+        if !self.deferred.is_empty() && !self.store_ops.is_empty() {
+            // What a failed commit left over goes first, in its order.
+            self.undefer();
+        }
         let op = self.store_ops.pop_front()?;
+        if !matches!(op, StoreOp::Put(_)) {
+            self.batch.others.push(op.clone());
+        }
         self.uncommitted += 1;
         Some(op)
     }
@@ -495,6 +697,7 @@ impl Server {
     pub fn is_idle(&self) -> bool {
         self.probes.is_empty()
             && self.store_ops.is_empty()
+            && self.deferred.is_empty()
             && self.uncommitted == 0
             && self.transmits.is_empty()
             && self
@@ -652,18 +855,23 @@ impl Server {
         // A probe may just have marked the recipient offline: everyone,
         // the sender included, hears of it before the sender hears "saved".
         self.flush_deltas();
-        let reply = match self.put(now, to, mail, false) {
+        let key = (to, mail.from.clone(), mail.id);
+        match self.put(now, to, mail, false) {
             Ok(mail) => {
                 // The recipient may be online again by now (it came back
                 // while the probe ran): then it gets the message at once.
                 if let Some(mail) = mail {
                     self.deliver_live(now, to, mail);
                 }
-                Message::Ack { seq }
+                if self.batch.keys.contains(&key) {
+                    // Stored by this batch (now, or by a retry of it).
+                    self.ack_saved(sender, seq, false);
+                } else {
+                    self.reply(sender, seq, Message::Ack { seq });
+                }
             }
-            Err(reason) => Message::Refused { seq, reason },
-        };
-        self.reply(sender, seq, reply);
+            Err(reason) => self.reply(sender, seq, Message::Refused { seq, reason }),
+        }
     }
 
     fn on_channel(&mut self, now: Instant, sender: ClientId, seq: Seq, id: MsgId, text: Text) {
@@ -688,6 +896,7 @@ impl Server {
             return;
         }
         let body = wire::encode_body(&MailBody { id, text });
+        let mut stored = false;
         for r in recipients {
             // Encrypted at rest under the server's storage key: the store's
             // files never hold a message's text.
@@ -703,9 +912,13 @@ impl Server {
                 id,
                 body: Body::AtRest(sealed),
             };
+            let key = (r, from.clone(), id);
             match self.put(now, r, mail, true) {
-                Ok(Some(mail)) => self.deliver_live(now, r, mail),
-                Ok(None) => {}
+                Ok(Some(mail)) => {
+                    stored = true;
+                    self.deliver_live(now, r, mail);
+                }
+                Ok(None) => stored |= self.batch.keys.contains(&key),
                 // This recipient's own mailbox is full: it misses the
                 // message (logged), as a full mailbox bounces direct mail.
                 Err(_) => {
@@ -714,7 +927,11 @@ impl Server {
                 }
             }
         }
-        self.reply(sender, seq, Message::Ack { seq });
+        if stored {
+            self.ack_saved(sender, seq, true);
+        } else {
+            self.reply(sender, seq, Message::Ack { seq });
+        }
     }
 
     /// Sends a just-stored message to its recipient now if it is online.
@@ -929,8 +1146,15 @@ impl Server {
         };
         if let (Cached::Done(what, plain), Some(link)) = (cached, session.link) {
             let (what, plain) = (*what, plain.clone());
+            let at = self.transmits.len();
             self.links
                 .send_encoded(link, &plain, what, &mut self.transmits);
+            // A resent "saved" of this very batch stands or falls with it.
+            if self.transmits.len() > at
+                && self.batch.acks.iter().any(|&(i, s, _)| i == id && s == seq)
+            {
+                self.batch.ack_transmits.push((at, id, seq));
+            }
         }
         true
     }
@@ -954,20 +1178,35 @@ impl Server {
     /// requests.
     fn reply(&mut self, id: ClientId, seq: Seq, msg: Message) {
         let (what, plain) = (msg.what(), wire::encode_to_vec(&msg));
-        let session = &mut self.sessions[id.index() as usize];
-        let replies = &mut session.replies;
+        self.cache(id, seq, (what, plain.clone()));
+        if let Some(link) = self.sessions[id.index() as usize].link {
+            self.links
+                .send_encoded(link, &plain, what, &mut self.transmits);
+        }
+    }
+
+    /// Remembers the reply to `seq` for retransmitted requests.
+    fn cache(&mut self, id: ClientId, seq: Seq, (what, plain): (What, Vec<u8>)) {
+        let replies = &mut self.sessions[id.index() as usize].replies;
         match replies.iter_mut().find(|(s, _)| *s == seq) {
-            Some((_, cached)) => *cached = Cached::Done(what, plain.clone()),
+            Some((_, cached)) => *cached = Cached::Done(what, plain),
             None => {
                 if replies.len() == REPLY_CACHE {
                     replies.pop_front();
                 }
-                replies.push_back((seq, Cached::Done(what, plain.clone())));
+                replies.push_back((seq, Cached::Done(what, plain)));
             }
         }
-        if let Some(link) = session.link {
-            self.links
-                .send_encoded(link, &plain, what, &mut self.transmits);
+    }
+
+    /// Acks `seq` "saved": a promise that holds only once the batch is
+    /// committed, so the ack is noted for [`Server::handle_commit_failed`].
+    fn ack_saved(&mut self, id: ClientId, seq: Seq, channel: bool) {
+        self.batch.acks.push((id, seq, channel));
+        let at = self.transmits.len();
+        self.reply(id, seq, Message::Ack { seq });
+        if self.transmits.len() > at {
+            self.batch.ack_transmits.push((at, id, seq));
         }
     }
 
@@ -1130,7 +1369,10 @@ impl Server {
         mb.mail.insert(stored.mail, stored.clone());
         self.stored_bytes += size;
         let id = stored.mail;
-        self.event(ServerEvent::Stored {
+        self.batch.first_mail.get_or_insert(id);
+        self.batch.mail.push((to, id));
+        self.batch.keys.insert((to, stored.from.clone(), stored.id));
+        self.batch.stored.push(ServerEvent::Stored {
             to: stored.to.clone(),
             from: stored.from.clone(),
             channel,
@@ -1140,16 +1382,19 @@ impl Server {
     }
 
     fn delete(&mut self, to: ClientId, mail: MailId) {
-        let Some(mb) = self.mailboxes.get_mut(&to) else {
-            return;
-        };
-        let Some(m) = mb.mail.remove(&mail) else {
-            return;
-        };
+        if let Some(m) = self.take_mail(to, mail) {
+            self.store_ops.push_back(StoreOp::Delete { to: m.to, mail });
+        }
+    }
+
+    /// Removes a message from memory, with what it counted for.
+    fn take_mail(&mut self, to: ClientId, mail: MailId) -> Option<StoredMail> {
+        let mb = self.mailboxes.get_mut(&to)?;
+        let m = mb.mail.remove(&mail)?;
         mb.bytes -= m.size();
         mb.keys.remove(&(m.from.clone(), m.id));
         self.stored_bytes -= m.size();
-        self.store_ops.push_back(StoreOp::Delete { to: m.to, mail });
+        Some(m)
     }
 
     /// Sends queued deliveries while the window has room.
@@ -1221,7 +1466,11 @@ impl Server {
             from: m.from.clone(),
             content,
         };
+        let at = self.transmits.len();
         self.send_to(id, &msg);
+        if self.transmits.len() > at && self.batch.first_mail.is_some_and(|first| mail >= first) {
+            self.batch.deliveries.push((at, mail));
+        }
     }
 
     /// A stored message as it is delivered: sealed mail as it was sealed,

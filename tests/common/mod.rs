@@ -542,6 +542,27 @@ impl Server {
         self.output.stdout.clone()
     }
 
+    /// Waits (up to [`DEADLINE`]) for a stdout line containing `text`;
+    /// panics with the output if none comes.
+    #[track_caller]
+    pub fn expect_stdout(&mut self, text: &str) {
+        let deadline = Instant::now() + DEADLINE;
+        self.output.pump_until(deadline, |o| {
+            o.stdout.iter().any(|l| l.contains(text)) || o.ended()
+        });
+        assert!(
+            self.output.stdout.iter().any(|l| l.contains(text)),
+            "the server never printed {text:?}\nstdout: {:#?}\nstderr: {:#?}",
+            self.output.stdout,
+            self.output.stderr
+        );
+    }
+
+    /// Whether the process is still running.
+    pub fn running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
     /// Everything the server printed on stderr so far.
     pub fn stderr(&mut self) -> Vec<String> {
         self.output.drain();
@@ -902,6 +923,7 @@ impl Drop for Client {
 // One-shot runs, for the command-line checks.
 
 /// What a finished one-shot run printed.
+#[derive(Debug)]
 pub struct Run {
     pub status: ExitStatus,
     pub stdout: Vec<String>,

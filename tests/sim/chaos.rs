@@ -42,7 +42,7 @@ use udpchat::packet::{self, Packet as Datagram};
 use udpchat::server::AMPLIFICATION;
 use udpchat::store::{MemoryStore, Store, StoreOp, StoredMail};
 use udpchat::wire::{self, Name};
-use udpchat::{Client, ClientConfig, Event, Server, ServerConfig, ServerEvent};
+use udpchat::{Client, ClientConfig, Event, Server, ServerConfig, ServerEvent, StoreFailure};
 
 /// Unix time of the simulation's start (stored-message timestamps).
 pub const EPOCH_UNIX: i64 = 1_700_000_000;
@@ -79,6 +79,9 @@ pub struct Params {
     pub small_limits: bool,
     /// Mean time between two moves of the attacker (`None`: no attacker).
     pub attack_every: Option<Duration>,
+    /// Faults include spells of a store that fails every commit (full,
+    /// locked).
+    pub store_faults: bool,
 }
 
 impl Params {
@@ -107,6 +110,9 @@ impl Params {
             small_limits: rng.below(4) == 0,
             // Most runs have an attacker, a few keep the plain network.
             attack_every: (rng.below(5) != 0).then(|| Duration::from_millis(20 + rng.below(300))),
+            // Drawn last, so the draws above give every seed the run it had
+            // before store faults existed.
+            store_faults: rng.below(3) == 0,
         }
     }
 }
@@ -137,6 +143,12 @@ struct SendRec {
     /// Channel: the names whose row was committed when it was sent (every
     /// later server has them, so each must get a copy).
     registry: Vec<usize>,
+    /// Its sender was told the store refused it, and no server crash (which
+    /// forgets the refusal a retry would get) came between: nobody may
+    /// ever be shown it through the server.
+    store_refused: bool,
+    /// Server crashes before it was sent.
+    crashes: usize,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -343,6 +355,10 @@ pub struct World {
     sends: BTreeMap<String, SendRec>,
     send_counter: Vec<u32>,
     displays: HashMap<String, Vec<Display>>,
+    /// Texts shown as stored mail (with a time stamp).
+    stored_displays: HashSet<String>,
+    /// Until when commits fail, and how.
+    store_fails: Option<(Instant, StoreFailure)>,
     hasher: DefaultHasher,
     report: Report,
     /// Print every delivered datagram and console line (`UDPCHAT_SIM_TRACE`).
@@ -401,6 +417,8 @@ impl World {
             sends: BTreeMap::new(),
             send_counter: vec![0; n],
             displays: HashMap::new(),
+            stored_displays: HashSet::new(),
+            store_fails: None,
             hasher: DefaultHasher::new(),
             trace_on: std::env::var_os("UDPCHAT_SIM_TRACE").is_some(),
             attacker: Attacker::default(),
@@ -611,7 +629,17 @@ impl World {
             while let Some(op) = server.poll_store() {
                 self.uncommitted.push(op);
             }
-            if !self.uncommitted.is_empty() {
+            let failing = self
+                .store_fails
+                .filter(|&(until, _)| until > self.now)
+                .map(|(_, failure)| failure);
+            if let Some(failure) = failing
+                && !self.uncommitted.is_empty()
+            {
+                // Nothing of the batch reached the store.
+                self.uncommitted.clear();
+                server.handle_commit_failed(self.now, failure);
+            } else if !self.uncommitted.is_empty() {
                 let ops = std::mem::take(&mut self.uncommitted);
                 self.store.commit(&ops).expect("memory store");
                 server.handle_committed();
@@ -1081,6 +1109,16 @@ impl World {
     fn fault(&mut self) {
         let now = self.now;
         self.cuts.retain(|&(_, _, until)| until > now);
+        // Only in runs that have them, so the other runs draw as before.
+        if self.p.store_faults && self.rng.chance(0.3) {
+            let failure = if self.rng.chance(0.5) {
+                StoreFailure::Full
+            } else {
+                StoreFailure::Busy
+            };
+            self.store_fails = Some((now + self.rng.millis(100, 4000), failure));
+            return;
+        }
         match self.rng.below(10) {
             0..=4 => {
                 // A partition: one client from the server, from one peer, or
@@ -1301,6 +1339,8 @@ impl World {
                 issued: self.now,
                 outcome: None,
                 registry,
+                store_refused: false,
+                crashes: self.report.crashes.0,
             },
         );
     }
@@ -1392,6 +1432,8 @@ impl World {
             _ => false,
         };
         rec.outcome = Some((outcome, now));
+        rec.store_refused = body.starts_with("[Error: the server's store is")
+            && rec.crashes == self.report.crashes.0;
         self.procs[pid].pending = None;
         if outcome == Outcome::Failed {
             let kind: String = body.chars().take(30).collect();
@@ -1423,6 +1465,7 @@ impl World {
             ));
         }
         if let Some(ts) = d.stored {
+            self.stored_displays.insert(d.text.clone());
             match self.puts.get(&(slot, d.text.clone())) {
                 Some(&(mail, stored_at)) => {
                     if ts != stored_at - EPOCH_UNIX {
@@ -1552,6 +1595,17 @@ impl World {
                     }
                 }
                 _ => {}
+            }
+            // Refused "not saved" by the store: a channel message is shown
+            // by nobody, a direct one never as stored mail (it may have
+            // reached its peer directly before the fallback).
+            if rec.store_refused
+                && (rec.to.is_none() && !shown.is_empty()
+                    || rec.to.is_some() && self.stored_displays.contains(text))
+            {
+                v.push(format!(
+                    "{text}: its sender was told the store refused it, yet it was shown from the server"
+                ));
             }
             // Shown by two processes of one name: only after a restart.
             for slot in 0..self.p.clients {

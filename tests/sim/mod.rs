@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use udpchat::crypto::{Keypair, PublicKey, ServerSecrets};
 use udpchat::store::{MemoryStore, Store, StoreOp};
 use udpchat::wire::{self, Name, What};
-use udpchat::{Client, ClientConfig, Event, Server, ServerConfig};
+use udpchat::{Client, ClientConfig, Event, Server, ServerConfig, ServerEvent, StoreFailure};
 
 /// One-way latency of every link.
 pub const LATENCY: Duration = Duration::from_millis(1);
@@ -54,6 +54,10 @@ pub struct Sim {
     pub server_addr: SocketAddr,
     pub server_up: bool,
     pub store: MemoryStore,
+    /// While set, every commit fails so.
+    pub store_fails: Option<StoreFailure>,
+    /// Every event the server logged.
+    pub events: Vec<ServerEvent>,
     pub nodes: Vec<Node>,
     /// Delivery time → packets, in send order.
     queue: BTreeMap<(Instant, u64), Packet>,
@@ -103,6 +107,8 @@ impl Sim {
             server_addr: addr(1024),
             server_up: true,
             store: MemoryStore::new(),
+            store_fails: None,
+            events: Vec::new(),
             nodes: Vec::new(),
             queue: BTreeMap::new(),
             sent: 0,
@@ -285,16 +291,25 @@ impl Sim {
     fn drain_server(&mut self) {
         loop {
             let ops: Vec<StoreOp> = std::iter::from_fn(|| self.server.poll_store()).collect();
+            let mut committed = false;
             if !ops.is_empty() {
-                self.store.commit(&ops).unwrap();
-                self.server.handle_committed();
+                match self.store_fails {
+                    Some(failure) => self.server.handle_commit_failed(self.now, failure),
+                    None => {
+                        self.store.commit(&ops).unwrap();
+                        self.server.handle_committed();
+                        committed = true;
+                    }
+                }
             }
             while let Some(t) = self.server.poll_transmit() {
                 let from = self.server_addr;
                 self.enqueue(from, t.to, Some(t.what), t.payload);
             }
-            while self.server.poll_event().is_some() {}
-            if ops.is_empty() {
+            while let Some(event) = self.server.poll_event() {
+                self.events.push(event);
+            }
+            if !committed {
                 break;
             }
         }

@@ -1,0 +1,162 @@
+//! A store that fails its commits (a full disk, a database another process
+//! locked), on the real state machines over the in-memory network: the
+//! messages of a failed commit are refused to their senders, never acked and
+//! never kept; everything else goes on and reaches the store once it can.
+
+mod sim;
+
+use std::time::Duration;
+
+use sim::{Sim, name};
+use udpchat::store::Store;
+use udpchat::{ServerEvent, StoreFailure};
+
+const SAVED: &str = ">>> [Messages received by the server and saved]";
+const CHANNEL_ACK: &str = ">>> [Message received by Server.]";
+const FULL: &str = ">>> [Error: the server's store is full; not saved.]";
+const BUSY: &str = ">>> [Error: the server's store is busy (locked by another process); not saved — send it again.]";
+
+/// Alice and Carol online, Bob registered and gone offline.
+fn bob_away() -> Sim {
+    let mut s = Sim::new();
+    s.join("Alice", 2000);
+    s.join("Bob", 3000);
+    s.join("Carol", 4000);
+    s.command(1, "dereg Bob");
+    s
+}
+
+#[test]
+fn a_save_the_store_refuses_is_refused_and_not_kept() {
+    let mut s = bob_away();
+    s.store_fails = Some(StoreFailure::Full);
+    let a = s.nodes[0].lines.len();
+    s.command(0, "send Bob lost to a full disk");
+    let said = s.lines_since(0, a);
+    assert_eq!(said.last(), Some(&FULL), "{said:?}");
+    assert!(!said.contains(&SAVED), "{said:?}");
+    assert_eq!(s.server.mailbox(&name("Bob")).count(), 0);
+    assert!(s.events.iter().any(|e| matches!(
+        e,
+        ServerEvent::NotSaved { from, channel: false, failure: StoreFailure::Full }
+            if from.as_str() == "Alice"
+    )));
+    // Nothing said "stored" about it.
+    assert!(
+        !s.events
+            .iter()
+            .any(|e| matches!(e, ServerEvent::Stored { .. })),
+        "{:?}",
+        s.events
+    );
+
+    // The disk has room again: the next message is saved, and Bob gets
+    // that one only.
+    s.store_fails = None;
+    let a = s.nodes[0].lines.len();
+    s.command(0, "send Bob kept");
+    assert_eq!(s.lines_since(0, a).last(), Some(&SAVED));
+    assert_eq!(s.store.len(), 1);
+    let b = s.nodes[1].lines.len();
+    s.command(1, "reg Bob");
+    let shown: Vec<&str> = s.lines_since(1, b);
+    assert!(shown.iter().any(|l| l.ends_with(" kept")), "{shown:?}");
+    assert!(!shown.iter().any(|l| l.contains("lost")), "{shown:?}");
+    assert_eq!(s.store.len(), 0);
+}
+
+#[test]
+fn a_channel_message_the_store_refuses_reaches_nobody() {
+    let mut s = bob_away();
+    s.store_fails = Some(StoreFailure::Busy);
+    let (a, c) = (s.nodes[0].lines.len(), s.nodes[2].lines.len());
+    s.command(0, "send_all not now");
+    let said = s.lines_since(0, a);
+    assert_eq!(said.last(), Some(&BUSY), "{said:?}");
+    assert!(!said.contains(&CHANNEL_ACK), "{said:?}");
+    // Carol, online, was not shown what its sender was told is not saved,
+    // and no copy waits for anyone.
+    assert_eq!(s.lines_since(2, c), Vec::<&str>::new());
+    assert_eq!(s.server.mailbox(&name("Bob")).count(), 0);
+    assert_eq!(s.server.mailbox(&name("Carol")).count(), 0);
+    assert_eq!(s.server.stored_bytes(), 0);
+
+    s.store_fails = None;
+    let (a, c) = (s.nodes[0].lines.len(), s.nodes[2].lines.len());
+    s.command(0, "send_all now");
+    assert_eq!(s.lines_since(0, a), [CHANNEL_ACK]);
+    assert_eq!(s.lines_since(2, c), [">>> [Channel_Message Alice: now]"]);
+}
+
+#[test]
+fn a_retried_request_gets_the_same_refusal() {
+    let mut s = bob_away();
+    s.store_fails = Some(StoreFailure::Full);
+    // The refusal is lost once: Alice's retry must not be stored now that
+    // the disk has room, since the first answer already said "not saved"
+    // for all the server knows.
+    s.drop_rules.push(sim::drop_first(1, |p| {
+        p.to == sim::addr(2000) && p.is(udpchat::wire::What::Refused)
+    }));
+    let a = s.nodes[0].lines.len();
+    s.line(0, "send Bob twice?");
+    assert!(s.run_until(Duration::from_secs(5), |s| {
+        s.count(|p| p.to == s.server_addr && p.is(udpchat::wire::What::SaveMessage)) >= 2
+    }));
+    s.store_fails = None;
+    s.settle();
+    assert_eq!(s.lines_since(0, a).last(), Some(&FULL));
+    assert_eq!(s.server.mailbox(&name("Bob")).count(), 0);
+    assert_eq!(s.store.len(), 0);
+}
+
+#[test]
+fn while_the_store_fails_everything_else_is_served_and_stored_later() {
+    let mut s = bob_away();
+    s.command(0, "send Bob waiting for you");
+    assert_eq!(s.store.len(), 1);
+
+    s.store_fails = Some(StoreFailure::Full);
+    // A new client registers, Bob logs back and reads his mail, Alice and
+    // Carol talk directly: none of it needs the store to answer.
+    let dave = s.join("Dave", 5000);
+    assert_eq!(
+        s.lines(dave).first(),
+        Some(&">>> [Welcome, You are registered.]")
+    );
+    let b = s.nodes[1].lines.len();
+    s.command(1, "reg Bob");
+    assert!(
+        s.lines_since(1, b)
+            .iter()
+            .any(|l| l.ends_with(" waiting for you")),
+        "{:?}",
+        s.lines_since(1, b)
+    );
+    let c = s.nodes[2].lines.len();
+    s.command(0, "send Carol hello");
+    assert_eq!(s.lines_since(2, c), [">>> Alice: hello"]);
+    // Bob's ack deleted the message in memory, not yet on disk, and Dave's
+    // row is not on disk yet either.
+    assert_eq!(s.server.mailbox(&name("Bob")).count(), 0);
+    assert_eq!(s.store.len(), 1);
+    let on_disk = |s: &mut Sim| {
+        s.store
+            .load()
+            .unwrap()
+            .clients
+            .iter()
+            .any(|c| c.name.as_str() == "Dave")
+    };
+    assert!(!on_disk(&mut s));
+
+    // Room again: what was left over is committed by the retry, unasked.
+    s.store_fails = None;
+    s.run_for(Duration::from_secs(2));
+    assert_eq!(s.store.len(), 0);
+    assert!(on_disk(&mut s));
+    // And Bob is not shown his message again.
+    let b = s.nodes[1].lines.len();
+    s.run_for(Duration::from_secs(5));
+    assert_eq!(s.lines_since(1, b), Vec::<&str>::new());
+}
