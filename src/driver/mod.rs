@@ -107,6 +107,71 @@ pub(crate) fn bind(addr: SocketAddr) -> Result<UdpSocket, Fatal> {
     }
 }
 
+/// Socket buffer sizes asked of the kernel: (receive, send).
+pub(crate) const SERVER_BUFFERS: (usize, usize) = (16 << 20, 4 << 20);
+
+/// Asks for `want` bytes of receive and send buffer and returns what the
+/// kernel granted, read back (Linux counts its bookkeeping in, so it
+/// reports up to twice the request). `SO_RCVBUF` is capped by
+/// `net.core.rmem_max` (`wmem_max` for sending); a process with
+/// `CAP_NET_ADMIN` then gets the full size through the `…FORCE` options.
+/// Best effort: a failure leaves the default.
+pub(crate) fn size_buffers(
+    socket: &impl std::os::fd::AsRawFd,
+    want: (usize, usize),
+) -> (usize, usize) {
+    let fd = std::os::fd::AsRawFd::as_raw_fd(socket);
+    let one = |size: usize, plain: libc::c_int, force: libc::c_int| -> usize {
+        let size = libc::c_int::try_from(size).unwrap_or(libc::c_int::MAX);
+        if sockopt(fd, plain) < i64::from(size) {
+            set_sockopt(fd, plain, size);
+        }
+        if sockopt(fd, plain) < i64::from(size) {
+            set_sockopt(fd, force, size);
+        }
+        usize::try_from(sockopt(fd, plain)).unwrap_or(0)
+    };
+    (
+        one(want.0, libc::SO_RCVBUF, libc::SO_RCVBUFFORCE),
+        one(want.1, libc::SO_SNDBUF, libc::SO_SNDBUFFORCE),
+    )
+}
+
+/// `getsockopt(SOL_SOCKET, opt)` as an integer, or -1.
+fn sockopt(fd: libc::c_int, opt: libc::c_int) -> i64 {
+    let mut value: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: `value` and `len` are live locals of the sizes passed; the
+    // kernel writes at most `len` bytes into `value`. A bad fd or option is
+    // an error return, not undefined behaviour.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            opt,
+            (&raw mut value).cast(),
+            &raw mut len,
+        )
+    };
+    if rc == 0 { i64::from(value) } else { -1 }
+}
+
+/// `setsockopt(SOL_SOCKET, opt, value)`; failures (no permission for a
+/// `…FORCE` option) leave the socket as it was.
+fn set_sockopt(fd: libc::c_int, opt: libc::c_int, value: libc::c_int) {
+    // SAFETY: the kernel reads `size_of::<c_int>()` bytes from `value`, a
+    // live local of that size.
+    unsafe {
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            opt,
+            (&raw const value).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        );
+    }
+}
+
 /// 32 bytes from the OS for tokens and ids.
 pub(crate) fn random_seed() -> Result<[u8; 32], Fatal> {
     let mut seed = [0u8; 32];
@@ -148,6 +213,8 @@ pub fn local_time(unix: i64) -> String {
 
 #[cfg(test)]
 mod tests {
+    use std::os::fd::AsRawFd;
+
     use super::*;
 
     #[test]
@@ -162,6 +229,24 @@ mod tests {
                 13 | 16 => assert_eq!(*c, b':'),
                 _ => assert!(c.is_ascii_digit(), "{s}"),
             }
+        }
+    }
+
+    #[test]
+    fn socket_buffers_grow_to_what_the_kernel_allows() {
+        let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let before = (sockopt(socket.as_raw_fd(), libc::SO_RCVBUF), 0);
+        let want = (8 << 20, 2 << 20);
+        let (recv, send) = size_buffers(&socket, want);
+        assert_eq!(recv as i64, sockopt(socket.as_raw_fd(), libc::SO_RCVBUF));
+        assert_eq!(send as i64, sockopt(socket.as_raw_fd(), libc::SO_SNDBUF));
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } == 0 {
+            // Root may exceed net.core.rmem_max: the full size, doubled
+            // for the kernel's bookkeeping.
+            assert!(recv >= want.0 && send >= want.1, "{recv} {send}");
+        } else {
+            assert!(recv as i64 >= before.0, "{recv} < {before:?}");
         }
     }
 

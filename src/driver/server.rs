@@ -11,7 +11,8 @@ use mio::net::UdpSocket;
 use super::keys;
 use super::sqlite::SqliteStore;
 use super::{
-    Fatal, RECV_BUF, SIGNALS, bind, io_fatal, listen, random_seed, read_burst, unix_now, wait,
+    Fatal, RECV_BUF, SERVER_BUFFERS, SIGNALS, bind, io_fatal, listen, random_seed, read_burst,
+    size_buffers, unix_now, wait,
 };
 use crate::crypto::Keypair;
 use crate::store::{Store, StoreOp};
@@ -54,6 +55,9 @@ pub fn run(options: Options) -> Result<i32, Fatal> {
     let key_path = options.data_dir.join(KEY_FILE);
     let (key, _) = keys::load_or_create(&key_path, || Keypair::from_secret(secret))?;
     let fingerprint = key.public().to_hex();
+    // Room for a join storm's burst while the loop commits or sends.
+    let want = SERVER_BUFFERS;
+    let (recv, send) = size_buffers(&socket, want);
     let (socket, mut poll, mut signals) = listen(socket)?;
     let local = socket.local_addr().map_err(io_fatal)?;
 
@@ -67,6 +71,18 @@ pub fn run(options: Options) -> Result<i32, Fatal> {
     say(&format!("udpchat server listening on {local}"));
     // The public half only: what a user may compare out of band.
     say(&format!("server key {fingerprint}"));
+    for (what, got, asked, cap) in [
+        ("receive", recv, want.0, "net.core.rmem_max"),
+        ("send", send, want.1, "net.core.wmem_max"),
+    ] {
+        if got < asked {
+            say(&format!(
+                "{what} buffer is {} KiB, not the {} KiB asked: {cap} caps it (raise it, or run with CAP_NET_ADMIN)",
+                got >> 10,
+                asked >> 10
+            ));
+        }
+    }
 
     let mut events = Events::with_capacity(16);
     let mut buf = [0u8; RECV_BUF];
