@@ -18,6 +18,7 @@ const HELP: &str = "
     --mailbox-messages N  most messages kept for one client (default 1000)
     --mailbox-bytes N     most bytes kept for one client (default 1048576)
     --store-bytes N       most bytes kept in all (default 268435456)
+    --max-clients N       most names in the registry (default 100000)
     --heartbeat SECS      the clients' heartbeat interval; 3 missed = offline (default 10)
   -c <name> <server-ip> <server-port> <client-port>
                           run a client named <name> on <client-port>
@@ -30,12 +31,13 @@ const HELP: &str = "
   -V, --version           show the version";
 
 /// Flags only the server takes.
-const SERVER_ONLY: [&str; 5] = [
+const SERVER_ONLY: [&str; 6] = [
     "bind",
     "data-dir",
     "mailbox-messages",
     "mailbox-bytes",
     "store-bytes",
+    "max-clients",
 ];
 
 enum Mode {
@@ -87,6 +89,7 @@ fn parse(args: &[String]) -> Result<Mode, String> {
     opts.optopt("", "mailbox-messages", "messages per mailbox", "N");
     opts.optopt("", "mailbox-bytes", "bytes per mailbox", "N");
     opts.optopt("", "store-bytes", "bytes stored in all", "N");
+    opts.optopt("", "max-clients", "names in the registry", "N");
     opts.optopt("", "heartbeat", "heartbeat interval", "SECS");
     opts.optopt("", "key", "client key file", "FILE");
     opts.optopt("", "release", "release a name", "NAME");
@@ -140,6 +143,7 @@ fn parse(args: &[String]) -> Result<Mode, String> {
                 mailbox_messages: limit("mailbox-messages", 1000)?,
                 mailbox_bytes: limit("mailbox-bytes", 1 << 20)?,
                 store_bytes: limit("store-bytes", 256 << 20)?,
+                max_clients: limit("max-clients", 100_000)?,
             }))
         }
         (None, Some(name)) => {

@@ -454,6 +454,22 @@ fn mailbox_quota_refuses_with_a_clear_error() {
     bob.finish();
 }
 
+#[test]
+fn the_client_limit_refuses_new_names_clearly_and_keeps_known_ones() {
+    let server = Server::start_with(&["--max-clients", "2"]);
+    let [mut alice, mut bob] = Client::join_all(&server, ["Alice", "Bob"]);
+    let mut carol = Client::start("Carol", server.port());
+    carol.expect(">>> [Error: the server is full; try again later.]");
+    carol.expect_exit(1);
+    // A known name is no new row: Alice logs back in while it is full.
+    dereg(&mut alice, &mut [&mut bob]);
+    alice.send("reg Alice");
+    alice.expect(TABLE);
+    bob.expect(TABLE);
+    alice.finish();
+    bob.finish();
+}
+
 // ---------------------------------------------------------------------------
 // A damaged data directory.
 

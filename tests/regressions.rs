@@ -355,3 +355,29 @@ fn a_cookie_from_before_a_server_restart_is_replaced() {
         [">>> [Welcome, You are registered.]", UPDATED]
     );
 }
+
+/// A registry loaded with more names than a lowered `max_clients` keeps
+/// every one of them (they log back in); only new names are refused.
+#[test]
+fn a_lowered_client_limit_keeps_every_known_name() {
+    let mut s = three();
+    for i in 0..3 {
+        s.crash(i);
+    }
+    let mut c = ServerConfig::new([2; 32], sim::server_key(), (s.now, EPOCH_UNIX));
+    c.max_clients = 1;
+    s.server = Server::new(c, s.now, s.store.load().unwrap());
+    assert_eq!(s.server.table().len(), 3);
+    let carol = s.join("Carol", 4100);
+    assert_eq!(
+        s.lines(carol).first(),
+        Some(&">>> [Welcome, You are registered.]")
+    );
+    let dave = s.join("Dave", 5000);
+    assert_eq!(
+        s.lines(dave),
+        [">>> [Error: the server is full; try again later.]"]
+    );
+    assert_eq!(s.nodes[dave].exit, Some(1));
+    assert_eq!(s.server.table().len(), 3);
+}

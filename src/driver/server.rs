@@ -38,6 +38,8 @@ pub struct Options {
     pub mailbox_bytes: usize,
     /// Most bytes stored in all.
     pub store_bytes: usize,
+    /// Most names in the registry.
+    pub max_clients: usize,
 }
 
 /// Runs the server until a signal stops it. Returns the exit status.
@@ -67,10 +69,18 @@ pub fn run(options: Options) -> Result<i32, Fatal> {
     config.mailbox_messages = options.mailbox_messages;
     config.mailbox_bytes = options.mailbox_bytes;
     config.store_bytes = options.store_bytes;
+    config.max_clients = options.max_clients;
+    let known = loaded.clients.len();
     let mut server = Server::new(config, now, loaded);
     say(&format!("udpchat server listening on {local}"));
     // The public half only: what a user may compare out of band.
     say(&format!("server key {fingerprint}"));
+    if known > options.max_clients {
+        say(&format!(
+            "the registry holds {known} names, more than --max-clients {}: new names are refused",
+            options.max_clients
+        ));
+    }
     for (what, got, asked, cap) in [
         ("receive", recv, want.0, "net.core.rmem_max"),
         ("send", send, want.1, "net.core.wmem_max"),

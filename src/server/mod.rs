@@ -317,6 +317,18 @@ struct Mailbox {
     bytes: usize,
 }
 
+/// Distinct names in a loaded store (registry rows, and mail recipients a
+/// hand-edited store may lack rows for).
+fn known_names(loaded: &Loaded) -> usize {
+    let names: HashSet<&Name> = loaded
+        .clients
+        .iter()
+        .map(|c| &c.name)
+        .chain(loaded.mail.iter().map(|m| &m.to))
+        .collect();
+    names.len()
+}
+
 /// The registry server. See the [crate docs](crate) for the driving loop.
 pub struct Server {
     config: ServerConfig,
@@ -361,7 +373,9 @@ impl Server {
         );
         let mut server = Server {
             rng,
-            table: Directory::new(config.max_clients),
+            // Every name loaded keeps its row, also past a lowered limit:
+            // only new names are refused.
+            table: Directory::new(config.max_clients.max(known_names(&loaded))),
             links,
             sessions: Vec::new(),
             probes: HashMap::new(),
