@@ -175,6 +175,8 @@ impl World {
         config.mailbox_bytes = MAILBOX_BYTES;
         config.store_bytes = STORE_BYTES;
         config.max_handshakes = 8;
+        // Short, so a script's clock steps reach it.
+        config.mail_ttl = Some(Duration::from_secs(40));
         let server = Server::new(config.clone(), start, Default::default());
         let server_key = server.public_key();
         let nodes = CLIENTS

@@ -19,6 +19,7 @@ const HELP: &str = "
     --mailbox-bytes N     most bytes kept for one client (default 1048576)
     --store-bytes N       most bytes kept in all (default 268435456)
     --max-clients N       most names in the registry (default 100000)
+    --mail-ttl AGE        delete mail undelivered after AGE: N with s, m, h or d, or 'never' (default 30d)
     --heartbeat SECS      the clients' heartbeat interval; 3 missed = offline (default 10)
   -c <name> <server-ip> <server-port> <client-port>
                           run a client named <name> on <client-port>
@@ -31,13 +32,14 @@ const HELP: &str = "
   -V, --version           show the version";
 
 /// Flags only the server takes.
-const SERVER_ONLY: [&str; 6] = [
+const SERVER_ONLY: [&str; 7] = [
     "bind",
     "data-dir",
     "mailbox-messages",
     "mailbox-bytes",
     "store-bytes",
     "max-clients",
+    "mail-ttl",
 ];
 
 enum Mode {
@@ -90,6 +92,7 @@ fn parse(args: &[String]) -> Result<Mode, String> {
     opts.optopt("", "mailbox-bytes", "bytes per mailbox", "N");
     opts.optopt("", "store-bytes", "bytes stored in all", "N");
     opts.optopt("", "max-clients", "names in the registry", "N");
+    opts.optopt("", "mail-ttl", "how long undelivered mail is kept", "AGE");
     opts.optopt("", "heartbeat", "heartbeat interval", "SECS");
     opts.optopt("", "key", "client key file", "FILE");
     opts.optopt("", "release", "release a name", "NAME");
@@ -144,6 +147,7 @@ fn parse(args: &[String]) -> Result<Mode, String> {
                 mailbox_bytes: limit("mailbox-bytes", 1 << 20)?,
                 store_bytes: limit("store-bytes", 256 << 20)?,
                 max_clients: limit("max-clients", 100_000)?,
+                mail_ttl: parse_age(m.opt_str("mail-ttl"))?,
             }))
         }
         (None, Some(name)) => {
@@ -187,6 +191,37 @@ fn parse_count(flag: &str, s: &str) -> Result<usize, String> {
     match s.parse::<usize>() {
         Ok(n) if n > 0 => Ok(n),
         _ => Err(format!("--{flag} '{s}': must be a whole number above 0")),
+    }
+}
+
+/// `--mail-ttl AGE`: a whole number of seconds, minutes, hours or days
+/// (`90s`, `15m`, `12h`, `30d`; a bare number is seconds), or `never`.
+fn parse_age(s: Option<String>) -> Result<Option<Duration>, String> {
+    let Some(s) = s else {
+        return Ok(Some(udpchat::server::MAIL_TTL));
+    };
+    if s == "never" {
+        return Ok(None);
+    }
+    let (digits, unit) = match s.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => (&s[..i], c),
+        _ => (s.as_str(), 's'),
+    };
+    let scale: u64 = match unit {
+        's' => 1,
+        'm' => 60,
+        'h' => 3600,
+        'd' => 86_400,
+        _ => 0,
+    };
+    match digits.parse::<u64>() {
+        // Up to about 100 years: far enough, and no overflow downstream.
+        Ok(n) if n > 0 && scale > 0 && n.saturating_mul(scale) <= 100 * 365 * 86_400 => {
+            Ok(Some(Duration::from_secs(n * scale)))
+        }
+        _ => Err(format!(
+            "--mail-ttl '{s}': a whole number above 0 with s, m, h or d (30d, 12h), or 'never'"
+        )),
     }
 }
 

@@ -212,3 +212,27 @@ fn release_without_a_database_is_a_clear_error() {
     // Nothing was created.
     assert!(!dir.path().join("nothing-here").exists());
 }
+
+#[test]
+fn a_bad_mail_ttl_is_refused() {
+    for bad in [
+        "0",
+        "0d",
+        "5w",
+        "-1",
+        "d",
+        "1.5h",
+        "40000d",
+        "99999999999999999999",
+    ] {
+        assert_usage_error(&["-s", "5000", "--mail-ttl", bad], &["--mail-ttl"]);
+    }
+    assert_usage_error(
+        &["-c", "A", "127.0.0.1", "5000", "6000", "--mail-ttl", "1d"],
+        &["--mail-ttl"],
+    );
+    assert_usage_error(
+        &["-c", "A", "127.0.0.1", "5000", "6000", "--max-clients", "3"],
+        &["--max-clients"],
+    );
+}

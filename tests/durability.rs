@@ -470,6 +470,22 @@ fn the_client_limit_refuses_new_names_clearly_and_keeps_known_ones() {
     bob.finish();
 }
 
+#[test]
+fn mail_past_its_time_to_live_is_deleted_unread() {
+    let mut server = Server::start_with(&["--mail-ttl", "2s"]);
+    let [mut alice, mut bob] = Client::join_all(&server, ["Alice", "Bob"]);
+    dereg(&mut bob, &mut [&mut alice]);
+    send_to_offline(&mut alice, "Bob", "too late");
+    server.expect_stdout("for Bob from Alice expired undelivered: deleted");
+    bob.send("reg Bob");
+    // No "[You Have Messages]": the log-back has nothing for him.
+    bob.expect_lines(&[TABLE]);
+    alice.expect(TABLE);
+    bob.expect_quiet(QUIET);
+    alice.finish();
+    bob.finish();
+}
+
 // ---------------------------------------------------------------------------
 // A damaged data directory.
 

@@ -160,3 +160,47 @@ fn while_the_store_fails_everything_else_is_served_and_stored_later() {
     s.run_for(Duration::from_secs(5));
     assert_eq!(s.lines_since(1, b), Vec::<&str>::new());
 }
+
+#[test]
+fn mail_undelivered_for_its_time_to_live_is_deleted_and_nothing_else() {
+    let mut s = Sim::new();
+    let mut config =
+        udpchat::ServerConfig::new([1; 32], sim::server_key(), (s.start, sim::EPOCH_UNIX));
+    config.mail_ttl = Some(Duration::from_secs(60));
+    s.server = udpchat::Server::new(config, s.now, Default::default());
+    s.join("Alice", 2000);
+    s.join("Bob", 3000);
+    s.command(1, "dereg Bob");
+    s.command(0, "send Bob old");
+    s.run_for(Duration::from_secs(30));
+    s.command(0, "send Bob newer");
+    assert_eq!(s.store.len(), 2);
+    // 60 s after the first: it goes, the second stays.
+    s.run_for(Duration::from_secs(31));
+    assert_eq!(s.server.mailbox(&name("Bob")).count(), 1);
+    assert_eq!(s.store.len(), 1);
+    assert!(s.events.iter().any(|e| matches!(
+        e,
+        ServerEvent::Expired { to, from, .. } if to.as_str() == "Bob" && from.as_str() == "Alice"
+    )));
+    let b = s.nodes[1].lines.len();
+    s.command(1, "reg Bob");
+    let shown = s.lines_since(1, b);
+    assert!(shown.iter().any(|l| l.ends_with(" newer")), "{shown:?}");
+    assert!(!shown.iter().any(|l| l.ends_with(" old")), "{shown:?}");
+    // A server started two minutes later drops what expired meanwhile,
+    // from memory and from the store.
+    s.command(1, "dereg Bob");
+    s.command(0, "send Bob while down");
+    let loaded = s.store.load().unwrap();
+    assert_eq!(loaded.mail.len(), 1);
+    let unix = sim::EPOCH_UNIX + (s.now - s.start).as_secs() as i64 + 120;
+    let mut config = udpchat::ServerConfig::new([3; 32], sim::server_key(), (s.now, unix));
+    config.mail_ttl = Some(Duration::from_secs(60));
+    let mut server = udpchat::Server::new(config, s.now, loaded);
+    assert_eq!(server.mailbox(&name("Bob")).count(), 0);
+    assert!(matches!(
+        server.poll_store(),
+        Some(udpchat::store::StoreOp::Delete { .. })
+    ));
+}

@@ -40,6 +40,8 @@ pub struct Options {
     pub store_bytes: usize,
     /// Most names in the registry.
     pub max_clients: usize,
+    /// How long undelivered mail is kept (`None`: until delivered).
+    pub mail_ttl: Option<Duration>,
 }
 
 /// Runs the server until a signal stops it. Returns the exit status.
@@ -70,6 +72,7 @@ pub fn run(options: Options) -> Result<i32, Fatal> {
     config.mailbox_bytes = options.mailbox_bytes;
     config.store_bytes = options.store_bytes;
     config.max_clients = options.max_clients;
+    config.mail_ttl = options.mail_ttl;
     let known = loaded.clients.len();
     let mut server = Server::new(config, now, loaded);
     say(&format!("udpchat server listening on {local}"));
@@ -200,6 +203,10 @@ fn log(event: &ServerEvent) {
         ServerEvent::MailboxFull(name) => {
             format!("mailbox of {name} is full: a channel message was not kept")
         }
+        ServerEvent::Expired { to, from, mail } => format!(
+            "stored message {} for {to} from {from} expired undelivered: deleted",
+            mail.0
+        ),
         ServerEvent::NotSaved {
             from,
             channel,

@@ -20,7 +20,7 @@
 //! the batch — acks, registrations, moves, which promised nobody "saved" —
 //! is retried until the store takes it, so the server keeps serving.
 
-use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
@@ -68,6 +68,9 @@ pub struct ServerConfig {
     /// Most handshakes under way (and most sessions no registration has
     /// claimed yet); past it the oldest is forgotten.
     pub max_handshakes: usize,
+    /// A stored message not delivered this long after it was stored is
+    /// deleted (`None`: kept until delivered).
+    pub mail_ttl: Option<Duration>,
 }
 
 impl std::fmt::Debug for ServerConfig {
@@ -80,13 +83,14 @@ impl std::fmt::Debug for ServerConfig {
             .field("store_bytes", &self.store_bytes)
             .field("presence_timeout", &self.presence_timeout)
             .field("max_handshakes", &self.max_handshakes)
+            .field("mail_ttl", &self.mail_ttl)
             .finish_non_exhaustive()
     }
 }
 
 impl ServerConfig {
     /// Defaults: 100,000 clients, 1,000 messages or 1 MiB per mailbox,
-    /// 256 MiB in all, 4,096 handshakes under way.
+    /// 256 MiB in all, 4,096 handshakes under way, mail kept 30 days.
     pub fn new(seed: [u8; 32], key: Keypair, clock: (Instant, i64)) -> Self {
         ServerConfig {
             seed,
@@ -98,9 +102,13 @@ impl ServerConfig {
             store_bytes: 256 << 20,
             presence_timeout: Duration::from_secs(30),
             max_handshakes: 4096,
+            mail_ttl: Some(MAIL_TTL),
         }
     }
 }
+
+/// How long undelivered mail is kept by default.
+pub const MAIL_TTL: Duration = Duration::from_secs(30 * 24 * 3600);
 
 /// Something worth a line in the server's log.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -139,6 +147,16 @@ pub enum ServerEvent {
     },
     /// A recipient's mailbox was full, so it did not get a channel message.
     MailboxFull(Name),
+    /// A stored message reached the mail time-to-live undelivered and was
+    /// deleted.
+    Expired {
+        /// The recipient.
+        to: Name,
+        /// The sender.
+        from: Name,
+        /// The message.
+        mail: MailId,
+    },
     /// The store refused a commit, so a message was refused to its sender.
     NotSaved {
         /// The sender.
@@ -218,6 +236,8 @@ enum Timer {
     Presence(ClientId),
     /// Try again what a failed commit left over.
     StoreRetry,
+    /// Delete the mail that reached its time-to-live.
+    Expiry,
 }
 
 /// What the batch since the last commit promised, so that a failed commit
@@ -340,6 +360,10 @@ pub struct Server {
     sessions: Vec<Session>,
     probes: HashMap<u64, ClientId>,
     mailboxes: HashMap<ClientId, Mailbox>,
+    /// Every stored message by when it was stored, oldest first: what
+    /// expires next.
+    by_age: BTreeSet<(i64, MailId, ClientId)>,
+    expiry: Option<(Instant, TimerKey)>,
     stored_bytes: usize,
     next_mail: u64,
     timers: TimerWheel<Timer>,
@@ -380,6 +404,8 @@ impl Server {
             sessions: Vec::new(),
             probes: HashMap::new(),
             mailboxes: HashMap::new(),
+            by_age: BTreeSet::new(),
+            expiry: None,
             stored_bytes: 0,
             next_mail: 1,
             timers: TimerWheel::new(now, TICK),
@@ -445,6 +471,7 @@ impl Server {
                 continue;
             }
             server.stored_bytes += m.size();
+            server.by_age.insert((m.stored_at, m.mail, to));
             let mb = server.mailboxes.entry(to).or_default();
             mb.bytes += m.size();
             mb.keys.insert((m.from.clone(), m.id));
@@ -452,6 +479,8 @@ impl Server {
         }
         // Loading is not a change anyone needs to hear about.
         let _ = server.table.take_deltas();
+        // What expired while the server was down goes now.
+        server.expire(now);
         server
     }
 
@@ -552,6 +581,10 @@ impl Server {
                 Timer::StoreRetry => {
                     self.retry = None;
                     self.undefer();
+                }
+                Timer::Expiry => {
+                    self.expiry = None;
+                    self.expire(now);
                 }
             }
         }
@@ -1382,6 +1415,11 @@ impl Server {
         mb.keys.insert((stored.from.clone(), stored.id));
         mb.mail.insert(stored.mail, stored.clone());
         self.stored_bytes += size;
+        self.by_age.insert((stored.stored_at, stored.mail, to));
+        if self.expiry.is_none() {
+            // The first message waiting: its expiry is the next.
+            self.expire(now);
+        }
         let id = stored.mail;
         self.batch.first_mail.get_or_insert(id);
         self.batch.mail.push((to, id));
@@ -1408,7 +1446,47 @@ impl Server {
         mb.bytes -= m.size();
         mb.keys.remove(&(m.from.clone(), m.id));
         self.stored_bytes -= m.size();
+        self.by_age.remove(&(m.stored_at, mail, to));
         Some(m)
+    }
+
+    /// Deletes the mail that reached its time-to-live, then sets the
+    /// timer for the next.
+    fn expire(&mut self, now: Instant) {
+        let Some(ttl) = self.config.mail_ttl else {
+            return;
+        };
+        let ttl = i64::try_from(ttl.as_secs()).unwrap_or(i64::MAX);
+        let unix = self.unix_time(now);
+        while let Some(&(stored_at, mail, to)) = self.by_age.first() {
+            let left = stored_at.saturating_add(ttl).saturating_sub(unix);
+            if left > 0 {
+                // The next one; a timer already set for an earlier moment
+                // comes back here.
+                let due = now + Duration::from_secs(left.unsigned_abs());
+                if self.expiry.is_none_or(|(at, _)| at > due) {
+                    if let Some((_, key)) = self.expiry.take() {
+                        self.timers.cancel(key);
+                    }
+                    self.expiry = Some((due, self.timers.insert(due, Timer::Expiry)));
+                }
+                return;
+            }
+            let session = &mut self.sessions[to.index() as usize];
+            if let Some(f) = session.inflight.remove(&mail) {
+                self.timers.cancel(f.timer);
+            }
+            if let Some(m) = self.take_mail(to, mail) {
+                self.event(ServerEvent::Expired {
+                    to: m.to.clone(),
+                    from: m.from,
+                    mail,
+                });
+                self.store_ops.push_back(StoreOp::Delete { to: m.to, mail });
+            } else {
+                self.by_age.remove(&(stored_at, mail, to));
+            }
+        }
     }
 
     /// Sends queued deliveries while the window has room.
