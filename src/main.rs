@@ -19,6 +19,7 @@ const HELP: &str = "
     --mailbox-bytes N     most bytes kept for one client (default 1048576)
     --store-bytes N       most bytes kept in all (default 268435456)
     --max-clients N       most names in the registry (default 100000)
+    --names-per-source N  new names one IPv4 address or IPv6 /64 registers at once, then one per 10 s (default 64)
     --mail-ttl AGE        delete mail undelivered after AGE: N with s, m, h or d, or 'never' (default 30d)
     --heartbeat SECS      the clients' heartbeat interval; 3 missed = offline (default 10)
   -c <name> <server-ip> <server-port> <client-port>
@@ -32,7 +33,7 @@ const HELP: &str = "
   -V, --version           show the version";
 
 /// Flags only the server takes.
-const SERVER_ONLY: [&str; 7] = [
+const SERVER_ONLY: [&str; 8] = [
     "bind",
     "data-dir",
     "mailbox-messages",
@@ -40,6 +41,7 @@ const SERVER_ONLY: [&str; 7] = [
     "store-bytes",
     "max-clients",
     "mail-ttl",
+    "names-per-source",
 ];
 
 enum Mode {
@@ -93,6 +95,7 @@ fn parse(args: &[String]) -> Result<Mode, String> {
     opts.optopt("", "store-bytes", "bytes stored in all", "N");
     opts.optopt("", "max-clients", "names in the registry", "N");
     opts.optopt("", "mail-ttl", "how long undelivered mail is kept", "AGE");
+    opts.optopt("", "names-per-source", "new names per address", "N");
     opts.optopt("", "heartbeat", "heartbeat interval", "SECS");
     opts.optopt("", "key", "client key file", "FILE");
     opts.optopt("", "release", "release a name", "NAME");
@@ -148,6 +151,7 @@ fn parse(args: &[String]) -> Result<Mode, String> {
                 store_bytes: limit("store-bytes", 256 << 20)?,
                 max_clients: limit("max-clients", 100_000)?,
                 mail_ttl: parse_age(m.opt_str("mail-ttl"))?,
+                names_per_source: limit("names-per-source", 64)?,
             }))
         }
         (None, Some(name)) => {

@@ -132,6 +132,11 @@ impl Directory {
         self.version
     }
 
+    /// Most rows it will hold.
+    pub fn capacity(&self) -> usize {
+        self.max_rows
+    }
+
     /// Number of rows (online or not).
     pub fn len(&self) -> usize {
         self.rows.len()

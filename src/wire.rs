@@ -232,6 +232,8 @@ pub enum Refusal {
     /// The server's database is locked by another process: not saved, send
     /// it again.
     StoreBusy,
+    /// The source address registered too many new names lately.
+    TooManyNames,
 }
 
 /// Why a registration was refused.

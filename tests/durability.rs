@@ -471,6 +471,17 @@ fn the_client_limit_refuses_new_names_clearly_and_keeps_known_ones() {
 }
 
 #[test]
+fn one_address_registers_only_its_ration_of_new_names() {
+    let server = Server::start_with(&["--names-per-source", "2"]);
+    let [mut alice, mut bob] = Client::join_all(&server, ["Alice", "Bob"]);
+    let mut carol = Client::start("Carol", server.port());
+    carol.expect(">>> [Error: too many new names from this address lately; try again later.]");
+    carol.expect_exit(1);
+    alice.finish();
+    bob.finish();
+}
+
+#[test]
 fn mail_past_its_time_to_live_is_deleted_unread() {
     let mut server = Server::start_with(&["--mail-ttl", "2s"]);
     let [mut alice, mut bob] = Client::join_all(&server, ["Alice", "Bob"]);

@@ -1292,9 +1292,13 @@ impl Client {
                     "the server has no client {to}; the message was not saved."
                 ));
             }
-            (Kind::Register { joining, .. }, _) => {
+            (Kind::Register { joining, .. }, reason) => {
                 self.session.end_join();
-                self.error("the server is full; try again later.".to_string());
+                self.error(if reason == Refusal::TooManyNames {
+                    "too many new names from this address lately; try again later.".to_string()
+                } else {
+                    "the server is full; try again later.".to_string()
+                });
                 if joining == Joining::First {
                     self.exit(1);
                 } else {

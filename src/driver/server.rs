@@ -42,6 +42,8 @@ pub struct Options {
     pub max_clients: usize,
     /// How long undelivered mail is kept (`None`: until delivered).
     pub mail_ttl: Option<Duration>,
+    /// New names one source registers at once (then one per 10 s).
+    pub names_per_source: usize,
 }
 
 /// Runs the server until a signal stops it. Returns the exit status.
@@ -73,6 +75,7 @@ pub fn run(options: Options) -> Result<i32, Fatal> {
     config.store_bytes = options.store_bytes;
     config.max_clients = options.max_clients;
     config.mail_ttl = options.mail_ttl;
+    config.new_names.0 = u32::try_from(options.names_per_source).unwrap_or(u32::MAX);
     let known = loaded.clients.len();
     let mut server = Server::new(config, now, loaded);
     say(&format!("udpchat server listening on {local}"));

@@ -36,6 +36,7 @@ use crate::wire::{
 };
 use crate::{RETRANSMIT, TICK, Transmit};
 
+pub mod limits;
 pub mod links;
 
 pub use links::{AMPLIFICATION, LinkId, LinkStats};
@@ -71,6 +72,9 @@ pub struct ServerConfig {
     /// A stored message not delivered this long after it was stored is
     /// deleted (`None`: kept until delivered).
     pub mail_ttl: Option<Duration>,
+    /// New names one source (an IPv4 address, an IPv6 /64) may register
+    /// at once, and how often it earns one more.
+    pub new_names: (u32, Duration),
 }
 
 impl std::fmt::Debug for ServerConfig {
@@ -84,13 +88,15 @@ impl std::fmt::Debug for ServerConfig {
             .field("presence_timeout", &self.presence_timeout)
             .field("max_handshakes", &self.max_handshakes)
             .field("mail_ttl", &self.mail_ttl)
+            .field("new_names", &self.new_names)
             .finish_non_exhaustive()
     }
 }
 
 impl ServerConfig {
     /// Defaults: 100,000 clients, 1,000 messages or 1 MiB per mailbox,
-    /// 256 MiB in all, 4,096 handshakes under way, mail kept 30 days.
+    /// 256 MiB in all, 4,096 handshakes under way, mail kept 30 days, 64
+    /// new names per source and one more every 10 s.
     pub fn new(seed: [u8; 32], key: Keypair, clock: (Instant, i64)) -> Self {
         ServerConfig {
             seed,
@@ -103,6 +109,7 @@ impl ServerConfig {
             presence_timeout: Duration::from_secs(30),
             max_handshakes: 4096,
             mail_ttl: Some(MAIL_TTL),
+            new_names: (64, Duration::from_secs(10)),
         }
     }
 }
@@ -222,6 +229,8 @@ const DELIVERY_WINDOW: usize = 16;
 const DELIVERY_ROUNDS: u8 = 3;
 /// Most events queued for the log; older ones are dropped first.
 const EVENT_QUEUE: usize = 1024;
+/// Sources whose new-name budget is remembered (about 100 bytes each).
+const NAME_SOURCES: usize = 65_536;
 /// How soon changes a failed commit left over are tried again (sooner if
 /// new changes come: they go in the same transaction, first).
 const STORE_RETRY: Duration = Duration::from_secs(1);
@@ -359,6 +368,8 @@ pub struct Server {
     /// session is pushed with every row, so a `ClientId` indexes both.
     sessions: Vec<Session>,
     probes: HashMap<u64, ClientId>,
+    /// New names per source.
+    new_names: limits::Buckets,
     mailboxes: HashMap<ClientId, Mailbox>,
     /// Every stored message by when it was stored, oldest first: what
     /// expires next.
@@ -403,6 +414,7 @@ impl Server {
             links,
             sessions: Vec::new(),
             probes: HashMap::new(),
+            new_names: limits::Buckets::new(config.new_names.0, config.new_names.1, NAME_SOURCES),
             mailboxes: HashMap::new(),
             by_age: BTreeSet::new(),
             expiry: None,
@@ -816,6 +828,18 @@ impl Server {
             return;
         }
         let Some(id) = self.table.lookup(&name) else {
+            // A new row is for good: one source may not fill the registry.
+            // (Checked after the lookup, so known names always log in.)
+            if self.table.len() < self.table.capacity() && !self.new_names.take(now, from) {
+                // Counted, not logged: the log is not the attacker's to fill.
+                self.stats.ignored += 1;
+                let msg = Message::Refused {
+                    seq,
+                    reason: Refusal::TooManyNames,
+                };
+                self.links.send(link, &msg, &mut self.transmits);
+                return;
+            }
             match self.table.insert(name.clone(), from, false, key) {
                 Ok(id) => {
                     self.sessions.push(Session::default());

@@ -147,14 +147,25 @@ impl Sim {
         key: Keypair,
         server_key: Option<PublicKey>,
     ) -> usize {
+        self.spawn_at(n, addr(port), key, server_key)
+    }
+
+    /// Starts a client at any address (another host's).
+    pub fn spawn_at(
+        &mut self,
+        n: &str,
+        at: SocketAddr,
+        key: Keypair,
+        server_key: Option<PublicKey>,
+    ) -> usize {
         let mut seed = [0u8; 32];
-        seed[..2].copy_from_slice(&port.to_le_bytes());
+        seed[..2].copy_from_slice(&at.port().to_le_bytes());
         seed[2] = self.nodes.len() as u8;
         let config = ClientConfig::new(name(n), self.server_addr, seed, key, server_key);
         let client = Client::new(config, self.now);
         self.nodes.push(Node {
             client,
-            addr: addr(port),
+            addr: at,
             alive: true,
             lines: Vec::new(),
             exit: None,
