@@ -204,3 +204,105 @@ fn mail_undelivered_for_its_time_to_live_is_deleted_and_nothing_else() {
         Some(udpchat::store::StoreOp::Delete { .. })
     ));
 }
+
+/// Bob logs back in while a message for him waits in a batch that then
+/// fails: the welcome counted only what was committed, so his mail batch
+/// neither waits for the message taken back nor stalls.
+#[test]
+fn a_welcome_counts_no_message_a_failed_commit_takes_back() {
+    let mut s = bob_away();
+    s.command(0, "send Bob committed");
+    // Bob's handshake reaches its last step; Alice's message gets to the
+    // server just before his Finish (which carries the registration), and
+    // both are handled before the commit, as in one read burst.
+    let bob_addr = sim::addr(3000);
+    let response = move |p: &sim::Packet| p.to == bob_addr && p.is(udpchat::wire::What::Response);
+    let before = s.count(response);
+    let b = s.nodes[1].lines.len();
+    s.line(1, "reg Bob");
+    assert!(s.run_until(Duration::from_secs(5), |s| s.count(response) > before));
+    s.run_for(sim::LATENCY / 2);
+    s.hold = true;
+    let a = s.nodes[0].lines.len();
+    s.line(0, "send Bob taken back");
+    let bob = name("Bob");
+    let online = |s: &Sim| {
+        s.server
+            .table()
+            .lookup(&bob)
+            .is_some_and(|id| s.server.table().get(id).online)
+    };
+    assert!(s.run_until(Duration::from_secs(5), |s| online(s)));
+    assert_eq!(s.server.mailbox(&bob).count(), 2);
+    s.release(Some(StoreFailure::Full));
+    let t0 = s.now;
+    s.settle();
+    let said = s.lines_since(0, a);
+    assert!(said.contains(&FULL), "{said:?}");
+    let shown = s.lines_since(1, b);
+    assert!(shown.iter().any(|l| l.ends_with(" committed")), "{shown:?}");
+    assert!(!shown.iter().any(|l| l.contains("taken back")), "{shown:?}");
+    assert_eq!(shown.last(), Some(&">>> [Client table updated.]"));
+    // Done at once, not after the 5 s a stalled batch waits.
+    assert!(s.now - t0 < Duration::from_secs(2), "{:?}", s.now - t0);
+    assert!(s.nodes[1].client.is_online());
+}
+
+/// Mail whose time runs out while its recipient is logging back in and
+/// reading it is not taken out of the batch under way.
+#[test]
+fn mail_being_delivered_does_not_expire_under_its_reader() {
+    let mut s = Sim::new();
+    let mut config =
+        udpchat::ServerConfig::new([1; 32], sim::server_key(), (s.start, sim::EPOCH_UNIX));
+    config.mail_ttl = Some(Duration::from_secs(60));
+    s.server = udpchat::Server::new(config, s.now, Default::default());
+    s.join("Alice", 2000);
+    s.join("Bob", 3000);
+    s.command(1, "dereg Bob");
+    s.command(0, "send Bob first");
+    s.command(0, "send Bob second");
+    s.run_for(Duration::from_millis(59_800));
+    // Bob's acks are lost for a while, so both stay in flight past 60 s.
+    let bob_addr = sim::addr(3000);
+    s.drop_rules.push(sim::drop_first(4, move |p| {
+        p.from == bob_addr && p.is(udpchat::wire::What::Delivered)
+    }));
+    let b = s.nodes[1].lines.len();
+    s.command(1, "reg Bob");
+    let shown = s.lines_since(1, b);
+    assert_eq!(
+        shown
+            .iter()
+            .filter(|l| l.ends_with(" first") || l.ends_with(" second"))
+            .count(),
+        2,
+        "{shown:?}"
+    );
+    assert!(s.now - s.start > Duration::from_secs(60));
+    assert!(s.nodes[1].client.is_online());
+    assert_eq!(s.server.mailbox(&name("Bob")).count(), 0);
+    assert!(
+        !s.events
+            .iter()
+            .any(|e| matches!(e, ServerEvent::Expired { .. }))
+    );
+}
+
+/// A store edited by hand with a time stamp far in the future: the server
+/// starts, and keeps the message.
+#[test]
+fn a_stored_time_far_in_the_future_does_not_stop_the_server() {
+    let mut s = bob_away();
+    s.command(0, "send Bob from the future");
+    let mut loaded = s.store.load().unwrap();
+    for stamp in [i64::MAX, i64::MAX - 1_000, i64::MIN] {
+        loaded.mail[0].stored_at = stamp;
+        let config =
+            udpchat::ServerConfig::new([4; 32], sim::server_key(), (s.now, sim::EPOCH_UNIX));
+        let server = udpchat::Server::new(config, s.now, loaded.clone());
+        let kept = server.mailbox(&name("Bob")).count();
+        // Far future: kept; far past: long expired.
+        assert_eq!(kept, usize::from(stamp > 0), "{stamp}");
+    }
+}

@@ -1,7 +1,9 @@
 //! Per-source token buckets: how many new names one address may register.
 //!
-//! A source is an IPv4 address or an IPv6 /64 (one subscriber's prefix, so
-//! rotating through its 2^64 addresses buys nothing). Each has a bucket of
+//! A source is an IPv4 address or an IPv6 prefix: a /64 (one subscriber's
+//! prefix, so rotating through its 2^64 addresses buys nothing), and, with
+//! a second set of buckets, a /48 (one site's, so rotating through its
+//! 65,536 /64s buys little more). Each has a bucket of
 //! `burst` tokens refilled at one per `every`; a new name costs one. The
 //! table of buckets is bounded: past `capacity` sources the one idle longest
 //! is forgotten (a forgotten source starts full again, which is what it
@@ -11,14 +13,27 @@ use std::collections::{BTreeSet, HashMap};
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
-/// The key a source is counted under.
-fn source(addr: SocketAddr) -> (u128, u8) {
-    match addr.ip() {
-        IpAddr::V4(ip) => (u128::from(u32::from(ip)), 32),
-        IpAddr::V6(ip) => match ip.to_ipv4_mapped() {
-            Some(v4) => (u128::from(u32::from(v4)), 32),
-            None => (u128::from(ip) >> 64, 64),
-        },
+/// Which sources a set of buckets counts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Prefix {
+    /// IPv4 addresses and IPv6 /64s.
+    Host,
+    /// IPv6 /48s only (IPv4 is not counted: a /24 is often one NAT pool).
+    Site,
+}
+
+/// The key a source is counted under, if this set counts it.
+fn source(prefix: Prefix, addr: SocketAddr) -> Option<(u128, u8)> {
+    let v4 = match addr.ip() {
+        IpAddr::V4(ip) => Some(ip),
+        IpAddr::V6(ip) => ip.to_ipv4_mapped(),
+    };
+    match (v4, addr.ip(), prefix) {
+        (Some(ip), _, Prefix::Host) => Some((u128::from(u32::from(ip)), 32)),
+        (Some(_), _, Prefix::Site) => None,
+        (None, IpAddr::V6(ip), Prefix::Host) => Some((u128::from(ip) >> 64, 64)),
+        (None, IpAddr::V6(ip), Prefix::Site) => Some((u128::from(ip) >> 80, 48)),
+        (None, IpAddr::V4(_), _) => None,
     }
 }
 
@@ -34,6 +49,7 @@ struct Bucket {
 /// Token buckets per source.
 #[derive(Debug)]
 pub struct Buckets {
+    prefix: Prefix,
     burst: u32,
     every: Duration,
     capacity: usize,
@@ -45,8 +61,9 @@ pub struct Buckets {
 impl Buckets {
     /// `burst` tokens per source, one more per `every`, at most `capacity`
     /// sources remembered.
-    pub fn new(burst: u32, every: Duration, capacity: usize) -> Self {
+    pub fn new(prefix: Prefix, burst: u32, every: Duration, capacity: usize) -> Self {
         Buckets {
+            prefix,
             burst: burst.max(1),
             every: every.max(Duration::from_millis(1)),
             capacity: capacity.max(1),
@@ -55,9 +72,12 @@ impl Buckets {
         }
     }
 
-    /// Takes a token for `addr` at `now`; `false` if it has none left.
+    /// Takes a token for `addr` at `now`; `false` if it has none left
+    /// (always `true` for a source this set does not count).
     pub fn take(&mut self, now: Instant, addr: SocketAddr) -> bool {
-        let key = source(addr);
+        let Some(key) = source(self.prefix, addr) else {
+            return true;
+        };
         let mut bucket = match self.buckets.get(&key) {
             Some(b) => {
                 self.by_use.remove(&(b.used, key));
@@ -77,6 +97,11 @@ impl Buckets {
             }
         };
         bucket.used = bucket.used.max(now);
+        if bucket.tokens == self.burst {
+            // A full bucket earns nothing while it waits: its next token
+            // comes a whole interval after this one is taken.
+            bucket.at = bucket.at.max(now);
+        }
         // Refill: whole tokens since `at`, keeping the remainder's time.
         let elapsed = now.saturating_duration_since(bucket.at);
         let gained = elapsed.as_nanos() / self.every.as_nanos();
@@ -120,7 +145,7 @@ mod tests {
     #[test]
     fn a_burst_then_one_per_interval() {
         let t = Instant::now();
-        let mut b = Buckets::new(3, Duration::from_secs(1), 16);
+        let mut b = Buckets::new(Prefix::Host, 3, Duration::from_secs(1), 16);
         for port in 1..=3 {
             assert!(b.take(t, v4(1, port)), "burst token {port}");
         }
@@ -143,7 +168,7 @@ mod tests {
     #[test]
     fn an_ipv6_prefix_is_one_source_and_mapped_v4_is_v4() {
         let t = Instant::now();
-        let mut b = Buckets::new(1, Duration::from_secs(60), 16);
+        let mut b = Buckets::new(Prefix::Host, 1, Duration::from_secs(60), 16);
         let a: SocketAddr = "[2001:db8:1:2::1]:5000".parse().unwrap();
         let same_64: SocketAddr = "[2001:db8:1:2:ffff::9]:5001".parse().unwrap();
         let other_64: SocketAddr = "[2001:db8:1:3::1]:5000".parse().unwrap();
@@ -153,12 +178,24 @@ mod tests {
         let mapped: SocketAddr = "[::ffff:198.51.100.7]:1".parse().unwrap();
         assert!(b.take(t, mapped));
         assert!(!b.take(t, v4(7, 2)));
+        // A site's buckets: one /48 across its /64s, IPv4 not counted.
+        let mut site = Buckets::new(Prefix::Site, 2, Duration::from_secs(60), 16);
+        assert!(site.take(t, a));
+        assert!(site.take(t, other_64));
+        let same_48: SocketAddr = "[2001:db8:1:ffff::1]:1".parse().unwrap();
+        assert!(!site.take(t, same_48));
+        let other_48: SocketAddr = "[2001:db8:2::1]:1".parse().unwrap();
+        assert!(site.take(t, other_48));
+        for port in 0..10 {
+            assert!(site.take(t, v4(9, port)));
+        }
+        assert!(site.is_empty() || site.len() == 2);
     }
 
     #[test]
     fn the_table_stays_bounded_and_forgets_the_idlest() {
         let t = Instant::now();
-        let mut b = Buckets::new(1, Duration::from_secs(60), 4);
+        let mut b = Buckets::new(Prefix::Host, 1, Duration::from_secs(60), 4);
         for a in 0..100u8 {
             b.take(t + Duration::from_millis(u64::from(a)), v4(a, 1));
             assert!(b.len() <= 4);

@@ -178,7 +178,7 @@ pub enum ServerEvent {
 /// Why a commit failed, as far as the senders it refuses care.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum StoreFailure {
-    /// The disk (or the store's quota) is full.
+    /// The disk is full.
     Full,
     /// Another process holds the database's write lock.
     Busy,
@@ -229,6 +229,11 @@ const DELIVERY_WINDOW: usize = 16;
 const DELIVERY_ROUNDS: u8 = 3;
 /// Most events queued for the log; older ones are dropped first.
 const EVENT_QUEUE: usize = 1024;
+/// How often expired mail an online recipient still holds is looked at
+/// again.
+const EXPIRY_RECHECK: Duration = Duration::from_secs(60);
+/// How many hosts' ration of new names an IPv6 /48 gets.
+const SITE_HOSTS: u32 = 16;
 /// Sources whose new-name budget is remembered (about 100 bytes each).
 const NAME_SOURCES: usize = 65_536;
 /// How soon changes a failed commit left over are tried again (sooner if
@@ -249,6 +254,22 @@ enum Timer {
     Expiry,
 }
 
+/// A reply that rests on the batch under way.
+#[derive(Debug, Clone, Copy)]
+enum Promise {
+    /// "Saved" (an ack of a save-message or a channel message).
+    Saved { channel: bool },
+    /// A welcome that counted mail of this batch (the newest ids, so the
+    /// last positions): a failed commit lowers the count.
+    Welcome {
+        version: u64,
+        mail: u32,
+        reset: [u8; crate::packet::TOKEN_LEN],
+        /// The last message counted.
+        last: MailId,
+    },
+}
+
 /// What the batch since the last commit promised, so that a failed commit
 /// can take it back. Indexes into `transmits` are stable meanwhile: nothing
 /// leaves while a store operation is uncommitted.
@@ -261,11 +282,12 @@ struct Batch {
     first_mail: Option<MailId>,
     /// Their (recipient, sender, id), to spot a retry of one of them.
     keys: HashSet<(ClientId, Name, MsgId)>,
-    /// Requests acked "saved" on the strength of this batch: (sender, seq,
-    /// channel).
-    acks: Vec<(ClientId, Seq, bool)>,
-    /// Those acks in `transmits` (first sends and cached resends).
-    ack_transmits: Vec<(usize, ClientId, Seq)>,
+    /// Replies that hold only if this batch is committed: (client, seq,
+    /// what they promised).
+    acks: Vec<(ClientId, Seq, Promise)>,
+    /// Those replies in `transmits` (first sends and cached resends), with
+    /// the session they were sealed for.
+    ack_transmits: Vec<(usize, ClientId, Seq, LinkId)>,
     /// Deliveries of the batch's messages in `transmits`.
     deliveries: Vec<(usize, MailId)>,
     /// The batch's other operations, polled already: they promised nobody
@@ -368,8 +390,9 @@ pub struct Server {
     /// session is pushed with every row, so a `ClientId` indexes both.
     sessions: Vec<Session>,
     probes: HashMap<u64, ClientId>,
-    /// New names per source.
+    /// New names per source: per host, and per IPv6 site.
     new_names: limits::Buckets,
+    new_names_site: limits::Buckets,
     mailboxes: HashMap<ClientId, Mailbox>,
     /// Every stored message by when it was stored, oldest first: what
     /// expires next.
@@ -414,7 +437,19 @@ impl Server {
             links,
             sessions: Vec::new(),
             probes: HashMap::new(),
-            new_names: limits::Buckets::new(config.new_names.0, config.new_names.1, NAME_SOURCES),
+            new_names: limits::Buckets::new(
+                limits::Prefix::Host,
+                config.new_names.0,
+                config.new_names.1,
+                NAME_SOURCES,
+            ),
+            // A site (/48) gets what 16 hosts would, no more.
+            new_names_site: limits::Buckets::new(
+                limits::Prefix::Site,
+                config.new_names.0.saturating_mul(SITE_HOSTS),
+                config.new_names.1 / SITE_HOSTS,
+                NAME_SOURCES,
+            ),
             mailboxes: HashMap::new(),
             by_age: BTreeSet::new(),
             expiry: None,
@@ -605,6 +640,8 @@ impl Server {
     /// The driver committed every [`StoreOp`] polled so far: release the
     /// datagrams held behind them.
     pub fn handle_committed(&mut self) {
+        // The batch is everything polled: a driver polls all, then commits.
+        debug_assert!(self.store_ops.is_empty() || self.batch.mail.is_empty());
         self.uncommitted = 0;
         let batch = std::mem::take(&mut self.batch);
         for event in batch.stored {
@@ -632,30 +669,68 @@ impl Server {
         for &(to, mail) in &batch.mail {
             self.unput(to, mail);
         }
+        // Window slots the taken-back deliveries held are free again.
+        let mut online: Vec<ClientId> = batch.mail.iter().map(|&(to, _)| to).collect();
+        online.sort_unstable();
+        online.dedup();
+        for to in online {
+            if self.table.get(to).online {
+                self.pump(now, to);
+            }
+        }
         let mut gone: HashSet<usize> = batch.deliveries.iter().map(|&(i, _)| i).collect();
         let reason = failure.refusal();
         let mut refusals: HashMap<(ClientId, Seq), (What, Vec<u8>)> = HashMap::new();
-        for &(sender, seq, channel) in &batch.acks {
-            let msg = Message::Refused { seq, reason };
+        for &(client, seq, promise) in &batch.acks {
+            let msg = match promise {
+                Promise::Saved { channel } => {
+                    let from = self.table.get(client).name.clone();
+                    self.event(ServerEvent::NotSaved {
+                        from,
+                        channel,
+                        failure,
+                    });
+                    Message::Refused { seq, reason }
+                }
+                Promise::Welcome {
+                    version,
+                    mail,
+                    reset,
+                    last,
+                } => {
+                    let taken = batch
+                        .mail
+                        .iter()
+                        .filter(|&&(to, m)| to == client && m <= last)
+                        .count();
+                    if taken == 0 {
+                        continue;
+                    }
+                    Message::Welcome {
+                        seq,
+                        version,
+                        mail: mail.saturating_sub(taken as u32),
+                        reset,
+                    }
+                }
+            };
             let encoded = (msg.what(), wire::encode_to_vec(&msg));
-            // A retry of the request gets the same refusal.
-            self.cache(sender, seq, encoded.clone());
-            refusals.insert((sender, seq), encoded);
-            let from = self.table.get(sender).name.clone();
-            self.event(ServerEvent::NotSaved {
-                from,
-                channel,
-                failure,
-            });
+            // A retry of the request gets the same answer.
+            self.cache(client, seq, encoded.clone());
+            refusals.insert((client, seq), encoded);
         }
-        for &(i, sender, seq) in &batch.ack_transmits {
-            let (Some((what, plain)), Some(link)) = (
-                refusals.get(&(sender, seq)),
-                self.sessions[sender.index() as usize].link,
-            ) else {
-                gone.insert(i);
+        for &(i, sender, seq, link) in &batch.ack_transmits {
+            // A reply the failure does not change stays as it is.
+            let Some((what, plain)) = refusals.get(&(sender, seq)) else {
                 continue;
             };
+            // Sealed for the session the reply was for, or not at all (a
+            // client that logged in again meanwhile finds the new answer
+            // in the reply cache).
+            if self.sessions[sender.index() as usize].link != Some(link) {
+                gone.insert(i);
+                continue;
+            }
             let mut sealed = VecDeque::new();
             self.links.send_encoded(link, plain, *what, &mut sealed);
             match sealed.pop_front() {
@@ -830,7 +905,9 @@ impl Server {
         let Some(id) = self.table.lookup(&name) else {
             // A new row is for good: one source may not fill the registry.
             // (Checked after the lookup, so known names always log in.)
-            if self.table.len() < self.table.capacity() && !self.new_names.take(now, from) {
+            if self.table.len() < self.table.capacity()
+                && !(self.new_names_site.take(now, from) && self.new_names.take(now, from))
+            {
                 // Counted, not logged: the log is not the attacker's to fill.
                 self.stats.ignored += 1;
                 let msg = Message::Refused {
@@ -968,6 +1045,10 @@ impl Server {
         }
         let body = wire::encode_body(&MailBody { id, text });
         let mut stored = false;
+        // A copy committed by an earlier batch (a retry after a restart):
+        // the message is out, so the answer is "saved" whatever this batch
+        // does; a copy new in it that fails is missed like a full mailbox.
+        let mut committed = false;
         for r in recipients {
             // Encrypted at rest under the server's storage key: the store's
             // files never hold a message's text.
@@ -989,7 +1070,8 @@ impl Server {
                     stored = true;
                     self.deliver_live(now, r, mail);
                 }
-                Ok(None) => stored |= self.batch.keys.contains(&key),
+                Ok(None) if self.batch.keys.contains(&key) => stored = true,
+                Ok(None) => committed = true,
                 // This recipient's own mailbox is full: it misses the
                 // message (logged), as a full mailbox bounces direct mail.
                 Err(_) => {
@@ -998,7 +1080,7 @@ impl Server {
                 }
             }
         }
-        if stored {
+        if stored && !committed {
             self.ack_saved(sender, seq, true);
         } else {
             self.reply(sender, seq, Message::Ack { seq });
@@ -1224,7 +1306,7 @@ impl Server {
             if self.transmits.len() > at
                 && self.batch.acks.iter().any(|&(i, s, _)| i == id && s == seq)
             {
-                self.batch.ack_transmits.push((at, id, seq));
+                self.batch.ack_transmits.push((at, id, seq, link));
             }
         }
         true
@@ -1273,11 +1355,19 @@ impl Server {
     /// Acks `seq` "saved": a promise that holds only once the batch is
     /// committed, so the ack is noted for [`Server::handle_commit_failed`].
     fn ack_saved(&mut self, id: ClientId, seq: Seq, channel: bool) {
-        self.batch.acks.push((id, seq, channel));
+        self.promise(id, seq, Message::Ack { seq }, Promise::Saved { channel });
+    }
+
+    /// Replies `msg`, which holds only if the batch is committed (see
+    /// [`Promise`]).
+    fn promise(&mut self, id: ClientId, seq: Seq, msg: Message, promise: Promise) {
+        self.batch.acks.push((id, seq, promise));
         let at = self.transmits.len();
-        self.reply(id, seq, Message::Ack { seq });
-        if self.transmits.len() > at {
-            self.batch.ack_transmits.push((at, id, seq));
+        self.reply(id, seq, msg);
+        if self.transmits.len() > at
+            && let Some(link) = self.sessions[id.index() as usize].link
+        {
+            self.batch.ack_transmits.push((at, id, seq, link));
         }
     }
 
@@ -1337,13 +1427,32 @@ impl Server {
             .enumerate()
             .map(|(i, &m)| (m, Some(i as u32)))
             .collect();
+        let (version, count, reset) = (
+            self.table.version(),
+            mail.len() as u32,
+            self.links.reset_token(link),
+        );
         let welcome = Message::Welcome {
             seq,
-            version: self.table.version(),
-            mail: mail.len() as u32,
-            reset: self.links.reset_token(link),
+            version,
+            mail: count,
+            reset,
         };
-        self.reply(id, seq, welcome);
+        match (mail.last(), self.batch.first_mail) {
+            // It counts mail of the batch under way, which a failed commit
+            // takes back: then a welcome with the lower count replaces it
+            // (a counted position that never came would stall the batch).
+            (Some(&last), Some(first)) if last >= first => {
+                let promise = Promise::Welcome {
+                    version,
+                    mail: count,
+                    reset,
+                    last,
+                };
+                self.promise(id, seq, welcome, promise);
+            }
+            _ => self.reply(id, seq, welcome),
+        }
         self.event(ServerEvent::Registered(name, addr));
         self.heard(now, id);
         // Queued after the welcome, so the client learns the batch size first.
@@ -1482,34 +1591,47 @@ impl Server {
         };
         let ttl = i64::try_from(ttl.as_secs()).unwrap_or(i64::MAX);
         let unix = self.unix_time(now);
-        while let Some(&(stored_at, mail, to)) = self.by_age.first() {
+        let mut expired = Vec::new();
+        let mut next: Option<Duration> = None;
+        for &(stored_at, mail, to) in &self.by_age {
             let left = stored_at.saturating_add(ttl).saturating_sub(unix);
             if left > 0 {
-                // The next one; a timer already set for an earlier moment
-                // comes back here.
-                let due = now + Duration::from_secs(left.unsigned_abs());
-                if self.expiry.is_none_or(|(at, _)| at > due) {
-                    if let Some((_, key)) = self.expiry.take() {
-                        self.timers.cancel(key);
-                    }
-                    self.expiry = Some((due, self.timers.insert(due, Timer::Expiry)));
+                next = Some(Duration::from_secs(left.unsigned_abs()));
+                break;
+            }
+            // An online recipient is being given it (or has it in a
+            // numbered batch): it is not left undelivered, and taking it
+            // out of the batch would stall the client. Looked at again
+            // later, in case the recipient leaves without it.
+            if self.table.get(to).online {
+                next = Some(next.map_or(EXPIRY_RECHECK, |n| n.min(EXPIRY_RECHECK)));
+                continue;
+            }
+            expired.push((stored_at, mail, to));
+        }
+        for (stored_at, mail, to) in expired {
+            match self.take_mail(to, mail) {
+                Some(m) => {
+                    self.event(ServerEvent::Expired {
+                        to: m.to.clone(),
+                        from: m.from,
+                        mail,
+                    });
+                    self.store_ops.push_back(StoreOp::Delete { to: m.to, mail });
                 }
-                return;
+                None => {
+                    self.by_age.remove(&(stored_at, mail, to));
+                }
             }
-            let session = &mut self.sessions[to.index() as usize];
-            if let Some(f) = session.inflight.remove(&mail) {
-                self.timers.cancel(f.timer);
+        }
+        // A time too far to count (a hand-edited store) is never.
+        if let Some(due) = next.and_then(|n| now.checked_add(n))
+            && self.expiry.is_none_or(|(at, _)| at > due)
+        {
+            if let Some((_, key)) = self.expiry.take() {
+                self.timers.cancel(key);
             }
-            if let Some(m) = self.take_mail(to, mail) {
-                self.event(ServerEvent::Expired {
-                    to: m.to.clone(),
-                    from: m.from,
-                    mail,
-                });
-                self.store_ops.push_back(StoreOp::Delete { to: m.to, mail });
-            } else {
-                self.by_age.remove(&(stored_at, mail, to));
-            }
+            self.expiry = Some((due, self.timers.insert(due, Timer::Expiry)));
         }
     }
 

@@ -56,6 +56,10 @@ pub struct Sim {
     pub store: MemoryStore,
     /// While set, every commit fails so.
     pub store_fails: Option<StoreFailure>,
+    /// While set, store operations are polled but not committed (nothing
+    /// leaves the server) until [`Sim::release`].
+    pub hold: bool,
+    held: Vec<StoreOp>,
     /// Every event the server logged.
     pub events: Vec<ServerEvent>,
     pub nodes: Vec<Node>,
@@ -108,6 +112,8 @@ impl Sim {
             server_up: true,
             store: MemoryStore::new(),
             store_fails: None,
+            hold: false,
+            held: Vec::new(),
             events: Vec::new(),
             nodes: Vec::new(),
             queue: BTreeMap::new(),
@@ -173,6 +179,20 @@ impl Sim {
         let i = self.nodes.len() - 1;
         self.drain_node(i);
         i
+    }
+
+    /// Ends a [`Sim::hold`]: the held operations are committed, or fail so.
+    pub fn release(&mut self, failure: Option<StoreFailure>) {
+        self.hold = false;
+        let ops = std::mem::take(&mut self.held);
+        match failure {
+            Some(f) => self.server.handle_commit_failed(self.now, f),
+            None => {
+                self.store.commit(&ops).unwrap();
+                self.server.handle_committed();
+            }
+        }
+        self.drain_server();
     }
 
     /// Types a console line at client `i`.
@@ -302,6 +322,10 @@ impl Sim {
     fn drain_server(&mut self) {
         loop {
             let ops: Vec<StoreOp> = std::iter::from_fn(|| self.server.poll_store()).collect();
+            if self.hold {
+                self.held.extend(ops);
+                return;
+            }
             let mut committed = false;
             if !ops.is_empty() {
                 match self.store_fails {
