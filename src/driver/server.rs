@@ -203,8 +203,8 @@ fn log(event: &ServerEvent) {
             "stored message {} for {name} cannot be decrypted (damaged, or server.key changed): dropped",
             mail.0
         ),
-        ServerEvent::MailboxFull(name) => {
-            format!("mailbox of {name} is full: a channel message was not kept")
+        ServerEvent::MailboxFull { to, from } => {
+            format!("mailbox of {to} is full: a channel message from {from} was not kept")
         }
         ServerEvent::Expired { to, from, mail } => format!(
             "stored message {} for {to} from {from} expired undelivered: deleted",

@@ -153,7 +153,12 @@ pub enum ServerEvent {
         mail: MailId,
     },
     /// A recipient's mailbox was full, so it did not get a channel message.
-    MailboxFull(Name),
+    MailboxFull {
+        /// The recipient.
+        to: Name,
+        /// The channel message's sender.
+        from: Name,
+    },
     /// A stored message reached the mail time-to-live undelivered and was
     /// deleted.
     Expired {
@@ -1076,7 +1081,10 @@ impl Server {
                 // message (logged), as a full mailbox bounces direct mail.
                 Err(_) => {
                     let to = self.table.get(r).name.clone();
-                    self.event(ServerEvent::MailboxFull(to));
+                    self.event(ServerEvent::MailboxFull {
+                        to,
+                        from: from.clone(),
+                    });
                 }
             }
         }

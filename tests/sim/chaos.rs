@@ -584,7 +584,7 @@ impl World {
             {
                 self.violation(format!("server busy loop: deadline {t:?} not after now"));
             }
-            self.drain_server(None);
+            self.drain_server();
         }
         for slot in 0..self.p.clients {
             let Some(pid) = self.current[slot] else {
@@ -720,7 +720,7 @@ impl World {
                 return;
             };
             server.handle_datagram(now, p.from, &p.payload);
-            self.drain_server(Some(p.from));
+            self.drain_server();
             return;
         }
         if p.to == mallory_addr() {
@@ -744,9 +744,9 @@ impl World {
     }
 
     /// Takes the server's events (and its store ops, held until the commit
-    /// point); `input` is the source of the datagram just handled, for
-    /// attributing a bounced channel copy to its sender's send.
-    fn drain_server(&mut self, input: Option<SocketAddr>) {
+    /// point), noting each channel copy a full mailbox bounced against its
+    /// sender's pending send.
+    fn drain_server(&mut self) {
         let Some(server) = self.server.as_mut() else {
             return;
         };
@@ -755,27 +755,21 @@ impl World {
         }
         let mut bounced = Vec::new();
         while let Some(event) = server.poll_event() {
-            if let ServerEvent::MailboxFull(to) = event {
-                bounced.push(to);
+            if let ServerEvent::MailboxFull { to, from } = event {
+                bounced.push((to, from));
             }
         }
-        if bounced.is_empty() {
-            return;
-        }
-        let sending = input.and_then(|from| {
-            self.current.iter().flatten().find_map(|&pid| {
-                let proc = &self.procs[pid];
-                match &proc.pending {
-                    Some(Pending::Send(text)) if proc.addr == from => Some(text.clone()),
+        // Attributed by the sender the server names, not by the datagram's
+        // source: an on-path attacker may have moved it to another address.
+        for (to, from) in bounced {
+            let sending = slot_of(&from)
+                .and_then(|slot| self.current[slot])
+                .and_then(|pid| match &self.procs[pid].pending {
+                    Some(Pending::Send(text)) => Some(text.clone()),
                     _ => None,
-                }
-            })
-        });
-        if let Some(text) = sending {
-            for to in bounced {
-                if let Some(slot) = slot_of(&to) {
-                    self.bounced.insert((text.clone(), slot));
-                }
+                });
+            if let (Some(text), Some(slot)) = (sending, slot_of(&to)) {
+                self.bounced.insert((text, slot));
             }
         }
     }
