@@ -8,8 +8,7 @@ mod sim;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use sim::{EPOCH_UNIX, Sim, key_of};
-use udpchat::{Server, ServerConfig};
+use sim::{Sim, key_of};
 
 const WELCOME: &str = ">>> [Welcome, You are registered.]";
 const TOO_MANY: &str = ">>> [Error: too many new names from this address lately; try again later.]";
@@ -20,11 +19,7 @@ fn at(host: [u8; 4], port: u16) -> SocketAddr {
 
 /// A server giving each source 3 new names, one more every 10 s.
 fn rationed() -> Sim {
-    let mut s = Sim::new();
-    let mut c = ServerConfig::new([1; 32], sim::server_key(), (s.start, EPOCH_UNIX));
-    c.new_names = (3, Duration::from_secs(10));
-    s.server = Server::new(c, s.now, Default::default());
-    s
+    Sim::with(|c| c.new_names = (3, Duration::from_secs(10)))
 }
 
 /// Starts `name` at `addr` and runs until its registration settled.

@@ -161,16 +161,18 @@ fn while_the_store_fails_everything_else_is_served_and_stored_later() {
     assert_eq!(s.lines_since(1, b), Vec::<&str>::new());
 }
 
-#[test]
-fn mail_undelivered_for_its_time_to_live_is_deleted_and_nothing_else() {
-    let mut s = Sim::new();
-    let mut config =
-        udpchat::ServerConfig::new([1; 32], sim::server_key(), (s.start, sim::EPOCH_UNIX));
-    config.mail_ttl = Some(Duration::from_secs(60));
-    s.server = udpchat::Server::new(config, s.now, Default::default());
+/// Alice online and Bob gone offline, on a server that keeps mail 60 s.
+fn ttl_of_a_minute() -> Sim {
+    let mut s = Sim::with(|c| c.mail_ttl = Some(Duration::from_secs(60)));
     s.join("Alice", 2000);
     s.join("Bob", 3000);
     s.command(1, "dereg Bob");
+    s
+}
+
+#[test]
+fn mail_undelivered_for_its_time_to_live_is_deleted_and_nothing_else() {
+    let mut s = ttl_of_a_minute();
     s.command(0, "send Bob old");
     s.run_for(Duration::from_secs(30));
     s.command(0, "send Bob newer");
@@ -252,14 +254,7 @@ fn a_welcome_counts_no_message_a_failed_commit_takes_back() {
 /// reading it is not taken out of the batch under way.
 #[test]
 fn mail_being_delivered_does_not_expire_under_its_reader() {
-    let mut s = Sim::new();
-    let mut config =
-        udpchat::ServerConfig::new([1; 32], sim::server_key(), (s.start, sim::EPOCH_UNIX));
-    config.mail_ttl = Some(Duration::from_secs(60));
-    s.server = udpchat::Server::new(config, s.now, Default::default());
-    s.join("Alice", 2000);
-    s.join("Bob", 3000);
-    s.command(1, "dereg Bob");
+    let mut s = ttl_of_a_minute();
     s.command(0, "send Bob first");
     s.command(0, "send Bob second");
     s.run_for(Duration::from_millis(59_800));

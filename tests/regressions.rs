@@ -21,22 +21,13 @@ fn three() -> Sim {
     s
 }
 
-/// A server with a smaller configuration.
-fn sim_with(config: impl FnOnce(&mut ServerConfig)) -> Sim {
-    let mut s = Sim::new();
-    let mut c = ServerConfig::new([1; 32], sim::server_key(), (s.start, EPOCH_UNIX));
-    config(&mut c);
-    s.server = Server::new(c, s.now, Default::default());
-    s
-}
-
 /// 65 senders fall back for one silent recipient at once: more than a probe
 /// takes waiters. Every sender still gets exactly one outcome — saved, or
 /// told the server was busy — and nobody exits.
 #[test]
 fn more_waiters_than_a_probe_takes_all_get_an_answer() {
     // 66 names from one address: past the default ration of new names.
-    let mut s = sim_with(|c| c.new_names.0 = 100);
+    let mut s = Sim::with(|c| c.new_names.0 = 100);
     s.join("Bob", 3000);
     for i in 0..65u16 {
         s.join(&format!("s{i:02}"), 4000 + i);
@@ -157,7 +148,7 @@ fn a_lost_delta_is_repaired_by_the_heartbeat() {
 /// and nothing stored; never "received" with copies silently missing.
 #[test]
 fn a_channel_message_the_store_cannot_hold_is_refused() {
-    let mut s = sim_with(|c| c.store_bytes = 200);
+    let mut s = Sim::with(|c| c.store_bytes = 200);
     s.join("Alice", 2000);
     s.join("Bob", 3000);
     s.join("Carol", 4000);
@@ -176,7 +167,7 @@ fn a_channel_message_the_store_cannot_hold_is_refused() {
 /// get the message, that one misses it, nothing already kept is lost.
 #[test]
 fn a_full_mailbox_misses_channel_messages_without_blocking_the_channel() {
-    let mut s = sim_with(|c| c.mailbox_messages = 1);
+    let mut s = Sim::with(|c| c.mailbox_messages = 1);
     s.join("Alice", 2000);
     s.join("Bob", 3000);
     s.join("Carol", 4000);

@@ -123,6 +123,15 @@ impl Sim {
         }
     }
 
+    /// A simulation whose server has `config` changed from the defaults.
+    pub fn with(config: impl FnOnce(&mut ServerConfig)) -> Sim {
+        let mut s = Sim::new();
+        let mut c = ServerConfig::new([1; 32], server_key(), (s.start, EPOCH_UNIX));
+        config(&mut c);
+        s.server = Server::new(c, s.now, Default::default());
+        s
+    }
+
     /// Starts a client and runs until its first registration settled.
     pub fn join(&mut self, n: &str, port: u16) -> usize {
         let i = self.spawn(n, port);
