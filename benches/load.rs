@@ -205,12 +205,21 @@ fn join(n: usize, spread: Duration, deadline: Duration, echo: f64) -> bool {
             }
             drain(j, i, at, &mut sent, &mut last_table);
         }
-        // Timers.
+        // Timers. A client's own process would have read what reached it
+        // before its timer fired; this one process may not have come round
+        // to that socket yet, so it reads it first (else the tool, not the
+        // server, would make clients retry and give up).
         for (i, j) in joiners[..started].iter_mut().enumerate() {
-            if let Some(client) = j.client.as_mut()
+            if let (Some(client), Some(socket)) = (j.client.as_mut(), j.socket.as_ref())
                 && client.poll_timeout().is_some_and(|t| t <= now)
             {
-                client.handle_timeout(now);
+                while let Ok((len, from)) = socket.recv_from(&mut buf) {
+                    received += 1;
+                    client.handle_datagram(now, from, &buf[..len]);
+                }
+                if client.poll_timeout().is_some_and(|t| t <= now) {
+                    client.handle_timeout(now);
+                }
                 drain(j, i, at, &mut sent, &mut last_table);
             }
         }

@@ -820,6 +820,7 @@ pub fn sample_messages() -> Vec<(&'static str, Message)> {
             Message::Page {
                 seq: Seq(17),
                 version: 18,
+                from: 0,
                 entries: entries.clone(),
                 next: Some(1),
             },

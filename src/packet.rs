@@ -68,6 +68,7 @@ pub(crate) mod kind {
     pub const PEER_INIT: u8 = 6;
     pub const PEER_RESPONSE: u8 = 7;
     pub const RESET: u8 = 8;
+    pub const BUSY: u8 = 9;
 }
 
 /// One version-2 datagram, borrowing from the bytes it was parsed from.
@@ -140,6 +141,16 @@ pub enum Packet<'a> {
         receiver: u64,
         /// The token.
         token: &'a [u8; TOKEN_LEN],
+    },
+    /// Server → client: "alive but loaded: send message 1 again in
+    /// `wait_ms`". Sent instead of the handshake's costly message 2, and
+    /// smaller than the message 1 it answers; it does not count as a try.
+    Busy {
+        /// The client's index, echoed (only those who saw message 1 know
+        /// it).
+        receiver: u64,
+        /// How long to wait, in milliseconds.
+        wait_ms: u16,
     },
 }
 
@@ -277,6 +288,10 @@ pub fn parse(data: &[u8]) -> Result<Datagram<'_>, PacketError> {
             receiver: idx(I1)?,
             token: exact(data, AFTER1)?,
         },
+        kind::BUSY => Packet::Busy {
+            receiver: idx(I1)?,
+            wait_ms: u16::from_le_bytes(*exact::<2>(data, AFTER1)?),
+        },
         other => return Err(PacketError::UnknownType(other)),
     };
     Ok(Datagram::Packet(packet))
@@ -354,6 +369,11 @@ impl Packet<'_> {
                 out.extend_from_slice(&receiver.to_le_bytes());
                 out.extend_from_slice(token);
             }
+            Packet::Busy { receiver, wait_ms } => {
+                out.push(kind::BUSY);
+                out.extend_from_slice(&receiver.to_le_bytes());
+                out.extend_from_slice(&wait_ms.to_le_bytes());
+            }
         }
         out
     }
@@ -370,6 +390,7 @@ impl Packet<'_> {
             Packet::PeerInit { .. } => I + IK1_LEN,
             Packet::PeerResponse { .. } => 2 * I + IK2_LEN,
             Packet::Reset { .. } => I + TOKEN_LEN,
+            Packet::Busy { .. } => I + 2,
         }
     }
 

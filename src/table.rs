@@ -267,6 +267,11 @@ impl Directory {
         (entries, (end < len).then_some(end as u32))
     }
 
+    /// Some row changed since the last [`Directory::take_deltas`].
+    pub fn has_changes(&self) -> bool {
+        !self.dirty.is_empty()
+    }
+
     /// Everything changed since the previous call, as deltas of at most
     /// [`PAGE_ENTRIES`] rows each, in order of last change, each row once and
     /// in its latest state. Their ranges chain: the first starts at the

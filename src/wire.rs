@@ -27,6 +27,11 @@ pub const MAX_TEXT: usize = 1000;
 /// Client-table entries carried by one `Page` or `Delta` datagram (each
 /// row carries its 32-byte key).
 pub const PAGE_ENTRIES: usize = 13;
+/// Pages the server sends for one `Sync`, at most: a joiner pulls a large
+/// table in windows, not one stop-and-wait round trip per page. Eight
+/// pages (under 10 KB) fit any receive buffer, and the request comes on a
+/// session whose address is proven, so this is no amplification.
+pub const SYNC_WINDOW: usize = 8;
 /// The body of sealed mail, at most: a [`MailBody`] with the longest text.
 pub const MAX_BODY: usize = VARINT64 + TEXT_MAX;
 /// Sealed mail, at most: the body, an ephemeral key and a tag.
@@ -347,11 +352,14 @@ pub enum Message {
     Exists { seq: Seq, entry: Entry },
     /// The request `seq` was refused.
     Refused { seq: Seq, reason: Refusal },
-    /// A page of table rows answering `Sync`; `next` is the row to ask for
-    /// next, or `None` when the pass is complete.
+    /// A page of table rows answering `Sync`, scanned from row `from`;
+    /// `next` is the row to ask for next, or `None` when the pass is
+    /// complete. Up to [`SYNC_WINDOW`] pages answer one `Sync`, each
+    /// continuing where the one before stopped.
     Page {
         seq: Seq,
         version: u64,
+        from: u32,
         entries: Entries,
         next: Option<u32>,
     },
@@ -401,6 +409,7 @@ pub enum Message {
 pub enum What {
     Initial,
     Retry,
+    Busy,
     Response,
     Finish,
     PeerInit,
@@ -533,7 +542,7 @@ const ENTRIES_MAX: usize = 1 + PAGE_ENTRIES * ENTRY_MAX;
 
 /// Upper bound of an encoded message, over every variant (the largest ones).
 pub const MAX_ENCODED: usize = {
-    let page = 1 + VARINT32 + VARINT64 + ENTRIES_MAX + 1 + VARINT32;
+    let page = 1 + VARINT32 + VARINT64 + VARINT32 + ENTRIES_MAX + 1 + VARINT32;
     let delta = 1 + VARINT64 + VARINT64 + ENTRIES_MAX;
     let deliver_head = 1 + VARINT64 + VARINT32 + 1 + VARINT32 + VARINT64 + NAME_MAX + 1;
     let sealed = deliver_head + KEY_MAX + SEALED_MAX;
@@ -665,6 +674,7 @@ mod tests {
             Message::Page {
                 seq,
                 version: u64::MAX,
+                from: u32::MAX,
                 entries: entries.clone(),
                 next: Some(u32::MAX),
             },

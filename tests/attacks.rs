@@ -254,6 +254,7 @@ fn kind_of(data: &[u8]) -> &'static str {
             Packet::PeerInit { .. } => "PeerInit",
             Packet::PeerResponse { .. } => "PeerResponse",
             Packet::Reset { .. } => "Reset",
+            Packet::Busy { .. } => "Busy",
         },
         Ok(Datagram::Negotiate(_)) => "Negotiate",
         Ok(Datagram::OtherVersion(_)) => "OtherVersion",

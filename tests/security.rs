@@ -889,6 +889,7 @@ fn a_delivery_vouching_for_another_key_than_the_table_is_refused() {
         &Message::Page {
             seq: wire::Seq(seq.0.wrapping_add(1)),
             version: 1,
+            from: 0,
             entries: [alice_row].into_iter().collect(),
             next: None,
         },

@@ -270,6 +270,12 @@ const BATCH_AHEAD: u32 = 64;
 /// A mail batch that makes no progress this long is abandoned (the server
 /// keeps the rest for the next log-back).
 const BATCH_STALL: Duration = Duration::from_secs(5);
+/// "Busy" answers are believed for this much waiting per registration, in
+/// all: a forged one (it needs only our index, which an on-path attacker
+/// sees) can delay "server not responding", not prevent it.
+const BUSY_BUDGET: Duration = Duration::from_secs(60);
+/// The longest one "busy" answer makes us wait.
+const MAX_BUSY_DELAY: Duration = Duration::from_secs(10);
 
 /// Handle of an operation in flight.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -442,6 +448,11 @@ pub struct Client {
     by_seq: HashMap<Seq, OpId>,
     by_msg: HashMap<MsgId, OpId>,
     sync: Option<OpId>,
+    /// Pages of the current sync request's window applied so far.
+    sync_pages: usize,
+    /// "Busy" answers to the registration under way, and the waits they
+    /// brought in all.
+    busy: (u8, Duration),
     batch: Option<Batch>,
     /// The welcome that opened the latest mail batch.
     last_batch: Option<Seq>,
@@ -471,6 +482,8 @@ impl Client {
             by_seq: HashMap::new(),
             by_msg: HashMap::new(),
             sync: None,
+            sync_pages: 0,
+            busy: (0, Duration::ZERO),
             batch: None,
             last_batch: None,
             heartbeat: None,
@@ -523,7 +536,12 @@ impl Client {
                 receiver,
                 sender,
                 noise,
-            } if from_server => self.on_response(receiver, sender, noise),
+            } if from_server => self.on_response(now, receiver, sender, noise),
+            Packet::Busy { receiver, wait_ms }
+                if from_server && self.session.awaits_response(receiver) =>
+            {
+                self.on_busy(now, wait_ms);
+            }
             // The server restarted and lost our session: the same path as
             // an "unknown session" answer.
             Packet::Reset { receiver, token }
@@ -609,9 +627,10 @@ impl Client {
             Message::Page {
                 seq,
                 version,
+                from,
                 entries,
                 next,
-            } => self.on_page(now, seq, version, &entries, next),
+            } => self.on_page(now, seq, version, from, &entries, next),
             Message::Delta {
                 prev,
                 version,
@@ -669,12 +688,14 @@ impl Client {
 
     /// XX message 2 from the server: check its key, then send message 3
     /// with the registration in it.
-    fn on_response(&mut self, receiver: u64, sender: u64, noise: &[u8; packet::XX2_LEN]) {
-        let register = self.ops.iter().find_map(|(_, op)| match op.kind {
-            Kind::Register { seq, .. } => Some(seq),
-            _ => None,
-        });
-        let Some(seq) = register else {
+    fn on_response(
+        &mut self,
+        now: Instant,
+        receiver: u64,
+        sender: u64,
+        noise: &[u8; packet::XX2_LEN],
+    ) {
+        let Some((op, seq)) = self.register_op() else {
             return;
         };
         let first = Message::Register {
@@ -691,7 +712,45 @@ impl Client {
                     self.events.push_back(Event::ServerKeyLearned(key));
                 }
                 self.send_join();
+                // The server answered with its key: alive. Message 3 gets
+                // tries of its own (a loaded server may take a while for
+                // each step of the handshake).
+                self.rearm(now, op, ACK_TIMEOUT);
             }
+        }
+    }
+
+    /// The registration under way: its operation and sequence number.
+    fn register_op(&self) -> Option<(OpId, Seq)> {
+        self.ops.iter().find_map(|(i, op)| match op.kind {
+            Kind::Register { seq, .. } => Some((OpId(i), seq)),
+            _ => None,
+        })
+    }
+
+    /// The server is alive but behind: message 1 goes again after the wait
+    /// it asked for, doubled on every repeat and jittered (RFC 8085 §3.1.3),
+    /// so a storm of joiners spreads out instead of coming back in step.
+    /// The answer does not count as a try. Unauthenticated (it only echoes
+    /// our index), so it is believed for [`BUSY_BUDGET`] in all; past that
+    /// the tries run out as for silence.
+    fn on_busy(&mut self, now: Instant, wait_ms: u16) {
+        let Some((op, _)) = self.register_op() else {
+            return;
+        };
+        if self.busy.1 >= BUSY_BUDGET {
+            return;
+        }
+        let base = Duration::from_millis(u64::from(wait_ms)).max(ACK_TIMEOUT);
+        let backoff = base * (1u32 << self.busy.0.min(3));
+        // Uniform in [0.5, 1.5) of it.
+        let factor = 0.5 + f64::from(self.rng.next_u32()) / (f64::from(u32::MAX) + 1.0);
+        let delay = backoff.mul_f64(factor).min(MAX_BUSY_DELAY);
+        self.busy = (self.busy.0.saturating_add(1), self.busy.1 + delay);
+        if let Some(entry) = self.ops.get_mut(op.0) {
+            self.timers.cancel(entry.timer);
+            entry.sent = entry.sent.saturating_sub(1);
+            entry.timer = self.timers.insert(now + delay, Timer::Op(op));
         }
     }
 
@@ -1344,6 +1403,7 @@ impl Client {
         now: Instant,
         seq: Seq,
         version: u64,
+        from: u32,
         entries: &[Entry],
         next: Option<u32>,
     ) {
@@ -1354,9 +1414,26 @@ impl Client {
         {
             return;
         }
-        self.by_seq.remove(&seq);
+        // Only the page that continues the pass: one after a lost page, or
+        // a late copy, is dropped (the retry asks from where we are).
+        let Some((since, expected)) = self.table.sync_request() else {
+            return;
+        };
+        if from != expected {
+            return;
+        }
+        self.sync_pages += 1;
         match self.table.apply_page(version, entries, next) {
             PageOutcome::More => {
+                let same_pass = self.table.sync_request().is_some_and(|(s, _)| s == since);
+                if next.is_some() && same_pass && self.sync_pages < wire::SYNC_WINDOW {
+                    // More of this window is on its way: an answer, so the
+                    // tries start over, but nothing to send.
+                    self.rearm(now, op, ACK_TIMEOUT);
+                    return;
+                }
+                self.by_seq.remove(&seq);
+                self.sync_pages = 0;
                 let seq = self.seq();
                 if let Some(Op {
                     kind: Kind::Sync { seq: s },
@@ -1369,7 +1446,9 @@ impl Client {
                 self.restart(now, op, ACK_TIMEOUT);
             }
             PageOutcome::Done { changed } => {
+                self.by_seq.remove(&seq);
                 self.sync = None;
+                self.sync_pages = 0;
                 self.finish(op);
                 // Announce a join or log-back even if the table looks the same.
                 let announce = std::mem::take(&mut self.announce);
@@ -1600,7 +1679,14 @@ impl Client {
                 self.finish(op);
                 self.events.push_back(Event::NotDelivered(to));
             }
-            _ if sent < SERVER_TRIES => self.resend(now, op, ACK_TIMEOUT),
+            _ if sent < SERVER_TRIES => {
+                // Up to a fifth longer, never shorter: clients that lost
+                // the same burst do not all come back at the same instant,
+                // and five silent tries still take at least 2.5 s.
+                let wait =
+                    ACK_TIMEOUT.mul_f64(1.0 + f64::from(self.rng.next_u32() % 1000) / 5000.0);
+                self.resend(now, op, wait);
+            }
             _ => self.give_up(now, op),
         }
     }
@@ -1665,6 +1751,7 @@ impl Client {
 
     fn register(&mut self, now: Instant, joining: Joining) {
         self.presence = Presence::Joining;
+        self.busy = (0, Duration::ZERO);
         // Every registration is a fresh handshake: it proves the key anew.
         self.session.begin(&self.config.key, &mut self.rng);
         let seq = self.seq();
@@ -1687,6 +1774,7 @@ impl Client {
             self.by_seq.remove(&seq);
         }
         self.table.start_sync(since);
+        self.sync_pages = 0;
         let seq = self.seq();
         let op = self.start(now, Kind::Sync { seq }, ACK_TIMEOUT);
         self.by_seq.insert(seq, op);
@@ -1714,6 +1802,16 @@ impl Client {
             entry.timer = self.timers.insert(now + wait, Timer::Op(op));
         }
         self.transmit_op(op);
+    }
+
+    /// An answer that is not the last: one try outstanding again, the
+    /// timer re-armed, nothing sent.
+    fn rearm(&mut self, now: Instant, op: OpId, wait: Duration) {
+        if let Some(entry) = self.ops.get_mut(op.0) {
+            self.timers.cancel(entry.timer);
+            entry.sent = 1;
+            entry.timer = self.timers.insert(now + wait, Timer::Op(op));
+        }
     }
 
     /// Starts a new phase: the try counter starts over.
@@ -1808,6 +1906,8 @@ impl Client {
                 version: self.table.version(),
             },
             Kind::Sync { seq } => {
+                // A fresh window from where the pass stands.
+                self.sync_pages = 0;
                 let (since, from) = self.table.sync_request().unwrap_or((0, 0));
                 Message::Sync {
                     seq: *seq,

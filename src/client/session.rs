@@ -108,6 +108,12 @@ impl ServerSession {
         self.trouble.take()
     }
 
+    /// Whether `receiver` is our handshake's index and message 1 went with
+    /// a cookie: the only moment a "busy" answer is believed.
+    pub fn awaits_response(&self, receiver: u64) -> bool {
+        matches!(&self.join, Some(Join::Initial { local, cookie: Some(_), .. }) if *local == receiver)
+    }
+
     /// Whether a handshake is under way.
     pub fn joining(&self) -> bool {
         self.join.is_some()

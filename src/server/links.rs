@@ -37,6 +37,8 @@ const PATH_RETRY: Duration = Duration::from_millis(250);
 /// No address that has not proved it receives gets more than this many
 /// times the bytes it sent (QUIC's anti-amplification limit).
 pub const AMPLIFICATION: usize = 3;
+/// The wait a "busy" answer asks for when the handshake table is full.
+const FULL_WAIT: Duration = Duration::from_millis(500);
 
 /// Handle of an established session: its slot and its (random, unique)
 /// session index, so a handle kept after its session ended never reaches
@@ -115,6 +117,8 @@ pub struct LinkStats {
     pub resets: u64,
     /// Version-negotiation answers sent.
     pub negotiations: u64,
+    /// Handshakes answered "busy" instead of message 2.
+    pub busy: u64,
 }
 
 /// All sessions and handshakes of a server.
@@ -134,6 +138,9 @@ pub struct Links {
     unowned: VecDeque<(Instant, LinkId, u64)>,
     by_index: HashMap<u64, Slot>,
     max_handshakes: usize,
+    /// Set while the server is behind: new handshakes are told to come back
+    /// after this long rather than costing their key exchange now.
+    busy: Option<Duration>,
     stats: LinkStats,
 }
 
@@ -158,6 +165,7 @@ impl Links {
             unowned: VecDeque::new(),
             by_index: HashMap::new(),
             max_handshakes,
+            busy: None,
             stats: LinkStats::default(),
         }
     }
@@ -354,7 +362,8 @@ impl Links {
             | Packet::Response { .. }
             | Packet::PeerInit { .. }
             | Packet::PeerResponse { .. }
-            | Packet::Reset { .. } => {
+            | Packet::Reset { .. }
+            | Packet::Busy { .. } => {
                 self.stats.malformed += 1;
                 None
             }
@@ -374,6 +383,12 @@ impl Links {
                 return i;
             }
         }
+    }
+
+    /// While `Some`, message 1 of a new handshake is answered "busy, come
+    /// back after this long" (see [`Packet::Busy`]).
+    pub fn set_busy(&mut self, wait: Option<Duration>) {
+        self.busy = wait;
     }
 
     /// XX message 1 from an address that proved it receives.
@@ -400,8 +415,21 @@ impl Links {
             return;
         }
         self.expire(now);
-        if self.handshakes.len() >= self.max_handshakes {
-            // Full of recent handshakes: the client tries again.
+        // Behind, or full of recent handshakes: a small answer now, the key
+        // exchange when the client comes back (the client does not count it
+        // as a try, so a loaded server is not taken for a gone one).
+        let full = self.handshakes.len() >= self.max_handshakes;
+        if let Some(wait) = self.busy.or(full.then_some(FULL_WAIT)) {
+            self.stats.busy += 1;
+            let busy = Packet::Busy {
+                receiver: client,
+                wait_ms: u16::try_from(wait.as_millis()).unwrap_or(u16::MAX),
+            };
+            out.push_back(Transmit {
+                to: from,
+                payload: busy.to_vec(),
+                what: What::Busy,
+            });
             return;
         }
         let mut seed = [0; 32];

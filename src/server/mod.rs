@@ -244,6 +244,20 @@ const NAME_SOURCES: usize = 65_536;
 /// How soon changes a failed commit left over are tried again (sooner if
 /// new changes come: they go in the same transaction, first).
 const STORE_RETRY: Duration = Duration::from_secs(1);
+/// Table changes are gathered this long before they go out as deltas: a
+/// join storm's changes then fill whole delta datagrams (13 rows) instead
+/// of sending every online client one nearly empty datagram per loop turn.
+/// SPEC allows coalescing bursts into one update per tick; a person does
+/// not notice 50 ms.
+pub const DELTA_INTERVAL: Duration = Duration::from_millis(50);
+/// Datagrams that waited longer than this in the socket mean the server is
+/// behind: new handshakes are told "busy" (their answer would come after
+/// the client's 500 ms retry anyway, and the key exchange is the costliest
+/// thing the server does).
+pub const BUSY_AFTER: Duration = Duration::from_millis(250);
+/// The wait a "busy" answer asks for: twice the queueing delay, within
+/// these bounds (the client adds jitter and backs off on repeats).
+const BUSY_WAIT: (Duration, Duration) = (Duration::from_millis(500), Duration::from_secs(10));
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Timer {
@@ -257,6 +271,8 @@ enum Timer {
     StoreRetry,
     /// Delete the mail that reached its time-to-live.
     Expiry,
+    /// Send the table changes gathered since the last deltas.
+    Deltas,
 }
 
 /// A reply that rests on the batch under way.
@@ -364,6 +380,11 @@ struct Session {
     /// When an authenticated datagram last came from the client.
     last_heard: Option<Instant>,
     presence: Option<TimerKey>,
+    /// Welcomed, and no sync pass of it has reached the table's end since:
+    /// it ignores deltas (its pass brings every row), so it is sent none.
+    /// In a join storm most online clients are such joiners; deltas to
+    /// them would cost as much as all their pages.
+    syncing: bool,
 }
 
 #[derive(Debug, Default)]
@@ -415,6 +436,8 @@ pub struct Server {
     /// Where in `deferred` each client's row waits.
     deferred_rows: HashMap<Name, usize>,
     retry: Option<TimerKey>,
+    /// A [`Timer::Deltas`] is armed.
+    deltas_armed: bool,
     events: VecDeque<ServerEvent>,
     stats: ServerStats,
 }
@@ -468,6 +491,7 @@ impl Server {
             deferred: Vec::new(),
             deferred_rows: HashMap::new(),
             retry: None,
+            deltas_armed: false,
             events: VecDeque::new(),
             stats: ServerStats::default(),
             config,
@@ -538,6 +562,11 @@ impl Server {
 
     /// Feeds one datagram received from `from`.
     pub fn handle_datagram(&mut self, now: Instant, from: SocketAddr, data: &[u8]) {
+        self.datagram(now, from, data);
+        self.schedule_deltas(now);
+    }
+
+    fn datagram(&mut self, now: Instant, from: SocketAddr, data: &[u8]) {
         let incoming = self
             .links
             .handle(now, from, data, &mut self.rng, &mut self.transmits);
@@ -589,16 +618,33 @@ impl Server {
                 from: row,
             } => {
                 if let Some(id) = self.online_request(now, link, seq) {
-                    let (entries, next) = self.table.page(since, row);
-                    let version = self.table.version();
                     self.forget(id, seq);
-                    let page = Message::Page {
-                        seq,
-                        version,
-                        entries,
-                        next,
-                    };
-                    self.links.send(link, &page, &mut self.transmits);
+                    // A window of pages, each from where the last stopped,
+                    // all stamped with the version they were taken at.
+                    let version = self.table.version();
+                    let mut from = row;
+                    self.sessions[id.index() as usize].syncing = true;
+                    for _ in 0..wire::SYNC_WINDOW {
+                        let (entries, next) = self.table.page(since, from);
+                        let page = Message::Page {
+                            seq,
+                            version,
+                            from,
+                            entries,
+                            next,
+                        };
+                        self.links.send(link, &page, &mut self.transmits);
+                        match next {
+                            Some(n) => from = n,
+                            None => {
+                                // The pass is complete: later changes reach
+                                // it as deltas (a pass it starts again
+                                // marks it syncing again).
+                                self.sessions[id.index() as usize].syncing = false;
+                                break;
+                            }
+                        }
+                    }
                 }
             }
             Message::Heartbeat { seq, .. } => {
@@ -623,6 +669,15 @@ impl Server {
         }
     }
 
+    /// How long the datagrams about to be handed in waited in the socket,
+    /// as the driver estimates it (see the driver's loop). Above
+    /// [`BUSY_AFTER`], message 1 of every new handshake is answered "busy"
+    /// until a smaller delay is reported.
+    pub fn set_queue_delay(&mut self, waited: Duration) {
+        let busy = (waited > BUSY_AFTER).then(|| (waited * 2).clamp(BUSY_WAIT.0, BUSY_WAIT.1));
+        self.links.set_busy(busy);
+    }
+
     /// Handles every timer due at `now`. Spurious calls do nothing.
     pub fn handle_timeout(&mut self, now: Instant) {
         while let Some(timer) = self.timers.poll_expired(now) {
@@ -638,7 +693,20 @@ impl Server {
                     self.expiry = None;
                     self.expire(now);
                 }
+                Timer::Deltas => {
+                    self.deltas_armed = false;
+                    self.flush_deltas();
+                }
             }
+        }
+        self.schedule_deltas(now);
+    }
+
+    /// Arms the deltas' timer if the table changed and none is armed.
+    fn schedule_deltas(&mut self, now: Instant) {
+        if !self.deltas_armed && self.table.has_changes() {
+            self.deltas_armed = true;
+            self.timers.insert(now + DELTA_INTERVAL, Timer::Deltas);
         }
     }
 
@@ -671,6 +739,7 @@ impl Server {
         if !self.deferred.is_empty() && self.retry.is_none() {
             self.retry = Some(self.timers.insert(now + STORE_RETRY, Timer::StoreRetry));
         }
+        self.schedule_deltas(now);
         for &(to, mail) in &batch.mail {
             self.unput(to, mail);
         }
@@ -799,7 +868,6 @@ impl Server {
         if self.uncommitted > 0 || !self.store_ops.is_empty() {
             return None;
         }
-        self.flush_deltas();
         self.transmits.pop_front()
     }
 
@@ -839,6 +907,7 @@ impl Server {
             && self.deferred.is_empty()
             && self.uncommitted == 0
             && self.transmits.is_empty()
+            && !self.deltas_armed
             && self
                 .sessions
                 .iter()
@@ -1054,6 +1123,7 @@ impl Server {
         // the message is out, so the answer is "saved" whatever this batch
         // does; a copy new in it that fails is missed like a full mailbox.
         let mut committed = false;
+        let mut live = Vec::new();
         for r in recipients {
             // Encrypted at rest under the server's storage key: the store's
             // files never hold a message's text.
@@ -1073,7 +1143,7 @@ impl Server {
             match self.put(now, r, mail, true) {
                 Ok(Some(mail)) => {
                     stored = true;
-                    self.deliver_live(now, r, mail);
+                    live.push((r, mail));
                 }
                 Ok(None) if self.batch.keys.contains(&key) => stored = true,
                 Ok(None) => committed = true,
@@ -1088,10 +1158,15 @@ impl Server {
                 }
             }
         }
+        // SPEC: the sender's ack first, then the copies (all of them leave
+        // after the commit, in this order).
         if stored && !committed {
             self.ack_saved(sender, seq, true);
         } else {
             self.reply(sender, seq, Message::Ack { seq });
+        }
+        for (r, mail) in live {
+            self.deliver_live(now, r, mail);
         }
     }
 
@@ -1430,6 +1505,8 @@ impl Server {
         let session = &mut self.sessions[id.index() as usize];
         session.rounds = 0;
         session.batch = seq;
+        // It syncs after the welcome (and after its mail).
+        session.syncing = true;
         session.queue = mail
             .iter()
             .enumerate()
@@ -1792,7 +1869,9 @@ impl Server {
             .table
             .iter()
             .filter(|(_, e)| e.online)
-            .filter_map(|(id, _)| self.sessions[id.index() as usize].link)
+            .map(|(id, _)| &self.sessions[id.index() as usize])
+            .filter(|s| !s.syncing)
+            .filter_map(|s| s.link)
             .collect();
         for delta in deltas {
             let msg = Message::Delta {
