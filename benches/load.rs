@@ -29,6 +29,7 @@
 //! Every wait has a deadline and every loop a bound: the tool stops by
 //! itself, with exit status 1 if the storm did not converge.
 
+use std::cell::Cell;
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket};
@@ -38,8 +39,10 @@ use std::time::{Duration, Instant};
 
 use mio::net::UdpSocket as MioSocket;
 use mio::{Events, Interest, Poll, Token};
-use udpchat::crypto::Keypair;
-use udpchat::wire::Name;
+use udpchat::crypto::{Keypair, PublicKey};
+use udpchat::driver::sqlite::SqliteStore;
+use udpchat::store::{Body, Store, StoreOp, StoredMail};
+use udpchat::wire::{MailId, MsgId, Name};
 use udpchat::{Client, ClientConfig, Event};
 
 /// Clients per loopback address.
@@ -75,177 +78,275 @@ fn main() {
         "echo" => {
             echo_ceiling();
         }
+        "saves" => {
+            let k = flag("--senders", 16.0) as usize;
+            let secs = flag("--secs", 5.0);
+            std::process::exit(if saves(k.max(1), secs) { 0 } else { 1 });
+        }
+        "channel" => {
+            let n = flag("--n", 1000.0) as usize;
+            let rounds = flag("--rounds", 20.0) as usize;
+            std::process::exit(if channel(n.max(2), rounds.max(1)) {
+                0
+            } else {
+                1
+            });
+        }
         _ => usage(),
     }
 }
 
 fn usage() -> ! {
     eprintln!(
-        "usage: cargo bench --bench load -- join [--n N] [--spread SECS] [--deadline SECS] | echo"
+        "usage: cargo bench --bench load -- join [--n N] [--spread SECS] [--deadline SECS] | saves [--senders K] [--secs S] | channel [--n N] [--rounds R] | echo"
     );
     std::process::exit(2)
 }
 
 // ---------------------------------------------------------------------------
+// A fleet of embedded clients, one socket each, in one poll loop.
+
+struct Member {
+    client: Client,
+    socket: MioSocket,
+    exited: bool,
+}
+
+struct Fleet {
+    poll: Poll,
+    events: Events,
+    members: Vec<Member>,
+    server: SocketAddr,
+    t0: Instant,
+    sent: u64,
+    received: u64,
+    buf: Box<[u8; 2048]>,
+}
+
+impl Fleet {
+    fn new(server: SocketAddr) -> Fleet {
+        Fleet {
+            poll: Poll::new().expect("poll"),
+            events: Events::with_capacity(1024),
+            members: Vec::new(),
+            server,
+            t0: Instant::now(),
+            sent: 0,
+            received: 0,
+            buf: Box::new([0; 2048]),
+        }
+    }
+
+    /// Time since the fleet was made.
+    fn at(&self) -> Duration {
+        self.t0.elapsed()
+    }
+
+    /// Starts client `name` (its key and seed derived from `i`, its address
+    /// [`client_addr`]`(i)`); it registers at once. Returns its index.
+    fn spawn(&mut self, i: usize, name: &str, on: &mut dyn FnMut(usize, Event, Duration)) -> usize {
+        let addr = client_addr(i);
+        let std = UdpSocket::bind(addr).unwrap_or_else(|e| panic!("bind {addr}: {e}"));
+        std.set_nonblocking(true).expect("nonblocking");
+        let mut socket = MioSocket::from_std(std);
+        let k = self.members.len();
+        self.poll
+            .registry()
+            .register(&mut socket, Token(k), Interest::READABLE)
+            .expect("register socket");
+        let name = Name::new(name).expect("name");
+        let mut secret = [7u8; 32];
+        secret[..8].copy_from_slice(&(i as u64).to_le_bytes());
+        let mut seed = [3u8; 32];
+        seed[..8].copy_from_slice(&(i as u64).to_le_bytes());
+        let config = ClientConfig::new(name, self.server, seed, Keypair::from_secret(secret), None);
+        let client = Client::new(config, Instant::now());
+        self.members.push(Member {
+            client,
+            socket,
+            exited: false,
+        });
+        self.drain(k, on);
+        k
+    }
+
+    /// Runs `f` on member `k`'s client (a command), then sends what it made.
+    fn command(
+        &mut self,
+        k: usize,
+        f: impl FnOnce(&mut Client, Instant),
+        on: &mut dyn FnMut(usize, Event, Duration),
+    ) {
+        f(&mut self.members[k].client, Instant::now());
+        self.drain(k, on);
+    }
+
+    /// Sends member `k`'s datagrams and hands its events to `on`.
+    fn drain(&mut self, k: usize, on: &mut dyn FnMut(usize, Event, Duration)) {
+        let at = self.at();
+        let m = &mut self.members[k];
+        while let Some(t) = m.client.poll_transmit() {
+            let _ = m.socket.send_to(&t.payload, t.to);
+            self.sent += 1;
+        }
+        while let Some(e) = m.client.poll_event() {
+            if matches!(e, Event::Exit(_)) {
+                m.exited = true;
+            }
+            on(k, e, at);
+        }
+    }
+
+    /// Reads everything waiting on member `k`'s socket.
+    fn read(&mut self, k: usize, now: Instant) {
+        let m = &mut self.members[k];
+        // Until WouldBlock (or an error, which ends this read).
+        while let Ok((len, from)) = m.socket.recv_from(&mut self.buf[..]) {
+            self.received += 1;
+            m.client.handle_datagram(now, from, &self.buf[..len]);
+        }
+    }
+
+    /// One turn: waits (at most `max_wait`) for datagrams or the next
+    /// timer, feeds what came, fires due timers.
+    fn turn(&mut self, max_wait: Duration, on: &mut dyn FnMut(usize, Event, Duration)) {
+        let next = self
+            .members
+            .iter()
+            .filter_map(|m| m.client.poll_timeout())
+            .min();
+        let wait = next
+            .map_or(max_wait, |t| t.saturating_duration_since(Instant::now()))
+            .min(max_wait);
+        self.poll.poll(&mut self.events, Some(wait)).expect("poll");
+        let now = Instant::now();
+        let ready: Vec<usize> = self.events.iter().map(|e| e.token().0).collect();
+        for k in ready {
+            self.read(k, now);
+            self.drain(k, on);
+        }
+        // A client's own process would have read what reached it before
+        // its timer fired; this one process may not have come round to that
+        // socket yet, so it reads it first (else the tool, not the server,
+        // would make clients retry and give up).
+        for k in 0..self.members.len() {
+            if self.members[k]
+                .client
+                .poll_timeout()
+                .is_some_and(|t| t <= now)
+            {
+                self.read(k, now);
+                let c = &mut self.members[k].client;
+                if c.poll_timeout().is_some_and(|t| t <= now) {
+                    c.handle_timeout(now);
+                }
+                self.drain(k, on);
+            }
+        }
+    }
+
+    /// Every member online with a table of `n` names, or gone.
+    fn converged(&self, n: usize) -> usize {
+        self.members
+            .iter()
+            .filter(|m| {
+                !m.exited
+                    && m.client.is_online()
+                    && m.client.table().len() == n
+                    && m.client.table().iter().all(|e| e.online)
+            })
+            .count()
+    }
+}
+
+/// Joins `n` clients named `{prefix}{i}` (all at once) and runs until every
+/// one is welcomed with a table of `n` online names, or `deadline`.
+/// Returns whether all did.
+fn gather(fleet: &mut Fleet, prefix: &str, n: usize, deadline: Duration) -> bool {
+    let mut on = |_: usize, _: Event, _: Duration| {};
+    for i in 0..n {
+        fleet.spawn(i, &format!("{prefix}{i}"), &mut on);
+    }
+    let end = Instant::now() + deadline;
+    while Instant::now() < end {
+        fleet.turn(Duration::from_millis(50), &mut on);
+        if fleet.converged(n) == n {
+            return true;
+        }
+    }
+    false
+}
+
+// ---------------------------------------------------------------------------
 // The join storm.
 
+#[derive(Default, Clone, Copy)]
 struct Joiner {
-    client: Option<Client>,
-    socket: Option<MioSocket>,
-    start: Duration,
     welcomed: Option<Duration>,
     gave_up: bool,
-    exited: bool,
 }
 
 fn join(n: usize, spread: Duration, deadline: Duration, echo: f64) -> bool {
     let dir = scratch("load-join");
-    let server = ServerProcess::start(&dir);
+    let server = ServerProcess::start(&dir, &[]);
     let rss_before = server.rss();
     let cpu_before = server.cpu();
     let drops_before = udp_drops(server.port);
     let client_drops_before = client_drops();
-    let server_addr = SocketAddr::from((Ipv4Addr::LOCALHOST, server.port));
-
-    let mut poll = Poll::new().expect("poll");
-    let mut joiners: Vec<Joiner> = (0..n)
-        .map(|i| Joiner {
-            client: None,
-            socket: None,
-            start: if n > 1 {
+    let mut fleet = Fleet::new(SocketAddr::from((Ipv4Addr::LOCALHOST, server.port)));
+    let starts: Vec<Duration> = (0..n)
+        .map(|i| {
+            if n > 1 {
                 spread.mul_f64(i as f64 / (n - 1) as f64)
             } else {
                 Duration::ZERO
-            },
-            welcomed: None,
-            gave_up: false,
-            exited: false,
+            }
         })
         .collect();
-    let mut sent = 0u64;
-    let mut received = 0u64;
-    let mut started = 0usize;
-    let mut last_table = Duration::ZERO;
-    let mut buf = [0u8; 2048];
-    let mut events = Events::with_capacity(1024);
-    let t0 = Instant::now();
+    let mut joiners = vec![Joiner::default(); n];
+    let last_table = Cell::new(Duration::ZERO);
     let mut complete_since: Option<Instant> = None;
-
-    let drain =
-        |j: &mut Joiner, i: usize, at: Duration, sent: &mut u64, last_table: &mut Duration| {
-            let (Some(client), Some(socket)) = (j.client.as_mut(), j.socket.as_ref()) else {
-                return;
-            };
-            while let Some(t) = client.poll_transmit() {
-                let _ = socket.send_to(&t.payload, t.to);
-                *sent += 1;
-            }
-            while let Some(e) = client.poll_event() {
-                match e {
-                    Event::Welcome => j.welcomed = Some(at),
-                    Event::TableUpdated => *last_table = at,
-                    Event::ServerNotResponding => j.gave_up = true,
-                    Event::Exit(_) => j.exited = true,
-                    Event::Error(why) if i < 3 => eprintln!("client {i}: {why}"),
-                    _ => {}
-                }
-            }
-        };
-
+    let mut on = |k: usize, e: Event, at: Duration| match e {
+        Event::Welcome => joiners[k].welcomed = Some(at),
+        Event::TableUpdated => last_table.set(at),
+        Event::ServerNotResponding => joiners[k].gave_up = true,
+        Event::Error(why) if k < 3 => eprintln!("client {k}: {why}"),
+        _ => {}
+    };
     loop {
-        let now = Instant::now();
-        let at = now - t0;
         // Start the clients whose time came.
-        while started < n && joiners[started].start <= at {
-            let i = started;
-            let addr = client_addr(i);
-            let std = UdpSocket::bind(addr).unwrap_or_else(|e| panic!("bind {addr}: {e}"));
-            std.set_nonblocking(true).expect("nonblocking");
-            let mut socket = MioSocket::from_std(std);
-            poll.registry()
-                .register(&mut socket, Token(i), Interest::READABLE)
-                .expect("register socket");
-            let name = Name::new(&format!("load{i}")).expect("name");
-            let mut secret = [7u8; 32];
-            secret[..8].copy_from_slice(&(i as u64).to_le_bytes());
-            let mut seed = [3u8; 32];
-            seed[..8].copy_from_slice(&(i as u64).to_le_bytes());
-            let config =
-                ClientConfig::new(name, server_addr, seed, Keypair::from_secret(secret), None);
-            let j = &mut joiners[i];
-            j.client = Some(Client::new(config, now));
-            j.socket = Some(socket);
-            drain(j, i, at, &mut sent, &mut last_table);
-            started += 1;
+        while fleet.members.len() < n && starts[fleet.members.len()] <= fleet.at() {
+            let i = fleet.members.len();
+            fleet.spawn(i, &format!("load{i}"), &mut on);
         }
-        // Datagrams.
-        let next_start = (started < n).then(|| t0 + joiners[started].start);
-        let mut next = next_start;
-        for j in &joiners[..started] {
-            if let Some(t) = j.client.as_ref().and_then(|c| c.poll_timeout()) {
-                next = Some(next.map_or(t, |n| n.min(t)));
-            }
-        }
-        let wait = next
-            .map(|t| t.saturating_duration_since(Instant::now()))
-            .unwrap_or(Duration::from_millis(50))
-            .min(Duration::from_millis(50));
-        poll.poll(&mut events, Some(wait)).expect("poll");
-        let now = Instant::now();
-        let at = now - t0;
-        for event in events.iter() {
-            let i = event.token().0;
-            let j = &mut joiners[i];
-            if let (Some(client), Some(socket)) = (j.client.as_mut(), j.socket.as_ref()) {
-                // Until WouldBlock (or an error, which ends this read).
-                while let Ok((len, from)) = socket.recv_from(&mut buf) {
-                    received += 1;
-                    client.handle_datagram(now, from, &buf[..len]);
-                }
-            }
-            drain(j, i, at, &mut sent, &mut last_table);
-        }
-        // Timers. A client's own process would have read what reached it
-        // before its timer fired; this one process may not have come round
-        // to that socket yet, so it reads it first (else the tool, not the
-        // server, would make clients retry and give up).
-        for (i, j) in joiners[..started].iter_mut().enumerate() {
-            if let (Some(client), Some(socket)) = (j.client.as_mut(), j.socket.as_ref())
-                && client.poll_timeout().is_some_and(|t| t <= now)
-            {
-                while let Ok((len, from)) = socket.recv_from(&mut buf) {
-                    received += 1;
-                    client.handle_datagram(now, from, &buf[..len]);
-                }
-                if client.poll_timeout().is_some_and(|t| t <= now) {
-                    client.handle_timeout(now);
-                }
-                drain(j, i, at, &mut sent, &mut last_table);
-            }
-        }
+        let until_next = starts
+            .get(fleet.members.len())
+            .map_or(Duration::from_millis(50), |t| t.saturating_sub(fleet.at()));
+        fleet.turn(until_next.min(Duration::from_millis(50)), &mut on);
         // Done: everyone started and settled (welcomed with a full table,
         // or gone), and nothing changed for a second.
-        let settled = started == n
-            && joiners.iter().all(|j| {
-                j.exited
-                    || j.client
-                        .as_ref()
-                        .is_some_and(|c| c.is_online() && c.table().len() == n)
-            });
+        let settled = fleet.members.len() == n
+            && fleet
+                .members
+                .iter()
+                .all(|m| m.exited || (m.client.is_online() && m.client.table().len() == n));
+        let now = Instant::now();
         if settled {
             let since = *complete_since.get_or_insert(now);
-            if now - since >= Duration::from_secs(1) && at - last_table >= Duration::from_secs(1) {
+            if now - since >= Duration::from_secs(1)
+                && fleet.at().saturating_sub(last_table.get()) >= Duration::from_secs(1)
+            {
                 break;
             }
         } else {
             complete_since = None;
         }
-        if at > deadline {
+        if fleet.at() > deadline {
             eprintln!("deadline of {deadline:?} reached");
             break;
         }
     }
-    let elapsed = t0.elapsed();
+    let elapsed = fleet.at();
     let cpu = server.cpu() - cpu_before;
     let rss_after = server.rss();
     let drops = udp_drops(server.port).saturating_sub(drops_before);
@@ -253,18 +354,13 @@ fn join(n: usize, spread: Duration, deadline: Duration, echo: f64) -> bool {
 
     let registered = joiners.iter().filter(|j| j.welcomed.is_some()).count();
     let gave_up = joiners.iter().filter(|j| j.gave_up).count();
-    let refused = joiners
+    let refused = fleet
+        .members
         .iter()
-        .filter(|j| j.exited && !j.gave_up && j.welcomed.is_none())
+        .zip(&joiners)
+        .filter(|(m, j)| m.exited && !j.gave_up && j.welcomed.is_none())
         .count();
-    let complete = joiners
-        .iter()
-        .filter(|j| {
-            j.client.as_ref().is_some_and(|c| {
-                c.is_online() && c.table().len() == n && c.table().iter().all(|e| e.online)
-            })
-        })
-        .count();
+    let complete = fleet.converged(n);
     let last_welcome = joiners.iter().filter_map(|j| j.welcomed).max();
     println!("join storm: {n} clients, spread over {spread:?}");
     println!(
@@ -273,13 +369,14 @@ fn join(n: usize, spread: Duration, deadline: Duration, echo: f64) -> bool {
     println!(
         "  last welcome at {:.2} s, last table change at {:.2} s (run {:.2} s)",
         last_welcome.unwrap_or_default().as_secs_f64(),
-        last_table.as_secs_f64(),
+        last_table.get().as_secs_f64(),
         elapsed.as_secs_f64()
     );
     println!(
-        "  datagrams: {sent} to the server, {received} from it; dropped by the server's socket: {drops}, by the clients': {client_drops}"
+        "  datagrams: {} to the server, {} from it; dropped by the server's socket: {drops}, by the clients': {client_drops}",
+        fleet.sent, fleet.received
     );
-    let rate = (sent + received) as f64 / cpu.max(1e-9);
+    let rate = (fleet.sent + fleet.received) as f64 / cpu.max(1e-9);
     println!(
         "  server CPU {cpu:.2} s: {:.0} datagrams per CPU-second = {:.2} of the bare echo loop ({echo:.0})",
         rate,
@@ -294,6 +391,234 @@ fn join(n: usize, spread: Duration, deadline: Duration, echo: f64) -> bool {
     drop(server);
     let _ = std::fs::remove_dir_all(&dir);
     complete == n
+}
+
+// ---------------------------------------------------------------------------
+// Durable saves with K senders.
+
+/// `k` senders each keep one save-message to an offline recipient of its
+/// own outstanding for `secs`; prints saves per second and the latency from
+/// the command to "saved", beside SQLite's own grouped-commit rate on the
+/// same disk in the same run.
+fn saves(k: usize, secs: f64) -> bool {
+    let dir = scratch("load-saves");
+    let ceiling = sqlite_ceiling(&dir.join("ceiling"));
+    let server = ServerProcess::start(&dir, &["--mailbox-messages", "1000000"]);
+    let mut fleet = Fleet::new(SocketAddr::from((Ipv4Addr::LOCALHOST, server.port)));
+    // The recipients: registered, then deregistered (offline, known).
+    if !gather(&mut fleet, "sink", k, Duration::from_secs(60)) {
+        eprintln!("the recipients did not register");
+        return false;
+    }
+    let byes = Cell::new(0);
+    let mut on_bye = |_: usize, e: Event, _: Duration| {
+        byes.set(byes.get() + usize::from(matches!(e, Event::Bye)));
+    };
+    for s in 0..k {
+        let name = format!("sink{s}");
+        fleet.command(s, |c, now| c.dereg(now, &name), &mut on_bye);
+    }
+    let end = Instant::now() + Duration::from_secs(30);
+    while byes.get() < k && Instant::now() < end {
+        fleet.turn(Duration::from_millis(50), &mut on_bye);
+    }
+    // The senders.
+    let welcomed = Cell::new(0);
+    let mut on_welcome = |_: usize, e: Event, _: Duration| {
+        welcomed.set(welcomed.get() + usize::from(matches!(e, Event::Welcome)));
+    };
+    for s in 0..k {
+        fleet.spawn(k + s, &format!("sender{s}"), &mut on_welcome);
+    }
+    let end = Instant::now() + Duration::from_secs(60);
+    while welcomed.get() < k && Instant::now() < end {
+        fleet.turn(Duration::from_millis(50), &mut on_welcome);
+    }
+    // Until every sender's table has its recipient, offline.
+    let end = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < end
+        && !(0..k).all(|s| {
+            let name = Name::new(&format!("sink{s}")).expect("name");
+            fleet.members[k + s]
+                .client
+                .table()
+                .get(&name)
+                .is_some_and(|e| !e.online)
+        })
+    {
+        fleet.turn(Duration::from_millis(50), &mut |_, _, _| {});
+    }
+    let text = "x".repeat(120);
+    let mut sent_at = vec![Duration::ZERO; k];
+    let mut latencies: Vec<Duration> = Vec::new();
+    let mut errors = 0usize;
+    let mut due: Vec<usize> = (0..k).collect();
+    let t0 = fleet.at();
+    let stop = t0 + Duration::from_secs_f64(secs);
+    let cpu_before = server.cpu();
+    loop {
+        let at = fleet.at();
+        if at >= stop {
+            break;
+        }
+        for s in std::mem::take(&mut due) {
+            let to = format!("sink{s}");
+            sent_at[s] = fleet.at();
+            let mut on = |m: usize, e: Event, at: Duration| match e {
+                Event::Saved => {
+                    latencies.push(at - sent_at[m - k]);
+                    due.push(m - k);
+                }
+                Event::Error(_) | Event::NotDelivered(_) => {
+                    errors += 1;
+                    due.push(m - k);
+                }
+                _ => {}
+            };
+            fleet.command(k + s, |c, now| c.send_message(now, &to, &text), &mut on);
+        }
+        let mut on = |m: usize, e: Event, at: Duration| {
+            if m < k {
+                return;
+            }
+            match e {
+                Event::Saved => {
+                    latencies.push(at - sent_at[m - k]);
+                    due.push(m - k);
+                }
+                Event::Error(_) | Event::NotDelivered(_) => {
+                    errors += 1;
+                    due.push(m - k);
+                }
+                _ => {}
+            }
+        };
+        fleet.turn(Duration::from_millis(5), &mut on);
+    }
+    let spent = (fleet.at() - t0).as_secs_f64();
+    let cpu = server.cpu() - cpu_before;
+    latencies.sort_unstable();
+    let rate = latencies.len() as f64 / spent;
+    println!("durable saves: {k} senders, one save outstanding each, {spent:.1} s");
+    println!(
+        "  {} saved ({errors} refused): {rate:.0} saves/s = {:.2} of SQLite's grouped commit here ({ceiling:.0} rows/s, 64 per commit)",
+        latencies.len(),
+        rate / ceiling
+    );
+    println!(
+        "  command to \"saved\": median {:.2} ms, p99 {:.2} ms, max {:.2} ms; server CPU {cpu:.2} s",
+        ms(percentile(&latencies, 0.5)),
+        ms(percentile(&latencies, 0.99)),
+        ms(latencies.last().copied().unwrap_or_default())
+    );
+    drop(server);
+    let _ = std::fs::remove_dir_all(&dir);
+    !latencies.is_empty()
+}
+
+/// Rows per second SQLite commits in transactions of 64 saves, in `dir`
+/// (WAL, `synchronous=FULL`, as the server's store), for about 1.5 s.
+fn sqlite_ceiling(dir: &Path) -> f64 {
+    let mut store = SqliteStore::open(dir).expect("ceiling store");
+    let mut spent = Duration::ZERO;
+    let mut n = 0u64;
+    while spent < Duration::from_millis(1500) {
+        let ops: Vec<StoreOp> = (n..n + 64)
+            .map(|i| {
+                StoreOp::Put(StoredMail {
+                    mail: MailId(i + 1),
+                    to: Name::new(&format!("user{}", i % 64)).expect("name"),
+                    from: Name::new(&format!("peer{}", (i / 64) % 64)).expect("name"),
+                    channel: false,
+                    stored_at: 1_700_000_000,
+                    id: MsgId(i),
+                    body: Body::Sealed {
+                        key: PublicKey([7; 32]),
+                        sealed: vec![0x5a; 120 + 11 + udpchat::crypto::SEALED_OVERHEAD],
+                    },
+                })
+            })
+            .collect();
+        let start = Instant::now();
+        store.commit(&ops).expect("ceiling commit");
+        spent += start.elapsed();
+        n += 64;
+    }
+    n as f64 / spent.as_secs_f64()
+}
+
+// ---------------------------------------------------------------------------
+// Channel fan-out.
+
+/// `n` clients online; client 0 sends `rounds` channel messages, one at a
+/// time; prints how long until its ack and until the last recipient showed
+/// each.
+fn channel(n: usize, rounds: usize) -> bool {
+    let dir = scratch("load-channel");
+    let server = ServerProcess::start(&dir, &[]);
+    let mut fleet = Fleet::new(SocketAddr::from((Ipv4Addr::LOCALHOST, server.port)));
+    if !gather(&mut fleet, "member", n, Duration::from_secs(120)) {
+        eprintln!("the members did not all register");
+        return false;
+    }
+    let mut acks = Vec::new();
+    let mut lasts = Vec::new();
+    for r in 0..rounds {
+        let text = format!("round {r}");
+        let sent = fleet.at();
+        let acked = Cell::new(None);
+        let shown = Cell::new(0usize);
+        let last = Cell::new(Duration::ZERO);
+        let mut on = |m: usize, e: Event, at: Duration| match e {
+            Event::ChannelAcked if m == 0 => acked.set(Some(at - sent)),
+            Event::Channel { text: t, .. } if t.as_str() == text => {
+                shown.set(shown.get() + 1);
+                last.set(at - sent);
+            }
+            _ => {}
+        };
+        fleet.command(0, |c, now| c.send_all(now, &text), &mut on);
+        let end = Instant::now() + Duration::from_secs(10);
+        while (acked.get().is_none() || shown.get() < n - 1) && Instant::now() < end {
+            fleet.turn(Duration::from_millis(5), &mut on);
+        }
+        if shown.get() < n - 1 {
+            eprintln!("round {r}: {} of {} shown", shown.get(), n - 1);
+            return false;
+        }
+        acks.push(acked.get().unwrap_or(Duration::MAX));
+        lasts.push(last.get());
+    }
+    acks.sort_unstable();
+    lasts.sort_unstable();
+    println!("channel: {n} online, {rounds} messages from one of them, one at a time");
+    println!(
+        "  send_all to the sender's ack: median {:.2} ms, max {:.2} ms",
+        ms(percentile(&acks, 0.5)),
+        ms(acks.last().copied().unwrap_or_default())
+    );
+    println!(
+        "  send_all to the last of {} recipients showing it: median {:.2} ms, max {:.2} ms",
+        n - 1,
+        ms(percentile(&lasts, 0.5)),
+        ms(lasts.last().copied().unwrap_or_default())
+    );
+    drop(server);
+    let _ = std::fs::remove_dir_all(&dir);
+    true
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+/// The `q` quantile of sorted `v` (nearest rank).
+fn percentile(v: &[Duration], q: f64) -> Duration {
+    if v.is_empty() {
+        return Duration::ZERO;
+    }
+    let i = ((v.len() as f64 * q).ceil() as usize).clamp(1, v.len()) - 1;
+    v[i]
 }
 
 /// Client `i`'s address: 127.1.x.y, [`PER_ADDRESS`] clients each, port
@@ -385,7 +710,7 @@ struct ServerProcess {
 }
 
 impl ServerProcess {
-    fn start(dir: &Path) -> ServerProcess {
+    fn start(dir: &Path, extra: &[&str]) -> ServerProcess {
         let port = {
             let probe = UdpSocket::bind("127.0.0.1:0").expect("probe port");
             probe.local_addr().expect("probe addr").port()
@@ -393,6 +718,7 @@ impl ServerProcess {
         let mut child = Command::new(env!("CARGO_BIN_EXE_udpchat"))
             .args(["-s", &port.to_string(), "--data-dir"])
             .arg(dir.join("data"))
+            .args(extra)
             .current_dir(dir)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())

@@ -48,7 +48,7 @@ use std::collections::{BTreeMap, HashMap};
 use core::net::SocketAddr;
 
 use crate::crypto::PublicKey;
-use crate::wire::{Entries, Entry, Name, PAGE_ENTRIES};
+use crate::wire::{self, Entries, Entry, Name};
 
 /// Rows one [`Directory::page`] call looks at, at most: a sparse catch-up
 /// over a large table costs the server bounded work per request (the client
@@ -238,7 +238,8 @@ impl Directory {
     }
 
     /// One page of a sync pass: the rows at index `>= from` whose last change
-    /// is after `since`, in index order, at most [`PAGE_ENTRIES`] of them,
+    /// is after `since`, in index order, as many as fit one datagram
+    /// ([`wire::PAGE_BYTES`]),
     /// looking at no more than [`SCAN_LIMIT`] rows. Also returns where to
     /// continue, or `None` when the scan reached the last row.
     ///
@@ -253,16 +254,18 @@ impl Directory {
             return (entries, None);
         }
         let end = len.min(start.saturating_add(SCAN_LIMIT));
+        let mut bytes = 0;
         for (i, row) in self.rows[start..end].iter().enumerate() {
             if row.changed_at <= since {
                 continue;
             }
-            // Cannot fail: the page is returned as soon as it is full.
-            let _ = entries.push(row.entry.clone());
-            if entries.is_full() {
-                let after = start + i + 1;
-                return (entries, (after < len).then_some(after as u32));
+            bytes += row.entry.wire_len();
+            if entries.is_full() || bytes > wire::PAGE_BYTES {
+                // Full: this row starts the next page.
+                return (entries, Some((start + i) as u32));
             }
+            // Cannot fail: checked just above.
+            let _ = entries.push(row.entry.clone());
         }
         (entries, (end < len).then_some(end as u32))
     }
@@ -273,7 +276,8 @@ impl Directory {
     }
 
     /// Everything changed since the previous call, as deltas of at most
-    /// [`PAGE_ENTRIES`] rows each, in order of last change, each row once and
+    /// one datagram's worth of rows each ([`wire::PAGE_BYTES`]), in order of
+    /// last change, each row once and
     /// in its latest state. Their ranges chain: the first starts at the
     /// version of the previous call, each next one where the last ended, and
     /// the last ends at [`Directory::version`]. Empty when nothing changed.
@@ -283,16 +287,20 @@ impl Directory {
         // A version stamps exactly one change, so `changed_at` is unique per
         // row and the order is total.
         ids.sort_unstable_by_key(|id| self.rows[id.0 as usize].changed_at);
-        let mut out = Vec::with_capacity(ids.len().div_ceil(PAGE_ENTRIES));
+        let mut out = Vec::new();
         let mut prev = self.taken;
-        for chunk in ids.chunks(PAGE_ENTRIES) {
+        let mut rest = &ids[..];
+        while !rest.is_empty() {
+            let take = wire::rows_that_fit(rest.iter().map(|id| &self.rows[id.0 as usize].entry));
+            let (chunk, after) = rest.split_at(take.max(1));
+            rest = after;
             let mut entries = Entries::new();
             let mut version = prev;
             for id in chunk {
                 let row = &mut self.rows[id.0 as usize];
                 row.dirty = false;
                 version = version.max(row.changed_at);
-                // Cannot fail: a chunk holds at most PAGE_ENTRIES ids.
+                // Cannot fail: a chunk is what fits a page.
                 let _ = entries.push(row.entry.clone());
             }
             out.push(Delta {
@@ -562,6 +570,11 @@ mod tests {
         }
     }
 
+    /// Rows of these tests' size that one page holds.
+    fn per_page() -> usize {
+        wire::rows_that_fit(std::iter::repeat_n(&entry(0, 0, true), 1000))
+    }
+
     fn directory(rows: usize, max_rows: usize) -> Directory {
         let mut dir = Directory::new(max_rows);
         for i in 0..rows {
@@ -596,9 +609,9 @@ mod tests {
 
     #[test]
     fn deltas_chunk_chain_and_end_at_the_current_version() {
-        let p = PAGE_ENTRIES;
+        let p = per_page();
         // Rows in chunks of a page each: [p, p, …, the rest].
-        let chunks = |n: usize| {
+        let chunks = |n: usize, p: usize| {
             let mut v = vec![p; n / p];
             if !n.is_multiple_of(p) {
                 v.push(n % p);
@@ -611,7 +624,7 @@ mod tests {
         assert_eq!(first[0].prev, 0);
         assert_eq!(
             first.iter().map(|d| d.entries.len()).collect::<Vec<_>>(),
-            chunks(50)
+            chunks(50, p)
         );
         for pair in first.windows(2) {
             assert_eq!(pair[0].version, pair[1].prev);
@@ -624,9 +637,11 @@ mod tests {
             assert!(dir.set(ClientId(i), addr(9000 + i as u16), true));
         }
         let second = dir.take_deltas();
+        // Ports past 127 take a byte more: fewer rows a page.
+        let p = wire::rows_that_fit(std::iter::repeat_n(&entry(0, 9000, true), 1000));
         assert_eq!(
             second.iter().map(|d| d.entries.len()).collect::<Vec<_>>(),
-            chunks(45)
+            chunks(45, p)
         );
         assert_eq!(second[0].prev, before);
         assert_eq!(second[0].version, before + p as u64);
@@ -692,8 +707,8 @@ mod tests {
 
     #[test]
     fn delta_rules_stale_gap_and_overlap() {
-        let p = PAGE_ENTRIES as u64;
-        let mut dir = directory(2 * PAGE_ENTRIES, 100);
+        let p = per_page() as u64;
+        let mut dir = directory(2 * per_page(), 100);
         let deltas = dir.take_deltas(); // (0,p], (p,2p], …
         let mut local = LocalTable::new(100);
         assert_eq!(
@@ -735,7 +750,7 @@ mod tests {
     #[test]
     fn deltas_are_not_applied_during_a_sync_but_force_another_pass() {
         // Two pages.
-        let mut dir = directory(PAGE_ENTRIES + 10, 100);
+        let mut dir = directory(per_page() + 10, 100);
         let _ = dir.take_deltas();
         let mut local = LocalTable::new(100);
         local.start_sync(0);
@@ -756,7 +771,7 @@ mod tests {
         );
         assert_eq!(local.get(&name(0)), Some(&entry(0, 0, true)));
         let (since, from) = local.sync_request().unwrap();
-        assert_eq!((since, from), (0, PAGE_ENTRIES as u32));
+        assert_eq!((since, from), (0, per_page() as u32));
         let (entries, next) = dir.page(since, from);
         assert_eq!(
             local.apply_page(old_version, &entries, next),
@@ -778,16 +793,16 @@ mod tests {
     fn page_respects_the_entry_and_scan_limits() {
         let dir = directory(45, 100);
         let (p0, n0) = dir.page(0, 0);
-        assert_eq!(p0.len(), PAGE_ENTRIES);
+        assert_eq!(p0.len(), per_page());
         assert_eq!(p0[0], entry(0, 0, true));
-        assert_eq!(n0, Some(PAGE_ENTRIES as u32));
+        assert_eq!(n0, Some(per_page() as u32));
         let (p1, n1) = dir.page(0, 40);
         assert_eq!(p1.len(), 5);
         assert_eq!(n1, None);
         assert_eq!(dir.page(0, 45), (Entries::new(), None));
         assert_eq!(dir.page(0, u32::MAX), (Entries::new(), None));
         // A page that fills exactly on the last row has nowhere to go next.
-        assert_eq!(dir.page(0, (45 - PAGE_ENTRIES) as u32).1, None);
+        assert_eq!(dir.page(0, (45 - per_page()) as u32).1, None);
         // Nothing changed after the current version.
         assert_eq!(dir.page(dir.version(), 0), (Entries::new(), None));
     }

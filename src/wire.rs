@@ -24,9 +24,17 @@ pub use crate::packet::{MAX_DATAGRAM, MAX_PLAINTEXT, VERSION};
 pub const MAX_NAME: usize = 32;
 /// Longest chat message, in bytes of UTF-8.
 pub const MAX_TEXT: usize = 1000;
-/// Client-table entries carried by one `Page` or `Delta` datagram (each
-/// row carries its 32-byte key).
+/// Client-table entries one `Page` or `Delta` datagram holds when every row
+/// is the widest possible (a 32-byte name, an IPv6 address, its 32-byte
+/// key). Rows are packed by their encoded size, [`PAGE_BYTES`] at most, so
+/// typical rows (short names, IPv4) fit about twice as many.
 pub const PAGE_ENTRIES: usize = 13;
+/// Bytes of rows in one `Page` or `Delta`, at most: what
+/// [`PAGE_ENTRIES`] of the widest rows take.
+pub const PAGE_BYTES: usize = PAGE_ENTRIES * ENTRY_MAX;
+/// Rows one `Page` or `Delta` can hold at all: [`PAGE_BYTES`] of the
+/// narrowest rows. Decoding refuses more.
+pub const MAX_PAGE_ROWS: usize = PAGE_BYTES / ENTRY_MIN;
 /// Pages the server sends for one `Sync`, at most: a joiner pulls a large
 /// table in windows, not one stop-and-wait round trip per page. Eight
 /// pages (under 10 KB) fit any receive buffer, and the request comes on a
@@ -251,7 +259,43 @@ pub enum Rejection {
 }
 
 /// Table entries of one datagram.
-pub type Entries = heapless::Vec<Entry, PAGE_ENTRIES>;
+pub type Entries = heapless::Vec<Entry, MAX_PAGE_ROWS>;
+
+impl Entry {
+    /// The row's encoded size in bytes (what it adds to a `Page`).
+    pub fn wire_len(&self) -> usize {
+        let name = self.name.as_str().len();
+        let ip = if self.addr.is_ipv4() { 4 } else { 16 };
+        varint_len(name as u64)
+            + name
+            + 1
+            + ip
+            + varint_len(u64::from(self.addr.port()))
+            + 1
+            + crate::crypto::KEY_LEN
+    }
+}
+
+/// Bytes of postcard's varint for `v`.
+fn varint_len(v: u64) -> usize {
+    (64 - (v | 1).leading_zeros() as usize).div_ceil(7)
+}
+
+/// Packs `rows` greedily into groups of at most [`PAGE_BYTES`] encoded
+/// bytes and [`MAX_PAGE_ROWS`] rows: the rows of each `Page` or `Delta`.
+/// Returns how many of `rows` the first group takes (at least one, if any).
+pub fn rows_that_fit<'a>(rows: impl IntoIterator<Item = &'a Entry>) -> usize {
+    let mut bytes = 0;
+    let mut n = 0;
+    for row in rows {
+        bytes += row.wire_len();
+        if n == MAX_PAGE_ROWS || (n > 0 && bytes > PAGE_BYTES) {
+            break;
+        }
+        n += 1;
+    }
+    n
+}
 
 /// Sealed mail: a [`MailBody`] sealed by its sender to its recipient's key
 /// (Noise `K`, see [`crate::crypto::seal_mail`]). The server stores and
@@ -538,7 +582,11 @@ const SEALED_MAX: usize = 2 + MAX_SEALED;
 /// SocketAddr: variant, 16 address bytes (v6), port as a varint u16.
 const ADDR_MAX: usize = 1 + 16 + 3;
 const ENTRY_MAX: usize = NAME_MAX + ADDR_MAX + 1 + KEY_MAX;
-const ENTRIES_MAX: usize = 1 + PAGE_ENTRIES * ENTRY_MAX;
+/// The narrowest row: an empty name, IPv4 with a one-byte port.
+const ENTRY_MIN: usize = 1 + (1 + 4 + 1) + 1 + KEY_MAX;
+/// The length (fewer than 128 rows: one byte) and the rows.
+const ENTRIES_MAX: usize = 1 + PAGE_BYTES;
+const _: () = assert!(MAX_PAGE_ROWS < 128);
 
 /// Upper bound of an encoded message, over every variant (the largest ones).
 pub const MAX_ENCODED: usize = {
@@ -725,6 +773,72 @@ mod tests {
         }
         // Every message variant (the packet types are the other eight).
         assert_eq!(whats.len(), 22);
+    }
+
+    #[test]
+    fn a_rows_wire_len_is_its_encoding() {
+        let v4 = |port| SocketAddr::from(([203, 0, 113, 9], port));
+        let v6 = |port| SocketAddr::V6(SocketAddrV6::new(Ipv6Addr::LOCALHOST, port, 7, 9));
+        let mut rows = Vec::new();
+        for port in [0, 127, 128, 16_383, 16_384, 65_535] {
+            for n in [name("a"), longest_name('y')] {
+                for addr in [v4(port), v6(port)] {
+                    let key = PublicKey([3; 32]);
+                    rows.push(Entry {
+                        name: n.clone(),
+                        addr,
+                        online: port % 2 == 0,
+                        key,
+                    });
+                }
+            }
+        }
+        for row in rows {
+            let bytes = postcard::to_allocvec(&row).unwrap();
+            assert_eq!(row.wire_len(), bytes.len(), "{row:?}");
+        }
+    }
+
+    #[test]
+    fn pages_of_the_narrowest_and_the_widest_rows_fit_a_datagram() {
+        let narrow = Entry {
+            name: name("a"),
+            addr: SocketAddr::from(([10, 0, 0, 1], 1)),
+            online: true,
+            key: PublicKey([1; 32]),
+        };
+        let wide = widest_entry(0);
+        for row in [narrow, wide] {
+            let n = rows_that_fit(std::iter::repeat_n(&row, 1000));
+            let entries: Entries = std::iter::repeat_n(row.clone(), n).collect();
+            for msg in [
+                Message::Page {
+                    seq: Seq(u32::MAX),
+                    version: u64::MAX,
+                    from: u32::MAX,
+                    entries: entries.clone(),
+                    next: Some(u32::MAX),
+                },
+                Message::Delta {
+                    prev: u64::MAX,
+                    version: u64::MAX,
+                    entries,
+                },
+            ] {
+                let bytes = encode_to_vec(&msg);
+                assert!(bytes.len() <= MAX_ENCODED, "{n} rows: {}", bytes.len());
+                assert_eq!(decode(&bytes).unwrap(), msg);
+            }
+            assert!(n >= PAGE_ENTRIES, "{n} rows of {row:?}");
+        }
+        // Typical rows (short names, IPv4) fit more than the widest.
+        let typical = Entry {
+            name: name("load1234"),
+            addr: SocketAddr::from(([127, 1, 2, 3], 40_000)),
+            online: true,
+            key: PublicKey([1; 32]),
+        };
+        assert!(rows_that_fit(std::iter::repeat_n(&typical, 1000)) >= 2 * PAGE_ENTRIES - 4);
     }
 
     #[test]

@@ -10,7 +10,7 @@ use std::rc::Rc;
 use std::time::Duration;
 
 use udpchat::packet::Packet as Wire;
-use udpchat::wire::{PAGE_ENTRIES, SYNC_WINDOW, What};
+use udpchat::wire::{SYNC_WINDOW, What};
 
 use sim::{Sim, addr, drop_all, name};
 
@@ -106,6 +106,14 @@ fn a_busy_answer_for_another_handshake_changes_nothing() {
     assert_eq!(attacked, honest);
 }
 
+/// Rows of the simulated clients' size ("c123", one address) one page
+/// holds.
+fn per_page() -> usize {
+    let s = crowd(2);
+    let row = s.server.table().iter().next().unwrap().1.clone();
+    udpchat::wire::rows_that_fit(std::iter::repeat_n(&row, 1000))
+}
+
 /// A server with `n` clients online, all settled.
 fn crowd(n: usize) -> Sim {
     // All simulated clients share one host: lift its ration of new names.
@@ -120,7 +128,7 @@ fn crowd(n: usize) -> Sim {
 #[test]
 fn a_joiner_pulls_the_table_in_windows_of_pages() {
     // Enough rows for two windows.
-    let rows = PAGE_ENTRIES * SYNC_WINDOW + 5;
+    let rows = per_page() * SYNC_WINDOW + 5;
     let mut s = crowd(rows - 1);
     let first_sync = s.log.len();
     let i = s.join("Zed", 2000);
@@ -133,12 +141,12 @@ fn a_joiner_pulls_the_table_in_windows_of_pages() {
         .iter()
         .filter(|p| p.to == addr(2000) && p.is(What::Page))
         .count();
-    assert_eq!(pages, rows.div_ceil(PAGE_ENTRIES));
+    assert_eq!(pages, SYNC_WINDOW + 1);
 }
 
 #[test]
 fn a_page_lost_inside_a_window_is_asked_for_again_and_nothing_is_skipped() {
-    let rows = PAGE_ENTRIES * 3 + 2;
+    let rows = per_page() * 3 + 2;
     let mut s = crowd(rows - 1);
     // The second page to Zed is lost; the third arrives and must not be
     // taken for it.
@@ -165,7 +173,7 @@ fn a_page_lost_inside_a_window_is_asked_for_again_and_nothing_is_skipped() {
 #[test]
 fn changes_go_out_coalesced_and_not_to_a_joiner_still_pulling_the_table() {
     // A table of two windows.
-    let crowd_size = PAGE_ENTRIES * SYNC_WINDOW;
+    let crowd_size = per_page() * SYNC_WINDOW;
     let mut s = crowd(crowd_size);
     let before = s.log.len();
     // Three joins in the same instant: one delta datagram to each settled

@@ -275,7 +275,7 @@ const BATCH_STALL: Duration = Duration::from_secs(5);
 /// sees) can delay "server not responding", not prevent it.
 const BUSY_BUDGET: Duration = Duration::from_secs(60);
 /// The longest one "busy" answer makes us wait.
-const MAX_BUSY_DELAY: Duration = Duration::from_secs(10);
+const MAX_BUSY_DELAY: Duration = Duration::from_secs(5);
 
 /// Handle of an operation in flight.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -729,9 +729,9 @@ impl Client {
     }
 
     /// The server is alive but behind: message 1 goes again after the wait
-    /// it asked for, doubled on every repeat and jittered (RFC 8085 §3.1.3),
-    /// so a storm of joiners spreads out instead of coming back in step.
-    /// The answer does not count as a try. Unauthenticated (it only echoes
+    /// it asked for, doubled on the next two repeats and jittered (RFC 8085
+    /// §3.1.3), so a storm of joiners spreads out instead of coming back in
+    /// step. The answer does not count as a try. Unauthenticated (it only echoes
     /// our index), so it is believed for [`BUSY_BUDGET`] in all; past that
     /// the tries run out as for silence.
     fn on_busy(&mut self, now: Instant, wait_ms: u16) {
@@ -742,7 +742,7 @@ impl Client {
             return;
         }
         let base = Duration::from_millis(u64::from(wait_ms)).max(ACK_TIMEOUT);
-        let backoff = base * (1u32 << self.busy.0.min(3));
+        let backoff = base * (1u32 << self.busy.0.min(2));
         // Uniform in [0.5, 1.5) of it.
         let factor = 0.5 + f64::from(self.rng.next_u32()) / (f64::from(u32::MAX) + 1.0);
         let delay = backoff.mul_f64(factor).min(MAX_BUSY_DELAY);

@@ -251,13 +251,13 @@ const STORE_RETRY: Duration = Duration::from_secs(1);
 /// not notice 50 ms.
 pub const DELTA_INTERVAL: Duration = Duration::from_millis(50);
 /// Datagrams that waited longer than this in the socket mean the server is
-/// behind: new handshakes are told "busy" (their answer would come after
-/// the client's 500 ms retry anyway, and the key exchange is the costliest
-/// thing the server does).
-pub const BUSY_AFTER: Duration = Duration::from_millis(250);
-/// The wait a "busy" answer asks for: twice the queueing delay, within
-/// these bounds (the client adds jitter and backs off on repeats).
-const BUSY_WAIT: (Duration, Duration) = (Duration::from_millis(500), Duration::from_secs(10));
+/// behind: new handshakes are told "busy" (their answer would come close
+/// to the client's 500 ms retry, which would only add to the queue, and the
+/// key exchange is the costliest thing the server does).
+pub const BUSY_AFTER: Duration = Duration::from_millis(400);
+/// The wait a "busy" answer asks for: the queueing delay, within these
+/// bounds (the client adds jitter and backs off on repeats).
+const BUSY_WAIT: (Duration, Duration) = (Duration::from_millis(250), Duration::from_secs(5));
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Timer {
@@ -674,7 +674,7 @@ impl Server {
     /// [`BUSY_AFTER`], message 1 of every new handshake is answered "busy"
     /// until a smaller delay is reported.
     pub fn set_queue_delay(&mut self, waited: Duration) {
-        let busy = (waited > BUSY_AFTER).then(|| (waited * 2).clamp(BUSY_WAIT.0, BUSY_WAIT.1));
+        let busy = (waited > BUSY_AFTER).then(|| waited.clamp(BUSY_WAIT.0, BUSY_WAIT.1));
         self.links.set_busy(busy);
     }
 
