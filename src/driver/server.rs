@@ -19,10 +19,6 @@ use crate::store::{Store, StoreOp};
 use crate::wire::{Name, Rejection};
 use crate::{Server, ServerConfig, ServerEvent, StoreFailure};
 
-/// A poll that returned later than this after it was called slept: it
-/// found nothing to read at first.
-const SLEPT: Duration = Duration::from_millis(1);
-
 /// The server's static key, in its data directory.
 pub const KEY_FILE: &str = "server.key";
 
@@ -108,13 +104,14 @@ pub fn run(options: Options) -> Result<i32, Fatal> {
     let mut buf = [0u8; RECV_BUF];
     let mut backlog = false;
     let mut failing = false;
-    // When the socket was last seen empty. Whatever is read now arrived
-    // after it, so `now - drained` bounds how long it waited: the measure
-    // of being behind (a loop turn of commits and sends, or a backlog
-    // never worked off) that tells the server to answer "busy".
+    // When the socket was last read empty. While every burst since found
+    // more waiting, whatever is read now arrived after it, so `now -
+    // drained` bounds how long it waited: a backlog not worked off for that
+    // long is what tells the server to answer "busy". (A long turn of
+    // commits and sends alone is not: its latecomers are answered in the
+    // next burst.)
     let mut drained = Instant::now();
     loop {
-        let before = Instant::now();
         wait(&mut poll, &mut events, server.poll_timeout(), backlog)?;
         for event in events.iter() {
             if event.token() == SIGNALS && signals.pending().next().is_some() {
@@ -123,11 +120,11 @@ pub fn run(options: Options) -> Result<i32, Fatal> {
             }
         }
         let now = Instant::now();
-        if !backlog && now - before > SLEPT {
-            // The poll slept: the socket was empty until what woke it.
-            drained = now;
-        }
-        server.set_queue_delay(now - drained);
+        server.set_queue_delay(if backlog {
+            now - drained
+        } else {
+            Duration::ZERO
+        });
         backlog = read_burst(&socket, &mut buf, |from, data| {
             server.handle_datagram(now, from, data)
         });
