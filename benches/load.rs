@@ -81,7 +81,12 @@ fn main() {
         "saves" => {
             let k = flag("--senders", 16.0) as usize;
             let secs = flag("--secs", 5.0);
-            std::process::exit(if saves(k.max(1), secs) { 0 } else { 1 });
+            let presealed = args.iter().any(|a| a == "--presealed");
+            std::process::exit(if saves(k.max(1), secs, presealed) {
+                0
+            } else {
+                1
+            });
         }
         "channel" => {
             let n = flag("--n", 1000.0) as usize;
@@ -98,7 +103,7 @@ fn main() {
 
 fn usage() -> ! {
     eprintln!(
-        "usage: cargo bench --bench load -- join [--n N] [--spread SECS] [--deadline SECS] | saves [--senders K] [--secs S] | channel [--n N] [--rounds R] | echo"
+        "usage: cargo bench --bench load -- join [--n N] [--spread SECS] [--deadline SECS] | saves [--senders K] [--secs S] [--presealed] | channel [--n N] [--rounds R] | echo"
     );
     std::process::exit(2)
 }
@@ -399,8 +404,11 @@ fn join(n: usize, spread: Duration, deadline: Duration, echo: f64) -> bool {
 /// `k` senders each keep one save-message to an offline recipient of its
 /// own outstanding for `secs`; prints saves per second and the latency from
 /// the command to "saved", beside SQLite's own grouped-commit rate on the
-/// same disk in the same run.
-fn saves(k: usize, secs: f64) -> bool {
+/// same disk in the same run. `presealed`: the senders send one fixed
+/// seal-sized body instead of sealing each message (three X25519
+/// operations each, which would make this one process, not the server,
+/// the bottleneck).
+fn saves(k: usize, secs: f64, presealed: bool) -> bool {
     let dir = scratch("load-saves");
     let ceiling = sqlite_ceiling(&dir.join("ceiling"));
     let server = ServerProcess::start(&dir, &["--mailbox-messages", "1000000"]);
@@ -449,6 +457,7 @@ fn saves(k: usize, secs: f64) -> bool {
         fleet.turn(Duration::from_millis(50), &mut |_, _, _| {});
     }
     let text = "x".repeat(120);
+    let sealed = vec![0x5a; text.len() + 11 + udpchat::crypto::SEALED_OVERHEAD];
     let mut sent_at = vec![Duration::ZERO; k];
     let mut latencies: Vec<Duration> = Vec::new();
     let mut errors = 0usize;
@@ -475,7 +484,17 @@ fn saves(k: usize, secs: f64) -> bool {
                 }
                 _ => {}
             };
-            fleet.command(k + s, |c, now| c.send_message(now, &to, &text), &mut on);
+            fleet.command(
+                k + s,
+                |c, now| {
+                    if presealed {
+                        c.save_presealed(now, &to, &sealed);
+                    } else {
+                        c.send_message(now, &to, &text);
+                    }
+                },
+                &mut on,
+            );
         }
         let mut on = |m: usize, e: Event, at: Duration| {
             if m < k {
@@ -499,7 +518,12 @@ fn saves(k: usize, secs: f64) -> bool {
     let cpu = server.cpu() - cpu_before;
     latencies.sort_unstable();
     let rate = latencies.len() as f64 / spent;
-    println!("durable saves: {k} senders, one save outstanding each, {spent:.1} s");
+    let how = if presealed {
+        "presealed"
+    } else {
+        "each sealed by its sender"
+    };
+    println!("durable saves: {k} senders ({how}), one save outstanding each, {spent:.1} s");
     println!(
         "  {} saved ({errors} refused): {rate:.0} saves/s = {:.2} of SQLite's grouped commit here ({ceiling:.0} rows/s, 64 per commit)",
         latencies.len(),

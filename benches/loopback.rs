@@ -34,6 +34,12 @@
 //! - `UDPCHAT_LOOPBACK_WINDOW`: most messages written to Alice and not yet
 //!   finished (acked, saved or failed), default 64; each outcome read lets
 //!   one more line be written. 0 writes every line at once.
+//! - `UDPCHAT_LOOPBACK_MODE=latency`: instead of throughput, what one user
+//!   waits for, durably: Bob deregisters, then Alice sends him
+//!   `UDPCHAT_LOOPBACK_MESSAGES` messages one at a time (each timed from
+//!   the line written to `[Messages received by the server and saved]`
+//!   read), then as many `send_all` (to `[Message received by Server.]`;
+//!   Bob's copy is stored). Prints the median and p99 of each, per binary.
 //!
 //! Why a window: the client sends a direct message as soon as it reads the
 //! line, with no limit on how many await their ack. With every line written
@@ -89,6 +95,8 @@ const NO_ACK: &str = ">>> [No ACK from Bob";
 const SAVED: &str = ">>> [Messages received by the server and saved]";
 const ERROR: &str = ">>> [Error:";
 const LISTENING: &str = "udpchat server listening";
+const BYE: &str = ">>> [You are Offline. Bye.]";
+const CHANNEL_ACKED: &str = ">>> [Message received by Server.]";
 
 fn main() {
     if let Err(e) = run() {
@@ -105,6 +113,9 @@ struct Config {
     /// Most messages written and not yet finished; 0 for no limit.
     window: usize,
     rounds: usize,
+    /// Latency of single durable saves and channel messages, not
+    /// throughput.
+    latency: bool,
 }
 
 /// One round's outcome as Alice reported it.
@@ -124,6 +135,9 @@ impl RoundResult {
 
 fn run() -> Result<(), String> {
     let config = config()?;
+    if config.latency {
+        return latency(&config);
+    }
     println!(
         "loopback: {} messages per round, window {}, {} rounds per binary",
         config.messages,
@@ -205,6 +219,15 @@ fn config() -> Result<Config, String> {
         messages: positive("UDPCHAT_LOOPBACK_MESSAGES", 2000)?,
         window: count("UDPCHAT_LOOPBACK_WINDOW", 64)?,
         rounds: positive("UDPCHAT_LOOPBACK_ROUNDS", 5)?,
+        latency: match std::env::var("UDPCHAT_LOOPBACK_MODE").as_deref() {
+            Err(_) | Ok("throughput") => false,
+            Ok("latency") => true,
+            Ok(other) => {
+                return Err(format!(
+                    "UDPCHAT_LOOPBACK_MODE must be throughput or latency, got `{other}`"
+                ));
+            }
+        },
     })
 }
 
@@ -238,6 +261,136 @@ fn median(values: &[f64]) -> f64 {
     } else {
         (values[mid - 1] + values[mid]) / 2.0
     }
+}
+
+/// The latency mode: rounds alternate between the binaries as for
+/// throughput; each round's samples join its binary's.
+fn latency(config: &Config) -> Result<(), String> {
+    println!(
+        "loopback latency: {} saves and {} channel messages per round, one at a time, {} rounds per binary",
+        config.messages, config.messages, config.rounds
+    );
+    let mut samples: Vec<(Vec<Duration>, Vec<Duration>)> =
+        vec![(Vec::new(), Vec::new()); config.binaries.len()];
+    for round in 1..=config.rounds {
+        for ((label, bin), (saves, channel)) in config.binaries.iter().zip(&mut samples) {
+            let (s, c) = measure_latency(bin, config.messages)
+                .map_err(|e| format!("{label} round {round}: {e}"))?;
+            saves.extend(s);
+            channel.extend(c);
+        }
+    }
+    for ((label, _), (saves, channel)) in config.binaries.iter().zip(&mut samples) {
+        for (what, v) in [
+            ("offline save to \"saved\"", saves),
+            ("send_all to the server's ack", channel),
+        ] {
+            v.sort_unstable();
+            let at = |q: f64| {
+                let i = ((v.len() as f64 * q).ceil() as usize).clamp(1, v.len()) - 1;
+                v[i].as_secs_f64() * 1e3
+            };
+            println!(
+                "{label}: {what}: median {:.3} ms, p99 {:.3} ms ({} samples)",
+                at(0.5),
+                at(0.99),
+                v.len()
+            );
+        }
+    }
+    Ok(())
+}
+
+/// One latency round: server, Bob and Alice of `bin`; Bob deregisters; then
+/// Alice's `messages` offline saves and `messages` channel messages, each
+/// timed from its line written to its outcome read.
+fn measure_latency(bin: &Path, messages: usize) -> Result<(Vec<Duration>, Vec<Duration>), String> {
+    let dir = TempDir::create()?;
+    let [server_port, bob_port, alice_port] = free_ports()?;
+    let data = dir.path().join("data");
+    let mut server = Proc::spawn(
+        bin,
+        "server",
+        &[
+            "-s".into(),
+            server_port.to_string(),
+            "--data-dir".into(),
+            path_arg(&data)?,
+            "--mailbox-messages".into(),
+            (2 * messages + 10).to_string(),
+        ],
+        dir.path(),
+        false,
+    )?;
+    server.wait_for(LISTENING, |line| line.starts_with(LISTENING))?;
+    let client_args = |name: &str, port: u16| -> Vec<String> {
+        vec![
+            "-c".into(),
+            name.into(),
+            "127.0.0.1".into(),
+            server_port.to_string(),
+            port.to_string(),
+        ]
+    };
+    let mut bob = Proc::spawn(bin, "Bob", &client_args("Bob", bob_port), dir.path(), true)?;
+    bob.wait_for(WELCOME, |line| line == WELCOME)?;
+    bob.wait_for(TABLE, |line| line == TABLE)?;
+    let mut alice = Proc::spawn(
+        bin,
+        "Alice",
+        &client_args("Alice", alice_port),
+        dir.path(),
+        true,
+    )?;
+    alice.wait_for(WELCOME, |line| line == WELCOME)?;
+    alice.wait_for(TABLE, |line| line == TABLE)?;
+    bob.wait_for("the table line that adds Alice", |line| line == TABLE)?;
+    write_line(&mut bob, "dereg Bob")?;
+    bob.wait_for(BYE, |line| line == BYE)?;
+    alice.wait_for("the table line that shows Bob offline", |line| {
+        line == TABLE
+    })?;
+
+    let timed = |alice: &mut Proc, line: &str, outcome: &str| -> Result<Duration, String> {
+        let start = Instant::now();
+        write_line(alice, line)?;
+        let deadline = Instant::now() + DEADLINE;
+        loop {
+            let got = alice.next_line(deadline, outcome)?;
+            if got == outcome {
+                return Ok(start.elapsed());
+            }
+            if got.starts_with(ERROR) {
+                return Err(format!("`{line}` ended in `{got}`"));
+            }
+        }
+    };
+    let mut saves = Vec::with_capacity(messages);
+    for i in 0..messages {
+        saves.push(timed(&mut alice, &format!("send Bob s{i}"), SAVED)?);
+    }
+    let mut channel = Vec::with_capacity(messages);
+    for i in 0..messages {
+        channel.push(timed(&mut alice, &format!("send_all c{i}"), CHANNEL_ACKED)?);
+    }
+    alice.stdin.take();
+    bob.stdin.take();
+    alice.stop();
+    bob.stop();
+    server.stop();
+    Ok((saves, channel))
+}
+
+/// Writes one line to the child's stdin and flushes it.
+fn write_line(proc: &mut Proc, line: &str) -> Result<(), String> {
+    let stdin = proc
+        .stdin
+        .as_mut()
+        .ok_or("stdin is not a pipe (a bug in the bench)")?;
+    stdin
+        .write_all(format!("{line}\n").as_bytes())
+        .and_then(|()| stdin.flush())
+        .map_err(|e| format!("writing to {}'s stdin: {e}", proc.name))
 }
 
 /// One round: a server and two clients of `bin`, `messages` direct messages

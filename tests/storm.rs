@@ -247,3 +247,18 @@ fn a_channel_sender_is_acked_before_the_copies_go_out() {
         assert_eq!(shown, Some(">>> [Channel_Message c0: hello everyone]"));
     }
 }
+
+#[test]
+fn a_server_that_never_gets_message_3_still_ends_in_not_responding() {
+    let mut s = Sim::new();
+    // Message 2 comes every time; message 3 (with the registration) is
+    // always lost on the way.
+    s.drop_rules.push(drop_all(|p| p.is(What::Finish)));
+    let t0 = s.now;
+    let i = s.spawn("Alice", 2000);
+    let done = s.run_until(Duration::from_secs(120), |s| s.nodes[i].exit.is_some());
+    assert!(done, "still trying after 120 s");
+    assert_eq!(s.lines(i), GONE);
+    assert!(s.count(|p| p.is(What::Response)) >= 2);
+    assert!(s.now - t0 <= Duration::from_secs(10), "{:?}", s.now - t0);
+}

@@ -277,6 +277,17 @@ const BUSY_BUDGET: Duration = Duration::from_secs(60);
 /// The longest one "busy" answer makes us wait.
 const MAX_BUSY_DELAY: Duration = Duration::from_secs(5);
 
+/// What a registration under way was told so far.
+#[derive(Debug, Default)]
+struct Patience {
+    /// "Busy" answers.
+    busy: u8,
+    /// The waits they brought, in all.
+    waited: Duration,
+    /// A message 2 already gave message 3 tries of its own.
+    renewed: bool,
+}
+
 /// Handle of an operation in flight.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 struct OpId(usize);
@@ -450,9 +461,8 @@ pub struct Client {
     sync: Option<OpId>,
     /// Pages of the current sync request's window applied so far.
     sync_pages: usize,
-    /// "Busy" answers to the registration under way, and the waits they
-    /// brought in all.
-    busy: (u8, Duration),
+    /// How the registration under way was answered so far.
+    patience: Patience,
     batch: Option<Batch>,
     /// The welcome that opened the latest mail batch.
     last_batch: Option<Seq>,
@@ -483,7 +493,7 @@ impl Client {
             by_msg: HashMap::new(),
             sync: None,
             sync_pages: 0,
-            busy: (0, Duration::ZERO),
+            patience: Patience::default(),
             batch: None,
             last_batch: None,
             heartbeat: None,
@@ -714,8 +724,12 @@ impl Client {
                 self.send_join();
                 // The server answered with its key: alive. Message 3 gets
                 // tries of its own (a loaded server may take a while for
-                // each step of the handshake).
-                self.rearm(now, op, ACK_TIMEOUT);
+                // each step of the handshake) — once per registration, so
+                // a server (or an on-path attacker) that answers message 1
+                // but never message 3 still ends in "not responding".
+                if !std::mem::replace(&mut self.patience.renewed, true) {
+                    self.rearm(now, op, ACK_TIMEOUT);
+                }
             }
         }
     }
@@ -731,22 +745,23 @@ impl Client {
     /// The server is alive but behind: message 1 goes again after the wait
     /// it asked for, doubled on the next two repeats and jittered (RFC 8085
     /// §3.1.3), so a storm of joiners spreads out instead of coming back in
-    /// step. The answer does not count as a try. Unauthenticated (it only echoes
-    /// our index), so it is believed for [`BUSY_BUDGET`] in all; past that
-    /// the tries run out as for silence.
+    /// step. The answer does not count as a try. Unauthenticated (it only
+    /// echoes our index), so it is believed for [`BUSY_BUDGET`] in all;
+    /// past that the tries run out as for silence.
     fn on_busy(&mut self, now: Instant, wait_ms: u16) {
         let Some((op, _)) = self.register_op() else {
             return;
         };
-        if self.busy.1 >= BUSY_BUDGET {
+        if self.patience.waited >= BUSY_BUDGET {
             return;
         }
         let base = Duration::from_millis(u64::from(wait_ms)).max(ACK_TIMEOUT);
-        let backoff = base * (1u32 << self.busy.0.min(2));
+        let backoff = base * (1u32 << self.patience.busy.min(2));
         // Uniform in [0.5, 1.5) of it.
         let factor = 0.5 + f64::from(self.rng.next_u32()) / (f64::from(u32::MAX) + 1.0);
         let delay = backoff.mul_f64(factor).min(MAX_BUSY_DELAY);
-        self.busy = (self.busy.0.saturating_add(1), self.busy.1 + delay);
+        self.patience.busy = self.patience.busy.saturating_add(1);
+        self.patience.waited += delay;
         if let Some(entry) = self.ops.get_mut(op.0) {
             self.timers.cancel(entry.timer);
             entry.sent = entry.sent.saturating_sub(1);
@@ -895,19 +910,46 @@ impl Client {
                 &body,
                 seed,
             );
-            let seq = self.seq();
-            let kind = Kind::Direct {
-                to: entry.name,
-                addr: entry.addr,
-                key: entry.key,
-                id,
-                text,
-                phase: Phase::Save(seq),
-                sealed: wire::Sealed::from_slice(&sealed).ok().map(Box::new),
-            };
-            let op = self.start(now, kind, ACK_TIMEOUT);
-            self.by_seq.insert(seq, op);
+            self.start_save(now, entry, id, text, &sealed);
         }
+    }
+
+    /// Sends `sealed` to the server as a save-message for `entry`.
+    fn start_save(&mut self, now: Instant, entry: Entry, id: MsgId, text: Text, sealed: &[u8]) {
+        let seq = self.seq();
+        let kind = Kind::Direct {
+            to: entry.name,
+            addr: entry.addr,
+            key: entry.key,
+            id,
+            text,
+            phase: Phase::Save(seq),
+            sealed: wire::Sealed::from_slice(sealed).ok().map(Box::new),
+        };
+        let op = self.start(now, kind, ACK_TIMEOUT);
+        self.by_seq.insert(seq, op);
+    }
+
+    /// For the load tool only: a save-message to `to` (offline in the
+    /// table) carrying `sealed` as it is, without sealing anything, so
+    /// that one process can drive the server's store at the rate many
+    /// senders would (each sealing on its own CPU). The server cannot tell
+    /// (it never opens a seal); a recipient would refuse it, since it is
+    /// not sealed for this message. Nothing happens if `to` is not an
+    /// offline row of the table or `sealed` is too long.
+    #[doc(hidden)]
+    pub fn save_presealed(&mut self, now: Instant, to: &str, sealed: &[u8]) {
+        let entry = Name::new(to).ok().and_then(|n| self.table.get(&n).cloned());
+        let (Some(entry), Ok(text)) = (entry, Text::new("(presealed)")) else {
+            return;
+        };
+        if !self.usable() || entry.online || sealed.len() > wire::MAX_SEALED {
+            return;
+        }
+        let id = self.msg_id();
+        self.events
+            .push_back(Event::PeerOffline(entry.name.clone()));
+        self.start_save(now, entry, id, text, sealed);
     }
 
     /// `send_all <text>`: a channel message.
@@ -1751,7 +1793,7 @@ impl Client {
 
     fn register(&mut self, now: Instant, joining: Joining) {
         self.presence = Presence::Joining;
-        self.busy = (0, Duration::ZERO);
+        self.patience = Patience::default();
         // Every registration is a fresh handshake: it proves the key anew.
         self.session.begin(&self.config.key, &mut self.rng);
         let seq = self.seq();

@@ -181,8 +181,18 @@ fn flush(
             // the retransmissions cover.
             let _ = socket.send_to(&t.payload, t.to);
         }
+        // One write for all of a turn's lines: a join storm logs thousands
+        // of registrations, and a flushed write each cost CPU the protocol
+        // needs.
+        let mut lines = String::new();
         while let Some(event) = server.poll_event() {
-            log(&event);
+            lines.push_str(&line(&event));
+            lines.push('\n');
+        }
+        if !lines.is_empty() {
+            let mut out = io::stdout().lock();
+            let _ = out.write_all(lines.as_bytes());
+            let _ = out.flush();
         }
         if ops.is_empty() {
             return Ok(());
@@ -190,8 +200,9 @@ fn flush(
     }
 }
 
-fn log(event: &ServerEvent) {
-    let line = match event {
+/// The log line for `event`.
+fn line(event: &ServerEvent) -> String {
+    match event {
         ServerEvent::Registered(name, addr) => format!("{name} registered from {addr}"),
         ServerEvent::Offline(name, true) => format!("{name} deregistered"),
         ServerEvent::Offline(name, false) => format!("{name} is silent: marked offline"),
@@ -241,8 +252,7 @@ fn log(event: &ServerEvent) {
             };
             format!("refused a {kind} from {from}: {why}")
         }
-    };
-    say(&line);
+    }
 }
 
 /// One line on stdout, flushed; a closed stdout is not worth dying for.
