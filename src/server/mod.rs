@@ -245,8 +245,8 @@ const NAME_SOURCES: usize = 65_536;
 /// new changes come: they go in the same transaction, first).
 const STORE_RETRY: Duration = Duration::from_secs(1);
 /// Table changes are gathered this long before they go out as deltas: a
-/// join storm's changes then fill whole delta datagrams (13 rows) instead
-/// of sending every online client one nearly empty datagram per loop turn.
+/// join storm's changes then fill whole delta datagrams instead of sending
+/// every online client one nearly empty datagram per loop turn.
 /// SPEC allows coalescing bursts into one update per tick; a person does
 /// not notice 50 ms.
 pub const DELTA_INTERVAL: Duration = Duration::from_millis(50);
