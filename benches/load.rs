@@ -435,8 +435,15 @@ fn saves(k: usize, secs: f64, presealed: bool) -> bool {
     let mut on_welcome = |_: usize, e: Event, _: Duration| {
         welcomed.set(welcomed.get() + usize::from(matches!(e, Event::Welcome)));
     };
+    // Each sender on an address of its own, as senders on their own
+    // machines would be (one address gets at most 1,000 requests a
+    // second: `--requests-per-source`).
     for s in 0..k {
-        fleet.spawn(k + s, &format!("sender{s}"), &mut on_welcome);
+        fleet.spawn(
+            (k + s) * PER_ADDRESS,
+            &format!("sender{s}"),
+            &mut on_welcome,
+        );
     }
     let end = Instant::now() + Duration::from_secs(60);
     while welcomed.get() < k && Instant::now() < end {

@@ -20,6 +20,8 @@ const HELP: &str = "
     --store-bytes N       most bytes kept in all (default 268435456)
     --max-clients N       most names in the registry (default 100000)
     --names-per-source N  new names one IPv4 address or IPv6 /64 registers at once, then one per 10 s (default 64)
+    --requests-per-source N
+                          requests one IPv4 address or IPv6 /64 sends at once, then N/2 a second (default 2000)
     --mail-ttl AGE        delete mail undelivered after AGE: N with s, m, h or d, or 'never' (default 30d)
     --heartbeat SECS      the clients' heartbeat interval; 3 missed = offline (default 10)
   -c <name> <server-ip> <server-port> <client-port>
@@ -33,7 +35,7 @@ const HELP: &str = "
   -V, --version           show the version";
 
 /// Flags only the server takes.
-const SERVER_ONLY: [&str; 8] = [
+const SERVER_ONLY: [&str; 9] = [
     "bind",
     "data-dir",
     "mailbox-messages",
@@ -42,6 +44,7 @@ const SERVER_ONLY: [&str; 8] = [
     "max-clients",
     "mail-ttl",
     "names-per-source",
+    "requests-per-source",
 ];
 
 enum Mode {
@@ -96,6 +99,7 @@ fn parse(args: &[String]) -> Result<Mode, String> {
     opts.optopt("", "max-clients", "names in the registry", "N");
     opts.optopt("", "mail-ttl", "how long undelivered mail is kept", "AGE");
     opts.optopt("", "names-per-source", "new names per address", "N");
+    opts.optopt("", "requests-per-source", "requests per address", "N");
     opts.optopt("", "heartbeat", "heartbeat interval", "SECS");
     opts.optopt("", "key", "client key file", "FILE");
     opts.optopt("", "release", "release a name", "NAME");
@@ -152,6 +156,7 @@ fn parse(args: &[String]) -> Result<Mode, String> {
                 max_clients: limit("max-clients", 100_000)?,
                 mail_ttl: parse_age(m.opt_str("mail-ttl"))?,
                 names_per_source: limit("names-per-source", 64)?,
+                requests_per_source: limit("requests-per-source", 2000)?,
             }))
         }
         (None, Some(name)) => {

@@ -247,6 +247,9 @@ pub enum Refusal {
     StoreBusy,
     /// The source address registered too many new names lately.
     TooManyNames,
+    /// The source address sent too many requests just now: send it again
+    /// in a moment.
+    TooManyRequests,
 }
 
 /// Why a registration was refused.

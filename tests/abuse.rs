@@ -89,3 +89,83 @@ fn a_registration_storm_from_a_few_hosts_is_not_rationed_by_default() {
     }
     assert_eq!(s.server.table().len(), 200);
 }
+
+const SAVED: &str = ">>> [Messages received by the server and saved]";
+const SLOW_DOWN: &str = ">>> [Error: too many requests from this address just now; not saved — send it again in a moment.]";
+
+/// A server allowing each source 12 requests at once, one more a second.
+fn metered() -> Sim {
+    Sim::with(|c| c.requests = (12, Duration::from_secs(1)))
+}
+
+#[test]
+fn one_address_gets_its_rate_of_requests_and_other_hosts_are_not_held_back() {
+    let mut s = metered();
+    let host = [198, 51, 100, 9];
+    let alice = join_at(&mut s, "Alice", at(host, 2000));
+    let bob = join_at(&mut s, "Bob", at([203, 0, 113, 7], 2000));
+    let a = s.nodes[bob].lines.len();
+    s.command(bob, "dereg Bob");
+    assert_eq!(s.lines_since(bob, a), [">>> [You are Offline. Bye.]"]);
+    s.settle();
+    // Thirty saves at once from Alice's host: the rest of its burst is
+    // saved, every one past it is refused, said so, and not stored.
+    let a = s.nodes[alice].lines.len();
+    for k in 0..30 {
+        s.line(alice, &format!("send Bob m{k}"));
+    }
+    s.settle();
+    let lines = s.lines_since(alice, a);
+    let saved = lines.iter().filter(|l| **l == SAVED).count();
+    let refused = lines.iter().filter(|l| **l == SLOW_DOWN).count();
+    assert_eq!(saved + refused, 30, "{lines:?}");
+    assert!((1..=12).contains(&saved), "{saved} saved: {lines:?}");
+    assert_eq!(s.mailbox("Bob").len(), saved);
+    // Another host is not held back.
+    let carol = join_at(&mut s, "Carol", at([203, 0, 113, 8], 2000));
+    let c = s.nodes[carol].lines.len();
+    s.command(carol, "send Bob from carol");
+    assert!(s.lines_since(carol, c).contains(&SAVED));
+    // A few seconds later Alice's host has earned more.
+    s.run_for(Duration::from_secs(5));
+    let a = s.nodes[alice].lines.len();
+    s.command(alice, "send Bob later");
+    assert!(
+        s.lines_since(alice, a).contains(&SAVED),
+        "{:?}",
+        s.lines_since(alice, a)
+    );
+    assert_eq!(s.mailbox("Bob").len(), saved + 2);
+}
+
+#[test]
+fn syncs_and_heartbeats_over_the_rate_are_only_delayed() {
+    // Five requests at once, one a second: a joiner's sync and a few
+    // heartbeats fit; twenty clients on one host joining at once do not,
+    // yet every one registers and gets the whole table (retries find the
+    // bucket refilled), none is told to register again.
+    let mut s = Sim::with(|c| c.requests = (5, Duration::from_millis(100)));
+    let host = [198, 51, 100, 10];
+    let joined: Vec<usize> = (0..20u16)
+        .map(|k| {
+            let pin = Some(s.server.public_key());
+            let name = format!("h{k}");
+            s.spawn_at(&name, at(host, 6000 + k), key_of(&name), pin)
+        })
+        .collect();
+    let done = s.run_until(Duration::from_secs(120), |s| {
+        joined
+            .iter()
+            .all(|&i| s.nodes[i].client.table().len() == 20 && s.nodes[i].client.is_online())
+    });
+    assert!(done);
+    assert!(s.server.stats().limited > 0, "the rate was never reached");
+    for i in joined {
+        assert_eq!(s.lines(i).first(), Some(&WELCOME), "node {i}");
+        assert!(
+            !s.lines(i).iter().any(|l| l.contains("Reconnected")),
+            "{:?}",
+            s.lines(i)
+        );
+    }
+}

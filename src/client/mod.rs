@@ -1429,6 +1429,10 @@ impl Client {
                     );
                 }
             }
+            (_, Refusal::TooManyRequests) => self.error(
+                "too many requests from this address just now; not saved — send it again in a moment."
+                    .to_string(),
+            ),
             (_, Refusal::MailboxFull | Refusal::StoreFull) => {
                 self.error("the server's store is full; not saved.".to_string())
             }

@@ -85,6 +85,90 @@ pub(crate) fn read_burst(
     true
 }
 
+/// Datagrams handed to the kernel in one `sendmmsg` call, at most.
+const SEND_BATCH: usize = 64;
+
+/// Sends every datagram of `batch` (emptying it), [`SEND_BATCH`] per
+/// `sendmmsg` call instead of a `sendto` each: the server's fan-outs and
+/// page windows are bursts. A datagram the kernel refuses (a full buffer,
+/// an unreachable address) is skipped: UDP is lossy anyway, and the
+/// protocol's retries cover it.
+pub(crate) fn send_all(socket: &impl std::os::fd::AsRawFd, batch: &mut Vec<crate::Transmit>) {
+    let fd = socket.as_raw_fd();
+    let mut at = 0;
+    while at < batch.len() {
+        let chunk = &batch[at..batch.len().min(at + SEND_BATCH)];
+        let mut addrs: Vec<(libc::sockaddr_storage, libc::socklen_t)> =
+            chunk.iter().map(|t| sockaddr(&t.to)).collect();
+        let mut iovs: Vec<libc::iovec> = chunk
+            .iter()
+            .map(|t| libc::iovec {
+                iov_base: t.payload.as_ptr() as *mut libc::c_void,
+                iov_len: t.payload.len(),
+            })
+            .collect();
+        let mut msgs: Vec<libc::mmsghdr> = addrs
+            .iter_mut()
+            .zip(iovs.iter_mut())
+            .map(|((addr, len), iov)| {
+                // SAFETY: mmsghdr is plain old data; all-zero is a valid
+                // empty header, filled in below.
+                let mut m: libc::mmsghdr = unsafe { std::mem::zeroed() };
+                m.msg_hdr.msg_name = (addr as *mut libc::sockaddr_storage).cast();
+                m.msg_hdr.msg_namelen = *len;
+                m.msg_hdr.msg_iov = iov;
+                m.msg_hdr.msg_iovlen = 1;
+                m
+            })
+            .collect();
+        // SAFETY: `msgs` holds `msgs.len()` initialised headers whose name
+        // and iovec pointers point into `addrs`, `iovs` and the payloads of
+        // `batch`, all alive and unmoved until the call returns; the kernel
+        // only reads them (and writes each header's `msg_len`).
+        let sent = unsafe { libc::sendmmsg(fd, msgs.as_mut_ptr(), msgs.len() as libc::c_uint, 0) };
+        // At least the first was not sent (an error): skip it, go on.
+        at += usize::try_from(sent).unwrap_or(0).max(1);
+    }
+    batch.clear();
+}
+
+/// `addr` as a C socket address and its length.
+fn sockaddr(addr: &SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
+    // SAFETY: sockaddr_storage is plain old data; all-zero is valid.
+    let mut storage: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let len = match addr {
+        SocketAddr::V4(a) => {
+            let sin = libc::sockaddr_in {
+                sin_family: libc::AF_INET as libc::sa_family_t,
+                sin_port: a.port().to_be(),
+                sin_addr: libc::in_addr {
+                    s_addr: u32::from_ne_bytes(a.ip().octets()),
+                },
+                sin_zero: [0; 8],
+            };
+            // SAFETY: sockaddr_storage is larger than and aligned for
+            // sockaddr_in; the write stays inside `storage`.
+            unsafe { std::ptr::write((&raw mut storage).cast::<libc::sockaddr_in>(), sin) };
+            std::mem::size_of::<libc::sockaddr_in>()
+        }
+        SocketAddr::V6(a) => {
+            let sin6 = libc::sockaddr_in6 {
+                sin6_family: libc::AF_INET6 as libc::sa_family_t,
+                sin6_port: a.port().to_be(),
+                sin6_flowinfo: a.flowinfo(),
+                sin6_addr: libc::in6_addr {
+                    s6_addr: a.ip().octets(),
+                },
+                sin6_scope_id: a.scope_id(),
+            };
+            // SAFETY: as above, for sockaddr_in6.
+            unsafe { std::ptr::write((&raw mut storage).cast::<libc::sockaddr_in6>(), sin6) };
+            std::mem::size_of::<libc::sockaddr_in6>()
+        }
+    };
+    (storage, len as libc::socklen_t)
+}
+
 /// An I/O failure as the line the user sees.
 pub(crate) fn io_fatal(e: io::Error) -> Fatal {
     Fatal(format!("error: {e}"))
@@ -247,6 +331,45 @@ mod tests {
             assert!(recv >= want.0 && send >= want.1, "{recv} {send}");
         } else {
             assert!(recv as i64 >= before.0, "{recv} < {before:?}");
+        }
+    }
+
+    #[test]
+    fn a_batch_reaches_every_address_in_order() {
+        let v4 = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let v6 = UdpSocket::bind("[::1]:0").ok();
+        let sender = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let sender6 = UdpSocket::bind("[::1]:0").ok();
+        let to4 = v4.local_addr().unwrap();
+        // More than one call's worth, to both kinds of address.
+        let mut batch: Vec<crate::Transmit> = (0..SEND_BATCH as u32 * 2 + 5)
+            .map(|i| crate::Transmit {
+                to: to4,
+                payload: i.to_le_bytes().to_vec(),
+                what: crate::wire::What::Delta,
+            })
+            .collect();
+        send_all(&sender, &mut batch);
+        assert!(batch.is_empty());
+        v4.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut buf = [0u8; 16];
+        for i in 0..SEND_BATCH as u32 * 2 + 5 {
+            let (n, from) = v4.recv_from(&mut buf).unwrap();
+            assert_eq!(&buf[..n], i.to_le_bytes());
+            assert_eq!(from, sender.local_addr().unwrap());
+        }
+        // IPv6, where the machine has it.
+        if let (Some(v6), Some(sender6)) = (v6, sender6) {
+            let to6 = v6.local_addr().unwrap();
+            let mut batch = vec![crate::Transmit {
+                to: to6,
+                payload: b"six".to_vec(),
+                what: crate::wire::What::Delta,
+            }];
+            send_all(&sender6, &mut batch);
+            v6.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            let (n, _) = v6.recv_from(&mut buf).unwrap();
+            assert_eq!(&buf[..n], b"six");
         }
     }
 

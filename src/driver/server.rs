@@ -12,7 +12,7 @@ use super::keys;
 use super::sqlite::SqliteStore;
 use super::{
     Fatal, RECV_BUF, SERVER_BUFFERS, SIGNALS, bind, io_fatal, listen, random_seed, read_burst,
-    size_buffers, unix_now, wait,
+    send_all, size_buffers, unix_now, wait,
 };
 use crate::crypto::Keypair;
 use crate::store::{Store, StoreOp};
@@ -44,6 +44,8 @@ pub struct Options {
     pub mail_ttl: Option<Duration>,
     /// New names one source registers at once (then one per 10 s).
     pub names_per_source: usize,
+    /// Requests one source sends at once (then half as many a second).
+    pub requests_per_source: usize,
 }
 
 /// Runs the server until a signal stops it. Returns the exit status.
@@ -76,6 +78,9 @@ pub fn run(options: Options) -> Result<i32, Fatal> {
     config.max_clients = options.max_clients;
     config.mail_ttl = options.mail_ttl;
     config.new_names.0 = u32::try_from(options.names_per_source).unwrap_or(u32::MAX);
+    let burst = u32::try_from(options.requests_per_source).unwrap_or(u32::MAX);
+    // Half the burst a second: a source that keeps to that never waits.
+    config.requests = (burst, Duration::from_secs(2) / burst.max(1));
     let known = loaded.clients.len();
     let mut server = Server::new(config, now, loaded);
     say(&format!("udpchat server listening on {local}"));
@@ -176,11 +181,13 @@ fn flush(
                 }
             }
         }
+        // UDP is lossy anyway: a full send buffer is one more loss that the
+        // retransmissions cover.
+        let mut batch = Vec::new();
         while let Some(t) = server.poll_transmit() {
-            // UDP is lossy anyway: a full send buffer is one more loss that
-            // the retransmissions cover.
-            let _ = socket.send_to(&t.payload, t.to);
+            batch.push(t);
         }
+        send_all(socket, &mut batch);
         // One write for all of a turn's lines: a join storm logs thousands
         // of registrations, and a flushed write each cost CPU the protocol
         // needs.

@@ -623,7 +623,12 @@ impl Links {
             self.stats.malformed += 1;
             return None;
         };
-        link.data_seen = true;
+        if !link.data_seen {
+            link.data_seen = true;
+            // A copy of message 3 is a replay from now on (see `finish`):
+            // its bytes need not be kept (a tenth of a client's memory).
+            link.finish = Vec::new();
+        }
         let id = LinkId {
             slot: l,
             index: receiver,

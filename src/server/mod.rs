@@ -75,6 +75,9 @@ pub struct ServerConfig {
     /// New names one source (an IPv4 address, an IPv6 /64) may register
     /// at once, and how often it earns one more.
     pub new_names: (u32, Duration),
+    /// Requests (syncs, heartbeats, saves, channel messages) one source
+    /// may send at once, and how often it earns one more.
+    pub requests: (u32, Duration),
 }
 
 impl std::fmt::Debug for ServerConfig {
@@ -89,6 +92,7 @@ impl std::fmt::Debug for ServerConfig {
             .field("max_handshakes", &self.max_handshakes)
             .field("mail_ttl", &self.mail_ttl)
             .field("new_names", &self.new_names)
+            .field("requests", &self.requests)
             .finish_non_exhaustive()
     }
 }
@@ -96,7 +100,8 @@ impl std::fmt::Debug for ServerConfig {
 impl ServerConfig {
     /// Defaults: 100,000 clients, 1,000 messages or 1 MiB per mailbox,
     /// 256 MiB in all, 4,096 handshakes under way, mail kept 30 days, 64
-    /// new names per source and one more every 10 s.
+    /// new names per source and one more every 10 s, 2,000 requests per
+    /// source and one more every millisecond.
     pub fn new(seed: [u8; 32], key: Keypair, clock: (Instant, i64)) -> Self {
         ServerConfig {
             seed,
@@ -110,6 +115,7 @@ impl ServerConfig {
             max_handshakes: 4096,
             mail_ttl: Some(MAIL_TTL),
             new_names: (64, Duration::from_secs(10)),
+            requests: (2000, Duration::from_millis(1)),
         }
     }
 }
@@ -219,6 +225,8 @@ pub struct ServerStats {
     pub malformed: u64,
     /// Requests ignored: not from a registered session, or a bound reached.
     pub ignored: u64,
+    /// Requests over their source's rate (refused, or dropped as lost).
+    pub limited: u64,
     /// The session layer's counters.
     pub links: LinkStats,
 }
@@ -419,6 +427,8 @@ pub struct Server {
     /// New names per source: per host, and per IPv6 site.
     new_names: limits::Buckets,
     new_names_site: limits::Buckets,
+    /// Requests per source.
+    requests: limits::Buckets,
     mailboxes: HashMap<ClientId, Mailbox>,
     /// Every stored message by when it was stored, oldest first: what
     /// expires next.
@@ -472,6 +482,12 @@ impl Server {
                 NAME_SOURCES,
             ),
             // A site (/48) gets what 16 hosts would, no more.
+            requests: limits::Buckets::new(
+                limits::Prefix::Host,
+                config.requests.0,
+                config.requests.1,
+                NAME_SOURCES,
+            ),
             new_names_site: limits::Buckets::new(
                 limits::Prefix::Site,
                 config.new_names.0.saturating_mul(SITE_HOSTS),
@@ -594,7 +610,9 @@ impl Server {
                 id,
                 sealed,
             } => {
-                if let Some(sender) = self.online_request(now, link, seq) {
+                if let Some(sender) = self.online_request(now, link, seq)
+                    && self.within_rate(now, link, sender, seq, true)
+                {
                     let entry = self.table.get(sender);
                     let mail = NewMail {
                         from: entry.name.clone(),
@@ -608,7 +626,9 @@ impl Server {
                 }
             }
             Message::ChannelSend { seq, id, text } => {
-                if let Some(sender) = self.online_request(now, link, seq) {
+                if let Some(sender) = self.online_request(now, link, seq)
+                    && self.within_rate(now, link, sender, seq, true)
+                {
                     self.on_channel(now, sender, seq, id, text);
                 }
             }
@@ -617,7 +637,9 @@ impl Server {
                 since,
                 from: row,
             } => {
-                if let Some(id) = self.online_request(now, link, seq) {
+                if let Some(id) = self.online_request(now, link, seq)
+                    && self.within_rate(now, link, id, seq, false)
+                {
                     self.forget(id, seq);
                     // A window of pages, each from where the last stopped,
                     // all stamped with the version they were taken at.
@@ -648,7 +670,9 @@ impl Server {
                 }
             }
             Message::Heartbeat { seq, .. } => {
-                if let Some(id) = self.online_request(now, link, seq) {
+                if let Some(id) = self.online_request(now, link, seq)
+                    && self.within_rate(now, link, id, seq, false)
+                {
                     self.forget(id, seq);
                     let version = self.table.version();
                     let alive = Message::Alive { seq, version };
@@ -1365,6 +1389,35 @@ impl Server {
             return None;
         }
         Some(id)
+    }
+
+    /// Takes a token from the request's source. Over the rate, a request
+    /// that can be refused is (`refuse`: a save or a channel message, which
+    /// the user is told to send again); a sync or heartbeat is dropped as
+    /// if lost (a refusal would make the client register again), and its
+    /// retries, half a second apart, find the bucket refilled.
+    fn within_rate(
+        &mut self,
+        now: Instant,
+        link: LinkId,
+        id: ClientId,
+        seq: Seq,
+        refuse: bool,
+    ) -> bool {
+        let Some(addr) = self.links.addr(link) else {
+            return false;
+        };
+        if self.requests.take(now, addr) {
+            return true;
+        }
+        self.stats.limited += 1;
+        if refuse {
+            let reason = Refusal::TooManyRequests;
+            self.reply(id, seq, Message::Refused { seq, reason });
+        } else {
+            self.forget(id, seq);
+        }
+        false
     }
 
     /// "Unknown session": the client re-registers by itself.
