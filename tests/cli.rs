@@ -236,3 +236,25 @@ fn a_bad_mail_ttl_is_refused() {
         &["--max-clients"],
     );
 }
+
+#[test]
+fn a_bad_request_ration_is_refused() {
+    for bad in ["0", "-3", "x", "99999999999999999999999"] {
+        assert_usage_error(
+            &["-s", "5000", "--requests-per-source", bad],
+            &["--requests-per-source"],
+        );
+    }
+    assert_usage_error(
+        &[
+            "-c",
+            "A",
+            "127.0.0.1",
+            "5000",
+            "6000",
+            "--requests-per-source",
+            "10",
+        ],
+        &["--requests-per-source"],
+    );
+}
