@@ -82,6 +82,9 @@ pub struct Params {
     /// Faults include spells of a store that fails every commit (full,
     /// locked).
     pub store_faults: bool,
+    /// Faults include spells of a server that is behind (it answers new
+    /// handshakes "busy").
+    pub busy_spells: bool,
 }
 
 impl Params {
@@ -113,6 +116,8 @@ impl Params {
             // Drawn last, so the draws above give every seed the run it had
             // before store faults existed.
             store_faults: rng.below(3) == 0,
+            // Drawn after it for the same reason.
+            busy_spells: rng.below(3) == 0,
         }
     }
 }
@@ -359,6 +364,8 @@ pub struct World {
     stored_displays: HashSet<String>,
     /// Until when commits fail, and how.
     store_fails: Option<(Instant, StoreFailure)>,
+    /// Until when the server is told it is behind, and by how much.
+    busy: Option<(Instant, Duration)>,
     hasher: DefaultHasher,
     report: Report,
     /// Print every delivered datagram and console line (`UDPCHAT_SIM_TRACE`).
@@ -419,6 +426,7 @@ impl World {
             displays: HashMap::new(),
             stored_displays: HashSet::new(),
             store_fails: None,
+            busy: None,
             hasher: DefaultHasher::new(),
             trace_on: std::env::var_os("UDPCHAT_SIM_TRACE").is_some(),
             attacker: Attacker::default(),
@@ -451,6 +459,7 @@ impl World {
         self.faults = false;
         self.workload = false;
         self.cuts.clear();
+        self.busy = None;
         if self.server.is_none() {
             self.server_restart = Some(self.now);
         }
@@ -719,6 +728,12 @@ impl World {
             let Some(server) = self.server.as_mut() else {
                 return;
             };
+            // As the driver would say before a burst: behind by this much.
+            let behind = self
+                .busy
+                .filter(|&(until, _)| until > now)
+                .map_or(Duration::ZERO, |(_, by)| by);
+            server.set_queue_delay(behind);
             server.handle_datagram(now, p.from, &p.payload);
             self.drain_server();
             return;
@@ -1111,6 +1126,13 @@ impl World {
                 StoreFailure::Busy
             };
             self.store_fails = Some((now + self.rng.millis(100, 4000), failure));
+            return;
+        }
+        if self.p.busy_spells && self.rng.chance(0.3) {
+            // A transient overload: the server behind by up to 1.5 s for up
+            // to 2 s (its joiners wait, back off and come back).
+            let delay = self.rng.millis(300, 1500);
+            self.busy = Some((now + self.rng.millis(100, 2000), delay));
             return;
         }
         match self.rng.below(10) {
