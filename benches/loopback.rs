@@ -305,47 +305,11 @@ fn latency(config: &Config) -> Result<(), String> {
 /// Alice's `messages` offline saves and `messages` channel messages, each
 /// timed from its line written to its outcome read.
 fn measure_latency(bin: &Path, messages: usize) -> Result<(Vec<Duration>, Vec<Duration>), String> {
-    let dir = TempDir::create()?;
-    let [server_port, bob_port, alice_port] = free_ports()?;
-    let data = dir.path().join("data");
-    let mut server = Proc::spawn(
-        bin,
-        "server",
-        &[
-            "-s".into(),
-            server_port.to_string(),
-            "--data-dir".into(),
-            path_arg(&data)?,
-            "--mailbox-messages".into(),
-            (2 * messages + 10).to_string(),
-        ],
-        dir.path(),
-        false,
-    )?;
-    server.wait_for(LISTENING, |line| line.starts_with(LISTENING))?;
-    let client_args = |name: &str, port: u16| -> Vec<String> {
-        vec![
-            "-c".into(),
-            name.into(),
-            "127.0.0.1".into(),
-            server_port.to_string(),
-            port.to_string(),
-        ]
-    };
-    let mut bob = Proc::spawn(bin, "Bob", &client_args("Bob", bob_port), dir.path(), true)?;
-    bob.wait_for(WELCOME, |line| line == WELCOME)?;
-    bob.wait_for(TABLE, |line| line == TABLE)?;
-    let mut alice = Proc::spawn(
-        bin,
-        "Alice",
-        &client_args("Alice", alice_port),
-        dir.path(),
-        true,
-    )?;
-    alice.wait_for(WELCOME, |line| line == WELCOME)?;
-    alice.wait_for(TABLE, |line| line == TABLE)?;
-    bob.wait_for("the table line that adds Alice", |line| line == TABLE)?;
-    write_line(&mut bob, "dereg Bob")?;
+    let room = (2 * messages + 10).to_string();
+    // Kept whole: its fields drop processes first, the directory last.
+    let mut trio = Trio::start(bin, &["--mailbox-messages".into(), room])?;
+    let Trio { alice, bob, .. } = &mut trio;
+    write_line(bob, "dereg Bob")?;
     bob.wait_for(BYE, |line| line == BYE)?;
     alice.wait_for("the table line that shows Bob offline", |line| {
         line == TABLE
@@ -367,17 +331,13 @@ fn measure_latency(bin: &Path, messages: usize) -> Result<(Vec<Duration>, Vec<Du
     };
     let mut saves = Vec::with_capacity(messages);
     for i in 0..messages {
-        saves.push(timed(&mut alice, &format!("send Bob s{i}"), SAVED)?);
+        saves.push(timed(alice, &format!("send Bob s{i}"), SAVED)?);
     }
     let mut channel = Vec::with_capacity(messages);
     for i in 0..messages {
-        channel.push(timed(&mut alice, &format!("send_all c{i}"), CHANNEL_ACKED)?);
+        channel.push(timed(alice, &format!("send_all c{i}"), CHANNEL_ACKED)?);
     }
-    alice.stdin.take();
-    bob.stdin.take();
-    alice.stop();
-    bob.stop();
-    server.stop();
+    trio.stop();
     Ok((saves, channel))
 }
 
@@ -396,62 +356,84 @@ fn write_line(proc: &mut Proc, line: &str) -> Result<(), String> {
 /// One round: a server and two clients of `bin`, `messages` direct messages
 /// from Alice to Bob, timed from the first byte written to the last outcome
 /// read. Every process is stopped and the directory removed on every path,
-/// errors included (by the drops, in reverse order of creation).
+/// errors included (by [`Trio`]'s drops).
 fn measure(bin: &Path, messages: usize, window: usize) -> Result<RoundResult, String> {
-    let dir = TempDir::create()?;
-    let [server_port, bob_port, alice_port] = free_ports()?;
+    let mut trio = Trio::start(bin, &[])?;
+    let result = send_all(&mut trio.alice, messages, window)?;
+    trio.stop();
+    Ok(result)
+}
 
-    let data = dir.path().join("data");
-    let mut server = Proc::spawn(
-        bin,
-        "server",
-        &[
+/// A round's processes: a server and the clients Bob and Alice, each
+/// registered with a table holding both, in a fresh directory. Fields drop
+/// in this order, so on any error every process is stopped before the
+/// directory is removed.
+struct Trio {
+    alice: Proc,
+    bob: Proc,
+    server: Proc,
+    _dir: TempDir,
+}
+
+impl Trio {
+    /// Starts the three of `bin` on fresh ports, the server with `extra`
+    /// arguments, and waits until both clients know each other.
+    fn start(bin: &Path, extra: &[String]) -> Result<Trio, String> {
+        let dir = TempDir::create()?;
+        let [server_port, bob_port, alice_port] = free_ports()?;
+        let data = dir.path().join("data");
+        let mut args = vec![
             "-s".into(),
             server_port.to_string(),
             "--data-dir".into(),
             path_arg(&data)?,
-        ],
-        dir.path(),
-        false,
-    )?;
-    server.wait_for(LISTENING, |line| line.starts_with(LISTENING))?;
+        ];
+        args.extend_from_slice(extra);
+        let mut server = Proc::spawn(bin, "server", &args, dir.path(), false)?;
+        server.wait_for(LISTENING, |line| line.starts_with(LISTENING))?;
 
-    // Bob first, so that Alice's first table already holds him; then Bob's
-    // second table line says he knows Alice too, and both directions are
-    // ready before the clock starts.
-    let client_args = |name: &str, port: u16| -> Vec<String> {
-        vec![
-            "-c".into(),
-            name.into(),
-            "127.0.0.1".into(),
-            server_port.to_string(),
-            port.to_string(),
-        ]
-    };
-    let mut bob = Proc::spawn(bin, "Bob", &client_args("Bob", bob_port), dir.path(), true)?;
-    bob.wait_for(WELCOME, |line| line == WELCOME)?;
-    bob.wait_for(TABLE, |line| line == TABLE)?;
-    let mut alice = Proc::spawn(
-        bin,
-        "Alice",
-        &client_args("Alice", alice_port),
-        dir.path(),
-        true,
-    )?;
-    alice.wait_for(WELCOME, |line| line == WELCOME)?;
-    alice.wait_for(TABLE, |line| line == TABLE)?;
-    bob.wait_for("the table line that adds Alice", |line| line == TABLE)?;
+        // Bob first, so that Alice's first table already holds him; then
+        // Bob's second table line says he knows Alice too, and both
+        // directions are ready before the clock starts.
+        let client_args = |name: &str, port: u16| -> Vec<String> {
+            vec![
+                "-c".into(),
+                name.into(),
+                "127.0.0.1".into(),
+                server_port.to_string(),
+                port.to_string(),
+            ]
+        };
+        let mut bob = Proc::spawn(bin, "Bob", &client_args("Bob", bob_port), dir.path(), true)?;
+        bob.wait_for(WELCOME, |line| line == WELCOME)?;
+        bob.wait_for(TABLE, |line| line == TABLE)?;
+        let mut alice = Proc::spawn(
+            bin,
+            "Alice",
+            &client_args("Alice", alice_port),
+            dir.path(),
+            true,
+        )?;
+        alice.wait_for(WELCOME, |line| line == WELCOME)?;
+        alice.wait_for(TABLE, |line| line == TABLE)?;
+        bob.wait_for("the table line that adds Alice", |line| line == TABLE)?;
+        Ok(Trio {
+            alice,
+            bob,
+            server,
+            _dir: dir,
+        })
+    }
 
-    let result = send_all(&mut alice, messages, window)?;
-
-    // Closed stdin first, so the clients see the end of their input, then
-    // each process is told to stop.
-    alice.stdin.take();
-    bob.stdin.take();
-    alice.stop();
-    bob.stop();
-    server.stop();
-    Ok(result)
+    /// Closes the clients' stdin first, so they see the end of their
+    /// input, then tells each process to stop.
+    fn stop(&mut self) {
+        self.alice.stdin.take();
+        self.bob.stdin.take();
+        self.alice.stop();
+        self.bob.stop();
+        self.server.stop();
+    }
 }
 
 /// Writes `messages` send commands into Alice's stdin from a thread (so the
