@@ -465,32 +465,19 @@ fn saves(k: usize, secs: f64, presealed: bool) -> bool {
     }
     let text = "x".repeat(120);
     let sealed = vec![0x5a; text.len() + 11 + udpchat::crypto::SEALED_OVERHEAD];
-    let mut sent_at = vec![Duration::ZERO; k];
-    let mut latencies: Vec<Duration> = Vec::new();
-    let mut errors = 0usize;
-    let mut due: Vec<usize> = (0..k).collect();
+    let mut log = SaveLog {
+        sent_at: vec![Duration::ZERO; k],
+        latencies: Vec::new(),
+        errors: 0,
+        due: (0..k).collect(),
+    };
     let t0 = fleet.at();
     let stop = t0 + Duration::from_secs_f64(secs);
     let cpu_before = server.cpu();
-    loop {
-        let at = fleet.at();
-        if at >= stop {
-            break;
-        }
-        for s in std::mem::take(&mut due) {
+    while fleet.at() < stop {
+        for s in std::mem::take(&mut log.due) {
             let to = format!("sink{s}");
-            sent_at[s] = fleet.at();
-            let mut on = |m: usize, e: Event, at: Duration| match e {
-                Event::Saved => {
-                    latencies.push(at - sent_at[m - k]);
-                    due.push(m - k);
-                }
-                Event::Error(_) | Event::NotDelivered(_) => {
-                    errors += 1;
-                    due.push(m - k);
-                }
-                _ => {}
-            };
+            log.sent_at[s] = fleet.at();
             fleet.command(
                 k + s,
                 |c, now| {
@@ -500,27 +487,18 @@ fn saves(k: usize, secs: f64, presealed: bool) -> bool {
                         c.send_message(now, &to, &text);
                     }
                 },
-                &mut on,
+                &mut |m, e, at| log.on(k, m, e, at),
             );
         }
-        let mut on = |m: usize, e: Event, at: Duration| {
-            if m < k {
-                return;
-            }
-            match e {
-                Event::Saved => {
-                    latencies.push(at - sent_at[m - k]);
-                    due.push(m - k);
-                }
-                Event::Error(_) | Event::NotDelivered(_) => {
-                    errors += 1;
-                    due.push(m - k);
-                }
-                _ => {}
-            }
-        };
-        fleet.turn(Duration::from_millis(5), &mut on);
+        fleet.turn(Duration::from_millis(5), &mut |m, e, at| {
+            log.on(k, m, e, at)
+        });
     }
+    let SaveLog {
+        mut latencies,
+        errors,
+        ..
+    } = log;
     let spent = (fleet.at() - t0).as_secs_f64();
     let cpu = server.cpu() - cpu_before;
     latencies.sort_unstable();
@@ -545,6 +523,36 @@ fn saves(k: usize, secs: f64, presealed: bool) -> bool {
     drop(server);
     let _ = std::fs::remove_dir_all(&dir);
     !latencies.is_empty()
+}
+
+/// What the `saves` senders (fleet members `k..2k`) were told.
+struct SaveLog {
+    /// When each sender's outstanding save was typed.
+    sent_at: Vec<Duration>,
+    latencies: Vec<Duration>,
+    errors: usize,
+    /// Senders whose save ended: they send the next.
+    due: Vec<usize>,
+}
+
+impl SaveLog {
+    /// Member `m`'s event (the recipients, `m < k`, are not watched).
+    fn on(&mut self, k: usize, m: usize, e: Event, at: Duration) {
+        let Some(s) = m.checked_sub(k) else {
+            return;
+        };
+        match e {
+            Event::Saved => {
+                self.latencies.push(at - self.sent_at[s]);
+                self.due.push(s);
+            }
+            Event::Error(_) | Event::NotDelivered(_) => {
+                self.errors += 1;
+                self.due.push(s);
+            }
+            _ => {}
+        }
+    }
 }
 
 /// Rows per second SQLite commits in transactions of 64 saves, in `dir`

@@ -659,11 +659,29 @@ mod tests {
         }
     }
 
+    /// A `Page` and a `Delta` of `entries`, every other field at its widest.
+    fn table_messages(entries: Entries) -> [Message; 2] {
+        [
+            Message::Page {
+                seq: Seq(u32::MAX),
+                version: u64::MAX,
+                from: u32::MAX,
+                entries: entries.clone(),
+                next: Some(u32::MAX),
+            },
+            Message::Delta {
+                prev: u64::MAX,
+                version: u64::MAX,
+                entries,
+            },
+        ]
+    }
+
     /// The largest instance of every variant.
     fn largest_messages() -> Vec<Message> {
         let seq = Seq(u32::MAX);
         let id = MsgId(u64::MAX);
-        let entries: Entries = (0..PAGE_ENTRIES).map(widest_entry).collect();
+        let [page, delta] = table_messages((0..PAGE_ENTRIES).map(widest_entry).collect());
         let deliver = |content| Message::Deliver {
             mail: MailId(u64::MAX),
             batch: seq,
@@ -722,18 +740,8 @@ mod tests {
                 seq,
                 reason: Refusal::MailboxFull,
             },
-            Message::Page {
-                seq,
-                version: u64::MAX,
-                from: u32::MAX,
-                entries: entries.clone(),
-                next: Some(u32::MAX),
-            },
-            Message::Delta {
-                prev: u64::MAX,
-                version: u64::MAX,
-                entries,
-            },
+            page,
+            delta,
             deliver(Content::Sealed {
                 key: PublicKey([0xff; 32]),
                 sealed: longest_sealed(),
@@ -814,20 +822,7 @@ mod tests {
         for row in [narrow, wide] {
             let n = rows_that_fit(std::iter::repeat_n(&row, 1000));
             let entries: Entries = std::iter::repeat_n(row.clone(), n).collect();
-            for msg in [
-                Message::Page {
-                    seq: Seq(u32::MAX),
-                    version: u64::MAX,
-                    from: u32::MAX,
-                    entries: entries.clone(),
-                    next: Some(u32::MAX),
-                },
-                Message::Delta {
-                    prev: u64::MAX,
-                    version: u64::MAX,
-                    entries,
-                },
-            ] {
+            for msg in table_messages(entries) {
                 let bytes = encode_to_vec(&msg);
                 assert!(bytes.len() <= MAX_ENCODED, "{n} rows: {}", bytes.len());
                 assert_eq!(decode(&bytes).unwrap(), msg);

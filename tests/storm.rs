@@ -31,19 +31,12 @@ fn a_server_behind_says_busy_and_its_joiner_waits_without_spending_its_tries() {
     assert_eq!(s.nodes[i].exit, None, "{:?}", s.lines(i));
     assert!(s.lines(i).is_empty(), "{:?}", s.lines(i));
     // Each busy answer is smaller than the message 1 it answers.
-    let initial = s
-        .log
-        .iter()
-        .filter(|p| p.is(What::Initial))
-        .map(|p| p.payload.len())
-        .max();
-    let largest_busy = s
-        .log
-        .iter()
-        .filter(|p| p.is(What::Busy))
-        .map(|p| p.payload.len())
-        .max();
-    assert!(largest_busy < initial, "{largest_busy:?} vs {initial:?}");
+    let largest = |w: What| {
+        let sizes = s.log.iter().filter(|p| p.is(w)).map(|p| p.payload.len());
+        sizes.max()
+    };
+    let (busy, initial) = (largest(What::Busy), largest(What::Initial));
+    assert!(busy.is_some() && busy < initial, "{busy:?} vs {initial:?}");
 
     // Caught up: the next try gets the handshake.
     s.server.set_queue_delay(Duration::ZERO);

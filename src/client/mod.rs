@@ -355,6 +355,27 @@ enum Kind {
 }
 
 impl Kind {
+    /// A direct message to the table row `entry`, at `phase`.
+    fn direct(
+        entry: Entry,
+        id: MsgId,
+        text: Text,
+        phase: Phase,
+        sealed: Option<Box<wire::Sealed>>,
+    ) -> Kind {
+        Kind::Direct {
+            to: entry.name,
+            addr: entry.addr,
+            key: entry.key,
+            id,
+            text,
+            phase,
+            sealed,
+        }
+    }
+}
+
+impl Kind {
     /// The sequence number of the request to the server under way, if any.
     fn seq(&self) -> Option<Seq> {
         match self {
@@ -881,15 +902,7 @@ impl Client {
         }
         let id = self.msg_id();
         if entry.online {
-            let kind = Kind::Direct {
-                to: entry.name,
-                addr: entry.addr,
-                key: entry.key,
-                id,
-                text,
-                phase: Phase::Direct,
-                sealed: None,
-            };
+            let kind = Kind::direct(entry, id, text, Phase::Direct, None);
             let op = self.start(now, kind, RETRANSMIT);
             self.by_msg.insert(id, op);
         } else {
@@ -917,15 +930,8 @@ impl Client {
     /// Sends `sealed` to the server as a save-message for `entry`.
     fn start_save(&mut self, now: Instant, entry: Entry, id: MsgId, text: Text, sealed: &[u8]) {
         let seq = self.seq();
-        let kind = Kind::Direct {
-            to: entry.name,
-            addr: entry.addr,
-            key: entry.key,
-            id,
-            text,
-            phase: Phase::Save(seq),
-            sealed: wire::Sealed::from_slice(sealed).ok().map(Box::new),
-        };
+        let sealed = wire::Sealed::from_slice(sealed).ok().map(Box::new);
+        let kind = Kind::direct(entry, id, text, Phase::Save(seq), sealed);
         let op = self.start(now, kind, ACK_TIMEOUT);
         self.by_seq.insert(seq, op);
     }
