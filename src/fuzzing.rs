@@ -662,6 +662,23 @@ impl World {
         let s = &self.server;
         assert!(s.table().len() <= MAX_CLIENTS, "table over its bound");
         assert!(s.stored_bytes() <= STORE_BYTES, "store over its bound");
+        // What the store's bytes count: every copy, and a shared channel
+        // body once.
+        let mut bodies = HashMap::new();
+        let mut counted = 0;
+        for (_, e) in s.table().iter() {
+            for m in s.mailbox(&e.name) {
+                match &m.body {
+                    Body::Channel(b) => {
+                        counted += crate::store::MAIL_OVERHEAD;
+                        bodies.insert(m.mail, b.len());
+                    }
+                    _ => counted += m.size(),
+                }
+            }
+        }
+        counted += bodies.values().sum::<usize>();
+        assert_eq!(s.stored_bytes(), counted, "store bytes miscounted");
         for (_, e) in s.table().iter() {
             assert!(!victims().contains(&e.addr), "a spoofed address got a row");
             let mail: Vec<_> = s.mailbox(&e.name).collect();

@@ -7,6 +7,7 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io;
 use std::net::SocketAddr;
+use std::sync::Arc;
 
 use crate::crypto::{self, Keypair, PublicKey, ServerSecrets};
 use crate::wire::{self, MailBody, MailId, MsgId, Name, Text};
@@ -45,6 +46,11 @@ pub enum Body {
     /// A message the server encrypted with its storage key (a channel
     /// message): salt, then the encrypted [`crate::wire::MailBody`].
     AtRest(Vec<u8>),
+    /// A channel message stored once for all its recipients: salt, then
+    /// the [`crate::wire::MailBody`] encrypted with the server's storage
+    /// key, bound to sender, message id and mail id ([`channel_ad`]) but
+    /// not to a recipient. Every recipient's copy shares these bytes.
+    Channel(Arc<[u8]>),
     /// Like `AtRest`, for a message a server of protocol version 1 stored
     /// in clear: nothing ever proved its sender, so it is shown marked
     /// "(unverified)".
@@ -60,6 +66,7 @@ impl Body {
         match self {
             Body::Sealed { sealed, .. } => sealed.len(),
             Body::AtRest(b) | Body::Legacy(b) => b.len(),
+            Body::Channel(b) => b.len(),
             Body::Clear(t) => t.len(),
         }
     }
@@ -96,6 +103,10 @@ impl StoredMail {
                 let ad = at_rest_ad(&self.to, &self.from, self.channel, self.id);
                 wire::decode_body(&server.open_at_rest(&ad, blob)?)
             }
+            Body::Channel(blob) => {
+                let ad = channel_ad(&self.from, self.id, self.mail);
+                wire::decode_body(&server.open_at_rest(&ad, blob)?)
+            }
             Body::Clear(text) => Some(MailBody {
                 id: self.id,
                 text: Text::new(text).ok()?,
@@ -117,6 +128,52 @@ pub(crate) fn at_rest_ad(to: &Name, from: &Name, channel: bool, id: MsgId) -> Ve
     ad
 }
 
+/// What a channel message stored once is bound to: its sender, its id and
+/// its place in the store. Not a recipient: one ciphertext serves them all
+/// (the pending set, not the encryption, says who is still owed it).
+pub(crate) fn channel_ad(from: &Name, id: MsgId, mail: MailId) -> Vec<u8> {
+    let mut ad = b"udpchat 3 channel".to_vec();
+    ad.push(from.as_str().len() as u8);
+    ad.extend_from_slice(from.as_str().as_bytes());
+    ad.extend_from_slice(&id.0.to_le_bytes());
+    ad.extend_from_slice(&mail.0.to_le_bytes());
+    ad
+}
+
+/// A channel message stored once, with the recipients still owed it (its
+/// pending set): a recipient's ack deletes it from the set
+/// ([`StoreOp::Delete`]), and the body goes with the last one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChannelMail {
+    /// Store-order id, the same in every recipient's mailbox.
+    pub mail: MailId,
+    /// The sender.
+    pub from: Name,
+    /// When the server stored it, Unix seconds.
+    pub stored_at: i64,
+    /// The sender's message id.
+    pub id: MsgId,
+    /// The [`Body::Channel`] bytes.
+    pub body: Arc<[u8]>,
+    /// The recipients it was stored for.
+    pub to: Vec<Name>,
+}
+
+impl ChannelMail {
+    /// Each recipient's copy, as its mailbox holds it.
+    pub fn copies(&self) -> impl Iterator<Item = StoredMail> + '_ {
+        self.to.iter().map(|to| StoredMail {
+            mail: self.mail,
+            to: to.clone(),
+            from: self.from.clone(),
+            channel: true,
+            stored_at: self.stored_at,
+            id: self.id,
+            body: Body::Channel(self.body.clone()),
+        })
+    }
+}
+
 /// A registry row: a name, the address it was last seen at, and the key
 /// that owns it (`None` for a name registered before keys existed, or
 /// released by the operator: its next registration binds it).
@@ -135,7 +192,11 @@ pub struct ClientRecord {
 pub enum StoreOp {
     /// Keep this message (idempotent on (to, from, id)).
     Put(StoredMail),
-    /// The recipient acked this message.
+    /// Keep this channel message once, pending for each of its recipients
+    /// (idempotent on its mail id and each recipient).
+    Channel(ChannelMail),
+    /// The recipient acked this message (a direct one, or its copy of a
+    /// channel message).
     Delete {
         /// The recipient.
         to: Name,
@@ -156,13 +217,26 @@ pub enum StoreOp {
     },
 }
 
+impl StoreOp {
+    /// The messages this operation stores, one per recipient (none for
+    /// the other operations).
+    pub fn stored(&self) -> Vec<StoredMail> {
+        match self {
+            StoreOp::Put(m) => vec![m.clone()],
+            StoreOp::Channel(c) => c.copies().collect(),
+            StoreOp::Delete { .. } | StoreOp::Client(_) | StoreOp::Rewrite { .. } => Vec::new(),
+        }
+    }
+}
+
 /// What a [`Store`] holds, as loaded when the server starts.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Loaded {
     /// Every registered name with its last known address and its key, in
     /// registration order.
     pub clients: Vec<ClientRecord>,
-    /// Every stored message, in store order.
+    /// Every stored message, in store order: a channel message once per
+    /// recipient still owed it, all copies sharing one [`Body::Channel`].
     pub mail: Vec<StoredMail>,
 }
 
@@ -183,7 +257,8 @@ pub trait Store {
 pub struct MemoryStore {
     clients: Vec<ClientRecord>,
     index: HashMap<Name, usize>,
-    mail: BTreeMap<MailId, StoredMail>,
+    /// By mail id, then recipient: a channel message has one id for all.
+    mail: BTreeMap<(MailId, Name), StoredMail>,
     keys: HashSet<(Name, Name, MsgId)>,
 }
 
@@ -204,6 +279,14 @@ impl MemoryStore {
     }
 }
 
+impl MemoryStore {
+    fn put(&mut self, m: StoredMail) {
+        if self.keys.insert((m.to.clone(), m.from.clone(), m.id)) {
+            self.mail.insert((m.mail, m.to.clone()), m);
+        }
+    }
+}
+
 impl Store for MemoryStore {
     fn load(&mut self) -> io::Result<Loaded> {
         Ok(Loaded {
@@ -215,13 +298,10 @@ impl Store for MemoryStore {
     fn commit(&mut self, ops: &[StoreOp]) -> io::Result<()> {
         for op in ops {
             match op {
-                StoreOp::Put(m) => {
-                    if self.keys.insert((m.to.clone(), m.from.clone(), m.id)) {
-                        self.mail.insert(m.mail, m.clone());
-                    }
-                }
-                StoreOp::Delete { mail, .. } => {
-                    if let Some(m) = self.mail.remove(mail) {
+                StoreOp::Put(m) => self.put(m.clone()),
+                StoreOp::Channel(c) => c.copies().for_each(|m| self.put(m)),
+                StoreOp::Delete { to, mail } => {
+                    if let Some(m) = self.mail.remove(&(*mail, to.clone())) {
                         self.keys.remove(&(m.to, m.from, m.id));
                     }
                 }
@@ -237,7 +317,7 @@ impl Store for MemoryStore {
                     }
                 },
                 StoreOp::Rewrite { mail, body } => {
-                    if let Some(m) = self.mail.get_mut(mail) {
+                    for m in self.mail.values_mut().filter(|m| m.mail == *mail) {
                         m.body = body.clone();
                     }
                 }

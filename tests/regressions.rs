@@ -6,7 +6,7 @@ mod sim;
 use std::time::Duration;
 
 use sim::{EPOCH_UNIX, Sim, addr, drop_all, drop_first, name};
-use udpchat::store::Store;
+use udpchat::store::{MAIL_OVERHEAD, Store};
 use udpchat::wire::What;
 use udpchat::{Server, ServerConfig};
 
@@ -161,6 +161,49 @@ fn a_channel_message_the_store_cannot_hold_is_refused() {
     );
     assert_eq!(s.server.stored_bytes(), 0);
     assert!(!s.lines(2).iter().any(|l| l.contains("to everyone")));
+}
+
+/// A channel message is stored once: its body counts against the store one
+/// time however many are owed it, and it is gone when the last one has it.
+/// (Stored per recipient, twenty copies would not fit this store.)
+#[test]
+fn a_channel_message_is_stored_once_for_all_its_recipients() {
+    let text = "x".repeat(900);
+    let room = 2 * 1000 + 20 * MAIL_OVERHEAD;
+    let mut s = Sim::with(|c| {
+        c.store_bytes = room;
+        c.new_names.0 = 100;
+    });
+    s.join("Alice", 2000);
+    for i in 0..20u16 {
+        let n = s.join(&format!("r{i:02}"), 3000 + i);
+        s.command(n, &format!("dereg r{i:02}"));
+    }
+    let a = s.nodes[0].lines.len();
+    s.command(0, &format!("send_all {text}"));
+    assert_eq!(s.lines_since(0, a), [">>> [Message received by Server.]"]);
+    let held = s.server.stored_bytes();
+    assert!(
+        held > 20 * MAIL_OVERHEAD + 900 && held < 20 * MAIL_OVERHEAD + 1000,
+        "{held}"
+    );
+    assert_eq!(s.store.load().unwrap().mail.len(), 20);
+    for i in 0..20u16 {
+        s.command(1 + usize::from(i), &format!("reg r{i:02}"));
+        s.settle();
+        let shown = s
+            .lines(1 + usize::from(i))
+            .iter()
+            .filter(|l| l.contains(&text))
+            .count();
+        assert_eq!(shown, 1, "r{i:02}");
+        if i < 19 {
+            // The body stays while anyone is still owed it.
+            assert!(s.server.stored_bytes() > 900, "after r{i:02}");
+        }
+    }
+    assert_eq!(s.server.stored_bytes(), 0);
+    assert!(s.store.load().unwrap().mail.is_empty());
 }
 
 /// One recipient's full mailbox does not hold up the channel: the others

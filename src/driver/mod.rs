@@ -86,7 +86,7 @@ pub(crate) fn read_burst(
 }
 
 /// Datagrams handed to the kernel in one `sendmmsg` call, at most.
-const SEND_BATCH: usize = 64;
+pub(crate) const SEND_BATCH: usize = 64;
 
 /// Sends every datagram of `batch` (emptying it), [`SEND_BATCH`] per
 /// `sendmmsg` call instead of a `sendto` each: the server's fan-outs and

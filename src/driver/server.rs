@@ -11,8 +11,8 @@ use mio::net::UdpSocket;
 use super::keys;
 use super::sqlite::SqliteStore;
 use super::{
-    Fatal, RECV_BUF, SERVER_BUFFERS, SIGNALS, bind, io_fatal, listen, random_seed, read_burst,
-    send_all, size_buffers, unix_now, wait,
+    Fatal, RECV_BUF, SEND_BATCH, SERVER_BUFFERS, SIGNALS, bind, io_fatal, listen, random_seed,
+    read_burst, send_all, size_buffers, unix_now, wait,
 };
 use crate::crypto::Keypair;
 use crate::store::{Store, StoreOp};
@@ -183,11 +183,18 @@ fn flush(
         }
         // UDP is lossy anyway: a full send buffer is one more loss that the
         // retransmissions cover.
+        // In chunks as they come: a channel fan-out seals its copies as
+        // they are polled, and the sender's ack ahead of them should not
+        // wait for the last one.
         let mut batch = Vec::new();
-        while let Some(t) = server.poll_transmit() {
-            batch.push(t);
+        loop {
+            batch.clear();
+            batch.extend(std::iter::from_fn(|| server.poll_transmit()).take(SEND_BATCH));
+            if batch.is_empty() {
+                break;
+            }
+            send_all(socket, &mut batch);
         }
-        send_all(socket, &mut batch);
         // One write for all of a turn's lines: a join storm logs thousands
         // of registrations, and a flushed write each cost CPU the protocol
         // needs.
@@ -213,6 +220,14 @@ fn line(event: &ServerEvent) -> String {
         ServerEvent::Registered(name, addr) => format!("{name} registered from {addr}"),
         ServerEvent::Offline(name, true) => format!("{name} deregistered"),
         ServerEvent::Offline(name, false) => format!("{name} is silent: marked offline"),
+        ServerEvent::StoredChannel { from, recipients } => {
+            let whom = if *recipients == 1 {
+                "client"
+            } else {
+                "clients"
+            };
+            format!("stored a channel message from {from} for {recipients} {whom}")
+        }
         ServerEvent::Stored { to, from, channel } => {
             let kind = if *channel {
                 "channel message"

@@ -9,7 +9,7 @@
 //! schema, a damaged page) is refused with a [`StoreError`] and left exactly
 //! as it was: nothing here repairs, truncates or recreates a database.
 //!
-//! # Schema (version 2, in `PRAGMA user_version`)
+//! # Schema (version 3, in `PRAGMA user_version`)
 //!
 //! ```sql
 //! CREATE TABLE clients (
@@ -36,7 +36,23 @@
 //!     sender_key BLOB,                 -- kind 1: the sender's key (32 bytes)
 //!     UNIQUE (recipient, sender, msg_id)
 //! );
+//! -- A channel message (send_all) stored once, with its pending set: the
+//! -- recipients still owed it. Their acks take them out of the set, the
+//! -- last one takes the row. (Schema 2 stored a `mail` row per recipient.)
+//! CREATE TABLE channel (
+//!     id         INTEGER PRIMARY KEY,  -- the MailId, shared with `mail`'s ids
+//!     sender     TEXT NOT NULL,
+//!     stored_at  INTEGER NOT NULL,
+//!     msg_id     INTEGER NOT NULL,
+//!     body       BLOB NOT NULL,        -- salt and ciphertext (storage key, bound to
+//!                                      -- sender, msg_id and id, not to a recipient)
+//!     pending    TEXT NOT NULL         -- the recipients' names, separated by spaces
+//! );
 //! ```
+//!
+//! The pending set is one column rather than a row per recipient: storing a
+//! message for 1,000 online clients is then one row written before the
+//! sender's ack, not 1,000 (their acks rewrite it once per commit).
 //!
 //! Schema 1 had no keys and kept `text` in clear; opening it migrates it
 //! (names get bound to keys by their next registration).
@@ -56,16 +72,18 @@
 //! ```sql
 //! -- sqlite3 udpchat-data/udpchat.db
 //! SELECT name, addr, datetime(registered_at, 'unixepoch') FROM clients ORDER BY rowid;
-//! SELECT recipient, count(*) AS messages, sum(length(CAST(text AS BLOB))) AS bytes
+//! SELECT recipient, count(*) AS messages, sum(length(body)) AS bytes
 //!   FROM mail GROUP BY recipient ORDER BY messages DESC;
+//! SELECT id, sender, length(body), pending FROM channel;     -- who is still owed what
 //! SELECT id, sender, channel, datetime(stored_at, 'unixepoch'), kind, length(body)
 //!   FROM mail WHERE recipient = 'Bob' ORDER BY id;            -- bodies are ciphertext
 //! SELECT name, hex(key) FROM clients;                         -- who owns which name
 //! SELECT id, sender, printf('%u', msg_id) AS msg_id FROM mail;   -- the u64, unsigned again
-//! PRAGMA user_version;      -- schema version (2)
+//! PRAGMA user_version;      -- schema version (3)
 //! PRAGMA integrity_check;   -- "ok" when the file is sound
 //! ```
 
+use std::collections::{BTreeMap, HashSet};
 use std::fmt;
 use std::fs;
 use std::io;
@@ -75,10 +93,13 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use rusqlite::types::ValueRef;
-use rusqlite::{Connection, ErrorCode, OpenFlags, Row, Transaction, TransactionBehavior, params};
+use rusqlite::{
+    Connection, ErrorCode, OpenFlags, OptionalExtension, Row, Transaction, TransactionBehavior,
+    params,
+};
 
 use crate::crypto::PublicKey;
-use crate::store::{Body, ClientRecord, Loaded, Store, StoreOp, StoredMail};
+use crate::store::{Body, ChannelMail, ClientRecord, Loaded, Store, StoreOp, StoredMail};
 use crate::wire::{MAX_SEALED, MAX_TEXT, MailId, MsgId, Name};
 
 /// The database's file name inside the data directory.
@@ -125,6 +146,15 @@ const MIGRATIONS: &[&str] = &[
          SELECT id, recipient, sender, channel, stored_at, msg_id, 0, CAST(text AS BLOB) FROM mail;
      DROP TABLE mail;
      ALTER TABLE mail_v2 RENAME TO mail;",
+    // 3: a channel message stored once, with its pending set.
+    "CREATE TABLE channel (
+         id        INTEGER PRIMARY KEY,
+         sender    TEXT NOT NULL,
+         stored_at INTEGER NOT NULL,
+         msg_id    INTEGER NOT NULL,
+         body      BLOB NOT NULL,
+         pending   TEXT NOT NULL
+     );",
 ];
 
 /// `mail.kind`: what `body` holds.
@@ -155,6 +185,11 @@ const PUT: &str = "INSERT INTO mail
                        (id, recipient, sender, channel, stored_at, msg_id, kind, body, sender_key)
                    VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9) ON CONFLICT DO NOTHING";
 const DELETE: &str = "DELETE FROM mail WHERE id = ?1 AND recipient = ?2";
+const PUT_CHANNEL: &str = "INSERT INTO channel (id, sender, stored_at, msg_id, body, pending)
+                           VALUES (?1, ?2, ?3, ?4, ?5, ?6) ON CONFLICT DO NOTHING";
+const PENDING: &str = "SELECT pending FROM channel WHERE id = ?1";
+const SET_PENDING: &str = "UPDATE channel SET pending = ?2 WHERE id = ?1";
+const DELETE_CHANNEL: &str = "DELETE FROM channel WHERE id = ?1";
 const REWRITE: &str = "UPDATE mail SET kind = ?2, body = ?3, sender_key = ?4 WHERE id = ?1";
 // registered_at keeps the first registration; the clock is SQLite's. A
 // name's key is set once (from NULL): the server never rebinds a name.
@@ -167,6 +202,8 @@ const LOAD_CLIENTS: &str = "SELECT rowid, name, addr, key FROM clients ORDER BY 
 const LOAD_MAIL: &str = "SELECT id, recipient, sender, channel, stored_at, msg_id, kind, body,
                                 sender_key
                          FROM mail ORDER BY id";
+const LOAD_CHANNEL: &str = "SELECT id, sender, stored_at, msg_id, body, pending
+                            FROM channel ORDER BY id";
 
 /// Why a data directory could not be opened: one line naming the file and
 /// what is wrong with it.
@@ -257,9 +294,24 @@ impl SqliteStore {
                 path.display()
             )));
         }
-        let deleted = tx
+        let mut deleted = tx
             .execute("DELETE FROM mail WHERE recipient = ?1", [name.as_str()])
             .map_err(err)?;
+        let owed: Vec<i64> = tx
+            .prepare(
+                "SELECT id FROM channel
+                 WHERE instr(' ' || pending || ' ', ' ' || ?1 || ' ') > 0",
+            )
+            .and_then(|mut s| {
+                s.query_map([name.as_str()], |r| r.get(0))?
+                    .collect::<Result<_, _>>()
+            })
+            .map_err(err)?;
+        let gone = HashSet::from([name.as_str()]);
+        for id in &owed {
+            Self::take_pending(&tx, *id, &gone).map_err(err)?;
+        }
+        deleted += owed.len();
         tx.commit().map_err(err)?;
         Ok(deleted)
     }
@@ -298,7 +350,15 @@ impl SqliteStore {
         migrate(conn, &self.path)
     }
 
-    fn apply(tx: &Transaction<'_>, path: &Path, op: &StoreOp) -> io::Result<()> {
+    /// Applies one operation; a channel copy's ack is gathered into
+    /// `acked` (message id → recipients), for [`Self::take_pending`] at
+    /// the end of the batch.
+    fn apply<'a>(
+        tx: &Transaction<'_>,
+        path: &Path,
+        op: &'a StoreOp,
+        acked: &mut BTreeMap<i64, HashSet<&'a str>>,
+    ) -> io::Result<()> {
         let sql = |e| sql_io_error(path, &e);
         match op {
             StoreOp::Put(m) => {
@@ -330,12 +390,39 @@ impl SqliteStore {
                         .map_err(sql)?;
                 }
             }
+            StoreOp::Channel(c) => {
+                let id = mail_id(c.mail).ok_or_else(|| {
+                    invalid(path, format!("mail id {} does not fit SQLite", c.mail.0))
+                })?;
+                if !(1..=MAX_SEALED).contains(&c.body.len()) {
+                    let what = format!("channel mail {id}: body of {} bytes", c.body.len());
+                    return Err(invalid(path, what));
+                }
+                let pending: Vec<&str> = c.to.iter().map(Name::as_str).collect();
+                tx.prepare_cached(PUT_CHANNEL)
+                    .and_then(|mut s| {
+                        s.execute(params![
+                            id,
+                            c.from.as_str(),
+                            c.stored_at,
+                            c.id.0.cast_signed(),
+                            &c.body[..],
+                            pending.join(" "),
+                        ])
+                    })
+                    .map_err(sql)?;
+            }
             StoreOp::Delete { to, mail } => {
                 // An id beyond i64 was never stored: nothing to delete.
                 if let Some(id) = mail_id(*mail) {
-                    tx.prepare_cached(DELETE)
+                    let deleted = tx
+                        .prepare_cached(DELETE)
                         .and_then(|mut s| s.execute(params![id, to.as_str()]))
                         .map_err(sql)?;
+                    // Not a direct message: a copy of a channel message.
+                    if deleted == 0 {
+                        acked.entry(id).or_default().insert(to.as_str());
+                    }
                 }
             }
             StoreOp::Client(c) => {
@@ -344,6 +431,31 @@ impl SqliteStore {
                     .and_then(|mut s| s.execute(params![c.name.as_str(), c.addr.to_string(), key]))
                     .map_err(sql)?;
             }
+        }
+        Ok(())
+    }
+}
+
+impl SqliteStore {
+    /// Takes `gone` out of channel message `id`'s pending set, and the
+    /// message itself once nobody is owed it.
+    fn take_pending(tx: &Transaction<'_>, id: i64, gone: &HashSet<&str>) -> rusqlite::Result<()> {
+        let pending: Option<String> = tx
+            .prepare_cached(PENDING)?
+            .query_row([id], |r| r.get(0))
+            .optional()?;
+        let Some(pending) = pending else {
+            return Ok(());
+        };
+        let left: Vec<&str> = pending
+            .split(' ')
+            .filter(|n| !n.is_empty() && !gone.contains(n))
+            .collect();
+        if left.is_empty() {
+            tx.prepare_cached(DELETE_CHANNEL)?.execute([id])?;
+        } else {
+            tx.prepare_cached(SET_PENDING)?
+                .execute(params![id, left.join(" ")])?;
         }
         Ok(())
     }
@@ -376,6 +488,19 @@ impl Store for SqliteStore {
                 mail_row(row).map_err(|what| invalid(path, format!("mail row {id}: {what}")))?;
             loaded.mail.push(mail);
         }
+        drop(rows);
+        drop(stmt);
+
+        let mut stmt = self.conn.prepare_cached(LOAD_CHANNEL).map_err(sql)?;
+        let mut rows = stmt.query([]).map_err(sql)?;
+        while let Some(row) = rows.next().map_err(sql)? {
+            let id = integer(row, 0, "id").unwrap_or_default();
+            let channel = channel_row(row)
+                .map_err(|what| invalid(path, format!("channel row {id}: {what}")))?;
+            loaded.mail.extend(channel.copies());
+        }
+        // Store order across both tables (ids are shared and only grow).
+        loaded.mail.sort_by_key(|m| m.mail);
         Ok(loaded)
     }
 
@@ -392,8 +517,15 @@ impl Store for SqliteStore {
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)
             .map_err(|e| sql_io_error(path, &e))?;
+        // Acks of channel copies, per message: its pending set is
+        // rewritten once per commit, not once per ack. (Nothing later in a
+        // batch depends on them: a message's id is never stored again.)
+        let mut acked = BTreeMap::new();
         for op in ops {
-            Self::apply(&tx, path, op)?;
+            Self::apply(&tx, path, op, &mut acked)?;
+        }
+        for (id, gone) in &acked {
+            Self::take_pending(&tx, *id, gone).map_err(|e| sql_io_error(path, &e))?;
         }
         tx.commit().map_err(|e| sql_io_error(path, &e))
     }
@@ -405,6 +537,7 @@ fn body_columns(path: &Path, id: i64, body: &Body) -> io::Result<(i64, Vec<u8>, 
     let ok = match body {
         Body::Sealed { sealed, .. } => (1..=MAX_SEALED).contains(&sealed.len()),
         Body::AtRest(b) | Body::Legacy(b) => (1..=MAX_SEALED).contains(&b.len()),
+        Body::Channel(b) => (1..=MAX_SEALED).contains(&b.len()),
         Body::Clear(t) => (1..=MAX_TEXT).contains(&t.len()),
     };
     if !ok {
@@ -417,6 +550,10 @@ fn body_columns(path: &Path, id: i64, body: &Body) -> io::Result<(i64, Vec<u8>, 
         Body::Sealed { key, sealed } => (KIND_SEALED, sealed.clone(), Some(key.0.to_vec())),
         Body::AtRest(b) => (KIND_AT_REST, b.clone(), None),
         Body::Legacy(b) => (KIND_LEGACY, b.clone(), None),
+        // Never a `mail` row: only `StoreOp::Channel` stores one.
+        Body::Channel(_) => {
+            return Err(invalid(path, format!("mail {id}: a shared channel body")));
+        }
         Body::Clear(t) => (KIND_CLEAR, t.as_bytes().to_vec(), None),
     })
 }
@@ -453,6 +590,40 @@ fn blob(row: &Row<'_>, i: usize, col: &str) -> Result<Vec<u8>, String> {
         ValueRef::Blob(b) => Ok(b.to_vec()),
         other => Err(format!("{col} is {}, not a blob", other.data_type())),
     }
+}
+
+/// A row of [`LOAD_CHANNEL`]: the message, with each recipient once.
+fn channel_row(row: &Row<'_>) -> Result<ChannelMail, String> {
+    let id = integer(row, 0, "id")?;
+    let mail = u64::try_from(id)
+        .map(MailId)
+        .map_err(|_| "negative id".to_string())?;
+    let from = text(row, 1, "sender")?;
+    let from = Name::new(&from).map_err(|e| format!("sender {from:?} is not a valid name: {e}"))?;
+    let stored_at = integer(row, 2, "stored_at")?;
+    let id = MsgId(integer(row, 3, "msg_id")?.cast_unsigned());
+    let body = blob(row, 4, "body")?;
+    if !(1..=MAX_SEALED).contains(&body.len()) {
+        return Err(format!(
+            "body is {} bytes long (must be 1 to {MAX_SEALED})",
+            body.len()
+        ));
+    }
+    let mut to = text(row, 5, "pending")?
+        .split(' ')
+        .filter(|n| !n.is_empty())
+        .map(|n| Name::new(n).map_err(|e| format!("pending {n:?} is not a valid name: {e}")))
+        .collect::<Result<Vec<Name>, String>>()?;
+    to.sort_unstable();
+    to.dedup();
+    Ok(ChannelMail {
+        mail,
+        from,
+        stored_at,
+        id,
+        body: body.into(),
+        to,
+    })
 }
 
 fn mail_row(row: &Row<'_>) -> Result<StoredMail, String> {
@@ -703,7 +874,7 @@ fn invalid(path: &Path, what: String) -> io::Error {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::MemoryStore;
+    use crate::store::{ChannelMail, MemoryStore};
 
     /// A fresh directory under the system temp dir, removed when dropped
     /// (also when the test fails).
@@ -1032,7 +1203,7 @@ mod tests {
         drop(store);
         let err = open_err(&dir.0);
         assert!(
-            err.contains("was written by a newer udpchat (schema 7, this build knows 2)"),
+            err.contains("was written by a newer udpchat (schema 7, this build knows 3)"),
             "{err}"
         );
     }
@@ -1270,7 +1441,110 @@ mod tests {
         let version: i64 = raw(&store)
             .pragma_query_value(None, "user_version", |r| r.get(0))
             .unwrap();
-        assert_eq!(version, 2);
+        assert_eq!(version, 3);
+        assert_eq!(count(&raw(&store), "channel"), 0);
+    }
+
+    fn channel(mail: u64, from: &str, to: &[&str], text: &str) -> ChannelMail {
+        ChannelMail {
+            mail: MailId(mail),
+            from: name(from),
+            stored_at: 1_700_000_000 + mail as i64,
+            id: MsgId(mail * 10),
+            body: text.as_bytes().into(),
+            to: to.iter().map(|n| name(n)).collect(),
+        }
+    }
+
+    #[test]
+    fn a_channel_message_is_stored_once_and_goes_with_its_last_recipient() {
+        let dir = TempDir::new("channel");
+        let mut memory = MemoryStore::new();
+        let mut store = SqliteStore::open(&dir.0).unwrap();
+        let batches = vec![
+            vec![
+                put(mail(1, "Bob", "Alice", 1, "direct")),
+                StoreOp::Channel(channel(2, "Alice", &["Bob", "Carol", "Dave"], "to all")),
+                put(mail(3, "Carol", "Bob", 3, "direct too")),
+            ],
+            // A retried batch stores nothing twice.
+            vec![StoreOp::Channel(channel(2, "Alice", &["Bob"], "to all"))],
+            vec![delete("Bob", 2), delete("Carol", 2)],
+        ];
+        for ops in &batches {
+            store.commit(ops).unwrap();
+            memory.commit(ops).unwrap();
+        }
+        let conn = raw(&store);
+        assert_eq!(count(&conn, "channel"), 1);
+        let pending: String = conn
+            .query_row("SELECT pending FROM channel", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(pending, "Dave");
+        drop(store);
+        let mut store = SqliteStore::open(&dir.0).unwrap();
+        let loaded = store.load().unwrap();
+        assert_eq!(loaded, memory.load().unwrap());
+        let rows: Vec<(u64, &str)> = loaded
+            .mail
+            .iter()
+            .map(|m| (m.mail.0, m.to.as_str()))
+            .collect();
+        assert_eq!(rows, [(1, "Bob"), (2, "Dave"), (3, "Carol")]);
+        assert_eq!(loaded.mail[1].body, Body::Channel(b"to all"[..].into()));
+        assert!(loaded.mail[1].channel);
+        // A direct delete never touches the channel's rows, nor the other way.
+        store
+            .commit(&[delete("Dave", 1), delete("Bob", 3)])
+            .unwrap();
+        assert_eq!(store.load().unwrap().mail.len(), 3);
+        store.commit(&[delete("Dave", 2)]).unwrap();
+        assert_eq!(count(&conn, "channel"), 0);
+    }
+
+    #[test]
+    fn the_copies_of_a_loaded_channel_message_share_one_body() {
+        let dir = TempDir::new("channel-shared");
+        let mut store = SqliteStore::open(&dir.0).unwrap();
+        let ops = [
+            StoreOp::Channel(channel(5, "Alice", &["Bob", "Carol"], "one")),
+            StoreOp::Channel(channel(6, "Bob", &["Alice", "Carol"], "two")),
+        ];
+        store.commit(&ops).unwrap();
+        let loaded = store.load().unwrap();
+        let bodies: Vec<&std::sync::Arc<[u8]>> = loaded
+            .mail
+            .iter()
+            .map(|m| match &m.body {
+                Body::Channel(b) => b,
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(bodies.len(), 4);
+        assert!(std::sync::Arc::ptr_eq(bodies[0], bodies[1]));
+        assert!(std::sync::Arc::ptr_eq(bodies[2], bodies[3]));
+        assert!(!std::sync::Arc::ptr_eq(bodies[1], bodies[2]));
+    }
+
+    #[test]
+    fn a_bad_channel_row_is_a_load_error_naming_it() {
+        let dir = TempDir::new("channel-bad");
+        let mut store = SqliteStore::open(&dir.0).unwrap();
+        store
+            .commit(&[StoreOp::Channel(channel(9, "Alice", &["Bob"], "x"))])
+            .unwrap();
+        raw(&store)
+            .execute("UPDATE channel SET pending = 'Bob Carol\u{7}'", [])
+            .unwrap();
+        let err = store.load().unwrap_err().to_string();
+        assert!(
+            err.contains("channel row 9: pending \"Carol\\u{7}\""),
+            "{err}"
+        );
+        // A body too large to have come from us is refused when stored.
+        let mut big = channel(10, "Alice", &["Bob"], "");
+        big.body = vec![1; MAX_SEALED + 1].into();
+        assert!(store.commit(&[StoreOp::Channel(big)]).is_err());
     }
 
     #[test]
@@ -1284,14 +1558,26 @@ mod tests {
                 put(mail(1, "Alice", "Bob", 1, "for Alice")),
                 put(mail(2, "Alice", "Bob", 2, "also")),
                 put(mail(3, "Bob", "Alice", 3, "for Bob")),
+                StoreOp::Channel(channel(4, "Bob", &["Alice"], "to all")),
+                StoreOp::Channel(channel(5, "Bob", &["Alice", "Carol"], "to all")),
             ])
             .unwrap();
-        assert_eq!(store.release(&name("Alice")), Ok(2));
+        assert_eq!(store.release(&name("Alice")), Ok(4));
+        // Alice's copies are gone, and the body nobody else is owed.
+        let conn = raw(&store);
+        let pending: Vec<String> = conn
+            .prepare("SELECT pending FROM channel")
+            .unwrap()
+            .query_map([], |r| r.get(0))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert_eq!(pending, ["Carol"]);
         let loaded = store.load().unwrap();
         assert_eq!(loaded.clients[0].key, None);
         assert_eq!(loaded.clients[1].key, Some(key_of("Bob")));
         let ids: Vec<u64> = loaded.mail.iter().map(|m| m.mail.0).collect();
-        assert_eq!(ids, [3]);
+        assert_eq!(ids, [3, 5]);
         let err = store.release(&name("Nobody")).unwrap_err();
         assert!(err.to_string().contains("no client named Nobody"), "{err}");
         // The next registration binds the name to its key.

@@ -22,13 +22,17 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rand_chacha::ChaCha12Rng;
 use rand_core::{RngCore, SeedableRng};
 
 use crate::crypto::{AT_REST_SALT, Keypair, PublicKey};
-use crate::store::{Body, ClientRecord, Loaded, StoreOp, StoredMail, at_rest_ad};
+use crate::store::{
+    Body, ChannelMail, ClientRecord, Loaded, MAIL_OVERHEAD, StoreOp, StoredMail, at_rest_ad,
+    channel_ad,
+};
 use crate::table::{ClientId, Directory};
 use crate::timer::{TimerKey, TimerWheel};
 use crate::wire::{
@@ -131,6 +135,13 @@ pub enum ServerEvent {
     /// A client went offline: `true` when it said so (dereg), `false` when a
     /// probe found it silent.
     Offline(Name, bool),
+    /// A channel message was stored once for this many recipients.
+    StoredChannel {
+        /// The sender.
+        from: Name,
+        /// Recipients it is pending for.
+        recipients: usize,
+    },
     /// A message was stored for a recipient.
     Stored {
         /// The recipient.
@@ -311,6 +322,8 @@ struct Batch {
     first_mail: Option<MailId>,
     /// Their (recipient, sender, id), to spot a retry of one of them.
     keys: HashSet<(ClientId, Name, MsgId)>,
+    /// The channel messages put, (sender, id): one entry for all copies.
+    channels: HashSet<(Name, MsgId)>,
     /// Replies that hold only if this batch is committed: (client, seq,
     /// what they promised).
     acks: Vec<(ClientId, Seq, Promise)>,
@@ -435,9 +448,23 @@ pub struct Server {
     by_age: BTreeSet<(i64, MailId, ClientId)>,
     expiry: Option<(Instant, TimerKey)>,
     stored_bytes: usize,
+    /// Copies in memory of each channel message stored once: its body
+    /// counts against the store's bytes once, until the last copy goes.
+    shared: HashMap<MailId, u32>,
+    /// The channel message decrypted last: a fan-out opens it once, not
+    /// once per recipient.
+    opened: Option<(MailId, Content)>,
     next_mail: u64,
     timers: TimerWheel<Timer>,
     transmits: VecDeque<Transmit>,
+    /// Recipients of a channel message whose copy is queued but not yet
+    /// sealed: [`Server::poll_transmit`] seals each when the datagrams
+    /// before it are out, so the sender's ack leaves before the fan-out's
+    /// work, not after it.
+    fanout: VecDeque<ClientId>,
+    /// The time of the latest call that gave one: when a lazily sealed
+    /// copy's retransmission is due from.
+    now: Instant,
     store_ops: VecDeque<StoreOp>,
     uncommitted: usize,
     batch: Batch,
@@ -498,9 +525,13 @@ impl Server {
             by_age: BTreeSet::new(),
             expiry: None,
             stored_bytes: 0,
+            shared: HashMap::new(),
+            opened: None,
             next_mail: 1,
             timers: TimerWheel::new(now, TICK),
             transmits: VecDeque::new(),
+            fanout: VecDeque::new(),
+            now,
             store_ops: VecDeque::new(),
             uncommitted: 0,
             batch: Batch::default(),
@@ -562,7 +593,7 @@ impl Server {
                 });
                 continue;
             }
-            server.stored_bytes += m.size();
+            server.charge(&m, server.cost(&m));
             server.by_age.insert((m.stored_at, m.mail, to));
             let mb = server.mailboxes.entry(to).or_default();
             mb.bytes += m.size();
@@ -578,6 +609,7 @@ impl Server {
 
     /// Feeds one datagram received from `from`.
     pub fn handle_datagram(&mut self, now: Instant, from: SocketAddr, data: &[u8]) {
+        self.now = self.now.max(now);
         self.datagram(now, from, data);
         self.schedule_deltas(now);
     }
@@ -704,6 +736,7 @@ impl Server {
 
     /// Handles every timer due at `now`. Spurious calls do nothing.
     pub fn handle_timeout(&mut self, now: Instant) {
+        self.now = self.now.max(now);
         while let Some(timer) = self.timers.poll_expired(now) {
             match timer {
                 Timer::Probe(id) => self.on_probe_timer(now, id),
@@ -852,7 +885,7 @@ impl Server {
     fn defer(&mut self, op: StoreOp) {
         match &op {
             // Taken back (see `unput`): it answered a request refused now.
-            StoreOp::Put(_) => return,
+            StoreOp::Put(_) | StoreOp::Channel(_) => return,
             StoreOp::Client(c) => {
                 if let Some(&i) = self.deferred_rows.get(&c.name) {
                     // In the older one's place: still before any message
@@ -892,6 +925,10 @@ impl Server {
         if self.uncommitted > 0 || !self.store_ops.is_empty() {
             return None;
         }
+        while self.transmits.is_empty() {
+            let to = self.fanout.pop_front()?;
+            self.pump(self.now, to);
+        }
         self.transmits.pop_front()
     }
 
@@ -903,7 +940,7 @@ impl Server {
             self.undefer();
         }
         let op = self.store_ops.pop_front()?;
-        if !matches!(op, StoreOp::Put(_)) {
+        if !matches!(op, StoreOp::Put(_) | StoreOp::Channel(_)) {
             self.batch.others.push(op.clone());
         }
         self.uncommitted += 1;
@@ -931,6 +968,7 @@ impl Server {
             && self.deferred.is_empty()
             && self.uncommitted == 0
             && self.transmits.is_empty()
+            && self.fanout.is_empty()
             && !self.deltas_armed
             && self
                 .sessions
@@ -1102,7 +1140,7 @@ impl Server {
         // the sender included, hears of it before the sender hears "saved".
         self.flush_deltas();
         let key = (to, mail.from.clone(), mail.id);
-        match self.put(now, to, mail, false) {
+        match self.put(now, to, mail) {
             Ok(mail) => {
                 // The recipient may be online again by now (it came back
                 // while the probe ran): then it gets the message at once.
@@ -1128,59 +1166,81 @@ impl Server {
             .map(|(r, _)| r)
             .filter(|&r| r != sender)
             .collect();
-        // Every recipient gets a stored copy first, so an online one that
-        // never acks (or a crash mid fan-out) still finds it in its mailbox;
-        // its ack deletes the copy. If the store as a whole cannot take a
-        // copy for everyone, the message is refused: never acked half-kept.
-        let size = wire::MAX_BODY.min(text.as_str().len() + 11)
-            + crate::crypto::AT_REST_OVERHEAD
-            + crate::store::MAIL_OVERHEAD;
-        let needed = size.saturating_mul(recipients.len());
+        // Every recipient gets a copy in its mailbox first, so an online
+        // one that never acks (or a crash mid fan-out) still finds it there;
+        // its ack deletes the copy. The message is stored once (one body,
+        // one pending row per recipient), so a fan-out costs one seal and
+        // one body's bytes however large the table. If the store cannot
+        // take it for everyone, it is refused: never acked half-kept.
+        let mail = MailId(self.next_mail);
+        let body = wire::encode_body(&MailBody { id, text });
+        let mut salt = [0; AT_REST_SALT];
+        self.rng.fill_bytes(&mut salt);
+        // Encrypted at rest under the server's storage key: the store's
+        // files never hold a message's text.
+        let sealed = self
+            .links
+            .secrets()
+            .seal_at_rest(salt, &channel_ad(&from, id, mail), &body);
+        let body: Arc<[u8]> = sealed.into();
+        let needed = MAIL_OVERHEAD
+            .saturating_mul(recipients.len())
+            .saturating_add(body.len());
         if self.stored_bytes.saturating_add(needed) > self.config.store_bytes {
             let reason = Refusal::MailboxFull;
             self.reply(sender, seq, Message::Refused { seq, reason });
             return;
         }
-        let body = wire::encode_body(&MailBody { id, text });
+        let stored_at = self.unix_time(now);
         let mut stored = false;
         // A copy committed by an earlier batch (a retry after a restart):
         // the message is out, so the answer is "saved" whatever this batch
         // does; a copy new in it that fails is missed like a full mailbox.
         let mut committed = false;
         let mut live = Vec::new();
+        let mut pending = Vec::new();
         for r in recipients {
-            // Encrypted at rest under the server's storage key: the store's
-            // files never hold a message's text.
-            let to = self.table.get(r).name.clone();
-            let mut salt = [0; AT_REST_SALT];
-            self.rng.fill_bytes(&mut salt);
-            let sealed =
-                self.links
-                    .secrets()
-                    .seal_at_rest(salt, &at_rest_ad(&to, &from, true, id), &body);
-            let mail = NewMail {
+            let copy = StoredMail {
+                mail,
+                to: self.table.get(r).name.clone(),
                 from: from.clone(),
+                channel: true,
+                stored_at,
                 id,
-                body: Body::AtRest(sealed),
+                body: Body::Channel(body.clone()),
             };
-            let key = (r, from.clone(), id);
-            match self.put(now, r, mail, true) {
-                Ok(Some(mail)) => {
+            match self.admit(now, r, &copy) {
+                Ok(true) => {
                     stored = true;
                     live.push((r, mail));
+                    pending.push(copy.to);
                 }
-                Ok(None) if self.batch.keys.contains(&key) => stored = true,
-                Ok(None) => committed = true,
+                // A copy put by this batch (a retry while it commits).
+                Ok(false) if self.batch.channels.contains(&(from.clone(), id)) => stored = true,
+                Ok(false) => committed = true,
                 // This recipient's own mailbox is full: it misses the
                 // message (logged), as a full mailbox bounces direct mail.
-                Err(_) => {
-                    let to = self.table.get(r).name.clone();
-                    self.event(ServerEvent::MailboxFull {
-                        to,
-                        from: from.clone(),
-                    });
-                }
+                Err(_) => self.event(ServerEvent::MailboxFull {
+                    to: copy.to,
+                    from: from.clone(),
+                }),
             }
+        }
+        if !pending.is_empty() {
+            self.next_mail += 1;
+            self.batch.channels.insert((from.clone(), id));
+            self.batch.stored.push(ServerEvent::StoredChannel {
+                from: from.clone(),
+                recipients: pending.len(),
+            });
+            self.store_ops.push_back(StoreOp::Channel(ChannelMail {
+                mail,
+                from,
+                stored_at,
+                id,
+                body,
+                to: pending,
+            }));
         }
         // SPEC: the sender's ack first, then the copies (all of them leave
         // after the commit, in this order).
@@ -1190,18 +1250,28 @@ impl Server {
             self.reply(sender, seq, Message::Ack { seq });
         }
         for (r, mail) in live {
-            self.deliver_live(now, r, mail);
+            if self.queue_live(r, mail) {
+                self.fanout.push_back(r);
+            }
         }
     }
 
     /// Sends a just-stored message to its recipient now if it is online.
     fn deliver_live(&mut self, now: Instant, to: ClientId, mail: MailId) {
-        if self.table.get(to).online {
+        if self.queue_live(to, mail) {
+            self.pump(now, to);
+        }
+    }
+
+    /// Queues a just-stored message for its recipient if it is online.
+    fn queue_live(&mut self, to: ClientId, mail: MailId) -> bool {
+        let online = self.table.get(to).online;
+        if online {
             self.sessions[to.index() as usize]
                 .queue
                 .push_back((mail, None));
-            self.pump(now, to);
         }
+        online
     }
 
     fn on_delivered(&mut self, now: Instant, id: ClientId, mail: MailId) {
@@ -1652,56 +1722,102 @@ impl Server {
 
     // ---- mail -------------------------------------------------------------
 
-    /// Stores a message for `to` unless it is already there (a retry).
-    /// `Ok(Some(id))` for a new message, `Ok(None)` for a duplicate.
+    /// Stores a direct message for `to` unless it is already there (a
+    /// retry). `Ok(Some(id))` for a new message, `Ok(None)` for a duplicate.
     fn put(
         &mut self,
         now: Instant,
         to: ClientId,
         mail: NewMail,
-        channel: bool,
     ) -> Result<Option<MailId>, Refusal> {
         let stored = StoredMail {
             mail: MailId(self.next_mail),
             to: self.table.get(to).name.clone(),
             from: mail.from,
-            channel,
+            channel: false,
             stored_at: self.unix_time(now),
             id: mail.id,
             body: mail.body,
         };
-        let mb = self.mailboxes.entry(to).or_default();
-        if mb.keys.contains(&(stored.from.clone(), stored.id)) {
+        if !self.admit(now, to, &stored)? {
             return Ok(None);
         }
+        self.next_mail += 1;
+        self.batch.keys.insert((to, stored.from.clone(), stored.id));
+        self.batch.stored.push(ServerEvent::Stored {
+            to: stored.to.clone(),
+            from: stored.from.clone(),
+            channel: false,
+        });
+        let id = stored.mail;
+        self.store_ops.push_back(StoreOp::Put(stored));
+        Ok(Some(id))
+    }
+
+    /// Puts a message into `to`'s mailbox, as part of the batch under
+    /// way, unless its (sender, id) is there already (`Ok(false)`: a
+    /// retry). The caller emits the store operation.
+    fn admit(&mut self, now: Instant, to: ClientId, stored: &StoredMail) -> Result<bool, Refusal> {
+        let cost = self.cost(stored);
+        let mb = self.mailboxes.entry(to).or_default();
+        if mb.keys.contains(&(stored.from.clone(), stored.id)) {
+            return Ok(false);
+        }
+        // A mailbox counts every message whole: it is what its owner is
+        // sent, shared or not.
         let size = stored.size();
         if mb.mail.len() >= self.config.mailbox_messages
             || mb.bytes + size > self.config.mailbox_bytes
-            || self.stored_bytes + size > self.config.store_bytes
+            || self.stored_bytes + cost > self.config.store_bytes
         {
             return Err(Refusal::MailboxFull);
         }
-        self.next_mail += 1;
         mb.bytes += size;
         mb.keys.insert((stored.from.clone(), stored.id));
         mb.mail.insert(stored.mail, stored.clone());
-        self.stored_bytes += size;
+        self.charge(stored, cost);
         self.by_age.insert((stored.stored_at, stored.mail, to));
         if self.expiry.is_none() {
             // The first message waiting: its expiry is the next.
             self.expire(now);
         }
-        let id = stored.mail;
-        self.batch.first_mail.get_or_insert(id);
-        self.batch.mail.push((to, id));
-        self.batch.keys.insert((to, stored.from.clone(), stored.id));
-        self.batch.stored.push(ServerEvent::Stored {
-            to: stored.to.clone(),
-            from: stored.from.clone(),
-            channel,
-        });
-        self.store_ops.push_back(StoreOp::Put(stored));
-        Ok(Some(id))
+        self.batch.first_mail.get_or_insert(stored.mail);
+        self.batch.mail.push((to, stored.mail));
+        Ok(true)
+    }
+
+    /// What one more copy of `m` adds to the store's bytes: a shared
+    /// channel body counts with its first copy only.
+    fn cost(&self, m: &StoredMail) -> usize {
+        match &m.body {
+            Body::Channel(_) if self.shared.contains_key(&m.mail) => MAIL_OVERHEAD,
+            _ => m.size(),
+        }
+    }
+
+    /// Counts a copy of `m`, costing `cost` ([`Server::cost`]), into the
+    /// store's bytes.
+    fn charge(&mut self, m: &StoredMail, cost: usize) {
+        self.stored_bytes += cost;
+        if matches!(m.body, Body::Channel(_)) {
+            *self.shared.entry(m.mail).or_default() += 1;
+        }
+    }
+
+    /// Counts a copy of `m` out of the store's bytes.
+    fn discharge(&mut self, m: &StoredMail) {
+        if !matches!(m.body, Body::Channel(_)) {
+            self.stored_bytes -= m.size();
+            return;
+        }
+        self.stored_bytes -= MAIL_OVERHEAD;
+        if let Some(copies) = self.shared.get_mut(&m.mail) {
+            *copies -= 1;
+            if *copies == 0 {
+                self.shared.remove(&m.mail);
+                self.stored_bytes -= m.body.len();
+            }
+        }
     }
 
     fn delete(&mut self, to: ClientId, mail: MailId) {
@@ -1716,7 +1832,7 @@ impl Server {
         let m = mb.mail.remove(&mail)?;
         mb.bytes -= m.size();
         mb.keys.remove(&(m.from.clone(), m.id));
-        self.stored_bytes -= m.size();
+        self.discharge(&m);
         self.by_age.remove(&(m.stored_at, mail, to));
         Some(m)
     }
@@ -1829,17 +1945,30 @@ impl Server {
         let Some(m) = self.mailboxes.get(&id).and_then(|mb| mb.mail.get(&mail)) else {
             return;
         };
-        // Checked when loaded or stored; a failure here delivers nothing.
-        let Some(content) = self.content(m) else {
-            return;
+        let (stored_at, from) = (m.stored_at, m.from.clone());
+        let content = match &self.opened {
+            Some((opened, content)) if *opened == mail && matches!(m.body, Body::Channel(_)) => {
+                content.clone()
+            }
+            // Checked when loaded or stored; a failure here delivers nothing.
+            _ => {
+                let shared = matches!(m.body, Body::Channel(_));
+                let Some(content) = self.content(m) else {
+                    return;
+                };
+                if shared {
+                    self.opened = Some((mail, content.clone()));
+                }
+                content
+            }
         };
         let batch = self.sessions[id.index() as usize].batch;
         let msg = Message::Deliver {
             mail,
             batch,
             pos,
-            stored_at: m.stored_at,
-            from: m.from.clone(),
+            stored_at,
+            from,
             content,
         };
         let at = self.transmits.len();
@@ -1865,6 +1994,17 @@ impl Server {
                 Some(Content::Relayed {
                     channel: m.channel,
                     verified: matches!(m.body, Body::AtRest(_)),
+                    id: body.id,
+                    text: body.text,
+                })
+            }
+            Body::Channel(blob) => {
+                let ad = channel_ad(&m.from, m.id, m.mail);
+                let plain = self.links.secrets().open_at_rest(&ad, blob)?;
+                let body = wire::decode_body(&plain)?;
+                Some(Content::Relayed {
+                    channel: true,
+                    verified: true,
                     id: body.id,
                     text: body.text,
                 })

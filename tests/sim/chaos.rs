@@ -338,7 +338,7 @@ pub struct World {
     /// (text, recipient slot) that a full mailbox kept out.
     bounced: HashSet<(String, usize)>,
     /// Mail id → (recipient slot, text) of committed puts.
-    mail_texts: HashMap<u64, (usize, String)>,
+    mail_texts: HashMap<(u64, Name), (usize, String)>,
     /// The server's secrets (for opening channel copies in the store).
     secrets: ServerSecrets,
     /// Slots that have pinned the server's key (a first process meets it).
@@ -654,14 +654,17 @@ impl World {
                 server.handle_committed();
                 for op in &ops {
                     match op {
-                        StoreOp::Put(m) => {
-                            self.put_times.insert(m.mail.0, self.now);
-                            if let (Some(slot), Some(text)) =
-                                (slot_of(&m.to), open(&self.secrets, self.p.seed, m))
-                            {
-                                self.puts
-                                    .insert((slot, text.clone()), (m.mail.0, m.stored_at));
-                                self.mail_texts.insert(m.mail.0, (slot, text));
+                        StoreOp::Put(_) | StoreOp::Channel(_) => {
+                            for m in &op.stored() {
+                                self.put_times.insert(m.mail.0, self.now);
+                                if let (Some(slot), Some(text)) =
+                                    (slot_of(&m.to), open(&self.secrets, self.p.seed, m))
+                                {
+                                    self.puts
+                                        .insert((slot, text.clone()), (m.mail.0, m.stored_at));
+                                    self.mail_texts
+                                        .insert((m.mail.0, m.to.clone()), (slot, text));
+                                }
                             }
                         }
                         StoreOp::Client(c) => {
@@ -669,10 +672,10 @@ impl World {
                                 self.registry.insert(slot);
                             }
                         }
-                        StoreOp::Delete { mail, .. } => {
+                        StoreOp::Delete { to, mail } => {
                             // Only the owner's ack deletes mail, and it acks
                             // only what it showed.
-                            if let Some((slot, text)) = self.mail_texts.get(&mail.0) {
+                            if let Some((slot, text)) = self.mail_texts.get(&(mail.0, to.clone())) {
                                 let shown = self
                                     .displays
                                     .get(text)
