@@ -23,6 +23,7 @@ const HELP: &str = "
     --requests-per-source N
                           requests one IPv4 address or IPv6 /64 sends at once, then N/2 a second (default 2000)
     --mail-ttl AGE        delete mail undelivered after AGE: N with s, m, h or d, or 'never' (default 30d)
+    --name-ttl AGE        at start, forget names not online for AGE and owed no mail (default 365d)
     --heartbeat SECS      the clients' heartbeat interval; 3 missed = offline (default 10)
   -c <name> <server-ip> <server-port> <client-port>
                           run a client named <name> on <client-port>
@@ -35,7 +36,7 @@ const HELP: &str = "
   -V, --version           show the version";
 
 /// Flags only the server takes.
-const SERVER_ONLY: [&str; 9] = [
+const SERVER_ONLY: [&str; 10] = [
     "bind",
     "data-dir",
     "mailbox-messages",
@@ -43,6 +44,7 @@ const SERVER_ONLY: [&str; 9] = [
     "store-bytes",
     "max-clients",
     "mail-ttl",
+    "name-ttl",
     "names-per-source",
     "requests-per-source",
 ];
@@ -98,6 +100,7 @@ fn parse(args: &[String]) -> Result<Mode, String> {
     opts.optopt("", "store-bytes", "bytes stored in all", "N");
     opts.optopt("", "max-clients", "names in the registry", "N");
     opts.optopt("", "mail-ttl", "how long undelivered mail is kept", "AGE");
+    opts.optopt("", "name-ttl", "how long a name not online is kept", "AGE");
     opts.optopt("", "names-per-source", "new names per address", "N");
     opts.optopt("", "requests-per-source", "requests per address", "N");
     opts.optopt("", "heartbeat", "heartbeat interval", "SECS");
@@ -154,7 +157,8 @@ fn parse(args: &[String]) -> Result<Mode, String> {
                 mailbox_bytes: limit("mailbox-bytes", 1 << 20)?,
                 store_bytes: limit("store-bytes", 256 << 20)?,
                 max_clients: limit("max-clients", 100_000)?,
-                mail_ttl: parse_age(m.opt_str("mail-ttl"))?,
+                mail_ttl: parse_age("mail-ttl", m.opt_str("mail-ttl"), udpchat::server::MAIL_TTL)?,
+                name_ttl: parse_age("name-ttl", m.opt_str("name-ttl"), udpchat::server::NAME_TTL)?,
                 names_per_source: limit("names-per-source", 64)?,
                 requests_per_source: limit("requests-per-source", 2000)?,
             }))
@@ -203,11 +207,12 @@ fn parse_count(flag: &str, s: &str) -> Result<usize, String> {
     }
 }
 
-/// `--mail-ttl AGE`: a whole number of seconds, minutes, hours or days
-/// (`90s`, `15m`, `12h`, `30d`; a bare number is seconds), or `never`.
-fn parse_age(s: Option<String>) -> Result<Option<Duration>, String> {
+/// `--mail-ttl AGE`, `--name-ttl AGE`: a whole number of seconds, minutes,
+/// hours or days (`90s`, `15m`, `12h`, `30d`; a bare number is seconds), or
+/// `never`; `default` when not given.
+fn parse_age(flag: &str, s: Option<String>, default: Duration) -> Result<Option<Duration>, String> {
     let Some(s) = s else {
-        return Ok(Some(udpchat::server::MAIL_TTL));
+        return Ok(Some(default));
     };
     if s == "never" {
         return Ok(None);
@@ -229,7 +234,7 @@ fn parse_age(s: Option<String>) -> Result<Option<Duration>, String> {
             Ok(Some(Duration::from_secs(n * scale)))
         }
         _ => Err(format!(
-            "--mail-ttl '{s}': a whole number above 0 with s, m, h or d (30d, 12h), or 'never'"
+            "--{flag} '{s}': a whole number above 0 with s, m, h or d (30d, 12h), or 'never'"
         )),
     }
 }

@@ -185,6 +185,9 @@ pub struct ClientRecord {
     pub addr: SocketAddr,
     /// The key that owns the name.
     pub key: Option<PublicKey>,
+    /// When the name was last online, Unix seconds (`None`: not known, as
+    /// for a row older than schema 3; it does not expire at this start).
+    pub seen_at: Option<i64>,
 }
 
 /// One change to durable state.
@@ -192,6 +195,9 @@ pub struct ClientRecord {
 pub enum StoreOp {
     /// Keep this message (idempotent on (to, from, id)).
     Put(StoredMail),
+    /// Forget a registered name: its registry row goes (its key no longer
+    /// owns it). Its mailbox was emptied first.
+    Forget(Name),
     /// Keep this channel message once, pending for each of its recipients
     /// (idempotent on its mail id and each recipient).
     Channel(ChannelMail),
@@ -224,7 +230,10 @@ impl StoreOp {
         match self {
             StoreOp::Put(m) => vec![m.clone()],
             StoreOp::Channel(c) => c.copies().collect(),
-            StoreOp::Delete { .. } | StoreOp::Client(_) | StoreOp::Rewrite { .. } => Vec::new(),
+            StoreOp::Delete { .. }
+            | StoreOp::Client(_)
+            | StoreOp::Forget(_)
+            | StoreOp::Rewrite { .. } => Vec::new(),
         }
     }
 }
@@ -310,12 +319,21 @@ impl Store for MemoryStore {
                         let row = &mut self.clients[i];
                         row.addr = c.addr;
                         row.key = row.key.or(c.key);
+                        row.seen_at = c.seen_at.or(row.seen_at);
                     }
                     None => {
                         self.index.insert(c.name.clone(), self.clients.len());
                         self.clients.push(c.clone());
                     }
                 },
+                StoreOp::Forget(name) => {
+                    if self.index.remove(name).is_some() {
+                        self.clients.retain(|c| c.name != *name);
+                        self.index = (self.clients.iter().enumerate())
+                            .map(|(i, c)| (c.name.clone(), i))
+                            .collect();
+                    }
+                }
                 StoreOp::Rewrite { mail, body } => {
                     for m in self.mail.values_mut().filter(|m| m.mail == *mail) {
                         m.body = body.clone();

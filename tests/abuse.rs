@@ -9,6 +9,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use sim::{Sim, key_of};
+use udpchat::store::Store;
 
 const WELCOME: &str = ">>> [Welcome, You are registered.]";
 const TOO_MANY: &str = ">>> [Error: too many new names from this address lately; try again later.]";
@@ -168,4 +169,100 @@ fn syncs_and_heartbeats_over_the_rate_are_only_delayed() {
             s.lines(i)
         );
     }
+}
+
+/// A client online for longer than a day has its "last seen" written again,
+/// so a name online without a break is not forgotten at the next start
+/// however long ago it logged in.
+#[test]
+fn a_name_online_for_days_is_not_taken_for_unseen() {
+    let mut s = Sim::new();
+    s.join("Alice", 2000);
+    s.run_for(Duration::from_secs(25 * 3600));
+    assert!(s.server.table().iter().any(|(_, e)| e.online));
+    s.crash(0);
+    // The restart comes 365 days and 13 hours after her login, 365 days
+    // less 11 hours after the last time she was written down as seen.
+    let later = sim::EPOCH_UNIX + 365 * 86_400 - 12 * 3600;
+    let config = udpchat::ServerConfig::new([2; 32], sim::server_key(), (s.start, later));
+    s.server = udpchat::Server::new(config, s.now, s.store.load().unwrap());
+    let forgotten = std::iter::from_fn(|| s.server.poll_event())
+        .filter(|e| matches!(e, udpchat::ServerEvent::Forgotten { .. }))
+        .count();
+    assert_eq!(forgotten, 0);
+    assert!(s.server.table().lookup(&sim::name("Alice")).is_some());
+}
+
+/// A name not online for the name time-to-live, and named by no stored
+/// mail, is forgotten when the server starts again: a full registry has
+/// room again, and the next key to register the name owns it. Names mail
+/// is waiting for, or was sent by, stay.
+#[test]
+fn names_not_seen_for_their_time_to_live_are_forgotten_at_the_next_start() {
+    // Mail kept for good, so that Bob's is still there a year on.
+    let four = |c: &mut udpchat::ServerConfig| {
+        c.max_clients = 4;
+        c.mail_ttl = None;
+    };
+    let mut s = Sim::with(four);
+    for (i, n) in ["Alice", "Bob", "Carol", "Dave"].iter().enumerate() {
+        s.join(n, 2000 + i as u16);
+    }
+    s.command(1, "dereg Bob");
+    s.command(2, "dereg Carol");
+    s.command(3, "send Bob see you next year");
+    let erin = join_at(&mut s, "Erin", at([127, 0, 0, 1], 2004));
+    assert_eq!(
+        s.nodes[erin].lines.last().map(String::as_str),
+        Some(">>> [Error: the server is full; try again later.]")
+    );
+    s.crash(0);
+    s.crash(3);
+
+    // A year and a day later, the server starts again.
+    let later = sim::EPOCH_UNIX + 366 * 86_400;
+    let mut config = udpchat::ServerConfig::new([2; 32], sim::server_key(), (s.start, later));
+    four(&mut config);
+    let loaded = s.store.load().unwrap();
+    s.server = udpchat::Server::new(config, s.now, loaded);
+    let mut forgotten = Vec::new();
+    while let Some(e) = s.server.poll_event() {
+        if let udpchat::ServerEvent::Forgotten { name, days } = e {
+            forgotten.push((name.to_string(), days));
+        }
+    }
+    // Alice was online until the restart, but is last known at her login.
+    assert_eq!(
+        forgotten,
+        [("Alice".to_string(), 366), ("Carol".to_string(), 366)]
+    );
+    // What the driver does first: commit what the start asked for.
+    let ops: Vec<_> = std::iter::from_fn(|| s.server.poll_store()).collect();
+    s.store.commit(&ops).unwrap();
+    s.server.handle_committed();
+    let kept: Vec<String> = (s.store.load().unwrap().clients.iter())
+        .map(|c| c.name.to_string())
+        .collect();
+    assert_eq!(kept, ["Bob", "Dave"]);
+
+    let erin = join_at(&mut s, "Erin", at([127, 0, 0, 1], 2005));
+    assert_eq!(
+        s.nodes[erin].lines.first().map(String::as_str),
+        Some(WELCOME)
+    );
+    let pin = Some(s.server.public_key());
+    let carol = s.spawn_at(
+        "Carol",
+        at([127, 0, 0, 1], 2006),
+        key_of("another Carol"),
+        pin,
+    );
+    s.settle();
+    assert_eq!(
+        s.nodes[carol].lines.first().map(String::as_str),
+        Some(WELCOME)
+    );
+    // Bob's mail is still his.
+    let bob: Vec<String> = s.mailbox("Bob").into_iter().map(|(_, _, t)| t).collect();
+    assert_eq!(bob, ["see you next year"]);
 }

@@ -214,7 +214,14 @@ fn release_without_a_database_is_a_clear_error() {
 }
 
 #[test]
-fn a_bad_mail_ttl_is_refused() {
+fn a_bad_mail_or_name_ttl_is_refused() {
+    for bad in ["0", "5w", "1.5h", "40000d"] {
+        assert_usage_error(&["-s", "5000", "--name-ttl", bad], &["--name-ttl"]);
+    }
+    assert_usage_error(
+        &["-c", "A", "127.0.0.1", "5000", "6000", "--name-ttl", "1d"],
+        &["--name-ttl"],
+    );
     for bad in [
         "0",
         "0d",

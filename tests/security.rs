@@ -119,6 +119,7 @@ fn a_small_order_key_gets_no_peer_session() {
             name: name("Carol"),
             addr: addr(2999),
             key: None,
+            seen_at: None,
         }],
         mail: vec![],
     };
@@ -379,11 +380,13 @@ fn stored_mail_is_shown_as_alices_only_if_her_key_sealed_it() {
                 name: name("Alice"),
                 addr: addr(2000),
                 key: Some(key_of("Alice").public()),
+                seen_at: None,
             },
             ClientRecord {
                 name: name("Bob"),
                 addr: addr(2001),
                 key: Some(bob_pub),
+                seen_at: None,
             },
         ],
         mail: vec![
@@ -954,6 +957,7 @@ fn rec(n: &str, port: u16, key: Keypair) -> ClientRecord {
         name: name(n),
         addr: addr(port),
         key: Some(key.public()),
+        seen_at: None,
     }
 }
 

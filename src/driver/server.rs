@@ -42,6 +42,8 @@ pub struct Options {
     pub max_clients: usize,
     /// How long undelivered mail is kept (`None`: until delivered).
     pub mail_ttl: Option<Duration>,
+    /// How long a name not online is kept (`None`: for good).
+    pub name_ttl: Option<Duration>,
     /// New names one source registers at once (then one per 10 s).
     pub names_per_source: usize,
     /// Requests one source sends at once (then half as many a second).
@@ -77,6 +79,7 @@ pub fn run(options: Options) -> Result<i32, Fatal> {
     config.store_bytes = options.store_bytes;
     config.max_clients = options.max_clients;
     config.mail_ttl = options.mail_ttl;
+    config.name_ttl = options.name_ttl;
     config.new_names.0 = u32::try_from(options.names_per_source).unwrap_or(u32::MAX);
     let burst = u32::try_from(options.requests_per_source).unwrap_or(u32::MAX);
     // Half the burst a second: a source that keeps to that never waits.
@@ -220,6 +223,9 @@ fn line(event: &ServerEvent) -> String {
         ServerEvent::Registered(name, addr) => format!("{name} registered from {addr}"),
         ServerEvent::Offline(name, true) => format!("{name} deregistered"),
         ServerEvent::Offline(name, false) => format!("{name} is silent: marked offline"),
+        ServerEvent::Forgotten { name, days } => {
+            format!("forgot {name}: not online for {days} days (--name-ttl); the name is free")
+        }
         ServerEvent::StoredChannel { from, recipients } => {
             let whom = if *recipients == 1 {
                 "client"

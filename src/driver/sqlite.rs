@@ -18,6 +18,8 @@
 //!     registered_at INTEGER,           -- first registration, Unix seconds
 //!     key           BLOB               -- the X25519 key that owns the name (32 bytes);
 //!                                      -- NULL: the next registration binds it
+//!     last_seen     INTEGER            -- when it was last online, Unix seconds
+//!                                      -- (schema 3; older rows: registered_at)
 //! );
 //! CREATE TABLE mail (
 //!     id         INTEGER PRIMARY KEY,  -- the MailId (store order)
@@ -146,8 +148,11 @@ const MIGRATIONS: &[&str] = &[
          SELECT id, recipient, sender, channel, stored_at, msg_id, 0, CAST(text AS BLOB) FROM mail;
      DROP TABLE mail;
      ALTER TABLE mail_v2 RENAME TO mail;",
-    // 3: a channel message stored once, with its pending set.
-    "CREATE TABLE channel (
+    // 3: a channel message stored once, with its pending set; when each
+    // name was last online (names not seen for --name-ttl are forgotten).
+    "ALTER TABLE clients ADD COLUMN last_seen INTEGER;
+     UPDATE clients SET last_seen = registered_at;
+     CREATE TABLE channel (
          id        INTEGER PRIMARY KEY,
          sender    TEXT NOT NULL,
          stored_at INTEGER NOT NULL,
@@ -193,12 +198,14 @@ const DELETE_CHANNEL: &str = "DELETE FROM channel WHERE id = ?1";
 const REWRITE: &str = "UPDATE mail SET kind = ?2, body = ?3, sender_key = ?4 WHERE id = ?1";
 // registered_at keeps the first registration; the clock is SQLite's. A
 // name's key is set once (from NULL): the server never rebinds a name.
-const CLIENT: &str = "INSERT INTO clients (name, addr, registered_at, key)
-                          VALUES (?1, ?2, unixepoch(), ?3)
+const CLIENT: &str = "INSERT INTO clients (name, addr, registered_at, key, last_seen)
+                          VALUES (?1, ?2, unixepoch(), ?3, ?4)
                       ON CONFLICT (name) DO UPDATE SET addr = excluded.addr,
-                          key = coalesce(clients.key, excluded.key)";
+                          key = coalesce(clients.key, excluded.key),
+                          last_seen = coalesce(excluded.last_seen, clients.last_seen)";
+const FORGET: &str = "DELETE FROM clients WHERE name = ?1";
 // rowid is the insertion order, and an upsert's UPDATE keeps it.
-const LOAD_CLIENTS: &str = "SELECT rowid, name, addr, key FROM clients ORDER BY rowid";
+const LOAD_CLIENTS: &str = "SELECT rowid, name, addr, key, last_seen FROM clients ORDER BY rowid";
 const LOAD_MAIL: &str = "SELECT id, recipient, sender, channel, stored_at, msg_id, kind, body,
                                 sender_key
                          FROM mail ORDER BY id";
@@ -428,7 +435,14 @@ impl SqliteStore {
             StoreOp::Client(c) => {
                 let key = c.key.map(|k| k.0.to_vec());
                 tx.prepare_cached(CLIENT)
-                    .and_then(|mut s| s.execute(params![c.name.as_str(), c.addr.to_string(), key]))
+                    .and_then(|mut s| {
+                        s.execute(params![c.name.as_str(), c.addr.to_string(), key, c.seen_at])
+                    })
+                    .map_err(sql)?;
+            }
+            StoreOp::Forget(name) => {
+                tx.prepare_cached(FORGET)
+                    .and_then(|mut s| s.execute([name.as_str()]))
                     .map_err(sql)?;
             }
         }
@@ -568,7 +582,16 @@ fn client_row(row: &Row<'_>) -> Result<ClientRecord, String> {
         ValueRef::Null => None,
         _ => Some(key(row, 3, "key")?),
     };
-    Ok(ClientRecord { name, addr, key })
+    let seen_at = match row.get_ref(4).map_err(|e| format!("last_seen: {e}"))? {
+        ValueRef::Null => None,
+        _ => Some(integer(row, 4, "last_seen")?),
+    };
+    Ok(ClientRecord {
+        name,
+        addr,
+        key,
+        seen_at,
+    })
 }
 
 /// Column `i` as a 32-byte key.
@@ -928,6 +951,7 @@ mod tests {
             name: name(n),
             addr: addr.parse().unwrap(),
             key: Some(key_of(n)),
+            seen_at: Some(1_700_000_000),
         }
     }
 
@@ -1418,8 +1442,10 @@ mod tests {
         let loaded = store.load().unwrap();
         assert_eq!(
             loaded.clients,
+            // Last seen: when it registered, as far as schema 1 knew.
             [ClientRecord {
                 key: None,
+                seen_at: Some(5),
                 ..record("Bob", "127.0.0.1:3000")
             }]
         );
@@ -1545,6 +1571,59 @@ mod tests {
         let mut big = channel(10, "Alice", &["Bob"], "");
         big.body = vec![1; MAX_SEALED + 1].into();
         assert!(store.commit(&[StoreOp::Channel(big)]).is_err());
+    }
+
+    #[test]
+    fn last_seen_moves_only_forward_and_a_forgotten_name_is_gone() {
+        let dir = TempDir::new("forget");
+        let mut memory = MemoryStore::new();
+        let mut store = SqliteStore::open(&dir.0).unwrap();
+        let batches = [
+            vec![
+                client("Alice", "127.0.0.1:2000"),
+                client("Bob", "127.0.0.1:3000"),
+            ],
+            // A row written without a time keeps the one it had.
+            vec![StoreOp::Client(ClientRecord {
+                seen_at: None,
+                ..record("Alice", "127.0.0.1:2001")
+            })],
+            vec![StoreOp::Client(ClientRecord {
+                seen_at: Some(1_800_000_000),
+                ..record("Bob", "127.0.0.1:3000")
+            })],
+            vec![
+                StoreOp::Forget(name("Alice")),
+                StoreOp::Forget(name("Nobody")),
+            ],
+        ];
+        for (i, ops) in batches.iter().enumerate() {
+            store.commit(ops).unwrap();
+            memory.commit(ops).unwrap();
+            assert_eq!(
+                store.load().unwrap(),
+                memory.load().unwrap(),
+                "after batch {i}"
+            );
+        }
+        let loaded = store.load().unwrap();
+        assert_eq!(
+            loaded.clients,
+            [ClientRecord {
+                seen_at: Some(1_800_000_000),
+                ..record("Bob", "127.0.0.1:3000")
+            }]
+        );
+        // Its next registration is a new row, bound to whichever key comes.
+        store.commit(&[client("Alice", "127.0.0.1:2002")]).unwrap();
+        let names: Vec<String> = store
+            .load()
+            .unwrap()
+            .clients
+            .iter()
+            .map(|c| c.name.to_string())
+            .collect();
+        assert_eq!(names, ["Bob", "Alice"]);
     }
 
     #[test]

@@ -76,6 +76,9 @@ pub struct ServerConfig {
     /// A stored message not delivered this long after it was stored is
     /// deleted (`None`: kept until delivered).
     pub mail_ttl: Option<Duration>,
+    /// A name not online for this long, with nothing in its mailbox, is
+    /// forgotten when the server starts (`None`: names are kept for good).
+    pub name_ttl: Option<Duration>,
     /// New names one source (an IPv4 address, an IPv6 /64) may register
     /// at once, and how often it earns one more.
     pub new_names: (u32, Duration),
@@ -95,6 +98,7 @@ impl std::fmt::Debug for ServerConfig {
             .field("presence_timeout", &self.presence_timeout)
             .field("max_handshakes", &self.max_handshakes)
             .field("mail_ttl", &self.mail_ttl)
+            .field("name_ttl", &self.name_ttl)
             .field("new_names", &self.new_names)
             .field("requests", &self.requests)
             .finish_non_exhaustive()
@@ -103,7 +107,8 @@ impl std::fmt::Debug for ServerConfig {
 
 impl ServerConfig {
     /// Defaults: 100,000 clients, 1,000 messages or 1 MiB per mailbox,
-    /// 256 MiB in all, 4,096 handshakes under way, mail kept 30 days, 64
+    /// 256 MiB in all, 4,096 handshakes under way, mail kept 30 days, names
+    /// not seen for a year forgotten at start, 64
     /// new names per source and one more every 10 s, 2,000 requests per
     /// source and one more every millisecond.
     pub fn new(seed: [u8; 32], key: Keypair, clock: (Instant, i64)) -> Self {
@@ -118,6 +123,7 @@ impl ServerConfig {
             presence_timeout: Duration::from_secs(30),
             max_handshakes: 4096,
             mail_ttl: Some(MAIL_TTL),
+            name_ttl: Some(NAME_TTL),
             new_names: (64, Duration::from_secs(10)),
             requests: (2000, Duration::from_millis(1)),
         }
@@ -126,6 +132,14 @@ impl ServerConfig {
 
 /// How long undelivered mail is kept by default.
 pub const MAIL_TTL: Duration = Duration::from_secs(30 * 24 * 3600);
+
+/// How long a name not seen online is kept by default.
+pub const NAME_TTL: Duration = Duration::from_secs(365 * 24 * 3600);
+
+/// How often an online client's "last seen" is written again: a name
+/// online for longer than its time-to-live must not look unseen to the
+/// next start.
+const SEEN_REFRESH: i64 = 24 * 3600;
 
 /// Something worth a line in the server's log.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -175,6 +189,14 @@ pub enum ServerEvent {
         to: Name,
         /// The channel message's sender.
         from: Name,
+    },
+    /// A name not seen online for the name time-to-live was forgotten (at
+    /// start): the next key to register it owns it.
+    Forgotten {
+        /// The name.
+        name: Name,
+        /// Whole days since it was last online.
+        days: i64,
     },
     /// A stored message reached the mail time-to-live undelivered and was
     /// deleted.
@@ -406,6 +428,8 @@ struct Session {
     /// In a join storm most online clients are such joiners; deltas to
     /// them would cost as much as all their pages.
     syncing: bool,
+    /// The "last seen" time last written to the store, Unix seconds.
+    seen_stored: i64,
 }
 
 #[derive(Debug, Default)]
@@ -543,7 +567,28 @@ impl Server {
             stats: ServerStats::default(),
             config,
         };
+        // Names neither online nor named by stored mail (to or from: a
+        // sender's mail is checked against its name's key) for the name
+        // time-to-live are forgotten: registry rows are never removed while
+        // the server runs, so this is where a full registry gets room again.
+        let unix = server.unix_time(now);
+        let ttl = server
+            .config
+            .name_ttl
+            .map(|t| i64::try_from(t.as_secs()).unwrap_or(i64::MAX));
+        let named: HashSet<&Name> = loaded.mail.iter().flat_map(|m| [&m.to, &m.from]).collect();
         for c in &loaded.clients {
+            if let (Some(ttl), Some(seen)) = (ttl, c.seen_at)
+                && seen.saturating_add(ttl) <= unix
+                && !named.contains(&c.name)
+            {
+                server.event(ServerEvent::Forgotten {
+                    name: c.name.clone(),
+                    days: unix.saturating_sub(seen) / 86_400,
+                });
+                server.store_ops.push_back(StoreOp::Forget(c.name.clone()));
+                continue;
+            }
             server.row(&c.name, c.addr, c.key.unwrap_or(PublicKey::NONE));
         }
         // Mail for a name the registry lacks (a store edited by hand) still
@@ -896,7 +941,7 @@ impl Server {
                 self.deferred_rows
                     .insert(c.name.clone(), self.deferred.len());
             }
-            StoreOp::Delete { .. } | StoreOp::Rewrite { .. } => {}
+            StoreOp::Delete { .. } | StoreOp::Forget(_) | StoreOp::Rewrite { .. } => {}
         }
         self.deferred.push(op);
     }
@@ -1104,10 +1149,12 @@ impl Server {
         let entry = self.table.get(id);
         let (name, key, online) = (entry.name.clone(), entry.key, entry.online);
         self.table.set(id, addr, online);
+        let seen_at = self.seen(now, id);
         self.store_ops.push_back(StoreOp::Client(ClientRecord {
             name: name.clone(),
             addr,
             key: Some(key),
+            seen_at,
         }));
         self.event(ServerEvent::Moved(name, addr));
     }
@@ -1410,6 +1457,11 @@ impl Server {
     /// The client showed signs of life: push its presence deadline out
     /// (lazily: the timer re-arms itself when it fires early).
     fn heard(&mut self, now: Instant, id: ClientId) {
+        let unix = self.unix_time(now);
+        let stored = self.sessions[id.index() as usize].seen_stored;
+        if unix.saturating_sub(stored) >= SEEN_REFRESH && self.table.get(id).online {
+            self.note_seen(now, id);
+        }
         let session = &mut self.sessions[id.index() as usize];
         session.last_heard = Some(now);
         if session.presence.is_none() && self.table.get(id).online {
@@ -1610,11 +1662,13 @@ impl Server {
         self.links.set_owner(link, id);
         if changed {
             // The registry: who owns the name, who may have mail, and where
-            // it was last seen. Committed before the welcome leaves.
+            // and when it was last seen. Committed before the welcome leaves.
+            let seen_at = self.seen(now, id);
             self.store_ops.push_back(StoreOp::Client(ClientRecord {
                 name: name.clone(),
                 addr,
                 key: Some(key),
+                seen_at,
             }));
         }
         self.table.set_key(id, key);
@@ -1674,12 +1728,34 @@ impl Server {
     fn set_offline(&mut self, id: ClientId, notified: bool) {
         let entry = self.table.get(id);
         let (addr, name) = (entry.addr, entry.name.clone());
+        // Seen until now: what the name's time-to-live counts from.
+        self.note_seen(self.now, id);
         self.table.set(id, addr, false);
         self.cancel_deliveries(id);
         if !notified && let Some(link) = self.sessions[id.index() as usize].link.take() {
             self.links.remove(link);
         }
         self.event(ServerEvent::Offline(name, notified));
+    }
+
+    /// Notes that `id` is online now, for its "last seen".
+    fn seen(&mut self, now: Instant, id: ClientId) -> Option<i64> {
+        let unix = self.unix_time(now);
+        self.sessions[id.index() as usize].seen_stored = unix;
+        Some(unix)
+    }
+
+    /// Writes `id`'s row again with "last seen" now.
+    fn note_seen(&mut self, now: Instant, id: ClientId) {
+        let entry = self.table.get(id);
+        let (name, addr, key) = (entry.name.clone(), entry.addr, entry.key);
+        let seen_at = self.seen(now, id);
+        self.store_ops.push_back(StoreOp::Client(ClientRecord {
+            name,
+            addr,
+            key: (!key.is_none()).then_some(key),
+            seen_at,
+        }));
     }
 
     /// Makes a request wait for a liveness probe of `id`. When the probe

@@ -688,6 +688,11 @@ impl World {
                                 }
                             }
                         }
+                        StoreOp::Forget(n) => {
+                            if let Some(slot) = slot_of(n) {
+                                self.registry.remove(&slot);
+                            }
+                        }
                         StoreOp::Rewrite { .. } => {}
                     }
                 }
