@@ -48,7 +48,7 @@ pub enum Body {
     AtRest(Vec<u8>),
     /// A channel message stored once for all its recipients: salt, then
     /// the [`crate::wire::MailBody`] encrypted with the server's storage
-    /// key, bound to sender, message id and mail id ([`channel_ad`]) but
+    /// key, bound to sender, message id and mail id (`channel_ad`) but
     /// not to a recipient. Every recipient's copy shares these bytes.
     Channel(Arc<[u8]>),
     /// Like `AtRest`, for a message a server of protocol version 1 stored
