@@ -19,7 +19,8 @@
 //!     key           BLOB               -- the X25519 key that owns the name (32 bytes);
 //!                                      -- NULL: the next registration binds it
 //!     last_seen     INTEGER            -- when it was last online, Unix seconds
-//!                                      -- (schema 3; older rows: registered_at)
+//!                                      -- (older rows: when migrated to schema 3,
+//!                                      -- as nothing earlier recorded it)
 //! );
 //! CREATE TABLE mail (
 //!     id         INTEGER PRIMARY KEY,  -- the MailId (store order)
@@ -151,7 +152,7 @@ const MIGRATIONS: &[&str] = &[
     // 3: a channel message stored once, with its pending set; when each
     // name was last online (names not seen for --name-ttl are forgotten).
     "ALTER TABLE clients ADD COLUMN last_seen INTEGER;
-     UPDATE clients SET last_seen = registered_at;
+     UPDATE clients SET last_seen = unixepoch();
      CREATE TABLE channel (
          id        INTEGER PRIMARY KEY,
          sender    TEXT NOT NULL,
@@ -505,11 +506,18 @@ impl Store for SqliteStore {
         drop(rows);
         drop(stmt);
 
+        // Ids are one space across both tables: a channel row under a
+        // mail row's id (a hand edit) would be overwritten in memory.
+        let direct: HashSet<MailId> = loaded.mail.iter().map(|m| m.mail).collect();
         let mut stmt = self.conn.prepare_cached(LOAD_CHANNEL).map_err(sql)?;
         let mut rows = stmt.query([]).map_err(sql)?;
         while let Some(row) = rows.next().map_err(sql)? {
             let id = integer(row, 0, "id").unwrap_or_default();
             let channel = channel_row(row)
+                .and_then(|c| match direct.contains(&c.mail) {
+                    true => Err("id is also a mail row's".to_string()),
+                    false => Ok(c),
+                })
                 .map_err(|what| invalid(path, format!("channel row {id}: {what}")))?;
             loaded.mail.extend(channel.copies());
         }
@@ -637,6 +645,11 @@ fn channel_row(row: &Row<'_>) -> Result<ChannelMail, String> {
         .filter(|n| !n.is_empty())
         .map(|n| Name::new(n).map_err(|e| format!("pending {n:?} is not a valid name: {e}")))
         .collect::<Result<Vec<Name>, String>>()?;
+    // A row nobody is owed is never left behind; one (a hand edit) would
+    // hide its id from the server, which could then give it out again.
+    if to.is_empty() {
+        return Err("pending is empty".to_string());
+    }
     to.sort_unstable();
     to.dedup();
     Ok(ChannelMail {
@@ -1442,13 +1455,15 @@ mod tests {
         let loaded = store.load().unwrap();
         assert_eq!(
             loaded.clients,
-            // Last seen: when it registered, as far as schema 1 knew.
+            // Last seen: counted from the migration, not from its
+            // registration (an active old name must not look unseen).
             [ClientRecord {
                 key: None,
-                seen_at: Some(5),
+                seen_at: loaded.clients[0].seen_at,
                 ..record("Bob", "127.0.0.1:3000")
             }]
         );
+        assert!(loaded.clients[0].seen_at > Some(1_600_000_000));
         assert_eq!(loaded.mail.len(), 1);
         let m = &loaded.mail[0];
         assert_eq!((m.mail, m.id), (MailId(7), MsgId(u64::MAX)));
@@ -1567,6 +1582,22 @@ mod tests {
             err.contains("channel row 9: pending \"Carol\\u{7}\""),
             "{err}"
         );
+        for (sql, expected) in [
+            (
+                "UPDATE channel SET pending = '  '",
+                "channel row 9: pending is empty",
+            ),
+            (
+                "UPDATE channel SET pending = 'Bob'; INSERT INTO mail
+                     (id, recipient, sender, channel, stored_at, msg_id, kind, body)
+                     VALUES (9, 'Bob', 'Alice', 0, 1, 1, 2, x'01')",
+                "channel row 9: id is also a mail row's",
+            ),
+        ] {
+            raw(&store).execute_batch(sql).unwrap();
+            let err = store.load().unwrap_err().to_string();
+            assert!(err.contains(expected), "{err}");
+        }
         // A body too large to have come from us is refused when stored.
         let mut big = channel(10, "Alice", &["Bob"], "");
         big.body = vec![1; MAX_SEALED + 1].into();
@@ -1574,7 +1605,7 @@ mod tests {
     }
 
     #[test]
-    fn last_seen_moves_only_forward_and_a_forgotten_name_is_gone() {
+    fn last_seen_is_kept_by_a_row_written_without_it_and_a_forgotten_name_is_gone() {
         let dir = TempDir::new("forget");
         let mut memory = MemoryStore::new();
         let mut store = SqliteStore::open(&dir.0).unwrap();
