@@ -4,12 +4,91 @@
 #[path = "../tests/sim/mod.rs"]
 mod sim;
 
+use std::alloc::{GlobalAlloc, Layout, System};
 use std::hint::black_box;
+use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::time::{Duration, Instant};
 
 use udpchat::crypto::{self, Keypair, Link};
-use udpchat::packet::{MAX_DATAGRAM, TAG_LEN, XX1_LEN};
+use udpchat::packet::{DATA_HEADER, MAX_DATAGRAM, TAG_LEN, XX1_LEN};
 use udpchat::wire::{self, MailBody, Message, MsgId, Name, Seq, Text};
+
+/// The system allocator, counting the bytes and blocks live: what the
+/// memory lines below read.
+struct Counting;
+
+static LIVE_BYTES: AtomicUsize = AtomicUsize::new(0);
+static LIVE_BLOCKS: AtomicUsize = AtomicUsize::new(0);
+
+// SAFETY: every call goes to the system allocator unchanged, with the same
+// arguments; the counters only add up the sizes asked for.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        // SAFETY: the caller's contract for `alloc`, passed on.
+        let p = unsafe { System.alloc(layout) };
+        if !p.is_null() {
+            LIVE_BYTES.fetch_add(layout.size(), Relaxed);
+            LIVE_BLOCKS.fetch_add(1, Relaxed);
+        }
+        p
+    }
+
+    unsafe fn dealloc(&self, p: *mut u8, layout: Layout) {
+        // SAFETY: the caller's contract for `dealloc`, passed on.
+        unsafe { System.dealloc(p, layout) };
+        LIVE_BYTES.fetch_sub(layout.size(), Relaxed);
+        LIVE_BLOCKS.fetch_sub(1, Relaxed);
+    }
+
+    unsafe fn realloc(&self, p: *mut u8, layout: Layout, new: usize) -> *mut u8 {
+        // SAFETY: the caller's contract for `realloc`, passed on.
+        let q = unsafe { System.realloc(p, layout, new) };
+        if !q.is_null() {
+            LIVE_BYTES.fetch_add(new, Relaxed);
+            LIVE_BYTES.fetch_sub(layout.size(), Relaxed);
+        }
+        q
+    }
+}
+
+#[global_allocator]
+static ALLOCATOR: Counting = Counting;
+
+/// Heap the server holds per registered client: `n` clients join (on the
+/// simulated network) and stay 200 s (twenty heartbeats), then, if
+/// `leave`, fall silent until marked offline; the server is dropped and
+/// what that frees is divided by `n`.
+fn server_heap(n: u16, leave: bool) {
+    let mut s = sim::Sim::with(|c| c.new_names.0 = u32::MAX);
+    for i in 0..n {
+        s.join(&format!("c{i:05}"), 2000 + i);
+    }
+    s.run_for(Duration::from_secs(200));
+    if leave {
+        for i in 0..usize::from(n) {
+            s.crash(i);
+        }
+        s.run_for(Duration::from_secs(60));
+    }
+    assert_eq!(s.server.table().len(), usize::from(n));
+    let fresh = udpchat::Server::new(
+        udpchat::ServerConfig::new([3; 32], sim::server_key(), (s.start, sim::EPOCH_UNIX)),
+        s.now,
+        Default::default(),
+    );
+    let (bytes, blocks) = (LIVE_BYTES.load(Relaxed), LIVE_BLOCKS.load(Relaxed));
+    drop(std::mem::replace(&mut s.server, fresh));
+    let freed = bytes - LIVE_BYTES.load(Relaxed);
+    let blocks = blocks - LIVE_BLOCKS.load(Relaxed);
+    let n = usize::from(n);
+    let state = if leave { "offline" } else { "online" };
+    println!(
+        "{:<44} {:>10} B {:>8.1} blocks",
+        format!("memory: server heap per client, {n} {state}"),
+        freed / n,
+        blocks as f64 / n as f64
+    );
+}
 
 /// Runs `f` (which does `n` operations) a few times; prints the median.
 fn bench(label: &str, n: u64, mut f: impl FnMut()) {
@@ -63,6 +142,8 @@ fn main() {
         });
     }
 
+    server_heap(1000, false);
+    server_heap(1000, true);
     handshakes();
     sessions();
 
@@ -220,8 +301,10 @@ fn sessions() {
     bench("session: seal + open a 1000-byte chat", N, || {
         for _ in 0..N {
             let d = tx.seal(&chat).unwrap();
-            let nonce = u64::from_le_bytes(d[6..14].try_into().unwrap());
-            black_box(rx.open(nonce, &d[14..], &mut buf).unwrap());
+            // The nonce ends the header: version, kind, receiver index.
+            let at = DATA_HEADER - 8;
+            let nonce = u64::from_le_bytes(d[at..DATA_HEADER].try_into().unwrap());
+            black_box(rx.open(nonce, &d[DATA_HEADER..], &mut buf).unwrap());
         }
     });
 }

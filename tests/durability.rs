@@ -50,15 +50,19 @@ const SENDERS: [&str; 3] = ["S1", "S2", "S3"];
 /// thousand a second, so the crash moment mostly falls inside the stream;
 /// the bound keeps R's mailbox quick to stream on `reg`.
 const PER_SENDER: usize = 2000;
-/// Mailbox quotas for the crash test's server, far above what the senders
-/// can send, so that only the store answers, never the quota.
-const CRASH_SERVER_FLAGS: [&str; 6] = [
+/// Mailbox quotas and a request ration for the crash test's server, far
+/// above what the senders can send, so that only the store answers, never
+/// a quota (three senders on one address save faster than the default
+/// ration's 1,000 a second on a quiet machine).
+const CRASH_SERVER_FLAGS: [&str; 8] = [
     "--data-dir",
     "store",
     "--mailbox-messages",
     "100000",
     "--mailbox-bytes",
     "67108864",
+    "--requests-per-source",
+    "1000000",
 ];
 /// The crash comes this many milliseconds into the stream, uniformly.
 const KILL_AFTER_MS: (u64, u64) = (50, 1500);

@@ -87,13 +87,21 @@ pub struct ServerLink {
     addr: SocketAddr,
     /// The registered client this session belongs to, once one is.
     pub owner: Option<ClientId>,
-    /// The registration that rode the handshake's last message: a
-    /// retransmitted `Finish` is handled as that request again, until the
-    /// client's first session datagram shows it got the answer.
-    hello: (Seq, Name),
+    /// The registration that rode the handshake's last message, until the
+    /// client's first session datagram shows it got the answer (`None`
+    /// from then on: a copy of message 3 is a replay). Boxed, like `path`:
+    /// most of a session's life it is `None`, and a pointer is what an
+    /// idle session pays.
+    hello: Option<Box<Hello>>,
+    path: Option<Box<PathCheck>>,
+}
+
+/// A retransmitted `Finish` (byte for byte) is handled as its registration
+/// again.
+struct Hello {
+    seq: Seq,
+    name: Name,
     finish: Vec<u8>,
-    data_seen: bool,
-    path: Option<PathCheck>,
 }
 
 /// What an authenticated datagram brought (handed over at once, never
@@ -548,9 +556,11 @@ impl Links {
                     link,
                     addr: from,
                     owner: None,
-                    hello: (seq, name.clone()),
-                    finish: datagram.to_vec(),
-                    data_seen: false,
+                    hello: Some(Box::new(Hello {
+                        seq,
+                        name: name.clone(),
+                        finish: datagram.to_vec(),
+                    })),
                     path: None,
                 });
                 let id = self.id_of(slot);
@@ -565,10 +575,11 @@ impl Links {
                 // client sent session data it had its answer: a copy now is
                 // a replay.
                 let link = &self.links[l];
-                if link.finish != datagram || link.addr != from || link.data_seen {
+                let hello = link.hello.as_ref()?;
+                if hello.finish != datagram || link.addr != from {
                     return None;
                 }
-                let (seq, name) = link.hello.clone();
+                let (seq, name) = (hello.seq, hello.name.clone());
                 Some(Incoming::Message(
                     self.id_of(l),
                     Message::Register { seq, name },
@@ -623,12 +634,9 @@ impl Links {
             self.stats.malformed += 1;
             return None;
         };
-        if !link.data_seen {
-            link.data_seen = true;
-            // A copy of message 3 is a replay from now on (see `finish`):
-            // its bytes need not be kept (a tenth of a client's memory).
-            link.finish = Vec::new();
-        }
+        // A copy of message 3 is a replay from now on (see `finish`): its
+        // bytes need not be kept (a tenth of a client's memory).
+        link.hello = None;
         let id = LinkId {
             slot: l,
             index: receiver,
@@ -666,13 +674,13 @@ impl Links {
         let link = &mut self.links[l];
         let path = match &mut link.path {
             Some(p) if p.addr == addr => p,
-            _ => link.path.insert(PathCheck {
+            _ => link.path.insert(Box::new(PathCheck {
                 addr,
                 nonce: rng.next_u64(),
                 received: 0,
                 sent: 0,
                 last: None,
-            }),
+            })),
         };
         path.received += len;
         if path

@@ -414,7 +414,8 @@ struct Session {
     /// The client's current Noise session.
     link: Option<LinkId>,
     replies: VecDeque<(Seq, Cached)>,
-    probe: Option<Probe>,
+    /// Boxed: rare, and every session would pay its size.
+    probe: Option<Box<Probe>>,
     queue: VecDeque<(MailId, Option<u32>)>,
     inflight: BTreeMap<MailId, Inflight>,
     rounds: u8,
@@ -1784,13 +1785,13 @@ impl Server {
                 let timer = self.timers.insert(now + RETRANSMIT, Timer::Probe(id));
                 self.probes.insert(nonce, id);
                 self.send_to(id, &Message::Probe { nonce });
-                Probe {
+                Box::new(Probe {
                     nonce,
                     sent: 1,
                     timer,
                     waiters: Vec::new(),
                     deliveries: false,
-                }
+                })
             }
         };
         self.sessions[id.index() as usize].probe.insert(probe)
