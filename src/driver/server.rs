@@ -188,15 +188,18 @@ fn flush(
         // retransmissions cover.
         // In chunks as they come: a channel fan-out seals its copies as
         // they are polled, and the sender's ack ahead of them should not
-        // wait for the last one.
+        // wait for the last one. The turn's first datagram (that ack, or
+        // the first reply) goes on its own, before any sealing.
         let mut batch = Vec::new();
+        let mut chunk = 1;
         loop {
             batch.clear();
-            batch.extend(std::iter::from_fn(|| server.poll_transmit()).take(SEND_BATCH));
+            batch.extend(std::iter::from_fn(|| server.poll_transmit()).take(chunk));
             if batch.is_empty() {
                 break;
             }
             send_all(socket, &mut batch);
+            chunk = SEND_BATCH;
         }
         // One write for all of a turn's lines: a join storm logs thousands
         // of registrations, and a flushed write each cost CPU the protocol

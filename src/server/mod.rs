@@ -435,7 +435,10 @@ struct Session {
 
 #[derive(Debug, Default)]
 struct Mailbox {
-    mail: BTreeMap<MailId, StoredMail>,
+    /// Boxed: a B-tree node holds eleven values, so an unboxed one costs
+    /// ~2 KB for a mailbox's first message, and a channel fan-out makes
+    /// a thousand of them at once.
+    mail: BTreeMap<MailId, Box<StoredMail>>,
     keys: HashSet<(Name, MsgId)>,
     bytes: usize,
 }
@@ -644,7 +647,7 @@ impl Server {
             let mb = server.mailboxes.entry(to).or_default();
             mb.bytes += m.size();
             mb.keys.insert((m.from.clone(), m.id));
-            mb.mail.insert(m.mail, m);
+            mb.mail.insert(m.mail, Box::new(m));
         }
         // Loading is not a change anyone needs to hear about.
         let _ = server.table.take_deltas();
@@ -1038,7 +1041,7 @@ impl Server {
             .lookup(name)
             .and_then(|id| self.mailboxes.get(&id))
             .into_iter()
-            .flat_map(|mb| mb.mail.values())
+            .flat_map(|mb| mb.mail.values().map(|m| &**m))
     }
 
     /// Total bytes held in mailboxes.
@@ -1851,7 +1854,7 @@ impl Server {
         }
         mb.bytes += size;
         mb.keys.insert((stored.from.clone(), stored.id));
-        mb.mail.insert(stored.mail, stored.clone());
+        mb.mail.insert(stored.mail, Box::new(stored.clone()));
         self.charge(stored, cost);
         self.by_age.insert((stored.stored_at, stored.mail, to));
         if self.expiry.is_none() {
@@ -1911,7 +1914,7 @@ impl Server {
         mb.keys.remove(&(m.from.clone(), m.id));
         self.discharge(&m);
         self.by_age.remove(&(m.stored_at, mail, to));
-        Some(m)
+        Some(*m)
     }
 
     /// Deletes the mail that reached its time-to-live, then sets the
