@@ -39,9 +39,9 @@
 //!     sender_key BLOB,                 -- kind 1: the sender's key (32 bytes)
 //!     UNIQUE (recipient, sender, msg_id)
 //! );
-//! -- A channel message (send_all) stored once, with its pending set: the
-//! -- recipients still owed it. Their acks take them out of the set, the
-//! -- last one takes the row. (Schema 2 stored a `mail` row per recipient.)
+//! -- A channel message (send_all) stored once, with the recipients it was
+//! -- stored for; each one's ack adds a row to channel_acked, and the last
+//! -- one deletes the message. (Schema 2 stored a `mail` row per recipient.)
 //! CREATE TABLE channel (
 //!     id         INTEGER PRIMARY KEY,  -- the MailId, shared with `mail`'s ids
 //!     sender     TEXT NOT NULL,
@@ -49,13 +49,21 @@
 //!     msg_id     INTEGER NOT NULL,
 //!     body       BLOB NOT NULL,        -- salt and ciphertext (storage key, bound to
 //!                                      -- sender, msg_id and id, not to a recipient)
-//!     pending    TEXT NOT NULL         -- the recipients' names, separated by spaces
+//!     pending    TEXT NOT NULL,        -- the recipients' names, separated by spaces
+//!     left       INTEGER NOT NULL      -- how many of them have not acked
 //! );
+//! CREATE TABLE channel_acked (
+//!     mail       INTEGER NOT NULL REFERENCES channel (id),
+//!     recipient  TEXT NOT NULL,
+//!     PRIMARY KEY (mail, recipient)
+//! ) WITHOUT ROWID;
 //! ```
 //!
-//! The pending set is one column rather than a row per recipient: storing a
-//! message for 1,000 online clients is then one row written before the
-//! sender's ack, not 1,000 (their acks rewrite it once per commit).
+//! The recipients are one column, written once, rather than a row each:
+//! storing a message for 1,000 online clients is one row before the
+//! sender's ack, not 1,000. An ack is one small row, never a rewrite of the
+//! list (with 100,000 recipients that would be a megabyte per commit); who
+//! is still owed it is `pending` less `channel_acked`.
 //!
 //! Schema 1 had no keys and kept `text` in clear; opening it migrates it
 //! (names get bound to keys by their next registration).
@@ -77,7 +85,8 @@
 //! SELECT name, addr, datetime(registered_at, 'unixepoch') FROM clients ORDER BY rowid;
 //! SELECT recipient, count(*) AS messages, sum(length(body)) AS bytes
 //!   FROM mail GROUP BY recipient ORDER BY messages DESC;
-//! SELECT id, sender, length(body), pending FROM channel;     -- who is still owed what
+//! SELECT id, sender, length(body), left, pending FROM channel;  -- recipients, and how many still owed
+//! SELECT recipient FROM channel_acked WHERE mail = 42;           -- who has it already
 //! SELECT id, sender, channel, datetime(stored_at, 'unixepoch'), kind, length(body)
 //!   FROM mail WHERE recipient = 'Bob' ORDER BY id;            -- bodies are ciphertext
 //! SELECT name, hex(key) FROM clients;                         -- who owns which name
@@ -159,8 +168,14 @@ const MIGRATIONS: &[&str] = &[
          stored_at INTEGER NOT NULL,
          msg_id    INTEGER NOT NULL,
          body      BLOB NOT NULL,
-         pending   TEXT NOT NULL
-     );",
+         pending   TEXT NOT NULL,
+         left      INTEGER NOT NULL
+     );
+     CREATE TABLE channel_acked (
+         mail      INTEGER NOT NULL REFERENCES channel (id),
+         recipient TEXT NOT NULL,
+         PRIMARY KEY (mail, recipient)
+     ) WITHOUT ROWID;",
 ];
 
 /// `mail.kind`: what `body` holds.
@@ -191,10 +206,19 @@ const PUT: &str = "INSERT INTO mail
                        (id, recipient, sender, channel, stored_at, msg_id, kind, body, sender_key)
                    VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9) ON CONFLICT DO NOTHING";
 const DELETE: &str = "DELETE FROM mail WHERE id = ?1 AND recipient = ?2";
-const PUT_CHANNEL: &str = "INSERT INTO channel (id, sender, stored_at, msg_id, body, pending)
-                           VALUES (?1, ?2, ?3, ?4, ?5, ?6) ON CONFLICT DO NOTHING";
-const PENDING: &str = "SELECT pending FROM channel WHERE id = ?1";
-const SET_PENDING: &str = "UPDATE channel SET pending = ?2 WHERE id = ?1";
+const PUT_CHANNEL: &str = "INSERT INTO channel (id, sender, stored_at, msg_id, body, pending, left)
+                           VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) ON CONFLICT DO NOTHING";
+// Only for a message that exists; an ack counted once however often it
+// is committed (a deferred batch is committed again).
+const ACK: &str = "INSERT INTO channel_acked (mail, recipient)
+                   SELECT ?1, ?2 WHERE EXISTS (SELECT 1 FROM channel WHERE id = ?1)
+                   ON CONFLICT DO NOTHING";
+const COUNT_DOWN: &str = "UPDATE channel SET left = left - ?2 WHERE id = ?1 RETURNING left";
+const OWED: &str = "SELECT pending,
+                           (SELECT group_concat(recipient, ' ') FROM channel_acked WHERE mail = ?1)
+                    FROM channel WHERE id = ?1";
+const SET_LEFT: &str = "UPDATE channel SET left = ?2 WHERE id = ?1";
+const DELETE_ACKED: &str = "DELETE FROM channel_acked WHERE mail = ?1";
 const DELETE_CHANNEL: &str = "DELETE FROM channel WHERE id = ?1";
 const REWRITE: &str = "UPDATE mail SET kind = ?2, body = ?3, sender_key = ?4 WHERE id = ?1";
 // registered_at keeps the first registration; the clock is SQLite's. A
@@ -210,7 +234,9 @@ const LOAD_CLIENTS: &str = "SELECT rowid, name, addr, key, last_seen FROM client
 const LOAD_MAIL: &str = "SELECT id, recipient, sender, channel, stored_at, msg_id, kind, body,
                                 sender_key
                          FROM mail ORDER BY id";
-const LOAD_CHANNEL: &str = "SELECT id, sender, stored_at, msg_id, body, pending
+const LOAD_CHANNEL: &str = "SELECT id, sender, stored_at, msg_id, body, pending,
+                                   (SELECT group_concat(recipient, ' ')
+                                    FROM channel_acked WHERE mail = channel.id)
                             FROM channel ORDER BY id";
 
 /// Why a data directory could not be opened: one line naming the file and
@@ -416,6 +442,7 @@ impl SqliteStore {
                             c.id.0.cast_signed(),
                             &c.body[..],
                             pending.join(" "),
+                            i64::try_from(pending.len()).unwrap_or(i64::MAX),
                         ])
                     })
                     .map_err(sql)?;
@@ -452,28 +479,54 @@ impl SqliteStore {
 }
 
 impl SqliteStore {
-    /// Takes `gone` out of channel message `id`'s pending set, and the
-    /// message itself once nobody is owed it.
+    /// Counts the acks of `gone` for channel message `id`, and deletes the
+    /// message once nobody is owed it.
     fn take_pending(tx: &Transaction<'_>, id: i64, gone: &HashSet<&str>) -> rusqlite::Result<()> {
-        let pending: Option<String> = tx
-            .prepare_cached(PENDING)?
-            .query_row([id], |r| r.get(0))
+        let mut acked = 0;
+        for name in gone {
+            acked += tx.prepare_cached(ACK)?.execute(params![id, name])?;
+        }
+        if acked == 0 {
+            return Ok(());
+        }
+        let left: Option<i64> = tx
+            .prepare_cached(COUNT_DOWN)?
+            .query_row(params![id, i64::try_from(acked).unwrap_or(i64::MAX)], |r| {
+                r.get(0)
+            })
             .optional()?;
-        let Some(pending) = pending else {
+        if left.is_some_and(|l| l > 0) {
+            return Ok(());
+        }
+        // Seemingly done: counted again from the lists, so an ack for a
+        // name the message was never stored for (only a hand edit makes
+        // one) cannot delete it early.
+        let owed: Option<(String, Option<String>)> = tx
+            .prepare_cached(OWED)?
+            .query_row([id], |r| Ok((r.get(0)?, r.get(1)?)))
+            .optional()?;
+        let Some((pending, acked)) = owed else {
             return Ok(());
         };
-        let left: Vec<&str> = pending
-            .split(' ')
-            .filter(|n| !n.is_empty() && !gone.contains(n))
-            .collect();
-        if left.is_empty() {
+        let left = still_owed(&pending, acked.as_deref()).count();
+        if left == 0 {
+            tx.prepare_cached(DELETE_ACKED)?.execute([id])?;
             tx.prepare_cached(DELETE_CHANNEL)?.execute([id])?;
         } else {
-            tx.prepare_cached(SET_PENDING)?
-                .execute(params![id, left.join(" ")])?;
+            let left = i64::try_from(left).unwrap_or(i64::MAX);
+            tx.prepare_cached(SET_LEFT)?.execute(params![id, left])?;
         }
         Ok(())
     }
+}
+
+/// The names of `pending` (space-separated) not in `acked`, each once.
+fn still_owed<'a>(pending: &'a str, acked: Option<&'a str>) -> impl Iterator<Item = &'a str> {
+    let acked: HashSet<&str> = acked.unwrap_or_default().split(' ').collect();
+    let mut seen = HashSet::new();
+    pending
+        .split(' ')
+        .filter(move |n| !n.is_empty() && !acked.contains(n) && seen.insert(*n))
 }
 
 impl Store for SqliteStore {
@@ -640,18 +693,20 @@ fn channel_row(row: &Row<'_>) -> Result<ChannelMail, String> {
             body.len()
         ));
     }
-    let mut to = text(row, 5, "pending")?
-        .split(' ')
-        .filter(|n| !n.is_empty())
+    let pending = text(row, 5, "pending")?;
+    let acked = match row.get_ref(6).map_err(|e| format!("acked: {e}"))? {
+        ValueRef::Null => None,
+        _ => Some(text(row, 6, "acked")?),
+    };
+    let mut to = still_owed(&pending, acked.as_deref())
         .map(|n| Name::new(n).map_err(|e| format!("pending {n:?} is not a valid name: {e}")))
         .collect::<Result<Vec<Name>, String>>()?;
     // A row nobody is owed is never left behind; one (a hand edit) would
     // hide its id from the server, which could then give it out again.
     if to.is_empty() {
-        return Err("pending is empty".to_string());
+        return Err("pending is empty, or all of it acked".to_string());
     }
     to.sort_unstable();
-    to.dedup();
     Ok(ChannelMail {
         mail,
         from,
@@ -1518,10 +1573,20 @@ mod tests {
         }
         let conn = raw(&store);
         assert_eq!(count(&conn, "channel"), 1);
-        let pending: String = conn
-            .query_row("SELECT pending FROM channel", [], |r| r.get(0))
+        // The list as stored, two acks beside it, one left.
+        let row: (String, i64) = conn
+            .query_row("SELECT pending, left FROM channel", [], |r| {
+                Ok((r.get(0)?, r.get(1)?))
+            })
             .unwrap();
-        assert_eq!(pending, "Dave");
+        assert_eq!(row, ("Bob Carol Dave".to_string(), 1));
+        assert_eq!(count(&conn, "channel_acked"), 2);
+        // An ack committed again (a deferred batch) counts once.
+        store.commit(&[delete("Bob", 2)]).unwrap();
+        let left: i64 = conn
+            .query_row("SELECT left FROM channel", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(left, 1);
         drop(store);
         let mut store = SqliteStore::open(&dir.0).unwrap();
         let loaded = store.load().unwrap();
@@ -1539,8 +1604,19 @@ mod tests {
             .commit(&[delete("Dave", 1), delete("Bob", 3)])
             .unwrap();
         assert_eq!(store.load().unwrap().mail.len(), 3);
+        // An ack from a name it was never stored for brings the count to 0,
+        // but the lists still owe Dave: nothing is deleted early.
+        store.commit(&[delete("Mallory", 2)]).unwrap();
+        assert_eq!(count(&conn, "channel"), 1);
+        let loaded = store.load().unwrap();
+        let owed: Vec<&str> = (loaded.mail.iter())
+            .filter(|m| m.mail == MailId(2))
+            .map(|m| m.to.as_str())
+            .collect();
+        assert_eq!(owed, ["Dave"]);
         store.commit(&[delete("Dave", 2)]).unwrap();
         assert_eq!(count(&conn, "channel"), 0);
+        assert_eq!(count(&conn, "channel_acked"), 0);
     }
 
     #[test]
@@ -1675,14 +1751,14 @@ mod tests {
         assert_eq!(store.release(&name("Alice")), Ok(4));
         // Alice's copies are gone, and the body nobody else is owed.
         let conn = raw(&store);
-        let pending: Vec<String> = conn
-            .prepare("SELECT pending FROM channel")
+        let rows: Vec<(i64, i64)> = conn
+            .prepare("SELECT id, left FROM channel")
             .unwrap()
-            .query_map([], |r| r.get(0))
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
             .unwrap()
             .collect::<Result<_, _>>()
             .unwrap();
-        assert_eq!(pending, ["Carol"]);
+        assert_eq!(rows, [(5, 1)]);
         let loaded = store.load().unwrap();
         assert_eq!(loaded.clients[0].key, None);
         assert_eq!(loaded.clients[1].key, Some(key_of("Bob")));
