@@ -23,7 +23,7 @@ const HELP: &str = "
     --requests-per-source N
                           requests one IPv4 address or IPv6 /64 sends at once, then N/2 a second (default 2000)
     --mail-ttl AGE        delete mail undelivered after AGE: N with s, m, h or d, or 'never' (default 30d)
-    --name-ttl AGE        at start, forget names not online for AGE and owed no mail (default 365d)
+    --name-ttl AGE        forget names not online for AGE, with no mail to or from them (default 365d)
     --heartbeat SECS      the clients' heartbeat interval; 3 missed = offline (default 10)
   -c <name> <server-ip> <server-port> <client-port>
                           run a client named <name> on <client-port>

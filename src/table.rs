@@ -2,9 +2,10 @@
 //! each client's [`LocalTable`] copy, kept in step by [`Delta`]s and by
 //! cursor-paged sync passes that fit one datagram each.
 //!
-//! Server rows are never removed (a client that leaves becomes offline), so a
-//! row index is a stable handle and a cursor into the table stays meaningful
-//! while the table changes. Every change bumps the directory's version and
+//! Server rows are never dropped (a client that leaves becomes offline; a
+//! name forgotten for its time-to-live leaves its row vacant until a new name
+//! takes it), so a row index is a stable handle and a cursor into the table
+//! stays meaningful while the table changes. Every change bumps the directory's version and
 //! stamps the row with it (`changed_at`), which gives both mechanisms one
 //! invariant to rely on: a client at version `v` holds the current state of
 //! every row whose `changed_at <= v`.
@@ -98,6 +99,9 @@ struct Row {
     changed_at: u64,
     /// Already queued for the next [`Directory::take_deltas`].
     dirty: bool,
+    /// Its name was forgotten ([`Directory::remove`]): the row waits to be
+    /// given to a new name, and no page shows it.
+    vacant: bool,
 }
 
 /// The server's authoritative client table.
@@ -110,6 +114,8 @@ pub struct Directory {
     taken: u64,
     /// Rows changed since the last `take_deltas`, each once.
     dirty: Vec<ClientId>,
+    /// Vacant rows, reused before the table grows.
+    free: Vec<ClientId>,
     max_rows: usize,
 }
 
@@ -123,6 +129,7 @@ impl Directory {
             version: 0,
             taken: 0,
             dirty: Vec::new(),
+            free: Vec::new(),
             max_rows: max_rows.min(u32::MAX as usize),
         }
     }
@@ -137,14 +144,14 @@ impl Directory {
         self.max_rows
     }
 
-    /// Number of rows (online or not).
+    /// Number of names (online or not).
     pub fn len(&self) -> usize {
-        self.rows.len()
+        self.rows.len() - self.free.len()
     }
 
-    /// No rows at all.
+    /// No names at all.
     pub fn is_empty(&self) -> bool {
-        self.rows.is_empty()
+        self.len() == 0
     }
 
     /// The row `id`.
@@ -152,7 +159,8 @@ impl Directory {
     /// # Panics
     ///
     /// If `id` came from another `Directory` and is out of range here; ids
-    /// handed out by this one are always valid because rows are never removed.
+    /// handed out by this one are always in range: rows are never dropped,
+    /// only vacated and reused (a vacant row still shows its last name).
     pub fn get(&self, id: ClientId) -> &Entry {
         &self.rows[id.0 as usize].entry
     }
@@ -177,11 +185,10 @@ impl Directory {
             self.set(id, addr, online);
             return Ok(id);
         }
-        if self.rows.len() >= self.max_rows {
+        if self.len() >= self.max_rows {
             return Err(TableFull);
         }
-        let id = ClientId(self.rows.len() as u32);
-        self.rows.push(Row {
+        let row = Row {
             entry: Entry {
                 name: name.clone(),
                 addr,
@@ -190,7 +197,21 @@ impl Directory {
             },
             changed_at: 0,
             dirty: false,
-        });
+            vacant: false,
+        };
+        let id = match self.free.pop() {
+            Some(id) => {
+                // Still queued for deltas from its last name: it goes out
+                // with the new one (one row per id in `dirty`).
+                let dirty = self.rows[id.0 as usize].dirty;
+                self.rows[id.0 as usize] = Row { dirty, ..row };
+                id
+            }
+            None => {
+                self.rows.push(row);
+                ClientId(self.rows.len() as u32 - 1)
+            }
+        };
         self.by_name.insert(name, id);
         self.touch(id);
         Ok(id)
@@ -226,6 +247,28 @@ impl Directory {
         true
     }
 
+    /// Forgets the name of row `id` (offline, nothing under way for it):
+    /// the row is vacant until [`Directory::insert`] gives it to a new
+    /// name. No delta says so; a client that has the name keeps it,
+    /// offline, and the server no longer knows it.
+    pub fn remove(&mut self, id: ClientId) {
+        let Some(row) = self.rows.get_mut(id.0 as usize) else {
+            return;
+        };
+        if row.vacant {
+            return;
+        }
+        row.vacant = true;
+        row.entry.online = false;
+        self.by_name.remove(&row.entry.name);
+        self.free.push(id);
+    }
+
+    /// Whether row `id` is vacant (see [`Directory::remove`]).
+    pub fn is_vacant(&self, id: ClientId) -> bool {
+        self.rows.get(id.0 as usize).is_none_or(|r| r.vacant)
+    }
+
     fn touch(&mut self, id: ClientId) {
         // 2^64 changes do not happen; saturating keeps even that from panicking.
         self.version = self.version.saturating_add(1);
@@ -256,7 +299,7 @@ impl Directory {
         let end = len.min(start.saturating_add(SCAN_LIMIT));
         let mut bytes = 0;
         for (i, row) in self.rows[start..end].iter().enumerate() {
-            if row.changed_at <= since {
+            if row.changed_at <= since || row.vacant {
                 continue;
             }
             bytes += row.entry.wire_len();
@@ -316,11 +359,12 @@ impl Directory {
         out
     }
 
-    /// All rows in index order.
+    /// All names' rows in index order (vacant rows left out).
     pub fn iter(&self) -> impl Iterator<Item = (ClientId, &Entry)> {
         self.rows
             .iter()
             .enumerate()
+            .filter(|(_, row)| !row.vacant)
             .map(|(i, row)| (ClientId(i as u32), &row.entry))
     }
 }
@@ -690,6 +734,45 @@ mod tests {
         assert_eq!(dir.get(ClientId(1)), &entry(1, 7, false));
         assert_eq!(dir.len(), 2);
         assert_eq!(dir.lookup(&name(1)), Some(ClientId(1)));
+    }
+
+    #[test]
+    fn a_vacated_row_is_left_out_and_goes_to_the_next_new_name() {
+        let mut dir = directory(3, 3);
+        let gone = dir.lookup(&name(1)).unwrap();
+        dir.remove(gone);
+        dir.remove(gone);
+        assert!(dir.is_vacant(gone));
+        assert_eq!(dir.len(), 2);
+        assert_eq!(dir.lookup(&name(1)), None);
+        assert!(dir.iter().all(|(id, _)| id != gone));
+        let (page, _) = dir.page(0, 0);
+        assert!(page.iter().all(|e| e.name != name(1)));
+        // Room again in a full table, in the same row, announced.
+        let v = dir.version();
+        let _ = dir.take_deltas();
+        let new = dir
+            .insert(name(7), addr(7), true, PublicKey([2; 32]))
+            .unwrap();
+        assert_eq!(new, gone);
+        assert!(!dir.is_vacant(new));
+        assert_eq!(dir.get(new).name, name(7));
+        assert!(dir.version() > v);
+        let deltas = dir.take_deltas();
+        assert!(
+            deltas
+                .iter()
+                .any(|d| d.entries.iter().any(|e| e.name == name(7)))
+        );
+        assert_eq!(dir.len(), 3);
+        assert_eq!(
+            dir.insert(name(8), addr(8), true, PublicKey([1; 32])),
+            Err(TableFull)
+        );
+        // A client syncing from scratch sees the three names, not the old one.
+        let mut local = LocalTable::new(10);
+        sync_fully(&dir, &mut local, 0);
+        assert_same(&dir, &local);
     }
 
     #[test]

@@ -266,3 +266,59 @@ fn names_not_seen_for_their_time_to_live_are_forgotten_at_the_next_start() {
     let bob: Vec<String> = s.mailbox("Bob").into_iter().map(|(_, _, t)| t).collect();
     assert_eq!(bob, ["see you next year"]);
 }
+
+/// While the server runs, a name silent past its time-to-live is forgotten
+/// within the hour: its row goes to the next new name even in a full
+/// registry, the others see the newcomer, and a message for the forgotten
+/// name is refused rather than stored for nobody.
+#[test]
+fn names_not_seen_for_their_time_to_live_are_forgotten_while_the_server_runs() {
+    let mut s = Sim::with(|c| {
+        c.max_clients = 3;
+        c.name_ttl = Some(Duration::from_secs(1800));
+    });
+    s.join("Alice", 2000);
+    s.join("Bob", 2001);
+    s.join("Carol", 2002);
+    // Carol falls silent: marked offline after three missed heartbeats.
+    s.crash(2);
+    s.run_for(Duration::from_secs(2 * 3600 + 60));
+    let forgotten: Vec<String> = (s.events.iter())
+        .filter_map(|e| match e {
+            udpchat::ServerEvent::Forgotten { name, .. } => Some(name.to_string()),
+            _ => None,
+        })
+        .collect();
+    // Alice and Bob were online all along.
+    assert_eq!(forgotten, ["Carol"]);
+    assert!(s.server.table().lookup(&sim::name("Carol")).is_none());
+    assert_eq!(s.server.table().len(), 2);
+    let kept: Vec<String> = (s.store.load().unwrap().clients.iter())
+        .map(|c| c.name.to_string())
+        .collect();
+    assert_eq!(kept, ["Alice", "Bob"]);
+
+    let dave = join_at(&mut s, "Dave", at([127, 0, 0, 1], 2003));
+    assert_eq!(
+        s.nodes[dave].lines.first().map(String::as_str),
+        Some(WELCOME)
+    );
+    assert_eq!(s.server.table().len(), 3);
+    s.settle();
+    let alice = s.nodes[0].client.table();
+    assert!(alice.get(&sim::name("Dave")).is_some_and(|e| e.online));
+    // Alice still has Carol, offline; the server no longer takes mail for her.
+    let a = s.nodes[0].lines.len();
+    s.command(0, "send Carol are you there?");
+    let said = s.lines_since(0, a);
+    assert!(
+        said.iter().any(|l| l.starts_with(">>> [Error:")) && !said.contains(&SAVED),
+        "{said:?}"
+    );
+    assert!(s.mailbox("Carol").is_empty());
+    // Dave's row is Dave's: a message to him is his.
+    s.command(3, "dereg Dave");
+    s.command(0, "send Dave hello Dave");
+    let dave_mail: Vec<String> = s.mailbox("Dave").into_iter().map(|(_, _, t)| t).collect();
+    assert_eq!(dave_mail, ["hello Dave"]);
+}

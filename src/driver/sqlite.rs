@@ -206,6 +206,10 @@ const PUT: &str = "INSERT INTO mail
                        (id, recipient, sender, channel, stored_at, msg_id, kind, body, sender_key)
                    VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9) ON CONFLICT DO NOTHING";
 const DELETE: &str = "DELETE FROM mail WHERE id = ?1 AND recipient = ?2";
+// Acks left behind under this id by a hand edit (the shell runs without
+// foreign keys) are not this message's.
+const CLEAR_ACKED: &str = "DELETE FROM channel_acked WHERE mail = ?1
+                           AND NOT EXISTS (SELECT 1 FROM channel WHERE id = ?1)";
 const PUT_CHANNEL: &str = "INSERT INTO channel (id, sender, stored_at, msg_id, body, pending, left)
                            VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7) ON CONFLICT DO NOTHING";
 // Only for a message that exists; an ack counted once however often it
@@ -236,7 +240,8 @@ const LOAD_MAIL: &str = "SELECT id, recipient, sender, channel, stored_at, msg_i
                          FROM mail ORDER BY id";
 const LOAD_CHANNEL: &str = "SELECT id, sender, stored_at, msg_id, body, pending,
                                    (SELECT group_concat(recipient, ' ')
-                                    FROM channel_acked WHERE mail = channel.id)
+                                    FROM channel_acked WHERE mail = channel.id),
+                                   left
                             FROM channel ORDER BY id";
 
 /// Why a data directory could not be opened: one line naming the file and
@@ -343,9 +348,9 @@ impl SqliteStore {
             .map_err(err)?;
         let gone = HashSet::from([name.as_str()]);
         for id in &owed {
-            Self::take_pending(&tx, *id, &gone).map_err(err)?;
+            // Only where the name was still owed it.
+            deleted += Self::take_pending(&tx, *id, &gone).map_err(err)?;
         }
-        deleted += owed.len();
         tx.commit().map_err(err)?;
         Ok(deleted)
     }
@@ -433,6 +438,9 @@ impl SqliteStore {
                     return Err(invalid(path, what));
                 }
                 let pending: Vec<&str> = c.to.iter().map(Name::as_str).collect();
+                tx.prepare_cached(CLEAR_ACKED)
+                    .and_then(|mut s| s.execute([id]))
+                    .map_err(sql)?;
                 tx.prepare_cached(PUT_CHANNEL)
                     .and_then(|mut s| {
                         s.execute(params![
@@ -480,14 +488,18 @@ impl SqliteStore {
 
 impl SqliteStore {
     /// Counts the acks of `gone` for channel message `id`, and deletes the
-    /// message once nobody is owed it.
-    fn take_pending(tx: &Transaction<'_>, id: i64, gone: &HashSet<&str>) -> rusqlite::Result<()> {
+    /// message once nobody is owed it. Returns how many were new.
+    fn take_pending(
+        tx: &Transaction<'_>,
+        id: i64,
+        gone: &HashSet<&str>,
+    ) -> rusqlite::Result<usize> {
         let mut acked = 0;
         for name in gone {
             acked += tx.prepare_cached(ACK)?.execute(params![id, name])?;
         }
         if acked == 0 {
-            return Ok(());
+            return Ok(0);
         }
         let left: Option<i64> = tx
             .prepare_cached(COUNT_DOWN)?
@@ -496,7 +508,7 @@ impl SqliteStore {
             })
             .optional()?;
         if left.is_some_and(|l| l > 0) {
-            return Ok(());
+            return Ok(acked);
         }
         // Seemingly done: counted again from the lists, so an ack for a
         // name the message was never stored for (only a hand edit makes
@@ -505,10 +517,10 @@ impl SqliteStore {
             .prepare_cached(OWED)?
             .query_row([id], |r| Ok((r.get(0)?, r.get(1)?)))
             .optional()?;
-        let Some((pending, acked)) = owed else {
-            return Ok(());
+        let Some((pending, acks)) = owed else {
+            return Ok(acked);
         };
-        let left = still_owed(&pending, acked.as_deref()).count();
+        let left = still_owed(&pending, acks.as_deref()).count();
         if left == 0 {
             tx.prepare_cached(DELETE_ACKED)?.execute([id])?;
             tx.prepare_cached(DELETE_CHANNEL)?.execute([id])?;
@@ -516,7 +528,7 @@ impl SqliteStore {
             let left = i64::try_from(left).unwrap_or(i64::MAX);
             tx.prepare_cached(SET_LEFT)?.execute(params![id, left])?;
         }
-        Ok(())
+        Ok(acked)
     }
 }
 
@@ -705,6 +717,12 @@ fn channel_row(row: &Row<'_>) -> Result<ChannelMail, String> {
     // hide its id from the server, which could then give it out again.
     if to.is_empty() {
         return Err("pending is empty, or all of it acked".to_string());
+    }
+    // Counted down by acks; anything but a whole number no larger than
+    // the names (a hand edit) would stop the first ack's commit.
+    match row.get_ref(7).map_err(|e| format!("left: {e}"))? {
+        ValueRef::Integer(n) if (0..=to.len() as i64).contains(&n) => {}
+        other => return Err(format!("left is {other:?}, not 0 to {}", to.len())),
     }
     to.sort_unstable();
     Ok(ChannelMail {
@@ -1668,6 +1686,14 @@ mod tests {
                      (id, recipient, sender, channel, stored_at, msg_id, kind, body)
                      VALUES (9, 'Bob', 'Alice', 0, 1, 1, 2, x'01')",
                 "channel row 9: id is also a mail row's",
+            ),
+            (
+                "DELETE FROM mail WHERE id = 9; UPDATE channel SET left = 1.5",
+                "channel row 9: left is Real(1.5), not 0 to 1",
+            ),
+            (
+                "UPDATE channel SET left = 2",
+                "channel row 9: left is Integer(2)",
             ),
         ] {
             raw(&store).execute_batch(sql).unwrap();

@@ -76,8 +76,9 @@ pub struct ServerConfig {
     /// A stored message not delivered this long after it was stored is
     /// deleted (`None`: kept until delivered).
     pub mail_ttl: Option<Duration>,
-    /// A name not online for this long, with nothing in its mailbox, is
-    /// forgotten when the server starts (`None`: names are kept for good).
+    /// A name not online for this long, with nothing in its mailbox and no
+    /// stored mail from it, is forgotten (checked at start and hourly;
+    /// `None`: names are kept for good).
     pub name_ttl: Option<Duration>,
     /// New names one source (an IPv4 address, an IPv6 /64) may register
     /// at once, and how often it earns one more.
@@ -108,7 +109,7 @@ impl std::fmt::Debug for ServerConfig {
 impl ServerConfig {
     /// Defaults: 100,000 clients, 1,000 messages or 1 MiB per mailbox,
     /// 256 MiB in all, 4,096 handshakes under way, mail kept 30 days, names
-    /// not seen for a year forgotten at start, 64
+    /// not seen for a year forgotten, 64
     /// new names per source and one more every 10 s, 2,000 requests per
     /// source and one more every millisecond.
     pub fn new(seed: [u8; 32], key: Keypair, clock: (Instant, i64)) -> Self {
@@ -140,6 +141,10 @@ pub const NAME_TTL: Duration = Duration::from_secs(365 * 24 * 3600);
 /// online for longer than its time-to-live must not look unseen to the
 /// next start.
 const SEEN_REFRESH: i64 = 24 * 3600;
+
+/// How often names are checked against their time-to-live while the
+/// server runs.
+const NAME_SWEEP: Duration = Duration::from_secs(3600);
 
 /// Something worth a line in the server's log.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -190,8 +195,8 @@ pub enum ServerEvent {
         /// The channel message's sender.
         from: Name,
     },
-    /// A name not seen online for the name time-to-live was forgotten (at
-    /// start): the next key to register it owns it.
+    /// A name not seen online for the name time-to-live was forgotten: the
+    /// next key to register it owns it.
     Forgotten {
         /// The name.
         name: Name,
@@ -314,6 +319,8 @@ enum Timer {
     Expiry,
     /// Send the table changes gathered since the last deltas.
     Deltas,
+    /// Forget the names not online for the name time-to-live.
+    Names,
 }
 
 /// A reply that rests on the batch under way.
@@ -461,8 +468,10 @@ pub struct Server {
     rng: ChaCha12Rng,
     table: Directory,
     links: Links,
-    /// `sessions[i]` belongs to table row `i`: rows are never removed and a
-    /// session is pushed with every row, so a `ClientId` indexes both.
+    /// `sessions[i]` belongs to table row `i`: rows are never dropped and a
+    /// session is pushed with every row, so a `ClientId` indexes both (a
+    /// row vacated by `forget_unseen` gets a fresh session with its next
+    /// name).
     sessions: Vec<Session>,
     probes: HashMap<u64, ClientId>,
     /// New names per source: per host, and per IPv6 site.
@@ -571,34 +580,21 @@ impl Server {
             stats: ServerStats::default(),
             config,
         };
-        // Names neither online nor named by stored mail (to or from: a
-        // sender's mail is checked against its name's key) for the name
-        // time-to-live are forgotten: registry rows are never removed while
-        // the server runs, so this is where a full registry gets room again.
+        // A row without a "last seen" (older than schema 3) counts from now.
         let unix = server.unix_time(now);
-        let ttl = server
-            .config
-            .name_ttl
-            .map(|t| i64::try_from(t.as_secs()).unwrap_or(i64::MAX));
-        let named: HashSet<&Name> = loaded.mail.iter().flat_map(|m| [&m.to, &m.from]).collect();
         for c in &loaded.clients {
-            if let (Some(ttl), Some(seen)) = (ttl, c.seen_at)
-                && seen.saturating_add(ttl) <= unix
-                && !named.contains(&c.name)
-            {
-                server.event(ServerEvent::Forgotten {
-                    name: c.name.clone(),
-                    days: unix.saturating_sub(seen) / 86_400,
-                });
-                server.store_ops.push_back(StoreOp::Forget(c.name.clone()));
-                continue;
+            if let Some(id) = server.row(&c.name, c.addr, c.key.unwrap_or(PublicKey::NONE)) {
+                server.sessions[id.index() as usize].seen_stored = c.seen_at.unwrap_or(unix);
             }
-            server.row(&c.name, c.addr, c.key.unwrap_or(PublicKey::NONE));
         }
         // Mail for a name the registry lacks (a store edited by hand) still
         // gets a row, so it is not lost.
         let unknown = SocketAddr::from(([0, 0, 0, 0], 0));
         for mut m in loaded.mail {
+            // Before anything can skip it: an id in the store is never
+            // given out again (a new message under it would be lost to the
+            // store's conflict rule).
+            server.next_mail = server.next_mail.max(m.mail.0.saturating_add(1));
             let Some(to) = server.row(&m.to, unknown, PublicKey::NONE) else {
                 continue;
             };
@@ -610,7 +606,6 @@ impl Server {
                 });
                 m.body = body;
             }
-            server.next_mail = server.next_mail.max(m.mail.0 + 1);
             // Sealed mail is delivered with the key it was stored with: it
             // must be the key the sender's name is bound to, or a forgery
             // written into the store would be vouched for.
@@ -653,6 +648,10 @@ impl Server {
         let _ = server.table.take_deltas();
         // What expired while the server was down goes now.
         server.expire(now);
+        if server.config.name_ttl.is_some() {
+            server.forget_unseen(now);
+            server.timers.insert(now + NAME_SWEEP, Timer::Names);
+        }
         server
     }
 
@@ -798,6 +797,10 @@ impl Server {
                 Timer::Expiry => {
                     self.expiry = None;
                     self.expire(now);
+                }
+                Timer::Names => {
+                    self.forget_unseen(now);
+                    self.timers.insert(now + NAME_SWEEP, Timer::Names);
                 }
                 Timer::Deltas => {
                     self.deltas_armed = false;
@@ -2127,8 +2130,60 @@ impl Server {
             return Some(id);
         }
         let id = self.table.insert(name.clone(), addr, false, key).ok()?;
-        self.sessions.push(Session::default());
+        let i = id.index() as usize;
+        if i == self.sessions.len() {
+            self.sessions.push(Session::default());
+        } else {
+            // A vacant row given to a new name: reset when it was vacated.
+            self.sessions[i] = Session::default();
+        }
+        // New: counted as seen from now, whenever it next logs in.
+        self.sessions[i].seen_stored = self.unix_time(self.now);
         Some(id)
+    }
+
+    /// Forgets every name not online for the name time-to-live that nothing
+    /// still refers to: offline with no session, no probe and no delivery
+    /// under way, an empty mailbox, and no stored mail from it (that mail
+    /// is checked against the name's key). Its row is vacant for a new
+    /// name and the store forgets it.
+    fn forget_unseen(&mut self, now: Instant) {
+        let Some(ttl) = self.config.name_ttl else {
+            return;
+        };
+        let ttl = i64::try_from(ttl.as_secs()).unwrap_or(i64::MAX);
+        let unix = self.unix_time(now);
+        let senders: HashSet<&Name> = (self.mailboxes.values())
+            .flat_map(|mb| mb.mail.values().map(|m| &m.from))
+            .collect();
+        let unseen: Vec<ClientId> = (self.table.iter())
+            .filter(|&(id, e)| {
+                let s = &self.sessions[id.index() as usize];
+                !e.online
+                    && s.seen_stored.saturating_add(ttl) <= unix
+                    && s.link.is_none()
+                    && s.probe.is_none()
+                    && s.queue.is_empty()
+                    && s.inflight.is_empty()
+                    && self.mailboxes.get(&id).is_none_or(|mb| mb.mail.is_empty())
+                    && !senders.contains(&e.name)
+            })
+            .map(|(id, _)| id)
+            .collect();
+        for id in unseen {
+            let name = self.table.get(id).name.clone();
+            let session = std::mem::take(&mut self.sessions[id.index() as usize]);
+            if let Some(key) = session.presence {
+                self.timers.cancel(key);
+            }
+            self.mailboxes.remove(&id);
+            self.table.remove(id);
+            self.event(ServerEvent::Forgotten {
+                name: name.clone(),
+                days: unix.saturating_sub(session.seen_stored) / 86_400,
+            });
+            self.store_ops.push_back(StoreOp::Forget(name));
+        }
     }
 
     /// Turns the table changes made since the last flush into deltas for
