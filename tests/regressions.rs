@@ -233,6 +233,30 @@ fn a_full_mailbox_misses_channel_messages_without_blocking_the_channel() {
     );
 }
 
+/// Every mailbox a channel message is for is full: it is kept for nobody,
+/// and its sender is told so rather than "received".
+#[test]
+fn a_channel_message_every_mailbox_refuses_is_not_acked() {
+    let mut s = Sim::with(|c| c.mailbox_messages = 1);
+    s.join("Alice", 2000);
+    s.join("Bob", 3000);
+    s.join("Carol", 4000);
+    s.command(1, "dereg Bob");
+    s.command(2, "dereg Carol");
+    s.command(0, "send Bob first");
+    s.command(0, "send Carol first");
+    let a = s.nodes[0].lines.len();
+    s.command(0, "send_all to everyone");
+    assert_eq!(
+        s.lines_since(0, a),
+        [">>> [Error: the server's store is full; not saved.]"]
+    );
+    for n in ["Bob", "Carol"] {
+        let kept: Vec<_> = s.mailbox(n).into_iter().map(|(_, _, t)| t).collect();
+        assert_eq!(kept, ["first"], "{n}");
+    }
+}
+
 /// After a server restart, dereg is answered "unknown session": the client
 /// is offline already, which is what it asked for.
 #[test]

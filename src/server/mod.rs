@@ -1251,6 +1251,7 @@ impl Server {
         // the message is out, so the answer is "saved" whatever this batch
         // does; a copy new in it that fails is missed like a full mailbox.
         let mut committed = false;
+        let mut missed = false;
         let mut live = Vec::new();
         let mut pending = Vec::new();
         for r in recipients {
@@ -1274,10 +1275,13 @@ impl Server {
                 Ok(false) => committed = true,
                 // This recipient's own mailbox is full: it misses the
                 // message (logged), as a full mailbox bounces direct mail.
-                Err(_) => self.event(ServerEvent::MailboxFull {
-                    to: copy.to,
-                    from: from.clone(),
-                }),
+                Err(_) => {
+                    missed = true;
+                    self.event(ServerEvent::MailboxFull {
+                        to: copy.to,
+                        from: from.clone(),
+                    });
+                }
             }
         }
         if !pending.is_empty() {
@@ -1300,6 +1304,11 @@ impl Server {
         // after the commit, in this order).
         if stored && !committed {
             self.ack_saved(sender, seq, true);
+        } else if missed && !stored && !committed {
+            // Every mailbox it was for is full: kept for nobody, and the
+            // sender must not read "received".
+            let reason = Refusal::MailboxFull;
+            self.reply(sender, seq, Message::Refused { seq, reason });
         } else {
             self.reply(sender, seq, Message::Ack { seq });
         }
