@@ -177,6 +177,8 @@ impl World {
         config.max_handshakes = 8;
         // Short, so a script's clock steps reach it.
         config.mail_ttl = Some(Duration::from_secs(40));
+        // Likewise: names are forgotten and their rows reused mid-script.
+        config.name_ttl = Some(Duration::from_secs(60));
         let server = Server::new(config.clone(), start, Default::default());
         let server_key = server.public_key();
         let nodes = CLIENTS

@@ -142,8 +142,8 @@ pub const NAME_TTL: Duration = Duration::from_secs(365 * 24 * 3600);
 /// next start.
 const SEEN_REFRESH: i64 = 24 * 3600;
 
-/// How often names are checked against their time-to-live while the
-/// server runs.
+/// How often, at most, names are checked against their time-to-live while
+/// the server runs.
 const NAME_SWEEP: Duration = Duration::from_secs(3600);
 
 /// Something worth a line in the server's log.
@@ -650,7 +650,8 @@ impl Server {
         server.expire(now);
         if server.config.name_ttl.is_some() {
             server.forget_unseen(now);
-            server.timers.insert(now + NAME_SWEEP, Timer::Names);
+            let due = now + server.name_sweep();
+            server.timers.insert(due, Timer::Names);
         }
         server
     }
@@ -800,7 +801,7 @@ impl Server {
                 }
                 Timer::Names => {
                     self.forget_unseen(now);
-                    self.timers.insert(now + NAME_SWEEP, Timer::Names);
+                    self.timers.insert(now + self.name_sweep(), Timer::Names);
                 }
                 Timer::Deltas => {
                     self.deltas_armed = false;
@@ -2149,6 +2150,14 @@ impl Server {
         // New: counted as seen from now, whenever it next logs in.
         self.sessions[i].seen_stored = self.unix_time(self.now);
         Some(id)
+    }
+
+    /// How often names are checked: hourly, or twice per time-to-live when
+    /// that is shorter (no name outlives it by more than half).
+    fn name_sweep(&self) -> Duration {
+        self.config.name_ttl.map_or(NAME_SWEEP, |ttl| {
+            (ttl / 2).clamp(Duration::from_secs(1), NAME_SWEEP)
+        })
     }
 
     /// Forgets every name not online for the name time-to-live that nothing
