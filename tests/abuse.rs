@@ -171,6 +171,28 @@ fn syncs_and_heartbeats_over_the_rate_are_only_delayed() {
     }
 }
 
+/// The names the server said it forgot, with the days each was unseen.
+fn forgotten<'a>(events: impl IntoIterator<Item = &'a udpchat::ServerEvent>) -> Vec<(String, i64)> {
+    (events.into_iter())
+        .filter_map(|e| match e {
+            udpchat::ServerEvent::Forgotten { name, days } => Some((name.to_string(), *days)),
+            _ => None,
+        })
+        .collect()
+}
+
+/// The names in the store's registry, in registration order.
+fn registry(s: &mut Sim) -> Vec<String> {
+    (s.store.load().unwrap().clients.iter())
+        .map(|c| c.name.to_string())
+        .collect()
+}
+
+/// Node `i`'s first line.
+fn first_line(s: &Sim, i: usize) -> Option<&str> {
+    s.nodes[i].lines.first().map(String::as_str)
+}
+
 /// A client online for longer than a day has its "last seen" written again,
 /// so a name online without a break is not forgotten at the next start
 /// however long ago it logged in.
@@ -186,10 +208,8 @@ fn a_name_online_for_days_is_not_taken_for_unseen() {
     let later = sim::EPOCH_UNIX + 365 * 86_400 - 12 * 3600;
     let config = udpchat::ServerConfig::new([2; 32], sim::server_key(), (s.start, later));
     s.server = udpchat::Server::new(config, s.now, s.store.load().unwrap());
-    let forgotten = std::iter::from_fn(|| s.server.poll_event())
-        .filter(|e| matches!(e, udpchat::ServerEvent::Forgotten { .. }))
-        .count();
-    assert_eq!(forgotten, 0);
+    let events: Vec<_> = std::iter::from_fn(|| s.server.poll_event()).collect();
+    assert_eq!(forgotten(&events), []);
     assert!(s.server.table().lookup(&sim::name("Alice")).is_some());
 }
 
@@ -225,31 +245,20 @@ fn names_not_seen_for_their_time_to_live_are_forgotten_at_the_next_start() {
     four(&mut config);
     let loaded = s.store.load().unwrap();
     s.server = udpchat::Server::new(config, s.now, loaded);
-    let mut forgotten = Vec::new();
-    while let Some(e) = s.server.poll_event() {
-        if let udpchat::ServerEvent::Forgotten { name, days } = e {
-            forgotten.push((name.to_string(), days));
-        }
-    }
+    let events: Vec<_> = std::iter::from_fn(|| s.server.poll_event()).collect();
     // Alice was online until the restart, but is last known at her login.
     assert_eq!(
-        forgotten,
+        forgotten(&events),
         [("Alice".to_string(), 366), ("Carol".to_string(), 366)]
     );
     // What the driver does first: commit what the start asked for.
     let ops: Vec<_> = std::iter::from_fn(|| s.server.poll_store()).collect();
     s.store.commit(&ops).unwrap();
     s.server.handle_committed();
-    let kept: Vec<String> = (s.store.load().unwrap().clients.iter())
-        .map(|c| c.name.to_string())
-        .collect();
-    assert_eq!(kept, ["Bob", "Dave"]);
+    assert_eq!(registry(&mut s), ["Bob", "Dave"]);
 
     let erin = join_at(&mut s, "Erin", at([127, 0, 0, 1], 2005));
-    assert_eq!(
-        s.nodes[erin].lines.first().map(String::as_str),
-        Some(WELCOME)
-    );
+    assert_eq!(first_line(&s, erin), Some(WELCOME));
     let pin = Some(s.server.public_key());
     let carol = s.spawn_at(
         "Carol",
@@ -258,10 +267,7 @@ fn names_not_seen_for_their_time_to_live_are_forgotten_at_the_next_start() {
         pin,
     );
     s.settle();
-    assert_eq!(
-        s.nodes[carol].lines.first().map(String::as_str),
-        Some(WELCOME)
-    );
+    assert_eq!(first_line(&s, carol), Some(WELCOME));
     // Bob's mail is still his.
     let bob: Vec<String> = s.mailbox("Bob").into_iter().map(|(_, _, t)| t).collect();
     assert_eq!(bob, ["see you next year"]);
@@ -283,26 +289,15 @@ fn names_not_seen_for_their_time_to_live_are_forgotten_while_the_server_runs() {
     // Carol falls silent: marked offline after three missed heartbeats.
     s.crash(2);
     s.run_for(Duration::from_secs(2 * 3600 + 60));
-    let forgotten: Vec<String> = (s.events.iter())
-        .filter_map(|e| match e {
-            udpchat::ServerEvent::Forgotten { name, .. } => Some(name.to_string()),
-            _ => None,
-        })
-        .collect();
     // Alice and Bob were online all along.
-    assert_eq!(forgotten, ["Carol"]);
+    let names: Vec<String> = forgotten(&s.events).into_iter().map(|(n, _)| n).collect();
+    assert_eq!(names, ["Carol"]);
     assert!(s.server.table().lookup(&sim::name("Carol")).is_none());
     assert_eq!(s.server.table().len(), 2);
-    let kept: Vec<String> = (s.store.load().unwrap().clients.iter())
-        .map(|c| c.name.to_string())
-        .collect();
-    assert_eq!(kept, ["Alice", "Bob"]);
+    assert_eq!(registry(&mut s), ["Alice", "Bob"]);
 
     let dave = join_at(&mut s, "Dave", at([127, 0, 0, 1], 2003));
-    assert_eq!(
-        s.nodes[dave].lines.first().map(String::as_str),
-        Some(WELCOME)
-    );
+    assert_eq!(first_line(&s, dave), Some(WELCOME));
     assert_eq!(s.server.table().len(), 3);
     s.settle();
     let alice = s.nodes[0].client.table();

@@ -206,14 +206,20 @@ fn a_channel_message_is_stored_once_for_all_its_recipients() {
     assert!(s.store.load().unwrap().mail.is_empty());
 }
 
-/// One recipient's full mailbox does not hold up the channel: the others
-/// get the message, that one misses it, nothing already kept is lost.
-#[test]
-fn a_full_mailbox_misses_channel_messages_without_blocking_the_channel() {
+/// Alice, Bob and Carol on a server whose mailboxes take one message.
+fn three_with_mailboxes_of_one() -> Sim {
     let mut s = Sim::with(|c| c.mailbox_messages = 1);
     s.join("Alice", 2000);
     s.join("Bob", 3000);
     s.join("Carol", 4000);
+    s
+}
+
+/// One recipient's full mailbox does not hold up the channel: the others
+/// get the message, that one misses it, nothing already kept is lost.
+#[test]
+fn a_full_mailbox_misses_channel_messages_without_blocking_the_channel() {
+    let mut s = three_with_mailboxes_of_one();
     s.command(1, "dereg Bob");
     s.command(2, "send Bob first");
     let a = s.nodes[0].lines.len();
@@ -237,10 +243,7 @@ fn a_full_mailbox_misses_channel_messages_without_blocking_the_channel() {
 /// and its sender is told so rather than "received".
 #[test]
 fn a_channel_message_every_mailbox_refuses_is_not_acked() {
-    let mut s = Sim::with(|c| c.mailbox_messages = 1);
-    s.join("Alice", 2000);
-    s.join("Bob", 3000);
-    s.join("Carol", 4000);
+    let mut s = three_with_mailboxes_of_one();
     s.command(1, "dereg Bob");
     s.command(2, "dereg Carol");
     s.command(0, "send Bob first");
