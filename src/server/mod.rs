@@ -1157,7 +1157,7 @@ impl Server {
         let entry = self.table.get(id);
         let (name, key, online) = (entry.name.clone(), entry.key, entry.online);
         self.table.set(id, addr, online);
-        let seen_at = self.seen(now, id);
+        let seen_at = Some(self.seen(now, id));
         self.store_ops.push_back(StoreOp::Client(ClientRecord {
             name: name.clone(),
             addr,
@@ -1680,7 +1680,7 @@ impl Server {
         if changed {
             // The registry: who owns the name, who may have mail, and where
             // and when it was last seen. Committed before the welcome leaves.
-            let seen_at = self.seen(now, id);
+            let seen_at = Some(self.seen(now, id));
             self.store_ops.push_back(StoreOp::Client(ClientRecord {
                 name: name.clone(),
                 addr,
@@ -1755,18 +1755,18 @@ impl Server {
         self.event(ServerEvent::Offline(name, notified));
     }
 
-    /// Notes that `id` is online now, for its "last seen".
-    fn seen(&mut self, now: Instant, id: ClientId) -> Option<i64> {
+    /// Notes that `id` is online now, for its "last seen"; returns the time.
+    fn seen(&mut self, now: Instant, id: ClientId) -> i64 {
         let unix = self.unix_time(now);
         self.sessions[id.index() as usize].seen_stored = unix;
-        Some(unix)
+        unix
     }
 
     /// Writes `id`'s row again with "last seen" now.
     fn note_seen(&mut self, now: Instant, id: ClientId) {
         let entry = self.table.get(id);
         let (name, addr, key) = (entry.name.clone(), entry.addr, entry.key);
-        let seen_at = self.seen(now, id);
+        let seen_at = Some(self.seen(now, id));
         self.store_ops.push_back(StoreOp::Client(ClientRecord {
             name,
             addr,
