@@ -44,7 +44,10 @@
 //! assert_eq!(local.len(), 30);
 //! ```
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
+use std::hash::{BuildHasher, RandomState};
+
+use hashbrown::HashTable;
 
 use core::net::SocketAddr;
 
@@ -108,7 +111,10 @@ struct Row {
 #[derive(Debug)]
 pub struct Directory {
     rows: Vec<Row>,
-    by_name: HashMap<Name, ClientId>,
+    /// Row numbers, hashed by their rows' names: 4 bytes a name (a
+    /// `HashMap<Name, ClientId>` kept a 40-byte copy of each).
+    by_name: HashTable<u32>,
+    hasher: RandomState,
     version: u64,
     /// The version at the last `take_deltas`: where the next batch starts.
     taken: u64,
@@ -125,7 +131,8 @@ impl Directory {
     pub fn new(max_rows: usize) -> Self {
         Directory {
             rows: Vec::new(),
-            by_name: HashMap::new(),
+            by_name: HashTable::new(),
+            hasher: RandomState::new(),
             version: 0,
             taken: 0,
             dirty: Vec::new(),
@@ -167,7 +174,12 @@ impl Directory {
 
     /// The row registered under `name`, if any.
     pub fn lookup(&self, name: &Name) -> Option<ClientId> {
-        self.by_name.get(name).copied()
+        let rows = &self.rows;
+        (self.by_name)
+            .find(self.hasher.hash_one(name), |&i| {
+                rows[i as usize].entry.name == *name
+            })
+            .map(|&i| ClientId(i))
     }
 
     /// Adds a row; bumps the version and queues the row for the next deltas.
@@ -212,7 +224,11 @@ impl Directory {
                 ClientId(self.rows.len() as u32 - 1)
             }
         };
-        self.by_name.insert(name, id);
+        let (rows, hasher) = (&self.rows, &self.hasher);
+        self.by_name
+            .insert_unique(hasher.hash_one(&name), id.0, |&i| {
+                hasher.hash_one(&rows[i as usize].entry.name)
+            });
         self.touch(id);
         Ok(id)
     }
@@ -260,7 +276,10 @@ impl Directory {
         }
         row.vacant = true;
         row.entry.online = false;
-        self.by_name.remove(&row.entry.name);
+        let hash = self.hasher.hash_one(&row.entry.name);
+        if let Ok(entry) = self.by_name.find_entry(hash, |&i| i == id.0) {
+            entry.remove();
+        }
         self.free.push(id);
     }
 

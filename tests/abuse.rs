@@ -317,3 +317,31 @@ fn names_not_seen_for_their_time_to_live_are_forgotten_while_the_server_runs() {
     let dave_mail: Vec<String> = s.mailbox("Dave").into_iter().map(|(_, _, t)| t).collect();
     assert_eq!(dave_mail, ["hello Dave"]);
 }
+
+/// A deregistered client's session is kept a presence timeout (so a retried
+/// dereg still finds its answer) and then dropped: its name is forgotten
+/// after its time-to-live like a silent one's, and `reg` still logs back in
+/// (every registration is a fresh handshake).
+#[test]
+fn a_deregistered_name_is_let_go_like_a_silent_one() {
+    let mut s = Sim::with(|c| c.name_ttl = Some(Duration::from_secs(1800)));
+    s.join("Alice", 2000);
+    s.join("Bob", 2001);
+    s.command(1, "dereg Bob");
+    assert_eq!(
+        s.server.sessions().1,
+        2,
+        "Bob's session, for a retried dereg"
+    );
+    s.run_for(Duration::from_secs(31));
+    assert_eq!(s.server.sessions().1, 1, "only Alice's is left");
+
+    s.command(1, "reg Bob");
+    let bob = s.server.table().lookup(&sim::name("Bob")).unwrap();
+    assert!(s.server.table().get(bob).online);
+    s.command(1, "dereg Bob");
+    s.run_for(Duration::from_secs(2 * 3600 + 60));
+    let names: Vec<String> = forgotten(&s.events).into_iter().map(|(n, _)| n).collect();
+    assert_eq!(names, ["Bob"]);
+    assert_eq!(s.server.sessions().1, 1);
+}

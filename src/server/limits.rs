@@ -4,12 +4,15 @@
 //! prefix, so rotating through its 2^64 addresses buys nothing), and, with
 //! a second set of buckets, a /48 (one site's, so rotating through its
 //! 65,536 /64s buys little more). Each has a bucket of
-//! `burst` tokens refilled at one per `every`; a new name costs one. The
-//! table of buckets is bounded: past `capacity` sources the one idle longest
-//! is forgotten (a forgotten source starts full again, which is what it
-//! would have refilled to anyway once idle long enough).
+//! `burst` tokens refilled at one per `every`; a new name costs one.
+//!
+//! Only sources that spent tokens lately are remembered: a bucket that has
+//! refilled to the burst is just what a forgotten source starts with, so
+//! it is dropped at the next sweep (then an idle client costs nothing
+//! here). Past `capacity` sources the ones whose clocks are oldest are
+//! forgotten too.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
@@ -22,53 +25,64 @@ pub enum Prefix {
     Site,
 }
 
+/// Marks an IPv4 source among the /64s: `ff00::/8` is multicast, never a
+/// source address, so no IPv6 prefix shares these keys.
+const V4_KEY: u64 = 0xff00_0000_0000_0000;
+
 /// The key a source is counted under, if this set counts it.
-fn source(prefix: Prefix, addr: SocketAddr) -> Option<(u128, u8)> {
+fn source(prefix: Prefix, addr: SocketAddr) -> Option<u64> {
     let v4 = match addr.ip() {
         IpAddr::V4(ip) => Some(ip),
         IpAddr::V6(ip) => ip.to_ipv4_mapped(),
     };
     match (v4, addr.ip(), prefix) {
-        (Some(ip), _, Prefix::Host) => Some((u128::from(u32::from(ip)), 32)),
+        (Some(ip), _, Prefix::Host) => Some(V4_KEY | u64::from(u32::from(ip))),
         (Some(_), _, Prefix::Site) => None,
-        (None, IpAddr::V6(ip), Prefix::Host) => Some((u128::from(ip) >> 64, 64)),
-        (None, IpAddr::V6(ip), Prefix::Site) => Some((u128::from(ip) >> 80, 48)),
+        (None, IpAddr::V6(ip), Prefix::Host) => Some((u128::from(ip) >> 64) as u64),
+        (None, IpAddr::V6(ip), Prefix::Site) => Some((u128::from(ip) >> 80) as u64),
         (None, IpAddr::V4(_), _) => None,
     }
 }
 
+/// 16 bytes: times are nanoseconds since the set's first `take`.
 #[derive(Debug, Clone, Copy)]
 struct Bucket {
     tokens: u32,
     /// When the bucket last gained (or was last full).
-    at: Instant,
-    /// When a token was last asked for.
-    used: Instant,
+    at: u64,
 }
+
+/// Longest between sweeps of the full buckets.
+const SWEEP: Duration = Duration::from_secs(60);
 
 /// Token buckets per source.
 #[derive(Debug)]
 pub struct Buckets {
     prefix: Prefix,
     burst: u32,
-    every: Duration,
+    /// Nanoseconds per token.
+    every: u64,
     capacity: usize,
-    buckets: HashMap<(u128, u8), Bucket>,
-    /// (last use, source): the order to forget in.
-    by_use: BTreeSet<(Instant, (u128, u8))>,
+    /// What bucket times count from.
+    epoch: Option<Instant>,
+    buckets: HashMap<u64, Bucket>,
+    /// When the full buckets are next dropped.
+    next_sweep: u64,
 }
 
 impl Buckets {
     /// `burst` tokens per source, one more per `every`, at most `capacity`
     /// sources remembered.
     pub fn new(prefix: Prefix, burst: u32, every: Duration, capacity: usize) -> Self {
+        let every = every.max(Duration::from_millis(1));
         Buckets {
             prefix,
             burst: burst.max(1),
-            every: every.max(Duration::from_millis(1)),
+            every: u64::try_from(every.as_nanos()).unwrap_or(u64::MAX),
             capacity: capacity.max(1),
+            epoch: None,
             buckets: HashMap::new(),
-            by_use: BTreeSet::new(),
+            next_sweep: 0,
         }
     }
 
@@ -78,49 +92,74 @@ impl Buckets {
         let Some(key) = source(self.prefix, addr) else {
             return true;
         };
-        let mut bucket = match self.buckets.get(&key) {
-            Some(b) => {
-                self.by_use.remove(&(b.used, key));
-                *b
-            }
-            None => {
-                if self.buckets.len() >= self.capacity
-                    && let Some((_, idlest)) = self.by_use.pop_first()
-                {
-                    self.buckets.remove(&idlest);
-                }
-                Bucket {
-                    tokens: self.burst,
-                    at: now,
-                    used: now,
-                }
-            }
-        };
-        bucket.used = bucket.used.max(now);
-        if bucket.tokens == self.burst {
+        let epoch = *self.epoch.get_or_insert(now);
+        let now =
+            u64::try_from(now.saturating_duration_since(epoch).as_nanos()).unwrap_or(u64::MAX);
+        if now >= self.next_sweep
+            || (self.buckets.len() >= self.capacity && !self.buckets.contains_key(&key))
+        {
+            self.sweep(now);
+        }
+        let (burst, every) = (self.burst, self.every);
+        let bucket = self.buckets.entry(key).or_insert(Bucket {
+            tokens: burst,
+            at: now,
+        });
+        if bucket.tokens == burst {
             // A full bucket earns nothing while it waits: its next token
             // comes a whole interval after this one is taken.
             bucket.at = bucket.at.max(now);
         }
         // Refill: whole tokens since `at`, keeping the remainder's time.
-        let elapsed = now.saturating_duration_since(bucket.at);
-        let gained = elapsed.as_nanos() / self.every.as_nanos();
+        let gained = now.saturating_sub(bucket.at) / every;
         if gained > 0 {
             let gained = u32::try_from(gained).unwrap_or(u32::MAX);
-            bucket.tokens = bucket.tokens.saturating_add(gained).min(self.burst);
-            bucket.at = if bucket.tokens == self.burst {
+            bucket.tokens = bucket.tokens.saturating_add(gained).min(burst);
+            bucket.at = if bucket.tokens == burst {
                 now
             } else {
-                bucket.at + self.every * gained
+                bucket.at + every * u64::from(gained)
             };
         }
         let granted = bucket.tokens > 0;
         if granted {
             bucket.tokens -= 1;
         }
-        self.by_use.insert((bucket.used, key));
-        self.buckets.insert(key, bucket);
         granted
+    }
+
+    /// Drops the buckets full again at `now`; when the table is still at
+    /// its capacity, also those with the oldest clocks (down to three
+    /// quarters, so a sweep is paid for by many inserts).
+    fn sweep(&mut self, now: u64) {
+        let (burst, every) = (self.burst, self.every);
+        self.buckets.retain(|_, b| {
+            let gained = now.saturating_sub(b.at) / every;
+            u64::from(b.tokens).saturating_add(gained) < u64::from(burst)
+        });
+        let keep = self.capacity * 3 / 4;
+        if self.buckets.len() >= self.capacity && keep == 0 {
+            self.buckets.clear();
+        } else if self.buckets.len() >= self.capacity {
+            let mut ats: Vec<u64> = self.buckets.values().map(|b| b.at).collect();
+            let cut = ats.len() - keep;
+            let (_, &mut oldest_kept, _) = ats.select_nth_unstable(cut);
+            // Those tied with the oldest kept fill what is left of `keep`
+            // (a flood within one instant is still cut down).
+            let newer = ats.iter().filter(|&&at| at > oldest_kept).count();
+            let mut ties = keep - newer;
+            self.buckets.retain(|_, b| {
+                let tie = b.at == oldest_kept && ties > 0;
+                ties -= usize::from(tie);
+                b.at > oldest_kept || tie
+            });
+        }
+        if self.buckets.len() * 4 < self.buckets.capacity() {
+            self.buckets.shrink_to_fit();
+        }
+        // Every bucket left is full within the whole burst's refill time.
+        let refill = every.saturating_mul(u64::from(burst));
+        self.next_sweep = now.saturating_add(refill.clamp(1_000_000_000, SWEEP.as_nanos() as u64));
     }
 
     /// Sources remembered.
@@ -204,5 +243,36 @@ mod tests {
         assert!(!b.take(t + Duration::from_secs(1), v4(99, 1)));
         // The first was forgotten: full again.
         assert!(b.take(t + Duration::from_secs(1), v4(0, 1)));
+        // A flood within one instant is bounded too, also at capacity 1.
+        for capacity in [1, 4] {
+            let mut b = Buckets::new(Prefix::Host, 1, Duration::from_secs(60), capacity);
+            for a in 0..100u8 {
+                b.take(t, v4(a, 1));
+                assert!(b.len() <= capacity);
+            }
+        }
+    }
+
+    #[test]
+    fn a_bucket_full_again_is_forgotten_and_starts_full() {
+        let t = Instant::now();
+        let mut b = Buckets::new(Prefix::Host, 2, Duration::from_secs(40), 1000);
+        for a in 0..100u8 {
+            assert!(b.take(t, v4(a, 1)));
+        }
+        // Two spent tokens: not full after one interval, so not forgotten.
+        assert!(b.take(t, v4(0, 1)));
+        assert!(!b.take(t, v4(0, 1)));
+        assert_eq!(b.len(), 100);
+        // At the sweep (60 s) the buckets with one token spent have
+        // refilled and are dropped; the drained one has one of its two
+        // back and keeps counting.
+        let later = t + SWEEP;
+        assert!(b.take(later, v4(200, 1)));
+        assert_eq!(b.len(), 2, "the new source and the one still refilling");
+        assert!(b.take(later, v4(0, 1)));
+        assert!(!b.take(later, v4(0, 1)));
+        // A forgotten source starts full.
+        assert!(b.take(later, v4(1, 1)) && b.take(later, v4(1, 1)));
     }
 }

@@ -135,13 +135,16 @@ pub struct Links {
     secrets: ServerSecrets,
     cookies: CookieJar,
     start: Instant,
-    handshakes: Slab<Handshake>,
+    /// Boxed, like `links`: a slab keeps its slots' size after a storm.
+    handshakes: Slab<Box<Handshake>>,
     /// Handshakes in the order they began (all live equally long).
     handshake_order: VecDeque<(Instant, usize, u64)>,
     /// A client's ephemeral key and address → its handshake (an on-path
     /// copy from elsewhere is another handshake, not a claim on this one).
     by_ephemeral: HashMap<([u8; 32], SocketAddr), usize>,
-    links: Slab<ServerLink>,
+    /// Boxed: a slab never gives back its slots, so a 10,000-client storm
+    /// would keep 10,000 unboxed links' worth (~380 B each) for good.
+    links: Slab<Box<ServerLink>>,
     /// Links that no registration claimed yet, oldest first.
     unowned: VecDeque<(Instant, LinkId, u64)>,
     by_index: HashMap<u64, Slot>,
@@ -225,12 +228,14 @@ impl Links {
     pub fn get(&self, id: LinkId) -> Option<&ServerLink> {
         self.links
             .get(id.slot)
+            .map(|l| &**l)
             .filter(|l| l.link.local_index() == id.index)
     }
 
     fn get_mut(&mut self, id: LinkId) -> Option<&mut ServerLink> {
         self.links
             .get_mut(id.slot)
+            .map(|l| &mut **l)
             .filter(|l| l.link.local_index() == id.index)
     }
 
@@ -268,6 +273,7 @@ impl Links {
         if self.get(id).is_some() {
             self.links.remove(id.slot);
             self.by_index.remove(&id.index);
+            self.trim();
         }
     }
 
@@ -464,14 +470,14 @@ impl Links {
             payload: response.clone(),
             what: What::Response,
         });
-        let h = self.handshakes.insert(Handshake {
+        let h = self.handshakes.insert(Box::new(Handshake {
             hs,
             addr: from,
             client,
             local,
             ephemeral,
             response,
-        });
+        }));
         self.by_ephemeral.insert((ephemeral, from), h);
         self.by_index.insert(local, Slot::Handshake(h));
         self.handshake_order.push_back((now, h, local));
@@ -502,6 +508,24 @@ impl Links {
             {
                 self.remove(id);
             }
+        }
+        self.trim();
+    }
+
+    /// Gives back the room only a storm needed: a table at a quarter of
+    /// its capacity is shrunk (so at most once per fourfold drop).
+    fn trim(&mut self) {
+        if self.by_index.len() * 4 < self.by_index.capacity() {
+            self.by_index.shrink_to_fit();
+        }
+        if self.by_ephemeral.len() * 4 < self.by_ephemeral.capacity() {
+            self.by_ephemeral.shrink_to_fit();
+        }
+        if self.unowned.len() * 4 < self.unowned.capacity() {
+            self.unowned.shrink_to_fit();
+        }
+        if self.handshake_order.len() * 4 < self.handshake_order.capacity() {
+            self.handshake_order.shrink_to_fit();
         }
     }
 
@@ -539,7 +563,7 @@ impl Links {
                     self.stats.malformed += 1;
                     return None;
                 };
-                let x = self.handshakes.remove(h);
+                let x = *self.handshakes.remove(h);
                 self.by_ephemeral.remove(&(x.ephemeral, x.addr));
                 self.by_index.remove(&receiver);
                 let Ok(Message::Register { seq, name }) = wire::decode(&buf[..n]) else {
@@ -552,7 +576,7 @@ impl Links {
                     return None;
                 }
                 let link = Link::new(x.hs, x.local, x.client)?;
-                let slot = self.links.insert(ServerLink {
+                let slot = self.links.insert(Box::new(ServerLink {
                     link,
                     addr: from,
                     owner: None,
@@ -562,7 +586,7 @@ impl Links {
                         finish: datagram.to_vec(),
                     })),
                     path: None,
-                });
+                }));
                 let id = self.id_of(slot);
                 self.by_index.insert(receiver, Slot::Link(slot));
                 self.unowned.push_back((now, id, receiver));

@@ -269,6 +269,9 @@ pub struct ServerStats {
     pub links: LinkStats,
 }
 
+/// Most queued datagrams the transmit queue keeps room for once empty (a
+/// storm's burst is not kept for good).
+const TRANSMITS_KEEP: usize = 256;
 /// Most replies remembered per session, to answer retransmitted requests.
 const REPLY_CACHE: usize = 16;
 /// Most requests waiting on one probe.
@@ -436,8 +439,85 @@ struct Session {
     /// In a join storm most online clients are such joiners; deltas to
     /// them would cost as much as all their pages.
     syncing: bool,
-    /// The "last seen" time last written to the store, Unix seconds.
-    seen_stored: i64,
+}
+
+impl Session {
+    /// A row's session while nothing is under way.
+    const IDLE: Session = Session {
+        link: None,
+        replies: VecDeque::new(),
+        probe: None,
+        queue: VecDeque::new(),
+        inflight: BTreeMap::new(),
+        rounds: 0,
+        batch: Seq(0),
+        last_heard: None,
+        presence: None,
+        syncing: false,
+    };
+
+    /// Nothing under way and nothing to answer on: no link, probe,
+    /// delivery or presence timer.
+    fn is_idle(&self) -> bool {
+        self.link.is_none()
+            && self.probe.is_none()
+            && self.queue.is_empty()
+            && self.inflight.is_empty()
+            && self.presence.is_none()
+    }
+}
+
+static IDLE_SESSION: Session = Session::IDLE;
+
+/// One session per table row, boxed only while the row has one: an idle
+/// offline client costs a pointer and its "last seen" here, not a
+/// `Session` (the registry may hold far more names than are online).
+#[derive(Debug, Default)]
+struct Sessions {
+    live: Vec<Option<Box<Session>>>,
+    /// Per row: the "last seen" time last written to the store, Unix
+    /// seconds.
+    seen: Vec<i64>,
+}
+
+impl Sessions {
+    /// Row `i` starts afresh (a new row, or a vacant one given to a new
+    /// name), seen at `seen`.
+    fn reset(&mut self, i: usize, seen: i64) {
+        if i >= self.live.len() {
+            self.live.resize_with(i + 1, || None);
+            self.seen.resize(i + 1, seen);
+        }
+        self.live[i] = None;
+        self.seen[i] = seen;
+    }
+
+    /// Row `i`'s session, if it has one.
+    fn get_mut(&mut self, i: usize) -> Option<&mut Session> {
+        self.live[i].as_deref_mut()
+    }
+
+    /// Frees row `i`'s session if it is idle.
+    fn release(&mut self, i: usize) {
+        if self.live[i].as_ref().is_some_and(|s| s.is_idle()) {
+            self.live[i] = None;
+        }
+    }
+}
+
+impl std::ops::Index<usize> for Sessions {
+    type Output = Session;
+
+    fn index(&self, i: usize) -> &Session {
+        self.live[i].as_deref().unwrap_or(&IDLE_SESSION)
+    }
+}
+
+impl std::ops::IndexMut<usize> for Sessions {
+    /// Boxes a session for the row if it has none.
+    fn index_mut(&mut self, i: usize) -> &mut Session {
+        self.live[i].get_or_insert_with(Box::default)
+    }
 }
 
 #[derive(Debug, Default)]
@@ -472,7 +552,7 @@ pub struct Server {
     /// session is pushed with every row, so a `ClientId` indexes both (a
     /// row vacated by `forget_unseen` gets a fresh session with its next
     /// name).
-    sessions: Vec<Session>,
+    sessions: Sessions,
     probes: HashMap<u64, ClientId>,
     /// New names per source: per host, and per IPv6 site.
     new_names: limits::Buckets,
@@ -537,7 +617,7 @@ impl Server {
             // only new names are refused.
             table: Directory::new(config.max_clients.max(known_names(&loaded))),
             links,
-            sessions: Vec::new(),
+            sessions: Sessions::default(),
             probes: HashMap::new(),
             new_names: limits::Buckets::new(
                 limits::Prefix::Host,
@@ -584,7 +664,7 @@ impl Server {
         let unix = server.unix_time(now);
         for c in &loaded.clients {
             if let Some(id) = server.row(&c.name, c.addr, c.key.unwrap_or(PublicKey::NONE)) {
-                server.sessions[id.index() as usize].seen_stored = c.seen_at.unwrap_or(unix);
+                server.sessions.seen[id.index() as usize] = c.seen_at.unwrap_or(unix);
             }
         }
         // Mail for a name the registry lacks (a store edited by hand) still
@@ -964,8 +1044,8 @@ impl Server {
 
     /// Takes back a message the store never got.
     fn unput(&mut self, to: ClientId, mail: MailId) {
-        let session = &mut self.sessions[to.index() as usize];
-        if let Some(f) = session.inflight.remove(&mail) {
+        let session = self.sessions.get_mut(to.index() as usize);
+        if let Some(f) = session.and_then(|s| s.inflight.remove(&mail)) {
             self.timers.cancel(f.timer);
         }
         self.take_mail(to, mail);
@@ -982,7 +1062,11 @@ impl Server {
             let to = self.fanout.pop_front()?;
             self.pump(self.now, to);
         }
-        self.transmits.pop_front()
+        let next = self.transmits.pop_front();
+        if self.transmits.is_empty() && self.transmits.capacity() > TRANSMITS_KEEP {
+            self.transmits.shrink_to(TRANSMITS_KEEP);
+        }
+        next
     }
 
     /// The next storage operation to commit.
@@ -1025,7 +1109,9 @@ impl Server {
             && !self.deltas_armed
             && self
                 .sessions
+                .live
                 .iter()
+                .flatten()
                 .all(|s| s.inflight.is_empty() && s.queue.is_empty())
     }
 
@@ -1108,7 +1194,8 @@ impl Server {
             }
             match self.table.insert(name.clone(), from, false, key) {
                 Ok(id) => {
-                    self.sessions.push(Session::default());
+                    let unix = self.unix_time(now);
+                    self.sessions.reset(id.index() as usize, unix);
                     self.accept(now, id, link, seq);
                 }
                 // No row, so no session to cache in: a retry is refused again.
@@ -1390,7 +1477,9 @@ impl Server {
     // ---- timers -----------------------------------------------------------
 
     fn on_probe_timer(&mut self, now: Instant, id: ClientId) {
-        let session = &mut self.sessions[id.index() as usize];
+        let Some(session) = self.sessions.get_mut(id.index() as usize) else {
+            return;
+        };
         let Some(probe) = session.probe.as_mut() else {
             return;
         };
@@ -1426,7 +1515,9 @@ impl Server {
     }
 
     fn on_delivery_timer(&mut self, now: Instant, id: ClientId, mail: MailId) {
-        let session = &mut self.sessions[id.index() as usize];
+        let Some(session) = self.sessions.get_mut(id.index() as usize) else {
+            return;
+        };
         let Some(inflight) = session.inflight.get_mut(&mail) else {
             return;
         };
@@ -1457,11 +1548,20 @@ impl Server {
     fn on_presence_timer(&mut self, now: Instant, id: ClientId) {
         let session = &mut self.sessions[id.index() as usize];
         session.presence = None;
-        if !self.table.get(id).online {
-            return;
-        }
         let heard = session.last_heard.unwrap_or(now);
         let due = heard + self.config.presence_timeout;
+        if !self.table.get(id).online {
+            // Deregistered: its session answered retried deregs (they stop
+            // within 2.5 s); a presence timeout later it is dropped, so an
+            // idle offline client keeps nothing here.
+            if now < due && session.link.is_some() {
+                session.presence = Some(self.timers.insert(due, Timer::Presence(id)));
+            } else if let Some(link) = session.link.take() {
+                self.links.remove(link);
+            }
+            self.release(id);
+            return;
+        }
         if now >= due {
             // Three heartbeats missed: a silent leave, noticed without
             // anyone having to message the client.
@@ -1475,7 +1575,7 @@ impl Server {
     /// (lazily: the timer re-arms itself when it fires early).
     fn heard(&mut self, now: Instant, id: ClientId) {
         let unix = self.unix_time(now);
-        let stored = self.sessions[id.index() as usize].seen_stored;
+        let stored = self.sessions.seen[id.index() as usize];
         if unix.saturating_sub(stored) >= SEEN_REFRESH && self.table.get(id).online {
             self.note_seen(now, id);
         }
@@ -1592,6 +1692,8 @@ impl Server {
         if replies.len() == REPLY_CACHE {
             replies.pop_front();
         }
+        // Most sessions only ever cache their welcome: room for one.
+        replies.reserve_exact(1);
         replies.push_back((seq, Cached::Pending));
     }
 
@@ -1622,6 +1724,7 @@ impl Server {
                 if replies.len() == REPLY_CACHE {
                     replies.pop_front();
                 }
+                replies.reserve_exact(1);
                 replies.push_back((seq, Cached::Done(what, plain)));
             }
         }
@@ -1749,16 +1852,32 @@ impl Server {
         self.note_seen(self.now, id);
         self.table.set(id, addr, false);
         self.cancel_deliveries(id);
-        if !notified && let Some(link) = self.sessions[id.index() as usize].link.take() {
+        let session = &mut self.sessions[id.index() as usize];
+        if notified {
+            // Kept until a presence timeout from now (`on_presence_timer`).
+            session.last_heard = Some(self.now);
+            if session.presence.is_none() {
+                let due = self.now + self.config.presence_timeout;
+                session.presence = Some(self.timers.insert(due, Timer::Presence(id)));
+            }
+        } else if let Some(link) = session.link.take() {
             self.links.remove(link);
         }
+        // Silent: whatever it asked has long been given up (its tries last
+        // 2.5 s, its busy waits are heard), so its reply cache goes too.
+        self.release(id);
         self.event(ServerEvent::Offline(name, notified));
+    }
+
+    /// Frees the session of `id` if nothing is under way on it.
+    fn release(&mut self, id: ClientId) {
+        self.sessions.release(id.index() as usize);
     }
 
     /// Notes that `id` is online now, for its "last seen"; returns the time.
     fn seen(&mut self, now: Instant, id: ClientId) -> i64 {
         let unix = self.unix_time(now);
-        self.sessions[id.index() as usize].seen_stored = unix;
+        self.sessions.seen[id.index() as usize] = unix;
         unix
     }
 
@@ -1985,7 +2104,9 @@ impl Server {
     /// Sends queued deliveries while the window has room.
     fn pump(&mut self, now: Instant, id: ClientId) {
         loop {
-            let session = &mut self.sessions[id.index() as usize];
+            let Some(session) = self.sessions.get_mut(id.index() as usize) else {
+                return;
+            };
             if session.inflight.len() >= DELIVERY_WINDOW {
                 return;
             }
@@ -2125,7 +2246,9 @@ impl Server {
     }
 
     fn cancel_deliveries(&mut self, id: ClientId) {
-        let session = &mut self.sessions[id.index() as usize];
+        let Some(session) = self.sessions.get_mut(id.index() as usize) else {
+            return;
+        };
         session.queue.clear();
         for (_, f) in std::mem::take(&mut session.inflight) {
             self.timers.cancel(f.timer);
@@ -2140,15 +2263,10 @@ impl Server {
             return Some(id);
         }
         let id = self.table.insert(name.clone(), addr, false, key).ok()?;
-        let i = id.index() as usize;
-        if i == self.sessions.len() {
-            self.sessions.push(Session::default());
-        } else {
-            // A vacant row given to a new name: reset when it was vacated.
-            self.sessions[i] = Session::default();
-        }
-        // New: counted as seen from now, whenever it next logs in.
-        self.sessions[i].seen_stored = self.unix_time(self.now);
+        // New (or a vacant row given to a new name): counted as seen from
+        // now, whenever it next logs in.
+        let unix = self.unix_time(self.now);
+        self.sessions.reset(id.index() as usize, unix);
         Some(id)
     }
 
@@ -2178,7 +2296,7 @@ impl Server {
             .filter(|&(id, e)| {
                 let s = &self.sessions[id.index() as usize];
                 !e.online
-                    && s.seen_stored.saturating_add(ttl) <= unix
+                    && self.sessions.seen[id.index() as usize].saturating_add(ttl) <= unix
                     && s.link.is_none()
                     && s.probe.is_none()
                     && s.queue.is_empty()
@@ -2190,15 +2308,15 @@ impl Server {
             .collect();
         for id in unseen {
             let name = self.table.get(id).name.clone();
-            let session = std::mem::take(&mut self.sessions[id.index() as usize]);
-            if let Some(key) = session.presence {
+            let i = id.index() as usize;
+            if let Some(key) = self.sessions.live[i].take().and_then(|s| s.presence) {
                 self.timers.cancel(key);
             }
             self.mailboxes.remove(&id);
             self.table.remove(id);
             self.event(ServerEvent::Forgotten {
                 name: name.clone(),
-                days: unix.saturating_sub(session.seen_stored) / 86_400,
+                days: unix.saturating_sub(self.sessions.seen[i]) / 86_400,
             });
             self.store_ops.push_back(StoreOp::Forget(name));
         }
