@@ -90,6 +90,45 @@ fn server_heap(n: u16, leave: bool) {
     );
 }
 
+/// Heap the server holds per stored message besides what it holds for its
+/// clients: Alice saves `per` 120-character messages for each of ten
+/// deregistered clients; the server is dropped with and without them.
+fn mail_heap(per: usize) {
+    let freed = |send: bool| {
+        let mut s = sim::Sim::with(|c| c.new_names.0 = u32::MAX);
+        s.join("Alice", 2000);
+        for i in 0..10 {
+            let n = format!("r{i}");
+            let node = s.join(&n, 2001 + i);
+            s.command(node, &format!("dereg {n}"));
+        }
+        if send {
+            for k in 0..per {
+                for i in 0..10 {
+                    s.command(0, &format!("send r{i} {k:06} {}", "x".repeat(113)));
+                }
+            }
+        }
+        s.run_for(Duration::from_secs(60));
+        let fresh = udpchat::Server::new(
+            udpchat::ServerConfig::new([3; 32], sim::server_key(), (s.start, sim::EPOCH_UNIX)),
+            s.now,
+            Default::default(),
+        );
+        let bytes = LIVE_BYTES.load(Relaxed);
+        drop(std::mem::replace(&mut s.server, fresh));
+        (bytes - LIVE_BYTES.load(Relaxed), s.store.len())
+    };
+    let (without, _) = freed(false);
+    let (with, stored) = freed(true);
+    assert_eq!(stored, 10 * per);
+    println!(
+        "{:<44} {:>10} B",
+        format!("memory: server heap per stored message, {stored}"),
+        (with - without) / stored
+    );
+}
+
 /// Runs `f` (which does `n` operations) a few times; prints the median.
 fn bench(label: &str, n: u64, mut f: impl FnMut()) {
     let mut runs: Vec<Duration> = (0..7)
@@ -144,6 +183,7 @@ fn main() {
 
     server_heap(1000, false);
     server_heap(1000, true);
+    mail_heap(200);
     handshakes();
     sessions();
 

@@ -1,13 +1,16 @@
 //! The server's durable side, as data: the [`Server`](crate::Server) emits
 //! [`StoreOp`]s and is told when they are committed; a [`Store`] carries them
-//! out. The server's own memory is the working copy, so the core never waits
-//! on storage: it only holds back its acks until the driver reports the
-//! commit (group commit: one transaction per loop iteration).
+//! out. The server's own memory is the working copy of everything but
+//! committed bodies, so the core never waits on a commit: it only holds
+//! back its acks until the driver reports it (group commit: one
+//! transaction per loop iteration). Bodies are read back on demand
+//! ([`Store::fetch`], [`serve_fetches`]) when a delivery needs one.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Instant;
 
 use crate::crypto::{self, Keypair, PublicKey, ServerSecrets};
 use crate::wire::{self, MailBody, MailId, MsgId, Name, Text};
@@ -259,6 +262,21 @@ pub trait Store {
     fn load(&mut self) -> io::Result<Loaded>;
     /// Applies `ops` as one transaction.
     fn commit(&mut self, ops: &[StoreOp]) -> io::Result<()>;
+    /// The body of message `mail` as stored for `to` (`None`: there is
+    /// none, or its row is damaged): the server keeps committed bodies on
+    /// disk, not in memory, and asks for one when it delivers it.
+    fn fetch(&mut self, to: &Name, mail: MailId) -> io::Result<Option<Body>>;
+}
+
+/// Hands the server every body it asked for ([`Server::poll_fetch`]) from
+/// `store`: what a driver does each turn, before it commits.
+///
+/// [`Server::poll_fetch`]: crate::Server::poll_fetch
+pub fn serve_fetches<S: Store + ?Sized>(server: &mut crate::Server, store: &mut S, now: Instant) {
+    while let Some((to, mail)) = server.poll_fetch() {
+        let body = store.fetch(&to, mail);
+        server.handle_fetched(now, &to, mail, body);
+    }
 }
 
 /// A [`Store`] that keeps everything in memory: nothing survives a restart.
@@ -286,6 +304,23 @@ impl MemoryStore {
     pub fn is_empty(&self) -> bool {
         self.mail.is_empty()
     }
+
+    /// A store holding what `loaded` says (for tests that start a server
+    /// from hand-made contents: its bodies are fetched from the store).
+    pub fn holding(loaded: &Loaded) -> Self {
+        let mut store = MemoryStore::new();
+        let ops: Vec<StoreOp> = (loaded.clients.iter().cloned().map(StoreOp::Client))
+            .chain(loaded.mail.iter().cloned().map(StoreOp::Put))
+            .collect();
+        // A memory store's commit cannot fail.
+        let _ = store.commit(&ops);
+        store
+    }
+
+    /// The message `mail` as stored for `to`.
+    pub fn get(&self, to: &Name, mail: MailId) -> Option<&StoredMail> {
+        self.mail.get(&(mail, to.clone()))
+    }
 }
 
 impl MemoryStore {
@@ -302,6 +337,10 @@ impl Store for MemoryStore {
             clients: self.clients.clone(),
             mail: self.mail.values().cloned().collect(),
         })
+    }
+
+    fn fetch(&mut self, to: &Name, mail: MailId) -> io::Result<Option<Body>> {
+        Ok(self.mail.get(&(mail, to.clone())).map(|m| m.body.clone()))
     }
 
     fn commit(&mut self, ops: &[StoreOp]) -> io::Result<()> {

@@ -156,6 +156,8 @@ fn flush(
     let mut ops: Vec<StoreOp> = Vec::new();
     loop {
         ops.clear();
+        // Bodies a delivery waits for: reads, not part of the commit.
+        crate::store::serve_fetches(server, store, now);
         while let Some(op) = server.poll_store() {
             ops.push(op);
         }
@@ -214,7 +216,9 @@ fn flush(
             let _ = out.write_all(lines.as_bytes());
             let _ = out.flush();
         }
-        if ops.is_empty() {
+        // A fan-out sent above may have asked for bodies: fetched now,
+        // not at the next datagram.
+        if ops.is_empty() && !server.wants_fetch() {
             return Ok(());
         }
     }

@@ -238,6 +238,14 @@ const LOAD_CLIENTS: &str = "SELECT rowid, name, addr, key, last_seen FROM client
 const LOAD_MAIL: &str = "SELECT id, recipient, sender, channel, stored_at, msg_id, kind, body,
                                 sender_key
                          FROM mail ORDER BY id";
+const FETCH_MAIL: &str = "SELECT id, recipient, sender, channel, stored_at, msg_id, kind, body,
+                                 sender_key
+                          FROM mail WHERE id = ?1 AND recipient = ?2";
+// Only for a recipient still owed it, like a `mail` row of theirs.
+const FETCH_CHANNEL: &str = "SELECT body, pending,
+                                    (SELECT group_concat(recipient, ' ')
+                                     FROM channel_acked WHERE mail = ?1)
+                             FROM channel WHERE id = ?1";
 const LOAD_CHANNEL: &str = "SELECT id, sender, stored_at, msg_id, body, pending,
                                    (SELECT group_concat(recipient, ' ')
                                     FROM channel_acked WHERE mail = channel.id),
@@ -589,6 +597,35 @@ impl Store for SqliteStore {
         // Store order across both tables (ids are shared and only grow).
         loaded.mail.sort_by_key(|m| m.mail);
         Ok(loaded)
+    }
+
+    /// A row that no longer decodes is `None`, like a missing one: the
+    /// server drops it with a line, as it would at load.
+    fn fetch(&mut self, to: &Name, mail: MailId) -> io::Result<Option<Body>> {
+        let path = &self.path;
+        let sql = |e| sql_io_error(path, &e);
+        let id = i64::try_from(mail.0).map_err(|_| invalid(path, format!("mail id {}", mail.0)))?;
+        let mut stmt = self.conn.prepare_cached(FETCH_MAIL).map_err(sql)?;
+        let mut rows = stmt.query(params![id, to.as_str()]).map_err(sql)?;
+        if let Some(row) = rows.next().map_err(sql)? {
+            return Ok(mail_row(row).ok().filter(|m| m.to == *to).map(|m| m.body));
+        }
+        drop(rows);
+        drop(stmt);
+        let mut stmt = self.conn.prepare_cached(FETCH_CHANNEL).map_err(sql)?;
+        let mut rows = stmt.query(params![id]).map_err(sql)?;
+        let Some(row) = rows.next().map_err(sql)? else {
+            return Ok(None);
+        };
+        let pending = text(row, 1, "pending").unwrap_or_default();
+        let acked: Option<String> = row.get(2).ok().flatten();
+        if !still_owed(&pending, acked.as_deref()).any(|n| n == to.as_str()) {
+            return Ok(None);
+        }
+        Ok(blob(row, 0, "body")
+            .ok()
+            .filter(|b| (1..=MAX_SEALED).contains(&b.len()))
+            .map(|b| Body::Channel(b.into())))
     }
 
     /// All of `ops` in one IMMEDIATE transaction: on any error nothing of
@@ -1066,6 +1103,49 @@ mod tests {
             Ok(store) => panic!("{} opened", store.path().display()),
             Err(e) => e.to_string(),
         }
+    }
+
+    /// A body is fetched as it was stored, for its recipient only, and
+    /// like the memory store's; a missing or damaged one is `None`.
+    #[test]
+    fn a_fetch_gives_the_stored_body_like_the_memory_store() {
+        let dir = TempDir::new("fetch");
+        let mut memory = MemoryStore::new();
+        let mut store = SqliteStore::open(&dir.0).unwrap();
+        let ops = vec![
+            put(mail(1, "Bob", "Alice", 1, "direct")),
+            StoreOp::Channel(channel(2, "Alice", &["Bob", "Carol"], "to all")),
+            put(mail(3, "Carol", "Bob", 3, "damaged soon")),
+        ];
+        store.commit(&ops).unwrap();
+        memory.commit(&ops).unwrap();
+        store.commit(&[delete("Carol", 2)]).unwrap();
+        memory.commit(&[delete("Carol", 2)]).unwrap();
+        for (to, id) in [
+            ("Bob", 1),
+            ("Bob", 2),
+            ("Carol", 2),
+            ("Carol", 1),
+            ("Bob", 9),
+        ] {
+            let (to, id) = (name(to), MailId(id));
+            let fetched = store.fetch(&to, id).unwrap();
+            assert_eq!(fetched, memory.fetch(&to, id).unwrap(), "{to} {id:?}");
+        }
+        assert!(matches!(
+            store.fetch(&name("Bob"), MailId(1)).unwrap(),
+            Some(Body::Sealed { sealed, .. }) if sealed == b"direct"
+        ));
+        assert!(matches!(
+            store.fetch(&name("Bob"), MailId(2)).unwrap(),
+            Some(Body::Channel(b)) if &*b == b"to all"
+        ));
+        // Carol acked her copy; Bob's is still there.
+        assert_eq!(store.fetch(&name("Carol"), MailId(2)).unwrap(), None);
+        raw(&store)
+            .execute("UPDATE mail SET kind = 99 WHERE id = 3", [])
+            .unwrap();
+        assert_eq!(store.fetch(&name("Carol"), MailId(3)).unwrap(), None);
     }
 
     #[test]

@@ -520,14 +520,85 @@ impl std::ops::IndexMut<usize> for Sessions {
     }
 }
 
+/// A stored message as the server holds it: what delivery, duplicate
+/// checks and the limits need. Its body is in memory only until it is
+/// committed and while it is being delivered; otherwise it is on disk,
+/// fetched ([`Server::poll_fetch`]) when a delivery needs it, so the
+/// server's memory does not grow with the bytes it stores.
+#[derive(Debug)]
+struct Held {
+    from: Name,
+    channel: bool,
+    /// Stored once for all its recipients ([`Body::Channel`]).
+    shared: bool,
+    stored_at: i64,
+    id: MsgId,
+    /// The body's bytes, in memory or not.
+    len: u32,
+    body: Option<Box<Body>>,
+    /// A fetch of the body is under way.
+    fetching: bool,
+}
+
+impl Held {
+    /// `m`, with its body in memory.
+    fn new(m: &StoredMail) -> Held {
+        Held {
+            from: m.from.clone(),
+            channel: m.channel,
+            shared: matches!(m.body, Body::Channel(_)),
+            stored_at: m.stored_at,
+            id: m.id,
+            len: u32::try_from(m.body.len()).unwrap_or(u32::MAX),
+            body: Some(Box::new(m.body.clone())),
+            fetching: false,
+        }
+    }
+
+    /// Bytes counted against mailbox limits ([`StoredMail::size`]).
+    fn size(&self) -> usize {
+        self.len as usize + MAIL_OVERHEAD
+    }
+}
+
 #[derive(Debug, Default)]
 struct Mailbox {
     /// Boxed: a B-tree node holds eleven values, so an unboxed one costs
-    /// ~2 KB for a mailbox's first message, and a channel fan-out makes
+    /// ~1 KB for a mailbox's first message, and a channel fan-out makes
     /// a thousand of them at once.
-    mail: BTreeMap<MailId, Box<StoredMail>>,
+    mail: BTreeMap<MailId, Box<Held>>,
     keys: HashSet<(Name, MsgId)>,
     bytes: usize,
+}
+
+/// A message waiting in a mailbox, as [`Server::mailbox`] lists it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Waiting {
+    /// Store-order id.
+    pub mail: MailId,
+    /// The sender.
+    pub from: Name,
+    /// A channel message.
+    pub channel: bool,
+    /// Stored once for all its recipients: the store's bytes count its
+    /// body once.
+    pub shared: bool,
+    /// When the server stored it, Unix seconds.
+    pub stored_at: i64,
+    /// The sender's message id.
+    pub id: MsgId,
+    /// Its body's bytes.
+    pub len: usize,
+    /// Its body is in the server's memory (uncommitted, or being
+    /// delivered), not only on disk.
+    pub in_memory: bool,
+}
+
+impl Waiting {
+    /// Bytes counted against mailbox limits.
+    pub fn size(&self) -> usize {
+        self.len + MAIL_OVERHEAD
+    }
 }
 
 /// Distinct names in a loaded store (registry rows, and mail recipients a
@@ -579,6 +650,8 @@ pub struct Server {
     /// before it are out, so the sender's ack leaves before the fan-out's
     /// work, not after it.
     fanout: VecDeque<ClientId>,
+    /// Bodies a delivery is waiting for: [`Server::poll_fetch`].
+    fetches: VecDeque<(ClientId, MailId)>,
     /// The time of the latest call that gave one: when a lazily sealed
     /// copy's retransmission is due from.
     now: Instant,
@@ -648,6 +721,7 @@ impl Server {
             timers: TimerWheel::new(now, TICK),
             transmits: VecDeque::new(),
             fanout: VecDeque::new(),
+            fetches: VecDeque::new(),
             now,
             store_ops: VecDeque::new(),
             uncommitted: 0,
@@ -678,6 +752,7 @@ impl Server {
             let Some(to) = server.row(&m.to, unknown, PublicKey::NONE) else {
                 continue;
             };
+            let rewritten = matches!(m.body, Body::Clear(_));
             if let Body::Clear(text) = &m.body {
                 let body = server.legacy_at_rest(&m, text);
                 server.store_ops.push_back(StoreOp::Rewrite {
@@ -707,7 +782,10 @@ impl Server {
                     continue;
                 }
             }
-            if server.content(&m).is_none() {
+            if server
+                .content(&m.to, m.mail, &Held::new(&m), &m.body)
+                .is_none()
+            {
                 // Encrypted under a server key that is gone, or damaged:
                 // nobody can ever read it. Said once, then dropped.
                 server.event(ServerEvent::Undecryptable(m.to.clone(), m.mail));
@@ -717,12 +795,19 @@ impl Server {
                 });
                 continue;
             }
-            server.charge(&m, server.cost(&m));
+            let mut held = Held::new(&m);
+            // Checked; it stays on disk until a delivery needs it. (A body
+            // rewritten now stays in memory: the disk has the clear one
+            // until the rewrite commits. Only a version-1 store has any.)
+            if !rewritten {
+                held.body = None;
+            }
+            server.charge(m.mail, held.shared, server.cost(m.mail, &held));
             server.by_age.insert((m.stored_at, m.mail, to));
             let mb = server.mailboxes.entry(to).or_default();
-            mb.bytes += m.size();
-            mb.keys.insert((m.from.clone(), m.id));
-            mb.mail.insert(m.mail, Box::new(m));
+            mb.bytes += held.size();
+            mb.keys.insert((m.from, m.id));
+            mb.mail.insert(m.mail, Box::new(held));
         }
         // Loading is not a change anyone needs to hear about.
         let _ = server.table.take_deltas();
@@ -909,6 +994,17 @@ impl Server {
         let batch = std::mem::take(&mut self.batch);
         for event in batch.stored {
             self.event(event);
+        }
+        // On disk now: a body no delivery is waiting for leaves memory.
+        for &(to, mail) in &batch.mail {
+            if !self.table.get(to).online
+                && let Some(m) = self
+                    .mailboxes
+                    .get_mut(&to)
+                    .and_then(|mb| mb.mail.get_mut(&mail))
+            {
+                m.body = None;
+            }
         }
     }
 
@@ -1106,6 +1202,7 @@ impl Server {
             && self.uncommitted == 0
             && self.transmits.is_empty()
             && self.fanout.is_empty()
+            && self.fetches.is_empty()
             && !self.deltas_armed
             && self
                 .sessions
@@ -1126,12 +1223,122 @@ impl Server {
     }
 
     /// Messages waiting for `name`, in store order.
-    pub fn mailbox(&self, name: &Name) -> impl Iterator<Item = &StoredMail> {
+    pub fn mailbox(&self, name: &Name) -> impl Iterator<Item = Waiting> {
         self.table
             .lookup(name)
             .and_then(|id| self.mailboxes.get(&id))
             .into_iter()
-            .flat_map(|mb| mb.mail.values().map(|m| &**m))
+            .flat_map(|mb| {
+                mb.mail.iter().map(|(&mail, m)| Waiting {
+                    mail,
+                    from: m.from.clone(),
+                    channel: m.channel,
+                    shared: m.shared,
+                    stored_at: m.stored_at,
+                    id: m.id,
+                    len: m.len as usize,
+                    in_memory: m.body.is_some(),
+                })
+            })
+    }
+
+    /// The next stored body a delivery needs: the driver reads it from
+    /// the store ([`crate::store::Store::fetch`]) and hands it to
+    /// [`Server::handle_fetched`].
+    #[must_use]
+    pub fn poll_fetch(&mut self) -> Option<(Name, MailId)> {
+        while let Some((to, mail)) = self.fetches.pop_front() {
+            let wanted = (self.mailboxes.get(&to))
+                .and_then(|mb| mb.mail.get(&mail))
+                .is_some_and(|m| m.fetching);
+            if wanted {
+                return Some((self.table.get(to).name.clone(), mail));
+            }
+        }
+        None
+    }
+
+    /// Whether a [`Server::poll_fetch`] is waiting.
+    pub fn wants_fetch(&self) -> bool {
+        !self.fetches.is_empty()
+    }
+
+    /// What the store gave for a [`Server::poll_fetch`]. A body that is
+    /// missing, or not the one stored (its length, its kind, its sender's
+    /// key, its encryption), is dropped with a log line, as at load; a
+    /// read that failed is tried again with the delivery's next resend.
+    pub fn handle_fetched(
+        &mut self,
+        now: Instant,
+        to: &Name,
+        mail: MailId,
+        fetched: std::io::Result<Option<Body>>,
+    ) {
+        self.now = self.now.max(now);
+        let Some(id) = self.table.lookup(to) else {
+            return;
+        };
+        let Some(m) = self
+            .mailboxes
+            .get_mut(&id)
+            .and_then(|mb| mb.mail.get_mut(&mail))
+        else {
+            return;
+        };
+        if !std::mem::replace(&mut m.fetching, false) {
+            return;
+        }
+        let body = match fetched {
+            Ok(body) => body,
+            Err(_) => return,
+        };
+        let Some(m) = self.mailboxes.get(&id).and_then(|mb| mb.mail.get(&mail)) else {
+            return;
+        };
+        let genuine = body.as_ref().is_some_and(|b| {
+            b.len() == m.len as usize
+                && matches!(b, Body::Channel(_)) == m.shared
+                && self.vouched(&m.from, b)
+                && self.content(to, mail, m, b).is_some()
+        });
+        if !genuine {
+            self.event(ServerEvent::Undecryptable(to.clone(), mail));
+            self.cancel_delivery(id, mail);
+            self.delete(id, mail);
+            self.pump(now, id);
+            return;
+        }
+        if let Some(m) = self
+            .mailboxes
+            .get_mut(&id)
+            .and_then(|mb| mb.mail.get_mut(&mail))
+        {
+            m.body = body.map(Box::new);
+        }
+        let inflight = (self.sessions.get_mut(id.index() as usize))
+            .and_then(|s| s.inflight.get(&mail))
+            .map(|f| f.pos);
+        if let Some(pos) = inflight {
+            self.transmit_delivery(id, mail, pos);
+        }
+    }
+
+    /// Whether sealed mail is sealed with the key `from`'s name is bound
+    /// to (a forgery written into the store would be vouched for).
+    fn vouched(&self, from: &Name, body: &Body) -> bool {
+        let Body::Sealed { key, .. } = body else {
+            return true;
+        };
+        let bound = self.table.lookup(from).map(|id| self.table.get(id).key);
+        bound == Some(*key)
+    }
+
+    /// Stops delivering `mail` to `id` (its retransmission timer goes).
+    fn cancel_delivery(&mut self, id: ClientId, mail: MailId) {
+        let session = self.sessions.get_mut(id.index() as usize);
+        if let Some(f) = session.and_then(|s| s.inflight.remove(&mail)) {
+            self.timers.cancel(f.timer);
+        }
     }
 
     /// Total bytes held in mailboxes.
@@ -1852,6 +2059,7 @@ impl Server {
         self.note_seen(self.now, id);
         self.table.set(id, addr, false);
         self.cancel_deliveries(id);
+        self.unload(id);
         let session = &mut self.sessions[id.index() as usize];
         if notified {
             // Kept until a presence timeout from now (`on_presence_timer`).
@@ -1970,14 +2178,15 @@ impl Server {
     /// way, unless its (sender, id) is there already (`Ok(false)`: a
     /// retry). The caller emits the store operation.
     fn admit(&mut self, now: Instant, to: ClientId, stored: &StoredMail) -> Result<bool, Refusal> {
-        let cost = self.cost(stored);
+        let held = Held::new(stored);
+        let cost = self.cost(stored.mail, &held);
         let mb = self.mailboxes.entry(to).or_default();
         if mb.keys.contains(&(stored.from.clone(), stored.id)) {
             return Ok(false);
         }
         // A mailbox counts every message whole: it is what its owner is
         // sent, shared or not.
-        let size = stored.size();
+        let size = held.size();
         if mb.mail.len() >= self.config.mailbox_messages
             || mb.bytes + size > self.config.mailbox_bytes
             || self.stored_bytes + cost > self.config.store_bytes
@@ -1986,8 +2195,9 @@ impl Server {
         }
         mb.bytes += size;
         mb.keys.insert((stored.from.clone(), stored.id));
-        mb.mail.insert(stored.mail, Box::new(stored.clone()));
-        self.charge(stored, cost);
+        let shared = held.shared;
+        mb.mail.insert(stored.mail, Box::new(held));
+        self.charge(stored.mail, shared, cost);
         self.by_age.insert((stored.stored_at, stored.mail, to));
         if self.expiry.is_none() {
             // The first message waiting: its expiry is the next.
@@ -2000,53 +2210,69 @@ impl Server {
 
     /// What one more copy of `m` adds to the store's bytes: a shared
     /// channel body counts with its first copy only.
-    fn cost(&self, m: &StoredMail) -> usize {
-        match &m.body {
-            Body::Channel(_) if self.shared.contains_key(&m.mail) => MAIL_OVERHEAD,
-            _ => m.size(),
+    fn cost(&self, mail: MailId, m: &Held) -> usize {
+        match m.shared && self.shared.contains_key(&mail) {
+            true => MAIL_OVERHEAD,
+            false => m.size(),
         }
     }
 
     /// Counts a copy of `m`, costing `cost` ([`Server::cost`]), into the
     /// store's bytes.
-    fn charge(&mut self, m: &StoredMail, cost: usize) {
+    fn charge(&mut self, mail: MailId, shared: bool, cost: usize) {
         self.stored_bytes += cost;
-        if matches!(m.body, Body::Channel(_)) {
-            *self.shared.entry(m.mail).or_default() += 1;
+        if shared {
+            *self.shared.entry(mail).or_default() += 1;
         }
     }
 
     /// Counts a copy of `m` out of the store's bytes.
-    fn discharge(&mut self, m: &StoredMail) {
-        if !matches!(m.body, Body::Channel(_)) {
+    fn discharge(&mut self, mail: MailId, m: &Held) {
+        if !m.shared {
             self.stored_bytes -= m.size();
             return;
         }
         self.stored_bytes -= MAIL_OVERHEAD;
-        if let Some(copies) = self.shared.get_mut(&m.mail) {
+        if let Some(copies) = self.shared.get_mut(&mail) {
             *copies -= 1;
             if *copies == 0 {
-                self.shared.remove(&m.mail);
-                self.stored_bytes -= m.body.len();
+                self.shared.remove(&mail);
+                self.stored_bytes -= m.len as usize;
             }
         }
     }
 
     fn delete(&mut self, to: ClientId, mail: MailId) {
-        if let Some(m) = self.take_mail(to, mail) {
-            self.store_ops.push_back(StoreOp::Delete { to: m.to, mail });
+        if self.take_mail(to, mail).is_some() {
+            let to = self.table.get(to).name.clone();
+            self.store_ops.push_back(StoreOp::Delete { to, mail });
         }
     }
 
     /// Removes a message from memory, with what it counted for.
-    fn take_mail(&mut self, to: ClientId, mail: MailId) -> Option<StoredMail> {
+    fn take_mail(&mut self, to: ClientId, mail: MailId) -> Option<Held> {
         let mb = self.mailboxes.get_mut(&to)?;
         let m = mb.mail.remove(&mail)?;
         mb.bytes -= m.size();
         mb.keys.remove(&(m.from.clone(), m.id));
-        self.discharge(&m);
+        self.discharge(mail, &m);
         self.by_age.remove(&(m.stored_at, mail, to));
         Some(*m)
+    }
+
+    /// Lets go of the bodies of `to`'s committed mail: they stay on disk
+    /// until a delivery fetches them again.
+    fn unload(&mut self, to: ClientId) {
+        let first = self.batch.first_mail;
+        let Some(mb) = self.mailboxes.get_mut(&to) else {
+            return;
+        };
+        for (&mail, m) in &mut mb.mail {
+            // This batch's mail is not on disk until its commit.
+            if first.is_none_or(|first| mail < first) {
+                m.body = None;
+            }
+        }
     }
 
     /// Deletes the mail that reached its time-to-live, then sets the
@@ -2078,12 +2304,13 @@ impl Server {
         for (stored_at, mail, to) in expired {
             match self.take_mail(to, mail) {
                 Some(m) => {
+                    let to = self.table.get(to).name.clone();
                     self.event(ServerEvent::Expired {
-                        to: m.to.clone(),
+                        to: to.clone(),
                         from: m.from,
                         mail,
                     });
-                    self.store_ops.push_back(StoreOp::Delete { to: m.to, mail });
+                    self.store_ops.push_back(StoreOp::Delete { to, mail });
                 }
                 None => {
                     self.by_age.remove(&(stored_at, mail, to));
@@ -2156,18 +2383,34 @@ impl Server {
     }
 
     fn transmit_delivery(&mut self, id: ClientId, mail: MailId, pos: Option<u32>) {
+        let Some(m) = self
+            .mailboxes
+            .get_mut(&id)
+            .and_then(|mb| mb.mail.get_mut(&mail))
+        else {
+            return;
+        };
+        let cached = m.shared && self.opened.as_ref().is_some_and(|(o, _)| *o == mail);
+        if m.body.is_none() && !cached {
+            // On disk: sent once the driver has fetched it.
+            if !std::mem::replace(&mut m.fetching, true) {
+                self.fetches.push_back((id, mail));
+            }
+            return;
+        }
         let Some(m) = self.mailboxes.get(&id).and_then(|mb| mb.mail.get(&mail)) else {
             return;
         };
         let (stored_at, from) = (m.stored_at, m.from.clone());
         let content = match &self.opened {
-            Some((opened, content)) if *opened == mail && matches!(m.body, Body::Channel(_)) => {
-                content.clone()
-            }
-            // Checked when loaded or stored; a failure here delivers nothing.
+            Some((opened, content)) if *opened == mail && m.shared => content.clone(),
+            // Checked when loaded, stored and fetched; a failure here
+            // delivers nothing.
             _ => {
-                let shared = matches!(m.body, Body::Channel(_));
-                let Some(content) = self.content(m) else {
+                let shared = m.shared;
+                let to = &self.table.get(id).name;
+                let Some(content) = m.body.as_deref().and_then(|b| self.content(to, mail, m, b))
+                else {
                     return;
                 };
                 if shared {
@@ -2195,25 +2438,26 @@ impl Server {
     /// A stored message as it is delivered: sealed mail as it was sealed,
     /// a channel copy decrypted from the store (it travels in the
     /// recipient's session).
-    fn content(&self, m: &StoredMail) -> Option<Content> {
-        match &m.body {
+    fn content(&self, to: &Name, mail: MailId, m: &Held, body: &Body) -> Option<Content> {
+        match body {
             Body::Sealed { key, sealed } => Some(Content::Sealed {
                 key: *key,
                 sealed: wire::Sealed::from_slice(sealed).ok()?,
             }),
             Body::AtRest(blob) | Body::Legacy(blob) => {
-                let ad = at_rest_ad(&m.to, &m.from, m.channel, m.id);
+                let ad = at_rest_ad(to, &m.from, m.channel, m.id);
                 let plain = self.links.secrets().open_at_rest(&ad, blob)?;
+                let verified = matches!(body, Body::AtRest(_));
                 let body = wire::decode_body(&plain)?;
                 Some(Content::Relayed {
                     channel: m.channel,
-                    verified: matches!(m.body, Body::AtRest(_)),
+                    verified,
                     id: body.id,
                     text: body.text,
                 })
             }
             Body::Channel(blob) => {
-                let ad = channel_ad(&m.from, m.id, m.mail);
+                let ad = channel_ad(&m.from, m.id, mail);
                 let plain = self.links.secrets().open_at_rest(&ad, blob)?;
                 let body = wire::decode_body(&plain)?;
                 Some(Content::Relayed {

@@ -635,6 +635,7 @@ impl World {
             let Some(server) = self.server.as_mut() else {
                 return;
             };
+            udpchat::store::serve_fetches(server, &mut self.store, self.now);
             while let Some(op) = server.poll_store() {
                 self.uncommitted.push(op);
             }
@@ -701,12 +702,13 @@ impl World {
             while let Some(t) = server.poll_transmit() {
                 out.push(t);
             }
+            let fetching = server.wants_fetch();
             let server_ok = server.stored_bytes() <= self.config.store_bytes
                 && server.table().len() <= self.config.max_clients;
             if !server_ok {
                 self.violation("server over a configured bound".to_string());
             }
-            let more = !out.is_empty();
+            let more = !out.is_empty() || fetching;
             let from = self.server_addr;
             for t in out {
                 self.enqueue(from, t.to, t.payload);
@@ -773,6 +775,7 @@ impl World {
         let Some(server) = self.server.as_mut() else {
             return;
         };
+        udpchat::store::serve_fetches(server, &mut self.store, self.now);
         while let Some(op) = server.poll_store() {
             self.uncommitted.push(op);
         }
@@ -1590,10 +1593,15 @@ impl World {
             let shown_by = |slot: usize| shown.iter().filter(|d| d.slot == slot).count();
             let secrets = &self.secrets;
             let seed = self.p.seed;
+            let store = &self.store;
             let mailbox_has = |slot: usize| {
-                server
-                    .mailbox(&slot_name(slot))
-                    .any(|m| open(secrets, seed, m).as_deref() == Some(text))
+                let to = slot_name(slot);
+                server.mailbox(&to).any(|m| {
+                    (store.get(&to, m.mail))
+                        .and_then(|m| open(secrets, seed, m))
+                        .as_deref()
+                        == Some(text)
+                })
             };
             match (outcome, rec.to) {
                 (Outcome::Delivered, Some(to))

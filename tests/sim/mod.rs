@@ -330,6 +330,7 @@ impl Sim {
 
     fn drain_server(&mut self) {
         loop {
+            udpchat::store::serve_fetches(&mut self.server, &mut self.store, self.now);
             let ops: Vec<StoreOp> = std::iter::from_fn(|| self.server.poll_store()).collect();
             if self.hold {
                 self.held.extend(ops);
@@ -353,7 +354,7 @@ impl Sim {
             while let Some(event) = self.server.poll_event() {
                 self.events.push(event);
             }
-            if !committed {
+            if !committed && !self.server.wants_fetch() {
                 break;
             }
         }
@@ -403,11 +404,14 @@ impl Sim {
     /// holds: (sender, channel, text), in store order.
     pub fn mailbox(&self, n: &str) -> Vec<(String, bool, String)> {
         let secrets = ServerSecrets::derive(&server_key());
+        let to = name(n);
         self.server
-            .mailbox(&name(n))
+            .mailbox(&to)
             .map(|m| {
-                let text = m
-                    .open(&key_of(n), &secrets)
+                // The body is the store's (committed: the simulation
+                // commits at every step unless told to hold).
+                let text = (self.store.get(&to, m.mail))
+                    .and_then(|stored| stored.open(&key_of(n), &secrets))
                     .map_or_else(|| "<unreadable>".to_string(), |b| b.text.to_string());
                 (m.from.to_string(), m.channel, text)
             })
