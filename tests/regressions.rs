@@ -443,3 +443,30 @@ fn a_lowered_client_limit_keeps_every_known_name() {
     assert_eq!(s.nodes[dave].exit, Some(1));
     assert_eq!(s.server.table().len(), 3);
 }
+
+/// A save the server committed but whose "saved" was lost, retried to the
+/// restarted server (which has no reply cache any more), is stored once:
+/// the mailbox's duplicate check on (sender, id) is what catches it.
+#[test]
+fn a_committed_save_retried_after_a_restart_is_stored_once() {
+    let mut s = three();
+    s.command(1, "dereg Bob");
+    s.drop_rules.push(drop_all(|p| p.to == addr(2000)));
+    let a = s.nodes[0].lines.len();
+    s.line(0, "send Bob only once please");
+    assert!(s.run_until(Duration::from_secs(2), |s| s.store.len() == 1));
+    let loaded = s.store.load().unwrap();
+    s.server = Server::new(
+        ServerConfig::new([2; 32], sim::server_key(), (s.start, EPOCH_UNIX)),
+        s.now,
+        loaded,
+    );
+    s.drop_rules.clear();
+    assert!(s.run_until(Duration::from_secs(20), |s| {
+        s.lines_since(0, a).contains(&SAVED)
+    }));
+    s.settle();
+    assert_eq!(s.store.len(), 1);
+    let bob: Vec<_> = s.mailbox("Bob").into_iter().map(|(_, _, t)| t).collect();
+    assert_eq!(bob, ["only once please"]);
+}
