@@ -1254,3 +1254,56 @@ fn a_body_swapped_on_disk_is_dropped_when_fetched_not_shown() {
     );
     assert_eq!(s.server.mailbox(&name("Bob")).count(), 0);
 }
+
+/// (Found by review.) A version-1 clear-text message whose rewrite is
+/// deferred by a failing store, let go at Bob's dereg, is fetched back as
+/// the clear row still on disk: it is the message, not a forgery, and is
+/// delivered or kept, never dropped.
+#[test]
+fn a_clear_message_whose_rewrite_is_deferred_is_still_delivered() {
+    let mut s = Sim::new();
+    let loaded = Loaded {
+        clients: vec![
+            rec("Alice", 2000, key_of("Alice")),
+            rec("Bob", 2001, key_of("Bob")),
+        ],
+        mail: vec![StoredMail {
+            mail: MailId(1),
+            to: name("Bob"),
+            from: name("Alice"),
+            channel: false,
+            stored_at: EPOCH_UNIX,
+            id: MsgId(7),
+            body: Body::Clear("hello from version one".to_string()),
+        }],
+    };
+    let config = ServerConfig::new([1; 32], server_key(), (s.start, EPOCH_UNIX));
+    s.store = udpchat::store::MemoryStore::holding(&loaded);
+    s.server = Server::new(config, s.start, loaded);
+    // The disk refuses writes (locked by another process) for a while.
+    s.store_fails = Some(udpchat::StoreFailure::Busy);
+    // Bob's first deliveries are lost on the way.
+    s.drop_rules.push(Box::new(|p| p.is(What::Deliver)));
+    let bob = s.join("Bob", 2001);
+    s.command(bob, "dereg Bob");
+    s.drop_rules.clear();
+    let b = s.nodes[bob].lines.len();
+    s.command(bob, "reg Bob");
+    s.settle();
+    s.store_fails = None;
+    s.run_for(Duration::from_secs(5));
+    s.settle();
+    println!("events: {:?}", s.events);
+    println!("bob: {:?}", s.lines_since(bob, b));
+    let shown = s
+        .lines(bob)
+        .iter()
+        .filter(|l| l.contains("hello from version one"))
+        .count();
+    let waiting = s.server.mailbox(&name("Bob")).count();
+    assert!(
+        shown == 1 || waiting == 1,
+        "message lost: shown {shown}, still waiting {waiting}, store {} rows",
+        s.store.len()
+    );
+}
