@@ -575,6 +575,20 @@ struct Mailbox {
     bytes: usize,
 }
 
+/// Message `mail` in `to`'s mailbox.
+fn held(boxes: &HashMap<ClientId, Mailbox>, to: ClientId, mail: MailId) -> Option<&Held> {
+    boxes.get(&to)?.mail.get(&mail).map(|m| &**m)
+}
+
+/// [`held`], to change.
+fn held_mut(
+    boxes: &mut HashMap<ClientId, Mailbox>,
+    to: ClientId,
+    mail: MailId,
+) -> Option<&mut Held> {
+    boxes.get_mut(&to)?.mail.get_mut(&mail).map(|m| &mut **m)
+}
+
 /// A message waiting in a mailbox, as [`Server::mailbox`] lists it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Waiting {
@@ -759,7 +773,6 @@ impl Server {
             let Some(to) = server.row(&m.to, unknown, PublicKey::NONE) else {
                 continue;
             };
-            let rewritten = matches!(m.body, Body::Clear(_));
             if let Body::Clear(text) = &m.body {
                 let body = server.legacy_at_rest(&m, text);
                 server.store_ops.push_back(StoreOp::Rewrite {
@@ -803,12 +816,9 @@ impl Server {
                 continue;
             }
             let mut held = Held::new(&m);
-            // Checked; it stays on disk until a delivery needs it. (A body
-            // rewritten now stays in memory: the disk has the clear one
-            // until the rewrite commits. Only a version-1 store has any.)
-            if !rewritten {
-                held.body = None;
-            }
+            // Checked; it stays on disk until a delivery needs it (a body
+            // rewritten now may still be fetched clear: `handle_fetched`).
+            held.body = None;
             server.charge(m.mail, held.shared, server.cost(m.mail, &held));
             server.by_age.insert((m.stored_at, m.mail, to));
             let key = server.dedup_key(&m.from, m.id);
@@ -1006,10 +1016,7 @@ impl Server {
         // On disk now: a body no delivery is waiting for leaves memory.
         for &(to, mail) in &batch.mail {
             if !self.table.get(to).online
-                && let Some(m) = self
-                    .mailboxes
-                    .get_mut(&to)
-                    .and_then(|mb| mb.mail.get_mut(&mail))
+                && let Some(m) = held_mut(&mut self.mailboxes, to, mail)
             {
                 m.body = None;
             }
@@ -1256,9 +1263,7 @@ impl Server {
     #[must_use]
     pub fn poll_fetch(&mut self) -> Option<(Name, MailId)> {
         while let Some((to, mail)) = self.fetches.pop_front() {
-            let wanted = (self.mailboxes.get(&to))
-                .and_then(|mb| mb.mail.get(&mail))
-                .is_some_and(|m| m.fetching);
+            let wanted = held(&self.mailboxes, to, mail).is_some_and(|m| m.fetching);
             if wanted {
                 return Some((self.table.get(to).name.clone(), mail));
             }
@@ -1286,11 +1291,7 @@ impl Server {
         let Some(id) = self.table.lookup(to) else {
             return;
         };
-        let Some(m) = self
-            .mailboxes
-            .get_mut(&id)
-            .and_then(|mb| mb.mail.get_mut(&mail))
-        else {
+        let Some(m) = held_mut(&mut self.mailboxes, id, mail) else {
             return;
         };
         if !std::mem::replace(&mut m.fetching, false) {
@@ -1300,7 +1301,7 @@ impl Server {
             Ok(body) => body,
             Err(_) => return,
         };
-        let Some(m) = self.mailboxes.get(&id).and_then(|mb| mb.mail.get(&mail)) else {
+        let Some(m) = held(&self.mailboxes, id, mail) else {
             return;
         };
         let genuine = body.as_ref().is_some_and(|b| {
@@ -1318,11 +1319,7 @@ impl Server {
             self.pump(now, id);
             return;
         }
-        if let Some(m) = self
-            .mailboxes
-            .get_mut(&id)
-            .and_then(|mb| mb.mail.get_mut(&mail))
-        {
+        if let Some(m) = held_mut(&mut self.mailboxes, id, mail) {
             m.body = body.map(Box::new);
         }
         let inflight = (self.sessions.get_mut(id.index() as usize))
@@ -2264,8 +2261,8 @@ impl Server {
 
     /// Removes a message from memory, with what it counted for.
     fn take_mail(&mut self, to: ClientId, mail: MailId) -> Option<Held> {
-        let mb = self.mailboxes.get(&to)?;
-        let key = self.dedup_key(&mb.mail.get(&mail)?.from, mb.mail.get(&mail)?.id);
+        let m = held(&self.mailboxes, to, mail)?;
+        let key = self.dedup_key(&m.from, m.id);
         let mb = self.mailboxes.get_mut(&to)?;
         let m = mb.mail.remove(&mail)?;
         mb.bytes -= m.size();
@@ -2409,11 +2406,7 @@ impl Server {
     }
 
     fn transmit_delivery(&mut self, id: ClientId, mail: MailId, pos: Option<u32>) {
-        let Some(m) = self
-            .mailboxes
-            .get_mut(&id)
-            .and_then(|mb| mb.mail.get_mut(&mail))
-        else {
+        let Some(m) = held_mut(&mut self.mailboxes, id, mail) else {
             return;
         };
         let cached = m.shared && self.opened.as_ref().is_some_and(|(o, _)| *o == mail);
@@ -2424,7 +2417,7 @@ impl Server {
             }
             return;
         }
-        let Some(m) = self.mailboxes.get(&id).and_then(|mb| mb.mail.get(&mail)) else {
+        let Some(m) = held(&self.mailboxes, id, mail) else {
             return;
         };
         let (stored_at, from) = (m.stored_at, m.from.clone());
