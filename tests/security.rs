@@ -1307,3 +1307,45 @@ fn a_clear_message_whose_rewrite_is_deferred_is_still_delivered() {
         s.store.len()
     );
 }
+
+/// (Attacker with write access to the store.) While Bob is offline, the
+/// sealed message Alice left him is relabelled on disk as sealed by
+/// Mallory's key (same bytes, same length). The server cannot open sealed
+/// mail, but it checks the key against the one Alice's name is bound to
+/// when it fetches the body: dropped with a log line, never shown.
+#[test]
+fn a_sealed_body_relabelled_on_disk_is_dropped_when_fetched() {
+    let mut s = Sim::new();
+    s.join("Alice", 2000);
+    s.join("Bob", 2001);
+    s.command(1, "dereg Bob");
+    s.command(0, "send Bob the real one");
+    let mail = s.server.mailbox(&name("Bob")).next().unwrap().mail;
+    let Body::Sealed { sealed, .. } = s.store.get(&name("Bob"), mail).unwrap().body.clone() else {
+        panic!("a direct message is stored sealed");
+    };
+    let forged = udpchat::store::StoreOp::Rewrite {
+        mail,
+        body: Body::Sealed {
+            key: key_of("Mallory").public(),
+            sealed,
+        },
+    };
+    udpchat::store::Store::commit(&mut s.store, &[forged]).unwrap();
+    let b = s.nodes[1].lines.len();
+    s.command(1, "reg Bob");
+    s.settle();
+    let lines = s.lines_since(1, b);
+    assert!(
+        !lines.iter().any(|l| l.contains("the real one")),
+        "{lines:?}"
+    );
+    assert!(
+        s.events.iter().any(
+            |e| matches!(e, udpchat::ServerEvent::Undecryptable(n, m) if *n == name("Bob") && *m == mail)
+        ),
+        "{:?}",
+        s.events
+    );
+    assert_eq!(s.server.mailbox(&name("Bob")).count(), 0);
+}
