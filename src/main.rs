@@ -1,7 +1,7 @@
 //! `udpchat -s <port>` runs the server; `udpchat -c <name> <server-ip>
 //! <server-port> <client-port>` runs a client.
 
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, ToSocketAddrs};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -13,7 +13,8 @@ const USAGE: &str = "usage: udpchat -s <port> [options] | udpchat -c <name> <ser
 
 const HELP: &str = "
   -s <port>               run the registry server on <port> (1024-65535)
-    --bind ADDR           listen on ADDR instead of 0.0.0.0
+    --bind ADDR           listen on ADDR only (default [::], which takes IPv4 too;
+                          0.0.0.0 where the host has no IPv6)
     --data-dir DIR        keep the registry and mailboxes in DIR (default ./udpchat-data)
     --mailbox-messages N  most messages kept for one client (default 1000)
     --mailbox-bytes N     most bytes kept for one client (default 1048576)
@@ -143,7 +144,7 @@ fn parse(args: &[String]) -> Result<Mode, String> {
             let port = parse_port("port", &port)?;
             let ip = match m.opt_str("bind") {
                 Some(ip) => parse_ip("--bind", &ip)?,
-                None => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+                None => IpAddr::V6(Ipv6Addr::UNSPECIFIED),
             };
             let limit = |flag: &str, default: usize| match m.opt_str(flag) {
                 Some(n) => parse_count(flag, &n),
@@ -172,8 +173,8 @@ fn parse(args: &[String]) -> Result<Mode, String> {
             let [ip, server_port, client_port] = m.free.as_slice() else {
                 return Err("-c takes <name> <server-ip> <server-port> <client-port>".to_string());
             };
-            let ip = parse_ip("server-ip", ip)?;
-            let server = SocketAddr::new(ip, parse_port("server-port", server_port)?);
+            let server_port = parse_port("server-port", server_port)?;
+            let (servers, server_text) = resolve(ip, server_port)?;
             let port = parse_port("client-port", client_port)?;
             let key = match m.opt_str("key") {
                 Some(k) if k.is_empty() => return Err("--key: an empty path".to_string()),
@@ -181,7 +182,8 @@ fn parse(args: &[String]) -> Result<Mode, String> {
             };
             Ok(Mode::Client(driver::client::Options {
                 name,
-                server,
+                servers,
+                server_text,
                 port,
                 heartbeat,
                 key,
@@ -253,9 +255,48 @@ fn parse_heartbeat(s: Option<String>) -> Result<Duration, String> {
 }
 
 fn parse_ip(what: &str, s: &str) -> Result<IpAddr, String> {
-    if s == "localhost" {
-        return Ok(IpAddr::V4(Ipv4Addr::LOCALHOST));
-    }
     s.parse::<IpAddr>()
-        .map_err(|_| format!("{what} '{s}': not an IPv4 address (or IPv6, or localhost)"))
+        .map_err(|_| format!("{what} '{s}': not an IPv4 or IPv6 address"))
+}
+
+/// The server's addresses, to try in turn, and how `known_servers` names
+/// it. A literal is itself; `localhost` is both loopbacks (RFC 6761 §6.3:
+/// never asked of DNS, and `/etc/hosts` often lists only one); any other
+/// name is what the resolver gives.
+fn resolve(host: &str, port: u16) -> Result<(Vec<SocketAddr>, String), String> {
+    if let Ok(ip) = host.parse::<IpAddr>() {
+        let addr = SocketAddr::new(ip, port);
+        return Ok((vec![addr], addr.to_string()));
+    }
+    let text = format!("{host}:{port}");
+    if host == "localhost" {
+        let both = [
+            IpAddr::V4(Ipv4Addr::LOCALHOST),
+            IpAddr::V6(Ipv6Addr::LOCALHOST),
+        ];
+        return Ok((both.map(|ip| SocketAddr::new(ip, port)).to_vec(), text));
+    }
+    let bad = |why: String| format!("server-ip '{host}': {why}");
+    // Digits and dots, or a colon, meant an address (no host name is all
+    // numeric, RFC 1123 §2.1): refused without asking DNS.
+    if host.chars().all(|c| c.is_ascii_digit() || c == '.') || host.contains(':') {
+        return Err(bad("not an IPv4 or IPv6 address".to_string()));
+    }
+    if host.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err(bad("not an address or a host name".to_string()));
+    }
+    let mut addrs = Vec::new();
+    for addr in (host, port)
+        .to_socket_addrs()
+        .map_err(|e| bad(e.to_string()))?
+    {
+        let addr = driver::canonical(addr);
+        if !addrs.contains(&addr) {
+            addrs.push(addr);
+        }
+    }
+    if addrs.is_empty() {
+        return Err(bad("the name has no address".to_string()));
+    }
+    Ok((addrs, text))
 }

@@ -748,3 +748,49 @@ fn a_datagram_copied_to_another_address_moves_nothing() {
         1
     );
 }
+
+/// A host name with several addresses (`localhost`: 127.0.0.1 and ::1):
+/// registration tries them in turn, stays with the one that answered, and
+/// five silent tries in all — not five each — still mean the server is gone.
+#[test]
+fn registration_tries_each_server_address_until_one_answers() {
+    let mut s = Sim::new();
+    let dead: std::net::SocketAddr = "[::1]:1024".parse().unwrap();
+    let live = s.server_addr;
+    let pin = Some(s.server.public_key());
+    let i = s.spawn_configured("Alice", addr(2000), sim::key_of("Alice"), pin, |c| {
+        c.server = dead;
+        c.alternates = vec![live];
+    });
+    s.run_until(Duration::from_secs(10), |s| {
+        s.nodes[i].client.is_idle() && s.quiet()
+    });
+    assert_eq!(s.lines(i), [WELCOME, UPDATED]);
+    let initials: Vec<_> = s
+        .log
+        .iter()
+        .filter(|p| p.is(What::Initial))
+        .map(|p| p.to)
+        .collect();
+    // The second try reached it (the third carries its cookie back).
+    assert_eq!(initials[..2], [dead, live]);
+    assert!(initials[2..].iter().all(|to| *to == live), "{initials:?}");
+    // From then on everything goes to the address that answered.
+    let since = s.log.len();
+    s.command(i, "send_all hello");
+    s.run_for(Duration::from_secs(40));
+    assert!(s.log[since..].iter().all(|p| p.to != dead));
+    assert!(s.log[since..].iter().any(|p| p.is(What::Heartbeat)));
+
+    let mut s = Sim::new();
+    s.stop_server();
+    let other: std::net::SocketAddr = "[::1]:1024".parse().unwrap();
+    let t0 = s.now;
+    let i = s.spawn_configured("Bob", addr(3000), sim::key_of("Bob"), pin, |c| {
+        c.alternates = vec![other];
+    });
+    s.run_until(Duration::from_secs(20), |s| s.nodes[i].exit.is_some());
+    assert_eq!(s.lines(i), [">>> [Server not responding]", ">>> [Exiting]"]);
+    assert_eq!(s.count(|p| p.is(What::Initial)), 5);
+    assert!(s.now - t0 >= Duration::from_millis(2500));
+}

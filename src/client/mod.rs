@@ -44,6 +44,10 @@ pub struct ClientConfig {
     pub name: Name,
     /// The server's address.
     pub server: SocketAddr,
+    /// More addresses of the same server (a host name's other addresses):
+    /// registration tries `server` and these in turn until one answers,
+    /// which is the server's address from then on.
+    pub alternates: Vec<SocketAddr>,
     /// Seeds message ids, sequence numbers, session indexes and every
     /// handshake's ephemeral key. Use OS randomness in production.
     pub seed: [u8; 32],
@@ -66,6 +70,7 @@ impl std::fmt::Debug for ClientConfig {
         f.debug_struct("ClientConfig")
             .field("name", &self.name)
             .field("server", &self.server)
+            .field("alternates", &self.alternates)
             .field("key", &self.key)
             .field("server_key", &self.server_key)
             .field("max_table", &self.max_table)
@@ -88,6 +93,7 @@ impl ClientConfig {
         ClientConfig {
             name,
             server,
+            alternates: Vec::new(),
             seed,
             key,
             server_key,
@@ -484,6 +490,10 @@ pub struct Client {
     sync_pages: usize,
     /// How the registration under way was answered so far.
     patience: Patience,
+    /// The server answered at `config.server`: the alternates are done.
+    server_answered: bool,
+    /// Tries of message 1 sent while no address had answered.
+    join_turn: usize,
     batch: Option<Batch>,
     /// The welcome that opened the latest mail batch.
     last_batch: Option<Seq>,
@@ -515,6 +525,8 @@ impl Client {
             sync: None,
             sync_pages: 0,
             patience: Patience::default(),
+            server_answered: false,
+            join_turn: 0,
             batch: None,
             last_batch: None,
             heartbeat: None,
@@ -539,7 +551,9 @@ impl Client {
         let Ok(datagram) = packet::parse(data) else {
             return;
         };
-        let from_server = from == self.config.server;
+        // Until the server has answered, any of its addresses may.
+        let from_server = from == self.config.server
+            || (!self.server_answered && self.config.alternates.contains(&from));
         let packet = match datagram {
             Datagram::Packet(p) => p,
             Datagram::Negotiate(versions) => {
@@ -561,16 +575,18 @@ impl Client {
             Packet::Retry { receiver, cookie }
                 if from_server && self.session.on_retry(receiver, cookie) =>
             {
+                self.server_answers_at(from);
                 self.send_join();
             }
             Packet::Response {
                 receiver,
                 sender,
                 noise,
-            } if from_server => self.on_response(now, receiver, sender, noise),
+            } if from_server => self.on_response(now, from, receiver, sender, noise),
             Packet::Busy { receiver, wait_ms }
                 if from_server && self.session.awaits_response(receiver) =>
             {
+                self.server_answers_at(from);
                 self.on_busy(now, wait_ms);
             }
             // The server restarted and lost our session: the same path as
@@ -722,6 +738,7 @@ impl Client {
     fn on_response(
         &mut self,
         now: Instant,
+        from: SocketAddr,
         receiver: u64,
         sender: u64,
         noise: &[u8; packet::XX2_LEN],
@@ -739,6 +756,7 @@ impl Client {
             // reported (a forgery cannot end the registration by itself).
             None | Some(KeyCheck::Changed) => {}
             Some(check) => {
+                self.server_answers_at(from);
                 if let KeyCheck::Learned(key) = check {
                     self.events.push_back(Event::ServerKeyLearned(key));
                 }
@@ -790,14 +808,34 @@ impl Client {
         }
     }
 
-    /// Sends the handshake datagram the registration is at.
+    /// The server answered a handshake step (checked) from `from`, one of
+    /// its addresses: that address is the server's from now on, so that a
+    /// cookie or a session is never taken to another one.
+    fn server_answers_at(&mut self, from: SocketAddr) {
+        if self.server_answered {
+            return;
+        }
+        self.server_answered = true;
+        if from != self.config.server
+            && let Some(other) = self.config.alternates.iter_mut().find(|a| **a == from)
+        {
+            std::mem::swap(other, &mut self.config.server);
+        }
+    }
+
+    /// Sends the handshake datagram the registration is at: until the
+    /// server has answered, each try goes to the next of its addresses.
     fn send_join(&mut self) {
         if let Some((payload, what)) = self.session.join_datagram() {
-            self.transmits.push_back(Transmit {
-                to: self.config.server,
-                payload,
-                what,
-            });
+            let mut to = self.config.server;
+            if !self.server_answered && !self.config.alternates.is_empty() {
+                let turn = self.join_turn % (1 + self.config.alternates.len());
+                self.join_turn = self.join_turn.wrapping_add(1);
+                if turn > 0 {
+                    to = self.config.alternates[turn - 1];
+                }
+            }
+            self.transmits.push_back(Transmit { to, payload, what });
         }
     }
 

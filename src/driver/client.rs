@@ -14,7 +14,8 @@ use std::path::PathBuf;
 use super::keys::{self, KnownServers};
 use super::term::{EditorEvent, LineEditor, RawMode};
 use super::{
-    Fatal, RECV_BUF, SIGNALS, bind, io_fatal, listen, local_time, random_seed, read_burst, wait,
+    Fatal, RECV_BUF, SIGNALS, bind, io_fatal, listen, local_time, on_wire, random_seed, read_burst,
+    wait,
 };
 use crate::crypto::Keypair;
 use crate::wire::Name;
@@ -31,8 +32,11 @@ const MAX_LINE: usize = 4096;
 pub struct Options {
     /// The name to register.
     pub name: Name,
-    /// The server's address.
-    pub server: SocketAddr,
+    /// The server's addresses, as the resolver gave them (a literal is
+    /// one): tried in turn until one answers.
+    pub servers: Vec<SocketAddr>,
+    /// The server as typed (`host:port`): its line in `known_servers`.
+    pub server_text: String,
     /// The local port.
     pub port: u16,
     /// The heartbeat interval.
@@ -45,17 +49,19 @@ pub struct Options {
 pub fn run(options: Options) -> Result<i32, Fatal> {
     let Options {
         name,
-        server,
+        servers,
+        server_text,
         port,
         heartbeat,
         key,
     } = options;
-    // The port first: a client that cannot run must not create a key.
-    let local = match server {
-        SocketAddr::V4(_) => SocketAddr::from(([0, 0, 0, 0], port)),
-        SocketAddr::V6(_) => SocketAddr::from(([0u16; 8], port)),
+    let Some((&server, alternates)) = servers.split_first() else {
+        return Err(Fatal(format!("error: {server_text}: no address")));
     };
-    let socket = bind(local)?;
+    // The port first: a client that cannot run must not create a key.
+    // Dual-stack, so that peers of either family can be reached (a
+    // dual-stack server's table holds both).
+    let socket = bind(SocketAddr::from(([0u16; 8], port)))?;
     let key_path = match key {
         Some(path) => path,
         None => keys::default_key_path(&name)?,
@@ -63,9 +69,9 @@ pub fn run(options: Options) -> Result<i32, Fatal> {
     let secret = random_seed()?;
     let (key, _) = keys::load_or_create(&key_path, || Keypair::from_secret(secret))?;
     let known = KnownServers::beside(&key_path);
-    let server_text = server.to_string();
     let pinned = known.lookup(&server_text)?;
     let (socket, mut poll, mut signals) = listen(socket)?;
+    let v6 = socket.local_addr().map_err(io_fatal)?.is_ipv6();
 
     let mut console = Console::new()?;
     // A regular file or /dev/null cannot be polled (epoll says EPERM): it
@@ -78,6 +84,7 @@ pub fn run(options: Options) -> Result<i32, Fatal> {
     let now = Instant::now();
     let mut config = ClientConfig::new(name, server, random_seed()?, key, pinned.map(|p| p.0));
     config.heartbeat = heartbeat;
+    config.alternates = alternates.to_vec();
     let mut client = Client::new(config, now);
     let mut events = Events::with_capacity(16);
     let mut buf = [0u8; RECV_BUF];
@@ -116,7 +123,7 @@ pub fn run(options: Options) -> Result<i32, Fatal> {
         }
         while let Some(t) = client.poll_transmit() {
             // A full send buffer is one more loss; retransmissions cover it.
-            let _ = socket.send_to(&t.payload, t.to);
+            let _ = socket.send_to(&t.payload, on_wire(t.to, v6));
         }
         if console.eof && client.is_idle() {
             return Ok(0);

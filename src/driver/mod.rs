@@ -11,7 +11,7 @@ pub mod term;
 
 use std::fs::File;
 use std::io::{self, Read};
-use std::net::{SocketAddr, UdpSocket};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use mio::{Events, Interest, Poll, Token};
@@ -75,7 +75,7 @@ pub(crate) fn read_burst(
 ) -> bool {
     for _ in 0..READ_BURST {
         match socket.recv_from(buf) {
-            Ok((n, from)) => handle(from, &buf[..n]),
+            Ok((n, from)) => handle(canonical(from), &buf[..n]),
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => return false,
             // Interrupted, or an ICMP error from an earlier send surfacing
             // here on Linux: neither says anything about the next datagram.
@@ -95,11 +95,12 @@ pub(crate) const SEND_BATCH: usize = 64;
 /// protocol's retries cover it.
 pub(crate) fn send_all(socket: &impl std::os::fd::AsRawFd, batch: &mut Vec<crate::Transmit>) {
     let fd = socket.as_raw_fd();
+    let v6 = family_is_v6(fd);
     let mut at = 0;
     while at < batch.len() {
         let chunk = &batch[at..batch.len().min(at + SEND_BATCH)];
         let mut addrs: Vec<(libc::sockaddr_storage, libc::socklen_t)> =
-            chunk.iter().map(|t| sockaddr(&t.to)).collect();
+            chunk.iter().map(|t| sockaddr(&on_wire(t.to, v6))).collect();
         let mut iovs: Vec<libc::iovec> = chunk
             .iter()
             .map(|t| libc::iovec {
@@ -130,6 +131,43 @@ pub(crate) fn send_all(socket: &impl std::os::fd::AsRawFd, batch: &mut Vec<crate
         at += usize::try_from(sent).unwrap_or(0).max(1);
     }
     batch.clear();
+}
+
+/// An IPv4-mapped IPv6 address (`[::ffff:a.b.c.d]:p`, how a dual-stack
+/// socket reports an IPv4 peer) as the plain IPv4 address it is, so the
+/// core — its table, logs, store and per-source limits — sees one spelling
+/// per host (a mapped address would also put every IPv4 host in one IPv6
+/// /64 bucket).
+pub fn canonical(addr: SocketAddr) -> SocketAddr {
+    match addr {
+        SocketAddr::V6(a) => match a.ip().to_ipv4_mapped() {
+            Some(v4) => SocketAddr::new(IpAddr::V4(v4), a.port()),
+            None => addr,
+        },
+        SocketAddr::V4(_) => addr,
+    }
+}
+
+/// `addr` as a socket of the given family takes it: an IPv6 (dual-stack)
+/// socket reaches an IPv4 host through its IPv4-mapped address.
+pub(crate) fn on_wire(addr: SocketAddr, v6_socket: bool) -> SocketAddr {
+    match addr {
+        SocketAddr::V4(a) if v6_socket => {
+            SocketAddr::new(IpAddr::V6(a.ip().to_ipv6_mapped()), a.port())
+        }
+        _ => addr,
+    }
+}
+
+/// Whether the socket `fd` is an IPv6 one (read from the kernel).
+fn family_is_v6(fd: libc::c_int) -> bool {
+    // SAFETY: sockaddr_storage is plain old data; all-zero is valid.
+    let mut storage: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+    // SAFETY: `storage` and `len` are live locals; the kernel writes at
+    // most `len` bytes into `storage`. A bad fd is an error return.
+    let rc = unsafe { libc::getsockname(fd, (&raw mut storage).cast(), &raw mut len) };
+    rc == 0 && libc::c_int::from(storage.ss_family) == libc::AF_INET6
 }
 
 /// `addr` as a C socket address and its length.
@@ -179,9 +217,22 @@ pub(crate) fn io_fatal(e: io::Error) -> Fatal {
 pub struct Fatal(pub String);
 
 /// Binds a UDP socket, turning "address in use" into the exact message the
-/// specification asks for.
+/// specification asks for. `[::]` is dual-stack: one socket for IPv6 and
+/// IPv4 (whatever `net.ipv6.bindv6only` says), and where the host has no
+/// IPv6 it falls back to `0.0.0.0`.
 pub(crate) fn bind(addr: SocketAddr) -> Result<UdpSocket, Fatal> {
-    match UdpSocket::bind(addr) {
+    let bound = if addr.ip() == IpAddr::V6(Ipv6Addr::UNSPECIFIED) {
+        match bind_dual_stack(addr) {
+            Err(e) if no_ipv6(&e) => UdpSocket::bind(SocketAddr::new(
+                IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+                addr.port(),
+            )),
+            other => other,
+        }
+    } else {
+        UdpSocket::bind(addr)
+    };
+    match bound {
         Ok(s) => Ok(s),
         Err(e) if e.kind() == io::ErrorKind::AddrInUse => Err(Fatal(format!(
             "error: port {} is already in use",
@@ -189,6 +240,24 @@ pub(crate) fn bind(addr: SocketAddr) -> Result<UdpSocket, Fatal> {
         ))),
         Err(e) => Err(Fatal(format!("error: cannot bind {addr}: {e}"))),
     }
+}
+
+/// `[::]:port` with `IPV6_V6ONLY` cleared (it must be, before `bind`).
+fn bind_dual_stack(addr: SocketAddr) -> io::Result<UdpSocket> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::IPV6, Type::DGRAM, Some(Protocol::UDP))?;
+    socket.set_only_v6(false)?;
+    socket.bind(&addr.into())?;
+    Ok(socket.into())
+}
+
+/// Whether a failed IPv6 bind says the host has no IPv6 (the kernel
+/// without it, or `ipv6.disable=1`) rather than anything about the port.
+fn no_ipv6(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EAFNOSUPPORT | libc::EPROTONOSUPPORT | libc::EADDRNOTAVAIL)
+    )
 }
 
 /// Socket buffer sizes asked of the kernel: (receive, send).
@@ -384,5 +453,57 @@ mod tests {
             msg,
             format!("error: port {} is already in use", addr.port())
         );
+        // The dual-stack socket wants the IPv4 port too.
+        let taken = UdpSocket::bind("0.0.0.0:0").unwrap();
+        let port = taken.local_addr().unwrap().port();
+        let Err(Fatal(msg)) = bind(SocketAddr::from(([0u16; 8], port))) else {
+            panic!("bound [::] on a port taken on 0.0.0.0")
+        };
+        assert_eq!(msg, format!("error: port {port} is already in use"));
+    }
+
+    #[test]
+    fn mapped_addresses_are_plain_ipv4_inside_and_mapped_on_the_wire() {
+        let v4: SocketAddr = "192.0.2.7:4000".parse().unwrap();
+        let mapped: SocketAddr = "[::ffff:192.0.2.7]:4000".parse().unwrap();
+        let v6: SocketAddr = "[2001:db8::7]:4000".parse().unwrap();
+        assert_eq!(canonical(mapped), v4);
+        assert_eq!(canonical(v4), v4);
+        assert_eq!(canonical(v6), v6);
+        assert_eq!(on_wire(v4, true), mapped);
+        assert_eq!(on_wire(v4, false), v4);
+        assert_eq!(on_wire(v6, true), v6);
+    }
+
+    #[test]
+    fn the_dual_stack_socket_hears_and_answers_ipv4_as_plain_ipv4() {
+        let socket = bind(SocketAddr::from(([0u16; 8], 0))).unwrap();
+        let port = socket.local_addr().unwrap().port();
+        let (socket, mut poll, _signals) = listen(socket).unwrap();
+        let peer = UdpSocket::bind("127.0.0.1:0").unwrap();
+        peer.send_to(b"ping", ("127.0.0.1", port)).unwrap();
+        let mut froms = Vec::new();
+        let mut buf = [0u8; RECV_BUF];
+        let mut events = Events::with_capacity(4);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while froms.is_empty() && Instant::now() < deadline {
+            wait(&mut poll, &mut events, Some(deadline), false).unwrap();
+            read_burst(&socket, &mut buf, |from, data| {
+                froms.push((from, data.to_vec()));
+            });
+        }
+        assert_eq!(froms, [(peer.local_addr().unwrap(), b"ping".to_vec())]);
+        let mut batch = vec![crate::Transmit {
+            to: peer.local_addr().unwrap(),
+            payload: b"pong".to_vec(),
+            what: crate::wire::What::Initial,
+        }];
+        send_all(&socket, &mut batch);
+        peer.set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let mut got = [0u8; 16];
+        let (n, from) = peer.recv_from(&mut got).unwrap();
+        assert_eq!(&got[..n], b"pong");
+        assert_eq!(from.port(), port);
     }
 }

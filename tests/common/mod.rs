@@ -414,9 +414,15 @@ fn spawn_server(dir: &Path, port: u16, extra: &[String]) -> (Child, Captured) {
     (child, output)
 }
 
-/// The line a server on `port` prints once it listens.
-fn listening_line(port: u16) -> String {
-    format!("udpchat server listening on 0.0.0.0:{port}")
+/// Whether `stdout` holds the line a server on `port` prints once it
+/// listens (on `[::]` by default, `0.0.0.0` where the host has no IPv6,
+/// or the `--bind` address).
+fn says_listening(stdout: &[String], port: u16) -> bool {
+    let port = format!(":{port}");
+    stdout.iter().any(|l| {
+        l.strip_prefix("udpchat server listening on ")
+            .is_some_and(|at| at.ends_with(&port))
+    })
 }
 
 impl Server {
@@ -436,10 +442,10 @@ impl Server {
         for _ in 0..PORT_RETRIES {
             let port = free_udp_port();
             let (mut child, mut output) = spawn_server(&dir.0, port, &extra);
-            let ready = listening_line(port);
             let deadline = Instant::now() + DEADLINE;
-            let listening = output.pump_until(deadline, |o| o.stdout.contains(&ready) || o.ended());
-            if output.stdout.contains(&ready) {
+            let listening =
+                output.pump_until(deadline, |o| says_listening(&o.stdout, port) || o.ended());
+            if says_listening(&output.stdout, port) {
                 config_homes()
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
@@ -455,7 +461,7 @@ impl Server {
             if !listening {
                 reap(&mut child);
                 panic!(
-                    "server on port {port} did not print {ready:?} within {DEADLINE:?}\n\
+                    "server on port {port} did not say it listens within {DEADLINE:?}\n\
                      stdout: {:#?}\nstderr: {:#?}",
                     output.stdout, output.stderr
                 );
@@ -507,14 +513,14 @@ impl Server {
         let (child, output) = spawn_server(&self.dir.0, self.port, &self.extra);
         self.child = child;
         self.output = output;
-        let ready = listening_line(self.port);
+        let port = self.port;
         let deadline = Instant::now() + DEADLINE;
         self.output
-            .pump_until(deadline, |o| o.stdout.contains(&ready) || o.ended());
-        if !self.output.stdout.contains(&ready) {
+            .pump_until(deadline, |o| says_listening(&o.stdout, port) || o.ended());
+        if !says_listening(&self.output.stdout, port) {
             let status = wait_child(&mut self.child, Instant::now());
             panic!(
-                "restarted server on port {} did not print {ready:?} within {DEADLINE:?} \
+                "restarted server on port {} did not say it listens within {DEADLINE:?} \
                  (exit: {status:?})\nstdout: {:#?}\nstderr: {:#?}",
                 self.port, self.output.stdout, self.output.stderr
             );
@@ -608,6 +614,12 @@ impl Client {
     /// [`Client::start`] with `extra` flags after the four positional
     /// arguments (`--heartbeat 0.2`…).
     pub fn start_with(name: &str, server_port: u16, extra: &[&str]) -> Client {
+        Client::start_on(name, "127.0.0.1", server_port, extra)
+    }
+
+    /// [`Client::start_with`] given the server as `host` (an address of
+    /// either family, or a host name).
+    pub fn start_on(name: &str, host: &str, server_port: u16, extra: &[&str]) -> Client {
         let mut last_failure = String::new();
         for _ in 0..PORT_RETRIES {
             let port = free_udp_port();
@@ -615,7 +627,7 @@ impl Client {
             let mut child = Command::new(BIN)
                 .arg("-c")
                 .arg(name)
-                .arg("127.0.0.1")
+                .arg(host)
                 .arg(server_port.to_string())
                 .arg(port.to_string())
                 .args(extra)

@@ -173,10 +173,23 @@ impl Sim {
         key: Keypair,
         server_key: Option<PublicKey>,
     ) -> usize {
+        self.spawn_configured(n, at, key, server_key, |_| {})
+    }
+
+    /// [`Sim::spawn_at`] with the client's configuration changed by `tweak`.
+    pub fn spawn_configured(
+        &mut self,
+        n: &str,
+        at: SocketAddr,
+        key: Keypair,
+        server_key: Option<PublicKey>,
+        tweak: impl FnOnce(&mut ClientConfig),
+    ) -> usize {
         let mut seed = [0u8; 32];
         seed[..2].copy_from_slice(&at.port().to_le_bytes());
         seed[2] = self.nodes.len() as u8;
-        let config = ClientConfig::new(name(n), self.server_addr, seed, key, server_key);
+        let mut config = ClientConfig::new(name(n), self.server_addr, seed, key, server_key);
+        tweak(&mut config);
         let client = Client::new(config, self.now);
         self.nodes.push(Node {
             client,
