@@ -551,7 +551,7 @@ impl SaveLog {
                 self.latencies.push(at - self.sent_at[s]);
                 self.due.push(s);
             }
-            Event::Error(_) | Event::NotDelivered(_) => {
+            Event::Error(_) => {
                 self.errors += 1;
                 self.due.push(s);
             }

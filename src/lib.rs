@@ -85,7 +85,7 @@ mod test_rng;
 pub mod timer;
 pub mod wire;
 
-pub use client::{Client, ClientConfig, Event};
+pub use client::{Client, ClientConfig, Event, Path};
 pub use server::{Server, ServerConfig, ServerEvent, StoreFailure, Waiting};
 
 /// How long a sender waits for an ack before it gives up on a try (direct

@@ -447,6 +447,32 @@ pub enum Message {
     },
     /// The direct message `id` was shown (or had been).
     ChatAck { id: MsgId },
+
+    // ---- added by protocol version 2's reachability (appended: earlier
+    // variants keep their indexes) -------------------------------------------
+    /// Client → server: relay sealed mail for `to`, which is online but
+    /// did not answer directly (no path through the NATs between us).
+    /// Stored as a save is; answered by `Received` (the recipient acked
+    /// the relayed copy), `Ack` (saved: no ack came in time) or `Refused`.
+    RelayMessage {
+        seq: Seq,
+        to: Name,
+        id: MsgId,
+        sealed: Sealed,
+    },
+    /// Server → client: a direct message relayed live (shown as a direct
+    /// message). Acked with `Delivered { mail }`.
+    Relayed {
+        mail: MailId,
+        from: Name,
+        content: Content,
+    },
+    /// Server → client: the recipient acked the relayed message `seq`.
+    Received { seq: Seq },
+    /// Server → client: `entry` is trying to reach you and gets no
+    /// answer; send it a datagram now, so that the NATs between you let
+    /// its retry through (hole punching).
+    Punch { entry: Entry },
 }
 
 /// What a datagram carries, for logs, tests and counters (the contents of
@@ -485,6 +511,10 @@ pub enum What {
     PathChallenge,
     Chat,
     ChatAck,
+    RelayMessage,
+    Relayed,
+    Received,
+    Punch,
 }
 
 impl Message {
@@ -513,6 +543,10 @@ impl Message {
             Message::PathChallenge { .. } => What::PathChallenge,
             Message::Chat { .. } => What::Chat,
             Message::ChatAck { .. } => What::ChatAck,
+            Message::RelayMessage { .. } => What::RelayMessage,
+            Message::Relayed { .. } => What::Relayed,
+            Message::Received { .. } => What::Received,
+            Message::Punch { .. } => What::Punch,
         }
     }
 }
@@ -765,6 +799,24 @@ mod tests {
                 text: longest_text(),
             },
             Message::ChatAck { id },
+            Message::RelayMessage {
+                seq,
+                to: longest_name('x'),
+                id,
+                sealed: longest_sealed(),
+            },
+            Message::Relayed {
+                mail: MailId(u64::MAX),
+                from: longest_name('x'),
+                content: Content::Sealed {
+                    key: PublicKey([0xff; 32]),
+                    sealed: longest_sealed(),
+                },
+            },
+            Message::Received { seq },
+            Message::Punch {
+                entry: widest_entry(2),
+            },
         ]
     }
 
@@ -783,7 +835,7 @@ mod tests {
             whats.insert(msg.what());
         }
         // Every message variant (the packet types are the other eight).
-        assert_eq!(whats.len(), 22);
+        assert_eq!(whats.len(), 26);
     }
 
     #[test]

@@ -115,13 +115,15 @@ fn rows(client: &mut Client) -> Vec<String> {
     rows
 }
 
-/// The rows of `list` as name → (address, status).
+/// The rows of `list` as name → (address, status); the path a row may end
+/// with (direct, punched, relayed) is how this client reaches that peer,
+/// not part of the table.
 #[track_caller]
 fn table(client: &mut Client) -> BTreeMap<String, (String, String)> {
     let mut table = BTreeMap::new();
     for line in rows(client) {
         let fields: Vec<&str> = line.split_whitespace().collect();
-        let [">>>", name, addr, status] = fields[..] else {
+        let ([">>>", name, addr, status] | [">>>", name, addr, status, _]) = fields[..] else {
             client.fail(&format!("{line:?} is not a table row"));
         };
         table.insert(name.to_owned(), (addr.to_owned(), status.to_owned()));

@@ -301,21 +301,27 @@ fn server_answers_exists_for_a_live_recipient_and_the_retry_succeeds() {
     assert_eq!(s.server.mailbox(&name("Bob")).count(), 0);
 }
 
+/// SPEC's retry after `exists` fails too: the server reaches Bob and Alice
+/// does not, so the server relays the message (it used to end in "Bob did
+/// not answer; the message was not delivered", and the message was lost).
 #[test]
-fn exists_then_silence_ends_in_an_explicit_error() {
+fn exists_then_silence_is_relayed_by_the_server() {
     let mut s = three();
     s.drop_rules
         .push(drop_all(|p| p.to == addr(3000) && p.is(What::Chat)));
-    let a = s.nodes[0].lines.len();
+    let (a, b) = (s.nodes[0].lines.len(), s.nodes[1].lines.len());
     s.command(0, "send Bob lost");
     assert_eq!(
         s.lines_since(0, a),
         [
             ">>> [No ACK from Bob, message sent to server.]",
             ">>> [Client Bob exists!!]",
-            ">>> [Error: Bob did not answer; the message was not delivered.]"
+            ">>> [Message received by Bob.]"
         ]
     );
+    assert_eq!(s.lines_since(1, b), [">>> Alice: lost"]);
+    assert_eq!(s.count(|p| p.is(What::RelayMessage)), 1);
+    assert_eq!(s.server.mailbox(&name("Bob")).count(), 0);
 }
 
 #[test]

@@ -26,7 +26,7 @@ use crate::table::{DeltaOutcome, LocalTable, PageOutcome};
 use crate::timer::{TimerKey, TimerWheel};
 use crate::wire::{
     self, Content, Entry, FieldError, MailBody, MailId, Message, MsgId, Name, Refusal, Rejection,
-    Seq, Text,
+    Sealed, Seq, Text,
 };
 use crate::{ACK_TIMEOUT, RETRANSMIT, SERVER_TRIES, TICK, Transmit};
 
@@ -122,8 +122,6 @@ pub enum Event {
     Saved,
     /// The server says the recipient is online after all.
     Exists(Name),
-    /// The retry after `Exists` got no ack either.
-    NotDelivered(Name),
     /// Deregistration acked.
     Bye,
     /// A request that the client cannot live without got no answer.
@@ -206,9 +204,6 @@ impl Event {
             Event::PeerOffline(n) => format!("[{n} is offline, message sent to server.]"),
             Event::Saved => "[Messages received by the server and saved]".to_string(),
             Event::Exists(n) => format!("[Client {n} exists!!]"),
-            Event::NotDelivered(n) => {
-                format!("[Error: {n} did not answer; the message was not delivered.]")
-            }
             Event::Bye => "[You are Offline. Bye.]".to_string(),
             Event::ServerNotResponding => "[Server not responding]".to_string(),
             Event::Exiting => "[Exiting]".to_string(),
@@ -324,6 +319,42 @@ enum Phase {
     Save(Seq),
     /// Sent again to the fresh address after `Exists`.
     Retry,
+    /// Handed to the server to relay: the peer is online but no direct
+    /// path opened (or the last message to it needed the relay too).
+    Relay(Seq),
+}
+
+impl Phase {
+    /// The request to the server this phase is, if any.
+    fn seq(self) -> Option<Seq> {
+        match self {
+            Phase::Save(seq) | Phase::Relay(seq) => Some(seq),
+            Phase::Direct | Phase::Retry => None,
+        }
+    }
+}
+
+/// How direct messages reach a peer, as `list` shows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Path {
+    /// Straight to the address in the table: it answered at once.
+    Direct,
+    /// Straight to it, after the server had both sides send to each other
+    /// (hole punching) or a message had to fall back.
+    Punched,
+    /// Through the server: no direct path opened.
+    Relayed,
+}
+
+impl Path {
+    /// The word `list` shows.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Path::Direct => "direct",
+            Path::Punched => "punched",
+            Path::Relayed => "relayed",
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -389,12 +420,8 @@ impl Kind {
             | Kind::Deregister { seq }
             | Kind::Channel { seq, .. }
             | Kind::Sync { seq }
-            | Kind::Heartbeat { seq }
-            | Kind::Direct {
-                phase: Phase::Save(seq),
-                ..
-            } => Some(*seq),
-            Kind::Direct { .. } => None,
+            | Kind::Heartbeat { seq } => Some(*seq),
+            Kind::Direct { phase, .. } => phase.seq(),
         }
     }
 }
@@ -703,6 +730,35 @@ impl Client {
                 // The server saw us at a new address: say it is really us.
                 self.send_server(&Message::PathResponse { nonce });
             }
+            Message::Received { seq } => {
+                let relay = |k: &Kind| {
+                    matches!(
+                        k,
+                        Kind::Direct {
+                            phase: Phase::Relay(_),
+                            ..
+                        }
+                    )
+                };
+                if let Some(Kind::Direct { to, .. }) = self.take_server_op(seq, relay) {
+                    self.events.push_back(Event::ReceivedBy(to));
+                }
+            }
+            Message::Relayed {
+                mail,
+                from,
+                content,
+            } => self.on_relayed(mail, from, content),
+            // A peer cannot reach us: our datagram towards it opens our NAT
+            // for its retry. Only online (a deregistered client takes no
+            // direct messages), never towards ourselves.
+            Message::Punch { entry }
+                if self.presence == Presence::Online
+                    && !entry.key.is_none()
+                    && entry.name != self.config.name =>
+            {
+                self.punch(entry.key, entry.addr);
+            }
             _ => {}
         }
     }
@@ -939,39 +995,66 @@ impl Client {
             return;
         }
         let id = self.msg_id();
-        if entry.online {
+        if !entry.online {
+            self.events
+                .push_back(Event::PeerOffline(entry.name.clone()));
+            let sealed = self.seal(&entry.name, &entry.key, id, &text);
+            self.start_at_server(now, entry, id, text, sealed, Phase::Save);
+        } else if self.peers.path(&entry.key) == Some(Path::Relayed) {
+            // The last message needed the relay: this one goes the same
+            // way at once, and beside it our side of a fresh try at a
+            // direct path (the server has the peer send its side).
+            let sealed = self.seal(&entry.name, &entry.key, id, &text);
+            self.punch(entry.key, entry.addr);
+            let op = self.start_at_server(now, entry, id, text, sealed, Phase::Relay);
+            self.by_msg.insert(id, op);
+        } else {
             let kind = Kind::direct(entry, id, text, Phase::Direct, None);
             let op = self.start(now, kind, RETRANSMIT);
             self.by_msg.insert(id, op);
-        } else {
-            self.events
-                .push_back(Event::PeerOffline(entry.name.clone()));
-            // Sealed to the recipient's key before the server sees it.
-            let body = wire::encode_body(&MailBody {
-                id,
-                text: text.clone(),
-            });
-            let mut seed = [0; 32];
-            self.rng.fill_bytes(&mut seed);
-            let sealed = crypto::seal_mail(
-                &self.config.key,
-                &self.config.name,
-                &entry.key,
-                &entry.name,
-                &body,
-                seed,
-            );
-            self.start_save(now, entry, id, text, &sealed);
         }
     }
 
-    /// Sends `sealed` to the server as a save-message for `entry`.
-    fn start_save(&mut self, now: Instant, entry: Entry, id: MsgId, text: Text, sealed: &[u8]) {
+    /// `text` with its id, sealed to the recipient's key (before the server
+    /// sees it: it can neither read nor alter it).
+    fn seal(&mut self, to: &Name, key: &PublicKey, id: MsgId, text: &Text) -> Option<Box<Sealed>> {
+        let body = wire::encode_body(&MailBody {
+            id,
+            text: text.clone(),
+        });
+        let mut seed = [0; 32];
+        self.rng.fill_bytes(&mut seed);
+        let sealed = crypto::seal_mail(&self.config.key, &self.config.name, key, to, &body, seed);
+        Sealed::from_slice(&sealed).ok().map(Box::new)
+    }
+
+    /// Sends `sealed` to the server for `entry`, as a save-message or a
+    /// relay (`phase`).
+    fn start_at_server(
+        &mut self,
+        now: Instant,
+        entry: Entry,
+        id: MsgId,
+        text: Text,
+        sealed: Option<Box<Sealed>>,
+        phase: fn(Seq) -> Phase,
+    ) -> OpId {
         let seq = self.seq();
-        let sealed = wire::Sealed::from_slice(sealed).ok().map(Box::new);
-        let kind = Kind::direct(entry, id, text, Phase::Save(seq), sealed);
+        let kind = Kind::direct(entry, id, text, phase(seq), sealed);
         let op = self.start(now, kind, ACK_TIMEOUT);
         self.by_seq.insert(seq, op);
+        op
+    }
+
+    /// Our side of hole punching towards the peer `key` at `addr`.
+    fn punch(&mut self, key: PublicKey, addr: SocketAddr) {
+        let session = &self.session;
+        let out = self
+            .peers
+            .punch(&self.config.key, key, addr, &mut self.rng, |i| {
+                session.owns(i)
+            });
+        self.transmits.extend(out);
     }
 
     /// For the load tool only: a save-message to `to` (offline in the
@@ -993,7 +1076,8 @@ impl Client {
         let id = self.msg_id();
         self.events
             .push_back(Event::PeerOffline(entry.name.clone()));
-        self.start_save(now, entry, id, text, sealed);
+        let sealed = Sealed::from_slice(sealed).ok().map(Box::new);
+        self.start_at_server(now, entry, id, text, sealed, Phase::Save);
     }
 
     /// `send_all <text>`: a channel message.
@@ -1062,11 +1146,21 @@ impl Client {
             .iter()
             .map(|e| {
                 let status = if e.online { "online" } else { "offline" };
-                Event::Info(format!(
-                    "{:<width$}  {:<21}  {status}",
-                    e.name.as_str(),
-                    e.addr.to_string()
-                ))
+                // How our messages reach it, once one went (see `Path`).
+                let line = match self.path(&e.name) {
+                    Some(path) => format!(
+                        "{:<width$}  {:<21}  {status:<7}  {}",
+                        e.name.as_str(),
+                        e.addr.to_string(),
+                        path.as_str()
+                    ),
+                    None => format!(
+                        "{:<width$}  {:<21}  {status}",
+                        e.name.as_str(),
+                        e.addr.to_string()
+                    ),
+                };
+                Event::Info(line)
             })
             .collect();
         self.events.extend(lines);
@@ -1125,6 +1219,13 @@ impl Client {
     /// The local client table.
     pub fn table(&self) -> &LocalTable {
         &self.table
+    }
+
+    /// How direct messages to `name` go, once one went or came: straight,
+    /// punched through NATs with the server's help, or relayed by it.
+    pub fn path(&self, name: &Name) -> Option<Path> {
+        let key = self.table.get(name)?.key;
+        self.peers.path(&key)
     }
 
     /// Registered and not deregistered.
@@ -1192,6 +1293,34 @@ impl Client {
         if let Some(Kind::Direct { to, .. }) = self.finish(op) {
             self.events.push_back(Event::ReceivedBy(to));
         }
+    }
+
+    /// A direct message the server relayed (its sender could not reach
+    /// us): shown as the direct message it is, if its seal opens with the
+    /// sender's key, then acked to the server, which tells the sender.
+    fn on_relayed(&mut self, mail: MailId, from: Name, content: Content) {
+        // Acks only follow display; offline, the server keeps it for us.
+        if self.presence != Presence::Online {
+            return;
+        }
+        let key = match &content {
+            Content::Sealed { key, .. } => Some(*key),
+            Content::Relayed { .. } => None,
+        };
+        let d = self.open_delivery(mail, 0, from, content);
+        match (key, d.body) {
+            (Some(key), Some((id, text))) => {
+                // Our answers go the same way until a direct path opens.
+                self.peers.relayed(key);
+                if self.seen.first(&d.from, id) {
+                    self.events.push_back(Event::Direct { from: d.from, text });
+                }
+            }
+            // Not sealed by the sender (a server that claims a relay of
+            // what it made up): shown as stored, so marked unverified.
+            (_, body) => self.show_stored(Delivery { body, ..d }),
+        }
+        self.ack_mail(mail);
     }
 
     fn on_welcome(&mut self, now: Instant, seq: Seq, mail: u32, reset: [u8; packet::TOKEN_LEN]) {
@@ -1268,7 +1397,7 @@ impl Client {
                 Kind::Deregister { .. }
                     | Kind::Channel { .. }
                     | Kind::Direct {
-                        phase: Phase::Save(_),
+                        phase: Phase::Save(_) | Phase::Relay(_),
                         ..
                     }
             )
@@ -1339,7 +1468,7 @@ impl Client {
             match entry.kind {
                 Kind::Channel { .. }
                 | Kind::Direct {
-                    phase: Phase::Save(_),
+                    phase: Phase::Save(_) | Phase::Relay(_),
                     ..
                 } => {
                     self.timers.cancel(entry.timer);
@@ -1399,7 +1528,7 @@ impl Client {
                     entry.kind,
                     Kind::Channel { .. }
                         | Kind::Direct {
-                            phase: Phase::Save(_),
+                            phase: Phase::Save(_) | Phase::Relay(_),
                             ..
                         }
                 )
@@ -1732,42 +1861,30 @@ impl Client {
             } => {
                 // Silent for the whole ack window: hand it to the server,
                 // sealed to the recipient's key (the server cannot read it).
-                let (to, key, id) = (to.clone(), *key, *id);
-                let body = wire::encode_body(&MailBody {
-                    id,
-                    text: text.clone(),
-                });
-                let mut seed = [0; 32];
-                self.rng.fill_bytes(&mut seed);
-                let sealed =
-                    crypto::seal_mail(&self.config.key, &self.config.name, &key, &to, &body, seed);
+                let (to, key, id, text) = (to.clone(), *key, *id, text.clone());
+                let sealed = self.seal(&to, &key, id, &text);
                 self.by_msg.remove(&id);
+                self.peers.fell_back(key);
                 self.events.push_back(Event::NoAck(to));
-                let seq = self.seq();
-                if let Some(Op {
-                    kind:
-                        Kind::Direct {
-                            phase, sealed: s, ..
-                        },
-                    ..
-                }) = self.ops.get_mut(op.0)
-                {
-                    *phase = Phase::Save(seq);
-                    *s = wire::Sealed::from_slice(&sealed).ok().map(Box::new);
-                }
-                self.by_seq.insert(seq, op);
-                self.restart(now, op, ACK_TIMEOUT);
+                self.hand_to_server(now, op, sealed, Phase::Save);
             }
             Kind::Direct {
                 to,
+                key,
                 id,
+                text,
                 phase: Phase::Retry,
                 ..
             } => {
-                let (to, id) = (to.clone(), *id);
-                self.by_msg.remove(&id);
-                self.finish(op);
-                self.events.push_back(Event::NotDelivered(to));
+                // The server reaches the peer, we do not, even after both
+                // sides sent to each other: the server relays it (still
+                // sealed to the peer's key, which `Exists` may have
+                // changed). Never dropped: if the peer does not ack the
+                // relayed copy, it waits in its mailbox ("saved").
+                let (to, key, id, text) = (to.clone(), *key, *id, text.clone());
+                let sealed = self.seal(&to, &key, id, &text);
+                self.peers.relayed(key);
+                self.hand_to_server(now, op, sealed, Phase::Relay);
             }
             _ if sent < SERVER_TRIES => {
                 // Up to a fifth longer, never shorter: clients that lost
@@ -1779,6 +1896,33 @@ impl Client {
             }
             _ => self.give_up(now, op),
         }
+    }
+
+    /// Moves a direct message to the server (`phase`: save or relay)
+    /// with its seal, tries counted afresh.
+    fn hand_to_server(
+        &mut self,
+        now: Instant,
+        op: OpId,
+        sealed: Option<Box<Sealed>>,
+        phase: fn(Seq) -> Phase,
+    ) {
+        let seq = self.seq();
+        if let Some(Op {
+            kind:
+                Kind::Direct {
+                    phase: p,
+                    sealed: s,
+                    ..
+                },
+            ..
+        }) = self.ops.get_mut(op.0)
+        {
+            *p = phase(seq);
+            *s = sealed;
+        }
+        self.by_seq.insert(seq, op);
+        self.restart(now, op, ACK_TIMEOUT);
     }
 
     /// Five tries without an answer from the server.
@@ -1989,7 +2133,19 @@ impl Client {
                 id: *id,
                 sealed: (**sealed).clone(),
             },
-            // Never: a save always has its seal.
+            Kind::Direct {
+                to,
+                id,
+                phase: Phase::Relay(seq),
+                sealed: Some(sealed),
+                ..
+            } => Message::RelayMessage {
+                seq: *seq,
+                to: to.clone(),
+                id: *id,
+                sealed: (**sealed).clone(),
+            },
+            // Never: a save or relay always has its seal.
             Kind::Direct { .. } => return,
             Kind::Heartbeat { seq } => Message::Heartbeat {
                 seq: *seq,

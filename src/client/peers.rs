@@ -15,6 +15,7 @@ use rand_chacha::ChaCha12Rng;
 use rand_core::RngCore;
 use snow::HandshakeState;
 
+use super::Path;
 use crate::Transmit;
 use crate::crypto::{self, Keypair, Link, PublicKey};
 use crate::packet::{IK1_LEN, IK2_LEN, MAX_DATAGRAM, Packet};
@@ -48,6 +49,12 @@ struct Peer {
     /// Links that may still receive, oldest first.
     older: Vec<u64>,
     used: u64,
+    /// How our direct messages reach it, once something did.
+    path: Option<Path>,
+    /// The server had to help: a message to it fell back or was relayed,
+    /// or the server asked us to punch towards it. A direct path found
+    /// after that is a punched one.
+    helped: bool,
 }
 
 /// What a datagram from a peer brought (handed over at once, never stored:
@@ -139,22 +146,56 @@ impl Peers {
                 return out;
             }
         }
-        if let Some(index) = peer.initiating
+        out.extend(self.initiate(local, key, addr, rng, taken));
+        out
+    }
+
+    /// Our handshake's first message to `key` at `addr`: the one under way
+    /// again, or a new one. Sent when the server says the peer cannot
+    /// reach us (hole punching: the datagram opens our NAT towards it, and
+    /// if it gets through, the handshake gives a link that proves the
+    /// path), and beside every relayed message, to find a direct path.
+    pub fn punch(
+        &mut self,
+        local: &Keypair,
+        key: PublicKey,
+        addr: SocketAddr,
+        rng: &mut ChaCha12Rng,
+        taken: impl Fn(u64) -> bool,
+    ) -> Option<Transmit> {
+        self.clock += 1;
+        let clock = self.clock;
+        let peer = self.peers.entry(key).or_default();
+        peer.used = clock;
+        peer.helped = true;
+        let out = self.initiate(local, key, addr, rng, taken);
+        self.evict();
+        out
+    }
+
+    fn initiate(
+        &mut self,
+        local: &Keypair,
+        key: PublicKey,
+        addr: SocketAddr,
+        rng: &mut ChaCha12Rng,
+        taken: impl Fn(u64) -> bool,
+    ) -> Option<Transmit> {
+        if let Some(index) = self.peers.get(&key).and_then(|p| p.initiating)
             && let Some(Slot::Initiating { datagram, .. }) = self.slots.get(&index)
         {
-            out.push(Transmit {
+            return Some(Transmit {
                 to: addr,
                 payload: datagram.clone(),
                 what: What::PeerInit,
             });
-            return out;
         }
         let mut seed = [0; 32];
         rng.fill_bytes(&mut seed);
         let mut hs = crypto::peer_initiator(local, &key, seed);
         let mut msg1 = [0u8; IK1_LEN];
         if !matches!(hs.write_message(&[], &mut msg1), Ok(IK1_LEN)) {
-            return out;
+            return None;
         }
         let index = self.fresh_index(rng, taken);
         let datagram = Packet::PeerInit {
@@ -174,12 +215,48 @@ impl Peers {
             },
         );
         self.evict();
-        out.push(Transmit {
+        Some(Transmit {
             to: addr,
             payload: datagram,
             what: What::PeerInit,
-        });
-        out
+        })
+    }
+
+    /// How direct messages reach `key`, if they ever did.
+    pub fn path(&self, key: &PublicKey) -> Option<Path> {
+        self.peers.get(key).and_then(|p| p.path)
+    }
+
+    /// A message to `key` could not go direct: the server was asked.
+    pub fn fell_back(&mut self, key: PublicKey) {
+        self.clock += 1;
+        let clock = self.clock;
+        let peer = self.peers.entry(key).or_default();
+        peer.used = clock;
+        peer.helped = true;
+        self.evict();
+    }
+
+    /// Messages between us and `key` go through the server (one of ours
+    /// was relayed, or one of its came relayed), until a link proves a
+    /// direct path.
+    pub fn relayed(&mut self, key: PublicKey) {
+        self.fell_back(key);
+        if let Some(peer) = self.peers.get_mut(&key) {
+            peer.path = Some(Path::Relayed);
+        }
+    }
+
+    /// A link with `key` carried data, or our handshake with it finished:
+    /// datagrams pass both ways.
+    fn proved(&mut self, key: PublicKey) {
+        if let Some(peer) = self.peers.get_mut(&key) {
+            peer.path = Some(if peer.helped {
+                Path::Punched
+            } else {
+                Path::Direct
+            });
+        }
     }
 
     /// Sends `msg` on exactly the link `index` (an ack goes back the way
@@ -309,6 +386,7 @@ impl Peers {
             },
         );
         self.make_current(key, receiver);
+        self.proved(key);
         PeerInput::Established(key)
     }
 
@@ -334,6 +412,7 @@ impl Peers {
         {
             self.make_current(key, receiver);
         }
+        self.proved(key);
         PeerInput::Message {
             key,
             index: receiver,

@@ -256,6 +256,9 @@ fn line(event: &ServerEvent) -> String {
             format!("refused {name} from {addr}: the name belongs to another key")
         }
         ServerEvent::Moved(name, addr) => format!("{name} moved to {addr}"),
+        ServerEvent::Back(name, addr) => {
+            format!("{name} is back online at {addr}, on the session it had")
+        }
         ServerEvent::Unverifiable { to, from, mail } => format!(
             "stored message {} for {to} is not sealed by the key of {from}: dropped",
             mail.0

@@ -176,6 +176,9 @@ pub enum ServerEvent {
     Rejected(Name, SocketAddr, Rejection),
     /// A client's address changed (validated), e.g. a NAT rebinding.
     Moved(Name, SocketAddr),
+    /// A client taken for gone proved a new address on its session: it had
+    /// only moved, and is online again there.
+    Back(Name, SocketAddr),
     /// A stored message could not be decrypted (a damaged store, or a
     /// server key that changed) and was dropped.
     Undecryptable(Name, MailId),
@@ -308,6 +311,13 @@ pub const BUSY_AFTER: Duration = Duration::from_millis(400);
 /// The wait a "busy" answer asks for: the queueing delay, within these
 /// bounds (the client adds jitter and backs off on repeats).
 const BUSY_WAIT: (Duration, Duration) = (Duration::from_millis(250), Duration::from_secs(5));
+/// How long a relayed message waits for its recipient's ack before its
+/// sender is told "saved" instead: two delivery tries, well inside the
+/// sender's 2.5 s of request tries.
+const RELAY_WAIT: Duration = Duration::from_millis(1000);
+/// Relayed messages awaiting their recipients' acks, at most; past it a
+/// relay is answered as a save is (stored, "saved").
+const MAX_RELAYS: usize = 4096;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Timer {
@@ -325,6 +335,8 @@ enum Timer {
     Deltas,
     /// Forget the names not online for the name time-to-live.
     Names,
+    /// A relayed message's recipient has had its time to ack.
+    Relay(ClientId, MailId),
 }
 
 /// A reply that rests on the batch under way.
@@ -341,6 +353,9 @@ enum Promise {
         /// The last message counted.
         last: MailId,
     },
+    /// A relay whose answer ("received" or "saved") comes later: a failed
+    /// commit refuses it instead, since nothing of it was kept.
+    Relay { to: ClientId, mail: MailId },
 }
 
 /// What the batch since the last commit promised, so that a failed commit
@@ -413,6 +428,14 @@ struct Probe {
     deliveries: bool,
 }
 
+/// A relayed message's sender, waiting for the recipient's ack.
+#[derive(Debug)]
+struct Relaying {
+    from: ClientId,
+    seq: Seq,
+    timer: TimerKey,
+}
+
 #[derive(Debug)]
 struct Inflight {
     pos: Option<u32>,
@@ -440,6 +463,12 @@ struct Session {
     /// In a join storm most online clients are such joiners; deltas to
     /// them would cost as much as all their pages.
     syncing: bool,
+    /// Taken for gone by a probe or the presence timeout, not deregistered:
+    /// the client may only have moved (a NAT rebinding the probe's old
+    /// address did not reach). Its link is kept for a presence timeout, and
+    /// if it proves a new address on it, it is online again on the same
+    /// session ([`Server::revive`]).
+    gone: bool,
 }
 
 impl Session {
@@ -455,6 +484,7 @@ impl Session {
         last_heard: None,
         presence: None,
         syncing: false,
+        gone: false,
     };
 
     /// Nothing under way and nothing to answer on: no link, probe,
@@ -539,6 +569,9 @@ struct Held {
     body: Option<Box<Body>>,
     /// A fetch of the body is under way.
     fetching: bool,
+    /// Relayed live: delivered as a direct message while its recipient is
+    /// online ([`Message::Relayed`]).
+    relayed: bool,
 }
 
 impl Held {
@@ -553,6 +586,7 @@ impl Held {
             len: u32::try_from(m.body.len()).unwrap_or(u32::MAX),
             body: Some(Box::new(m.body.clone())),
             fetching: false,
+            relayed: false,
         }
     }
 
@@ -643,6 +677,8 @@ pub struct Server {
     /// name).
     sessions: Sessions,
     probes: HashMap<u64, ClientId>,
+    /// Relayed messages not yet acked, by (recipient, mail).
+    relays: HashMap<(ClientId, MailId), Relaying>,
     /// New names per source: per host, and per IPv6 site.
     new_names: limits::Buckets,
     new_names_site: limits::Buckets,
@@ -712,6 +748,7 @@ impl Server {
             links,
             sessions: Sessions::default(),
             probes: HashMap::new(),
+            relays: HashMap::new(),
             new_names: limits::Buckets::new(
                 limits::Prefix::Host,
                 config.new_names.0,
@@ -856,6 +893,15 @@ impl Server {
                 self.on_moved(now, link, addr);
                 return;
             }
+            // A session taken for gone takes nothing from an unproven
+            // address (the challenge is on its way there): a refusal would
+            // make a client that only moved register again.
+            Some(Incoming::Message(link, _))
+                if self.links.addr(link) != Some(from) && self.is_gone(link) =>
+            {
+                self.stats.ignored += 1;
+                return;
+            }
             Some(Incoming::Message(link, msg)) => (link, msg),
         };
         match msg {
@@ -877,16 +923,22 @@ impl Server {
                 if let Some(sender) = self.online_request(now, link, seq)
                     && self.within_rate(now, link, sender, seq, true)
                 {
-                    let entry = self.table.get(sender);
-                    let mail = NewMail {
-                        from: entry.name.clone(),
-                        id,
-                        body: Body::Sealed {
-                            key: entry.key,
-                            sealed: sealed.to_vec(),
-                        },
-                    };
+                    let mail = self.sealed_mail(sender, id, &sealed);
                     self.on_save(now, sender, seq, to, mail);
+                }
+            }
+            Message::RelayMessage {
+                seq,
+                to,
+                id,
+                sealed,
+            } => {
+                // A relay is a request like a save: the same rate limit.
+                if let Some(sender) = self.online_request(now, link, seq)
+                    && self.within_rate(now, link, sender, seq, true)
+                {
+                    let mail = self.sealed_mail(sender, id, &sealed);
+                    self.on_relay(now, sender, seq, to, mail);
                 }
             }
             Message::ChannelSend { seq, id, text } => {
@@ -990,6 +1042,7 @@ impl Server {
                     self.deltas_armed = false;
                     self.flush_deltas();
                 }
+                Timer::Relay(to, mail) => self.on_relay_timer(to, mail),
             }
         }
         self.schedule_deltas(now);
@@ -1056,6 +1109,7 @@ impl Server {
         let mut gone: HashSet<usize> = batch.deliveries.iter().map(|&(i, _)| i).collect();
         let reason = failure.refusal();
         let mut refusals: HashMap<(ClientId, Seq), (What, Vec<u8>)> = HashMap::new();
+        let mut relay_refusals = Vec::new();
         for &(client, seq, promise) in &batch.acks {
             let msg = match promise {
                 Promise::Saved { channel } => {
@@ -1066,6 +1120,20 @@ impl Server {
                         failure,
                     });
                     Message::Refused { seq, reason }
+                }
+                Promise::Relay { to, mail } => {
+                    // Its answer was never sent: it is sent now, refused.
+                    if let Some(r) = self.relays.remove(&(to, mail)) {
+                        self.timers.cancel(r.timer);
+                        let from = self.table.get(client).name.clone();
+                        self.event(ServerEvent::NotSaved {
+                            from,
+                            channel: false,
+                            failure,
+                        });
+                        relay_refusals.push((client, seq));
+                    }
+                    continue;
                 }
                 Promise::Welcome {
                     version,
@@ -1121,6 +1189,9 @@ impl Server {
                 i += 1;
                 !gone.contains(&(i - 1))
             });
+        }
+        for (client, seq) in relay_refusals {
+            self.reply(client, seq, Message::Refused { seq, reason });
         }
     }
 
@@ -1212,6 +1283,7 @@ impl Server {
     /// clients.)
     pub fn is_idle(&self) -> bool {
         self.probes.is_empty()
+            && self.relays.is_empty()
             && self.store_ops.is_empty()
             && self.deferred.is_empty()
             && self.uncommitted == 0
@@ -1465,7 +1537,41 @@ impl Server {
             key: Some(key),
             seen_at,
         }));
-        self.event(ServerEvent::Moved(name, addr));
+        self.event(ServerEvent::Moved(name.clone(), addr));
+        if self.sessions[id.index() as usize].gone {
+            self.revive(now, id, name, addr);
+        }
+    }
+
+    /// Whether `link` is the session of a client taken for gone.
+    fn is_gone(&self, link: LinkId) -> bool {
+        let owner = self.links.get(link).and_then(|l| l.owner);
+        owner.is_some_and(|id| {
+            let session = &self.sessions[id.index() as usize];
+            session.gone && session.link == Some(link)
+        })
+    }
+
+    /// A client taken for gone proved a new address on its session: it had
+    /// only moved. It is online again, same session and name, everyone's
+    /// table follows, and what was stored for it meanwhile comes live.
+    fn revive(&mut self, now: Instant, id: ClientId, name: Name, addr: SocketAddr) {
+        let session = &mut self.sessions[id.index() as usize];
+        session.gone = false;
+        session.rounds = 0;
+        if let Some(timer) = session.presence.take() {
+            self.timers.cancel(timer);
+        }
+        self.table.set(id, addr, true);
+        let mail: Vec<MailId> = self
+            .mailboxes
+            .get(&id)
+            .map(|mb| mb.mail.keys().copied().collect())
+            .unwrap_or_default();
+        self.sessions[id.index() as usize].queue = mail.into_iter().map(|m| (m, None)).collect();
+        self.event(ServerEvent::Back(name, addr));
+        self.heard(now, id);
+        self.pump(now, id);
     }
 
     fn on_save(&mut self, now: Instant, sender: ClientId, seq: Seq, to: Name, mail: NewMail) {
@@ -1476,6 +1582,9 @@ impl Server {
         };
         self.pending(sender, seq);
         if self.table.get(to).online {
+            // The sender could not reach it: while the probe asks whether
+            // it is there, it opens its side of a path to the sender.
+            self.punch(to, sender);
             self.wait_for_probe(
                 now,
                 to,
@@ -1492,11 +1601,82 @@ impl Server {
 
     /// Stores a direct message and acks its sender (after the commit).
     fn save(&mut self, now: Instant, sender: ClientId, seq: Seq, to: ClientId, mail: NewMail) {
+        self.store_direct(now, sender, seq, to, mail, false);
+    }
+
+    /// A direct message its sender could not get through: relayed to an
+    /// online recipient, stored for an offline one. Either way it is
+    /// stored first, so it is never lost: the recipient's ack of the
+    /// relayed copy deletes it and tells the sender "received"; without
+    /// one in [`RELAY_WAIT`] the sender hears "saved" and the copy waits
+    /// in the mailbox like any other.
+    fn on_relay(&mut self, now: Instant, sender: ClientId, seq: Seq, to: Name, mail: NewMail) {
+        let Some(to) = self.table.lookup(&to) else {
+            let reason = Refusal::UnknownRecipient;
+            self.reply(sender, seq, Message::Refused { seq, reason });
+            return;
+        };
+        let relay = self.table.get(to).online && self.relays.len() < MAX_RELAYS;
+        self.store_direct(now, sender, seq, to, mail, relay);
+        if relay {
+            // Direct stays the goal: the recipient tries to open a path
+            // towards the sender again with every relayed message.
+            self.punch(to, sender);
+        }
+    }
+
+    /// The mail a save or relay request of `sender` carries.
+    fn sealed_mail(&self, sender: ClientId, id: MsgId, sealed: &wire::Sealed) -> NewMail {
+        let entry = self.table.get(sender);
+        NewMail {
+            from: entry.name.clone(),
+            id,
+            body: Body::Sealed {
+                key: entry.key,
+                sealed: sealed.to_vec(),
+            },
+        }
+    }
+
+    /// Tells the online client `to` that `peer` cannot reach it, so that
+    /// it sends `peer` a datagram (see [`Message::Punch`]).
+    fn punch(&mut self, to: ClientId, peer: ClientId) {
+        if to != peer {
+            let entry = self.table.get(peer).clone();
+            self.send_to(to, &Message::Punch { entry });
+        }
+    }
+
+    /// [`Server::save`], or with `relay` a relay to an online recipient:
+    /// the sender's answer then waits for the recipient's ack.
+    fn store_direct(
+        &mut self,
+        now: Instant,
+        sender: ClientId,
+        seq: Seq,
+        to: ClientId,
+        mail: NewMail,
+        relay: bool,
+    ) {
         // A probe may just have marked the recipient offline: everyone,
         // the sender included, hears of it before the sender hears "saved".
         self.flush_deltas();
         let key = (to, mail.from.clone(), mail.id);
         match self.put(now, to, mail) {
+            Ok(Some(mail)) if relay => {
+                if let Some(m) = held_mut(&mut self.mailboxes, to, mail) {
+                    m.relayed = true;
+                }
+                self.pending(sender, seq);
+                let timer = self.timers.insert(now + RELAY_WAIT, Timer::Relay(to, mail));
+                let from = sender;
+                self.relays
+                    .insert((to, mail), Relaying { from, seq, timer });
+                self.batch
+                    .acks
+                    .push((sender, seq, Promise::Relay { to, mail }));
+                self.deliver_live(now, to, mail);
+            }
             Ok(mail) => {
                 // The recipient may be online again by now (it came back
                 // while the probe ran): then it gets the message at once.
@@ -1646,7 +1826,27 @@ impl Server {
             session.rounds = 0;
         }
         self.delete(id, mail);
+        if let Some(r) = self.relays.remove(&(id, mail)) {
+            self.timers.cancel(r.timer);
+            let seq = r.seq;
+            self.reply(r.from, seq, Message::Received { seq });
+        }
         self.pump(now, id);
+    }
+
+    /// No ack for a relayed message in time: it stays stored, and its
+    /// sender hears so.
+    fn on_relay_timer(&mut self, to: ClientId, mail: MailId) {
+        let Some(r) = self.relays.remove(&(to, mail)) else {
+            return;
+        };
+        let seq = r.seq;
+        if self.batch.first_mail.is_some_and(|first| mail >= first) {
+            // Its commit is still under way: "saved" stands or falls with it.
+            self.ack_saved(r.from, seq, false);
+        } else {
+            self.reply(r.from, seq, Message::Ack { seq });
+        }
     }
 
     fn on_probe_reply(&mut self, now: Instant, link: LinkId, nonce: u64) {
@@ -1765,12 +1965,15 @@ impl Server {
         let heard = session.last_heard.unwrap_or(now);
         let due = heard + self.config.presence_timeout;
         if !self.table.get(id).online {
-            // Deregistered: its session answered retried deregs (they stop
-            // within 2.5 s); a presence timeout later it is dropped, so an
-            // idle offline client keeps nothing here.
+            // Deregistered (its session answered retried deregs, which stop
+            // within 2.5 s) or taken for gone (a client that only moved had
+            // that long to prove its new address): a presence timeout later
+            // the session is dropped, so an idle offline client keeps
+            // nothing here.
             if now < due && session.link.is_some() {
                 session.presence = Some(self.timers.insert(due, Timer::Presence(id)));
             } else if let Some(link) = session.link.take() {
+                session.gone = false;
                 self.links.remove(link);
             }
             self.release(id);
@@ -2015,6 +2218,7 @@ impl Server {
             .unwrap_or_default();
         let session = &mut self.sessions[id.index() as usize];
         session.rounds = 0;
+        session.gone = false;
         session.batch = seq;
         // It syncs after the welcome (and after its mail).
         session.syncing = true;
@@ -2056,9 +2260,10 @@ impl Server {
     }
 
     /// Marks the client offline, tells everyone (via the next delta) and
-    /// stops its deliveries; its mail stays. A client found silent loses
-    /// its session too (a dereg'd one keeps it, so a retried dereg still
-    /// finds its answer).
+    /// stops its deliveries; its mail stays. Its session stays for a
+    /// presence timeout: a dereg'd client's retried dereg finds its answer
+    /// there, and a silent one (`notified` false) that only moved may come
+    /// back on it ([`Server::revive`]).
     fn set_offline(&mut self, id: ClientId, notified: bool) {
         let entry = self.table.get(id);
         let (addr, name) = (entry.addr, entry.name.clone());
@@ -2067,19 +2272,16 @@ impl Server {
         self.table.set(id, addr, false);
         self.cancel_deliveries(id);
         self.unload(id);
+        // The session is kept until a presence timeout from now
+        // (`on_presence_timer`): a retried dereg still finds its answer, and
+        // a silent client that only moved can prove its new address on it.
         let session = &mut self.sessions[id.index() as usize];
-        if notified {
-            // Kept until a presence timeout from now (`on_presence_timer`).
-            session.last_heard = Some(self.now);
-            if session.presence.is_none() {
-                let due = self.now + self.config.presence_timeout;
-                session.presence = Some(self.timers.insert(due, Timer::Presence(id)));
-            }
-        } else if let Some(link) = session.link.take() {
-            self.links.remove(link);
+        session.gone = !notified;
+        session.last_heard = Some(self.now);
+        if session.link.is_some() && session.presence.is_none() {
+            let due = self.now + self.config.presence_timeout;
+            session.presence = Some(self.timers.insert(due, Timer::Presence(id)));
         }
-        // Silent: whatever it asked has long been given up (its tries last
-        // 2.5 s, its busy waits are heard), so its reply cache goes too.
         self.release(id);
         self.event(ServerEvent::Offline(name, notified));
     }
@@ -2438,14 +2640,25 @@ impl Server {
                 content
             }
         };
+        let relayed = pos.is_none() && held(&self.mailboxes, id, mail).is_some_and(|m| m.relayed);
         let batch = self.sessions[id.index() as usize].batch;
-        let msg = Message::Deliver {
-            mail,
-            batch,
-            pos,
-            stored_at,
-            from,
-            content,
+        let msg = if relayed {
+            // Live, as the direct message it is (a stored one, counted in
+            // a log-back's batch, is a delivery like any other).
+            Message::Relayed {
+                mail,
+                from,
+                content,
+            }
+        } else {
+            Message::Deliver {
+                mail,
+                batch,
+                pos,
+                stored_at,
+                from,
+                content,
+            }
         };
         let at = self.transmits.len();
         self.send_to(id, &msg);

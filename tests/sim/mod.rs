@@ -4,14 +4,18 @@
 
 #![allow(dead_code)]
 
+pub mod nat;
+
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use udpchat::crypto::{Keypair, PublicKey, ServerSecrets};
 use udpchat::store::{MemoryStore, Store, StoreOp};
 use udpchat::wire::{self, Name, What};
 use udpchat::{Client, ClientConfig, Event, Server, ServerConfig, ServerEvent, StoreFailure};
+
+use nat::{Nat, NatKind};
 
 /// One-way latency of every link.
 pub const LATENCY: Duration = Duration::from_millis(1);
@@ -40,7 +44,11 @@ pub type DropRule = Box<dyn FnMut(&Packet) -> bool>;
 
 pub struct Node {
     pub client: Client,
+    /// Its socket's address (inside its NAT, if it has one).
     pub addr: SocketAddr,
+    /// The NAT it sits behind, if any: its datagrams leave from the NAT's
+    /// public address, and only what the NAT lets in reaches it.
+    pub nat: Option<Nat>,
     /// A dead node (crashed, silent leave) neither receives nor sends.
     pub alive: bool,
     pub lines: Vec<String>,
@@ -185,6 +193,19 @@ impl Sim {
         server_key: Option<PublicKey>,
         tweak: impl FnOnce(&mut ClientConfig),
     ) -> usize {
+        self.spawn_node(n, at, key, server_key, tweak, None)
+    }
+
+    /// Starts a client at `at`, behind `nat` if given.
+    fn spawn_node(
+        &mut self,
+        n: &str,
+        at: SocketAddr,
+        key: Keypair,
+        server_key: Option<PublicKey>,
+        tweak: impl FnOnce(&mut ClientConfig),
+        nat: Option<Nat>,
+    ) -> usize {
         let mut seed = [0u8; 32];
         seed[..2].copy_from_slice(&at.port().to_le_bytes());
         seed[2] = self.nodes.len() as u8;
@@ -194,6 +215,7 @@ impl Sim {
         self.nodes.push(Node {
             client,
             addr: at,
+            nat,
             alive: true,
             lines: Vec::new(),
             exit: None,
@@ -201,6 +223,29 @@ impl Sim {
         let i = self.nodes.len() - 1;
         self.drain_node(i);
         i
+    }
+
+    /// Starts a client behind a NAT of its own (public address
+    /// 203.0.113.<n>, one per node) and runs until it registered.
+    pub fn join_behind(&mut self, n: &str, port: u16, kind: NatKind) -> usize {
+        let inside = SocketAddr::from(([10, 0, 0, 2], port));
+        let public = IpAddr::V4(Ipv4Addr::new(203, 0, 113, 1 + self.nodes.len() as u8));
+        let pin = Some(self.server.public_key());
+        let nat = Some(Nat::new(kind, public));
+        let i = self.spawn_node(n, inside, key_of(n), pin, |_| {}, nat);
+        self.run_until(Duration::from_secs(10), |s| {
+            s.nodes[i].exit.is_some() || (s.nodes[i].client.is_idle() && s.quiet())
+        });
+        i
+    }
+
+    /// Where node `i` appears to the server (its NAT's mapping, if any).
+    pub fn seen_at(&self, i: usize) -> SocketAddr {
+        let node = &self.nodes[i];
+        match &node.nat {
+            Some(nat) => nat.mapped(node.addr, self.server_addr).expect("mapped"),
+            None => node.addr,
+        }
     }
 
     /// Ends a [`Sim::hold`]: the held operations are committed, or fail so.
@@ -331,11 +376,15 @@ impl Sim {
             }
             return;
         }
-        if let Some(i) = self
-            .nodes
-            .iter()
-            .position(|n| n.addr == p.to && n.alive && n.exit.is_none())
-        {
+        // Through a NAT (only what it lets in), or straight to a node.
+        let target = self.nodes.iter().position(|n| {
+            let at = match &n.nat {
+                Some(nat) => nat.inbound(p.to, p.from),
+                None => Some(p.to),
+            };
+            at == Some(n.addr) && n.alive && n.exit.is_none()
+        });
+        if let Some(i) = target {
             self.nodes[i].client.handle_datagram(now, p.from, &bytes);
             self.drain_node(i);
         }
@@ -375,7 +424,11 @@ impl Sim {
 
     fn drain_node(&mut self, i: usize) {
         while let Some(t) = self.nodes[i].client.poll_transmit() {
-            let from = self.nodes[i].addr;
+            let node = &mut self.nodes[i];
+            let from = match node.nat.as_mut() {
+                Some(nat) => nat.outbound(node.addr, t.to),
+                None => node.addr,
+            };
             self.enqueue(from, t.to, Some(t.what), t.payload);
         }
         while let Some(event) = self.nodes[i].client.poll_event() {
