@@ -21,10 +21,24 @@ use udpchat::store::Store;
 use udpchat::wire::What;
 use udpchat::{Server, ServerConfig};
 
-/// Runs `seeds` over every core; returns the failing reports.
-fn campaign(first: u64, seeds: u64) -> Vec<Report> {
+/// What a campaign covered: sends, their outcomes (delivered, saved,
+/// channel acked, failed, sender crashed), the paths clients ended on
+/// (direct, punched, relayed), NAT rebindings, failure lines by kind.
+#[derive(Debug, Default)]
+struct Coverage {
+    sends: usize,
+    outcomes: [usize; 5],
+    paths: [usize; 3],
+    rebinds: usize,
+    failures: std::collections::BTreeMap<String, usize>,
+}
+
+/// Runs `seeds` over every core; returns the failing reports and what all
+/// of them covered.
+fn campaign(first: u64, seeds: u64) -> (Vec<Report>, Coverage) {
     let next = AtomicU64::new(first);
     let failures = Mutex::new(Vec::new());
+    let coverage = Mutex::new(Coverage::default());
     let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
     std::thread::scope(|scope| {
         for _ in 0..threads {
@@ -35,6 +49,20 @@ fn campaign(first: u64, seeds: u64) -> Vec<Report> {
                         return;
                     }
                     let report = run_seed(seed);
+                    {
+                        let mut c = coverage.lock().unwrap();
+                        c.sends += report.sends;
+                        for (total, n) in c.outcomes.iter_mut().zip(report.outcomes) {
+                            *total += n;
+                        }
+                        for (total, n) in c.paths.iter_mut().zip(report.paths) {
+                            *total += n;
+                        }
+                        c.rebinds += report.rebinds;
+                        for (kind, n) in &report.failures {
+                            *c.failures.entry(kind.clone()).or_default() += n;
+                        }
+                    }
                     if !report.violations.is_empty() {
                         failures.lock().unwrap().push(report);
                     }
@@ -44,7 +72,7 @@ fn campaign(first: u64, seeds: u64) -> Vec<Report> {
     });
     let mut failures = failures.into_inner().unwrap();
     failures.sort_by_key(|r| r.seed);
-    failures
+    (failures, coverage.into_inner().unwrap())
 }
 
 fn describe(r: &Report) -> String {
@@ -68,9 +96,10 @@ fn seeds_hold_every_invariant() {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(0);
-    let failures = campaign(first, seeds);
+    let (failures, coverage) = campaign(first, seeds);
     // Visible with --nocapture: what a campaign covered.
     eprintln!("{seeds} seeds from {first}, {} failed", failures.len());
+    eprintln!("{coverage:#?}");
     let mut text = String::new();
     for r in &failures {
         text.push_str(&describe(r));

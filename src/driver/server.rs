@@ -256,6 +256,9 @@ fn line(event: &ServerEvent) -> String {
             format!("refused {name} from {addr}: the name belongs to another key")
         }
         ServerEvent::Moved(name, addr) => format!("{name} moved to {addr}"),
+        ServerEvent::Relaying { to, from } => {
+            format!("relaying a message from {from} to {to} (stored until {to} acks it)")
+        }
         ServerEvent::Back(name, addr) => {
             format!("{name} is back online at {addr}, on the session it had")
         }

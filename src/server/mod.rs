@@ -171,6 +171,14 @@ pub enum ServerEvent {
         /// A channel message.
         channel: bool,
     },
+    /// A direct message its sender could not get through was stored, to be
+    /// relayed to its online recipient (and deleted on its ack).
+    Relaying {
+        /// The recipient.
+        to: Name,
+        /// The sender.
+        from: Name,
+    },
     /// A registration was refused: the name is held by a live client, or
     /// belongs to another key.
     Rejected(Name, SocketAddr, Rejection),
@@ -469,6 +477,10 @@ struct Session {
     /// if it proves a new address on it, it is online again on the same
     /// session ([`Server::revive`]).
     gone: bool,
+    /// Its mail goes one message at a time: what was stored while it was
+    /// taken for gone is delivered live after [`Server::revive`], without
+    /// a batch's positions, so only one in flight keeps it in store order.
+    serial: bool,
 }
 
 impl Session {
@@ -485,6 +497,7 @@ impl Session {
         presence: None,
         syncing: false,
         gone: false,
+        serial: false,
     };
 
     /// Nothing under way and nothing to answer on: no link, probe,
@@ -1568,7 +1581,9 @@ impl Server {
             .get(&id)
             .map(|mb| mb.mail.keys().copied().collect())
             .unwrap_or_default();
-        self.sessions[id.index() as usize].queue = mail.into_iter().map(|m| (m, None)).collect();
+        let session = &mut self.sessions[id.index() as usize];
+        session.queue = mail.into_iter().map(|m| (m, None)).collect();
+        session.serial = true;
         self.event(ServerEvent::Back(name, addr));
         self.heard(now, id);
         self.pump(now, id);
@@ -1662,7 +1677,7 @@ impl Server {
         // the sender included, hears of it before the sender hears "saved".
         self.flush_deltas();
         let key = (to, mail.from.clone(), mail.id);
-        match self.put(now, to, mail) {
+        match self.put(now, to, mail, relay) {
             Ok(Some(mail)) if relay => {
                 if let Some(m) = held_mut(&mut self.mailboxes, to, mail) {
                     m.relayed = true;
@@ -2219,6 +2234,7 @@ impl Server {
         let session = &mut self.sessions[id.index() as usize];
         session.rounds = 0;
         session.gone = false;
+        session.serial = false;
         session.batch = seq;
         // It syncs after the welcome (and after its mail).
         session.syncing = true;
@@ -2352,12 +2368,14 @@ impl Server {
     // ---- mail -------------------------------------------------------------
 
     /// Stores a direct message for `to` unless it is already there (a
-    /// retry). `Ok(Some(id))` for a new message, `Ok(None)` for a duplicate.
+    /// retry); `relay`: to be relayed live (the log says so). `Ok(Some(id))`
+    /// for a new message, `Ok(None)` for a duplicate.
     fn put(
         &mut self,
         now: Instant,
         to: ClientId,
         mail: NewMail,
+        relay: bool,
     ) -> Result<Option<MailId>, Refusal> {
         let stored = StoredMail {
             mail: MailId(self.next_mail),
@@ -2373,10 +2391,15 @@ impl Server {
         }
         self.next_mail += 1;
         self.batch.keys.insert((to, stored.from.clone(), stored.id));
-        self.batch.stored.push(ServerEvent::Stored {
-            to: stored.to.clone(),
-            from: stored.from.clone(),
-            channel: false,
+        let (to_name, from) = (stored.to.clone(), stored.from.clone());
+        self.batch.stored.push(if relay {
+            ServerEvent::Relaying { to: to_name, from }
+        } else {
+            ServerEvent::Stored {
+                to: to_name,
+                from,
+                channel: false,
+            }
         });
         let id = stored.mail;
         self.store_ops.push_back(StoreOp::Put(stored));
@@ -2559,10 +2582,13 @@ impl Server {
             let Some(session) = self.sessions.get_mut(id.index() as usize) else {
                 return;
             };
-            if session.inflight.len() >= DELIVERY_WINDOW {
+            let window = if session.serial { 1 } else { DELIVERY_WINDOW };
+            if session.inflight.len() >= window {
                 return;
             }
             let Some((mail, pos)) = session.queue.pop_front() else {
+                // What the revival queued has gone out.
+                session.serial = false;
                 return;
             };
             let exists = self

@@ -31,7 +31,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::hash::{DefaultHasher, Hash, Hasher};
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use rand_chacha::ChaCha8Rng;
@@ -42,7 +42,9 @@ use udpchat::packet::{self, Packet as Datagram};
 use udpchat::server::AMPLIFICATION;
 use udpchat::store::{MemoryStore, Store, StoreOp, StoredMail};
 use udpchat::wire::{self, Name};
-use udpchat::{Client, ClientConfig, Event, Server, ServerConfig, ServerEvent, StoreFailure};
+use udpchat::{Client, ClientConfig, Event, Path, Server, ServerConfig, ServerEvent, StoreFailure};
+
+use crate::sim::nat::{Nat, NatKind};
 
 /// Unix time of the simulation's start (stored-message timestamps).
 pub const EPOCH_UNIX: i64 = 1_700_000_000;
@@ -51,6 +53,26 @@ pub const EPOCH_UNIX: i64 = 1_700_000_000;
 /// restart while the client re-registers (5 × 0.5 s plus a 0.5 s probe), the
 /// save again (2.5 s), `exists` and a last direct try (0.5 s): about 9.5 s.
 pub const OUTCOME_BOUND: Duration = Duration::from_secs(20);
+
+/// The ways a direct message may fail (see [`World::line`]): the server
+/// did not answer or refused it, or the sender could not send it. None of
+/// them is the peer's silence: the server relays to a peer it reaches.
+const ACCEPTED_FAILURES: [&str; 14] = [
+    "[Server not responding",
+    "[Error: the server's store is full",
+    "[Error: the server's store is busy",
+    "[Error: too many requests from this address",
+    "[Error: mailbox of ",
+    "[Error: the server is busy",
+    "[Error: the server has no client ",
+    "[Error: the server lost this session",
+    "[Error: you went offline before the server took it",
+    "[Error: the server is full",
+    "[Error: the server refused the request",
+    "[Error: you are offline",
+    "[Error: registration is under way",
+    "[Error: unknown client ",
+];
 
 /// What a run looks like; everything derives from the seed.
 #[derive(Debug, Clone)]
@@ -85,6 +107,9 @@ pub struct Params {
     /// Faults include spells of a server that is behind (it answers new
     /// handshakes "busy").
     pub busy_spells: bool,
+    /// Per slot: the NAT its host sits behind, if any, and whether that
+    /// NAT rebinds (forgets its mappings) at some faults.
+    pub nats: Vec<Option<(NatKind, bool)>>,
 }
 
 impl Params {
@@ -118,6 +143,22 @@ impl Params {
             store_faults: rng.below(3) == 0,
             // Drawn after it for the same reason.
             busy_spells: rng.below(3) == 0,
+            // Half the runs put clients behind NATs of every kind (no NAT,
+            // endpoint-independent, symmetric, either of them rebinding).
+            // Drawn last, like the two above.
+            nats: if rng.below(2) == 0 {
+                (0..clients)
+                    .map(|_| match rng.below(5) {
+                        0 => None,
+                        1 => Some((NatKind::EndpointIndependent, false)),
+                        2 => Some((NatKind::Symmetric, false)),
+                        3 => Some((NatKind::EndpointIndependent, true)),
+                        _ => Some((NatKind::Symmetric, true)),
+                    })
+                    .collect()
+            } else {
+                vec![None; clients]
+            },
         }
     }
 }
@@ -224,6 +265,11 @@ pub struct Report {
     pub excluded_restarts: usize,
     /// Failure lines by kind (names and texts cut off).
     pub failures: BTreeMap<String, usize>,
+    /// At the end, how live clients reach the peers they talked with:
+    /// direct, punched, relayed.
+    pub paths: [usize; 3],
+    /// NAT rebindings.
+    pub rebinds: usize,
 }
 
 impl Report {
@@ -346,6 +392,8 @@ pub struct World {
     procs: Vec<Proc>,
     /// Slot → its current process.
     current: Vec<Option<usize>>,
+    /// Slot → the NAT its host sits behind (every process of the slot).
+    nats: Vec<Option<Nat>>,
     next_port: Vec<usize>,
     restarts: BTreeMap<(Instant, usize), bool>,
     next_act: Vec<Instant>,
@@ -411,6 +459,12 @@ impl World {
             pinned: BTreeSet::new(),
             procs: Vec::new(),
             current: vec![None; n],
+            nats: (0..n)
+                .map(|slot| {
+                    let public = IpAddr::V4(Ipv4Addr::new(203, 0, 113, 1 + slot as u8));
+                    p.nats[slot].map(|(kind, _)| Nat::new(kind, public))
+                })
+                .collect(),
             next_port: vec![0; n],
             restarts: BTreeMap::new(),
             next_act: vec![start; n],
@@ -755,10 +809,15 @@ impl World {
             }
             return;
         }
+        // Through the slot's NAT (only what it lets in), or straight.
         let target = (0..self.p.clients).find_map(|slot| {
             let pid = self.current[slot]?;
             let proc = &self.procs[pid];
-            (proc.addr == p.to && proc.state == ProcState::Alive).then_some(pid)
+            let at = match &self.nats[slot] {
+                Some(nat) => nat.inbound(p.to, p.from),
+                None => Some(p.to),
+            };
+            (at == Some(proc.addr) && proc.state == ProcState::Alive).then_some(pid)
         });
         if let Some(pid) = target {
             self.procs[pid]
@@ -818,8 +877,12 @@ impl World {
                 lines.push("!!! table over bound".to_string());
             }
         }
-        let from = self.procs[pid].addr;
+        let (slot, inside) = (self.procs[pid].slot, self.procs[pid].addr);
         for t in out {
+            let from = match self.nats[slot].as_mut() {
+                Some(nat) => nat.outbound(inside, t.to),
+                None => inside,
+            };
             self.enqueue(from, t.to, t.payload);
         }
         for line in lines {
@@ -860,10 +923,11 @@ impl World {
             });
         }
         let now = self.now;
+        let (from_host, to_host) = (self.host(from), self.host(to));
         let cut = self.cuts.iter().any(|&(a, b, until)| {
             until > now
-                && ((a == from && b.is_none_or(|b| b == to))
-                    || (a == to && b.is_none_or(|b| b == from)))
+                && ((a == from_host && b.is_none_or(|b| b == to_host))
+                    || (a == to_host && b.is_none_or(|b| b == from_host)))
         });
         let copies = if self.faults && self.rng.chance(self.p.dup) {
             2
@@ -891,6 +955,35 @@ impl World {
                     payload: payload.clone(),
                 },
             );
+        }
+    }
+
+    /// Who is at a wire address, for partitions: a NAT's public address
+    /// with any port is the host behind it (its ports change).
+    fn host(&self, addr: SocketAddr) -> SocketAddr {
+        if self.nats.iter().flatten().any(|n| n.public == addr.ip()) {
+            SocketAddr::new(addr.ip(), 0)
+        } else {
+            addr
+        }
+    }
+
+    /// Process `pid`'s host, as [`World::host`] names it.
+    fn host_of(&self, pid: usize) -> SocketAddr {
+        let proc = &self.procs[pid];
+        match &self.nats[proc.slot] {
+            Some(nat) => SocketAddr::new(nat.public, 0),
+            None => proc.addr,
+        }
+    }
+
+    /// Where process `pid` appears to the server (and to anyone who reads
+    /// the table): its NAT's mapping, or its own address.
+    fn seen_at(&self, pid: usize) -> Option<SocketAddr> {
+        let proc = &self.procs[pid];
+        match &self.nats[proc.slot] {
+            Some(nat) => nat.mapped(proc.addr, self.server_addr),
+            None => Some(proc.addr),
         }
     }
 
@@ -975,7 +1068,7 @@ impl World {
 
     fn any_client_addr(&mut self) -> Option<SocketAddr> {
         let slot = self.rng.below(self.p.clients as u64) as usize;
-        self.current[slot].map(|pid| self.procs[pid].addr)
+        self.current[slot].and_then(|pid| self.seen_at(pid))
     }
 
     /// A well-formed datagram with guessed values: the attacker knows the
@@ -1139,6 +1232,25 @@ impl World {
             self.store_fails = Some((now + self.rng.millis(100, 4000), failure));
             return;
         }
+        let rebinding: Vec<usize> = (0..self.p.clients)
+            .filter(|&slot| self.p.nats[slot].is_some_and(|(_, rebinds)| rebinds))
+            .collect();
+        if !rebinding.is_empty() && self.rng.chance(0.3) {
+            // A NAT forgets its mappings (it rebooted, or they timed out):
+            // its hosts' datagrams leave from new ports from now on.
+            let slot = rebinding[self.rng.below(rebinding.len() as u64) as usize];
+            if let Some(nat) = self.nats[slot].as_mut() {
+                nat.rebind();
+            }
+            self.report.rebinds += 1;
+            if self.trace_on {
+                println!(
+                    "{:9.3} c{slot}'s NAT rebinds",
+                    (now - self.start).as_secs_f64()
+                );
+            }
+            return;
+        }
         if self.p.busy_spells && self.rng.chance(0.3) {
             // A transient overload: the server behind by up to 1.5 s for up
             // to 2 s (its joiners wait, back off and come back).
@@ -1154,12 +1266,12 @@ impl World {
                 let Some(pid) = self.current[slot] else {
                     return;
                 };
-                let a = self.procs[pid].addr;
+                let a = self.host_of(pid);
                 let b = match self.rng.below(3) {
                     0 => Some(self.server_addr),
                     1 => {
                         let other = self.rng.below(self.p.clients as u64) as usize;
-                        self.current[other].map(|o| self.procs[o].addr)
+                        self.current[other].map(|o| self.host_of(o))
                     }
                     _ => None,
                 };
@@ -1465,6 +1577,12 @@ impl World {
         if outcome == Outcome::Failed {
             let kind: String = body.chars().take(30).collect();
             *self.report.failures.entry(kind).or_default() += 1;
+            // Never dropped: a direct message fails only for a reason of
+            // the server's (gone, refusing, full) or the sender's own, never
+            // because its peer could not be reached directly.
+            if rec.to.is_some() && !ACCEPTED_FAILURES.iter().any(|f| body.starts_with(f)) {
+                self.violation(format!("c{slot}: a direct message was dropped: {line}"));
+            }
         }
         if !fits {
             self.violation(format!(
@@ -1648,6 +1766,20 @@ impl World {
             let _ = rec.pid;
         }
         self.report.outcomes = counts;
+        // How the live clients reach the peers they talked with.
+        for slot in 0..self.p.clients {
+            let Some(pid) = self.current[slot] else {
+                continue;
+            };
+            for other in 0..self.p.clients {
+                match self.procs[pid].client.path(&slot_name(other)) {
+                    Some(Path::Direct) => self.report.paths[0] += 1,
+                    Some(Path::Punched) => self.report.paths[1] += 1,
+                    Some(Path::Relayed) => self.report.paths[2] += 1,
+                    None => {}
+                }
+            }
+        }
         // Convergence: every live process is online, its table is the
         // server's, and its mailbox is empty.
         let mut server_rows: Vec<_> = server.table().iter().map(|(_, e)| e.clone()).collect();
@@ -1669,7 +1801,8 @@ impl World {
                 .table()
                 .lookup(&slot_name(slot))
                 .map(|id| server.table().get(id));
-            if !row.is_some_and(|e| e.online && e.addr == proc.addr) {
+            let seen_at = self.seen_at(pid);
+            if !row.is_some_and(|e| e.online && Some(e.addr) == seen_at) {
                 v.push(format!("c{slot}: online, but the server has {row:?}"));
             }
             let local: Vec<_> = proc.client.table().iter().cloned().collect();
