@@ -327,6 +327,8 @@ pub struct Server {
     /// Flags after `-s <port>`, kept so that [`Server::restart`] starts the
     /// same server again.
     extra: Vec<String>,
+    /// The network namespace it runs in, if not the test's own.
+    netns: Option<String>,
 }
 
 /// A directory removed on drop, also when a test panics.
@@ -398,9 +400,23 @@ pub fn key_file(server_port: u16, name: &str) -> PathBuf {
         .join(format!("{name}.key"))
 }
 
+/// The command that runs the binary, in the network namespace `netns` if
+/// given (`ip netns exec` execs it, so the child is the binary itself and
+/// signals reach it).
+fn binary(netns: Option<&str>) -> Command {
+    match netns {
+        Some(ns) => {
+            let mut command = Command::new("ip");
+            command.args(["netns", "exec", ns, BIN]);
+            command
+        }
+        None => Command::new(BIN),
+    }
+}
+
 /// Spawns `udpchat -s <port> <extra…>` in `dir` with its output captured.
-fn spawn_server(dir: &Path, port: u16, extra: &[String]) -> (Child, Captured) {
-    let mut child = Command::new(BIN)
+fn spawn_server(dir: &Path, port: u16, extra: &[String], netns: Option<&str>) -> (Child, Captured) {
+    let mut child = binary(netns)
         .arg("-s")
         .arg(port.to_string())
         .args(extra)
@@ -435,13 +451,18 @@ impl Server {
     /// directory (so a relative `--data-dir` lands inside it, as does the
     /// default one), and waits until it says it listens.
     pub fn start_with(extra: &[&str]) -> Server {
+        Server::start_in(None, extra)
+    }
+
+    /// [`Server::start_with`] in the network namespace `netns` (if given).
+    pub fn start_in(netns: Option<&str>, extra: &[&str]) -> Server {
         harness_start();
         let dir = fresh_dir();
         let extra: Vec<String> = extra.iter().map(|&a| a.to_owned()).collect();
         let mut last_failure = String::new();
         for _ in 0..PORT_RETRIES {
             let port = free_udp_port();
-            let (mut child, mut output) = spawn_server(&dir.0, port, &extra);
+            let (mut child, mut output) = spawn_server(&dir.0, port, &extra, netns);
             let deadline = Instant::now() + DEADLINE;
             let listening =
                 output.pump_until(deadline, |o| says_listening(&o.stdout, port) || o.ended());
@@ -456,6 +477,7 @@ impl Server {
                     output,
                     dir,
                     extra,
+                    netns: netns.map(str::to_owned),
                 };
             }
             if !listening {
@@ -510,7 +532,8 @@ impl Server {
         // Once reaped, the old process's socket is closed, so the port is
         // free for the new one.
         reap(&mut self.child);
-        let (child, output) = spawn_server(&self.dir.0, self.port, &self.extra);
+        let netns = self.netns.as_deref();
+        let (child, output) = spawn_server(&self.dir.0, self.port, &self.extra, netns);
         self.child = child;
         self.output = output;
         let port = self.port;
@@ -620,11 +643,22 @@ impl Client {
     /// [`Client::start_with`] given the server as `host` (an address of
     /// either family, or a host name).
     pub fn start_on(name: &str, host: &str, server_port: u16, extra: &[&str]) -> Client {
+        Client::start_in(None, name, host, server_port, extra)
+    }
+
+    /// [`Client::start_on`] in the network namespace `netns` (if given).
+    pub fn start_in(
+        netns: Option<&str>,
+        name: &str,
+        host: &str,
+        server_port: u16,
+        extra: &[&str],
+    ) -> Client {
         let mut last_failure = String::new();
         for _ in 0..PORT_RETRIES {
             let port = free_udp_port();
             let home = config_home(server_port);
-            let mut child = Command::new(BIN)
+            let mut child = binary(netns)
                 .arg("-c")
                 .arg(name)
                 .arg(host)
