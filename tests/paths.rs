@@ -323,3 +323,152 @@ fn a_client_whose_nat_rebinds_and_who_speaks_first_reaches_its_peer() {
     );
     assert_eq!(shown(&s, 0, a), [">>> Bob: got it"]);
 }
+
+// ---- the attacker ---------------------------------------------------------
+
+/// The server relays what it cannot read: the stored copy is the sender's
+/// seal for Bob's key, no byte of the text in it, and only Bob's key opens
+/// it.
+#[test]
+fn the_server_relays_a_seal_it_cannot_read() {
+    let mut s = behind(NatKind::Symmetric);
+    // Bob does not ack, so the relayed copy stays to be looked at.
+    let bob = s.seen_at(1);
+    s.drop_rules
+        .push(drop_all(move |p| p.to == bob && p.is(What::Relayed)));
+    s.line(0, "send Bob a secret for Bob");
+    s.run_for(std::time::Duration::from_secs(3));
+    assert!(s.count(|p| p.is(What::RelayMessage)) > 0);
+    let waiting: Vec<_> = s.server.mailbox(&name("Bob")).collect();
+    assert_eq!(waiting.len(), 1);
+    let stored = s.store.get(&name("Bob"), waiting[0].mail).unwrap().clone();
+    let udpchat::store::Body::Sealed { sealed, .. } = &stored.body else {
+        panic!("a relayed message is stored as its sender sealed it: {stored:?}");
+    };
+    let text = b"a secret for Bob";
+    assert!(!sealed.windows(text.len()).any(|w| w == text));
+    let secrets = udpchat::crypto::ServerSecrets::derive(&sim::server_key());
+    assert!(stored.open(&sim::key_of("Carol"), &secrets).is_none());
+    assert!(stored.open(&sim::server_key(), &secrets).is_none());
+    let opened = stored.open(&sim::key_of("Bob"), &secrets).unwrap();
+    assert_eq!(opened.text.as_str(), "a secret for Bob");
+}
+
+/// An on-path attacker who recorded a relayed delivery and a punch plays
+/// them again, from the server's address and from its own: Bob shows the
+/// message once and sends no handshake more.
+#[test]
+fn a_replayed_relay_or_punch_changes_nothing() {
+    let mut s = behind(NatKind::Symmetric);
+    let b = s.nodes[1].lines.len();
+    assert_eq!(
+        send(&mut s, 0, "Bob", "only once"),
+        [NO_ACK, EXISTS, RECEIVED]
+    );
+    let recorded: Vec<sim::Packet> = s
+        .log
+        .iter()
+        .filter(|p| p.is(What::Relayed) || p.is(What::Punch))
+        .cloned()
+        .collect();
+    // The punches: one while the server probed Bob, one with the relay.
+    assert!(recorded.iter().any(|p| p.is(What::Relayed)));
+    assert_eq!(recorded.iter().filter(|p| p.is(What::Punch)).count(), 2);
+    let inits = s.count(|p| p.is(What::PeerInit));
+    let thief = addr(6666);
+    for p in &recorded {
+        for from in [p.from, thief] {
+            s.inject(from, p.to, p.payload.clone());
+        }
+    }
+    s.settle();
+    assert_eq!(s.lines_since(1, b), [">>> Alice: only once"]);
+    assert_eq!(s.count(|p| p.is(What::PeerInit)), inits);
+    assert_eq!(s.server.mailbox(&name("Bob")).count(), 0);
+}
+
+/// Alice is gone (her process died) and the server took her for gone; a
+/// stranger replays one of her datagrams from its own address. Her session
+/// is not revived there: the stranger gets only a challenge it cannot
+/// answer (within 3× of what it sent), none of her mail, and her row stays.
+#[test]
+fn a_gone_clients_datagram_replayed_from_elsewhere_revives_nothing() {
+    let mut s = behind(NatKind::EndpointIndependent);
+    let alice_at = s.seen_at(0);
+    s.run_for(std::time::Duration::from_secs(11));
+    let beat = s
+        .log
+        .iter()
+        .rev()
+        .find(|p| p.from == alice_at && p.is(What::Heartbeat))
+        .expect("a heartbeat of Alice's")
+        .payload
+        .clone();
+    s.crash(0);
+    assert_eq!(
+        send(&mut s, 1, "Alice", "for Alice only"),
+        [
+            ">>> [No ACK from Alice, message sent to server.]",
+            ">>> [Client table updated.]",
+            SAVED
+        ]
+    );
+    let thief = addr(6666);
+    let server = s.server_addr;
+    s.inject(thief, server, beat.clone());
+    s.settle();
+    let to_thief: usize = s
+        .log
+        .iter()
+        .filter(|p| p.to == thief)
+        .map(|p| p.payload.len())
+        .sum();
+    assert!(
+        to_thief <= 3 * beat.len(),
+        "{to_thief} bytes for {}",
+        beat.len()
+    );
+    assert!(
+        !s.log
+            .iter()
+            .any(|p| p.to == thief && (p.is(What::Deliver) || p.is(What::Relayed)))
+    );
+    let alice = s.server.table().lookup(&name("Alice")).unwrap();
+    assert!(!s.server.table().get(alice).online);
+    assert_eq!(s.server.table().get(alice).addr, alice_at);
+    assert_eq!(s.server.mailbox(&name("Alice")).count(), 1);
+}
+
+/// Relays are requests like saves: a burst past the sender's ration is
+/// refused, said so, and neither stored nor shown; what got in is shown.
+#[test]
+fn relays_count_against_the_senders_request_ration() {
+    let mut s = Sim::with(|c| c.requests = (12, std::time::Duration::from_secs(1)));
+    s.join_behind("Alice", 2000, NatKind::Symmetric);
+    s.join_behind("Bob", 3000, NatKind::Symmetric);
+    s.settle();
+    assert_eq!(send(&mut s, 0, "Bob", "first"), [NO_ACK, EXISTS, RECEIVED]);
+    // The ration refills, then thirty relays at once.
+    s.run_for(std::time::Duration::from_secs(20));
+    let (a, b) = (s.nodes[0].lines.len(), s.nodes[1].lines.len());
+    for k in 0..30 {
+        s.line(0, &format!("send Bob burst {k}"));
+    }
+    s.settle();
+    let lines = s.lines_since(0, a);
+    let slow_down = ">>> [Error: too many requests from this address just now; not saved — send it again in a moment.]";
+    let received = lines.iter().filter(|l| **l == RECEIVED).count();
+    let refused = lines.iter().filter(|l| **l == slow_down).count();
+    assert_eq!(received + refused, 30, "{lines:?}");
+    assert!(
+        (1..=12).contains(&received),
+        "{received} relayed: {lines:?}"
+    );
+    let shown = s
+        .lines_since(1, b)
+        .iter()
+        .filter(|l| l.contains("burst"))
+        .count();
+    assert_eq!(shown, received);
+    assert_eq!(s.server.mailbox(&name("Bob")).count(), 0);
+}
