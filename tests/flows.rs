@@ -734,12 +734,7 @@ fn a_datagram_copied_to_another_address_moves_nothing() {
     s.settle();
     let alice = s.server.table().lookup(&name("Alice")).unwrap();
     assert_eq!(s.server.table().get(alice).addr, addr(2000));
-    let to_thief: usize = s
-        .log
-        .iter()
-        .filter(|p| p.to == thief)
-        .map(|p| p.payload.len())
-        .sum();
+    let to_thief = s.bytes_to(thief);
     assert!(
         to_thief <= 3 * copied.len(),
         "{to_thief} bytes to the thief for {}",

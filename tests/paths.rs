@@ -417,12 +417,7 @@ fn a_gone_clients_datagram_replayed_from_elsewhere_revives_nothing() {
     let server = s.server_addr;
     s.inject(thief, server, beat.clone());
     s.settle();
-    let to_thief: usize = s
-        .log
-        .iter()
-        .filter(|p| p.to == thief)
-        .map(|p| p.payload.len())
-        .sum();
+    let to_thief = s.bytes_to(thief);
     assert!(
         to_thief <= 3 * beat.len(),
         "{to_thief} bytes for {}",

@@ -127,10 +127,7 @@ impl Peers {
         rng: &mut ChaCha12Rng,
         taken: impl Fn(u64) -> bool,
     ) -> Vec<Transmit> {
-        self.clock += 1;
-        let clock = self.clock;
-        let peer = self.peers.entry(key).or_default();
-        peer.used = clock;
+        let peer = self.touch(key);
         let mut out = Vec::new();
         if let Some(index) = peer.current
             && let Some(Slot::Link { link, .. }) = self.slots.get_mut(&index)
@@ -163,11 +160,7 @@ impl Peers {
         rng: &mut ChaCha12Rng,
         taken: impl Fn(u64) -> bool,
     ) -> Option<Transmit> {
-        self.clock += 1;
-        let clock = self.clock;
-        let peer = self.peers.entry(key).or_default();
-        peer.used = clock;
-        peer.helped = true;
+        self.touch(key).helped = true;
         let out = self.initiate(local, key, addr, rng, taken);
         self.evict();
         out
@@ -222,6 +215,14 @@ impl Peers {
         })
     }
 
+    /// The peer `key`, marked as the most recently used.
+    fn touch(&mut self, key: PublicKey) -> &mut Peer {
+        self.clock += 1;
+        let peer = self.peers.entry(key).or_default();
+        peer.used = self.clock;
+        peer
+    }
+
     /// How direct messages reach `key`, if they ever did.
     pub fn path(&self, key: &PublicKey) -> Option<Path> {
         self.peers.get(key).and_then(|p| p.path)
@@ -229,11 +230,7 @@ impl Peers {
 
     /// A message to `key` could not go direct: the server was asked.
     pub fn fell_back(&mut self, key: PublicKey) {
-        self.clock += 1;
-        let clock = self.clock;
-        let peer = self.peers.entry(key).or_default();
-        peer.used = clock;
-        peer.helped = true;
+        self.touch(key).helped = true;
         self.evict();
     }
 
@@ -332,10 +329,7 @@ impl Peers {
         let Some(link) = Link::new(hs, index, sender) else {
             return PeerInput::Nothing;
         };
-        self.clock += 1;
-        let peer = self.peers.entry(key).or_default();
-        peer.used = self.clock;
-        peer.older.push(index);
+        self.touch(key).older.push(index);
         self.slots.insert(
             index,
             Slot::Link {
@@ -421,9 +415,7 @@ impl Peers {
     }
 
     fn make_current(&mut self, key: PublicKey, index: u64) {
-        self.clock += 1;
-        let peer = self.peers.entry(key).or_default();
-        peer.used = self.clock;
+        let peer = self.touch(key);
         peer.older.retain(|&i| i != index);
         if let Some(old) = peer.current.replace(index) {
             peer.older.push(old);

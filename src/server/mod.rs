@@ -917,6 +917,7 @@ impl Server {
             }
             Some(Incoming::Message(link, msg)) => (link, msg),
         };
+        let what = msg.what();
         match msg {
             Message::Register { seq, name } => self.on_register(now, link, seq, name),
             Message::Deregister { seq } => {
@@ -927,31 +928,29 @@ impl Server {
                     self.reply(id, seq, Message::Ack { seq });
                 }
             }
+            // A relay is a request like a save: the same rate limit.
             Message::SaveMessage {
                 seq,
                 to,
                 id,
                 sealed,
-            } => {
-                if let Some(sender) = self.online_request(now, link, seq)
-                    && self.within_rate(now, link, sender, seq, true)
-                {
-                    let mail = self.sealed_mail(sender, id, &sealed);
-                    self.on_save(now, sender, seq, to, mail);
-                }
             }
-            Message::RelayMessage {
+            | Message::RelayMessage {
                 seq,
                 to,
                 id,
                 sealed,
             } => {
-                // A relay is a request like a save: the same rate limit.
+                let relay = what == What::RelayMessage;
                 if let Some(sender) = self.online_request(now, link, seq)
                     && self.within_rate(now, link, sender, seq, true)
                 {
                     let mail = self.sealed_mail(sender, id, &sealed);
-                    self.on_relay(now, sender, seq, to, mail);
+                    if relay {
+                        self.on_relay(now, sender, seq, to, mail);
+                    } else {
+                        self.on_save(now, sender, seq, to, mail);
+                    }
                 }
             }
             Message::ChannelSend { seq, id, text } => {

@@ -497,6 +497,12 @@ impl Sim {
             .collect()
     }
 
+    /// The bytes sent to `to` in all (before drop rules).
+    pub fn bytes_to(&self, to: SocketAddr) -> usize {
+        let to_it = self.log.iter().filter(|p| p.to == to);
+        to_it.map(|p| p.payload.len()).sum()
+    }
+
     /// How many packets matching `f` were sent (before drop rules).
     pub fn count(&self, f: impl Fn(&Packet) -> bool) -> usize {
         self.log.iter().filter(|p| f(p)).count()
