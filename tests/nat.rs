@@ -9,8 +9,8 @@
 //!
 //! ```text
 //!   wan: br0 203.0.113.1/24, 2001:db8::1/64 — the server
-//!    ├─ nat-a: 203.0.113.10 ⇄ 192.0.2.1/24    ─ client-a: 192.0.2.2
-//!    ├─ nat-b: 203.0.113.11 ⇄ 198.51.100.1/24 ─ client-b: 198.51.100.2
+//!    ├─ nat0: 203.0.113.10 ⇄ 192.0.2.1/24    ─ host0: 192.0.2.2
+//!    ├─ nat1: 203.0.113.11 ⇄ 198.51.100.1/24 ─ host1: 198.51.100.2
 //!    └─ v6: 2001:db8::2/64 (no IPv4 at all)
 //! ```
 
@@ -41,17 +41,18 @@ struct Lab {
     sites: usize,
 }
 
-/// Runs `ip`, `nft` or `conntrack` with `args`; panics with its stderr if it
-/// fails.
+/// Runs a command line (words split on whitespace: `ip -n X link set lo
+/// up`); panics with its stderr if it fails.
 #[track_caller]
-fn run(program: &str, args: &[&str]) {
-    let out = Command::new(program)
-        .args(args)
+fn run(line: &str) {
+    let words: Vec<&str> = line.split_whitespace().collect();
+    let out = Command::new(words[0])
+        .args(&words[1..])
         .output()
-        .unwrap_or_else(|e| panic!("cannot run {program}: {e} (.ci/run installs it)"));
+        .unwrap_or_else(|e| panic!("cannot run {}: {e} (.ci/run installs it)", words[0]));
     assert!(
         out.status.success(),
-        "{program} {args:?} failed: {}",
+        "{line} failed: {}",
         String::from_utf8_lossy(&out.stderr)
     );
 }
@@ -77,13 +78,13 @@ impl Lab {
     /// them) a missing tool fails the test instead of skipping it.
     fn new(test: &str) -> Option<Lab> {
         let required = std::env::var("UDPCHAT_NAT_TESTS").is_ok_and(|v| v == "required");
-        for (tool, package) in [
+        let tools = [
             ("ip", "iproute2"),
             ("nft", "nftables"),
             ("conntrack", "conntrack"),
-        ] {
-            let found = Command::new(tool).arg("--version").output().is_ok();
-            if !found {
+        ];
+        for (tool, package) in tools {
+            if Command::new(tool).arg("--version").output().is_err() {
                 let why = format!("{tool} is not installed (Debian package {package})");
                 assert!(!required, "{why}");
                 skip(test, &why);
@@ -95,55 +96,29 @@ impl Lab {
         let prefix = format!("udpchat-{}-{n}-", std::process::id());
         let wan = format!("{prefix}wan");
         let made = Command::new("ip").args(["netns", "add", &wan]).output();
-        match made {
-            Ok(out) if out.status.success() => {}
-            Ok(out) => {
-                let why = String::from_utf8_lossy(&out.stderr);
-                let why = format!("cannot make network namespaces: {}", why.trim());
-                assert!(!required, "{why}");
-                skip(test, &why);
-                return None;
-            }
-            Err(e) => {
-                let why = format!("cannot run ip to make network namespaces: {e}");
-                assert!(!required, "{why}");
-                skip(test, &why);
-                return None;
-            }
+        let failed = match made {
+            Ok(out) if out.status.success() => None,
+            Ok(out) => Some(String::from_utf8_lossy(&out.stderr).trim().to_string()),
+            Err(e) => Some(e.to_string()),
+        };
+        if let Some(why) = failed {
+            let why = format!("cannot make network namespaces: {why}");
+            assert!(!required, "{why}");
+            skip(test, &why);
+            return None;
         }
         let lab = Lab {
             prefix,
             namespaces: vec![wan.clone()],
             sites: 0,
         };
-        run("ip", &["-n", &wan, "link", "set", "lo", "up"]);
-        run("ip", &["-n", &wan, "link", "add", "br0", "type", "bridge"]);
-        run("ip", &["-n", &wan, "link", "set", "br0", "up"]);
-        run(
-            "ip",
-            &[
-                "-n",
-                &wan,
-                "addr",
-                "add",
-                &format!("{SERVER_V4}/24"),
-                "dev",
-                "br0",
-            ],
-        );
-        run(
-            "ip",
-            &[
-                "-n",
-                &wan,
-                "addr",
-                "add",
-                &format!("{SERVER_V6}/64"),
-                "dev",
-                "br0",
-                "nodad",
-            ],
-        );
+        run(&format!("ip -n {wan} link set lo up"));
+        run(&format!("ip -n {wan} link add br0 type bridge"));
+        run(&format!("ip -n {wan} link set br0 up"));
+        run(&format!("ip -n {wan} addr add {SERVER_V4}/24 dev br0"));
+        run(&format!(
+            "ip -n {wan} addr add {SERVER_V6}/64 dev br0 nodad"
+        ));
         Some(lab)
     }
 
@@ -153,15 +128,25 @@ impl Lab {
 
     fn add_ns(&mut self, name: &str) -> String {
         let ns = self.ns(name);
-        run("ip", &["netns", "add", &ns]);
+        run(&format!("ip netns add {ns}"));
         self.namespaces.push(ns.clone());
-        run("ip", &["-n", &ns, "link", "set", "lo", "up"]);
+        run(&format!("ip -n {ns} link set lo up"));
         ns
     }
 
     /// The namespace the server runs in.
     fn wan(&self) -> String {
         self.ns("wan")
+    }
+
+    /// A host on the wan bridge (through the veth `port` there) whose end
+    /// of the link is `eth0`.
+    fn plug(&self, port: &str, ns: &str) {
+        let wan = self.wan();
+        run(&format!(
+            "ip link add {port} netns {wan} type veth peer name eth0 netns {ns}"
+        ));
+        run(&format!("ip -n {wan} link set {port} master br0 up"));
     }
 
     /// A client site: a router namespace that masquerades (`nat`) between
@@ -173,100 +158,34 @@ impl Lab {
         let (public, lan) = SITES[k];
         let router = self.add_ns(&format!("nat{k}"));
         let host = self.add_ns(&format!("host{k}"));
-        let wan = self.wan();
-        let up = format!("up{k}");
-        run(
-            "ip",
-            &[
-                "link", "add", &up, "netns", &wan, "type", "veth", "peer", "name", "wan", "netns",
-                &router,
-            ],
-        );
-        run(
-            "ip",
-            &["-n", &wan, "link", "set", &up, "master", "br0", "up"],
-        );
-        run(
-            "ip",
-            &[
-                "-n",
-                &router,
-                "addr",
-                "add",
-                &format!("{public}/24"),
-                "dev",
-                "wan",
-            ],
-        );
-        run("ip", &["-n", &router, "link", "set", "wan", "up"]);
-        run(
-            "ip",
-            &[
-                "link", "add", "lan", "netns", &router, "type", "veth", "peer", "name", "eth0",
-                "netns", &host,
-            ],
-        );
-        run(
-            "ip",
-            &[
-                "-n",
-                &router,
-                "addr",
-                "add",
-                &format!("{lan}.1/24"),
-                "dev",
-                "lan",
-            ],
-        );
-        run("ip", &["-n", &router, "link", "set", "lan", "up"]);
-        run(
-            "ip",
-            &[
-                "-n",
-                &host,
-                "addr",
-                "add",
-                &format!("{lan}.2/24"),
-                "dev",
-                "eth0",
-            ],
-        );
-        run("ip", &["-n", &host, "link", "set", "eth0", "up"]);
-        run(
-            "ip",
-            &[
-                "-n",
-                &host,
-                "route",
-                "add",
-                "default",
-                "via",
-                &format!("{lan}.1"),
-            ],
-        );
-        run(
-            "ip",
-            &[
-                "netns",
-                "exec",
-                &router,
-                "sysctl",
-                "-qw",
-                "net.ipv4.ip_forward=1",
-            ],
-        );
+        // The router's `eth0` faces the wan, `lan` its client.
+        self.plug(&format!("up{k}"), &router);
+        run(&format!("ip -n {router} addr add {public}/24 dev eth0"));
+        run(&format!("ip -n {router} link set eth0 up"));
+        run(&format!(
+            "ip link add lan netns {router} type veth peer name eth0 netns {host}"
+        ));
+        run(&format!("ip -n {router} addr add {lan}.1/24 dev lan"));
+        run(&format!("ip -n {router} link set lan up"));
+        run(&format!("ip -n {host} addr add {lan}.2/24 dev eth0"));
+        run(&format!("ip -n {host} link set eth0 up"));
+        run(&format!("ip -n {host} route add default via {lan}.1"));
+        run(&format!(
+            "ip netns exec {router} sysctl -qw net.ipv4.ip_forward=1"
+        ));
         let masquerade = match nat {
             Nat::EndpointIndependent => "masquerade",
             Nat::Symmetric => "masquerade fully-random",
         };
-        // A home router: masquerading out of wan, and a stateful firewall
-        // that lets in only what answers the inside (unsolicited datagrams
-        // are dropped before conntrack keeps them, as on any such router).
+        // A home router: masquerading out of the wan, and a stateful
+        // firewall that lets in only what answers the inside (unsolicited
+        // datagrams are dropped before conntrack keeps them, as on any such
+        // router).
         let rules = format!(
             "table ip nat {{
                chain post {{
                  type nat hook postrouting priority srcnat;
-                 oifname \"wan\" {masquerade}
+                 oifname \"eth0\" {masquerade}
                }}
              }}
              table inet filter {{
@@ -278,7 +197,7 @@ impl Lab {
                chain forward {{
                  type filter hook forward priority 0; policy drop;
                  ct state established,related accept
-                 iifname \"lan\" oifname \"wan\" accept
+                 iifname \"lan\" oifname \"eth0\" accept
                }}
              }}
             "
@@ -313,40 +232,19 @@ impl Lab {
         self.nft(
             &router,
             "flush chain ip nat post\n\
-             add rule ip nat post oifname \"wan\" meta l4proto udp masquerade to :20000-29999\n",
+             add rule ip nat post oifname \"eth0\" meta l4proto udp masquerade to :20000-29999\n",
         );
-        run("ip", &["netns", "exec", &router, "conntrack", "-F"]);
+        run(&format!("ip netns exec {router} conntrack -F"));
     }
 
     /// A host on the wan bridge with an IPv6 address only.
     fn v6_host(&mut self) -> String {
         let host = self.add_ns("v6");
-        let wan = self.wan();
-        run(
-            "ip",
-            &[
-                "link", "add", "up6", "netns", &wan, "type", "veth", "peer", "name", "eth0",
-                "netns", &host,
-            ],
-        );
-        run(
-            "ip",
-            &["-n", &wan, "link", "set", "up6", "master", "br0", "up"],
-        );
-        run(
-            "ip",
-            &[
-                "-n",
-                &host,
-                "addr",
-                "add",
-                "2001:db8::2/64",
-                "dev",
-                "eth0",
-                "nodad",
-            ],
-        );
-        run("ip", &["-n", &host, "link", "set", "eth0", "up"]);
+        self.plug("up6", &host);
+        run(&format!(
+            "ip -n {host} addr add 2001:db8::2/64 dev eth0 nodad"
+        ));
+        run(&format!("ip -n {host} link set eth0 up"));
         host
     }
 }

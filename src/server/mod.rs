@@ -1555,6 +1555,12 @@ impl Server {
         }
     }
 
+    /// The ids of `id`'s waiting mail, in store order.
+    fn mail_ids(&self, id: ClientId) -> Vec<MailId> {
+        let mailbox = self.mailboxes.get(&id);
+        mailbox.map_or_else(Vec::new, |mb| mb.mail.keys().copied().collect())
+    }
+
     /// Whether `link` is the session of a client taken for gone.
     fn is_gone(&self, link: LinkId) -> bool {
         let owner = self.links.get(link).and_then(|l| l.owner);
@@ -1575,11 +1581,7 @@ impl Server {
             self.timers.cancel(timer);
         }
         self.table.set(id, addr, true);
-        let mail: Vec<MailId> = self
-            .mailboxes
-            .get(&id)
-            .map(|mb| mb.mail.keys().copied().collect())
-            .unwrap_or_default();
+        let mail = self.mail_ids(id);
         let session = &mut self.sessions[id.index() as usize];
         session.queue = mail.into_iter().map(|m| (m, None)).collect();
         session.serial = true;
@@ -2225,11 +2227,7 @@ impl Server {
         self.table.set_key(id, key);
         self.table.set(id, addr, true);
         self.cancel_deliveries(id);
-        let mail: Vec<MailId> = self
-            .mailboxes
-            .get(&id)
-            .map(|mb| mb.mail.keys().copied().collect())
-            .unwrap_or_default();
+        let mail = self.mail_ids(id);
         let session = &mut self.sessions[id.index() as usize];
         session.rounds = 0;
         session.gone = false;
