@@ -388,19 +388,24 @@ fn a_replayed_relay_or_punch_changes_nothing() {
 }
 
 /// Alice is gone (her process died) and the server took her for gone; a
-/// stranger replays one of her datagrams from its own address. Her session
-/// is not revived there: the stranger gets only a challenge it cannot
-/// answer (within 3× of what it sent), none of her mail, and her row stays.
+/// stranger who captured one of her datagrams on its way (the server never
+/// got it, so no replay window stops it) sends it from its own address.
+/// Her session is not revived there: the stranger gets only a challenge it
+/// cannot answer (within 3× of what it sent), none of her mail, and her
+/// row stays.
 #[test]
-fn a_gone_clients_datagram_replayed_from_elsewhere_revives_nothing() {
+fn a_gone_clients_captured_datagram_sent_from_elsewhere_revives_nothing() {
     let mut s = behind(NatKind::EndpointIndependent);
     let alice_at = s.seen_at(0);
+    // Her next heartbeat is caught on the way: the server never sees it.
+    let beat = move |p: &sim::Packet| p.from == alice_at && p.is(What::Heartbeat);
+    s.drop_rules.push(sim::drop_first(1, beat));
     s.run_for(std::time::Duration::from_secs(11));
-    let beat = s
+    // The first of her heartbeats, the one lost (its retry got through).
+    let captured = s
         .log
         .iter()
-        .rev()
-        .find(|p| p.from == alice_at && p.is(What::Heartbeat))
+        .find(|p| beat(p))
         .expect("a heartbeat of Alice's")
         .payload
         .clone();
@@ -415,13 +420,15 @@ fn a_gone_clients_datagram_replayed_from_elsewhere_revives_nothing() {
     );
     let thief = addr(6666);
     let server = s.server_addr;
-    s.inject(thief, server, beat.clone());
+    s.inject(thief, server, captured.clone());
     s.settle();
+    // It got through the session's checks: the challenge shows it.
+    assert_eq!(s.count(|p| p.to == thief && p.is(What::PathChallenge)), 1);
     let to_thief = s.bytes_to(thief);
     assert!(
-        to_thief <= 3 * beat.len(),
+        to_thief <= 3 * captured.len(),
         "{to_thief} bytes for {}",
-        beat.len()
+        captured.len()
     );
     assert!(
         !s.log
@@ -432,6 +439,46 @@ fn a_gone_clients_datagram_replayed_from_elsewhere_revives_nothing() {
     assert!(!s.server.table().get(alice).online);
     assert_eq!(s.server.table().get(alice).addr, alice_at);
     assert_eq!(s.server.mailbox(&name("Alice")).count(), 1);
+}
+
+/// Alice was taken for gone (nothing from the server reached her), then
+/// deregistered; her dereg's ack is lost too, and her NAT rebinds before
+/// the retry. The retry, from the new port, proves that address — and
+/// leaves her offline: she said she left.
+#[test]
+fn a_client_that_deregistered_is_not_brought_back_by_a_retry_from_a_new_port() {
+    let mut s = behind(NatKind::EndpointIndependent);
+    let alice_at = s.seen_at(0);
+    let server = s.server_addr;
+    s.drop_rules
+        .push(drop_all(move |p| p.from == server && p.to == alice_at));
+    // Bob's message makes the server probe her: silent, taken for gone.
+    assert_eq!(
+        send(&mut s, 1, "Alice", "are you there").last().unwrap(),
+        SAVED
+    );
+    let alice = s.server.table().lookup(&name("Alice")).unwrap();
+    assert!(!s.server.table().get(alice).online);
+    let a = s.nodes[0].lines.len();
+    s.line(0, "dereg Alice");
+    s.run_for(std::time::Duration::from_millis(300));
+    // Her dereg arrived (its ack did not); now her NAT rebinds.
+    s.nodes[0].nat.as_mut().unwrap().rebind();
+    s.settle();
+    assert!(
+        s.lines_since(0, a).contains(&">>> [You are Offline. Bye.]"),
+        "{:?}",
+        s.lines_since(0, a)
+    );
+    assert!(!s.nodes[0].client.is_online());
+    assert!(!s.server.table().get(alice).online);
+    assert!(
+        !s.events
+            .iter()
+            .any(|e| matches!(e, udpchat::ServerEvent::Back(..))),
+        "{:?}",
+        s.events
+    );
 }
 
 /// Relays are requests like saves: a burst past the sender's ration is

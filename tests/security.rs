@@ -819,119 +819,149 @@ fn replay_window_model_with_huge_jumps() {
 /// a message "from Alice" sealed by another key, vouching for that key.
 /// Bob believes his table over the delivery: nothing is shown as Alice's.
 /// (The test plays the server itself, handshake included.)
-#[test]
-fn a_delivery_vouching_for_another_key_than_the_table_is_refused() {
-    let start = std::time::Instant::now();
-    let server_keys = server_key();
-    let (bob_key, alice_key) = (key_of("Bob"), key_of("Alice"));
-    let mallory = Keypair::from_secret([0x66; 32]);
-    let server_addr = addr(1024);
-    let config = ClientConfig::new(
-        name("Bob"),
-        server_addr,
-        [3; 32],
-        bob_key.clone(),
-        Some(server_keys.public()),
-    );
-    let mut bob = Client::new(config, start);
-    let first = bob.poll_transmit().expect("message 1");
-    let Ok(Datagram::Packet(Packet::Initial { sender, noise, .. })) = packet::parse(&first.payload)
-    else {
-        panic!("not an initial")
-    };
-    // Message 2 (the fake server skips the cookie).
-    let mut hs = crypto::server_handshake(&server_keys, [4; 32]);
-    let mut scratch = [0u8; 1200];
-    hs.read_message(noise, &mut scratch).unwrap();
-    let mut m2 = [0u8; packet::XX2_LEN];
-    hs.write_message(&[], &mut m2).unwrap();
-    let response = Packet::Response {
-        receiver: sender,
-        sender: 9,
-        noise: &m2,
-    }
-    .to_vec();
-    bob.handle_datagram(start, server_addr, &response);
-    let finish = bob.poll_transmit().expect("message 3");
-    let Ok(Datagram::Packet(Packet::Finish { noise, .. })) = packet::parse(&finish.payload) else {
-        panic!("not a finish")
-    };
-    let n = hs.read_message(noise, &mut scratch).unwrap();
-    let Ok(Message::Register { seq, .. }) = wire::decode(&scratch[..n]) else {
-        panic!("not a registration")
-    };
-    let mut link = Link::new(hs, 9, sender).unwrap();
-    let mut send = |bob: &mut Client, msg: &Message| {
-        let d = link.seal(&wire::encode_to_vec(msg)).unwrap();
-        bob.handle_datagram(start, server_addr, &d);
-    };
-    // Welcome, then the table: Alice with her real key.
-    send(
-        &mut bob,
-        &Message::Welcome {
+/// Bob, registered with a server the test plays (it holds the server's
+/// key and Bob's session), whose table has Alice with her real key.
+struct FakeServer {
+    bob: Client,
+    link: Link,
+    start: std::time::Instant,
+    addr: SocketAddr,
+    /// The welcome's sequence number (a mail batch's id).
+    batch: wire::Seq,
+}
+
+impl FakeServer {
+    fn new() -> FakeServer {
+        let start = std::time::Instant::now();
+        let server_keys = server_key();
+        let server_addr = addr(1024);
+        let config = ClientConfig::new(
+            name("Bob"),
+            server_addr,
+            [3; 32],
+            key_of("Bob"),
+            Some(server_keys.public()),
+        );
+        let mut bob = Client::new(config, start);
+        let first = bob.poll_transmit().expect("message 1");
+        let Ok(Datagram::Packet(Packet::Initial { sender, noise, .. })) =
+            packet::parse(&first.payload)
+        else {
+            panic!("not an initial")
+        };
+        // Message 2 (the fake server skips the cookie).
+        let mut hs = crypto::server_handshake(&server_keys, [4; 32]);
+        let mut scratch = [0u8; 1200];
+        hs.read_message(noise, &mut scratch).unwrap();
+        let mut m2 = [0u8; packet::XX2_LEN];
+        hs.write_message(&[], &mut m2).unwrap();
+        let response = Packet::Response {
+            receiver: sender,
+            sender: 9,
+            noise: &m2,
+        }
+        .to_vec();
+        bob.handle_datagram(start, server_addr, &response);
+        let finish = bob.poll_transmit().expect("message 3");
+        let Ok(Datagram::Packet(Packet::Finish { noise, .. })) = packet::parse(&finish.payload)
+        else {
+            panic!("not a finish")
+        };
+        let n = hs.read_message(noise, &mut scratch).unwrap();
+        let Ok(Message::Register { seq, .. }) = wire::decode(&scratch[..n]) else {
+            panic!("not a registration")
+        };
+        let link = Link::new(hs, 9, sender).unwrap();
+        let mut fake = FakeServer {
+            bob,
+            link,
+            start,
+            addr: server_addr,
+            batch: seq,
+        };
+        // Welcome, then the table: Alice with her real key.
+        fake.send(&Message::Welcome {
             seq,
             version: 1,
             mail: 0,
             reset: [0; 16],
-        },
-    );
-    let sync = loop {
-        let t = bob.poll_transmit().expect("a sync");
-        if t.what == What::Sync {
-            break t;
-        }
-    };
-    let _ = sync;
-    let alice_row = wire::Entry {
-        name: name("Alice"),
-        addr: addr(2000),
-        online: false,
-        key: alice_key.public(),
-    };
-    // The sync's seq is the welcome's + 1 (the client counts up).
-    send(
-        &mut bob,
-        &Message::Page {
+        });
+        assert!(fake.sent().contains(&What::Sync), "a sync");
+        let alice_row = wire::Entry {
+            name: name("Alice"),
+            addr: addr(2000),
+            online: false,
+            key: key_of("Alice").public(),
+        };
+        // The sync's seq is the welcome's + 1 (the client counts up).
+        fake.send(&Message::Page {
             seq: wire::Seq(seq.0.wrapping_add(1)),
             version: 1,
             from: 0,
             entries: [alice_row].into_iter().collect(),
             next: None,
-        },
-    );
-    assert!(
-        bob.table().get(&name("Alice")).is_some(),
-        "Bob has Alice's row"
-    );
-    while bob.poll_event().is_some() {}
-    // The lie: sealed by Mallory, vouched for as Alice's.
+        });
+        assert!(
+            fake.bob.table().get(&name("Alice")).is_some(),
+            "Bob has Alice's row"
+        );
+        fake.events();
+        fake.sent();
+        fake
+    }
+
+    /// Feeds `msg` to Bob in his session.
+    fn send(&mut self, msg: &Message) {
+        let d = self.link.seal(&wire::encode_to_vec(msg)).unwrap();
+        self.bob.handle_datagram(self.start, self.addr, &d);
+    }
+
+    fn events(&mut self) -> Vec<Event> {
+        std::iter::from_fn(|| self.bob.poll_event()).collect()
+    }
+
+    /// What Bob sent since last asked.
+    fn sent(&mut self) -> Vec<What> {
+        std::iter::from_fn(|| self.bob.poll_transmit())
+            .map(|t| t.what)
+            .collect()
+    }
+}
+
+/// `text` as `signer` seals it for Bob, claiming to be from Alice.
+fn sealed_as_alice(signer: &Keypair, text: &str) -> wire::Sealed {
     let body = wire::encode_body(&MailBody {
         id: MsgId(1),
-        text: Text::new("forged, vouched for").unwrap(),
+        text: Text::new(text).unwrap(),
     });
     let sealed = crypto::seal_mail(
-        &mallory,
+        signer,
         &name("Alice"),
-        &bob_key.public(),
+        &key_of("Bob").public(),
         &name("Bob"),
         &body,
         [5; 32],
     );
-    send(
-        &mut bob,
-        &Message::Deliver {
-            mail: MailId(1),
-            batch: seq,
-            pos: None,
-            stored_at: EPOCH_UNIX,
-            from: name("Alice"),
-            content: wire::Content::Sealed {
-                key: mallory.public(),
-                sealed: wire::Sealed::from_slice(&sealed).unwrap(),
-            },
+    wire::Sealed::from_slice(&sealed).unwrap()
+}
+
+#[test]
+fn a_delivery_vouching_for_another_key_than_the_table_is_refused() {
+    let mut fake = FakeServer::new();
+    // The lie: sealed by Mallory, vouched for as Alice's.
+    let mallory = Keypair::from_secret([0x66; 32]);
+    fake.send(&Message::Deliver {
+        mail: MailId(1),
+        batch: fake.batch,
+        pos: None,
+        stored_at: EPOCH_UNIX,
+        from: name("Alice"),
+        content: wire::Content::Sealed {
+            key: mallory.public(),
+            sealed: sealed_as_alice(&mallory, "forged, vouched for"),
         },
-    );
-    let events: Vec<Event> = std::iter::from_fn(|| bob.poll_event()).collect();
+    });
+    let events = fake.events();
     assert!(
         !events
             .iter()
@@ -944,6 +974,97 @@ fn a_delivery_vouching_for_another_key_than_the_table_is_refused() {
             .any(|e| matches!(e, Event::Error(t) if t.contains("could not be verified"))),
         "{events:?}"
     );
+}
+
+/// A server that lies in a relay shows Bob nothing as from anyone: not a
+/// seal of another key vouched for as Alice's, not clear text it claims to
+/// relay, not a message from a name Bob's table lacks (he catches up
+/// instead, and does not ack: a true relay comes again). Alice's own seal,
+/// relayed, is shown as her direct message.
+#[test]
+fn a_relay_the_server_made_up_is_never_shown() {
+    let mut fake = FakeServer::new();
+    let mallory = Keypair::from_secret([0x66; 32]);
+    let lies = [
+        (
+            name("Alice"),
+            wire::Content::Sealed {
+                key: mallory.public(),
+                sealed: sealed_as_alice(&mallory, "forged relay"),
+            },
+        ),
+        (
+            name("Alice"),
+            wire::Content::Relayed {
+                channel: false,
+                verified: true,
+                id: MsgId(2),
+                text: Text::new("clear relay").unwrap(),
+            },
+        ),
+    ];
+    for (k, (from, content)) in lies.into_iter().enumerate() {
+        fake.send(&Message::Relayed {
+            mail: MailId(10 + k as u64),
+            from,
+            content,
+        });
+        let events = fake.events();
+        assert!(
+            !events.iter().any(|e| matches!(e, Event::Direct { .. })),
+            "{events:?}"
+        );
+        assert!(
+            events
+                .iter()
+                .any(|e| matches!(e, Event::Error(t) if t.contains("could not be verified"))),
+            "{events:?}"
+        );
+    }
+    // From a name Bob's table does not have: nothing shown, nothing acked,
+    // a sync to catch up.
+    let carol = Keypair::from_secret([0x77; 32]);
+    let body = wire::encode_body(&MailBody {
+        id: MsgId(3),
+        text: Text::new("from nowhere").unwrap(),
+    });
+    let sealed = crypto::seal_mail(
+        &carol,
+        &name("Carol"),
+        &key_of("Bob").public(),
+        &name("Bob"),
+        &body,
+        [6; 32],
+    );
+    fake.sent();
+    fake.send(&Message::Relayed {
+        mail: MailId(20),
+        from: name("Carol"),
+        content: wire::Content::Sealed {
+            key: carol.public(),
+            sealed: wire::Sealed::from_slice(&sealed).unwrap(),
+        },
+    });
+    assert_eq!(fake.events(), []);
+    assert_eq!(fake.sent(), [What::Sync]);
+    // The truth: Alice's seal, relayed, is her direct message, acked.
+    let alice = key_of("Alice");
+    fake.send(&Message::Relayed {
+        mail: MailId(30),
+        from: name("Alice"),
+        content: wire::Content::Sealed {
+            key: alice.public(),
+            sealed: sealed_as_alice(&alice, "really from Alice"),
+        },
+    });
+    assert_eq!(
+        fake.events(),
+        [Event::Direct {
+            from: name("Alice"),
+            text: Text::new("really from Alice").unwrap()
+        }]
+    );
+    assert_eq!(fake.sent(), [What::Delivered]);
 }
 
 fn three_clients() -> Sim {

@@ -748,7 +748,7 @@ impl Client {
                 mail,
                 from,
                 content,
-            } => self.on_relayed(mail, from, content),
+            } => self.on_relayed(now, mail, from, content),
             // A peer cannot reach us: our datagram towards it opens our NAT
             // for its retry. Only online (a deregistered client takes no
             // direct messages), never towards ourselves.
@@ -1298,9 +1298,19 @@ impl Client {
     /// A direct message the server relayed (its sender could not reach
     /// us): shown as the direct message it is, if its seal opens with the
     /// sender's key, then acked to the server, which tells the sender.
-    fn on_relayed(&mut self, mail: MailId, from: Name, content: Content) {
+    fn on_relayed(&mut self, now: Instant, mail: MailId, from: Name, content: Content) {
         // Acks only follow display; offline, the server keeps it for us.
         if self.presence != Presence::Online {
+            return;
+        }
+        // Shown as a direct message from `from` only as a peer's chat is:
+        // our table must hold that name with the key that sealed it. A
+        // name it lacks yet: catch up, the server delivers it again.
+        if self.table.get(&from).is_none_or(|e| e.key.is_none()) {
+            if self.sync.is_none() {
+                let since = self.table.version();
+                self.start_sync(now, since);
+            }
             return;
         }
         let key = match &content {
@@ -1316,9 +1326,10 @@ impl Client {
                     self.events.push_back(Event::Direct { from: d.from, text });
                 }
             }
-            // Not sealed by the sender (a server that claims a relay of
-            // what it made up): shown as stored, so marked unverified.
-            (_, body) => self.show_stored(Delivery { body, ..d }),
+            // Not sealed by the table's key for the sender, or not sealed
+            // at all (the server never relays clear text): reported and
+            // dropped, never shown.
+            _ => self.show_stored(Delivery { body: None, ..d }),
         }
         self.ack_mail(mail);
     }

@@ -925,6 +925,9 @@ impl Server {
                     if self.table.get(id).online {
                         self.set_offline(id, true);
                     }
+                    // Taken for gone before, it has now said it left: a
+                    // retry from a new address must not bring it back.
+                    self.sessions[id.index() as usize].gone = false;
                     self.reply(id, seq, Message::Ack { seq });
                 }
             }
@@ -1577,6 +1580,8 @@ impl Server {
         let session = &mut self.sessions[id.index() as usize];
         session.gone = false;
         session.rounds = 0;
+        // It never stopped taking deltas.
+        session.syncing = false;
         if let Some(timer) = session.presence.take() {
             self.timers.cancel(timer);
         }
@@ -1836,6 +1841,13 @@ impl Server {
     }
 
     fn on_delivered(&mut self, now: Instant, id: ClientId, mail: MailId) {
+        // Nothing of the batch under way has left the server: an ack of its
+        // mail is a guess (and would answer a relay "received" before its
+        // commit, which may yet fail).
+        if self.batch.first_mail.is_some_and(|first| mail >= first) {
+            self.stats.ignored += 1;
+            return;
+        }
         let session = &mut self.sessions[id.index() as usize];
         if let Some(inflight) = session.inflight.remove(&mail) {
             self.timers.cancel(inflight.timer);
