@@ -1291,6 +1291,7 @@ impl Client {
         }
         self.by_msg.remove(&id);
         if let Some(Kind::Direct { to, .. }) = self.finish(op) {
+            self.peers.proved(key);
             self.events.push_back(Event::ReceivedBy(to));
         }
     }

@@ -6,7 +6,9 @@
 //! the one to send on, and an ack goes back on the link its message came
 //! on, so two clients that start at once still converge. A few older links
 //! are kept to receive what is still in flight; the least recently used
-//! peers are forgotten past a bound.
+//! peers are forgotten past a bound. Each peer also has the path our
+//! messages take to it (direct, punched or relayed: `Path`), and
+//! `Peers::punch` is our side of hole punching.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -244,9 +246,11 @@ impl Peers {
         }
     }
 
-    /// A link with `key` carried data, or our handshake with it finished:
-    /// datagrams pass both ways.
-    fn proved(&mut self, key: PublicKey) {
+    /// Our datagrams reach `key` at the address we send to, and its reach
+    /// us: our handshake with it finished, or it acked our message. (Its
+    /// own datagrams arriving prove only its way to us: behind a symmetric
+    /// NAT it may reach us from a port we cannot reach it at.)
+    pub fn proved(&mut self, key: PublicKey) {
         if let Some(peer) = self.peers.get_mut(&key) {
             peer.path = Some(if peer.helped {
                 Path::Punched
@@ -406,7 +410,6 @@ impl Peers {
         {
             self.make_current(key, receiver);
         }
-        self.proved(key);
         PeerInput::Message {
             key,
             index: receiver,
