@@ -58,9 +58,21 @@ enum Mode {
     Version,
 }
 
+/// The arguments as text: one that is not UTF-8 (a name, a path) is a bad
+/// argument like any other, said so, not a panic.
+fn args() -> Result<Vec<String>, String> {
+    let args = std::env::args_os().skip(1).enumerate();
+    args.map(|(i, arg)| {
+        arg.into_string().map_err(|arg| {
+            let shown = arg.to_string_lossy();
+            format!("argument {} ({shown:?}) is not valid UTF-8", i + 1)
+        })
+    })
+    .collect()
+}
+
 fn main() -> ExitCode {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let mode = match parse(&args) {
+    let mode = match args().and_then(|args| parse(&args)) {
         Ok(mode) => mode,
         Err(why) => {
             eprintln!("error: {why}");

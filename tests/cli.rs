@@ -6,7 +6,8 @@ mod common;
 use std::net::UdpSocket;
 
 use common::{
-    Client, PORT_RETRIES, Run, Server, TABLE, WELCOME, free_udp_port, run, run_in, scratch_dir,
+    Client, PORT_RETRIES, Run, Server, TABLE, WELCOME, free_udp_port, run, run_in, run_os,
+    scratch_dir,
 };
 
 /// Asserts the shape of every bad-argument failure: exit status 2, an
@@ -14,7 +15,12 @@ use common::{
 /// argument is wrong), a `usage: ` line after it, nothing on stdout, no panic.
 #[track_caller]
 fn assert_usage_error(args: &[&str], names: &[&str]) {
-    let out = run(args);
+    assert_refused(args, run(args), names);
+}
+
+/// [`assert_usage_error`] for the run `out` of `args`.
+#[track_caller]
+fn assert_refused(args: &[impl std::fmt::Debug], out: Run, names: &[&str]) {
     let context = || {
         format!(
             "udpchat {args:?}: {}\nstdout: {:#?}\nstderr: {:#?}",
@@ -52,6 +58,32 @@ fn server_port_above_65535_is_refused() {
 #[test]
 fn server_port_not_a_number_is_refused() {
     assert_usage_error(&["-s", "abc"], &["abc"]);
+}
+
+#[test]
+fn an_argument_that_is_not_utf8_is_refused_not_a_panic() {
+    use std::ffi::OsStr;
+    use std::os::unix::ffi::OsStrExt;
+    let bad = OsStr::from_bytes(b"Al\xffce");
+    let client: Vec<&OsStr> = vec![
+        "-c".as_ref(),
+        bad,
+        "127.0.0.1".as_ref(),
+        "5000".as_ref(),
+        "6000".as_ref(),
+    ];
+    let server: Vec<&OsStr> = vec!["-s".as_ref(), "5000".as_ref(), "--data-dir".as_ref(), bad];
+    for (args, which) in [(client, "argument 2"), (server, "argument 4")] {
+        assert_refused(&args, run_os(&args), &[which]);
+    }
+}
+
+#[test]
+fn empty_arguments_are_refused() {
+    assert_usage_error(&["-c", "Alice", "", "5000", "6000"], &["server-ip"]);
+    assert_usage_error(&["-c", "Alice", "127.0.0.1", "", "6000"], &["server-port"]);
+    assert_usage_error(&["-s", "5000", "--data-dir", ""], &["data-dir"]);
+    assert_usage_error(&["--release", ""], &["name"]);
 }
 
 #[test]

@@ -10,6 +10,7 @@
 #![allow(dead_code)]
 
 use std::collections::HashMap;
+use std::ffi::OsStr;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::UdpSocket;
 use std::path::{Path, PathBuf};
@@ -989,6 +990,12 @@ impl Run {
 /// Runs `udpchat <args>` with stdin null and waits (up to [`DEADLINE`]) for it
 /// to exit and close its output; panics if it does not.
 pub fn run(args: &[&str]) -> Run {
+    let args: Vec<&OsStr> = args.iter().map(OsStr::new).collect();
+    run_os(&args)
+}
+
+/// [`run`] with arguments that need not be UTF-8.
+pub fn run_os(args: &[&OsStr]) -> Run {
     let home = config_home(0);
     run_command(
         Command::new(BIN)
@@ -1013,7 +1020,7 @@ pub fn run_in(dir: &Path, args: &[&str]) -> Run {
     )
 }
 
-fn run_command(command: &mut Command, args: &[&str]) -> Run {
+fn run_command(command: &mut Command, args: &[impl std::fmt::Debug]) -> Run {
     let mut child = command
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
