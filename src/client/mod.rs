@@ -183,6 +183,9 @@ pub enum Event {
     Reconnected,
     /// The recipient's mailbox is over its limit.
     MailboxFull(Name),
+    /// A stored or relayed message from this sender did not open with its
+    /// key: reported and dropped (not an error of any command).
+    Unverifiable(Name),
     /// A user error, or a request the server refused.
     Error(String),
     /// A line of `list` or `help` output.
@@ -193,6 +196,22 @@ pub enum Event {
 }
 
 impl Event {
+    /// Whether it says that a command was not carried out (a user error, a
+    /// refusal, a server that did not answer), for a script's exit status.
+    pub fn is_failure(&self) -> bool {
+        matches!(
+            self,
+            Event::Error(_)
+                | Event::MailboxFull(_)
+                | Event::ChannelNotResponding
+                | Event::ServerNotResponding
+                | Event::Rejected(_)
+                | Event::RejectedKey(_)
+                | Event::ServerKeyChanged { .. }
+                | Event::VersionMismatch(_)
+        )
+    }
+
     /// The console line, `>>> ` included; `local_time` renders a Unix time
     /// as `YYYY-MM-DD HH:MM:SS`. `None` for [`Event::Exit`].
     pub fn render(&self, local_time: impl Fn(i64) -> String) -> Option<String> {
@@ -252,6 +271,10 @@ impl Event {
             ),
             Event::Reconnected => "[Reconnected to server.]".to_string(),
             Event::MailboxFull(n) => format!("[Error: mailbox of {n} is full, message not saved.]"),
+            Event::Unverifiable(from) => format!(
+                "[Error: a stored message from {from} could not be verified (not sealed by its \
+                 key for yours); it was dropped.]"
+            ),
             Event::Error(e) => format!("[Error: {e}]"),
             Event::Info(s) => s.clone(),
             Event::Exit(_) => return None,
@@ -264,6 +287,10 @@ impl Event {
 pub const HEARTBEAT: Duration = Duration::from_secs(10);
 /// Most console lines queued while the first registration is under way.
 const QUEUED_LINES: usize = 64;
+/// Commands in flight (sends, channel messages, dereg) past which
+/// [`Client::wants_input`] says no: a script piped in waits rather than
+/// overrunning its peers and the server's probe queue.
+const IN_FLIGHT: usize = 16;
 /// Most (sender, id) pairs remembered to show each message once.
 const SEEN: usize = 16_384;
 /// Out-of-order stored messages held back to be shown in order.
@@ -1216,6 +1243,28 @@ impl Client {
             && self.queued.is_empty()
     }
 
+    /// Whether a command line given now is carried out, not refused for
+    /// want of room: the first registration is complete (so the table is
+    /// there), no registration is under way, and fewer than 16 commands
+    /// are in flight. A driver reading a script stops reading while this
+    /// is false, so that no line is dropped and none overtakes another.
+    pub fn wants_input(&self) -> bool {
+        let commands = self
+            .ops
+            .iter()
+            .filter(|(_, op)| {
+                matches!(
+                    op.kind,
+                    Kind::Direct { .. } | Kind::Channel { .. } | Kind::Deregister { .. }
+                )
+            })
+            .count();
+        self.ready
+            && matches!(self.presence, Presence::Online | Presence::Offline)
+            && self.queued.is_empty()
+            && commands < IN_FLIGHT
+    }
+
     /// The local client table.
     pub fn table(&self) -> &LocalTable {
         &self.table
@@ -1778,11 +1827,7 @@ impl Client {
 
     fn show_stored(&mut self, d: Delivery) {
         let Some((id, text)) = d.body else {
-            self.error(format!(
-                "a stored message from {} could not be verified (not sealed by its key \
-                 for yours); it was dropped.",
-                d.from
-            ));
+            self.events.push_back(Event::Unverifiable(d.from));
             return;
         };
         if self.seen.first(&d.from, id) {

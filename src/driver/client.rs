@@ -1,6 +1,7 @@
 //! The client's poll loop: the socket, stdin (a terminal with a line editor,
 //! or a pipe read line by line) and signals.
 
+use std::collections::VecDeque;
 use std::io::{self, IsTerminal, Read, Write};
 use std::net::SocketAddr;
 use std::os::fd::RawFd;
@@ -89,6 +90,13 @@ pub fn run(options: Options) -> Result<i32, Fatal> {
     let mut events = Events::with_capacity(16);
     let mut buf = [0u8; RECV_BUF];
     let mut backlog = false;
+    // A script (stdin not a terminal): lines read but not yet run, fed to
+    // the client only while it can take them, so none is refused for want
+    // of room and none overtakes another; stdin is not read meanwhile (the
+    // writer waits on the full pipe). Its exit status says whether every
+    // command succeeded.
+    let mut script: VecDeque<String> = VecDeque::new();
+    let mut failed = false;
     // epoll reports input already waiting when stdin is registered; an
     // unpolled stdin (a regular file) is read on every turn.
     let mut stdin_ready = !stdin_polled;
@@ -115,6 +123,7 @@ pub fn run(options: Options) -> Result<i32, Fatal> {
                     ));
                 }
                 other => {
+                    failed |= other.is_failure();
                     if let Some(line) = other.render(local_time) {
                         console.show(&line);
                     }
@@ -125,11 +134,18 @@ pub fn run(options: Options) -> Result<i32, Fatal> {
             // A full send buffer is one more loss; retransmissions cover it.
             let _ = socket.send_to(&t.payload, on_wire(t.to, v6));
         }
-        if console.eof && client.is_idle() {
-            return Ok(0);
+        if console.eof && script.is_empty() && client.is_idle() {
+            failed |= console.skipped;
+            return Ok(if failed && !console.is_terminal() {
+                SCRIPT_FAILED
+            } else {
+                0
+            });
         }
 
-        let busy = backlog || (stdin_ready && !console.eof && !stdin_polled);
+        let read_more = stdin_ready && !console.eof && script.is_empty();
+        let busy =
+            backlog || (read_more && !stdin_polled) || (!script.is_empty() && client.wants_input());
         wait(&mut poll, &mut events, client.poll_timeout(), busy)?;
         for event in events.iter() {
             match event.token() {
@@ -149,18 +165,29 @@ pub fn run(options: Options) -> Result<i32, Fatal> {
         backlog = read_burst(&socket, &mut buf, |from, data| {
             client.handle_datagram(now, from, data)
         });
-        if stdin_ready && !console.eof {
+        if stdin_ready && !console.eof && script.is_empty() {
             stdin_ready = !stdin_polled;
             for input in console.read()? {
                 match input {
-                    Input::Line(line) => client.handle_line(now, &line),
+                    Input::Line(line) if console.is_terminal() => client.handle_line(now, &line),
+                    Input::Line(line) => script.push_back(line),
                     Input::Interrupt => return Ok(130),
                 }
             }
         }
         client.handle_timeout(now);
+        while client.wants_input()
+            && let Some(line) = script.pop_front()
+        {
+            client.handle_line(now, &line);
+        }
     }
 }
+
+/// The exit status of a script (stdin not a terminal) one of whose commands
+/// failed (`[Error: …]`, a full mailbox, a server that did not answer a
+/// channel message); every other line of it was still carried out.
+pub const SCRIPT_FAILED: i32 = 3;
 
 enum Input {
     Line(String),
@@ -179,6 +206,8 @@ struct Console {
     pending: Vec<u8>,
     /// Discarding the rest of an over-long piped line.
     skipping: bool,
+    /// An over-long line was ignored (a command of the script not run).
+    skipped: bool,
     eof: bool,
 }
 
@@ -208,8 +237,14 @@ impl Console {
             buf: vec![0; 1 << 16],
             pending: Vec::new(),
             skipping: false,
+            skipped: false,
             eof: false,
         })
+    }
+
+    /// A person at a terminal, not a script.
+    fn is_terminal(&self) -> bool {
+        self.editor.is_some()
     }
 
     /// Shows one output line (above the prompt on a terminal).
@@ -287,6 +322,7 @@ impl Console {
             } else if self.pending.len() == MAX_LINE {
                 self.pending.clear();
                 self.skipping = true;
+                self.skipped = true;
                 let msg = format!(">>> [Error: line longer than {MAX_LINE} bytes ignored.]");
                 self.show(&msg);
             } else {

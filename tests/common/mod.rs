@@ -909,8 +909,20 @@ impl Client {
     /// exit status 0, no unexpected stdout line and an empty stderr.
     #[track_caller]
     pub fn finish(&mut self) {
+        self.finish_with(0);
+    }
+
+    /// [`Client::finish`] for a script that had a failing command: exit
+    /// status 3.
+    #[track_caller]
+    pub fn finish_failed(&mut self) {
+        self.finish_with(3);
+    }
+
+    #[track_caller]
+    fn finish_with(&mut self, code: i32) {
         self.close_stdin();
-        self.expect_exit(0);
+        self.expect_exit(code);
         self.assert_stderr_empty();
     }
 
@@ -1021,19 +1033,59 @@ pub fn run_in(dir: &Path, args: &[&str]) -> Run {
 }
 
 fn run_command(command: &mut Command, args: &[impl std::fmt::Debug]) -> Run {
+    run_with_input(command, args, None, DEADLINE)
+}
+
+/// Client `name` of the server on `server_port` running `script` piped in
+/// at once (written from another thread, as a shell pipe would, then
+/// closed), within `deadline`; returns how it ended and everything it
+/// printed.
+pub fn run_script(name: &str, server_port: u16, script: String, deadline: Duration) -> Run {
+    let home = config_home(server_port);
+    let port = free_udp_port().to_string();
+    let server = server_port.to_string();
+    let args = ["-c", name, "127.0.0.1", &server, &port];
+    run_with_input(
+        Command::new(BIN)
+            .args(args)
+            .env("XDG_CONFIG_HOME", &home)
+            .env("HOME", home.join("home")),
+        &args,
+        Some(script),
+        deadline,
+    )
+}
+
+fn run_with_input(
+    command: &mut Command,
+    args: &[impl std::fmt::Debug],
+    input: Option<String>,
+    within: Duration,
+) -> Run {
+    let stdin = if input.is_some() {
+        Stdio::piped()
+    } else {
+        Stdio::null()
+    };
     let mut child = command
-        .stdin(Stdio::null())
+        .stdin(stdin)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .expect("spawn udpchat");
+    if let (Some(input), Some(mut pipe)) = (input, child.stdin.take()) {
+        // The client reads as it can take commands: the writer waits.
+        thread::spawn(move || {
+            let _ = pipe.write_all(input.as_bytes());
+        });
+    }
     let mut output = Captured::take(&mut child);
-    let deadline = Instant::now() + DEADLINE;
+    let deadline = Instant::now() + within;
     let Some(status) = wait_child(&mut child, deadline) else {
         reap(&mut child);
         output.drain();
         panic!(
-            "udpchat {args:?} did not exit within {DEADLINE:?}\nstdout: {:#?}\nstderr: {:#?}",
+            "udpchat {args:?} did not exit within {within:?}\nstdout: {:#?}\nstderr: {:#?}",
             output.stdout, output.stderr
         );
     };
