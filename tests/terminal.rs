@@ -23,20 +23,34 @@ struct PtyClient {
     /// output processing turns "\n" into "\r\n", so "\r" carries no meaning
     /// a test could rely on).
     seen: String,
+    /// What a terminal (`vt100`, as xterm) shows of everything read so far.
+    screen: vt100::Parser,
 }
 
 impl PtyClient {
+    /// [`PtyClient::start_sized`] in an 80×24 terminal.
     fn start(name: &str, server_port: u16) -> PtyClient {
+        PtyClient::start_sized(name, server_port, 80, 24)
+    }
+
+    /// A client in a terminal `cols` wide and `rows` tall.
+    fn start_sized(name: &str, server_port: u16, cols: u16, rows: u16) -> PtyClient {
         let (mut master, mut slave) = (0, 0);
-        // SAFETY: openpty writes two new descriptors into the two ints; the
-        // null name, termios and winsize pointers are allowed.
+        let size = libc::winsize {
+            ws_row: rows,
+            ws_col: cols,
+            ws_xpixel: 0,
+            ws_ypixel: 0,
+        };
+        // SAFETY: openpty writes two new descriptors into the two ints and
+        // only reads the winsize; the null name and termios are allowed.
         let rc = unsafe {
             libc::openpty(
                 &mut master,
                 &mut slave,
                 std::ptr::null_mut(),
                 std::ptr::null(),
-                std::ptr::null(),
+                &size,
             )
         };
         assert_eq!(rc, 0, "openpty failed");
@@ -66,12 +80,60 @@ impl PtyClient {
                 }
             }
         });
+        let nz = |n: u16| std::num::NonZeroU16::new(n).expect("a real size");
         PtyClient {
             child,
             master: File::from(master),
             slave,
             output,
             seen: String::new(),
+            screen: vt100::Parser::new(nz(rows), nz(cols), 0),
+        }
+    }
+
+    /// Takes what the client wrote so far, waiting up to `left` for more.
+    fn read(&mut self, left: std::time::Duration) -> bool {
+        match self.output.recv_timeout(left) {
+            Ok(bytes) => {
+                self.screen.process(&bytes);
+                self.seen
+                    .push_str(&String::from_utf8_lossy(&bytes).replace('\r', ""));
+                true
+            }
+            Err(_) => false,
+        }
+    }
+
+    /// The screen's rows, trailing blanks cut, blank rows at the bottom
+    /// left out.
+    fn rows(&self) -> Vec<String> {
+        let cols = self.screen.screen().size().1.get();
+        let mut rows: Vec<String> = self
+            .screen
+            .screen()
+            .rows(0, cols)
+            .map(|r| r.trim_end().to_string())
+            .collect();
+        while rows.last().is_some_and(String::is_empty) {
+            rows.pop();
+        }
+        rows
+    }
+
+    /// Waits until the screen's rows satisfy `ok`; panics with them if they
+    /// never do.
+    #[track_caller]
+    fn wait_screen(&mut self, what: &str, ok: impl Fn(&[String]) -> bool) -> Vec<String> {
+        let deadline = Instant::now() + DEADLINE;
+        loop {
+            let rows = self.rows();
+            if ok(&rows) {
+                return rows;
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if !self.read(left) {
+                panic!("the screen never showed {what}; it shows:\n{rows:#?}");
+            }
         }
     }
 
@@ -88,14 +150,11 @@ impl PtyClient {
                 return from + at + want.len();
             }
             let left = deadline.saturating_duration_since(Instant::now());
-            match self.output.recv_timeout(left) {
-                Ok(bytes) => self
-                    .seen
-                    .push_str(&String::from_utf8_lossy(&bytes).replace('\r', "")),
-                Err(_) => panic!(
+            if !self.read(left) {
+                panic!(
                     "terminal never showed {want:?}; it showed:\n{:?}",
                     &self.seen[from..]
-                ),
+                );
             }
         }
     }
@@ -132,23 +191,33 @@ fn incoming_line_is_printed_above_and_the_half_typed_input_redrawn() {
 
     // Half a command, with a typo fixed by backspace and the cursor moved.
     alice.type_keys("send Bob helx\x7f");
-    let at = alice.expect(at, ">>> send Bob hel\x1b[K");
+    let _ = at;
+    alice.wait_screen("the half-typed input", |rows| {
+        rows.last().is_some_and(|r| r == ">>> send Bob hel")
+    });
     bob.send("send Alice hi there");
     bob.expect(">>> [Message received by Alice.]");
-    // Cleared line, the message, then the prompt with the input intact.
-    let at = alice.expect(at, "\x1b[K>>> Bob: hi there");
-    let at = alice.expect(at, "\n>>> send Bob hel\x1b[K");
+    // The message above, then the prompt with the input intact.
+    alice.wait_screen("the message above the input", |rows| {
+        rows.ends_with(&[">>> Bob: hi there".into(), ">>> send Bob hel".into()])
+    });
 
     // Finish the line: it is the command as typed, not garbled.
     alice.type_keys("lo\r");
     bob.expect(">>> Alice: hello");
-    let at = alice.expect(at, ">>> [Message received by Bob.]");
+    alice.wait_screen("the outcome", |rows| {
+        rows.iter().any(|r| r == ">>> [Message received by Bob.]")
+    });
 
     // Up recalls it; Ctrl+U clears it; the history came back intact.
     alice.type_keys("\x1b[A");
-    let at = alice.expect(at, ">>> send Bob hello\x1b[K");
+    alice.wait_screen("the recalled line", |rows| {
+        rows.last().is_some_and(|r| r == ">>> send Bob hello")
+    });
     alice.type_keys("\x15");
-    alice.expect(at, ">>> \x1b[K");
+    alice.wait_screen("an empty prompt", |rows| {
+        rows.last().is_some_and(|r| r == ">>>")
+    });
 
     // Ctrl+C: silent leave, terminal restored.
     alice.type_keys("\x03");
@@ -172,4 +241,66 @@ fn ctrl_d_on_an_empty_line_exits_and_restores_the_terminal() {
     let status = alice.child.wait().unwrap();
     assert_eq!(status.code(), Some(0));
     assert_ne!(alice.local_flags() & libc::ICANON, 0);
+}
+
+/// The issue's case: a 300-character line typed at 40 columns (eight rows)
+/// while messages arrive. After each redraw the terminal shows every
+/// message, in order, above the prompt, and the input whole below them,
+/// with the cursor at its end; Enter sends exactly what was typed.
+#[test]
+fn a_long_line_at_forty_columns_stays_intact_while_messages_arrive() {
+    const COLS: usize = 40;
+    let server = Server::start();
+    let mut alice = PtyClient::start_sized("Alice", server.port(), COLS as u16, 24);
+    alice.expect(0, TABLE);
+    let mut bob = Client::start("Bob", server.port());
+    bob.expect_lines(&[">>> [Welcome, You are registered.]", TABLE]);
+    let text: String = (0..291)
+        .map(|i| char::from(b'a' + (i % 26) as u8))
+        .collect();
+    let line = format!("send Bob {text}");
+    assert_eq!(line.len(), 300);
+    let wrap = |s: &str| -> Vec<String> {
+        s.as_bytes()
+            .chunks(COLS)
+            .map(|c| String::from_utf8(c.to_vec()).unwrap())
+            .collect()
+    };
+    let mut messages: Vec<String> = Vec::new();
+    for (k, chunk) in line.as_bytes().chunks(30).enumerate() {
+        alice.type_keys(std::str::from_utf8(chunk).unwrap());
+        let typed = &line[..(k + 1) * 30];
+        let edit = wrap(&format!(">>> {typed}"));
+        alice.wait_screen("the input typed so far", |rows| rows.ends_with(&edit));
+        bob.send(&format!("send Alice message {k} to read while typing"));
+        bob.expect(">>> [Message received by Alice.]");
+        messages.push(format!(">>> Bob: message {k} to read while typing"));
+        let rows = alice.wait_screen("the message above the input", |rows| {
+            rows.ends_with(&edit) && rows.len() > edit.len() && {
+                let above = &rows[..rows.len() - edit.len()];
+                above.last() == messages.last()
+            }
+        });
+        // Every message so far, in order, none garbled or repeated.
+        let shown: Vec<&String> = rows.iter().filter(|r| r.starts_with(">>> Bob: ")).collect();
+        assert_eq!(shown, messages.iter().collect::<Vec<_>>(), "{rows:#?}");
+        // The cursor at the end of the input.
+        let (row, col) = alice.screen.screen().cursor_position();
+        let end = 4 + typed.len();
+        assert_eq!(
+            (usize::from(row), usize::from(col)),
+            (rows.len() - 1 + end / COLS - (edit.len() - 1), end % COLS),
+            "{rows:#?}"
+        );
+    }
+    alice.type_keys("\r");
+    bob.expect(&format!(">>> Alice: {text}"));
+    alice.wait_screen("the outcome", |rows| {
+        rows.last().is_some_and(|r| r == ">>>")
+            && rows.iter().any(|r| r == ">>> [Message received by Bob.]")
+    });
+    alice.type_keys("\x04");
+    assert_eq!(alice.child.wait().unwrap().code(), Some(0));
+    bob.close_stdin();
+    bob.expect_exit(0);
 }

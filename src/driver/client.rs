@@ -13,7 +13,9 @@ use mio::{Events, Interest, Token};
 use std::path::PathBuf;
 
 use super::keys::{self, KnownServers};
-use super::term::{EditorEvent, LineEditor, RawMode};
+use signal_hook::consts::SIGWINCH;
+
+use super::term::{self, EditorEvent, LineEditor, RawMode};
 use super::{
     Fatal, RECV_BUF, SIGNALS, bind, io_fatal, listen, local_time, on_wire, random_seed, read_burst,
     wait,
@@ -24,6 +26,7 @@ use crate::{Client, ClientConfig, Event};
 
 const STDIN: Token = Token(2);
 const STDIN_FD: RawFd = 0;
+const STDOUT_FD: RawFd = 1;
 /// A piped line longer than this is refused whole (no command is longer:
 /// a 1000-byte message plus the command and a 32-byte name).
 const MAX_LINE: usize = 4096;
@@ -72,6 +75,8 @@ pub fn run(options: Options) -> Result<i32, Fatal> {
     let known = KnownServers::beside(&key_path);
     let pinned = known.lookup(&server_text)?;
     let (socket, mut poll, mut signals) = listen(socket)?;
+    // A resized terminal: the line editor lays its rows out again.
+    signals.add_signal(SIGWINCH).map_err(io_fatal)?;
     let v6 = socket.local_addr().map_err(io_fatal)?.is_ipv6();
 
     let mut console = Console::new()?;
@@ -152,8 +157,12 @@ pub fn run(options: Options) -> Result<i32, Fatal> {
                 // Ctrl+C (outside raw mode), a closed terminal, kill: a silent
                 // leave — the server is not told.
                 SIGNALS => {
-                    if let Some(sig) = signals.pending().next() {
-                        return Ok(128 + sig);
+                    for sig in signals.pending() {
+                        if sig == SIGWINCH {
+                            console.resized();
+                        } else {
+                            return Ok(128 + sig);
+                        }
                     }
                 }
                 STDIN => stdin_ready = true,
@@ -216,8 +225,11 @@ impl Console {
         let stdin = io::stdin();
         let editor = if stdin.is_terminal() && io::stdout().is_terminal() {
             let raw = RawMode::enable(STDIN_FD).map_err(io_fatal)?;
-            let editor = LineEditor::new(">>> ");
+            let mut editor = LineEditor::new(">>> ");
             let mut out = Vec::new();
+            if let Some(columns) = term::width(STDOUT_FD) {
+                editor.set_width(columns, &mut out);
+            }
             editor.redraw(&mut out);
             write_all(&out);
             Some((editor, raw))
@@ -242,6 +254,15 @@ impl Console {
         })
     }
 
+    /// The terminal changed size: the edit area is drawn for its width.
+    fn resized(&mut self) {
+        if let (Some((editor, _)), Some(columns)) = (&mut self.editor, term::width(STDOUT_FD)) {
+            let mut out = Vec::new();
+            editor.set_width(columns, &mut out);
+            write_all(&out);
+        }
+    }
+
     /// A person at a terminal, not a script.
     fn is_terminal(&self) -> bool {
         self.editor.is_some()
@@ -249,7 +270,7 @@ impl Console {
 
     /// Shows one output line (above the prompt on a terminal).
     fn show(&mut self, line: &str) {
-        match &self.editor {
+        match &mut self.editor {
             Some((editor, _)) => {
                 let mut out = Vec::new();
                 editor.print_above(line, &mut out);

@@ -5,8 +5,13 @@
 //! write back and completed [`EditorEvent`]s come out, so every key is tested
 //! without a terminal. [`RawMode`] is the only part that touches the terminal.
 //!
-//! Known limits: the prompt and the input are assumed to fit on one terminal
-//! row (a longer line wraps and the redraw then garbles the rows above it);
+//! The prompt and the input may take any number of rows: the editor knows
+//! the terminal's width ([`LineEditor::set_width`]), lays the text out as
+//! the terminal wraps it (a wide character that does not fit at the end of
+//! a row goes to the next), and redraws from the first row of the edit area
+//! down, so a line printed above, a key that changes the input or a resize
+//! leaves every row intact. Known limits: an input taller than the window
+//! cannot be redrawn whole (the rows above the window are out of reach);
 //! the cursor moves one `char` at a time, so a combining mark or an emoji
 //! sequence joined with U+200D takes several presses to cross.
 
@@ -15,7 +20,7 @@ use std::io;
 use std::mem::MaybeUninit;
 use std::os::fd::RawFd;
 
-use unicode_width::UnicodeWidthStr;
+use unicode_width::UnicodeWidthChar;
 
 /// Most bytes the input line may hold; further input is refused with a bell.
 pub const MAX_INPUT: usize = 4096;
@@ -29,8 +34,12 @@ const MAX_CSI_PARAMS: usize = MAX_ESCAPE - 2;
 
 const BEL: u8 = 0x07;
 const ESC: u8 = 0x1b;
-/// Erase from the cursor to the end of the line.
-const CLEAR_TO_END: &[u8] = b"\x1b[K";
+/// Erase from the cursor to the end of the screen.
+const CLEAR_BELOW: &[u8] = b"\x1b[J";
+/// Move to the top left corner and erase the screen (Ctrl+L).
+const CLEAR_SCREEN: &[u8] = b"\x1b[H\x1b[2J";
+/// The width assumed until the driver tells the real one.
+const DEFAULT_WIDTH: usize = 80;
 
 /// What the user finished doing at the keyboard.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -51,6 +60,12 @@ enum Key {
     Backspace,
     Delete,
     KillBefore,
+    /// Ctrl+K.
+    KillAfter,
+    /// Ctrl+W.
+    KillWord,
+    /// Ctrl+L.
+    Clear,
     Left,
     Right,
     Home,
@@ -131,6 +146,11 @@ pub struct LineEditor {
     dirty: bool,
     /// Input was refused; ring once for the whole feed.
     bell: bool,
+    /// The terminal's width in columns.
+    width: usize,
+    /// The row the terminal's cursor is on, counted from the first row of
+    /// the edit area (where the prompt starts), as last drawn.
+    row: usize,
 }
 
 impl LineEditor {
@@ -148,7 +168,23 @@ impl LineEditor {
             closed: false,
             dirty: false,
             bell: false,
+            width: DEFAULT_WIDTH,
+            row: 0,
         }
+    }
+
+    /// The terminal is `columns` wide (at start, and after each resize):
+    /// the edit area is drawn again for it. A terminal that reflows its
+    /// rows on a resize (most do) has moved the cursor as the new width
+    /// wraps the text; one that does not may keep a stale row above.
+    pub fn set_width(&mut self, columns: usize, out: &mut Vec<u8>) {
+        let columns = columns.max(2);
+        if columns == self.width {
+            return;
+        }
+        self.width = columns;
+        self.row = self.at(self.cursor).0;
+        self.redraw(out);
     }
 
     /// Feeds raw bytes read from the terminal. UTF-8 characters and escape
@@ -157,8 +193,10 @@ impl LineEditor {
     ///
     /// Enter (`\r` or `\n`; `\r\n` counts once) yields a line, Ctrl+C an
     /// interrupt, Ctrl+D on an empty line the end of input. Editing keys:
-    /// Backspace, Delete, Ctrl+D on a non-empty line, Ctrl+U, Left/Right,
-    /// Home/End (also Ctrl+A/Ctrl+E), Up/Down through the history. Unknown
+    /// Backspace, Delete, Ctrl+D on a non-empty line, Ctrl+U (erase before
+    /// the cursor), Ctrl+K (after it), Ctrl+W (the word before it), Ctrl+L
+    /// (clear the screen), Left/Right, Home/End (also Ctrl+A/Ctrl+E),
+    /// Up/Down through the history. Unknown
     /// escape sequences and other control bytes are ignored. A recalled
     /// history line may be edited and sent; the edit is lost if Up/Down moves
     /// on before Enter (the entry itself never changes).
@@ -182,42 +220,101 @@ impl LineEditor {
         events
     }
 
-    /// Prints `line` above the prompt: clears the current row, writes `line`
-    /// and `"\r\n"`, then redraws the prompt and the half-typed input with the
-    /// cursor where it was. Control characters in `line` (which may come from
-    /// the network) are shown as U+FFFD so they cannot drive the terminal.
-    ///
-    /// The bytes are `"\r\x1b[K"`, the line, `"\r\n"`, then what
-    /// [`redraw`](Self::redraw) writes.
-    pub fn print_above(&self, line: &str, out: &mut Vec<u8>) {
-        out.push(b'\r');
-        out.extend_from_slice(CLEAR_TO_END);
+    /// Prints `line` above the prompt: erases the edit area (every row of
+    /// it), writes `line` and `"\r\n"`, then draws the prompt and the
+    /// half-typed input again below it, with the cursor where it was.
+    /// Control characters in `line` (which may come from the network) are
+    /// shown as U+FFFD so they cannot drive the terminal. Once the editor
+    /// is closed the line is written alone.
+    pub fn print_above(&mut self, line: &str, out: &mut Vec<u8>) {
+        if !self.closed {
+            self.to_top(out);
+            out.extend_from_slice(CLEAR_BELOW);
+        }
         let mut utf8 = [0; 4];
         for c in line.chars() {
             let shown = if c.is_control() { '\u{fffd}' } else { c };
             out.extend_from_slice(shown.encode_utf8(&mut utf8).as_bytes());
         }
         out.extend_from_slice(b"\r\n");
+        self.row = 0;
         self.redraw(out);
     }
 
-    /// Draws the prompt and the current input on the current row:
-    /// `"\r"`, the prompt, the input, `"\x1b[K"`, then `"\x1b[{n}D"` with `n`
-    /// the display width of the input after the cursor (left out when 0).
-    /// Writes nothing once the editor is closed.
-    pub fn redraw(&self, out: &mut Vec<u8>) {
+    /// Draws the prompt and the input over the edit area: from its first
+    /// row, `"\r\x1b[J"` (erase to the end of the screen), the prompt, the
+    /// input, then the moves that put the cursor back where it is in the
+    /// input. Writes nothing once the editor is closed.
+    pub fn redraw(&mut self, out: &mut Vec<u8>) {
         if self.closed {
             return;
         }
-        out.push(b'\r');
+        self.to_top(out);
+        out.extend_from_slice(CLEAR_BELOW);
         out.extend_from_slice(self.prompt.as_bytes());
         out.extend_from_slice(self.input.as_bytes());
-        out.extend_from_slice(CLEAR_TO_END);
-        let back = self.input[self.cursor..].width();
-        if back > 0 {
-            // `ESC [ 0 D` moves one column on most terminals, hence the guard.
-            out.extend_from_slice(format!("\x1b[{back}D").as_bytes());
+        // Where the terminal's cursor is now: after the text, or at the
+        // start of the next row if the text fills its last row (the
+        // terminal would hold it in that row's last column until the next
+        // character; a new row makes where it is certain).
+        let (mut row, mut col) = self.at(self.input.len());
+        if col == self.width {
+            out.extend_from_slice(b"\r\n");
+            (row, col) = (row + 1, 0);
         }
+        // Where it belongs: after `input[..cursor]` (never below the end).
+        let (mut to_row, mut to_col) = self.at(self.cursor);
+        if to_col == self.width {
+            (to_row, to_col) = (to_row + 1, 0);
+        }
+        if (to_row, to_col) != (row, col) {
+            if row > to_row {
+                out.extend_from_slice(format!("\x1b[{}A", row - to_row).as_bytes());
+            }
+            out.push(b'\r');
+            if to_col > 0 {
+                // `ESC [ 0 C` moves one column on most terminals: guarded.
+                out.extend_from_slice(format!("\x1b[{to_col}C").as_bytes());
+            }
+        }
+        self.row = to_row;
+    }
+
+    /// Moves the cursor to the start of the edit area's first row.
+    fn to_top(&self, out: &mut Vec<u8>) {
+        if self.row > 0 {
+            out.extend_from_slice(format!("\x1b[{}A", self.row).as_bytes());
+        }
+        out.push(b'\r');
+    }
+
+    /// Where the prompt and `input[..upto]` end on screen, as the terminal
+    /// wraps them: (row from the edit area's first, column). A column equal
+    /// to the width means the row is full (the next character wraps).
+    fn at(&self, upto: usize) -> (usize, usize) {
+        let text = self.prompt.chars().chain(self.input[..upto].chars());
+        let (mut row, mut col) = (0, 0);
+        for c in text {
+            let w = c.width().unwrap_or(0);
+            if col + w > self.width {
+                (row, col) = (row + 1, 0);
+            }
+            col += w;
+        }
+        (row, col)
+    }
+
+    /// Moves the cursor below the last row of the text, to a fresh row: the
+    /// edit area is left as it is, for the scrollback.
+    fn leave(&mut self, out: &mut Vec<u8>) {
+        let (last, _) = self.at(self.input.len());
+        if last > self.row {
+            out.extend_from_slice(format!("\x1b[{}B", last - self.row).as_bytes());
+        } else if self.row > last {
+            out.extend_from_slice(format!("\x1b[{}A", self.row - last).as_bytes());
+        }
+        out.extend_from_slice(b"\r\n");
+        self.row = 0;
     }
 
     /// The half-typed input.
@@ -339,7 +436,10 @@ impl LineEditor {
             0x04 => Key::CtrlD,
             0x05 => Key::End,
             0x08 | 0x7f => Key::Backspace,
+            0x0b => Key::KillAfter,
+            0x0c => Key::Clear,
             0x15 => Key::KillBefore,
+            0x17 => Key::KillWord,
             ESC => {
                 self.decode = Decode::Esc;
                 return Step::Pending;
@@ -379,6 +479,7 @@ impl LineEditor {
             }
             Key::Enter => {
                 self.flush(out);
+                self.leave(out);
                 let line = std::mem::take(&mut self.input);
                 self.cursor = 0;
                 self.browsing = None;
@@ -389,7 +490,6 @@ impl LineEditor {
                     }
                     self.history.push_back(line.clone());
                 }
-                out.extend_from_slice(b"\r\n");
                 out.extend_from_slice(self.prompt.as_bytes());
                 events.push(EditorEvent::Line(line));
             }
@@ -414,6 +514,33 @@ impl LineEditor {
                     self.cursor = 0;
                     self.dirty = true;
                 }
+            }
+            Key::KillAfter => {
+                if self.cursor < self.input.len() {
+                    self.input.truncate(self.cursor);
+                    self.dirty = true;
+                }
+            }
+            Key::KillWord => {
+                // The word before the cursor and the spaces after it, as a
+                // shell's Ctrl+W.
+                let before = &self.input[..self.cursor];
+                let word_end = before.trim_end().len();
+                let start = before[..word_end]
+                    .rfind(char::is_whitespace)
+                    .map_or(0, |i| {
+                        i + before[i..].chars().next().map_or(1, char::len_utf8)
+                    });
+                if start < self.cursor {
+                    self.input.drain(start..self.cursor);
+                    self.cursor = start;
+                    self.dirty = true;
+                }
+            }
+            Key::Clear => {
+                out.extend_from_slice(CLEAR_SCREEN);
+                self.row = 0;
+                self.dirty = true;
             }
             Key::Left => {
                 if let Some(c) = self.input[..self.cursor].chars().next_back() {
@@ -477,7 +604,7 @@ impl LineEditor {
     /// fresh line for whatever the driver prints on its way out.
     fn close(&mut self, event: EditorEvent, out: &mut Vec<u8>, events: &mut Vec<EditorEvent>) {
         self.flush(out);
-        out.extend_from_slice(b"\r\n");
+        self.leave(out);
         self.input.clear();
         self.cursor = 0;
         self.closed = true;
@@ -581,6 +708,19 @@ impl Drop for RawMode {
     }
 }
 
+/// The width in columns of the terminal `fd`, if it is one that says.
+pub fn width(fd: RawFd) -> Option<usize> {
+    let mut size = MaybeUninit::<libc::winsize>::uninit();
+    // SAFETY: TIOCGWINSZ writes one `winsize` through the pointer, which is
+    // valid for that; on a descriptor that is no terminal it fails instead.
+    if unsafe { libc::ioctl(fd, libc::TIOCGWINSZ, size.as_mut_ptr()) } != 0 {
+        return None;
+    }
+    // SAFETY: the ioctl returned 0, so it filled in the whole struct.
+    let size = unsafe { size.assume_init() };
+    (size.ws_col > 0).then_some(usize::from(size.ws_col))
+}
+
 fn get_attr(fd: RawFd) -> io::Result<libc::termios> {
     let mut attr = MaybeUninit::<libc::termios>::uninit();
     // SAFETY: `attr` is valid for writes of one `termios`; tcgetattr only
@@ -622,16 +762,17 @@ mod tests {
         )
     }
 
-    /// The redraw the editor must emit for `input` with `after` the part of
-    /// it behind the cursor.
+    /// The redraw the editor must emit for `input` (on one row) with `after`
+    /// the part of it behind the cursor.
     fn redraw_of(input: &str, after: &str) -> String {
-        let back = after.width();
-        let mv = if back > 0 {
-            format!("\x1b[{back}D")
-        } else {
+        use unicode_width::UnicodeWidthStr;
+        let mv = if after.is_empty() {
             String::new()
+        } else {
+            let col = PROMPT.width() + input.width() - after.width();
+            format!("\r\x1b[{col}C")
         };
-        format!("\r{PROMPT}{input}\x1b[K{mv}")
+        format!("\r\x1b[J{PROMPT}{input}{mv}")
     }
 
     fn line(s: &str) -> EditorEvent {
@@ -650,10 +791,10 @@ mod tests {
 
     #[test]
     fn redraw_at_start_shows_prompt() {
-        let editor = LineEditor::new(PROMPT);
+        let mut editor = LineEditor::new(PROMPT);
         let mut out = Vec::new();
         editor.redraw(&mut out);
-        assert_eq!(out, b"\r>>> \x1b[K");
+        assert_eq!(out, b"\r\x1b[J>>> ");
     }
 
     #[test]
@@ -840,7 +981,7 @@ mod tests {
         feed(&mut editor, b"\x03");
         let mut out = Vec::new();
         editor.print_above(">>> [You are Offline. Bye.]", &mut out);
-        assert_eq!(out, b"\r\x1b[K>>> [You are Offline. Bye.]\r\n");
+        assert_eq!(out, b">>> [You are Offline. Bye.]\r\n");
         out.clear();
         editor.redraw(&mut out);
         assert!(out.is_empty());
@@ -1014,7 +1155,12 @@ mod tests {
     fn other_control_bytes_are_ignored() {
         let mut editor = LineEditor::new(PROMPT);
         let controls: Vec<u8> = (0u8..0x20)
-            .filter(|b| ![0x01, 0x03, 0x04, 0x05, 0x08, 0x0a, 0x0d, 0x15, 0x1b].contains(b))
+            .filter(|b| {
+                ![
+                    0x01, 0x03, 0x04, 0x05, 0x08, 0x0a, 0x0b, 0x0c, 0x0d, 0x15, 0x17, 0x1b,
+                ]
+                .contains(b)
+            })
             .collect();
         feed(&mut editor, b"ab");
         let (events, out) = feed(&mut editor, &controls);
@@ -1033,7 +1179,9 @@ mod tests {
         let (_, out) = feed(&mut editor, "世".as_bytes());
         assert_eq!(out, "\x07");
         let (_, out) = feed(&mut editor, b"bcd");
-        assert_eq!(out, format!("\x07{}", redraw_of(&format!("{full}b"), "")));
+        // The bell, then the input (many rows) drawn again with the b.
+        assert!(out.starts_with('\x07'), "{out:?}");
+        assert!(out.ends_with(&format!("{full}b")), "{out:?}");
         assert_eq!(editor.input().len(), MAX_INPUT);
         let (events, _) = feed(&mut editor, b"\r");
         assert_eq!(events, [line(&format!("{full}b"))]);
@@ -1048,8 +1196,8 @@ mod tests {
         }
         let mut out = Vec::new();
         editor.print_above(">>> bob: 你好", &mut out);
-        // "界🙂b" after the cursor: 2 + 2 + 1 columns.
-        let expected = "\r\x1b[K>>> bob: 你好\r\n\r>>> a世界🙂b\x1b[K\x1b[5D";
+        // The cursor after ">>> a世": 4 + 1 + 2 columns.
+        let expected = "\r\x1b[J>>> bob: 你好\r\n\r\x1b[J>>> a世界🙂b\r\x1b[7C";
         assert_eq!(String::from_utf8(out).unwrap(), expected);
         // Typing carries on where the cursor was.
         feed(&mut editor, b"-");
@@ -1064,19 +1212,351 @@ mod tests {
         editor.print_above(">>> [Client table updated.]", &mut out);
         assert_eq!(
             out,
-            b"\r\x1b[K>>> [Client table updated.]\r\n\r>>> send\x1b[K"
+            b"\r\x1b[J>>> [Client table updated.]\r\n\r\x1b[J>>> send"
         );
     }
 
     #[test]
     fn print_above_defuses_control_characters() {
-        let editor = LineEditor::new(PROMPT);
+        let mut editor = LineEditor::new(PROMPT);
         let mut out = Vec::new();
         editor.print_above(">>> eve: \x1b[2J\r\nx\u{9b}", &mut out);
         let text = String::from_utf8(out).unwrap();
         assert_eq!(
             text,
-            "\r\x1b[K>>> eve: \u{fffd}[2J\u{fffd}\u{fffd}x\u{fffd}\r\n\r>>> \x1b[K"
+            "\r\x1b[J>>> eve: \u{fffd}[2J\u{fffd}\u{fffd}x\u{fffd}\r\n\r\x1b[J>>> "
+        );
+    }
+
+    fn nz(n: u16) -> std::num::NonZeroU16 {
+        std::num::NonZeroU16::new(n).expect("not zero")
+    }
+
+    /// A terminal model (`vt100`, what xterm does with the bytes) `cols`
+    /// wide and tall enough never to scroll, showing an editor.
+    struct Screen {
+        parser: vt100::Parser,
+        editor: LineEditor,
+        cols: u16,
+        /// The lines printed above the prompt so far.
+        printed: Vec<String>,
+    }
+
+    impl Screen {
+        fn new(cols: u16) -> Screen {
+            let mut editor = LineEditor::new(PROMPT);
+            let mut out = Vec::new();
+            editor.set_width(usize::from(cols), &mut out);
+            editor.redraw(&mut out);
+            let mut parser = vt100::Parser::new(nz(400), nz(cols), 0);
+            parser.process(&out);
+            Screen {
+                parser,
+                editor,
+                cols,
+                printed: Vec::new(),
+            }
+        }
+
+        fn keys(&mut self, bytes: &[u8]) -> Vec<EditorEvent> {
+            let mut out = Vec::new();
+            let events = self.editor.feed(bytes, &mut out);
+            self.parser.process(&out);
+            // A line sent stays on the screen above the new prompt.
+            for event in &events {
+                if let EditorEvent::Line(line) = event {
+                    self.printed.push(format!("{PROMPT}{line}"));
+                }
+            }
+            events
+        }
+
+        fn print(&mut self, line: &str) {
+            let mut out = Vec::new();
+            self.editor.print_above(line, &mut out);
+            self.parser.process(&out);
+            self.printed.push(line.to_string());
+        }
+
+        fn resize(&mut self, cols: u16) {
+            self.cols = cols;
+            self.parser.screen_mut().set_size(nz(400), nz(cols));
+            let mut out = Vec::new();
+            self.editor.set_width(usize::from(cols), &mut out);
+            self.parser.process(&out);
+        }
+
+        /// The screen's rows, trailing blanks and blank rows at the end cut.
+        fn rows(&self) -> Vec<String> {
+            let mut rows: Vec<String> = self
+                .parser
+                .screen()
+                .rows(0, self.cols)
+                .map(|r| r.trim_end().to_string())
+                .collect();
+            while rows.last().is_some_and(String::is_empty) {
+                rows.pop();
+            }
+            rows
+        }
+
+        /// `text` as a terminal `cols` wide wraps it: rows of whole
+        /// characters, a wide one that does not fit going to the next row.
+        fn wrap(&self, text: &str) -> Vec<String> {
+            use unicode_width::UnicodeWidthChar;
+            let mut rows = vec![String::new()];
+            let mut col = 0;
+            for c in text.chars() {
+                let w = c.width().unwrap_or(0);
+                if col + w > usize::from(self.cols) {
+                    rows.push(String::new());
+                    col = 0;
+                }
+                rows.last_mut().unwrap().push(c);
+                col += w;
+            }
+            rows
+        }
+
+        /// Asserts the screen shows every printed line, then the prompt and
+        /// the input, each wrapped, and the cursor at the input's cursor.
+        #[track_caller]
+        fn assert_intact(&self) {
+            let mut want: Vec<String> = Vec::new();
+            for line in &self.printed {
+                want.extend(self.wrap(line));
+            }
+            let edit = self.wrap(&format!("{PROMPT}{}", self.editor.input()));
+            let top = want.len();
+            want.extend(edit);
+            let rows = self.rows();
+            let got: Vec<&str> = rows.iter().map(|r| r.as_str()).collect();
+            let want_trimmed: Vec<String> = want.iter().map(|r| r.trim_end().to_string()).collect();
+            let mut want_rows: Vec<&str> = want_trimmed.iter().map(|r| r.as_str()).collect();
+            while want_rows.last().is_some_and(|r| r.is_empty()) {
+                want_rows.pop();
+            }
+            assert_eq!(got, want_rows, "the screen at width {}", self.cols);
+            // The cursor: after the prompt and the input before it.
+            let before = format!("{PROMPT}{}", &self.editor.input()[..self.editor.cursor]);
+            let wrapped = self.wrap(&before);
+            let mut row = top + wrapped.len() - 1;
+            let mut col = {
+                use unicode_width::UnicodeWidthStr;
+                wrapped.last().unwrap().width()
+            };
+            if col == usize::from(self.cols) {
+                (row, col) = (row + 1, 0);
+            }
+            let (r, c) = self.parser.screen().cursor_position();
+            assert_eq!(
+                (usize::from(r), usize::from(c)),
+                (row, col),
+                "the cursor at width {}",
+                self.cols
+            );
+        }
+    }
+
+    #[test]
+    fn a_long_input_wraps_and_lines_arriving_leave_it_intact() {
+        let mut screen = Screen::new(40);
+        // 300 characters: eight rows at 40 columns, typed in bits while
+        // messages arrive.
+        let text: String = (0..300)
+            .map(|i| char::from(b'a' + (i % 26) as u8))
+            .collect();
+        for (k, chunk) in text.as_bytes().chunks(37).enumerate() {
+            screen.keys(chunk);
+            screen.assert_intact();
+            screen.print(&format!(
+                ">>> Bob: message {k}, long enough to wrap past the forty columns"
+            ));
+            screen.assert_intact();
+        }
+        assert_eq!(screen.editor.input(), text);
+        // Backspace across a row boundary, Left into an upper row, typing
+        // there, and the whole line on Enter.
+        for _ in 0..40 {
+            screen.keys(b"\x7f");
+            screen.assert_intact();
+        }
+        for _ in 0..50 {
+            screen.keys(b"\x1b[D");
+        }
+        screen.assert_intact();
+        screen.keys(b"XYZ");
+        screen.print(">>> [Client table updated.]");
+        screen.assert_intact();
+        let events = screen.keys(b"\r");
+        assert_eq!(events.len(), 1);
+        screen.assert_intact();
+    }
+
+    #[test]
+    fn an_input_that_fills_its_rows_exactly_keeps_the_cursor_right() {
+        for cols in [20u16, 21] {
+            let mut screen = Screen::new(cols);
+            // The prompt and input fill the row to its last column.
+            let fill = "x".repeat(usize::from(cols) - PROMPT.len());
+            screen.keys(fill.as_bytes());
+            screen.assert_intact();
+            screen.print(">>> hello");
+            screen.assert_intact();
+            screen.keys(b"y");
+            screen.assert_intact();
+            screen.keys(b"\x7f\x7f");
+            screen.assert_intact();
+        }
+    }
+
+    #[test]
+    fn wide_characters_that_do_not_fit_go_to_the_next_row() {
+        let mut screen = Screen::new(11);
+        // ">>> " + "ab" + "世界你" = 4 + 2 + 6 = 12 columns: the last wide
+        // character does not fit the 11th column and wraps.
+        screen.keys("ab世界你好🙂x".as_bytes());
+        screen.assert_intact();
+        screen.print(">>> 你好你好你好");
+        screen.assert_intact();
+        for _ in 0..4 {
+            screen.keys(b"\x1b[D");
+            screen.assert_intact();
+        }
+        screen.keys("中".as_bytes());
+        screen.assert_intact();
+    }
+
+    #[test]
+    fn recalled_long_entries_and_kills_redraw_every_row() {
+        let mut screen = Screen::new(30);
+        let long = "send Bob ".to_string() + &"z".repeat(100);
+        screen.keys(format!("{long}\rshort").as_bytes());
+        screen.assert_intact();
+        screen.keys(b"\x1b[A");
+        assert_eq!(screen.editor.input(), long);
+        screen.assert_intact();
+        screen.keys(b"\x1b[B");
+        assert_eq!(screen.editor.input(), "short");
+        screen.assert_intact();
+        screen.keys(b"\x1b[A\x1b[D\x1b[D");
+        // Ctrl+U from the middle of a long line, then Ctrl+K, Ctrl+W.
+        screen.keys(b"\x15");
+        assert_eq!(screen.editor.input(), "zz");
+        screen.assert_intact();
+        screen.keys(b"\x05\x15");
+        screen.keys(long.as_bytes());
+        screen.keys(b"\x01\x1b[C\x1b[C\x1b[C\x1b[C\x0b");
+        assert_eq!(screen.editor.input(), "send");
+        screen.assert_intact();
+        screen.keys(b" to Bob  \x17");
+        assert_eq!(screen.editor.input(), "send to ");
+        screen.assert_intact();
+        screen.keys(b"\x17\x17\x17");
+        assert_eq!(screen.editor.input(), "");
+        screen.assert_intact();
+    }
+
+    #[test]
+    fn any_mix_of_keys_and_lines_leaves_the_screen_intact() {
+        // A small seeded generator: the same runs every time.
+        let mut state = 0x2545_f491_4f6c_dd1d_u64;
+        let mut next = move |n: u64| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state % n
+        };
+        let pieces: [&[u8]; 14] = [
+            b"a",
+            b"word ",
+            "世".as_bytes(),
+            "🙂".as_bytes(),
+            b"\x1b[D",
+            b"\x1b[C",
+            b"\x01",
+            b"\x05",
+            b"\x7f",
+            b"\x1b[3~",
+            b"\x15",
+            b"\x0b",
+            b"\x17",
+            b"\x1b[A",
+        ];
+        for run in 0..60 {
+            let cols = 7 + next(50) as u16;
+            let mut screen = Screen::new(cols);
+            for step in 0..150 {
+                match next(20) {
+                    0 => screen.print(&format!(">>> Bob: {}", "m".repeat(next(90) as usize))),
+                    1 if run % 3 == 0 => {
+                        screen.keys(b"\r");
+                    }
+                    _ => {
+                        let piece = pieces[next(pieces.len() as u64) as usize];
+                        for _ in 0..1 + next(4) {
+                            screen.keys(piece);
+                        }
+                    }
+                }
+                if step % 5 == 0 {
+                    screen.assert_intact();
+                }
+            }
+            screen.assert_intact();
+        }
+    }
+
+    #[test]
+    fn ctrl_w_erases_one_word_and_the_spaces_after_it() {
+        let mut editor = LineEditor::new(PROMPT);
+        feed(&mut editor, "send Bob 你好 there  ".as_bytes());
+        feed(&mut editor, b"\x17");
+        assert_eq!(editor.input(), "send Bob 你好 ");
+        feed(&mut editor, b"\x17");
+        assert_eq!(editor.input(), "send Bob ");
+        // From the middle: only what is before the cursor.
+        feed(&mut editor, b"x\x1b[D\x17");
+        assert_eq!(editor.input(), "send x");
+        feed(&mut editor, b"\x01");
+        let (_, out) = feed(&mut editor, b"\x17");
+        assert_eq!(out, "", "nothing before the cursor to erase");
+    }
+
+    #[test]
+    fn ctrl_l_clears_the_screen_and_keeps_the_input() {
+        let mut screen = Screen::new(30);
+        screen.print(">>> old line");
+        screen.keys(b"typing");
+        screen.keys(b"\x0c");
+        screen.printed.clear();
+        screen.assert_intact();
+        assert_eq!(screen.rows(), [">>> typing"]);
+    }
+
+    #[test]
+    fn a_resize_lays_the_input_out_for_the_new_width() {
+        let mut screen = Screen::new(60);
+        screen.keys("x".repeat(100).as_bytes());
+        screen.keys(b"\x1b[D\x1b[D");
+        screen.assert_intact();
+        // The model does not reflow: the rows drawn for 60 columns stay as
+        // they were cut; what matters is that the editor knows the new
+        // width from now on.
+        screen.resize(25);
+        screen.print(">>> after the resize");
+        screen.printed = vec![">>> after the resize".to_string()];
+        let rows = screen.rows();
+        let at = rows
+            .iter()
+            .position(|r| r == ">>> after the resize")
+            .expect("the line printed after the resize");
+        let edit: Vec<String> = rows[at + 1..].to_vec();
+        assert_eq!(edit, screen.wrap(&format!("{PROMPT}{}", "x".repeat(100))));
+        screen.keys(b"yy");
+        assert_eq!(
+            screen.editor.input(),
+            format!("{}yy{}", "x".repeat(98), "xx")
         );
     }
 
