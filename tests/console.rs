@@ -84,3 +84,70 @@ fn a_script_with_a_failing_command_runs_the_rest_and_exits_3() {
     bob.expect(">>> Alice: after the error");
     bob.finish();
 }
+
+#[test]
+fn quit_leaves_telling_the_server_and_exits_0() {
+    let server = Server::start();
+    let [mut alice, mut bob] = Client::join_all(&server, ["Alice", "Bob"]);
+    alice.send("quit");
+    alice.expect(">>> [You are Offline. Bye.]");
+    alice.expect_exit(0);
+    // The server was told: Bob's table has her offline at once.
+    bob.expect(TABLE);
+    bob.send("send Alice are you there");
+    bob.expect_lines(&[
+        ">>> [Alice is offline, message sent to server.]",
+        common::SAVED,
+    ]);
+    bob.finish();
+}
+
+#[test]
+fn quit_while_offline_exits_at_once() {
+    let server = Server::start();
+    let [mut alice, mut bob] = Client::join_all(&server, ["Alice", "Bob"]);
+    alice.send("dereg Alice");
+    alice.expect(">>> [You are Offline. Bye.]");
+    bob.expect(TABLE);
+    alice.send("quit");
+    alice.expect_exit(0);
+    bob.expect_quiet(common::QUIET);
+    bob.finish();
+}
+
+#[test]
+fn help_lists_every_command_and_the_editing_keys() {
+    let server = Server::start();
+    let [mut alice] = Client::join_all(&server, ["Alice"]);
+    alice.send("help");
+    let mut help = Vec::new();
+    while help
+        .last()
+        .is_none_or(|l: &String| !l.starts_with(">>> Ctrl+C"))
+    {
+        let Some(line) = alice.next_line(common::DEADLINE) else {
+            alice.fail("help ended early");
+        };
+        help.push(line);
+    }
+    let text = help.join("\n");
+    for word in [
+        "send <name>",
+        "send_all",
+        "dereg",
+        "reg <your name>",
+        "list",
+        "help",
+        "quit",
+        "Ctrl+U",
+        "Ctrl+K",
+        "Ctrl+W",
+        "Ctrl+L",
+        "Ctrl+D",
+        "Ctrl+C",
+        "Up/Down",
+    ] {
+        assert!(text.contains(word), "help does not mention {word}:\n{text}");
+    }
+    alice.finish();
+}

@@ -554,6 +554,8 @@ pub struct Client {
     heartbeat: Option<TimerKey>,
     seen: Seen,
     queued: VecDeque<String>,
+    /// `quit` was typed: exit once the dereg is acked.
+    quitting: bool,
     timers: TimerWheel<Timer>,
     transmits: VecDeque<Transmit>,
     events: VecDeque<Event>,
@@ -586,6 +588,7 @@ impl Client {
             heartbeat: None,
             seen: Seen::default(),
             queued: VecDeque::new(),
+            quitting: false,
             timers: TimerWheel::new(now, TICK),
             transmits: VecDeque::new(),
             events: VecDeque::new(),
@@ -967,6 +970,7 @@ impl Client {
             "" => {}
             "help" => self.help(),
             "list" => self.list(),
+            "quit" if rest.trim().is_empty() => self.quit(now),
             _ if !self.ready && self.presence != Presence::Done => {
                 // Typed (or piped) before the first registration finished:
                 // run it once it has.
@@ -1141,6 +1145,30 @@ impl Client {
         self.by_seq.insert(seq, op);
     }
 
+    /// `quit`: leave telling the server (a dereg), then exit with status 0;
+    /// offline or still registering, exit at once.
+    pub fn quit(&mut self, now: Instant) {
+        match self.presence {
+            Presence::Online => {
+                self.quitting = true;
+                let name = self.config.name.clone();
+                self.dereg(now, name.as_str());
+            }
+            Presence::Offline | Presence::Joining => self.exit(0),
+            Presence::Done => {}
+        }
+    }
+
+    /// The server has us offline, as a dereg asked: `[You are Offline.
+    /// Bye.]`, and the exit a `quit` asked for.
+    fn left(&mut self) {
+        self.go_offline();
+        self.events.push_back(Event::Bye);
+        if self.quitting {
+            self.exit(0);
+        }
+    }
+
     /// `reg <name>`: log back in after `dereg`.
     pub fn reg(&mut self, now: Instant, name: &str) {
         if name != self.config.name.as_str() {
@@ -1202,6 +1230,11 @@ impl Client {
             "reg <your name>         log back in after dereg",
             "list                    show the client table",
             "help                    show this list",
+            "quit                    leave (the server is told), then exit",
+            "keys: Left/Right, Home/End (Ctrl+A, Ctrl+E), Up/Down for earlier lines,",
+            "      Backspace, Delete, Ctrl+U / Ctrl+K erase before / after the cursor,",
+            "      Ctrl+W the word before it, Ctrl+L clear the screen",
+            "Ctrl+D                  on an empty line: exit without telling the server",
             "Ctrl+C                  quit without telling the server",
         ] {
             self.events.push_back(Event::Info(line.to_string()));
@@ -1466,10 +1499,7 @@ impl Client {
             return;
         };
         match kind {
-            Kind::Deregister { .. } => {
-                self.go_offline();
-                self.events.push_back(Event::Bye);
-            }
+            Kind::Deregister { .. } => self.left(),
             Kind::Channel { .. } => self.events.push_back(Event::ChannelAcked),
             _ => self.events.push_back(Event::Saved),
         }
@@ -1551,9 +1581,8 @@ impl Client {
         }
         if dereg {
             // We are not registered any more, which is what dereg asked for.
-            self.go_offline();
-            self.events.push_back(Event::Bye);
             self.drop_parked("you went offline before the server took it; not saved.");
+            self.left();
         } else {
             self.forget_session(now);
         }
@@ -1608,10 +1637,7 @@ impl Client {
         match (kind, reason) {
             // The server does not know us (it restarted): we are offline
             // already, which is what dereg asked for.
-            (Kind::Deregister { .. }, Refusal::UnknownSession) => {
-                self.go_offline();
-                self.events.push_back(Event::Bye);
-            }
+            (Kind::Deregister { .. }, Refusal::UnknownSession) => self.left(),
             (Kind::Heartbeat { .. }, _) if current => self.forget_session(now),
             (Kind::Heartbeat { .. }, _) => {}
             (Kind::Direct { to, .. }, Refusal::MailboxFull) => {
