@@ -86,7 +86,7 @@ pub mod timer;
 pub mod wire;
 
 pub use client::{Client, ClientConfig, Event, Path};
-pub use server::{Server, ServerConfig, ServerEvent, StoreFailure, Waiting};
+pub use server::{Census, Server, ServerConfig, ServerEvent, StoreFailure, Waiting};
 
 /// How long a sender waits for an ack before it gives up on a try (direct
 /// message) or resends (request to the server).

@@ -26,6 +26,7 @@ const HELP: &str = "
     --mail-ttl AGE        delete mail undelivered after AGE: N with s, m, h or d, or 'never' (default 30d)
     --name-ttl AGE        forget names not online for AGE, with no mail to or from them (default 365d)
     --heartbeat SECS      the clients' heartbeat interval; 3 missed = offline (default 10)
+    --summary-every AGE   log a summary line this often, or 'never' (default 60s)
   -c <name> <server-ip> <server-port> <client-port>
                           run a client named <name> on <client-port>
     --key FILE            the key that owns <name> (default $XDG_CONFIG_HOME/udpchat/<name>.key,
@@ -37,7 +38,7 @@ const HELP: &str = "
   -V, --version           show the version";
 
 /// Flags only the server takes.
-const SERVER_ONLY: [&str; 10] = [
+const SERVER_ONLY: [&str; 11] = [
     "bind",
     "data-dir",
     "mailbox-messages",
@@ -48,6 +49,7 @@ const SERVER_ONLY: [&str; 10] = [
     "name-ttl",
     "names-per-source",
     "requests-per-source",
+    "summary-every",
 ];
 
 enum Mode {
@@ -117,6 +119,7 @@ fn parse(args: &[String]) -> Result<Mode, String> {
     opts.optopt("", "names-per-source", "new names per address", "N");
     opts.optopt("", "requests-per-source", "requests per address", "N");
     opts.optopt("", "heartbeat", "heartbeat interval", "SECS");
+    opts.optopt("", "summary-every", "how often the log sums up", "AGE");
     opts.optopt("", "key", "client key file", "FILE");
     opts.optopt("", "release", "release a name", "NAME");
     opts.optflag("h", "help", "show help");
@@ -174,6 +177,11 @@ fn parse(args: &[String]) -> Result<Mode, String> {
                 name_ttl: parse_age("name-ttl", m.opt_str("name-ttl"), udpchat::server::NAME_TTL)?,
                 names_per_source: limit("names-per-source", 64)?,
                 requests_per_source: limit("requests-per-source", 2000)?,
+                summary_every: parse_age(
+                    "summary-every",
+                    m.opt_str("summary-every"),
+                    Duration::from_secs(60),
+                )?,
             }))
         }
         (None, Some(name)) => {

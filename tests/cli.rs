@@ -87,6 +87,27 @@ fn empty_arguments_are_refused() {
 }
 
 #[test]
+fn a_bad_summary_interval_is_refused() {
+    assert_usage_error(&["-s", "5000", "--summary-every", "0"], &["summary-every"]);
+    assert_usage_error(
+        &["-s", "5000", "--summary-every", "soon"],
+        &["summary-every"],
+    );
+    assert_usage_error(
+        &[
+            "-c",
+            "Alice",
+            "127.0.0.1",
+            "5000",
+            "6000",
+            "--summary-every",
+            "1m",
+        ],
+        &["summary-every"],
+    );
+}
+
+#[test]
 fn empty_name_is_refused() {
     assert_usage_error(&["-c", "", "127.0.0.1", "5000", "6000"], &["name"]);
 }

@@ -341,6 +341,32 @@ pub(crate) fn unix_now() -> i64 {
         .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
 }
 
+/// `at` as RFC 3339 in UTC to the millisecond: `2026-12-06T21:15:03.042Z`
+/// (the server log's stamp; a time before 1970 is written as 1970).
+pub fn rfc3339(at: SystemTime) -> String {
+    let since = at.duration_since(UNIX_EPOCH).unwrap_or_default();
+    let secs = since.as_secs();
+    let (days, day_secs) = (secs / 86_400, secs % 86_400);
+    // Days to a civil date (Howard Hinnant's `civil_from_days`), for days
+    // since 1970-01-01, which are never negative here.
+    let z = days + 719_468;
+    let era = z / 146_097;
+    let doe = z % 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + u64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
+        day_secs / 3600,
+        day_secs / 60 % 60,
+        day_secs % 60,
+        since.subsec_millis()
+    )
+}
+
 /// Renders a Unix time as local `YYYY-MM-DD HH:MM:SS`.
 pub fn local_time(unix: i64) -> String {
     // SAFETY: `tm` is plain old data that localtime_r fills in; both pointers
@@ -369,6 +395,24 @@ mod tests {
     use std::os::fd::AsRawFd;
 
     use super::*;
+
+    #[test]
+    fn rfc3339_stamps_in_utc_to_the_millisecond() {
+        let at = |secs: u64, millis: u64| {
+            UNIX_EPOCH + Duration::from_secs(secs) + Duration::from_millis(millis)
+        };
+        assert_eq!(rfc3339(at(0, 0)), "1970-01-01T00:00:00.000Z");
+        // `date -u -d @1700000000`: Tue Nov 14 22:13:20 UTC 2023.
+        assert_eq!(rfc3339(at(1_700_000_000, 7)), "2023-11-14T22:13:20.007Z");
+        // A leap day, and the last second of a leap year.
+        assert_eq!(rfc3339(at(951_782_400, 999)), "2000-02-29T00:00:00.999Z");
+        assert_eq!(rfc3339(at(1_735_689_599, 0)), "2024-12-31T23:59:59.000Z");
+        assert_eq!(rfc3339(at(4_102_444_800, 0)), "2100-01-01T00:00:00.000Z");
+        assert_eq!(
+            rfc3339(UNIX_EPOCH - Duration::from_secs(5)),
+            "1970-01-01T00:00:00.000Z"
+        );
+    }
 
     #[test]
     fn local_time_has_the_console_format() {

@@ -3,7 +3,7 @@
 use std::io::{self, Write};
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use mio::Events;
 use mio::net::UdpSocket;
@@ -15,6 +15,7 @@ use super::{
     read_burst, send_all, size_buffers, unix_now, wait,
 };
 use crate::crypto::Keypair;
+use crate::server::ServerStats;
 use crate::store::{Store, StoreOp};
 use crate::wire::{Name, Rejection};
 use crate::{Server, ServerConfig, ServerEvent, StoreFailure};
@@ -48,6 +49,8 @@ pub struct Options {
     pub names_per_source: usize,
     /// Requests one source sends at once (then half as many a second).
     pub requests_per_source: usize,
+    /// How often the log sums up (`None`: never).
+    pub summary_every: Option<Duration>,
 }
 
 /// Runs the server until a signal stops it. Returns the exit status.
@@ -86,11 +89,14 @@ pub fn run(options: Options) -> Result<i32, Fatal> {
     config.requests = (burst, Duration::from_secs(2) / burst.max(1));
     let known = loaded.clients.len();
     let mut server = Server::new(config, now, loaded);
-    say(&format!("udpchat server listening on {local}"));
+    let mut log = Log::default();
+    log.line(&format!("udpchat server listening on {local}"));
     // The public half only: what a user may compare out of band.
-    say(&format!("server key {fingerprint}"));
+    log.line(&format!("server key {fingerprint}"));
+    let absolute = std::fs::canonicalize(&options.data_dir).unwrap_or_default();
+    log.line(&format!("data dir {dir} ({})", absolute.display()));
     if known > options.max_clients {
-        say(&format!(
+        log.line(&format!(
             "the registry holds {known} names, more than --max-clients {}: new names are refused",
             options.max_clients
         ));
@@ -100,13 +106,16 @@ pub fn run(options: Options) -> Result<i32, Fatal> {
         ("send", send, want.1, "net.core.wmem_max"),
     ] {
         if got < asked {
-            say(&format!(
+            log.line(&format!(
                 "{what} buffer is {} KiB, not the {} KiB asked: {cap} caps it (raise it, or run with CAP_NET_ADMIN)",
                 got >> 10,
                 asked >> 10
             ));
         }
     }
+
+    log.flush();
+    let mut summary = options.summary_every.map(|every| Summary::new(every, now));
 
     let mut events = Events::with_capacity(16);
     let mut buf = [0u8; RECV_BUF];
@@ -120,10 +129,16 @@ pub fn run(options: Options) -> Result<i32, Fatal> {
     // next burst.)
     let mut drained = Instant::now();
     loop {
-        wait(&mut poll, &mut events, server.poll_timeout(), backlog)?;
+        let summary_due = summary.as_ref().map(|s| s.next);
+        let deadline = match (server.poll_timeout(), summary_due) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        wait(&mut poll, &mut events, deadline, backlog)?;
         for event in events.iter() {
             if event.token() == SIGNALS && signals.pending().next().is_some() {
-                say("udpchat server stopped");
+                log.line("udpchat server stopped");
+                log.flush();
                 return Ok(0);
             }
         }
@@ -133,27 +148,139 @@ pub fn run(options: Options) -> Result<i32, Fatal> {
         } else {
             Duration::ZERO
         });
+        let mut read = 0;
         backlog = read_burst(&socket, &mut buf, |from, data| {
+            read += 1;
             server.handle_datagram(now, from, data)
         });
         if !backlog {
             drained = Instant::now();
         }
         server.handle_timeout(now);
-        flush(&mut server, &mut store, &socket, now, &mut failing)?;
+        let sent = flush(
+            &mut server,
+            &mut store,
+            &socket,
+            now,
+            &mut failing,
+            &mut log,
+        )?;
+        if let Some(summary) = summary.as_mut() {
+            summary.count(read, sent);
+            if now >= summary.next {
+                log.line(&summary.line(&server, now));
+            }
+        }
+        log.flush();
     }
 }
 
-/// Commits what the server wants stored, then sends what it released.
-/// `failing`: the last commit failed (said once, until one succeeds).
+/// The server's log on stdout: one line per state change, each stamped
+/// with the time (RFC 3339, UTC, to the millisecond), gathered over a loop
+/// turn and written with one flushed write at its end: a join storm logs
+/// thousands of lines, and a write each would cost CPU the protocol needs.
+#[derive(Default)]
+struct Log {
+    lines: String,
+    /// This turn's time stamp, taken at its first line.
+    stamp: Option<String>,
+}
+
+impl Log {
+    fn line(&mut self, text: &str) {
+        let stamp = self
+            .stamp
+            .get_or_insert_with(|| super::rfc3339(SystemTime::now()));
+        self.lines.push_str(stamp);
+        self.lines.push(' ');
+        self.lines.push_str(text);
+        self.lines.push('\n');
+    }
+
+    /// Writes what was gathered; a closed stdout is not worth dying for.
+    fn flush(&mut self) {
+        self.stamp = None;
+        if self.lines.is_empty() {
+            return;
+        }
+        let mut out = io::stdout().lock();
+        let _ = out.write_all(self.lines.as_bytes());
+        let _ = out.flush();
+        self.lines.clear();
+    }
+}
+
+/// The periodic summary line: the state (online, registered, stored) and
+/// what came and went since the last one.
+struct Summary {
+    every: Duration,
+    next: Instant,
+    since: Instant,
+    /// Datagrams read and sent since the last summary.
+    read: u64,
+    sent: u64,
+    /// The server's counters at the last summary.
+    last: ServerStats,
+}
+
+impl Summary {
+    fn new(every: Duration, now: Instant) -> Summary {
+        Summary {
+            every,
+            next: now + every,
+            since: now,
+            read: 0,
+            sent: 0,
+            last: ServerStats::default(),
+        }
+    }
+
+    fn count(&mut self, read: u64, sent: u64) {
+        self.read += read;
+        self.sent += sent;
+    }
+
+    /// The line, and the counting starts over.
+    fn line(&mut self, server: &Server, now: Instant) -> String {
+        let census = server.census();
+        let stats = server.stats();
+        let last = std::mem::replace(&mut self.last, stats);
+        let secs = now.duration_since(self.since).as_secs();
+        let line = format!(
+            "summary: {} online, {} registered, {} stored messages; in the last {secs} s: \
+             {} datagrams in, {} out, {} malformed, {} ignored, {} rate-limited, {} stored \
+             messages delivered",
+            census.online,
+            census.registered,
+            census.stored,
+            self.read,
+            self.sent,
+            stats.malformed - last.malformed,
+            stats.ignored - last.ignored,
+            stats.limited - last.limited,
+            stats.delivered - last.delivered,
+        );
+        self.read = 0;
+        self.sent = 0;
+        self.since = now;
+        self.next = now + self.every;
+        line
+    }
+}
+
+/// Commits what the server wants stored, then sends what it released;
+/// returns how many datagrams it sent. `failing`: the last commit failed
+/// (said once, until one succeeds).
 fn flush(
     server: &mut Server,
     store: &mut dyn Store,
     socket: &UdpSocket,
     now: Instant,
     failing: &mut bool,
-) -> Result<(), Fatal> {
+    log: &mut Log,
+) -> Result<u64, Fatal> {
     let mut ops: Vec<StoreOp> = Vec::new();
+    let mut sent = 0;
     loop {
         ops.clear();
         // Bodies a delivery waits for: reads, not part of the commit.
@@ -166,7 +293,7 @@ fn flush(
                 Ok(()) => {
                     server.handle_committed();
                     if std::mem::take(failing) {
-                        say("the store takes writes again");
+                        log.line("the store takes writes again");
                     }
                 }
                 Err(e) => {
@@ -175,7 +302,7 @@ fn flush(
                     let failure = StoreFailure::of(&e)
                         .ok_or_else(|| Fatal(format!("error: cannot store messages: {e}")))?;
                     if !std::mem::replace(failing, true) {
-                        say(&format!(
+                        log.line(&format!(
                             "cannot store messages: {e}; they are refused until it can"
                         ));
                     }
@@ -200,26 +327,17 @@ fn flush(
             if batch.is_empty() {
                 break;
             }
+            sent += batch.len() as u64;
             send_all(socket, &mut batch);
             chunk = SEND_BATCH;
         }
-        // One write for all of a turn's lines: a join storm logs thousands
-        // of registrations, and a flushed write each cost CPU the protocol
-        // needs.
-        let mut lines = String::new();
         while let Some(event) = server.poll_event() {
-            lines.push_str(&line(&event));
-            lines.push('\n');
-        }
-        if !lines.is_empty() {
-            let mut out = io::stdout().lock();
-            let _ = out.write_all(lines.as_bytes());
-            let _ = out.flush();
+            log.line(&line(&event));
         }
         // A fan-out sent above may have asked for bodies: fetched now,
         // not at the next datagram.
         if ops.is_empty() && !server.wants_fetch() {
-            return Ok(());
+            return Ok(sent);
         }
     }
 }
@@ -256,6 +374,10 @@ fn line(event: &ServerEvent) -> String {
             format!("refused {name} from {addr}: the name belongs to another key")
         }
         ServerEvent::Moved(name, addr) => format!("{name} moved to {addr}"),
+        ServerEvent::Delivered { to, from, relayed } => {
+            let how = if *relayed { "relayed" } else { "stored" };
+            format!("delivered a {how} message from {from} to {to}: acked and deleted")
+        }
         ServerEvent::Relaying { to, from } => {
             format!("relaying a message from {from} to {to} (stored until {to} acks it)")
         }

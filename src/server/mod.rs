@@ -184,6 +184,17 @@ pub enum ServerEvent {
     Rejected(Name, SocketAddr, Rejection),
     /// A client's address changed (validated), e.g. a NAT rebinding.
     Moved(Name, SocketAddr),
+    /// A stored or relayed direct message was acked by its recipient and
+    /// deleted (channel copies are counted in [`ServerStats`] instead: a
+    /// fan-out would be a line per recipient).
+    Delivered {
+        /// The recipient.
+        to: Name,
+        /// The sender.
+        from: Name,
+        /// It was relayed live (its sender could not reach the recipient).
+        relayed: bool,
+    },
     /// A client taken for gone proved a new address on its session: it had
     /// only moved, and is online again there.
     Back(Name, SocketAddr),
@@ -277,8 +288,23 @@ pub struct ServerStats {
     pub ignored: u64,
     /// Requests over their source's rate (refused, or dropped as lost).
     pub limited: u64,
+    /// Stored messages acked by their recipients (channel copies included).
+    pub delivered: u64,
     /// The session layer's counters.
     pub links: LinkStats,
+}
+
+/// The state a log summary tells: how many clients are online and
+/// registered, how many messages wait.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Census {
+    /// Clients online.
+    pub online: usize,
+    /// Names in the registry.
+    pub registered: usize,
+    /// Stored messages waiting (a channel message counts once per
+    /// recipient still owed it).
+    pub stored: usize,
 }
 
 /// Most queued datagrams the transmit queue keeps room for once empty (a
@@ -1451,6 +1477,16 @@ impl Server {
         self.links.state_at(addr)
     }
 
+    /// How many are online, registered, and how many messages wait (it
+    /// walks the table: for a periodic log line, not every turn).
+    pub fn census(&self) -> Census {
+        Census {
+            online: self.table.iter().filter(|(_, e)| e.online).count(),
+            registered: self.table.len(),
+            stored: self.mailboxes.values().map(|mb| mb.mail.len()).sum(),
+        }
+    }
+
     /// Dropped-input counters.
     pub fn stats(&self) -> ServerStats {
         let mut stats = self.stats;
@@ -1852,6 +1888,14 @@ impl Server {
         if let Some(inflight) = session.inflight.remove(&mail) {
             self.timers.cancel(inflight.timer);
             session.rounds = 0;
+        }
+        if let Some(m) = held(&self.mailboxes, id, mail) {
+            self.stats.delivered += 1;
+            if !m.channel {
+                let (to, from) = (self.table.get(id).name.clone(), m.from.clone());
+                let relayed = m.relayed;
+                self.event(ServerEvent::Delivered { to, from, relayed });
+            }
         }
         self.delete(id, mail);
         if let Some(r) = self.relays.remove(&(id, mail)) {

@@ -437,9 +437,18 @@ fn spawn_server(dir: &Path, port: u16, extra: &[String], netns: Option<&str>) ->
 fn says_listening(stdout: &[String], port: u16) -> bool {
     let port = format!(":{port}");
     stdout.iter().any(|l| {
-        l.strip_prefix("udpchat server listening on ")
+        unstamped(l)
+            .strip_prefix("udpchat server listening on ")
             .is_some_and(|at| at.ends_with(&port))
     })
+}
+
+/// A server log line without its time stamp (`2026-12-06T21:15:03.042Z `).
+pub fn unstamped(line: &str) -> &str {
+    match line.split_once(' ') {
+        Some((stamp, rest)) if stamp.len() == 24 && stamp.ends_with('Z') => rest,
+        _ => line,
+    }
 }
 
 impl Server {
@@ -459,7 +468,12 @@ impl Server {
     pub fn start_in(netns: Option<&str>, extra: &[&str]) -> Server {
         harness_start();
         let dir = fresh_dir();
-        let extra: Vec<String> = extra.iter().map(|&a| a.to_owned()).collect();
+        let mut extra: Vec<String> = extra.iter().map(|&a| a.to_owned()).collect();
+        // No periodic summary unless a test asks: tests that compare the
+        // log before and after an attack would see one fall in between.
+        if !extra.iter().any(|a| a == "--summary-every") {
+            extra.extend(["--summary-every".to_owned(), "never".to_owned()]);
+        }
         let mut last_failure = String::new();
         for _ in 0..PORT_RETRIES {
             let port = free_udp_port();
