@@ -94,6 +94,7 @@ const HELP_LINES: usize = 12;
 fn rows(client: &mut Client) -> Vec<String> {
     client.send("list");
     client.send("help");
+    common::list_header(client);
     let mut rows = Vec::new();
     loop {
         let Some(line) = client.next_line(DEADLINE) else {

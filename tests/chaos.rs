@@ -642,6 +642,9 @@ impl Peer {
                 if line == HELP_END {
                     break;
                 }
+                if common::is_list_header(&line) {
+                    continue;
+                }
                 let words: Vec<&str> = line.split_whitespace().collect();
                 match words.as_slice() {
                     // A row may end with the path to that peer.

@@ -51,7 +51,8 @@ fn a_piped_list_waits_for_the_table() {
     let run = run_script("Alice", server.port(), "list\n".into(), common::DEADLINE);
     assert_eq!(run.status.code(), Some(0), "{run:?}");
     assert_eq!(run.stdout[..2], [WELCOME, TABLE], "{:?}", run.stdout);
-    let rows: Vec<&str> = run.stdout[2..]
+    assert_eq!(run.stdout[2], ">>> [Client table: 2 of 2 online.]");
+    let rows: Vec<&str> = run.stdout[3..]
         .iter()
         .filter_map(|l| l.strip_prefix(">>> ")?.split_whitespace().next())
         .collect();
@@ -150,4 +151,63 @@ fn help_lists_every_command_and_the_editing_keys() {
         assert!(text.contains(word), "help does not mention {word}:\n{text}");
     }
     alice.finish();
+}
+
+#[test]
+fn presence_lines_follow_the_table_update_that_brought_them() {
+    let server = Server::start();
+    let [mut alice, mut bob] = Client::join_all(&server, ["Alice", "Bob"]);
+    bob.send("quit");
+    bob.expect(">>> [You are Offline. Bye.]");
+    bob.expect_exit(0);
+    alice.expect(TABLE);
+    alice.expect(">>> [Bob is offline.]");
+    alice.close_stdin();
+    alice.expect_exit(0);
+    let lines = alice.transcript();
+    assert_eq!(
+        lines,
+        [
+            WELCOME,
+            TABLE,
+            TABLE,
+            ">>> [Bob is online.]",
+            TABLE,
+            ">>> [Bob is offline.]"
+        ],
+        "{lines:#?}"
+    );
+}
+
+#[test]
+fn list_has_a_header_marks_you_shows_your_real_state_and_aligns_wide_names() {
+    use unicode_width::UnicodeWidthStr;
+    let server = Server::start();
+    let [mut alice, mut li] = Client::join_all(&server, ["Alice", "李雷"]);
+    let list = |client: &mut Client| -> Vec<String> {
+        client.send("list");
+        let header = client.next_line(common::DEADLINE).unwrap();
+        let rows = (0..2).map(|_| client.next_line(common::DEADLINE).unwrap());
+        std::iter::once(header).chain(rows).collect()
+    };
+    let lines = list(&mut alice);
+    assert_eq!(lines[0], ">>> [Client table: 2 of 2 online.]");
+    assert!(lines[1].starts_with(">>> Alice  "), "{lines:#?}");
+    assert!(lines[1].ends_with("online   (you)"), "{lines:#?}");
+    assert!(lines[2].starts_with(">>> 李雷   "), "{lines:#?}");
+    assert!(lines[2].ends_with("online"), "{lines:#?}");
+    // The address column starts at the same screen column in both rows,
+    // though 李雷 is 6 bytes and 4 columns, Alice 5 and 5.
+    let column = |row: &str| row[..row.find("127.0.0.1").unwrap()].width();
+    assert_eq!(column(&lines[1]), column(&lines[2]), "{lines:#?}");
+    // Deregistered: the table (no deltas come any more) is stale, but
+    // her own row says what she is.
+    alice.send("dereg Alice");
+    alice.expect(">>> [You are Offline. Bye.]");
+    li.expect(TABLE);
+    let lines = list(&mut alice);
+    assert_eq!(lines[0], ">>> [Client table: 1 of 2 online.]");
+    assert!(lines[1].ends_with("offline  (you)"), "{lines:#?}");
+    alice.finish();
+    li.finish();
 }

@@ -402,6 +402,7 @@ fn a_silent_client_is_marked_offline_by_missed_heartbeats() {
     bob.expect_quiet(QUIET);
 
     alice.send("list");
+    assert_eq!(common::list_header(&mut alice), (2, 3));
     let mut table = BTreeMap::new();
     for _ in 0..3 {
         let Some(line) = alice.next_line(DEADLINE) else {

@@ -795,3 +795,58 @@ fn registration_tries_each_server_address_until_one_answers() {
     assert_eq!(s.count(|p| p.is(What::Initial)), 5);
     assert!(s.now - t0 >= Duration::from_millis(2500));
 }
+
+/// Named presence lines follow a table update from a delta: who came
+/// online and who went offline (the client itself left out).
+#[test]
+fn presence_lines_name_who_came_and_went() {
+    let mut s = three();
+    assert_eq!(
+        s.nodes[0].presence,
+        [">>> [Bob is online.]", ">>> [Carol is online.]"]
+    );
+    assert_eq!(s.nodes[2].presence, Vec::<String>::new());
+    s.command(1, "dereg Bob");
+    s.command(1, "reg Bob");
+    let want = [">>> [Bob is offline.]", ">>> [Bob is online.]"];
+    assert_eq!(s.nodes[0].presence[2..], want);
+    assert_eq!(s.nodes[2].presence, want);
+    // Bob's own comings and goings are not told to him.
+    assert!(s.nodes[1].presence.iter().all(|l| !l.contains("Bob")));
+}
+
+/// A delta with many changes names eight and counts the rest.
+#[test]
+fn presence_lines_name_eight_clients_a_delta_and_count_the_rest() {
+    let mut s = Sim::new();
+    s.join("Alice", 2000);
+    let pin = Some(s.server.public_key());
+    let n = 20;
+    for k in 0..n {
+        let name = format!("c{k}");
+        s.spawn_with(&name, 3000 + k, sim::key_of(&name), pin);
+    }
+    s.settle();
+    let mut told = 0;
+    for line in &s.nodes[0].presence {
+        if line.ends_with(" is online.]") {
+            told += 1;
+        } else {
+            let more: usize = line
+                .strip_prefix(">>> [and ")
+                .and_then(|l| l.split(' ').next())
+                .and_then(|n| n.parse().ok())
+                .unwrap_or_else(|| panic!("{line}"));
+            told += more;
+        }
+    }
+    assert_eq!(told, n as usize, "{:?}", s.nodes[0].presence);
+    assert!(
+        s.nodes[0]
+            .presence
+            .iter()
+            .any(|l| l.starts_with(">>> [and ")),
+        "the joins came in one delta: {:?}",
+        s.nodes[0].presence
+    );
+}

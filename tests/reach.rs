@@ -23,6 +23,7 @@ fn ipv6_loopback(test: &str) -> bool {
 /// of them are read).
 fn row(client: &mut Client, rows: usize, name: &str) -> String {
     client.send("list");
+    assert_eq!(common::list_header(client).1, rows);
     let mut found = None;
     for _ in 0..rows {
         let Some(line) = client.next_line(common::DEADLINE) else {

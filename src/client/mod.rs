@@ -111,6 +111,16 @@ pub enum Event {
     Welcome,
     /// The local client table changed.
     TableUpdated,
+    /// After [`Event::TableUpdated`] for a delta: a client that came
+    /// online (`true`: a new name, a log-back, a return) or went offline.
+    Presence {
+        /// The client.
+        name: Name,
+        /// Online now.
+        online: bool,
+    },
+    /// More clients changed in the same delta than are named one by one.
+    PresenceMore(usize),
     /// A direct message was acked by its recipient.
     ReceivedBy(Name),
     /// No ack within 500 ms; the message went to the server.
@@ -218,6 +228,14 @@ impl Event {
         let body = match self {
             Event::Welcome => "[Welcome, You are registered.]".to_string(),
             Event::TableUpdated => "[Client table updated.]".to_string(),
+            Event::Presence { name, online: true } => format!("[{name} is online.]"),
+            Event::Presence {
+                name,
+                online: false,
+            } => format!("[{name} is offline.]"),
+            Event::PresenceMore(n) => {
+                format!("[and {n} more clients came or went; type list to see them.]")
+            }
             Event::ReceivedBy(n) => format!("[Message received by {n}.]"),
             Event::NoAck(n) => format!("[No ACK from {n}, message sent to server.]"),
             Event::PeerOffline(n) => format!("[{n} is offline, message sent to server.]"),
@@ -285,6 +303,8 @@ impl Event {
 
 /// Default heartbeat interval (SPEC §3 Presence).
 pub const HEARTBEAT: Duration = Duration::from_secs(10);
+/// Clients named one by one after a delta; the rest are counted.
+const PRESENCE_LINES: usize = 8;
 /// Most console lines queued while the first registration is under way.
 const QUEUED_LINES: usize = 64;
 /// Commands in flight (sends, channel messages, dereg) past which
@@ -1190,34 +1210,41 @@ impl Client {
                 .push_back(Event::Info("The client table is empty.".to_string()));
             return;
         }
-        let width = self
-            .table
-            .iter()
-            .map(|e| e.name.as_str().len())
-            .max()
-            .unwrap_or(0);
-        let lines: Vec<Event> = self
-            .table
-            .iter()
-            .map(|e| {
-                let status = if e.online { "online" } else { "offline" };
-                // How our messages reach it, once one went (see `Path`).
-                let line = match self.path(&e.name) {
-                    Some(path) => format!(
-                        "{:<width$}  {:<21}  {status:<7}  {}",
-                        e.name.as_str(),
-                        e.addr.to_string(),
-                        path.as_str()
-                    ),
-                    None => format!(
-                        "{:<width$}  {:<21}  {status}",
-                        e.name.as_str(),
-                        e.addr.to_string()
-                    ),
-                };
-                Event::Info(line)
+        use unicode_width::UnicodeWidthStr;
+        // Our own row as we know ourselves (after a dereg the table, which
+        // no delta updates any more, would still say online).
+        let me = &self.config.name;
+        let online = |e: &Entry| {
+            if e.name == *me {
+                self.presence == Presence::Online
+            } else {
+                e.online
+            }
+        };
+        let width = self.table.iter().map(|e| e.name.as_str().width()).max();
+        let width = width.unwrap_or(0);
+        let count = self.table.iter().filter(|e| online(e)).count();
+        let mut lines = vec![Event::Info(format!(
+            "[Client table: {count} of {} online.]",
+            self.table.len()
+        ))];
+        lines.extend(self.table.iter().map(|e| {
+            let status = if online(e) { "online" } else { "offline" };
+            // Columns by display width: a CJK name takes two columns a
+            // character.
+            let pad = " ".repeat(width - e.name.as_str().width());
+            let row = format!("{}{pad}  {:<21}  {status}", e.name, e.addr.to_string());
+            // Then who it is, or how our messages reach it (see `Path`).
+            let tail = if e.name == *me {
+                Some("(you)")
+            } else {
+                self.path(&e.name).map(Path::as_str)
+            };
+            Event::Info(match tail {
+                Some(tail) => format!("{row}{}  {tail}", " ".repeat(7 - status.len())),
+                None => row,
             })
-            .collect();
+        }));
         self.events.extend(lines);
     }
 
@@ -1772,8 +1799,38 @@ impl Client {
         if self.presence != Presence::Online || self.batch.is_some() {
             return;
         }
+        // Who was online before, to name who came and went.
+        let before: Vec<Option<bool>> = entries
+            .iter()
+            .map(|e| self.table.get(&e.name).map(|row| row.online))
+            .collect();
         match self.table.apply_delta(prev, version, entries) {
-            DeltaOutcome::Applied { changed: true } => self.events.push_back(Event::TableUpdated),
+            DeltaOutcome::Applied { changed: true } => {
+                self.events.push_back(Event::TableUpdated);
+                let changes = entries
+                    .iter()
+                    .zip(before)
+                    .filter(|(e, was)| e.name != self.config.name && *was != Some(e.online))
+                    // A new name that is offline (a release, a restart) is
+                    // no one coming or going.
+                    .filter(|(e, was)| was.is_some() || e.online);
+                let mut named = 0;
+                let mut more = 0;
+                for (e, _) in changes {
+                    if named < PRESENCE_LINES {
+                        named += 1;
+                        self.events.push_back(Event::Presence {
+                            name: e.name.clone(),
+                            online: e.online,
+                        });
+                    } else {
+                        more += 1;
+                    }
+                }
+                if more > 0 {
+                    self.events.push_back(Event::PresenceMore(more));
+                }
+            }
             DeltaOutcome::Applied { changed: false } | DeltaOutcome::Stale => {}
             DeltaOutcome::Gap => {
                 if self.sync.is_none() {

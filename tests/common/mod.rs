@@ -443,6 +443,36 @@ fn says_listening(stdout: &[String], port: u16) -> bool {
     })
 }
 
+/// Whether `line` is the first line of `list`: `[Client table: N of M
+/// online.]`.
+pub fn is_list_header(line: &str) -> bool {
+    line.starts_with(">>> [Client table: ") && line.ends_with(" online.]")
+}
+
+/// Reads the first line of `list` at `client`; returns how many of how many
+/// clients it says are online.
+#[track_caller]
+pub fn list_header(client: &mut Client) -> (usize, usize) {
+    let Some(line) = client.next_line(DEADLINE) else {
+        client.fail("list printed nothing");
+    };
+    let counts = line
+        .strip_prefix(">>> [Client table: ")
+        .and_then(|l| l.strip_suffix(" online.]"))
+        .and_then(|l| l.split_once(" of "))
+        .and_then(|(a, b)| Some((a.parse().ok()?, b.parse().ok()?)));
+    counts.unwrap_or_else(|| client.fail(&format!("{line:?} is not list's header")))
+}
+
+/// Whether `line` names a client that came or went (after a table update).
+pub fn is_presence(line: &str) -> bool {
+    line.strip_prefix(">>> [").is_some_and(|rest| {
+        rest.ends_with(" is online.]")
+            || rest.ends_with(" is offline.]")
+            || rest.ends_with(" more clients came or went; type list to see them.]")
+    })
+}
+
 /// A server log line without its time stamp (`2026-12-06T21:15:03.042Z `).
 pub fn unstamped(line: &str) -> &str {
     match line.split_once(' ') {
@@ -788,6 +818,9 @@ impl Client {
     /// (exact text; `<ts>` matches a `YYYY-MM-DD HH:MM:SS` timestamp).
     #[track_caller]
     pub fn expect(&mut self, pattern: &str) {
+        if !is_presence(pattern) {
+            self.skip_presence(Instant::now() + DEADLINE);
+        }
         let want = self.cursor + 1;
         let deadline = Instant::now() + DEADLINE;
         self.output
@@ -818,13 +851,29 @@ impl Client {
     /// take whichever of several outcomes comes; [`Client::expect`] is for a
     /// line known in advance.
     pub fn next_line(&mut self, within: Duration) -> Option<String> {
-        let want = self.cursor + 1;
         let deadline = Instant::now() + within;
+        self.skip_presence(deadline);
+        let want = self.cursor + 1;
         self.output
             .pump_until(deadline, |o| o.stdout.len() >= want || o.out_done);
         let line = self.output.stdout.get(self.cursor).cloned()?;
         self.cursor += 1;
         Some(line)
+    }
+
+    /// Passes over the presence lines (`[Bob is online.]`…) next in line:
+    /// they follow table updates, and only the tests about them read them
+    /// (in [`Client::transcript`], or by expecting one).
+    fn skip_presence(&mut self, deadline: Instant) {
+        loop {
+            let want = self.cursor + 1;
+            self.output
+                .pump_until(deadline, |o| o.stdout.len() >= want || o.out_done);
+            match self.output.stdout.get(self.cursor) {
+                Some(line) if is_presence(line) => self.cursor += 1,
+                _ => return,
+            }
+        }
     }
 
     /// True once the process closed its stdout (it ended) and every line it
@@ -847,10 +896,22 @@ impl Client {
     /// happen; keep `for_` short ([`QUIET`]).
     #[track_caller]
     pub fn expect_quiet(&mut self, for_: Duration) {
-        let have = self.output.stdout.len();
         let deadline = Instant::now() + for_;
-        self.output
-            .pump_until(deadline, |o| o.stdout.len() > have || o.out_done);
+        loop {
+            // Presence lines are not output a test waits for (see
+            // `skip_presence`); anything else ends the wait, and fails.
+            self.skip_presence(Instant::now());
+            let have = self.cursor;
+            if self.output.stdout.len() > have {
+                break;
+            }
+            let more = self
+                .output
+                .pump_until(deadline, |o| o.stdout.len() > have || o.out_done);
+            if !more || self.output.stdout.len() <= have {
+                break;
+            }
+        }
         if self.output.stdout.len() > self.cursor {
             self.fail(&format!(
                 "expected no new output for {for_:?}, got line {}",
@@ -867,6 +928,7 @@ impl Client {
         if !self.output.pump_until(deadline, |o| o.out_done) {
             self.fail("stdout still open; the process should have ended");
         }
+        self.skip_presence(Instant::now());
         if self.output.stdout.len() > self.cursor {
             self.fail(&format!(
                 "unexpected output from line {} on",
