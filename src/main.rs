@@ -9,7 +9,7 @@ use std::time::Duration;
 use udpchat::driver::{self, Fatal};
 use udpchat::wire::Name;
 
-const USAGE: &str = "usage: udpchat -s <port> [options] | udpchat -c <name> <server-ip> <server-port> <client-port> [--key FILE] [--heartbeat SECS] | udpchat --release <name> [--data-dir DIR]";
+const USAGE: &str = "usage: udpchat -s <port> [options] | udpchat -c <name> <server-ip> <server-port> <client-port> [--key FILE] [--heartbeat SECS] [--timestamps] | udpchat --release <name> [--data-dir DIR]";
 
 const HELP: &str = "
   -s <port>               run the registry server on <port> (1024-65535)
@@ -32,6 +32,7 @@ const HELP: &str = "
     --key FILE            the key that owns <name> (default $XDG_CONFIG_HOME/udpchat/<name>.key,
                           else ~/.config/udpchat/<name>.key; created on first start)
     --heartbeat SECS      tell the server every SECS seconds that you are here (default 10)
+    --timestamps          start each line of what happens with the local time (HH:MM:SS)
   --release <name>        (server stopped) free <name> in --data-dir: the next key to
                           register it owns it; its stored messages are deleted
   -h, --help              show this help
@@ -120,6 +121,7 @@ fn parse(args: &[String]) -> Result<Mode, String> {
     opts.optopt("", "requests-per-source", "requests per address", "N");
     opts.optopt("", "heartbeat", "heartbeat interval", "SECS");
     opts.optopt("", "summary-every", "how often the log sums up", "AGE");
+    opts.optflag("", "timestamps", "live lines start with the time");
     opts.optopt("", "key", "client key file", "FILE");
     opts.optopt("", "release", "release a name", "NAME");
     opts.optflag("h", "help", "show help");
@@ -149,6 +151,9 @@ fn parse(args: &[String]) -> Result<Mode, String> {
     }
     if m.opt_present("key") && !m.opt_present("c") {
         return Err("--key goes with -c".to_string());
+    }
+    if m.opt_present("timestamps") && !m.opt_present("c") {
+        return Err("--timestamps goes with -c".to_string());
     }
     match (m.opt_str("s"), m.opt_str("c")) {
         (Some(_), Some(_)) => Err("-s and -c cannot be combined".to_string()),
@@ -207,6 +212,7 @@ fn parse(args: &[String]) -> Result<Mode, String> {
                 port,
                 heartbeat,
                 key,
+                timestamps: m.opt_present("timestamps"),
             }))
         }
         (None, None) => Err("choose -s <port> (server) or -c ... (client)".to_string()),

@@ -318,3 +318,8 @@ fn a_bad_request_ration_is_refused() {
         &["--requests-per-source"],
     );
 }
+
+#[test]
+fn timestamps_go_with_a_client() {
+    assert_usage_error(&["-s", "5000", "--timestamps"], &["timestamps"]);
+}

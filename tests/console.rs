@@ -211,3 +211,66 @@ fn list_has_a_header_marks_you_shows_your_real_state_and_aligns_wide_names() {
     alice.finish();
     li.finish();
 }
+
+/// `HH:MM:SS ` and the rest, if `line` is `>>> HH:MM:SS rest`.
+fn after_clock(line: &str) -> Option<&str> {
+    let rest = line.strip_prefix(">>> ")?;
+    let (clock, rest) = rest.split_at_checked(9)?;
+    let b = clock.as_bytes();
+    let ok = b[2] == b':' && b[5] == b':' && b[8] == b' ';
+    let digits = [0, 1, 3, 4, 6, 7].iter().all(|&i| b[i].is_ascii_digit());
+    (ok && digits).then_some(rest)
+}
+
+#[test]
+fn timestamps_start_live_lines_with_the_time_of_day() {
+    let server = Server::start();
+    let [mut bob] = Client::join_all(&server, ["Bob"]);
+    let mut alice = Client::start_with("Alice", server.port(), &["--timestamps"]);
+    let mut next = |c: &mut Client| c.next_line(common::DEADLINE).unwrap();
+    assert_eq!(
+        after_clock(&next(&mut alice)),
+        Some("[Welcome, You are registered.]")
+    );
+    assert_eq!(
+        after_clock(&next(&mut alice)),
+        Some("[Client table updated.]")
+    );
+    bob.expect(TABLE);
+    bob.send("send Alice hi");
+    assert_eq!(after_clock(&next(&mut alice)), Some("Bob: hi"));
+    bob.expect(">>> [Message received by Alice.]");
+    // `list` output is a listing, not something that happened: no clock.
+    alice.send("list");
+    assert_eq!(next(&mut alice), ">>> [Client table: 2 of 2 online.]");
+    assert!(next(&mut alice).starts_with(">>> Alice  "));
+    assert!(next(&mut alice).starts_with(">>> Bob    "));
+    // A stored message keeps its own stamp, and gets no clock.
+    alice.send("dereg Alice");
+    assert_eq!(
+        after_clock(&next(&mut alice)),
+        Some("[You are Offline. Bye.]")
+    );
+    bob.expect(TABLE);
+    bob.send("send Alice later");
+    bob.expect_lines(&[
+        ">>> [Alice is offline, message sent to server.]",
+        common::SAVED,
+    ]);
+    alice.send("reg Alice");
+    assert_eq!(after_clock(&next(&mut alice)), Some("[You Have Messages]"));
+    let stored = next(&mut alice);
+    assert!(
+        stored.starts_with(">>> Bob: ")
+            && stored.ends_with(" later")
+            && after_clock(&stored).is_none(),
+        "{stored}"
+    );
+    assert_eq!(
+        after_clock(&next(&mut alice)),
+        Some("[Client table updated.]")
+    );
+    bob.expect(TABLE);
+    alice.finish();
+    bob.finish();
+}

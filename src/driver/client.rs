@@ -47,6 +47,8 @@ pub struct Options {
     pub heartbeat: Duration,
     /// `--key FILE`, or the default key file of the name.
     pub key: Option<PathBuf>,
+    /// `--timestamps`: live lines start with the local time.
+    pub timestamps: bool,
 }
 
 /// Runs a client until it exits. Returns the exit status.
@@ -58,6 +60,7 @@ pub fn run(options: Options) -> Result<i32, Fatal> {
         port,
         heartbeat,
         key,
+        timestamps,
     } = options;
     let Some((&server, alternates)) = servers.split_first() else {
         return Err(Fatal(format!("error: {server_text}: no address")));
@@ -130,7 +133,7 @@ pub fn run(options: Options) -> Result<i32, Fatal> {
                 other => {
                     failed |= other.is_failure();
                     if let Some(line) = other.render(local_time) {
-                        console.show(&line);
+                        console.show(&stamped(line, &other, timestamps));
                     }
                 }
             }
@@ -190,6 +193,22 @@ pub fn run(options: Options) -> Result<i32, Fatal> {
         {
             client.handle_line(now, &line);
         }
+    }
+}
+
+/// `line` as shown: with `--timestamps`, a line of what happens now (not
+/// `list` or `help` output, nor a stored message, which has its own time)
+/// gets the local time after its `>>> `.
+fn stamped(line: String, event: &Event, timestamps: bool) -> String {
+    if !timestamps || matches!(event, Event::Info(_) | Event::Stored { .. }) {
+        return line;
+    }
+    let time = local_time(super::unix_now());
+    // `YYYY-MM-DD HH:MM:SS`: the time of day is enough on a live line.
+    let clock = time.get(11..).unwrap_or(&time);
+    match line.strip_prefix(">>> ") {
+        Some(rest) => format!(">>> {clock} {rest}"),
+        None => line,
     }
 }
 
