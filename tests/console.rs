@@ -227,7 +227,7 @@ fn timestamps_start_live_lines_with_the_time_of_day() {
     let server = Server::start();
     let [mut bob] = Client::join_all(&server, ["Bob"]);
     let mut alice = Client::start_with("Alice", server.port(), &["--timestamps"]);
-    let mut next = |c: &mut Client| c.next_line(common::DEADLINE).unwrap();
+    let next = |c: &mut Client| c.next_line(common::DEADLINE).unwrap();
     assert_eq!(
         after_clock(&next(&mut alice)),
         Some("[Welcome, You are registered.]")
