@@ -190,15 +190,17 @@ impl Fleet {
     fn drain(&mut self, k: usize, on: &mut dyn FnMut(usize, Event, Duration)) {
         let at = self.at();
         let m = &mut self.members[k];
-        while let Some(t) = m.client.poll_transmit() {
-            let _ = m.socket.send_to(&t.payload, t.to);
-            self.sent += 1;
-        }
+        // Shows, then sends: a datagram waits for the events before it.
         while let Some(e) = m.client.poll_event() {
             if matches!(e, Event::Exit(_)) {
                 m.exited = true;
             }
             on(k, e, at);
+        }
+        let m = &mut self.members[k];
+        while let Some(t) = m.client.poll_transmit() {
+            let _ = m.socket.send_to(&t.payload, t.to);
+            self.sent += 1;
         }
     }
 

@@ -577,11 +577,9 @@ impl World {
         self.check_server();
     }
 
+    /// Shows, then sends (a datagram waits for the events before it).
     fn drain_client(&mut self, i: usize) {
         let from = self.nodes[i].addr;
-        while let Some(t) = self.nodes[i].client.poll_transmit() {
-            self.send(from, t);
-        }
         while let Some(event) = self.nodes[i].client.poll_event() {
             let _ = event.render(|unix| unix.to_string());
             match event {
@@ -599,6 +597,9 @@ impl World {
                 }
                 _ => {}
             }
+        }
+        while let Some(t) = self.nodes[i].client.poll_transmit() {
+            self.send(from, t);
         }
         assert!(self.nodes[i].client.table().len() <= MAX_CLIENTS);
         if self.nodes[i].exited {

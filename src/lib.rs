@@ -23,13 +23,22 @@
 //!
 //! # Driving a client from your own loop
 //!
-//! ```no_run
+//! After every input, drain the client: its events first, then its
+//! datagrams (it holds a datagram back until the events queued before it
+//! were polled, so an ack never leaves before the line it promises was
+//! taken to be shown). Then wait for a datagram, but never past the next
+//! deadline, and hand the client whatever is due. This example (run as a
+//! test against a real server, the library's own on a socket of its own,
+//! hidden here) sends a message to itself and stops once it is received.
+//!
+//! ```
 //! use std::net::UdpSocket;
 //! use std::time::Instant;
 //! use udpchat::{Client, ClientConfig, Event, crypto::Keypair, wire::Name};
+//! # fn main() -> std::io::Result<()> {
+//! # let server = udpchat_server()?;
 //!
-//! let socket = UdpSocket::bind("0.0.0.0:2000")?;
-//! let server = "127.0.0.1:1024".parse().unwrap();
+//! let socket = UdpSocket::bind("127.0.0.1:0")?;
 //! let name = Name::new("Alice").unwrap();
 //! // Seeds and the key's 32 secret bytes come from the OS in real use (the
 //! // `udpchat` binary keeps the key in a 0600 file).
@@ -38,16 +47,14 @@
 //! // pass it here next time, so a server with another key is refused.
 //! let config = ClientConfig::new(name, server, [7; 32], key, None);
 //! let mut client = Client::new(config, Instant::now());
-//! client.handle_line(Instant::now(), "send Bob hello");
+//! client.handle_line(Instant::now(), "send Alice a note to myself");
 //! let mut buf = [0u8; 1500];
-//! loop {
-//!     // 1. Drain everything the client wants done.
-//!     while let Some(t) = client.poll_transmit() {
-//!         socket.send_to(&t.payload, t.to)?;
-//!     }
+//! 'run: loop {
+//!     // 1. Drain: show, then send.
 //!     while let Some(event) = client.poll_event() {
 //!         match event {
 //!             Event::Exit(code) => std::process::exit(code),
+//!             Event::ReceivedBy(_) => break 'run,
 //!             other => {
 //!                 if let Some(line) = other.render(|unix| unix.to_string()) {
 //!                     println!("{line}");
@@ -55,16 +62,66 @@
 //!             }
 //!         }
 //!     }
-//!     // 2. Sleep until a datagram arrives or the next deadline passes.
-//!     let timeout = client.poll_timeout().map(|t| t.saturating_duration_since(Instant::now()));
-//!     socket.set_read_timeout(timeout.filter(|d| !d.is_zero()))?;
-//!     match socket.recv_from(&mut buf) {
-//!         Ok((n, from)) => client.handle_datagram(Instant::now(), from, &buf[..n]),
-//!         Err(_) => client.handle_timeout(Instant::now()),
+//!     while let Some(t) = client.poll_transmit() {
+//!         socket.send_to(&t.payload, t.to)?;
 //!     }
+//!     // 2. Wait for a datagram, but not past the next deadline (one that
+//!     // is already due means no wait at all).
+//!     let now = Instant::now();
+//!     let wait = client.poll_timeout().map(|t| t.saturating_duration_since(now));
+//!     if wait.is_none_or(|w| !w.is_zero()) {
+//!         socket.set_read_timeout(wait)?;
+//!         if let Ok((n, from)) = socket.recv_from(&mut buf) {
+//!             client.handle_datagram(Instant::now(), from, &buf[..n]);
+//!         }
+//!     }
+//!     // 3. Whatever is due by now, datagram or not.
+//!     client.handle_timeout(Instant::now());
 //! }
-//! # Ok::<(), std::io::Error>(())
+//! # Ok(())
+//! # }
+//! #
+//! # /// The library's server on a socket of its own, in a thread.
+//! # fn udpchat_server() -> std::io::Result<std::net::SocketAddr> {
+//! #     use udpchat::store::{MemoryStore, Store};
+//! #     use udpchat::{Server, ServerConfig};
+//! #     let socket = UdpSocket::bind("127.0.0.1:0")?;
+//! #     let at = socket.local_addr()?;
+//! #     let key = Keypair::from_secret([5; 32]);
+//! #     std::thread::spawn(move || {
+//! #         let config = ServerConfig::new([1; 32], key, (Instant::now(), 1_700_000_000));
+//! #         let mut server = Server::new(config, Instant::now(), Default::default());
+//! #         let mut store = MemoryStore::new();
+//! #         let mut buf = [0u8; 1500];
+//! #         loop {
+//! #             udpchat::store::serve_fetches(&mut server, &mut store, Instant::now());
+//! #             let ops: Vec<_> = std::iter::from_fn(|| server.poll_store()).collect();
+//! #             if !ops.is_empty() {
+//! #                 store.commit(&ops).expect("a memory store");
+//! #                 server.handle_committed();
+//! #             }
+//! #             while let Some(t) = server.poll_transmit() {
+//! #                 let _ = socket.send_to(&t.payload, t.to);
+//! #             }
+//! #             while server.poll_event().is_some() {}
+//! #             let now = Instant::now();
+//! #             let wait = server.poll_timeout().map(|t| t.saturating_duration_since(now));
+//! #             if wait.is_none_or(|w| !w.is_zero()) {
+//! #                 socket.set_read_timeout(wait).expect("a timeout");
+//! #                 if let Ok((n, from)) = socket.recv_from(&mut buf) {
+//! #                     server.handle_datagram(Instant::now(), from, &buf[..n]);
+//! #                 }
+//! #             }
+//! #             server.handle_timeout(Instant::now());
+//! #         }
+//! #     });
+//! #     Ok(at)
+//! # }
 //! ```
+//!
+//! Without its default feature `driver` (`default-features = false`) the
+//! crate is this sans-IO core alone: no `mio`, no SQLite, no signal
+//! handling, no terminal code.
 
 #![warn(missing_docs)]
 
@@ -73,7 +130,9 @@ use std::time::Duration;
 
 pub mod client;
 pub mod crypto;
+#[cfg(feature = "driver")]
 pub mod driver;
+#[cfg(feature = "fuzzing")]
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod packet;

@@ -886,6 +886,7 @@ impl FakeServer {
             mail: 0,
             reset: [0; 16],
         });
+        fake.events();
         assert!(fake.sent().contains(&What::Sync), "a sync");
         let alice_row = wire::Entry {
             name: name("Alice"),

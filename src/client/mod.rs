@@ -106,6 +106,7 @@ impl ClientConfig {
 
 /// Something for the console. [`Event::render`] gives the exact line.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Event {
     /// Registration accepted.
     Welcome,
@@ -577,7 +578,14 @@ pub struct Client {
     /// `quit` was typed: exit once the dereg is acked.
     quitting: bool,
     timers: TimerWheel<Timer>,
-    transmits: VecDeque<Transmit>,
+    /// Datagrams to send, each with how many events had been queued when
+    /// it was: it is handed out only once those were polled. An ack tells
+    /// its sender the message was shown, so however an embedder drains us,
+    /// a line goes to the screen before its ack leaves ("acks follow
+    /// display").
+    transmits: VecDeque<(u64, Transmit)>,
+    /// Events polled so far.
+    polled: u64,
     events: VecDeque<Event>,
 }
 
@@ -611,6 +619,7 @@ impl Client {
             quitting: false,
             timers: TimerWheel::new(now, TICK),
             transmits: VecDeque::new(),
+            polled: 0,
             events: VecDeque::new(),
             config,
         };
@@ -817,7 +826,7 @@ impl Client {
     fn on_peer(&mut self, now: Instant, from: SocketAddr, input: PeerInput) {
         match input {
             PeerInput::Nothing => {}
-            PeerInput::Reply(t) => self.transmits.push_back(t),
+            PeerInput::Reply(t) => self.transmit(t),
             PeerInput::UnknownKey => {
                 // Someone our table does not know: perhaps it is behind.
                 if self.presence == Presence::Online && self.sync.is_none() {
@@ -941,7 +950,7 @@ impl Client {
                     to = self.config.alternates[turn - 1];
                 }
             }
-            self.transmits.push_back(Transmit { to, payload, what });
+            self.transmit(Transmit { to, payload, what });
         }
     }
 
@@ -1105,7 +1114,9 @@ impl Client {
             .punch(&self.config.key, key, addr, &mut self.rng, |i| {
                 session.owns(i)
             });
-        self.transmits.extend(out);
+        if let Some(t) = out {
+            self.transmit(t);
+        }
     }
 
     /// For the load tool only: a save-message to `to` (offline in the
@@ -1270,16 +1281,23 @@ impl Client {
 
     // ---- outputs ----------------------------------------------------------
 
-    /// The next datagram to send.
+    /// The next datagram to send. None is handed out before the events
+    /// queued ahead of it were polled (see [`Client::poll_event`]): drain
+    /// the events, then the datagrams.
     #[must_use]
     pub fn poll_transmit(&mut self) -> Option<Transmit> {
-        self.transmits.pop_front()
+        match self.transmits.front() {
+            Some((fence, _)) if *fence <= self.polled => self.transmits.pop_front().map(|(_, t)| t),
+            _ => None,
+        }
     }
 
     /// The next thing to show.
     #[must_use]
     pub fn poll_event(&mut self) -> Option<Event> {
-        self.events.pop_front()
+        let event = self.events.pop_front()?;
+        self.polled += 1;
+        Some(event)
     }
 
     /// When [`Client::handle_timeout`] next has work, if ever.
@@ -1385,7 +1403,7 @@ impl Client {
             self.events.push_back(Event::Direct { from: sender, text });
         }
         if let Some(t) = self.peers.reply(index, from, &Message::ChatAck { id }) {
-            self.transmits.push_back(t);
+            self.transmit(t);
         }
     }
 
@@ -2258,7 +2276,9 @@ impl Client {
                     &mut self.rng,
                     |i| session.owns(i),
                 );
-                self.transmits.extend(out);
+                for t in out {
+                    self.transmit(t);
+                }
                 return;
             }
             Kind::Direct {
@@ -2407,6 +2427,12 @@ impl Client {
         }
     }
 
+    /// Queues a datagram behind the events queued so far.
+    fn transmit(&mut self, t: Transmit) {
+        let fence = self.polled + self.events.len() as u64;
+        self.transmits.push_back((fence, t));
+    }
+
     fn error(&mut self, text: String) {
         self.events.push_back(Event::Error(text));
     }
@@ -2430,7 +2456,7 @@ impl Client {
     /// Sends `msg` to the server in our session (nothing without one).
     fn send_server(&mut self, msg: &Message) {
         if let Some(payload) = self.session.seal(msg) {
-            self.transmits.push_back(Transmit {
+            self.transmit(Transmit {
                 to: self.config.server,
                 payload,
                 what: msg.what(),

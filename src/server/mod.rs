@@ -149,6 +149,7 @@ const NAME_SWEEP: Duration = Duration::from_secs(3600);
 
 /// Something worth a line in the server's log.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum ServerEvent {
     /// A client registered (or logged back in) from an address.
     Registered(Name, SocketAddr),

@@ -863,15 +863,17 @@ impl World {
         let mut out = Vec::new();
         let mut lines = Vec::new();
         {
+            // Shows, then sends (the client holds a datagram until the
+            // events before it were polled).
             let proc = &mut self.procs[pid];
-            while let Some(t) = proc.client.poll_transmit() {
-                out.push(t);
-            }
             while let Some(event) = proc.client.poll_event() {
                 match event {
                     Event::Exit(_) => proc.state = ProcState::Exited,
                     other => lines.extend(other.render(sim_time)),
                 }
+            }
+            while let Some(t) = proc.client.poll_transmit() {
+                out.push(t);
             }
             if proc.client.table().len() > proc.max_table {
                 lines.push("!!! table over bound".to_string());
@@ -1185,14 +1187,14 @@ impl World {
         let mut out = Vec::new();
         let mut lines = Vec::new();
         let mut exited = false;
-        while let Some(t) = m.poll_transmit() {
-            out.push(t);
-        }
         while let Some(event) = m.poll_event() {
             match event {
                 Event::Exit(_) => exited = true,
                 other => lines.extend(other.render(sim_time)),
             }
+        }
+        while let Some(t) = m.poll_transmit() {
+            out.push(t);
         }
         let name = m.name().clone();
         if exited {

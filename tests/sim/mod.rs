@@ -426,15 +426,9 @@ impl Sim {
         }
     }
 
+    /// Shows, then sends: the client hands out a datagram only once the
+    /// events before it were polled.
     fn drain_node(&mut self, i: usize) {
-        while let Some(t) = self.nodes[i].client.poll_transmit() {
-            let node = &mut self.nodes[i];
-            let from = match node.nat.as_mut() {
-                Some(nat) => nat.outbound(node.addr, t.to),
-                None => node.addr,
-            };
-            self.enqueue(from, t.to, Some(t.what), t.payload);
-        }
         while let Some(event) = self.nodes[i].client.poll_event() {
             match event {
                 Event::Exit(code) => self.nodes[i].exit = Some(code),
@@ -448,6 +442,14 @@ impl Sim {
                     }
                 }
             }
+        }
+        while let Some(t) = self.nodes[i].client.poll_transmit() {
+            let node = &mut self.nodes[i];
+            let from = match node.nat.as_mut() {
+                Some(nat) => nat.outbound(node.addr, t.to),
+                None => node.addr,
+            };
+            self.enqueue(from, t.to, Some(t.what), t.payload);
         }
     }
 
