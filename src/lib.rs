@@ -54,7 +54,7 @@
 //!     while let Some(event) = client.poll_event() {
 //!         match event {
 //!             Event::Exit(code) => std::process::exit(code),
-//!             Event::ReceivedBy(_) => break 'run,
+//!             Event::ReceivedBy { .. } => break 'run,
 //!             other => {
 //!                 if let Some(line) = other.render(|unix| unix.to_string()) {
 //!                     println!("{line}");
@@ -144,7 +144,7 @@ mod test_rng;
 pub mod timer;
 pub mod wire;
 
-pub use client::{Client, ClientConfig, Event, Path};
+pub use client::{Client, ClientConfig, CommandError, Event, Path};
 pub use server::{Census, Server, ServerConfig, ServerEvent, StoreFailure, Waiting};
 
 /// How long a sender waits for an ack before it gives up on a try (direct

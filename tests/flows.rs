@@ -854,3 +854,49 @@ fn presence_lines_name_eight_clients_a_delta_and_count_the_rest() {
         s.nodes[0].presence
     );
 }
+
+/// Two messages to Bob in flight at once: each outcome carries the id its
+/// send returned, so they can be told apart (a refused command returns why,
+/// and sends nothing).
+#[test]
+fn each_outcome_carries_the_id_its_send_returned() {
+    use udpchat::{CommandError, Event};
+    let mut s = three();
+    let now = s.now;
+    let first = s.nodes[0]
+        .client
+        .send_message(now, &name("Bob"), "one")
+        .unwrap();
+    let second = s.nodes[0]
+        .client
+        .send_message(now, &name("Bob"), "two")
+        .unwrap();
+    let channel = s.nodes[0].client.send_all(now, "to all").unwrap();
+    assert_ne!(first, second);
+    s.settle();
+    let outcomes: Vec<&Event> = s.nodes[0]
+        .events
+        .iter()
+        .filter(|e| matches!(e, Event::ReceivedBy { .. } | Event::ChannelAcked { .. }))
+        .collect();
+    assert_eq!(outcomes.len(), 3, "{outcomes:?}");
+    for (id, to) in [(first, "Bob"), (second, "Bob")] {
+        assert!(
+            outcomes.contains(&&Event::ReceivedBy { to: name(to), id }),
+            "{outcomes:?}"
+        );
+    }
+    assert!(outcomes.contains(&&Event::ChannelAcked { id: channel }));
+    // Refused up front: an error, nothing sent.
+    let sent = s.log.len();
+    assert_eq!(
+        s.nodes[0].client.send_message(now, &name("Nobody"), "hi"),
+        Err(CommandError::UnknownClient("Nobody".to_string()))
+    );
+    assert_eq!(
+        s.nodes[0].client.send_all(now, ""),
+        Err(CommandError::Empty)
+    );
+    s.settle();
+    assert_eq!(s.log.len(), sent);
+}

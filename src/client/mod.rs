@@ -123,16 +123,39 @@ pub enum Event {
     /// More clients changed in the same delta than are named one by one.
     PresenceMore(usize),
     /// A direct message was acked by its recipient.
-    ReceivedBy(Name),
+    ReceivedBy {
+        /// The recipient.
+        to: Name,
+        /// The message ([`Client::send_message`] returned it).
+        id: MsgId,
+    },
     /// No ack within 500 ms; the message went to the server.
-    NoAck(Name),
+    NoAck {
+        /// The recipient.
+        to: Name,
+        /// The message.
+        id: MsgId,
+    },
     /// The recipient is offline in the local table; the message went to the
     /// server directly.
-    PeerOffline(Name),
+    PeerOffline {
+        /// The recipient.
+        to: Name,
+        /// The message.
+        id: MsgId,
+    },
     /// The server stored the message.
-    Saved,
+    Saved {
+        /// The message.
+        id: MsgId,
+    },
     /// The server says the recipient is online after all.
-    Exists(Name),
+    Exists {
+        /// The recipient.
+        to: Name,
+        /// The message.
+        id: MsgId,
+    },
     /// Deregistration acked.
     Bye,
     /// A request that the client cannot live without got no answer.
@@ -140,7 +163,10 @@ pub enum Event {
     /// The client is about to exit (follows `ServerNotResponding`).
     Exiting,
     /// A channel message got no answer from the server.
-    ChannelNotResponding,
+    ChannelNotResponding {
+        /// The message ([`Client::send_all`] returned it).
+        id: MsgId,
+    },
     /// Stored messages follow.
     HaveMessages,
     /// A stored message, shown on log-back.
@@ -165,7 +191,10 @@ pub enum Event {
         text: Text,
     },
     /// The server acked a channel message.
-    ChannelAcked,
+    ChannelAcked {
+        /// The message.
+        id: MsgId,
+    },
     /// A channel message arrived.
     Channel {
         /// Sender.
@@ -192,8 +221,22 @@ pub enum Event {
     VersionMismatch(u8),
     /// The server had forgotten this client; it registered again by itself.
     Reconnected,
-    /// The recipient's mailbox is over its limit.
-    MailboxFull(Name),
+    /// The recipient's mailbox is over its limit: the message was not
+    /// saved.
+    MailboxFull {
+        /// The recipient.
+        to: Name,
+        /// The message.
+        id: MsgId,
+    },
+    /// The server refused a message (its store, a rate, a lost session):
+    /// not sent.
+    Refused {
+        /// The message.
+        id: MsgId,
+        /// What was wrong and what to do, as the console says it.
+        why: String,
+    },
     /// A stored or relayed message from this sender did not open with its
     /// key: reported and dropped (not an error of any command).
     Unverifiable(Name),
@@ -213,8 +256,9 @@ impl Event {
         matches!(
             self,
             Event::Error(_)
-                | Event::MailboxFull(_)
-                | Event::ChannelNotResponding
+                | Event::Refused { .. }
+                | Event::MailboxFull { .. }
+                | Event::ChannelNotResponding { .. }
                 | Event::ServerNotResponding
                 | Event::Rejected(_)
                 | Event::RejectedKey(_)
@@ -237,15 +281,17 @@ impl Event {
             Event::PresenceMore(n) => {
                 format!("[and {n} more clients came or went; type list to see them.]")
             }
-            Event::ReceivedBy(n) => format!("[Message received by {n}.]"),
-            Event::NoAck(n) => format!("[No ACK from {n}, message sent to server.]"),
-            Event::PeerOffline(n) => format!("[{n} is offline, message sent to server.]"),
-            Event::Saved => "[Messages received by the server and saved]".to_string(),
-            Event::Exists(n) => format!("[Client {n} exists!!]"),
+            Event::ReceivedBy { to, .. } => format!("[Message received by {to}.]"),
+            Event::NoAck { to, .. } => format!("[No ACK from {to}, message sent to server.]"),
+            Event::PeerOffline { to, .. } => {
+                format!("[{to} is offline, message sent to server.]")
+            }
+            Event::Saved { .. } => "[Messages received by the server and saved]".to_string(),
+            Event::Exists { to, .. } => format!("[Client {to} exists!!]"),
             Event::Bye => "[You are Offline. Bye.]".to_string(),
             Event::ServerNotResponding => "[Server not responding]".to_string(),
             Event::Exiting => "[Exiting]".to_string(),
-            Event::ChannelNotResponding => "[Server not responding.]".to_string(),
+            Event::ChannelNotResponding { .. } => "[Server not responding.]".to_string(),
             Event::HaveMessages => "[You Have Messages]".to_string(),
             Event::Stored {
                 from,
@@ -271,7 +317,7 @@ impl Event {
                 )
             }
             Event::Direct { from, text } => format!("{from}: {text}"),
-            Event::ChannelAcked => "[Message received by Server.]".to_string(),
+            Event::ChannelAcked { .. } => "[Message received by Server.]".to_string(),
             Event::Channel { from, text } => format!("[Channel_Message {from}: {text}]"),
             Event::Rejected(n) => format!("[Registration rejected: name {n} is already in use.]"),
             Event::RejectedKey(n) => {
@@ -289,7 +335,10 @@ impl Event {
                 packet::VERSION
             ),
             Event::Reconnected => "[Reconnected to server.]".to_string(),
-            Event::MailboxFull(n) => format!("[Error: mailbox of {n} is full, message not saved.]"),
+            Event::MailboxFull { to, .. } => {
+                format!("[Error: mailbox of {to} is full, message not saved.]")
+            }
+            Event::Refused { why, .. } => format!("[Error: {why}]"),
             Event::Unverifiable(from) => format!(
                 "[Error: a stored message from {from} could not be verified (not sealed by its \
                  key for yours); it was dropped.]"
@@ -301,6 +350,59 @@ impl Event {
         Some(format!(">>> {body}"))
     }
 }
+
+/// Why a command was not carried out (nothing was sent). Its `Display` is
+/// the console's explanation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum CommandError {
+    /// Deregistered: only `reg`, `list` and `help` work. The client's name.
+    Offline(Name),
+    /// A registration is under way.
+    Registering,
+    /// The client has exited.
+    Exited,
+    /// `reg` while online.
+    AlreadyOnline,
+    /// No such client in the local table (the name as given).
+    UnknownClient(String),
+    /// The client has no key yet (not registered since the server was
+    /// upgraded).
+    NoKey(Name),
+    /// The message is this many bytes, over the limit.
+    TooLong(usize),
+    /// An empty message.
+    Empty,
+}
+
+impl std::fmt::Display for CommandError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            CommandError::Offline(me) => {
+                write!(f, "you are offline; type reg {me} to log back in.")
+            }
+            CommandError::Registering => write!(f, "registration is under way; wait for it."),
+            CommandError::Exited => write!(f, "the client has exited."),
+            CommandError::AlreadyOnline => write!(f, "you are already online."),
+            CommandError::UnknownClient(to) => {
+                write!(f, "unknown client {to}; type list to see the client table.")
+            }
+            CommandError::NoKey(to) => write!(
+                f,
+                "{to} has no key yet (not registered since the server was upgraded); \
+                 the message was not sent."
+            ),
+            CommandError::TooLong(n) => write!(
+                f,
+                "message too long ({n} bytes); the limit is {}.",
+                wire::MAX_TEXT
+            ),
+            CommandError::Empty => write!(f, "empty message."),
+        }
+    }
+}
+
+impl std::error::Error for CommandError {}
 
 /// Default heartbeat interval (SPEC §3 Presence).
 pub const HEARTBEAT: Duration = Duration::from_secs(10);
@@ -799,8 +901,8 @@ impl Client {
                         }
                     )
                 };
-                if let Some(Kind::Direct { to, .. }) = self.take_server_op(seq, relay) {
-                    self.events.push_back(Event::ReceivedBy(to));
+                if let Some(Kind::Direct { to, id, .. }) = self.take_server_op(seq, relay) {
+                    self.events.push_back(Event::ReceivedBy { to, id });
                 }
             }
             Message::Relayed {
@@ -1014,50 +1116,62 @@ impl Client {
                 if to.is_empty() || text.is_empty() {
                     self.error("usage: send <name> <message>".to_string());
                 } else {
-                    self.send_message(now, to, text);
+                    // A name that cannot be one is no client of the table.
+                    let result = match Name::new(to) {
+                        Ok(name) => self.send_message(now, &name, text).map(drop),
+                        Err(_) => Err(CommandError::UnknownClient(to.to_string())),
+                    };
+                    self.report(result);
                 }
             }
             "send_all" => {
                 if rest.is_empty() {
                     self.error("usage: send_all <message>".to_string());
                 } else {
-                    self.send_all(now, rest);
+                    let result = self.send_all(now, rest).map(drop);
+                    self.report(result);
                 }
             }
-            "dereg" => self.dereg(now, rest.trim()),
-            "reg" => self.reg(now, rest.trim()),
+            "dereg" | "reg" if rest.trim() != self.config.name.as_str() => {
+                let name = &self.config.name;
+                self.error(format!("{command} takes your own name ({name})."));
+            }
+            "dereg" => {
+                let result = self.dereg(now);
+                self.report(result);
+            }
+            "reg" => {
+                let result = self.reg(now);
+                self.report(result);
+            }
             other => self.error(format!(
                 "unknown command {other}; type help for the commands."
             )),
         }
     }
 
-    /// `send <to> <text>`: a direct message.
-    pub fn send_message(&mut self, now: Instant, to: &str, text: &str) {
-        if !self.usable() {
-            return;
-        }
-        let Some(text) = self.text(text) else {
-            return;
-        };
-        let entry = Name::new(to).ok().and_then(|n| self.table.get(&n).cloned());
-        let Some(entry) = entry else {
-            self.error(format!(
-                "unknown client {to}; type list to see the client table."
-            ));
-            return;
+    /// `send <to> <text>`: a direct message. Its outcome events carry the
+    /// id this returns.
+    pub fn send_message(
+        &mut self,
+        now: Instant,
+        to: &Name,
+        text: &str,
+    ) -> Result<MsgId, CommandError> {
+        self.usable()?;
+        let text = Self::text(text)?;
+        let Some(entry) = self.table.get(to).cloned() else {
+            return Err(CommandError::UnknownClient(to.to_string()));
         };
         if entry.key.is_none() {
-            self.error(format!(
-                "{to} has no key yet (not registered since the server was upgraded); \
-                 the message was not sent."
-            ));
-            return;
+            return Err(CommandError::NoKey(to.clone()));
         }
         let id = self.msg_id();
         if !entry.online {
-            self.events
-                .push_back(Event::PeerOffline(entry.name.clone()));
+            self.events.push_back(Event::PeerOffline {
+                to: entry.name.clone(),
+                id,
+            });
             let sealed = self.seal(&entry.name, &entry.key, id, &text);
             self.start_at_server(now, entry, id, text, sealed, Phase::Save);
         } else if self.peers.path(&entry.key) == Some(Path::Relayed) {
@@ -1073,6 +1187,7 @@ impl Client {
             let op = self.start(now, kind, RETRANSMIT);
             self.by_msg.insert(id, op);
         }
+        Ok(id)
     }
 
     /// `text` with its id, sealed to the recipient's key (before the server
@@ -1132,48 +1247,42 @@ impl Client {
         let (Some(entry), Ok(text)) = (entry, Text::new("(presealed)")) else {
             return;
         };
-        if !self.usable() || entry.online || sealed.len() > wire::MAX_SEALED {
+        if self.usable().is_err() || entry.online || sealed.len() > wire::MAX_SEALED {
             return;
         }
         let id = self.msg_id();
-        self.events
-            .push_back(Event::PeerOffline(entry.name.clone()));
+        self.events.push_back(Event::PeerOffline {
+            to: entry.name.clone(),
+            id,
+        });
         let sealed = Sealed::from_slice(sealed).ok().map(Box::new);
         self.start_at_server(now, entry, id, text, sealed, Phase::Save);
     }
 
-    /// `send_all <text>`: a channel message.
-    pub fn send_all(&mut self, now: Instant, text: &str) {
-        if !self.usable() {
-            return;
-        }
-        let Some(text) = self.text(text) else {
-            return;
-        };
+    /// `send_all <text>`: a channel message. Its outcome events carry the
+    /// id this returns.
+    pub fn send_all(&mut self, now: Instant, text: &str) -> Result<MsgId, CommandError> {
+        self.usable()?;
+        let text = Self::text(text)?;
         let (seq, id) = (self.seq(), self.msg_id());
         let op = self.start(now, Kind::Channel { seq, id, text }, ACK_TIMEOUT);
         self.by_seq.insert(seq, op);
+        Ok(id)
     }
 
-    /// `dereg <name>`: a notified leave.
-    pub fn dereg(&mut self, now: Instant, name: &str) {
-        if name != self.config.name.as_str() {
-            self.error(format!("dereg takes your own name ({}).", self.config.name));
-            return;
-        }
-        if !self.usable() {
-            return;
-        }
-        if self
+    /// `dereg`: a notified leave ([`Event::Bye`] once the server acked).
+    pub fn dereg(&mut self, now: Instant) -> Result<(), CommandError> {
+        self.usable()?;
+        let under_way = self
             .ops
             .iter()
-            .any(|(_, op)| matches!(op.kind, Kind::Deregister { .. }))
-        {
-            return;
+            .any(|(_, op)| matches!(op.kind, Kind::Deregister { .. }));
+        if !under_way {
+            let seq = self.seq();
+            let op = self.start(now, Kind::Deregister { seq }, ACK_TIMEOUT);
+            self.by_seq.insert(seq, op);
         }
-        let seq = self.seq();
-        let op = self.start(now, Kind::Deregister { seq }, ACK_TIMEOUT);
-        self.by_seq.insert(seq, op);
+        Ok(())
     }
 
     /// `quit`: leave telling the server (a dereg), then exit with status 0;
@@ -1182,8 +1291,8 @@ impl Client {
         match self.presence {
             Presence::Online => {
                 self.quitting = true;
-                let name = self.config.name.clone();
-                self.dereg(now, name.as_str());
+                // Online, so it cannot be refused.
+                let _ = self.dereg(now);
             }
             Presence::Offline | Presence::Joining => self.exit(0),
             Presence::Done => {}
@@ -1201,16 +1310,15 @@ impl Client {
     }
 
     /// `reg <name>`: log back in after `dereg`.
-    pub fn reg(&mut self, now: Instant, name: &str) {
-        if name != self.config.name.as_str() {
-            self.error(format!("reg takes your own name ({}).", self.config.name));
-            return;
-        }
+    pub fn reg(&mut self, now: Instant) -> Result<(), CommandError> {
         match self.presence {
-            Presence::Offline => self.register(now, Joining::LogBack),
-            Presence::Online => self.error("you are already online.".to_string()),
-            Presence::Joining => self.error("registration is under way; wait for it.".to_string()),
-            Presence::Done => {}
+            Presence::Offline => {
+                self.register(now, Joining::LogBack);
+                Ok(())
+            }
+            Presence::Online => Err(CommandError::AlreadyOnline),
+            Presence::Joining => Err(CommandError::Registering),
+            Presence::Done => Err(CommandError::Exited),
         }
     }
 
@@ -1417,9 +1525,9 @@ impl Client {
             return;
         }
         self.by_msg.remove(&id);
-        if let Some(Kind::Direct { to, .. }) = self.finish(op) {
+        if let Some(Kind::Direct { to, id, .. }) = self.finish(op) {
             self.peers.proved(key);
-            self.events.push_back(Event::ReceivedBy(to));
+            self.events.push_back(Event::ReceivedBy { to, id });
         }
     }
 
@@ -1545,8 +1653,9 @@ impl Client {
         };
         match kind {
             Kind::Deregister { .. } => self.left(),
-            Kind::Channel { .. } => self.events.push_back(Event::ChannelAcked),
-            _ => self.events.push_back(Event::Saved),
+            Kind::Channel { id, .. } => self.events.push_back(Event::ChannelAcked { id }),
+            Kind::Direct { id, .. } => self.events.push_back(Event::Saved { id }),
+            _ => {}
         }
         let _ = now;
     }
@@ -1578,7 +1687,7 @@ impl Client {
         *key = entry.key;
         *phase = Phase::Retry;
         let (to, id) = (to.clone(), *id);
-        self.events.push_back(Event::Exists(to));
+        self.events.push_back(Event::Exists { to, id });
         self.by_msg.insert(id, op);
         self.restart(now, op, RETRANSMIT);
         // The table was wrong about this peer; catch up with the server's.
@@ -1642,8 +1751,11 @@ impl Client {
             .map(|(i, _)| OpId(i))
             .collect();
         for op in parked {
-            self.finish(op);
-            self.error(why.to_string());
+            let id = match self.finish(op) {
+                Some(Kind::Direct { id, .. } | Kind::Channel { id, .. }) => Some(id),
+                _ => None,
+            };
+            self.refuse(id, why.to_string());
         }
     }
 
@@ -1679,22 +1791,27 @@ impl Client {
         };
         // Only a refusal of the current session means "register again"; one
         // for a request from an older session is just that request's end.
+        // A refused message's line says which it was (its id).
+        let id = match &kind {
+            Kind::Direct { id, .. } | Kind::Channel { id, .. } => Some(*id),
+            _ => None,
+        };
         match (kind, reason) {
             // The server does not know us (it restarted): we are offline
             // already, which is what dereg asked for.
             (Kind::Deregister { .. }, Refusal::UnknownSession) => self.left(),
             (Kind::Heartbeat { .. }, _) if current => self.forget_session(now),
             (Kind::Heartbeat { .. }, _) => {}
-            (Kind::Direct { to, .. }, Refusal::MailboxFull) => {
-                self.events.push_back(Event::MailboxFull(to));
+            (Kind::Direct { to, id, .. }, Refusal::MailboxFull) => {
+                self.events.push_back(Event::MailboxFull { to, id });
             }
             (Kind::Direct { to, .. }, Refusal::Busy) => {
-                self.error(format!(
+                self.refuse(id, format!(
                     "the server is busy; the message to {to} was not saved — send it again."
                 ));
             }
             (Kind::Direct { to, .. }, Refusal::UnknownRecipient) => {
-                self.error(format!(
+                self.refuse(id, format!(
                     "the server has no client {to}; the message was not saved."
                 ));
             }
@@ -1722,30 +1839,34 @@ impl Client {
             }
             (Kind::Direct { .. } | Kind::Channel { .. }, Refusal::UnknownSession) => {
                 if self.presence == Presence::Online && current {
-                    self.error(
+                    self.refuse(
+                        id,
                         "the server lost this session; reconnecting — send it again.".to_string(),
                     );
                     self.forget_session(now);
                 } else if self.presence == Presence::Online {
-                    self.error("the server lost this session; send it again.".to_string());
+                    self.refuse(id, "the server lost this session; send it again.".to_string());
                 } else {
-                    self.error(
+                    self.refuse(
+                        id,
                         "you went offline before the server took it; not saved.".to_string(),
                     );
                 }
             }
-            (_, Refusal::TooManyRequests) => self.error(
+            (_, Refusal::TooManyRequests) => self.refuse(
+                id,
                 "too many requests from this address just now; not saved — send it again in a moment."
                     .to_string(),
             ),
             (_, Refusal::MailboxFull | Refusal::StoreFull) => {
-                self.error("the server's store is full; not saved.".to_string())
+                self.refuse(id, "the server's store is full; not saved.".to_string())
             }
-            (_, Refusal::StoreBusy) => self.error(
+            (_, Refusal::StoreBusy) => self.refuse(
+                id,
                 "the server's store is busy (locked by another process); not saved — send it again."
                     .to_string(),
             ),
-            (_, _) => self.error("the server refused the request; try again later.".to_string()),
+            (_, _) => self.refuse(id, "the server refused the request; try again later.".to_string()),
         }
     }
 
@@ -2023,7 +2144,7 @@ impl Client {
                 let sealed = self.seal(&to, &key, id, &text);
                 self.by_msg.remove(&id);
                 self.peers.fell_back(key);
-                self.events.push_back(Event::NoAck(to));
+                self.events.push_back(Event::NoAck { to, id });
                 self.hand_to_server(now, op, sealed, Phase::Save);
             }
             Kind::Direct {
@@ -2116,7 +2237,7 @@ impl Client {
                 self.events.push_back(Event::Exiting);
                 self.exit(1);
             }
-            Kind::Channel { .. } => self.events.push_back(Event::ChannelNotResponding),
+            Kind::Channel { id, .. } => self.events.push_back(Event::ChannelNotResponding { id }),
             Kind::Sync { .. } => {
                 // The table stays as it is; a heartbeat or the next delta
                 // shows the gap again.
@@ -2393,37 +2514,38 @@ impl Client {
 
     // ---- helpers ----------------------------------------------------------
 
-    /// Whether a chat command may run now; explains why not.
-    fn usable(&mut self) -> bool {
+    /// Whether a chat command may run now, and why not.
+    fn usable(&self) -> Result<(), CommandError> {
         match self.presence {
-            Presence::Online => true,
-            Presence::Offline => {
-                let name = self.config.name.clone();
-                self.error(format!("you are offline; type reg {name} to log back in."));
-                false
-            }
-            Presence::Joining => {
-                self.error("registration is under way; wait for it.".to_string());
-                false
-            }
-            Presence::Done => false,
+            Presence::Online => Ok(()),
+            Presence::Offline => Err(CommandError::Offline(self.config.name.clone())),
+            Presence::Joining => Err(CommandError::Registering),
+            Presence::Done => Err(CommandError::Exited),
         }
     }
 
-    fn text(&mut self, text: &str) -> Option<Text> {
-        match Text::new(text) {
-            Ok(t) => Some(t),
-            Err(FieldError::TooLong(n)) => {
-                self.error(format!(
-                    "message too long ({n} bytes); the limit is {}.",
-                    wire::MAX_TEXT
-                ));
-                None
-            }
-            Err(_) => {
-                self.error("empty message.".to_string());
-                None
-            }
+    fn text(text: &str) -> Result<Text, CommandError> {
+        Text::new(text).map_err(|e| match e {
+            FieldError::TooLong(n) => CommandError::TooLong(n),
+            _ => CommandError::Empty,
+        })
+    }
+
+    /// A request of ours was refused: the message `id`'s outcome if it
+    /// was one, else an error line.
+    fn refuse(&mut self, id: Option<MsgId>, why: String) {
+        match id {
+            Some(id) => self.events.push_back(Event::Refused { id, why }),
+            None => self.error(why),
+        }
+    }
+
+    /// Shows why a console command did not run (an exited client says
+    /// nothing more).
+    fn report(&mut self, result: Result<(), CommandError>) {
+        match result {
+            Ok(()) | Err(CommandError::Exited) => {}
+            Err(e) => self.error(e.to_string()),
         }
     }
 

@@ -55,6 +55,8 @@ pub struct Node {
     /// The presence lines (`[Bob is online.]`…), kept apart so that the
     /// flow tests' line lists stay SPEC's.
     pub presence: Vec<String>,
+    /// Every event it gave, as given (ids and all).
+    pub events: Vec<Event>,
     pub exit: Option<i32>,
 }
 
@@ -222,6 +224,7 @@ impl Sim {
             alive: true,
             lines: Vec::new(),
             presence: Vec::new(),
+            events: Vec::new(),
             exit: None,
         });
         let i = self.nodes.len() - 1;
@@ -430,6 +433,7 @@ impl Sim {
     /// events before it were polled.
     fn drain_node(&mut self, i: usize) {
         while let Some(event) = self.nodes[i].client.poll_event() {
+            self.nodes[i].events.push(event.clone());
             match event {
                 Event::Exit(code) => self.nodes[i].exit = Some(code),
                 Event::Presence { .. } | Event::PresenceMore(_) => {
