@@ -364,6 +364,17 @@ impl<T> TimerWheel<T> {
         }
     }
 
+    /// The earliest live timer: its rounded deadline and its value (ties in
+    /// no particular order). A pass over every live timer: for logs and
+    /// tests, not for every loop turn (that is
+    /// [`poll_timeout`](Self::poll_timeout)).
+    pub fn peek(&self) -> Option<(Instant, &T)> {
+        let (when, value) = (self.entries.iter())
+            .map(|(_, e)| (e.when, &e.value))
+            .min_by_key(|(when, _)| *when)?;
+        Some((self.instant_at(when)?, value))
+    }
+
     /// Number of live timers: neither fired nor cancelled.
     pub fn len(&self) -> usize {
         self.entries.len()

@@ -900,3 +900,35 @@ fn each_outcome_carries_the_id_its_send_returned() {
     s.settle();
     assert_eq!(s.log.len(), sent);
 }
+
+/// Each deadline says why it is there, and it is the one `poll_timeout`
+/// wakes for (at, or just after, a timer cancelled since).
+#[test]
+fn deadlines_tell_their_reason() {
+    let mut s = three();
+    // Bob gets no chat and his answers to probes are lost.
+    s.drop_rules
+        .push(drop_all(|p| p.to == addr(3000) && p.is(What::Chat)));
+    s.drop_rules
+        .push(drop_all(|p| p.from == addr(3000) && p.is(What::ProbeReply)));
+    s.line(0, "send Bob where are you");
+    let (at, why) = s.nodes[0].client.poll_deadline().unwrap();
+    assert_eq!(why, "direct message: the peer's ack");
+    assert!(s.nodes[0].client.poll_timeout().is_some_and(|t| t <= at));
+    // Past the ack window: a save, and the server probes Bob.
+    s.run_for(Duration::from_millis(510));
+    assert_eq!(
+        s.nodes[0].client.poll_deadline().map(|d| d.1),
+        Some("save: the server's answer")
+    );
+    assert_eq!(
+        s.server.poll_deadline().map(|d| d.1),
+        Some("probe: is the client still there")
+    );
+    s.settle();
+    // Nothing under way: the client's next wake-up is its heartbeat.
+    assert_eq!(
+        s.nodes[0].client.poll_deadline().map(|d| d.1),
+        Some("heartbeat: tell the server we are here")
+    );
+}

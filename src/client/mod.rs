@@ -1417,6 +1417,36 @@ impl Client {
         self.timers.poll_timeout()
     }
 
+    /// The next deadline and why it is there (`"direct message: the peer's
+    /// ack"`…), for logs and tests: a pass over every timer, so not for
+    /// every loop turn ([`Client::poll_timeout`] says when, cheaply, and
+    /// may be a little early when timers were cancelled).
+    #[must_use]
+    pub fn poll_deadline(&self) -> Option<(Instant, &'static str)> {
+        if self.presence == Presence::Done {
+            return None;
+        }
+        let (at, timer) = self.timers.peek()?;
+        let why = match timer {
+            Timer::Heartbeat => "heartbeat: tell the server we are here",
+            Timer::Batch => "stored mail: the batch stalls",
+            Timer::Op(op) => match self.ops.get(op.0).map(|op| &op.kind) {
+                Some(Kind::Register { .. }) => "registration: the server's answer",
+                Some(Kind::Deregister { .. }) => "dereg: the server's answer",
+                Some(Kind::Channel { .. }) => "channel message: the server's ack",
+                Some(Kind::Direct { phase, .. }) => match phase {
+                    Phase::Direct | Phase::Retry => "direct message: the peer's ack",
+                    Phase::Save(_) => "save: the server's answer",
+                    Phase::Relay(_) => "relay: the server's answer",
+                },
+                Some(Kind::Sync { .. }) => "table sync: the next page",
+                Some(Kind::Heartbeat { .. }) => "heartbeat: the server's answer",
+                None => "a request that has ended",
+            },
+        };
+        Some((at, why))
+    }
+
     /// No operation is in flight and nothing is queued: at end of input the
     /// driver may exit.
     pub fn is_idle(&self) -> bool {

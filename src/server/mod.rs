@@ -1320,6 +1320,26 @@ impl Server {
         self.timers.poll_timeout()
     }
 
+    /// The next deadline and why it is there (`"probe"`, `"delivery"`…),
+    /// for logs and tests: a pass over every timer, so not for every loop
+    /// turn ([`Server::poll_timeout`] says when, cheaply, and may be a
+    /// little early when timers were cancelled).
+    #[must_use]
+    pub fn poll_deadline(&self) -> Option<(Instant, &'static str)> {
+        let (at, timer) = self.timers.peek()?;
+        let why = match timer {
+            Timer::Probe(_) => "probe: is the client still there",
+            Timer::Delivery(..) => "delivery: the recipient's ack",
+            Timer::Presence(_) => "presence: heard from lately",
+            Timer::StoreRetry => "store: retry what a failed commit left",
+            Timer::Expiry => "mail: the next to reach its time-to-live",
+            Timer::Deltas => "table: send the changes gathered",
+            Timer::Names => "names: forget those unseen too long",
+            Timer::Relay(..) => "relay: the recipient's ack, or saved",
+        };
+        Some((at, why))
+    }
+
     /// Nothing under way but presence tracking: no probe, no delivery in
     /// flight or queued, nothing to store or send. (Costs a pass over the
     /// clients.)
