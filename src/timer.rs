@@ -568,6 +568,23 @@ mod tests {
     }
 
     #[test]
+    fn peek_gives_the_earliest_live_timer_and_its_value() {
+        let start = anchor();
+        let mut wheel = TimerWheel::new(start, TICK);
+        assert!(wheel.peek().is_none());
+        let soon = wheel.insert(start + ms(7), "soon");
+        wheel.insert(start + Duration::from_secs(90_000), "far");
+        wheel.insert(start + ms(40), "later");
+        assert_eq!(wheel.peek(), Some((start + ms(10), &"soon")));
+        // A cancelled one is not it, though poll_timeout may still say so.
+        wheel.cancel(soon);
+        assert_eq!(wheel.peek(), Some((start + ms(40), &"later")));
+        assert!(wheel.poll_timeout().is_some_and(|t| t <= start + ms(40)));
+        assert_eq!(drain(&mut wheel, start + ms(40)), ["later"]);
+        assert_eq!(wheel.peek().map(|p| *p.1), Some("far"));
+    }
+
+    #[test]
     fn deadlines_round_up_to_the_next_tick() {
         let start = anchor();
         let mut wheel = TimerWheel::new(start, TICK);
