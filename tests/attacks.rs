@@ -85,7 +85,7 @@ fn dereg(client: &mut Client, others: &mut [&mut Client]) {
 const HELP_FIRST: &str =
     ">>> send <name> <message>   direct message to a client (yourself included)";
 /// Lines `help` prints.
-const HELP_LINES: usize = 12;
+const HELP_LINES: usize = 13;
 
 /// The rows `list` prints at `client`, exactly as printed. `help` is typed
 /// right after it, so the end of the table is a line known in advance and

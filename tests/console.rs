@@ -147,6 +147,7 @@ fn help_lists_every_command_and_the_editing_keys() {
         "Ctrl+D",
         "Ctrl+C",
         "Up/Down",
+        "Tab",
     ] {
         assert!(text.contains(word), "help does not mention {word}:\n{text}");
     }

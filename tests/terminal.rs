@@ -304,3 +304,30 @@ fn a_long_line_at_forty_columns_stays_intact_while_messages_arrive() {
     bob.close_stdin();
     bob.expect_exit(0);
 }
+
+/// Tab completes a command, then a name from the client table.
+#[test]
+fn tab_completes_commands_and_names_from_the_table() {
+    let server = Server::start();
+    let mut alice = PtyClient::start("Alice", server.port());
+    alice.expect(0, TABLE);
+    let mut bob = Client::start("Bob", server.port());
+    bob.expect_lines(&[">>> [Welcome, You are registered.]", TABLE]);
+    alice.wait_screen("Bob's arrival", |rows| {
+        rows.iter().any(|r| r == ">>> [Bob is online.]")
+    });
+    alice.type_keys("send_\t");
+    alice.wait_screen("the command completed", |rows| {
+        rows.last().is_some_and(|r| r == ">>> send_all")
+    });
+    alice.type_keys("\x15send B\t");
+    alice.wait_screen("the name completed", |rows| {
+        rows.last().is_some_and(|r| r == ">>> send Bob")
+    });
+    alice.type_keys("tabbed\r");
+    bob.expect(">>> Alice: tabbed");
+    alice.type_keys("\x04");
+    assert_eq!(alice.child.wait().unwrap().code(), Some(0));
+    bob.close_stdin();
+    bob.expect_exit(0);
+}

@@ -1379,7 +1379,8 @@ impl Client {
             "quit                    leave (the server is told), then exit",
             "keys: Left/Right, Home/End (Ctrl+A, Ctrl+E), Up/Down for earlier lines,",
             "      Backspace, Delete, Ctrl+U / Ctrl+K erase before / after the cursor,",
-            "      Ctrl+W the word before it, Ctrl+L clear the screen",
+            "      Ctrl+W the word before it, Ctrl+L clear the screen,",
+            "      Tab completes a command or a name",
             "Ctrl+D                  on an empty line: exit without telling the server",
             "Ctrl+C                  quit without telling the server",
         ] {

@@ -132,6 +132,9 @@ pub fn run(options: Options) -> Result<i32, Fatal> {
                 }
                 other => {
                     failed |= other.is_failure();
+                    // Tab completes names from the table: taken afresh
+                    // when a Tab comes after a change.
+                    console.names_stale |= other == Event::TableUpdated;
                     if let Some(line) = other.render(local_time) {
                         console.show(&stamped(line, &other, timestamps));
                     }
@@ -179,7 +182,7 @@ pub fn run(options: Options) -> Result<i32, Fatal> {
         });
         if stdin_ready && !console.eof && script.is_empty() {
             stdin_ready = !stdin_polled;
-            for input in console.read()? {
+            for input in console.read(&client)? {
                 match input {
                     Input::Line(line) if console.is_terminal() => client.handle_line(now, &line),
                     Input::Line(line) => script.push_back(line),
@@ -212,6 +215,9 @@ fn stamped(line: String, event: &Event, timestamps: bool) -> String {
     }
 }
 
+/// The console's commands, for Tab.
+const COMMANDS: [&str; 7] = ["send", "send_all", "dereg", "reg", "list", "help", "quit"];
+
 /// The exit status of a script (stdin not a terminal) one of whose commands
 /// failed (`[Error: …]`, a full mailbox, a server that did not answer a
 /// channel message); every other line of it was still carried out.
@@ -237,6 +243,8 @@ struct Console {
     /// An over-long line was ignored (a command of the script not run).
     skipped: bool,
     eof: bool,
+    /// The table changed since Tab last took its names.
+    names_stale: bool,
 }
 
 impl Console {
@@ -270,6 +278,7 @@ impl Console {
             skipping: false,
             skipped: false,
             eof: false,
+            names_stale: true,
         })
     }
 
@@ -303,16 +312,21 @@ impl Console {
         }
     }
 
-    /// Reads what stdin has now.
-    fn read(&mut self) -> Result<Vec<Input>, Fatal> {
+    /// Reads what stdin has now (`client`: where Tab finds names).
+    fn read(&mut self, client: &Client) -> Result<Vec<Input>, Fatal> {
         let mut inputs = Vec::new();
         let mut buf = std::mem::take(&mut self.buf);
-        let result = self.read_into(&mut buf, &mut inputs);
+        let result = self.read_into(&mut buf, &mut inputs, client);
         self.buf = buf;
         result.map(|()| inputs)
     }
 
-    fn read_into(&mut self, buf: &mut [u8], inputs: &mut Vec<Input>) -> Result<(), Fatal> {
+    fn read_into(
+        &mut self,
+        buf: &mut [u8],
+        inputs: &mut Vec<Input>,
+        client: &Client,
+    ) -> Result<(), Fatal> {
         loop {
             let n = match io::stdin().lock().read(buf) {
                 Ok(0) => {
@@ -326,6 +340,10 @@ impl Console {
             };
             match &mut self.editor {
                 Some((editor, _)) => {
+                    if buf[..n].contains(&b'\t') && std::mem::take(&mut self.names_stale) {
+                        let names = client.table().iter().map(|e| e.name.to_string());
+                        editor.set_completions(&COMMANDS, names.collect());
+                    }
                     let mut out = Vec::new();
                     for event in editor.feed(&buf[..n], &mut out) {
                         match event {

@@ -66,6 +66,7 @@ enum Key {
     KillWord,
     /// Ctrl+L.
     Clear,
+    Tab,
     Left,
     Right,
     Home,
@@ -151,6 +152,10 @@ pub struct LineEditor {
     /// The row the terminal's cursor is on, counted from the first row of
     /// the edit area (where the prompt starts), as last drawn.
     row: usize,
+    /// What Tab completes the first word to.
+    commands: Vec<String>,
+    /// What Tab completes a later word to.
+    names: Vec<String>,
 }
 
 impl LineEditor {
@@ -170,7 +175,54 @@ impl LineEditor {
             bell: false,
             width: DEFAULT_WIDTH,
             row: 0,
+            commands: Vec::new(),
+            names: Vec::new(),
         }
+    }
+
+    /// What Tab completes: the first word of a line to one of `commands`,
+    /// a later word to one of `names`.
+    pub fn set_completions(&mut self, commands: &[&str], names: Vec<String>) {
+        self.commands = commands.iter().map(|c| c.to_string()).collect();
+        self.names = names;
+    }
+
+    /// Tab: the word before the cursor completed, as far as it goes the
+    /// same way in every candidate (a space after a whole one); a bell when
+    /// nothing is added.
+    fn complete(&mut self) {
+        let before = &self.input[..self.cursor];
+        let start = before.rfind(' ').map_or(0, |i| i + 1);
+        let word = &before[start..];
+        let first = before[..start].trim().is_empty();
+        let pool = if first { &self.commands } else { &self.names };
+        let mut matches = pool.iter().filter(|c| c.starts_with(word));
+        let Some(head) = matches.next() else {
+            self.bell = true;
+            return;
+        };
+        let mut common = head.as_str();
+        let mut several = false;
+        for other in matches {
+            several = true;
+            let same = common
+                .char_indices()
+                .zip(other.chars())
+                .find(|((_, a), b)| a != b)
+                .map_or(common.len().min(other.len()), |((i, _), _)| i);
+            common = &common[..same];
+        }
+        let mut add = common[word.len()..].to_string();
+        if !several {
+            add.push(' ');
+        }
+        if add.is_empty() || self.input.len() + add.len() > MAX_INPUT {
+            self.bell = true;
+            return;
+        }
+        self.input.insert_str(self.cursor, &add);
+        self.cursor += add.len();
+        self.dirty = true;
     }
 
     /// The terminal is `columns` wide (at start, and after each resize):
@@ -436,6 +488,7 @@ impl LineEditor {
             0x04 => Key::CtrlD,
             0x05 => Key::End,
             0x08 | 0x7f => Key::Backspace,
+            0x09 => Key::Tab,
             0x0b => Key::KillAfter,
             0x0c => Key::Clear,
             0x15 => Key::KillBefore,
@@ -542,6 +595,7 @@ impl LineEditor {
                 self.row = 0;
                 self.dirty = true;
             }
+            Key::Tab => self.complete(),
             Key::Left => {
                 if let Some(c) = self.input[..self.cursor].chars().next_back() {
                     self.cursor -= c.len_utf8();
@@ -1157,7 +1211,7 @@ mod tests {
         let controls: Vec<u8> = (0u8..0x20)
             .filter(|b| {
                 ![
-                    0x01, 0x03, 0x04, 0x05, 0x08, 0x0a, 0x0b, 0x0c, 0x0d, 0x15, 0x17, 0x1b,
+                    0x01, 0x03, 0x04, 0x05, 0x08, 0x09, 0x0a, 0x0b, 0x0c, 0x0d, 0x15, 0x17, 0x1b,
                 ]
                 .contains(b)
             })
@@ -1505,6 +1559,36 @@ mod tests {
             }
             screen.assert_intact();
         }
+    }
+
+    #[test]
+    fn tab_completes_commands_then_names() {
+        let mut editor = LineEditor::new(PROMPT);
+        let names = ["Alice", "Albert", "Bob", "李雷"]
+            .map(String::from)
+            .to_vec();
+        editor.set_completions(&["send", "send_all", "dereg", "reg", "list"], names);
+        // A whole command, and a space after it.
+        feed(&mut editor, b"li\t");
+        assert_eq!(editor.input(), "list ");
+        feed(&mut editor, b"\x15");
+        // "send" and "send_all" share "send": that much, no space, then
+        // the rest once it is told apart.
+        feed(&mut editor, b"se\t");
+        assert_eq!(editor.input(), "send");
+        feed(&mut editor, b" B\t");
+        assert_eq!(editor.input(), "send Bob ");
+        feed(&mut editor, b"\x15send Al\t");
+        assert_eq!(editor.input(), "send Al");
+        feed(&mut editor, b"i\t");
+        assert_eq!(editor.input(), "send Alice ");
+        feed(&mut editor, "\x15dereg 李\t".as_bytes());
+        assert_eq!(editor.input(), "dereg 李雷 ");
+        // Nothing to add: a bell, the input as it was.
+        feed(&mut editor, b"\x15send Zed");
+        let (_, out) = feed(&mut editor, b"\t");
+        assert_eq!(out, "\x07");
+        assert_eq!(editor.input(), "send Zed");
     }
 
     #[test]
