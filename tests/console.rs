@@ -275,3 +275,45 @@ fn timestamps_start_live_lines_with_the_time_of_day() {
     alice.finish();
     bob.finish();
 }
+
+#[test]
+fn a_script_that_fails_then_quits_exits_3() {
+    let server = Server::start();
+    let [mut bob] = Client::join_all(&server, ["Bob"]);
+    let script = "send Nobody hello\nquit\n".to_string();
+    let run = run_script("Alice", server.port(), script, common::DEADLINE);
+    assert!(
+        run.stdout
+            .contains(&">>> [You are Offline. Bye.]".to_string()),
+        "{run:?}"
+    );
+    assert_eq!(run.status.code(), Some(3), "{run:?}");
+    bob.close_stdin();
+    bob.expect_exit(0);
+}
+
+#[test]
+fn a_script_waits_for_its_dereg_before_the_next_line() {
+    let server = Server::start();
+    let [mut bob] = Client::join_all(&server, ["Bob"]);
+    let script = "dereg Alice\nreg Alice\nsend Bob back again\n".to_string();
+    let run = run_script("Alice", server.port(), script, common::DEADLINE);
+    assert_eq!(run.status.code(), Some(0), "{run:?}");
+    let at = |line: &str| run.stdout.iter().position(|l| l == line);
+    let bye = at(">>> [You are Offline. Bye.]").expect("the dereg's answer");
+    let received = at(">>> [Message received by Bob.]").expect("the send's outcome");
+    assert!(bye < received, "{:?}", run.stdout);
+    assert!(
+        !run.stdout.iter().any(|l| l.contains("Error")),
+        "{:?}",
+        run.stdout
+    );
+    // Bob's table lines come as the deltas gather Alice's comings and
+    // goings; then her message.
+    while bob.next_line(common::DEADLINE).as_deref() == Some(TABLE) {}
+    assert_eq!(
+        bob.transcript().last().map(String::as_str),
+        Some(">>> Alice: back again")
+    );
+    bob.finish();
+}

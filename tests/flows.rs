@@ -932,3 +932,26 @@ fn deadlines_tell_their_reason() {
         Some("heartbeat: tell the server we are here")
     );
 }
+
+/// `quit` right after a send: the message ends first (here Bob is gone, so
+/// it is saved for him), then the dereg, then the exit.
+#[test]
+fn quit_lets_the_messages_in_flight_end_first() {
+    let mut s = three();
+    s.crash(1);
+    let a = s.nodes[0].lines.len();
+    s.line(0, "send Bob before I go");
+    s.line(0, "quit");
+    s.settle();
+    assert_eq!(
+        s.lines_since(0, a),
+        [
+            ">>> [No ACK from Bob, message sent to server.]",
+            UPDATED,
+            SAVED,
+            ">>> [You are Offline. Bye.]"
+        ]
+    );
+    assert_eq!(s.nodes[0].exit, Some(0));
+    assert_eq!(s.mailbox("Bob").len(), 1);
+}

@@ -177,7 +177,9 @@ fn client_survives_random_datagrams_and_command_lines() {
                 "a deadline in the past after handle_timeout"
             );
         }
-        while client.poll_transmit().is_some() {}
+        // Events first: the client holds a datagram until those before it
+        // were polled.
         while client.poll_event().is_some() {}
+        while client.poll_transmit().is_some() {}
     }
 }

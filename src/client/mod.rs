@@ -733,6 +733,11 @@ impl Client {
 
     /// Feeds one datagram received from `from`.
     pub fn handle_datagram(&mut self, now: Instant, from: SocketAddr, data: &[u8]) {
+        self.datagram(now, from, data);
+        self.quit_when_done(now);
+    }
+
+    fn datagram(&mut self, now: Instant, from: SocketAddr, data: &[u8]) {
         if self.presence == Presence::Done {
             return;
         }
@@ -1091,6 +1096,7 @@ impl Client {
                 }
             }
         }
+        self.quit_when_done(now);
     }
 
     /// Runs one console line (`send Bob hi`, `list`, …).
@@ -1287,15 +1293,29 @@ impl Client {
 
     /// `quit`: leave telling the server (a dereg), then exit with status 0;
     /// offline or still registering, exit at once.
+    /// Messages still in flight end first (acked, saved or failed, each
+    /// said so), then the dereg goes.
     pub fn quit(&mut self, now: Instant) {
         match self.presence {
             Presence::Online => {
                 self.quitting = true;
-                // Online, so it cannot be refused.
-                let _ = self.dereg(now);
+                self.quit_when_done(now);
             }
             Presence::Offline | Presence::Joining => self.exit(0),
             Presence::Done => {}
+        }
+    }
+
+    /// A `quit` waits for the messages in flight: once none is left, the
+    /// dereg goes (and its ack ends the client).
+    fn quit_when_done(&mut self, now: Instant) {
+        let sending = self
+            .ops
+            .iter()
+            .any(|(_, op)| matches!(op.kind, Kind::Direct { .. } | Kind::Channel { .. }));
+        if self.quitting && self.presence == Presence::Online && !sending {
+            // Online, so it cannot be refused.
+            let _ = self.dereg(now);
         }
     }
 
@@ -1448,8 +1468,9 @@ impl Client {
         Some((at, why))
     }
 
-    /// No operation is in flight and nothing is queued: at end of input the
-    /// driver may exit.
+    /// No operation is in flight and no command waits: at end of input the
+    /// driver may exit (once it has drained the events and datagrams
+    /// already given, as after every input).
     pub fn is_idle(&self) -> bool {
         self.presence != Presence::Joining
             && self
@@ -1462,8 +1483,8 @@ impl Client {
 
     /// Whether a command line given now is carried out, not refused for
     /// want of room: the first registration is complete (so the table is
-    /// there), no registration is under way, and fewer than 16 commands
-    /// are in flight. A driver reading a script stops reading while this
+    /// there), no registration or dereg is under way, no `quit` was given,
+    /// and fewer than 16 commands are in flight. A driver reading a script stops reading while this
     /// is false, so that no line is dropped and none overtakes another.
     pub fn wants_input(&self) -> bool {
         let commands = self
@@ -1476,9 +1497,14 @@ impl Client {
                 )
             })
             .count();
+        // A dereg under way decides what the next line may do (`reg`, a
+        // send): the script waits for its answer.
+        let leaving = (self.ops.iter()).any(|(_, op)| matches!(op.kind, Kind::Deregister { .. }));
         self.ready
             && matches!(self.presence, Presence::Online | Presence::Offline)
             && self.queued.is_empty()
+            && !leaving
+            && !self.quitting
             && commands < IN_FLIGHT
     }
 

@@ -111,9 +111,13 @@ pub fn run(options: Options) -> Result<i32, Fatal> {
     loop {
         // Show first, then send: the acks among the datagrams promise the
         // server that these lines are on the screen.
+        let mut exit = None;
         while let Some(event) = client.poll_event() {
             match event {
-                Event::Exit(code) => return Ok(code),
+                Event::Exit(code) => {
+                    exit = Some(code);
+                    break;
+                }
                 // First contact: remember the key, as ssh does.
                 Event::ServerKeyLearned(key) => known.remember(&server_text, &key)?,
                 Event::ServerKeyChanged {
@@ -141,16 +145,22 @@ pub fn run(options: Options) -> Result<i32, Fatal> {
                 }
             }
         }
+        // Then the datagrams those lines released (the last acks before
+        // an exit too).
         while let Some(t) = client.poll_transmit() {
             // A full send buffer is one more loss; retransmissions cover it.
             let _ = socket.send_to(&t.payload, on_wire(t.to, v6));
         }
-        if console.eof && script.is_empty() && client.is_idle() {
+        let done = console.eof && script.is_empty() && client.is_idle();
+        if let Some(code) = exit.or(done.then_some(0)) {
+            // A script one of whose commands failed says so, whether it
+            // ended with its input or with `quit`.
             failed |= console.skipped;
-            return Ok(if failed && !console.is_terminal() {
+            let failed = failed && !console.is_terminal();
+            return Ok(if code == 0 && failed {
                 SCRIPT_FAILED
             } else {
-                0
+                code
             });
         }
 

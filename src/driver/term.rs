@@ -226,16 +226,21 @@ impl LineEditor {
     }
 
     /// The terminal is `columns` wide (at start, and after each resize):
-    /// the edit area is drawn again for it. A terminal that reflows its
-    /// rows on a resize (most do) has moved the cursor as the new width
-    /// wraps the text; one that does not may keep a stale row above.
+    /// the edit area is drawn again for it. Where the cursor now is depends
+    /// on the terminal: one that reflows its rows (most do) has it where
+    /// the new width puts it, one that does not (xterm) where the old one
+    /// did. The redraw starts from the nearer of the two rows, so it never
+    /// reaches above the edit area into the lines printed before it; the
+    /// price is that on one kind of terminal a row or two of the input may
+    /// stay behind above it.
     pub fn set_width(&mut self, columns: usize, out: &mut Vec<u8>) {
         let columns = columns.max(2);
         if columns == self.width {
             return;
         }
+        let before = self.row;
         self.width = columns;
-        self.row = self.at(self.cursor).0;
+        self.row = before.min(self.at(self.cursor).0);
         self.redraw(out);
     }
 
@@ -543,7 +548,8 @@ impl LineEditor {
                     }
                     self.history.push_back(line.clone());
                 }
-                out.extend_from_slice(self.prompt.as_bytes());
+                // The fresh prompt, drawn like any (it may wrap too).
+                self.redraw(out);
                 events.push(EditorEvent::Line(line));
             }
             Key::CtrlC => self.close(EditorEvent::Interrupt, out, events),
@@ -866,7 +872,10 @@ mod tests {
             let mut editor = LineEditor::new(PROMPT);
             let (events, out) = feed(&mut editor, &[b'h', b'i', enter]);
             assert_eq!(events, [line("hi")]);
-            assert_eq!(out, format!("{}\r\n>>> ", redraw_of("hi", "")));
+            assert_eq!(
+                out,
+                format!("{}\r\n{}", redraw_of("hi", ""), redraw_of("", ""))
+            );
             assert_eq!(editor.input(), "");
         }
     }
@@ -897,9 +906,11 @@ mod tests {
         assert_eq!(events, [line("one"), line("two")]);
         assert_eq!(editor.input(), "thr");
         let expected = format!(
-            "{}\r\n>>> {}\r\n>>> {}",
+            "{}\r\n{}{}\r\n{}{}",
             redraw_of("one", ""),
+            redraw_of("", ""),
             redraw_of("two", ""),
+            redraw_of("", ""),
             redraw_of("thr", "")
         );
         assert_eq!(out, expected);
@@ -1619,29 +1630,57 @@ mod tests {
     }
 
     #[test]
-    fn a_resize_lays_the_input_out_for_the_new_width() {
-        let mut screen = Screen::new(60);
-        screen.keys("x".repeat(100).as_bytes());
-        screen.keys(b"\x1b[D\x1b[D");
-        screen.assert_intact();
-        // The model does not reflow: the rows drawn for 60 columns stay as
-        // they were cut; what matters is that the editor knows the new
-        // width from now on.
-        screen.resize(25);
-        screen.print(">>> after the resize");
-        screen.printed = vec![">>> after the resize".to_string()];
-        let rows = screen.rows();
-        let at = rows
-            .iter()
-            .position(|r| r == ">>> after the resize")
-            .expect("the line printed after the resize");
-        let edit: Vec<String> = rows[at + 1..].to_vec();
-        assert_eq!(edit, screen.wrap(&format!("{PROMPT}{}", "x".repeat(100))));
-        screen.keys(b"yy");
-        assert_eq!(
-            screen.editor.input(),
-            format!("{}yy{}", "x".repeat(98), "xx")
-        );
+    fn a_resize_never_erases_the_lines_printed_above() {
+        // The model, like xterm, does not reflow: the rows stay as drawn.
+        for (from, to) in [(60u16, 25u16), (25, 60)] {
+            let mut screen = Screen::new(from);
+            for k in 0..4 {
+                screen.print(&format!(">>> Bob: line {k}"));
+            }
+            screen.keys("x".repeat(100).as_bytes());
+            screen.keys(b"\x1b[D\x1b[D");
+            screen.assert_intact();
+            screen.resize(to);
+            let rows = screen.rows();
+            for k in 0..4 {
+                let line = format!(">>> Bob: line {k}");
+                assert!(
+                    rows.contains(&line),
+                    "{line} erased at {from}->{to}: {rows:#?}"
+                );
+            }
+            // From now on the input is laid out for the new width.
+            screen.print(">>> after the resize");
+            let rows = screen.rows();
+            let at = rows
+                .iter()
+                .rposition(|r| r == ">>> after the resize")
+                .expect("the line printed after the resize");
+            let edit: Vec<String> = rows[at + 1..].to_vec();
+            assert_eq!(edit, screen.wrap(&format!("{PROMPT}{}", "x".repeat(100))));
+            screen.keys(b"yy");
+            assert_eq!(
+                screen.editor.input(),
+                format!("{}yy{}", "x".repeat(98), "xx")
+            );
+        }
+    }
+
+    #[test]
+    fn a_prompt_wider_than_the_terminal_still_redraws_right() {
+        for cols in 2u16..=5 {
+            let mut screen = Screen::new(cols);
+            screen.assert_intact();
+            screen.keys(b"ab");
+            screen.assert_intact();
+            screen.print(">>> hi");
+            screen.assert_intact();
+            screen.keys(b"\r");
+            screen.assert_intact();
+            screen.keys(b"c\x1b[D");
+            screen.print(">>> there");
+            screen.assert_intact();
+        }
     }
 
     /// A pseudo-terminal pair: (master, slave).
