@@ -1309,11 +1309,14 @@ impl Client {
     /// A `quit` waits for the messages in flight: once none is left, the
     /// dereg goes (and its ack ends the client).
     fn quit_when_done(&mut self, now: Instant) {
+        if !self.quitting || self.presence != Presence::Online {
+            return;
+        }
         let sending = self
             .ops
             .iter()
             .any(|(_, op)| matches!(op.kind, Kind::Direct { .. } | Kind::Channel { .. }));
-        if self.quitting && self.presence == Presence::Online && !sending {
+        if !sending {
             // Online, so it cannot be refused.
             let _ = self.dereg(now);
         }
