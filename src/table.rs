@@ -420,10 +420,10 @@ pub enum PageOutcome {
 struct SyncState {
     since: u64,
     from: u32,
-    /// Server version reported by this pass's first page.
-    pass_start: Option<u64>,
-    /// A page of this pass reported a version other than `pass_start`.
-    moved: bool,
+    /// The oldest and newest server versions this pass's pages were taken
+    /// at. Not always in order: a late page of a window asked for before a
+    /// retry can be older than pages already applied.
+    pass: Option<(u64, u64)>,
     /// Highest delta version seen (and dropped) during this sync.
     newest_delta: u64,
     /// Any entry differed, over all passes.
@@ -524,8 +524,7 @@ impl LocalTable {
         self.sync = Some(SyncState {
             since,
             from: 0,
-            pass_start: None,
-            moved: false,
+            pass: None,
             newest_delta: 0,
             changed: false,
         });
@@ -555,29 +554,30 @@ impl LocalTable {
             return PageOutcome::More;
         };
         sync.changed |= changed;
-        match sync.pass_start {
-            None => sync.pass_start = Some(version),
-            Some(start) if start != version => sync.moved = true,
-            Some(_) => {}
-        }
+        sync.pass = Some(match sync.pass {
+            None => (version, version),
+            Some((oldest, newest)) => (oldest.min(version), newest.max(version)),
+        });
         if let Some(next) = next {
             sync.from = next;
             return PageOutcome::More;
         }
-        let start = sync.pass_start.unwrap_or(version);
+        let (oldest, newest) = sync.pass.unwrap_or((version, version));
         // Even a pass the table moved under leaves every row changed at or
-        // before `start` current (it was scanned after its last change), so
-        // the version can move now; the next pass only fetches what is newer.
-        self.version = start;
-        if !sync.moved && sync.newest_delta <= start {
+        // before its oldest page's version current (each page shows its rows
+        // as of a version no older), so the version can move there; the
+        // next pass fetches only what is newer. Not the first page's
+        // version: a late page of an earlier window can be older (seeds
+        // 34284, 70207 of the NAT campaign lost a row that way).
+        self.version = oldest;
+        if oldest == newest && sync.newest_delta <= oldest {
             let changed = sync.changed;
             self.sync = None;
             return PageOutcome::Done { changed };
         }
-        sync.since = start;
+        sync.since = oldest;
         sync.from = 0;
-        sync.pass_start = None;
-        sync.moved = false;
+        sync.pass = None;
         PageOutcome::More
     }
 
@@ -888,6 +888,43 @@ mod tests {
             PageOutcome::Done { changed: true }
         );
         assert!(!local.is_syncing());
+        assert_same(&dir, &local);
+    }
+
+    #[test]
+    fn a_late_page_older_than_the_pass_start_sets_where_the_next_pass_starts() {
+        // Two pages. The second window is answered first, at version `old`
+        // (a retry of it arrives late), then a row lands in that window and
+        // the first window is answered at the newer version.
+        let mut dir = directory(per_page() + 10, 100);
+        let _ = dir.take_deltas();
+        let mut local = LocalTable::new(100);
+        local.start_sync(0);
+        let old = dir.version();
+        let (late, late_next) = dir.page(0, per_page() as u32);
+        dir.insert(name(999), addr(999), true, PublicKey([1; 32]))
+            .unwrap();
+        let _ = dir.take_deltas();
+        assert!(dir.version() > old);
+        let (entries, next) = dir.page(0, 0);
+        assert_eq!(
+            local.apply_page(dir.version(), &entries, next),
+            PageOutcome::More
+        );
+        assert_eq!(
+            local.apply_page(old, &late, late_next),
+            PageOutcome::More,
+            "the pass saw two versions"
+        );
+        // The next pass starts at the older version, so it finds the row
+        // the late page could not show (seeds 34284 and 70207).
+        assert_eq!(local.sync_request(), Some((old, 0)));
+        let (entries, next) = dir.page(old, 0);
+        assert_eq!(entries.as_slice(), [entry(999, 999, true)]);
+        assert_eq!(
+            local.apply_page(dir.version(), &entries, next),
+            PageOutcome::Done { changed: true }
+        );
         assert_same(&dir, &local);
     }
 
