@@ -192,7 +192,7 @@ impl Fleet {
         let m = &mut self.members[k];
         // Shows, then sends: a datagram waits for the events before it.
         while let Some(e) = m.client.poll_event() {
-            if matches!(e, Event::Exit(_)) {
+            if matches!(e, Event::Closed { .. }) {
                 m.exited = true;
             }
             on(k, e, at);
@@ -485,19 +485,24 @@ fn saves(k: usize, secs: f64, presealed: bool) -> bool {
         for s in std::mem::take(&mut log.due) {
             let to = format!("sink{s}");
             log.sent_at[s] = fleet.at();
+            let mut refused = false;
             fleet.command(
                 k + s,
                 |c, now| {
                     if presealed {
                         c.save_presealed(now, &to, &sealed);
                     } else {
-                        // The console's way: a refusal is an error line,
-                        // counted below like the server's.
-                        c.handle_line(now, &format!("send {to} {text}"));
+                        let to = Name::new(&to).expect("a sink's name");
+                        refused = c.send_message(now, &to, &text).is_err();
                     }
                 },
                 &mut |m, e, at| log.on(k, m, e, at),
             );
+            // Refused before it went (counted like the server's refusals).
+            if refused {
+                log.errors += 1;
+                log.due.push(s);
+            }
         }
         fleet.turn(Duration::from_millis(5), &mut |m, e, at| {
             log.on(k, m, e, at)
@@ -555,7 +560,7 @@ impl SaveLog {
                 self.latencies.push(at - self.sent_at[s]);
                 self.due.push(s);
             }
-            Event::Error(_) => {
+            Event::Error(_) | Event::Refused { .. } => {
                 self.errors += 1;
                 self.due.push(s);
             }

@@ -34,7 +34,7 @@ use crate::packet::{self, COOKIE_LEN, Datagram, Packet, TOKEN_LEN};
 use crate::server::AMPLIFICATION;
 use crate::store::{Body, MemoryStore, Store, StoreOp};
 use crate::wire::{self, Content, Entry, MailId, Message, MsgId, Name, Refusal, Seq, Text};
-use crate::{Client, ClientConfig, Event, Server, ServerConfig, Transmit};
+use crate::{Client, ClientConfig, Event, Server, ServerConfig, Transmit, console};
 
 /// Steps run per script at most, so one input stays fast however long.
 const MAX_STEPS: usize = 1024;
@@ -324,7 +324,7 @@ impl World {
                     let line = self.command(who, r.byte(), r.byte());
                     if !self.nodes[who].exited {
                         let now = self.now;
-                        self.nodes[who].client.handle_line(now, &line);
+                        let _ = console::command(&mut self.nodes[who].client, now, &line);
                         self.drain_client(who);
                     }
                 }
@@ -581,9 +581,9 @@ impl World {
     fn drain_client(&mut self, i: usize) {
         let from = self.nodes[i].addr;
         while let Some(event) = self.nodes[i].client.poll_event() {
-            let _ = event.render(|unix| unix.to_string());
+            let _ = console::render(&event, |unix| unix.to_string());
             match event {
-                Event::Exit(_) => self.nodes[i].exited = true,
+                Event::Closed { .. } => self.nodes[i].exited = true,
                 Event::Direct { from, text }
                 | Event::Channel { from, text }
                 | Event::Stored { from, text, .. } => {

@@ -27,14 +27,16 @@
 //! datagrams (it holds a datagram back until the events queued before it
 //! were polled, so an ack never leaves before the line it promises was
 //! taken to be shown). Then wait for a datagram, but never past the next
-//! deadline, and hand the client whatever is due. This example (run as a
+//! deadline, and hand the client whatever is due. Commands are calls
+//! ([`Client::send_message`]…); [`console`] turns typed lines into them and
+//! events into the console's lines. This example (run as a
 //! test against a real server, the library's own on a socket of its own,
 //! hidden here) sends a message to itself and stops once it is received.
 //!
 //! ```
 //! use std::net::UdpSocket;
 //! use std::time::Instant;
-//! use udpchat::{Client, ClientConfig, Event, crypto::Keypair, wire::Name};
+//! use udpchat::{Client, ClientConfig, Event, console, crypto::Keypair, wire::Name};
 //! # fn main() -> std::io::Result<()> {
 //! # let server = udpchat_server()?;
 //!
@@ -45,18 +47,18 @@
 //! let key = Keypair::from_secret([9; 32]);
 //! // `None`: first contact; keep the key of `Event::ServerKeyLearned` and
 //! // pass it here next time, so a server with another key is refused.
-//! let config = ClientConfig::new(name, server, [7; 32], key, None);
+//! let config = ClientConfig::new(name.clone(), server, [7; 32], key, None);
 //! let mut client = Client::new(config, Instant::now());
-//! client.handle_line(Instant::now(), "send Alice a note to myself");
+//! let mut sent = None;
 //! let mut buf = [0u8; 1500];
 //! 'run: loop {
 //!     // 1. Drain: show, then send.
 //!     while let Some(event) = client.poll_event() {
 //!         match event {
-//!             Event::Exit(code) => std::process::exit(code),
-//!             Event::ReceivedBy { .. } => break 'run,
+//!             Event::ReceivedBy { id, .. } if Some(id) == sent => break 'run,
+//!             Event::Closed { failed } => std::process::exit(i32::from(failed)),
 //!             other => {
-//!                 if let Some(line) = other.render(|unix| unix.to_string()) {
+//!                 if let Some(line) = console::render(&other, |unix| unix.to_string()) {
 //!                     println!("{line}");
 //!                 }
 //!             }
@@ -64,6 +66,13 @@
 //!     }
 //!     while let Some(t) = client.poll_transmit() {
 //!         socket.send_to(&t.payload, t.to)?;
+//!     }
+//!     // Registered, with the client table: the message can go (its
+//!     // outcome events carry the id returned). Then drain again.
+//!     if sent.is_none() && client.is_ready() {
+//!         let id = client.send_message(Instant::now(), &name, "a note to myself");
+//!         sent = Some(id.expect("online, and a short message"));
+//!         continue;
 //!     }
 //!     // 2. Wait for a datagram, but not past the next deadline (one that
 //!     // is already due means no wait at all).
@@ -144,7 +153,7 @@ mod test_rng;
 pub mod timer;
 pub mod wire;
 
-pub use client::{Client, ClientConfig, CommandError, Event, Path};
+pub use client::{Client, ClientConfig, CommandError, Event, Path, console};
 pub use server::{Census, Server, ServerConfig, ServerEvent, StoreFailure, Waiting};
 
 /// How long a sender waits for an ack before it gives up on a try (direct

@@ -12,7 +12,7 @@ use inputs::Rng;
 use udpchat::crypto::{self, Keypair};
 use udpchat::packet::{self, Datagram, Packet};
 use udpchat::wire::{self, Name};
-use udpchat::{Client, ClientConfig, Server, ServerConfig, fuzzing};
+use udpchat::{Client, ClientConfig, Server, ServerConfig, console, fuzzing};
 
 /// One encoded message of every variant (what sessions carry inside).
 fn samples() -> Vec<Vec<u8>> {
@@ -154,7 +154,7 @@ fn client_survives_random_datagrams_and_command_lines() {
             let line: Vec<&str> = (0..rng.below(5))
                 .map(|_| words[rng.below(words.len())])
                 .collect();
-            client.handle_line(now, &line.join(" "));
+            let _ = console::command(&mut client, now, &line.join(" "));
         } else {
             // Half from the server's address, so server-only paths run.
             let from = if rng.below(2) == 0 {

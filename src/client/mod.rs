@@ -3,9 +3,9 @@
 //! A [`Client`] registers with the server, keeps a local copy of the client
 //! table, sends direct messages straight to peers (falling back to the
 //! server's mailbox when a peer is silent), sends channel messages through
-//! the server, and shows what arrives. Console commands come in as lines
-//! ([`Client::handle_line`]) or as method calls; everything the console shows
-//! comes out as [`Event`]s.
+//! the server, and shows what arrives. Commands are method calls
+//! ([`Client::send_message`]…), what happens comes out as [`Event`]s; the
+//! [`console`] turns typed lines into those calls and events into lines.
 //!
 //! Every datagram travels in a Noise session: with the server (`XX`, its
 //! key pinned) and with each peer (`IK`, the peer's key
@@ -30,6 +30,7 @@ use crate::wire::{
 };
 use crate::{ACK_TIMEOUT, RETRANSMIT, SERVER_TRIES, TICK, Transmit};
 
+pub mod console;
 mod peers;
 mod session;
 
@@ -104,7 +105,8 @@ impl ClientConfig {
     }
 }
 
-/// Something for the console. [`Event::render`] gives the exact line.
+/// Something that happened, to show; [`console::render`] gives its exact
+/// console line.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum Event {
@@ -240,13 +242,15 @@ pub enum Event {
     /// A stored or relayed message from this sender did not open with its
     /// key: reported and dropped (not an error of any command).
     Unverifiable(Name),
-    /// A user error, or a request the server refused.
+    /// A request the server refused, not a message's (registration: the
+    /// server is full), as the console says it.
     Error(String),
-    /// A line of `list` or `help` output.
-    Info(String),
-    /// Not a line: the client is done and the process should exit with this
-    /// status.
-    Exit(i32),
+    /// Not a line: the client is done (after `quit`, or `failed`: it ended
+    /// on an error above, such as [`Event::Exiting`]). Nothing follows.
+    Closed {
+        /// It ended on a failure, not a `quit`.
+        failed: bool,
+    },
 }
 
 impl Event {
@@ -265,89 +269,6 @@ impl Event {
                 | Event::ServerKeyChanged { .. }
                 | Event::VersionMismatch(_)
         )
-    }
-
-    /// The console line, `>>> ` included; `local_time` renders a Unix time
-    /// as `YYYY-MM-DD HH:MM:SS`. `None` for [`Event::Exit`].
-    pub fn render(&self, local_time: impl Fn(i64) -> String) -> Option<String> {
-        let body = match self {
-            Event::Welcome => "[Welcome, You are registered.]".to_string(),
-            Event::TableUpdated => "[Client table updated.]".to_string(),
-            Event::Presence { name, online: true } => format!("[{name} is online.]"),
-            Event::Presence {
-                name,
-                online: false,
-            } => format!("[{name} is offline.]"),
-            Event::PresenceMore(n) => {
-                format!("[and {n} more clients came or went; type list to see them.]")
-            }
-            Event::ReceivedBy { to, .. } => format!("[Message received by {to}.]"),
-            Event::NoAck { to, .. } => format!("[No ACK from {to}, message sent to server.]"),
-            Event::PeerOffline { to, .. } => {
-                format!("[{to} is offline, message sent to server.]")
-            }
-            Event::Saved { .. } => "[Messages received by the server and saved]".to_string(),
-            Event::Exists { to, .. } => format!("[Client {to} exists!!]"),
-            Event::Bye => "[You are Offline. Bye.]".to_string(),
-            Event::ServerNotResponding => "[Server not responding]".to_string(),
-            Event::Exiting => "[Exiting]".to_string(),
-            Event::ChannelNotResponding { .. } => "[Server not responding.]".to_string(),
-            Event::HaveMessages => "[You Have Messages]".to_string(),
-            Event::Stored {
-                from,
-                channel: false,
-                verified,
-                stored_at,
-                text,
-            } => {
-                let unverified = if *verified { "" } else { " (unverified)" };
-                format!("{from}: {} {text}{unverified}", local_time(*stored_at))
-            }
-            Event::Stored {
-                from,
-                channel: true,
-                verified,
-                stored_at,
-                text,
-            } => {
-                let unverified = if *verified { "" } else { " (unverified)" };
-                format!(
-                    "Channel_Message {from}: {} {text}{unverified}",
-                    local_time(*stored_at)
-                )
-            }
-            Event::Direct { from, text } => format!("{from}: {text}"),
-            Event::ChannelAcked { .. } => "[Message received by Server.]".to_string(),
-            Event::Channel { from, text } => format!("[Channel_Message {from}: {text}]"),
-            Event::Rejected(n) => format!("[Registration rejected: name {n} is already in use.]"),
-            Event::RejectedKey(n) => {
-                format!("[Registration rejected: name {n} belongs to another key.]")
-            }
-            Event::ServerKeyLearned(_) => return None,
-            Event::ServerKeyChanged { pinned, presented } => format!(
-                "[Error: the server presented key {}, not the key {} remembered for it; \
-                 not connecting.]",
-                presented.fingerprint(),
-                pinned.fingerprint()
-            ),
-            Event::VersionMismatch(v) => format!(
-                "[Error: server speaks protocol version {v}; this client speaks {}.]",
-                packet::VERSION
-            ),
-            Event::Reconnected => "[Reconnected to server.]".to_string(),
-            Event::MailboxFull { to, .. } => {
-                format!("[Error: mailbox of {to} is full, message not saved.]")
-            }
-            Event::Refused { why, .. } => format!("[Error: {why}]"),
-            Event::Unverifiable(from) => format!(
-                "[Error: a stored message from {from} could not be verified (not sealed by its \
-                 key for yours); it was dropped.]"
-            ),
-            Event::Error(e) => format!("[Error: {e}]"),
-            Event::Info(s) => s.clone(),
-            Event::Exit(_) => return None,
-        };
-        Some(format!(">>> {body}"))
     }
 }
 
@@ -408,8 +329,6 @@ impl std::error::Error for CommandError {}
 pub const HEARTBEAT: Duration = Duration::from_secs(10);
 /// Clients named one by one after a delta; the rest are counted.
 const PRESENCE_LINES: usize = 8;
-/// Most console lines queued while the first registration is under way.
-const QUEUED_LINES: usize = 64;
 /// Commands in flight (sends, channel messages, dereg) past which
 /// [`Client::wants_input`] says no: a script piped in waits rather than
 /// overrunning its peers and the server's probe queue.
@@ -676,7 +595,6 @@ pub struct Client {
     last_batch: Option<Seq>,
     heartbeat: Option<TimerKey>,
     seen: Seen,
-    queued: VecDeque<String>,
     /// `quit` was typed: exit once the dereg is acked.
     quitting: bool,
     timers: TimerWheel<Timer>,
@@ -717,7 +635,6 @@ impl Client {
             last_batch: None,
             heartbeat: None,
             seen: Seen::default(),
-            queued: VecDeque::new(),
             quitting: false,
             timers: TimerWheel::new(now, TICK),
             transmits: VecDeque::new(),
@@ -847,7 +764,7 @@ impl Client {
                     Rejection::InUse => Event::Rejected(name),
                     Rejection::OtherKey => Event::RejectedKey(name),
                 });
-                self.exit(1);
+                self.close(true);
             }
             Message::Ack { seq } => self.on_ack(now, seq),
             Message::Alive { seq, version } => {
@@ -1099,63 +1016,6 @@ impl Client {
         self.quit_when_done(now);
     }
 
-    /// Runs one console line (`send Bob hi`, `list`, …).
-    pub fn handle_line(&mut self, now: Instant, line: &str) {
-        let line = line.trim_end_matches(['\r', '\n']);
-        let (command, rest) = split_word(line);
-        match command {
-            "" => {}
-            "help" => self.help(),
-            "list" => self.list(),
-            "quit" if rest.trim().is_empty() => self.quit(now),
-            _ if !self.ready && self.presence != Presence::Done => {
-                // Typed (or piped) before the first registration finished:
-                // run it once it has.
-                if self.queued.len() < QUEUED_LINES {
-                    self.queued.push_back(line.to_string());
-                } else {
-                    self.error("still registering; try again in a moment.".to_string());
-                }
-            }
-            "send" => {
-                let (to, text) = split_word(rest);
-                if to.is_empty() || text.is_empty() {
-                    self.error("usage: send <name> <message>".to_string());
-                } else {
-                    // A name that cannot be one is no client of the table.
-                    let result = match Name::new(to) {
-                        Ok(name) => self.send_message(now, &name, text).map(drop),
-                        Err(_) => Err(CommandError::UnknownClient(to.to_string())),
-                    };
-                    self.report(result);
-                }
-            }
-            "send_all" => {
-                if rest.is_empty() {
-                    self.error("usage: send_all <message>".to_string());
-                } else {
-                    let result = self.send_all(now, rest).map(drop);
-                    self.report(result);
-                }
-            }
-            "dereg" | "reg" if rest.trim() != self.config.name.as_str() => {
-                let name = &self.config.name;
-                self.error(format!("{command} takes your own name ({name})."));
-            }
-            "dereg" => {
-                let result = self.dereg(now);
-                self.report(result);
-            }
-            "reg" => {
-                let result = self.reg(now);
-                self.report(result);
-            }
-            other => self.error(format!(
-                "unknown command {other}; type help for the commands."
-            )),
-        }
-    }
-
     /// `send <to> <text>`: a direct message. Its outcome events carry the
     /// id this returns.
     pub fn send_message(
@@ -1301,7 +1161,7 @@ impl Client {
                 self.quitting = true;
                 self.quit_when_done(now);
             }
-            Presence::Offline | Presence::Joining => self.exit(0),
+            Presence::Offline | Presence::Joining => self.close(false),
             Presence::Done => {}
         }
     }
@@ -1328,7 +1188,7 @@ impl Client {
         self.go_offline();
         self.events.push_back(Event::Bye);
         if self.quitting {
-            self.exit(0);
+            self.close(false);
         }
     }
 
@@ -1342,72 +1202,6 @@ impl Client {
             Presence::Online => Err(CommandError::AlreadyOnline),
             Presence::Joining => Err(CommandError::Registering),
             Presence::Done => Err(CommandError::Exited),
-        }
-    }
-
-    /// `list`: the local client table, one line a client.
-    pub fn list(&mut self) {
-        if self.table.is_empty() {
-            self.events
-                .push_back(Event::Info("The client table is empty.".to_string()));
-            return;
-        }
-        use unicode_width::UnicodeWidthStr;
-        // Our own row as we know ourselves (after a dereg the table, which
-        // no delta updates any more, would still say online).
-        let me = &self.config.name;
-        let online = |e: &Entry| {
-            if e.name == *me {
-                self.presence == Presence::Online
-            } else {
-                e.online
-            }
-        };
-        let width = self.table.iter().map(|e| e.name.as_str().width()).max();
-        let width = width.unwrap_or(0);
-        let count = self.table.iter().filter(|e| online(e)).count();
-        let mut lines = vec![Event::Info(format!(
-            "[Client table: {count} of {} online.]",
-            self.table.len()
-        ))];
-        lines.extend(self.table.iter().map(|e| {
-            let status = if online(e) { "online" } else { "offline" };
-            // Columns by display width: a CJK name takes two columns a
-            // character.
-            let pad = " ".repeat(width - e.name.as_str().width());
-            let row = format!("{}{pad}  {:<21}  {status}", e.name, e.addr.to_string());
-            // Then who it is, or how our messages reach it (see `Path`).
-            let tail = if e.name == *me {
-                Some("(you)")
-            } else {
-                self.path(&e.name).map(Path::as_str)
-            };
-            Event::Info(match tail {
-                Some(tail) => format!("{row}{}  {tail}", " ".repeat(7 - status.len())),
-                None => row,
-            })
-        }));
-        self.events.extend(lines);
-    }
-
-    /// `help`: the commands.
-    pub fn help(&mut self) {
-        for line in [
-            "send <name> <message>   direct message to a client (yourself included)",
-            "send_all <message>      message to every other online client",
-            "dereg <your name>       leave (you stay offline until reg)",
-            "reg <your name>         log back in after dereg",
-            "list                    show the client table",
-            "help                    show this list",
-            "quit                    leave (the server is told), then exit",
-            "keys: Left/Right, Home/End (Ctrl+A, Ctrl+E), Up/Down for earlier lines,",
-            "      Backspace, Delete, Ctrl+U / Ctrl+K erase before / after the cursor,",
-            "      Ctrl+W the word before it, Ctrl+L clear the screen,",
-            "      Tab completes a command or a name",
-            "Ctrl+D                  on an empty line: exit without telling the server",
-            "Ctrl+C                  quit without telling the server",
-        ] {
-            self.events.push_back(Event::Info(line.to_string()));
         }
     }
 
@@ -1481,7 +1275,6 @@ impl Client {
                 .iter()
                 .all(|(_, op)| matches!(op.kind, Kind::Heartbeat { .. }))
             && self.batch.is_none()
-            && self.queued.is_empty()
     }
 
     /// Whether a command line given now is carried out, not refused for
@@ -1505,7 +1298,6 @@ impl Client {
         let leaving = (self.ops.iter()).any(|(_, op)| matches!(op.kind, Kind::Deregister { .. }));
         self.ready
             && matches!(self.presence, Presence::Online | Presence::Offline)
-            && self.queued.is_empty()
             && !leaving
             && !self.quitting
             && commands < IN_FLIGHT
@@ -1521,6 +1313,12 @@ impl Client {
     pub fn path(&self, name: &Name) -> Option<Path> {
         let key = self.table.get(name)?.key;
         self.peers.path(&key)
+    }
+
+    /// The first registration is complete, its table synced (or given up
+    /// on): until then a name cannot be told from an unknown one.
+    pub fn is_ready(&self) -> bool {
+        self.ready
     }
 
     /// Registered and not deregistered.
@@ -1883,7 +1681,7 @@ impl Client {
                     "the server is full; try again later.".to_string()
                 });
                 if joining == Joining::First {
-                    self.exit(1);
+                    self.close(true);
                 } else {
                     // What waited for this registration ends here, said so:
                     // a later `reg` must not send it unannounced.
@@ -1987,7 +1785,7 @@ impl Client {
                 if changed || announce {
                     self.events.push_back(Event::TableUpdated);
                 }
-                self.become_ready(now);
+                self.become_ready();
             }
         }
     }
@@ -2233,7 +2031,7 @@ impl Client {
                     ACK_TIMEOUT.mul_f64(1.0 + f64::from(self.rng.next_u32() % 1000) / 5000.0);
                 self.resend(now, op, wait);
             }
-            _ => self.give_up(now, op),
+            _ => self.give_up(op),
         }
     }
 
@@ -2265,7 +2063,7 @@ impl Client {
     }
 
     /// Five tries without an answer from the server.
-    fn give_up(&mut self, now: Instant, op: OpId) {
+    fn give_up(&mut self, op: OpId) {
         let Some(kind) = self.finish(op) else {
             return;
         };
@@ -2281,7 +2079,7 @@ impl Client {
                     .events
                     .push_back(Event::ServerKeyChanged { pinned, presented }),
             }
-            self.exit(1);
+            self.close(true);
             return;
         }
         match kind {
@@ -2295,7 +2093,7 @@ impl Client {
             Kind::Register { .. } | Kind::Deregister { .. } | Kind::Direct { .. } => {
                 self.events.push_back(Event::ServerNotResponding);
                 self.events.push_back(Event::Exiting);
-                self.exit(1);
+                self.close(true);
             }
             Kind::Channel { id, .. } => self.events.push_back(Event::ChannelNotResponding { id }),
             Kind::Sync { .. } => {
@@ -2303,21 +2101,16 @@ impl Client {
                 // shows the gap again.
                 self.table.cancel_sync();
                 self.announce = false;
-                self.become_ready(now);
+                self.become_ready();
             }
             // The server may be gone; chat goes on, the next beat tries again.
             Kind::Heartbeat { .. } => {}
         }
     }
 
-    /// The first registration is complete: run what was typed meanwhile.
-    fn become_ready(&mut self, now: Instant) {
-        if !self.ready {
-            self.ready = true;
-            for line in std::mem::take(&mut self.queued) {
-                self.handle_line(now, &line);
-            }
-        }
+    /// The first registration is complete, table and all.
+    fn become_ready(&mut self) {
+        self.ready = true;
     }
 
     // ---- operations -------------------------------------------------------
@@ -2600,15 +2393,6 @@ impl Client {
         }
     }
 
-    /// Shows why a console command did not run (an exited client says
-    /// nothing more).
-    fn report(&mut self, result: Result<(), CommandError>) {
-        match result {
-            Ok(()) | Err(CommandError::Exited) => {}
-            Err(e) => self.error(e.to_string()),
-        }
-    }
-
     /// Queues a datagram behind the events queued so far.
     fn transmit(&mut self, t: Transmit) {
         let fence = self.polled + self.events.len() as u64;
@@ -2619,9 +2403,10 @@ impl Client {
         self.events.push_back(Event::Error(text));
     }
 
-    fn exit(&mut self, code: i32) {
+    /// The client is done: nothing more happens.
+    fn close(&mut self, failed: bool) {
         self.presence = Presence::Done;
-        self.events.push_back(Event::Exit(code));
+        self.events.push_back(Event::Closed { failed });
     }
 
     fn seq(&mut self) -> Seq {
@@ -2644,19 +2429,5 @@ impl Client {
                 what: msg.what(),
             });
         }
-    }
-}
-
-/// Splits off the first whitespace-separated word; the rest keeps its inner
-/// spacing (a message is the rest of the line as typed).
-fn split_word(s: &str) -> (&str, &str) {
-    let s = s.trim_start();
-    match s.find(char::is_whitespace) {
-        Some(i) => {
-            let rest = &s[i..];
-            let sep = rest.chars().next().map_or(0, char::len_utf8);
-            (&s[..i], &rest[sep..])
-        }
-        None => (s, ""),
     }
 }

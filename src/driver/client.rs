@@ -1,7 +1,6 @@
 //! The client's poll loop: the socket, stdin (a terminal with a line editor,
 //! or a pipe read line by line) and signals.
 
-use std::collections::VecDeque;
 use std::io::{self, IsTerminal, Read, Write};
 use std::net::SocketAddr;
 use std::os::fd::RawFd;
@@ -20,6 +19,7 @@ use super::{
     Fatal, RECV_BUF, SIGNALS, bind, io_fatal, listen, local_time, on_wire, random_seed, read_burst,
     wait,
 };
+use crate::console;
 use crate::crypto::Keypair;
 use crate::wire::Name;
 use crate::{Client, ClientConfig, Event};
@@ -82,7 +82,7 @@ pub fn run(options: Options) -> Result<i32, Fatal> {
     signals.add_signal(SIGWINCH).map_err(io_fatal)?;
     let v6 = socket.local_addr().map_err(io_fatal)?.is_ipv6();
 
-    let mut console = Console::new()?;
+    let mut stdio = Stdio::new()?;
     // A regular file or /dev/null cannot be polled (epoll says EPERM): it
     // is always readable, so it is read on every turn instead.
     let stdin_polled = poll
@@ -98,12 +98,10 @@ pub fn run(options: Options) -> Result<i32, Fatal> {
     let mut events = Events::with_capacity(16);
     let mut buf = [0u8; RECV_BUF];
     let mut backlog = false;
-    // A script (stdin not a terminal): lines read but not yet run, fed to
-    // the client only while it can take them, so none is refused for want
-    // of room and none overtakes another; stdin is not read meanwhile (the
-    // writer waits on the full pipe). Its exit status says whether every
-    // command succeeded.
-    let mut script: VecDeque<String> = VecDeque::new();
+    // Lines read but not yet run, each run once the client can take it and
+    // what came before it is shown. A script's exit status says whether
+    // every command succeeded.
+    let mut lines = console::Console::new(!stdio.is_terminal());
     let mut failed = false;
     // epoll reports input already waiting when stdin is registered; an
     // unpolled stdin (a regular file) is read on every turn.
@@ -113,11 +111,11 @@ pub fn run(options: Options) -> Result<i32, Fatal> {
         // server that these lines are on the screen.
         let mut exit = None;
         while let Some(event) = client.poll_event() {
+            if let Some(code) = console::exit_status(&event) {
+                exit = Some(code);
+                break;
+            }
             match event {
-                Event::Exit(code) => {
-                    exit = Some(code);
-                    break;
-                }
                 // First contact: remember the key, as ssh does.
                 Event::ServerKeyLearned(key) => known.remember(&server_text, &key)?,
                 Event::ServerKeyChanged {
@@ -125,7 +123,7 @@ pub fn run(options: Options) -> Result<i32, Fatal> {
                     presented,
                 } => {
                     let line = pinned.map_or(0, |p| p.1);
-                    console.show(&format!(
+                    stdio.show(&format!(
                         ">>> [Error: the server at {server_text} presented key {}, not the key {} \
                          remembered in {} (line {line}); if its key changed on purpose, delete \
                          that line and start again.]",
@@ -138,9 +136,9 @@ pub fn run(options: Options) -> Result<i32, Fatal> {
                     failed |= other.is_failure();
                     // Tab completes names from the table: taken afresh
                     // when a Tab comes after a change.
-                    console.names_stale |= other == Event::TableUpdated;
-                    if let Some(line) = other.render(local_time) {
-                        console.show(&stamped(line, &other, timestamps));
+                    stdio.names_stale |= other == Event::TableUpdated;
+                    if let Some(line) = console::render(&other, local_time) {
+                        stdio.show(&stamped(line, &other, timestamps));
                     }
                 }
             }
@@ -151,12 +149,12 @@ pub fn run(options: Options) -> Result<i32, Fatal> {
             // A full send buffer is one more loss; retransmissions cover it.
             let _ = socket.send_to(&t.payload, on_wire(t.to, v6));
         }
-        let done = console.eof && script.is_empty() && client.is_idle();
+        let done = stdio.eof && lines.is_empty() && client.is_idle();
         if let Some(code) = exit.or(done.then_some(0)) {
             // A script one of whose commands failed says so, whether it
             // ended with its input or with `quit`.
-            failed |= console.skipped;
-            let failed = failed && !console.is_terminal();
+            failed |= stdio.skipped;
+            let failed = failed && !stdio.is_terminal();
             return Ok(if code == 0 && failed {
                 SCRIPT_FAILED
             } else {
@@ -164,9 +162,17 @@ pub fn run(options: Options) -> Result<i32, Fatal> {
             });
         }
 
-        let read_more = stdin_ready && !console.eof && script.is_empty();
-        let busy =
-            backlog || (read_more && !stdin_polled) || (!script.is_empty() && client.wants_input());
+        if let Some(reply) = lines.run_next(&mut client, Instant::now()) {
+            stdio.show_all(&reply.lines);
+            failed |= reply.failed;
+            continue;
+        }
+
+        // A script is not read while lines of it wait (the writer waits on
+        // the full pipe); a terminal always is (Ctrl+C comes that way).
+        let readable = stdio.is_terminal() || lines.is_empty();
+        let read_more = stdin_ready && !stdio.eof && readable;
+        let busy = backlog || (read_more && !stdin_polled);
         wait(&mut poll, &mut events, client.poll_timeout(), busy)?;
         for event in events.iter() {
             match event.token() {
@@ -175,7 +181,7 @@ pub fn run(options: Options) -> Result<i32, Fatal> {
                 SIGNALS => {
                     for sig in signals.pending() {
                         if sig == SIGWINCH {
-                            console.resized();
+                            stdio.resized();
                         } else {
                             return Ok(128 + sig);
                         }
@@ -190,30 +196,28 @@ pub fn run(options: Options) -> Result<i32, Fatal> {
         backlog = read_burst(&socket, &mut buf, |from, data| {
             client.handle_datagram(now, from, data)
         });
-        if stdin_ready && !console.eof && script.is_empty() {
+        if stdin_ready && !stdio.eof && readable {
             stdin_ready = !stdin_polled;
-            for input in console.read(&client)? {
+            for input in stdio.read(&client)? {
                 match input {
-                    Input::Line(line) if console.is_terminal() => client.handle_line(now, &line),
-                    Input::Line(line) => script.push_back(line),
+                    Input::Line(line) => {
+                        if let Some(refused) = lines.push(line) {
+                            stdio.show_all(&refused.lines);
+                        }
+                    }
                     Input::Interrupt => return Ok(130),
                 }
             }
         }
         client.handle_timeout(now);
-        while client.wants_input()
-            && let Some(line) = script.pop_front()
-        {
-            client.handle_line(now, &line);
-        }
     }
 }
 
 /// `line` as shown: with `--timestamps`, a line of what happens now (not
-/// `list` or `help` output, nor a stored message, which has its own time)
-/// gets the local time after its `>>> `.
+/// a stored message, which has its own time) gets the local time after its
+/// `>>> `. A command's reply (`list`, `help`, a usage error) is not one.
 fn stamped(line: String, event: &Event, timestamps: bool) -> String {
-    if !timestamps || matches!(event, Event::Info(_) | Event::Stored { .. }) {
+    if !timestamps || matches!(event, Event::Stored { .. }) {
         return line;
     }
     let time = local_time(super::unix_now());
@@ -224,9 +228,6 @@ fn stamped(line: String, event: &Event, timestamps: bool) -> String {
         None => line,
     }
 }
-
-/// The console's commands, for Tab.
-const COMMANDS: [&str; 7] = ["send", "send_all", "dereg", "reg", "list", "help", "quit"];
 
 /// The exit status of a script (stdin not a terminal) one of whose commands
 /// failed (`[Error: …]`, a full mailbox, a server that did not answer a
@@ -241,7 +242,7 @@ enum Input {
 
 /// Stdin and stdout: a terminal with a prompt and line editor, or plain
 /// lines. Restores the terminal when dropped (every return path of `run`).
-struct Console {
+struct Stdio {
     editor: Option<(LineEditor, RawMode)>,
     nonblocking: Option<NonBlocking>,
     /// Read buffer: large, so that one read takes a whole paste on a
@@ -257,8 +258,8 @@ struct Console {
     names_stale: bool,
 }
 
-impl Console {
-    fn new() -> Result<Console, Fatal> {
+impl Stdio {
+    fn new() -> Result<Stdio, Fatal> {
         let stdin = io::stdin();
         let editor = if stdin.is_terminal() && io::stdout().is_terminal() {
             let raw = RawMode::enable(STDIN_FD).map_err(io_fatal)?;
@@ -280,7 +281,7 @@ impl Console {
         } else {
             NonBlocking::enable(STDIN_FD)
         };
-        Ok(Console {
+        Ok(Stdio {
             editor,
             nonblocking,
             buf: vec![0; 1 << 16],
@@ -307,6 +308,12 @@ impl Console {
     }
 
     /// Shows one output line (above the prompt on a terminal).
+    fn show_all(&mut self, lines: &[String]) {
+        for line in lines {
+            self.show(line);
+        }
+    }
+
     fn show(&mut self, line: &str) {
         match &mut self.editor {
             Some((editor, _)) => {
@@ -352,7 +359,7 @@ impl Console {
                 Some((editor, _)) => {
                     if buf[..n].contains(&b'\t') && std::mem::take(&mut self.names_stale) {
                         let names = client.table().iter().map(|e| e.name.to_string());
-                        editor.set_completions(&COMMANDS, names.collect());
+                        editor.set_completions(&console::COMMANDS, names.collect());
                     }
                     let mut out = Vec::new();
                     for event in editor.feed(&buf[..n], &mut out) {
@@ -409,7 +416,7 @@ impl Console {
     }
 }
 
-impl Drop for Console {
+impl Drop for Stdio {
     fn drop(&mut self) {
         if let Some((_, raw)) = &self.editor {
             // Leave the cursor on a fresh line for the shell.

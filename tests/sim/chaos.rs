@@ -42,7 +42,9 @@ use udpchat::packet::{self, Packet as Datagram};
 use udpchat::server::AMPLIFICATION;
 use udpchat::store::{MemoryStore, Store, StoreOp, StoredMail};
 use udpchat::wire::{self, Name};
-use udpchat::{Client, ClientConfig, Event, Path, Server, ServerConfig, ServerEvent, StoreFailure};
+use udpchat::{
+    Client, ClientConfig, Event, Path, Server, ServerConfig, ServerEvent, StoreFailure, console,
+};
 
 use crate::sim::nat::{Nat, NatKind};
 
@@ -872,8 +874,8 @@ impl World {
             let proc = &mut self.procs[pid];
             while let Some(event) = proc.client.poll_event() {
                 match event {
-                    Event::Exit(_) => proc.state = ProcState::Exited,
-                    other => lines.extend(other.render(sim_time)),
+                    Event::Closed { .. } => proc.state = ProcState::Exited,
+                    other => lines.extend(console::render(&other, sim_time)),
                 }
             }
             while let Some(t) = proc.client.poll_transmit() {
@@ -1193,8 +1195,8 @@ impl World {
         let mut exited = false;
         while let Some(event) = m.poll_event() {
             match event {
-                Event::Exit(_) => exited = true,
-                other => lines.extend(other.render(sim_time)),
+                Event::Closed { .. } => exited = true,
+                other => lines.extend(console::render(&other, sim_time)),
             }
         }
         while let Some(t) = m.poll_transmit() {
@@ -1495,7 +1497,10 @@ impl World {
         (at, pid, line).hash(&mut self.hasher);
         self.procs[pid].pending = Some(pending);
         let now = self.now;
-        self.procs[pid].client.handle_line(now, line);
+        let reply = console::command(&mut self.procs[pid].client, now, line);
+        for line in reply.lines {
+            self.line(pid, &line);
+        }
         self.drain_client(pid);
     }
 

@@ -13,7 +13,9 @@ use std::time::{Duration, Instant};
 use udpchat::crypto::{Keypair, PublicKey, ServerSecrets};
 use udpchat::store::{MemoryStore, Store, StoreOp};
 use udpchat::wire::{self, Name, What};
-use udpchat::{Client, ClientConfig, Event, Server, ServerConfig, ServerEvent, StoreFailure};
+use udpchat::{
+    Client, ClientConfig, Event, Server, ServerConfig, ServerEvent, StoreFailure, console,
+};
 
 use nat::{Nat, NatKind};
 
@@ -58,6 +60,9 @@ pub struct Node {
     /// Every event it gave, as given (ids and all).
     pub events: Vec<Event>,
     pub exit: Option<i32>,
+    /// Typed lines waiting for the first registration, as the binary
+    /// holds them.
+    pub console: console::Console,
 }
 
 pub struct Sim {
@@ -226,6 +231,7 @@ impl Sim {
             presence: Vec::new(),
             events: Vec::new(),
             exit: None,
+            console: console::Console::new(false),
         });
         let i = self.nodes.len() - 1;
         self.drain_node(i);
@@ -271,8 +277,9 @@ impl Sim {
 
     /// Types a console line at client `i`.
     pub fn line(&mut self, i: usize, line: &str) {
-        let now = self.now;
-        self.nodes[i].client.handle_line(now, line);
+        if let Some(refused) = self.nodes[i].console.push(line.to_string()) {
+            self.nodes[i].lines.extend(refused.lines);
+        }
         self.drain_node(i);
     }
 
@@ -429,22 +436,33 @@ impl Sim {
         }
     }
 
+    /// Keeps one event of client `i`: as given, and as its console line.
+    fn record(&mut self, i: usize, event: Event) {
+        let node = &mut self.nodes[i];
+        node.events.push(event.clone());
+        if let Some(code) = console::exit_status(&event) {
+            node.exit = Some(code);
+        }
+        let line = console::render(&event, sim_time);
+        match event {
+            Event::Presence { .. } | Event::PresenceMore(_) => node.presence.extend(line),
+            _ => node.lines.extend(line),
+        }
+    }
+
     /// Shows, then sends: the client hands out a datagram only once the
     /// events before it were polled.
     fn drain_node(&mut self, i: usize) {
-        while let Some(event) = self.nodes[i].client.poll_event() {
-            self.nodes[i].events.push(event.clone());
-            match event {
-                Event::Exit(code) => self.nodes[i].exit = Some(code),
-                Event::Presence { .. } | Event::PresenceMore(_) => {
-                    let line = event.render(sim_time).unwrap_or_default();
-                    self.nodes[i].presence.push(line);
-                }
-                other => {
-                    if let Some(line) = other.render(sim_time) {
-                        self.nodes[i].lines.push(line);
-                    }
-                }
+        loop {
+            while let Some(event) = self.nodes[i].client.poll_event() {
+                self.record(i, event);
+            }
+            // Then the next typed line the client can take, as the binary
+            // runs them: after what came before it is shown.
+            let (now, node) = (self.now, &mut self.nodes[i]);
+            match node.console.run_next(&mut node.client, now) {
+                Some(reply) => node.lines.extend(reply.lines),
+                None => break,
             }
         }
         while let Some(t) = self.nodes[i].client.poll_transmit() {
