@@ -1,0 +1,269 @@
+//! The batch under commit: what each datagram promises, operations kept
+//! for the next commit, and a failed commit taken back.
+
+use super::*;
+
+/// How soon changes a failed commit left over are tried again (sooner if
+/// new changes come: they go in the same transaction, first).
+pub(super) const STORE_RETRY: Duration = Duration::from_secs(1);
+
+/// A reply that rests on the batch under way.
+#[derive(Debug, Clone, Copy)]
+pub(super) enum Promise {
+    /// "Saved" (an ack of a save-message or a channel message).
+    Saved { channel: bool },
+    /// A welcome that counted mail of this batch (the newest ids, so the
+    /// last positions): a failed commit lowers the count.
+    Welcome {
+        version: u64,
+        mail: u32,
+        reset: [u8; crate::packet::TOKEN_LEN],
+        /// The last message counted.
+        last: MailId,
+    },
+    /// A relay whose answer ("received" or "saved") comes later: a failed
+    /// commit refuses it instead, since nothing of it was kept.
+    Relay { to: ClientId, mail: MailId },
+}
+
+/// What the batch since the last commit promised, so that a failed commit
+/// can take it back. Indexes into `transmits` are stable meanwhile: nothing
+/// leaves while a store operation is uncommitted.
+#[derive(Debug, Default)]
+pub(super) struct Batch {
+    /// Messages put: (recipient, mail).
+    pub(super) mail: Vec<(ClientId, MailId)>,
+    /// The first of them: ids only grow, so a message is the batch's if
+    /// its id is at least this.
+    pub(super) first_mail: Option<MailId>,
+    /// Their (recipient, sender, id), to spot a retry of one of them.
+    pub(super) keys: HashSet<(ClientId, Name, MsgId)>,
+    /// The channel messages put, (sender, id): one entry for all copies.
+    pub(super) channels: HashSet<(Name, MsgId)>,
+    /// Replies that hold only if this batch is committed: (client, seq,
+    /// what they promised).
+    pub(super) acks: Vec<(ClientId, Seq, Promise)>,
+    /// Those replies in `transmits` (first sends and cached resends), with
+    /// the session they were sealed for.
+    pub(super) ack_transmits: Vec<(usize, ClientId, Seq, LinkId)>,
+    /// Deliveries of the batch's messages in `transmits`.
+    pub(super) deliveries: Vec<(usize, MailId)>,
+    /// The batch's other operations, polled already: they promised nobody
+    /// "saved", so a failed commit defers them rather than undoing them.
+    pub(super) others: Vec<StoreOp>,
+    /// Log lines saying "stored": given once it is true.
+    pub(super) stored: Vec<ServerEvent>,
+}
+
+impl Server {
+    /// The driver committed every [`StoreOp`] polled so far: release the
+    /// datagrams held behind them.
+    pub fn handle_committed(&mut self) {
+        // The batch is everything polled: a driver polls all, then commits.
+        debug_assert!(self.store_ops.is_empty() || self.batch.mail.is_empty());
+        self.uncommitted = 0;
+        let batch = std::mem::take(&mut self.batch);
+        for event in batch.stored {
+            self.event(event);
+        }
+        // On disk now: a body no delivery is waiting for leaves memory.
+        for &(to, mail) in &batch.mail {
+            if !self.table.get(to).online
+                && let Some(m) = held_mut(&mut self.mailboxes, to, mail)
+            {
+                m.body = None;
+            }
+        }
+    }
+
+    /// The driver's commit of the operations polled since the last
+    /// [`Server::handle_committed`] failed: none of them reached the store.
+    /// Its messages are taken back and every request they answered is
+    /// refused (the "saved" acks held back are replaced); everything else
+    /// of it is committed again before any newer operation, on its own
+    /// after a second if nothing newer comes.
+    pub fn handle_commit_failed(&mut self, now: Instant, failure: StoreFailure) {
+        self.uncommitted = 0;
+        let batch = std::mem::take(&mut self.batch);
+        // Not polled yet, so not tried, but made with the batch's promises.
+        let unpolled: Vec<StoreOp> = self.store_ops.drain(..).collect();
+        for op in batch.others.into_iter().chain(unpolled) {
+            self.defer(op);
+        }
+        if !self.deferred.is_empty() && self.retry.is_none() {
+            self.retry = Some(self.timers.insert(now + STORE_RETRY, Timer::StoreRetry));
+        }
+        self.schedule_deltas(now);
+        for &(to, mail) in &batch.mail {
+            self.unput(to, mail);
+        }
+        // Window slots the taken-back deliveries held are free again.
+        let mut online: Vec<ClientId> = batch.mail.iter().map(|&(to, _)| to).collect();
+        online.sort_unstable();
+        online.dedup();
+        for to in online {
+            if self.table.get(to).online {
+                self.pump(now, to);
+            }
+        }
+        let mut gone: HashSet<usize> = batch.deliveries.iter().map(|&(i, _)| i).collect();
+        let reason = failure.refusal();
+        let mut refusals: HashMap<(ClientId, Seq), (What, Vec<u8>)> = HashMap::new();
+        let mut relay_refusals = Vec::new();
+        for &(client, seq, promise) in &batch.acks {
+            let msg = match promise {
+                Promise::Saved { channel } => {
+                    let from = self.table.get(client).name.clone();
+                    self.event(ServerEvent::NotSaved {
+                        from,
+                        channel,
+                        failure,
+                    });
+                    Message::Refused { seq, reason }
+                }
+                Promise::Relay { to, mail } => {
+                    // Its answer was never sent: it is sent now, refused.
+                    if let Some(r) = self.relays.remove(&(to, mail)) {
+                        self.timers.cancel(r.timer);
+                        let from = self.table.get(client).name.clone();
+                        self.event(ServerEvent::NotSaved {
+                            from,
+                            channel: false,
+                            failure,
+                        });
+                        relay_refusals.push((client, seq));
+                    }
+                    continue;
+                }
+                Promise::Welcome {
+                    version,
+                    mail,
+                    reset,
+                    last,
+                } => {
+                    let taken = batch
+                        .mail
+                        .iter()
+                        .filter(|&&(to, m)| to == client && m <= last)
+                        .count();
+                    if taken == 0 {
+                        continue;
+                    }
+                    Message::Welcome {
+                        seq,
+                        version,
+                        mail: mail.saturating_sub(taken as u32),
+                        reset,
+                    }
+                }
+            };
+            let encoded = (msg.what(), wire::encode_to_vec(&msg));
+            // A retry of the request gets the same answer.
+            self.cache(client, seq, encoded.clone());
+            refusals.insert((client, seq), encoded);
+        }
+        for &(i, sender, seq, link) in &batch.ack_transmits {
+            // A reply the failure does not change stays as it is.
+            let Some((what, plain)) = refusals.get(&(sender, seq)) else {
+                continue;
+            };
+            // Sealed for the session the reply was for, or not at all (a
+            // client that logged in again meanwhile finds the new answer
+            // in the reply cache).
+            if self.sessions[sender.index() as usize].link != Some(link) {
+                gone.insert(i);
+                continue;
+            }
+            let mut sealed = VecDeque::new();
+            self.links.send_encoded(link, plain, *what, &mut sealed);
+            match sealed.pop_front() {
+                Some(t) if i < self.transmits.len() => self.transmits[i] = t,
+                _ => {
+                    gone.insert(i);
+                }
+            }
+        }
+        if !gone.is_empty() {
+            let mut i = 0;
+            self.transmits.retain(|_| {
+                i += 1;
+                !gone.contains(&(i - 1))
+            });
+        }
+        for (client, seq) in relay_refusals {
+            self.reply(client, seq, Message::Refused { seq, reason });
+        }
+    }
+
+    /// Keeps `op` for the next commit; a client's newest row replaces an
+    /// older one still waiting, so waiting rows never outnumber clients.
+    pub(super) fn defer(&mut self, op: StoreOp) {
+        match &op {
+            // Taken back (see `unput`): it answered a request refused now.
+            StoreOp::Put(_) | StoreOp::Channel(_) => return,
+            StoreOp::Client(c) => {
+                if let Some(&i) = self.deferred_rows.get(&c.name) {
+                    // In the older one's place: still before any message
+                    // that needs the row.
+                    self.deferred[i] = op;
+                    return;
+                }
+                self.deferred_rows
+                    .insert(c.name.clone(), self.deferred.len());
+            }
+            StoreOp::Delete { .. } | StoreOp::Forget(_) | StoreOp::Rewrite { .. } => {}
+        }
+        self.deferred.push(op);
+    }
+
+    /// Puts what a failed commit left over in front of the queue.
+    pub(super) fn undefer(&mut self) {
+        self.deferred_rows.clear();
+        for op in self.deferred.drain(..).rev() {
+            self.store_ops.push_front(op);
+        }
+    }
+
+    /// Takes back a message the store never got.
+    pub(super) fn unput(&mut self, to: ClientId, mail: MailId) {
+        let session = self.sessions.get_mut(to.index() as usize);
+        if let Some(f) = session.and_then(|s| s.inflight.remove(&mail)) {
+            self.timers.cancel(f.timer);
+        }
+        self.take_mail(to, mail);
+    }
+
+    /// The next storage operation to commit.
+    #[must_use]
+    pub fn poll_store(&mut self) -> Option<StoreOp> {
+        if !self.deferred.is_empty() && !self.store_ops.is_empty() {
+            // What a failed commit left over goes first, in its order.
+            self.undefer();
+        }
+        let op = self.store_ops.pop_front()?;
+        if !matches!(op, StoreOp::Put(_) | StoreOp::Channel(_)) {
+            self.batch.others.push(op.clone());
+        }
+        self.uncommitted += 1;
+        Some(op)
+    }
+
+    /// Acks `seq` "saved": a promise that holds only once the batch is
+    /// committed, so the ack is noted for [`Server::handle_commit_failed`].
+    pub(super) fn ack_saved(&mut self, id: ClientId, seq: Seq, channel: bool) {
+        self.promise(id, seq, Message::Ack { seq }, Promise::Saved { channel });
+    }
+
+    /// Replies `msg`, which holds only if the batch is committed (see
+    /// [`Promise`]).
+    pub(super) fn promise(&mut self, id: ClientId, seq: Seq, msg: Message, promise: Promise) {
+        self.batch.acks.push((id, seq, promise));
+        let at = self.transmits.len();
+        self.reply(id, seq, msg);
+        if self.transmits.len() > at
+            && let Some(link) = self.sessions[id.index() as usize].link
+        {
+            self.batch.ack_transmits.push((at, id, seq, link));
+        }
+    }
+}
