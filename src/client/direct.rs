@@ -34,12 +34,10 @@ impl Client {
             // direct path (the server has the peer send its side).
             let sealed = self.seal(&entry.name, &entry.key, id, &text);
             self.punch(entry.key, entry.addr);
-            let op = self.start_at_server(now, entry, id, text, sealed, Phase::Relay);
-            self.by_msg.insert(id, op);
+            self.start_at_server(now, entry, id, text, sealed, Phase::Relay);
         } else {
             let kind = Kind::direct(entry, id, text, Phase::Direct, None);
-            let op = self.start(now, kind, RETRANSMIT);
-            self.by_msg.insert(id, op);
+            self.start(now, kind, RETRANSMIT);
         }
         Ok(id)
     }
@@ -73,12 +71,10 @@ impl Client {
         text: Text,
         sealed: Option<Box<Sealed>>,
         phase: fn(Seq) -> Phase,
-    ) -> OpId {
+    ) {
         let seq = self.seq();
         let kind = Kind::direct(entry, id, text, phase(seq), sealed);
-        let op = self.start(now, kind, ACK_TIMEOUT);
-        self.by_seq.insert(seq, op);
-        op
+        self.start(now, kind, ACK_TIMEOUT);
     }
 
     /// Our side of hole punching towards the peer `key` at `addr`.
@@ -125,8 +121,7 @@ impl Client {
         self.usable()?;
         let text = Self::text(text)?;
         let (seq, id) = (self.seq(), self.msg_id());
-        let op = self.start(now, Kind::Channel { seq, id, text }, ACK_TIMEOUT);
-        self.by_seq.insert(seq, op);
+        self.start(now, Kind::Channel { seq, id, text }, ACK_TIMEOUT);
         Ok(id)
     }
 
@@ -154,7 +149,7 @@ impl Client {
             .get(&sender)
             .is_none_or(|e| e.key != key || e.key.is_none())
         {
-            if self.sync.is_none() {
+            if self.requests.sync().is_none() {
                 // Perhaps our table is behind (a new client): catch up; the
                 // sender tries again, or the server keeps the message.
                 let since = self.table.version();
@@ -171,15 +166,14 @@ impl Client {
     }
 
     pub(super) fn on_chat_ack(&mut self, key: PublicKey, id: MsgId) {
-        let Some(&op) = self.by_msg.get(&id) else {
+        let Some(op) = self.requests.by_msg(id) else {
             return;
         };
         // Only the recipient's key can ack it.
-        if !matches!(self.ops.get(op.0), Some(Op { kind: Kind::Direct { key: k, .. }, .. }) if *k == key)
+        if !matches!(self.requests.get(op), Some(Op { kind: Kind::Direct { key: k, .. }, .. }) if *k == key)
         {
             return;
         }
-        self.by_msg.remove(&id);
         if let Some(Kind::Direct { to, id, .. }) = self.finish(op) {
             self.peers.proved(key);
             self.events.push_back(Event::ReceivedBy { to, id });
@@ -198,7 +192,7 @@ impl Client {
         // our table must hold that name with the key that sealed it. A
         // name it lacks yet: catch up, the server delivers it again.
         if self.table.get(&from).is_none_or(|e| e.key.is_none()) {
-            if self.sync.is_none() {
+            if self.requests.sync().is_none() {
                 let since = self.table.version();
                 self.start_sync(now, since);
             }
@@ -226,37 +220,38 @@ impl Client {
     }
 
     pub(super) fn on_exists(&mut self, now: Instant, seq: Seq, entry: Entry) {
-        let Some(&op) = self.by_seq.get(&seq) else {
+        let Some(op) = self.requests.by_seq(seq) else {
             return;
         };
-        let Some(Op {
-            kind:
-                Kind::Direct {
-                    to,
-                    addr,
-                    key,
-                    id,
-                    phase,
-                    ..
-                },
-            ..
-        }) = self.ops.get_mut(op.0)
-        else {
+        // The answer to a save: the peer is online at this address after
+        // all, so the message goes there again.
+        let retry = |req: &mut Op| {
+            let Kind::Direct {
+                to,
+                addr,
+                key,
+                id,
+                phase,
+                ..
+            } = &mut req.kind
+            else {
+                return None;
+            };
+            if !matches!(phase, Phase::Save(_)) || entry.name != *to || entry.key.is_none() {
+                return None;
+            }
+            *addr = entry.addr;
+            *key = entry.key;
+            *phase = Phase::Retry;
+            Some((to.clone(), *id))
+        };
+        let Some(Some((to, id))) = self.requests.update(op, retry) else {
             return;
         };
-        if !matches!(phase, Phase::Save(_)) || entry.name != *to || entry.key.is_none() {
-            return;
-        }
-        self.by_seq.remove(&seq);
-        *addr = entry.addr;
-        *key = entry.key;
-        *phase = Phase::Retry;
-        let (to, id) = (to.clone(), *id);
         self.events.push_back(Event::Exists { to, id });
-        self.by_msg.insert(id, op);
         self.restart(now, op, RETRANSMIT);
         // The table was wrong about this peer; catch up with the server's.
-        if self.sync.is_none() {
+        if self.requests.sync().is_none() {
             let since = self.table.version();
             self.start_sync(now, since);
         }
@@ -272,36 +267,31 @@ impl Client {
         phase: fn(Seq) -> Phase,
     ) {
         let seq = self.seq();
-        if let Some(Op {
-            kind:
-                Kind::Direct {
-                    phase: p,
-                    sealed: s,
-                    ..
-                },
-            ..
-        }) = self.ops.get_mut(op.0)
-        {
-            *p = phase(seq);
-            *s = sealed;
-        }
-        self.by_seq.insert(seq, op);
+        self.requests.update(op, |entry| {
+            if let Kind::Direct {
+                phase: p,
+                sealed: s,
+                ..
+            } = &mut entry.kind
+            {
+                *p = phase(seq);
+                *s = sealed;
+            }
+        });
         self.restart(now, op, ACK_TIMEOUT);
     }
 
     /// Our handshake with `key` finished: the direct messages that waited
     /// for it go now (their tries and timers are unchanged).
     pub(super) fn flush_direct(&mut self, key: &PublicKey) {
-        let waiting: Vec<OpId> = self
-            .ops
-            .iter()
+        let waiting: Vec<OpId> = (self.requests.iter())
             .filter(|(_, op)| {
                 matches!(
                     &op.kind,
                     Kind::Direct { key: k, phase: Phase::Direct | Phase::Retry, .. } if k == key
                 )
             })
-            .map(|(i, _)| OpId(i))
+            .map(|(id, _)| id)
             .collect();
         for op in waiting {
             self.emit(op, false);

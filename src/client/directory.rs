@@ -8,17 +8,13 @@ pub(super) const PRESENCE_LINES: usize = 8;
 
 impl Client {
     pub(super) fn start_sync(&mut self, now: Instant, since: u64) {
-        if let Some(op) = self.sync.take()
-            && let Some(Kind::Sync { seq }) = self.finish(op)
-        {
-            self.by_seq.remove(&seq);
+        if let Some(op) = self.requests.sync() {
+            self.finish(op);
         }
         self.table.start_sync(since);
         self.sync_pages = 0;
         let seq = self.seq();
-        let op = self.start(now, Kind::Sync { seq }, ACK_TIMEOUT);
-        self.by_seq.insert(seq, op);
-        self.sync = Some(op);
+        self.start(now, Kind::Sync { seq }, ACK_TIMEOUT);
     }
 
     pub(super) fn on_page(
@@ -30,11 +26,10 @@ impl Client {
         entries: &[Entry],
         next: Option<u32>,
     ) {
-        let Some(op) = self.sync else {
+        let Some(op) = self.requests.sync() else {
             return;
         };
-        if !matches!(self.ops.get(op.0), Some(Op { kind: Kind::Sync { seq: s }, .. }) if *s == seq)
-        {
+        if self.requests.by_seq(seq) != Some(op) {
             return;
         }
         // Only the page that continues the pass: one after a lost page, or
@@ -55,22 +50,14 @@ impl Client {
                     self.rearm(now, op, ACK_TIMEOUT);
                     return;
                 }
-                self.by_seq.remove(&seq);
+                // The next window: a request of its own.
                 self.sync_pages = 0;
                 let seq = self.seq();
-                if let Some(Op {
-                    kind: Kind::Sync { seq: s },
-                    ..
-                }) = self.ops.get_mut(op.0)
-                {
-                    *s = seq;
-                }
-                self.by_seq.insert(seq, op);
+                self.requests
+                    .update(op, |req| req.kind = Kind::Sync { seq });
                 self.restart(now, op, ACK_TIMEOUT);
             }
             PageOutcome::Done { changed } => {
-                self.by_seq.remove(&seq);
-                self.sync = None;
                 self.sync_pages = 0;
                 self.finish(op);
                 // Announce a join or log-back even if the table looks the same.
@@ -123,7 +110,7 @@ impl Client {
             }
             DeltaOutcome::Applied { changed: false } | DeltaOutcome::Stale => {}
             DeltaOutcome::Gap => {
-                if self.sync.is_none() {
+                if self.requests.sync().is_none() {
                     let since = self.table.version();
                     self.start_sync(now, since);
                 }

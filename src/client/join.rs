@@ -87,8 +87,8 @@ impl Client {
 
     /// The registration under way: its operation and sequence number.
     pub(super) fn register_op(&self) -> Option<(OpId, Seq)> {
-        self.ops.iter().find_map(|(i, op)| match op.kind {
-            Kind::Register { seq, .. } => Some((OpId(i), seq)),
+        self.requests.iter().find_map(|(id, op)| match op.kind {
+            Kind::Register { seq, .. } => Some((id, seq)),
             _ => None,
         })
     }
@@ -113,10 +113,13 @@ impl Client {
         let delay = backoff.mul_f64(factor).min(MAX_BUSY_DELAY);
         self.patience.busy = self.patience.busy.saturating_add(1);
         self.patience.waited += delay;
-        if let Some(entry) = self.ops.get_mut(op.0) {
-            self.timers.cancel(entry.timer);
+        let timer = self.timers.insert(now + delay, Timer::Op(op));
+        let old = self.requests.update(op, |entry| {
             entry.sent = entry.sent.saturating_sub(1);
-            entry.timer = self.timers.insert(now + delay, Timer::Op(op));
+            std::mem::replace(&mut entry.timer, timer)
+        });
+        if let Some(old) = old {
+            self.timers.cancel(old);
         }
     }
 
@@ -154,14 +157,10 @@ impl Client {
     /// `dereg`: a notified leave ([`Event::Bye`] once the server acked).
     pub fn dereg(&mut self, now: Instant) -> Result<(), CommandError> {
         self.usable()?;
-        let under_way = self
-            .ops
-            .iter()
-            .any(|(_, op)| matches!(op.kind, Kind::Deregister { .. }));
+        let under_way = self.requests.any(|k| matches!(k, Kind::Deregister { .. }));
         if !under_way {
             let seq = self.seq();
-            let op = self.start(now, Kind::Deregister { seq }, ACK_TIMEOUT);
-            self.by_seq.insert(seq, op);
+            self.start(now, Kind::Deregister { seq }, ACK_TIMEOUT);
         }
         Ok(())
     }
@@ -188,9 +187,8 @@ impl Client {
             return;
         }
         let sending = self
-            .ops
-            .iter()
-            .any(|(_, op)| matches!(op.kind, Kind::Direct { .. } | Kind::Channel { .. }));
+            .requests
+            .any(|k| matches!(k, Kind::Direct { .. } | Kind::Channel { .. }));
         if !sending {
             // Online, so it cannot be refused.
             let _ = self.dereg(now);
@@ -250,17 +248,16 @@ impl Client {
                 self.events.push_back(Event::Reconnected);
             }
         }
-        let parked: Vec<OpId> = self
-            .ops
-            .iter()
+        let parked: Vec<OpId> = (self.requests.iter())
             .filter(|(_, op)| op.parked)
-            .map(|(i, _)| OpId(i))
+            .map(|(id, _)| id)
             .collect();
         for op in parked {
-            if let Some(entry) = self.ops.get_mut(op.0) {
+            let session = self.sessions;
+            self.requests.update(op, |entry| {
                 entry.parked = false;
-                entry.session = self.sessions;
-            }
+                entry.session = session;
+            });
             self.restart(now, op, ACK_TIMEOUT);
         }
         self.announce = true;
@@ -301,9 +298,9 @@ impl Client {
             return;
         }
         let mut dereg = false;
-        let ids: Vec<OpId> = self.ops.iter().map(|(i, _)| OpId(i)).collect();
+        let ids: Vec<OpId> = self.requests.iter().map(|(id, _)| id).collect();
         for op in ids {
-            let Some(entry) = self.ops.get_mut(op.0) else {
+            let Some(entry) = self.requests.get(op) else {
                 continue;
             };
             match entry.kind {
@@ -313,7 +310,7 @@ impl Client {
                     ..
                 } => {
                     self.timers.cancel(entry.timer);
-                    entry.parked = true;
+                    self.requests.update(op, |entry| entry.parked = true);
                 }
                 Kind::Deregister { .. } => {
                     dereg = true;
@@ -340,11 +337,9 @@ impl Client {
 
     /// Ends every parked operation with an error line.
     pub(super) fn drop_parked(&mut self, why: &str) {
-        let parked: Vec<OpId> = self
-            .ops
-            .iter()
+        let parked: Vec<OpId> = (self.requests.iter())
             .filter(|(_, op)| op.parked)
-            .map(|(i, _)| OpId(i))
+            .map(|(id, _)| id)
             .collect();
         for op in parked {
             let id = match self.finish(op) {
@@ -366,8 +361,7 @@ impl Client {
         // Every registration is a fresh handshake: it proves the key anew.
         self.session.begin(&self.config.key, &mut self.rng);
         let seq = self.seq();
-        let op = self.start(now, Kind::Register { seq, joining }, ACK_TIMEOUT);
-        self.by_seq.insert(seq, op);
+        self.start(now, Kind::Register { seq, joining }, ACK_TIMEOUT);
     }
 
     /// The server no longer knows the session: register again by itself.
@@ -388,7 +382,7 @@ impl Client {
         if let Some(batch) = self.batch.take() {
             self.timers.cancel(batch.timer);
         }
-        if let Some(op) = self.sync {
+        if let Some(op) = self.requests.sync() {
             self.finish(op);
             self.table.cancel_sync();
         }

@@ -131,32 +131,6 @@ pub const HEARTBEAT: Duration = Duration::from_secs(10);
 /// overrunning its peers and the server's probe queue.
 const IN_FLIGHT: usize = 16;
 
-impl Kind {
-    /// The sequence number of the request to the server under way, if any.
-    fn seq(&self) -> Option<Seq> {
-        match self {
-            Kind::Register { seq, .. }
-            | Kind::Deregister { seq }
-            | Kind::Channel { seq, .. }
-            | Kind::Sync { seq }
-            | Kind::Heartbeat { seq } => Some(*seq),
-            Kind::Direct { phase, .. } => phase.seq(),
-        }
-    }
-}
-
-#[derive(Debug)]
-struct Op {
-    kind: Kind,
-    sent: u8,
-    timer: TimerKey,
-    /// Which registration the operation started in (a count): a refusal
-    /// of an older session's request is just that request's end.
-    session: u32,
-    /// Waiting for a new session: the server had forgotten ours.
-    parked: bool,
-}
-
 /// A chat client. See the [crate docs](crate) for a driving loop.
 pub struct Client {
     config: ClientConfig,
@@ -172,10 +146,7 @@ pub struct Client {
     sessions: u32,
     peers: Peers,
     table: LocalTable,
-    ops: Slab<Op>,
-    by_seq: HashMap<Seq, OpId>,
-    by_msg: HashMap<MsgId, OpId>,
-    sync: Option<OpId>,
+    requests: Requests,
     /// Pages of the current sync request's window applied so far.
     sync_pages: usize,
     /// How the registration under way was answered so far.
@@ -217,10 +188,7 @@ impl Client {
             sessions: 0,
             peers: Peers::new(config.max_peers),
             table: LocalTable::new(config.max_table),
-            ops: Slab::new(),
-            by_seq: HashMap::new(),
-            by_msg: HashMap::new(),
-            sync: None,
+            requests: Requests::default(),
             sync_pages: 0,
             patience: Patience::default(),
             server_answered: false,
@@ -361,7 +329,7 @@ impl Client {
             Message::Ack { seq } => self.on_ack(now, seq),
             Message::Alive { seq, version } => {
                 let heartbeat = |k: &Kind| matches!(k, Kind::Heartbeat { .. });
-                let idle = self.sync.is_none() && self.batch.is_none();
+                let idle = self.requests.sync().is_none() && self.batch.is_none();
                 // A newer table than ours means a delta was lost: catch up.
                 if self.take_server_op(seq, heartbeat).is_some()
                     && idle
@@ -445,7 +413,7 @@ impl Client {
             PeerInput::Reply(t) => self.transmit(t),
             PeerInput::UnknownKey => {
                 // Someone our table does not know: perhaps it is behind.
-                if self.presence == Presence::Online && self.sync.is_none() {
+                if self.presence == Presence::Online && self.requests.sync().is_none() {
                     let since = self.table.version();
                     self.start_sync(now, since);
                 }
@@ -475,14 +443,10 @@ impl Client {
                 Timer::Heartbeat => {
                     self.heartbeat = None;
                     if self.presence == Presence::Online {
-                        let beating = self
-                            .ops
-                            .iter()
-                            .any(|(_, op)| matches!(op.kind, Kind::Heartbeat { .. }));
+                        let beating = self.requests.any(|k| matches!(k, Kind::Heartbeat { .. }));
                         if !beating {
                             let seq = self.seq();
-                            let op = self.start(now, Kind::Heartbeat { seq }, ACK_TIMEOUT);
-                            self.by_seq.insert(seq, op);
+                            self.start(now, Kind::Heartbeat { seq }, ACK_TIMEOUT);
                         }
                         self.heartbeat = Some(
                             self.timers
@@ -543,7 +507,7 @@ impl Client {
         let why = match timer {
             Timer::Heartbeat => "heartbeat: tell the server we are here",
             Timer::Batch => "stored mail: the batch stalls",
-            Timer::Op(op) => match self.ops.get(op.0).map(|op| &op.kind) {
+            Timer::Op(op) => match self.requests.get(*op).map(|op| &op.kind) {
                 Some(Kind::Register { .. }) => "registration: the server's answer",
                 Some(Kind::Deregister { .. }) => "dereg: the server's answer",
                 Some(Kind::Channel { .. }) => "channel message: the server's ack",
@@ -566,7 +530,7 @@ impl Client {
     pub fn is_idle(&self) -> bool {
         self.presence != Presence::Joining
             && self
-                .ops
+                .requests
                 .iter()
                 .all(|(_, op)| matches!(op.kind, Kind::Heartbeat { .. }))
             && self.batch.is_none()
@@ -578,9 +542,7 @@ impl Client {
     /// and fewer than 16 commands are in flight. A driver reading a script stops reading while this
     /// is false, so that no line is dropped and none overtakes another.
     pub fn wants_input(&self) -> bool {
-        let commands = self
-            .ops
-            .iter()
+        let commands = (self.requests.iter())
             .filter(|(_, op)| {
                 matches!(
                     op.kind,
@@ -590,7 +552,7 @@ impl Client {
             .count();
         // A dereg under way decides what the next line may do (`reg`, a
         // send): the script waits for its answer.
-        let leaving = (self.ops.iter()).any(|(_, op)| matches!(op.kind, Kind::Deregister { .. }));
+        let leaving = self.requests.any(|k| matches!(k, Kind::Deregister { .. }));
         self.ready
             && matches!(self.presence, Presence::Online | Presence::Offline)
             && !leaving

@@ -93,6 +93,153 @@ impl Kind {
     }
 }
 
+impl Kind {
+    /// The sequence number of the request to the server under way, if any.
+    pub(super) fn seq(&self) -> Option<Seq> {
+        match self {
+            Kind::Register { seq, .. }
+            | Kind::Deregister { seq }
+            | Kind::Channel { seq, .. }
+            | Kind::Sync { seq }
+            | Kind::Heartbeat { seq } => Some(*seq),
+            Kind::Direct { phase, .. } => phase.seq(),
+        }
+    }
+}
+
+#[derive(Debug)]
+pub(super) struct Op {
+    pub(super) kind: Kind,
+    /// Tries sent in the current phase.
+    pub(super) sent: u8,
+    pub(super) timer: TimerKey,
+    /// Which registration the operation started in (a count): a refusal
+    /// of an older session's request is just that request's end.
+    pub(super) session: u32,
+    /// Waiting for a new session: the server had forgotten ours.
+    pub(super) parked: bool,
+}
+
+/// The requests in flight and the indexes that find them: by sequence
+/// number (the server's answers) and by message id (a peer's ack). Both
+/// follow from each request's kind and are kept in step on every change
+/// ([`Requests::update`]), so no entry outlives its request or points at
+/// a slot reused by another.
+#[derive(Debug, Default)]
+pub(super) struct Requests {
+    ops: Slab<Op>,
+    by_seq: HashMap<Seq, OpId>,
+    by_msg: HashMap<MsgId, OpId>,
+    /// The table sync under way: one at most.
+    sync: Option<OpId>,
+}
+
+impl Requests {
+    /// Where the next request goes (its timer is armed before it exists).
+    pub(super) fn vacant(&self) -> OpId {
+        OpId(self.ops.vacant_key())
+    }
+
+    pub(super) fn insert(&mut self, op: Op) -> OpId {
+        let id = OpId(self.ops.insert(op));
+        self.index(id);
+        id
+    }
+
+    pub(super) fn get(&self, id: OpId) -> Option<&Op> {
+        self.ops.get(id.0)
+    }
+
+    /// Changes request `id` through `f`; its index entries follow.
+    pub(super) fn update<R>(&mut self, id: OpId, f: impl FnOnce(&mut Op) -> R) -> Option<R> {
+        self.unindex(id);
+        let r = f(self.ops.get_mut(id.0)?);
+        self.index(id);
+        Some(r)
+    }
+
+    /// Takes request `id` out, with its index entries.
+    pub(super) fn remove(&mut self, id: OpId) -> Option<Op> {
+        self.unindex(id);
+        self.ops.try_remove(id.0)
+    }
+
+    /// The request the server's answer to `seq` is for.
+    pub(super) fn by_seq(&self, seq: Seq) -> Option<OpId> {
+        self.by_seq.get(&seq).copied()
+    }
+
+    /// The direct message a peer's ack of `id` is for.
+    pub(super) fn by_msg(&self, id: MsgId) -> Option<OpId> {
+        self.by_msg.get(&id).copied()
+    }
+
+    pub(super) fn sync(&self) -> Option<OpId> {
+        self.sync
+    }
+
+    pub(super) fn iter(&self) -> impl Iterator<Item = (OpId, &Op)> {
+        self.ops.iter().map(|(i, op)| (OpId(i), op))
+    }
+
+    /// Whether a request of this kind is in flight.
+    pub(super) fn any(&self, kind: impl Fn(&Kind) -> bool) -> bool {
+        self.ops.iter().any(|(_, op)| kind(&op.kind))
+    }
+
+    /// Its keys: the server request's `seq`, if one is under way; the
+    /// message id while a peer's ack would end it (sent to the peer, or
+    /// relayed while a direct path may still open, not saved); whether it
+    /// is the table sync.
+    fn keys(kind: &Kind) -> (Option<Seq>, Option<MsgId>, bool) {
+        let msg = match kind {
+            Kind::Direct {
+                id,
+                phase: Phase::Direct | Phase::Retry | Phase::Relay(_),
+                ..
+            } => Some(*id),
+            _ => None,
+        };
+        (kind.seq(), msg, matches!(kind, Kind::Sync { .. }))
+    }
+
+    fn index(&mut self, id: OpId) {
+        let Some(op) = self.ops.get(id.0) else {
+            return;
+        };
+        let (seq, msg, sync) = Self::keys(&op.kind);
+        if let Some(seq) = seq {
+            self.by_seq.insert(seq, id);
+        }
+        if let Some(msg) = msg {
+            self.by_msg.insert(msg, id);
+        }
+        if sync {
+            self.sync = Some(id);
+        }
+    }
+
+    fn unindex(&mut self, id: OpId) {
+        let Some(op) = self.ops.get(id.0) else {
+            return;
+        };
+        let (seq, msg, sync) = Self::keys(&op.kind);
+        if let Some(seq) = seq
+            && self.by_seq.get(&seq) == Some(&id)
+        {
+            self.by_seq.remove(&seq);
+        }
+        if let Some(msg) = msg
+            && self.by_msg.get(&msg) == Some(&id)
+        {
+            self.by_msg.remove(&msg);
+        }
+        if sync && self.sync == Some(id) {
+            self.sync = None;
+        }
+    }
+}
+
 impl Client {
     pub(super) fn on_ack(&mut self, now: Instant, seq: Seq) {
         let Some(kind) = self.take_server_op(seq, |k| {
@@ -118,28 +265,30 @@ impl Client {
     }
 
     pub(super) fn on_refused(&mut self, now: Instant, seq: Seq, reason: Refusal) {
-        let current = self
-            .by_seq
-            .get(&seq)
-            .and_then(|op| self.ops.get(op.0))
+        let found = self.requests.by_seq(seq);
+        let current = found
+            .and_then(|op| self.requests.get(op))
             .is_some_and(|op| op.session == self.sessions);
         if reason == Refusal::UnknownSession && current && self.presence == Presence::Online {
             // The server forgot us (it restarted): a message on its way to
             // it waits for the new session and goes again, same id, so it
             // is stored once whatever happened before.
-            if let Some(&op) = self.by_seq.get(&seq)
-                && let Some(entry) = self.ops.get_mut(op.0)
-                && matches!(
+            let park = |entry: &mut Op| {
+                let message = matches!(
                     entry.kind,
                     Kind::Channel { .. }
                         | Kind::Direct {
                             phase: Phase::Save(_) | Phase::Relay(_),
                             ..
                         }
-                )
+                );
+                entry.parked |= message;
+                message.then_some(entry.timer)
+            };
+            if let Some(op) = found
+                && let Some(Some(timer)) = self.requests.update(op, park)
             {
-                self.timers.cancel(entry.timer);
-                entry.parked = true;
+                self.timers.cancel(timer);
                 self.forget_session(now);
                 return;
             }
@@ -229,7 +378,7 @@ impl Client {
     }
 
     pub(super) fn on_op_timer(&mut self, now: Instant, op: OpId) {
-        let Some(entry) = self.ops.get(op.0) else {
+        let Some(entry) = self.requests.get(op) else {
             return;
         };
         let sent = entry.sent;
@@ -252,7 +401,7 @@ impl Client {
                 // sealed to the recipient's key (the server cannot read it).
                 let (to, key, id, text) = (to.clone(), *key, *id, text.clone());
                 let sealed = self.seal(&to, &key, id, &text);
-                self.by_msg.remove(&id);
+                // Saved, a late ack of the peer's no longer ends it.
                 self.peers.fell_back(key);
                 self.events.push_back(Event::NoAck { to, id });
                 self.hand_to_server(now, op, sealed, Phase::Save);
@@ -335,59 +484,68 @@ impl Client {
 
     /// Registers an operation, sends its first datagram and arms its timer.
     pub(super) fn start(&mut self, now: Instant, kind: Kind, wait: Duration) -> OpId {
-        let timer_slot = self.ops.vacant_key();
-        let timer = self.timers.insert(now + wait, Timer::Op(OpId(timer_slot)));
-        let op = OpId(self.ops.insert(Op {
+        let timer = (self.timers).insert(now + wait, Timer::Op(self.requests.vacant()));
+        let op = self.requests.insert(Op {
             kind,
             sent: 0,
             timer,
             session: self.sessions,
             parked: false,
-        }));
+        });
         self.transmit_op(op);
         op
     }
 
     /// Sends again and re-arms the timer (same phase).
     pub(super) fn resend(&mut self, now: Instant, op: OpId, wait: Duration) {
-        if let Some(entry) = self.ops.get_mut(op.0) {
-            entry.timer = self.timers.insert(now + wait, Timer::Op(op));
+        if self.requests.get(op).is_none() {
+            return;
         }
+        let timer = self.timers.insert(now + wait, Timer::Op(op));
+        self.requests.update(op, |entry| entry.timer = timer);
         self.transmit_op(op);
     }
 
     /// An answer that is not the last: one try outstanding again, the
     /// timer re-armed, nothing sent.
     pub(super) fn rearm(&mut self, now: Instant, op: OpId, wait: Duration) {
-        if let Some(entry) = self.ops.get_mut(op.0) {
-            self.timers.cancel(entry.timer);
+        let Some(old) = self.requests.get(op).map(|entry| entry.timer) else {
+            return;
+        };
+        self.timers.cancel(old);
+        let timer = self.timers.insert(now + wait, Timer::Op(op));
+        self.requests.update(op, |entry| {
             entry.sent = 1;
-            entry.timer = self.timers.insert(now + wait, Timer::Op(op));
-        }
+            entry.timer = timer;
+        });
     }
 
     /// Starts a new phase: the try counter starts over.
     pub(super) fn restart(&mut self, now: Instant, op: OpId, wait: Duration) {
-        if let Some(entry) = self.ops.get_mut(op.0) {
-            self.timers.cancel(entry.timer);
+        let old = self.requests.update(op, |entry| {
             entry.sent = 0;
+            entry.timer
+        });
+        if let Some(old) = old {
+            self.timers.cancel(old);
         }
         self.resend(now, op, wait);
     }
 
     pub(super) fn transmit_op(&mut self, op: OpId) {
-        let Some(entry) = self.ops.get_mut(op.0) else {
-            return;
-        };
-        entry.sent = entry.sent.saturating_add(1);
-        self.emit(op, true);
+        let counted = self.requests.update(op, |entry| {
+            entry.sent = entry.sent.saturating_add(1);
+        });
+        if counted.is_some() {
+            self.emit(op, true);
+        }
     }
 
     /// Sends the operation's datagram (without counting a try). `retry`:
     /// this is a try, so an unanswered direct message may start a fresh
     /// handshake (not when a finished handshake releases it).
     pub(super) fn emit(&mut self, op: OpId, retry: bool) {
-        let Some(entry) = self.ops.get(op.0) else {
+        let Some(entry) = self.requests.get(op) else {
             return;
         };
         let msg = match &entry.kind {
@@ -485,24 +643,11 @@ impl Client {
         self.send_server(&msg);
     }
 
-    /// Removes a finished operation with its timer and every index entry
-    /// pointing at it (slab slots are reused, so none may linger).
+    /// Removes a finished operation with its timer (its index entries go
+    /// with it).
     pub(super) fn finish(&mut self, op: OpId) -> Option<Kind> {
-        let entry = self.ops.try_remove(op.0)?;
+        let entry = self.requests.remove(op)?;
         self.timers.cancel(entry.timer);
-        if let Some(seq) = entry.kind.seq()
-            && self.by_seq.get(&seq) == Some(&op)
-        {
-            self.by_seq.remove(&seq);
-        }
-        if let Kind::Direct { id, .. } = entry.kind
-            && self.by_msg.get(&id) == Some(&op)
-        {
-            self.by_msg.remove(&id);
-        }
-        if self.sync == Some(op) {
-            self.sync = None;
-        }
         Some(entry.kind)
     }
 
@@ -512,11 +657,82 @@ impl Client {
         seq: Seq,
         want: impl Fn(&Kind) -> bool,
     ) -> Option<Kind> {
-        let &op = self.by_seq.get(&seq)?;
-        let kind = &self.ops.get(op.0)?.kind;
-        if kind.seq() != Some(seq) || !want(kind) {
+        let op = self.requests.by_seq(seq)?;
+        if !want(&self.requests.get(op)?.kind) {
             return None;
         }
         self.finish(op)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn op(kind: Kind, timers: &mut TimerWheel<Timer>, now: Instant) -> Op {
+        Op {
+            kind,
+            sent: 0,
+            timer: timers.insert(now, Timer::Batch),
+            session: 0,
+            parked: false,
+        }
+    }
+
+    #[test]
+    fn the_indexes_follow_each_request_through_its_phases() {
+        let now = Instant::now();
+        let mut timers = TimerWheel::new(now, TICK);
+        let mut requests = Requests::default();
+        let entry = Entry {
+            name: Name::new("Bob").unwrap(),
+            addr: SocketAddr::from(([127, 0, 0, 1], 2000)),
+            online: true,
+            key: PublicKey([3; 32]),
+        };
+        let (id, text) = (MsgId(7), Text::new("hi").unwrap());
+        let kind = Kind::direct(entry, id, text, Phase::Direct, None);
+        let direct = requests.insert(op(kind, &mut timers, now));
+        // Sent to the peer: its ack finds it, no server answer does.
+        assert_eq!(requests.by_msg(id), Some(direct));
+        assert_eq!(requests.by_seq(Seq(1)), None);
+        // Saved: the server's answer finds it, a late peer ack does not.
+        requests.update(direct, |op| {
+            if let Kind::Direct { phase, .. } = &mut op.kind {
+                *phase = Phase::Save(Seq(1));
+            }
+        });
+        assert_eq!(requests.by_msg(id), None);
+        assert_eq!(requests.by_seq(Seq(1)), Some(direct));
+        // Relayed: both do (a direct path may still open).
+        requests.update(direct, |op| {
+            if let Kind::Direct { phase, .. } = &mut op.kind {
+                *phase = Phase::Relay(Seq(2));
+            }
+        });
+        assert_eq!(requests.by_seq(Seq(1)), None, "the old request's answer");
+        assert_eq!(requests.by_seq(Seq(2)), Some(direct));
+        assert_eq!(requests.by_msg(id), Some(direct));
+
+        // A sync is found as the sync, and by each window's request.
+        let sync = requests.insert(op(Kind::Sync { seq: Seq(3) }, &mut timers, now));
+        assert_eq!(requests.sync(), Some(sync));
+        requests.update(sync, |op| op.kind = Kind::Sync { seq: Seq(4) });
+        assert_eq!(
+            (requests.by_seq(Seq(3)), requests.by_seq(Seq(4))),
+            (None, Some(sync))
+        );
+
+        // Gone, with every entry: a slot reused later is not found by them.
+        assert!(requests.remove(sync).is_some());
+        assert!(requests.remove(direct).is_some());
+        assert_eq!(requests.by_msg(id), None);
+        assert_eq!(requests.by_seq(Seq(2)), None);
+        assert_eq!(requests.by_seq(Seq(4)), None);
+        assert_eq!(requests.sync(), None);
+        let reused = requests.insert(op(Kind::Heartbeat { seq: Seq(5) }, &mut timers, now));
+        assert_eq!(reused, direct, "the slab reuses the slot");
+        assert_eq!(requests.by_msg(id), None);
+        assert_eq!(requests.by_seq(Seq(5)), Some(reused));
     }
 }
