@@ -246,6 +246,12 @@ fn timestamps_start_live_lines_with_the_time_of_day() {
     assert_eq!(next(&mut alice), ">>> [Client table: 2 of 2 online.]");
     assert!(next(&mut alice).starts_with(">>> Alice  "));
     assert!(next(&mut alice).starts_with(">>> Bob    "));
+    // A command's error happened now: a clock.
+    alice.send("send Bob");
+    assert_eq!(
+        after_clock(&next(&mut alice)),
+        Some("[Error: usage: send <name> <message>]")
+    );
     // A stored message keeps its own stamp, and gets no clock.
     alice.send("dereg Alice");
     assert_eq!(
@@ -272,7 +278,7 @@ fn timestamps_start_live_lines_with_the_time_of_day() {
         Some("[Client table updated.]")
     );
     bob.expect(TABLE);
-    alice.finish();
+    alice.finish_failed();
     bob.finish();
 }
 

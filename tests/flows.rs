@@ -6,6 +6,7 @@ mod sim;
 use std::time::Duration;
 
 use sim::{Sim, addr, drop_all, drop_first, name};
+use udpchat::console;
 use udpchat::wire::What;
 
 const WELCOME: &str = ">>> [Welcome, You are registered.]";
@@ -515,6 +516,44 @@ fn commands_typed_before_registration_run_after_it() {
         [WELCOME, UPDATED, ">>> [Message received by Bob.]"]
     );
     assert_eq!(s.lines(0).last(), Some(&">>> Alice: early bird"));
+}
+
+#[test]
+fn quit_help_and_list_typed_during_registration_run_at_once() {
+    let mut s = Sim::new();
+    s.join("Bob", 3000);
+    let i = s.spawn("Alice", 2000);
+    // Nothing has reached the server yet.
+    s.paste(i, &["help", "list", "quit"]);
+    let lines = s.lines(i);
+    assert_eq!(lines.len(), console::HELP.len() + 1, "{lines:?}");
+    assert_eq!(lines.last(), Some(&">>> The client table is empty."));
+    // Offline and still registering: exit 0 at once, the server not told.
+    assert_eq!(s.nodes[i].exit, Some(0));
+}
+
+#[test]
+fn a_paste_of_many_lines_is_carried_out_whole() {
+    let mut s = three();
+    let bob = 1;
+    let n = 100;
+    let pasted: Vec<String> = (0..n).map(|k| format!("send Bob paste {k}")).collect();
+    let pasted: Vec<&str> = pasted.iter().map(String::as_str).collect();
+    s.paste(0, &pasted);
+    s.settle();
+    let shown: Vec<&str> = s
+        .lines(bob)
+        .into_iter()
+        .filter(|l| l.contains("paste"))
+        .collect();
+    let expected: Vec<String> = (0..n).map(|k| format!(">>> Alice: paste {k}")).collect();
+    assert_eq!(shown, expected);
+    let received = s
+        .lines(0)
+        .iter()
+        .filter(|l| **l == ">>> [Message received by Bob.]")
+        .count();
+    assert_eq!(received, n);
 }
 
 #[test]

@@ -62,9 +62,10 @@ impl Console {
     }
 
     /// Takes a line to run when the client can. A person's line past 64
-    /// held is refused: the reply says so.
-    pub fn push(&mut self, line: String) -> Option<Reply> {
-        if !self.script && self.held.len() >= HELD_TYPED {
+    /// held while the first registration is under way is refused: the
+    /// reply says so.
+    pub fn push(&mut self, client: &Client, line: String) -> Option<Reply> {
+        if !self.script && !client.is_ready() && self.held.len() >= HELD_TYPED {
             return Some(Reply::error("still registering; try again in a moment."));
         }
         self.held.push_back(line);
@@ -74,10 +75,13 @@ impl Console {
     /// Runs the next held line if the client can take it now, giving its
     /// reply; `None` when nothing ran.
     pub fn run_next(&mut self, client: &mut Client, now: Instant) -> Option<Reply> {
+        let next = self.held.front()?;
         let ready = if self.script {
             client.wants_input()
         } else {
-            client.is_ready()
+            // What needs no registration (`quit`, `help`, `list`) a
+            // person gets at once.
+            client.is_ready() || !needs_registration(next)
         };
         if !ready {
             return None;
@@ -289,6 +293,11 @@ pub fn exit_status(event: &Event) -> Option<i32> {
         Event::Closed { failed } => Some(i32::from(*failed)),
         _ => None,
     }
+}
+
+/// Whether `line` is a command that waits for the first registration.
+fn needs_registration(line: &str) -> bool {
+    !matches!(split_word(line).0, "" | "help" | "list" | "quit")
 }
 
 /// Splits off the first whitespace-separated word; the rest keeps its inner

@@ -163,8 +163,8 @@ pub fn run(options: Options) -> Result<i32, Fatal> {
         }
 
         if let Some(reply) = lines.run_next(&mut client, Instant::now()) {
-            stdio.show_all(&reply.lines);
             failed |= reply.failed;
+            stdio.show_all(&reply_lines(reply, timestamps));
             continue;
         }
 
@@ -201,8 +201,8 @@ pub fn run(options: Options) -> Result<i32, Fatal> {
             for input in stdio.read(&client)? {
                 match input {
                     Input::Line(line) => {
-                        if let Some(refused) = lines.push(line) {
-                            stdio.show_all(&refused.lines);
+                        if let Some(refused) = lines.push(&client, line) {
+                            stdio.show_all(&reply_lines(refused, timestamps));
                         }
                     }
                     Input::Interrupt => return Ok(130),
@@ -215,9 +215,27 @@ pub fn run(options: Options) -> Result<i32, Fatal> {
 
 /// `line` as shown: with `--timestamps`, a line of what happens now (not
 /// a stored message, which has its own time) gets the local time after its
-/// `>>> `. A command's reply (`list`, `help`, a usage error) is not one.
+/// `>>> `.
 fn stamped(line: String, event: &Event, timestamps: bool) -> String {
-    if !timestamps || matches!(event, Event::Stored { .. }) {
+    if matches!(event, Event::Stored { .. }) {
+        return line;
+    }
+    stamp(line, timestamps)
+}
+
+/// A command's reply as shown: its error line is a line of what happens
+/// now (stamped), `list` and `help` output is not.
+fn reply_lines(reply: console::Reply, timestamps: bool) -> Vec<String> {
+    if !reply.failed {
+        return reply.lines;
+    }
+    let stamp = |line| stamp(line, timestamps);
+    reply.lines.into_iter().map(stamp).collect()
+}
+
+/// With `--timestamps`, the local time of day after `line`'s `>>> `.
+fn stamp(line: String, timestamps: bool) -> String {
+    if !timestamps {
         return line;
     }
     let time = local_time(super::unix_now());

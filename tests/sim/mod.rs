@@ -277,8 +277,17 @@ impl Sim {
 
     /// Types a console line at client `i`.
     pub fn line(&mut self, i: usize, line: &str) {
-        if let Some(refused) = self.nodes[i].console.push(line.to_string()) {
-            self.nodes[i].lines.extend(refused.lines);
+        self.paste(i, &[line]);
+    }
+
+    /// Types lines at client `i` all at once (a paste: the binary reads
+    /// them in one go), then runs what the client can take of them.
+    pub fn paste(&mut self, i: usize, lines: &[&str]) {
+        let node = &mut self.nodes[i];
+        for line in lines {
+            if let Some(refused) = node.console.push(&node.client, line.to_string()) {
+                node.lines.extend(refused.lines);
+            }
         }
         self.drain_node(i);
     }
