@@ -390,7 +390,12 @@ impl Trio {
         ];
         args.extend_from_slice(extra);
         let mut server = Proc::spawn(bin, "server", &args, dir.path(), false)?;
-        server.wait_for(LISTENING, |line| line.starts_with(LISTENING))?;
+        // A later server stamps its log lines (RFC 3339 first): either way.
+        let listening = |line: &str| {
+            let unstamped = line.split_once(' ').map_or(line, |(_, rest)| rest);
+            line.starts_with(LISTENING) || unstamped.starts_with(LISTENING)
+        };
+        server.wait_for(LISTENING, listening)?;
 
         // Bob first, so that Alice's first table already holds him; then
         // Bob's second table line says he knows Alice too, and both
