@@ -36,9 +36,7 @@ impl Server {
         to: Name,
         mail: NewMail,
     ) {
-        let Some(to) = self.table.lookup(&to) else {
-            let reason = Refusal::UnknownRecipient;
-            self.reply(sender, seq, Message::Refused { seq, reason });
+        let Some(to) = self.recipient(sender, seq, &to) else {
             return;
         };
         self.pending(sender, seq);
@@ -58,6 +56,17 @@ impl Server {
         } else {
             self.save(now, sender, seq, to, mail);
         }
+    }
+
+    /// The client named `to`, or `sender`'s request `seq` refused: no
+    /// such client.
+    fn recipient(&mut self, sender: ClientId, seq: Seq, to: &Name) -> Option<ClientId> {
+        let found = self.table.lookup(to);
+        if found.is_none() {
+            let reason = Refusal::UnknownRecipient;
+            self.reply(sender, seq, Message::Refused { seq, reason });
+        }
+        found
     }
 
     /// Stores a direct message and acks its sender (after the commit).
@@ -86,9 +95,7 @@ impl Server {
         to: Name,
         mail: NewMail,
     ) {
-        let Some(to) = self.table.lookup(&to) else {
-            let reason = Refusal::UnknownRecipient;
-            self.reply(sender, seq, Message::Refused { seq, reason });
+        let Some(to) = self.recipient(sender, seq, &to) else {
             return;
         };
         let relay = self.table.get(to).online && self.relays.len() < MAX_RELAYS;

@@ -117,15 +117,10 @@ impl Server {
             return;
         };
         let entry = self.table.get(id);
-        let (name, key, online) = (entry.name.clone(), entry.key, entry.online);
+        let (name, online) = (entry.name.clone(), entry.online);
         self.table.set(id, addr, online);
-        let seen_at = Some(self.seen(now, id));
-        self.store_ops.push_back(StoreOp::Client(ClientRecord {
-            name: name.clone(),
-            addr,
-            key: Some(key),
-            seen_at,
-        }));
+        // Its row as the table now has it, new address and all.
+        self.note_seen(now, id);
         self.event(ServerEvent::Moved(name.clone(), addr));
         if self.sessions[id.index() as usize].gone {
             self.revive(now, id, name, addr);
