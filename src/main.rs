@@ -16,6 +16,8 @@ const HELP: &str = "
     --bind ADDR           listen on ADDR only (default [::], which takes IPv4 too;
                           0.0.0.0 where the host has no IPv6)
     --data-dir DIR        keep the registry and mailboxes in DIR (default ./udpchat-data)
+    --store URL           keep them in PostgreSQL instead (postgres://user@host:port,host2:port/db,
+                          every node of a replicated cluster); DIR then holds only server.key
     --mailbox-messages N  most messages kept for one client (default 1000)
     --mailbox-bytes N     most bytes kept for one client (default 1048576)
     --store-bytes N       most bytes kept in all (default 268435456)
@@ -39,9 +41,10 @@ const HELP: &str = "
   -V, --version           show the version";
 
 /// Flags only the server takes.
-const SERVER_ONLY: [&str; 11] = [
+const SERVER_ONLY: [&str; 12] = [
     "bind",
     "data-dir",
+    "store",
     "mailbox-messages",
     "mailbox-bytes",
     "store-bytes",
@@ -111,6 +114,7 @@ fn parse(args: &[String]) -> Result<Mode, String> {
     opts.optopt("c", "", "run a client", "NAME");
     opts.optopt("", "bind", "server listen address", "ADDR");
     opts.optopt("", "data-dir", "server data directory", "DIR");
+    opts.optopt("", "store", "PostgreSQL connection string", "URL");
     opts.optopt("", "mailbox-messages", "messages per mailbox", "N");
     opts.optopt("", "mailbox-bytes", "bytes per mailbox", "N");
     opts.optopt("", "store-bytes", "bytes stored in all", "N");
@@ -170,9 +174,17 @@ fn parse(args: &[String]) -> Result<Mode, String> {
                 Some(n) => parse_count(flag, &n),
                 None => Ok(default),
             };
+            let store = match m.opt_str("store") {
+                Some(url) if url.trim().is_empty() => {
+                    return Err("--store: an empty connection string".to_string());
+                }
+                Some(url) => Some(url),
+                None => None,
+            };
             Ok(Mode::Server(driver::server::Options {
                 addr: SocketAddr::new(ip, port),
                 data_dir,
+                store,
                 heartbeat,
                 mailbox_messages: limit("mailbox-messages", 1000)?,
                 mailbox_bytes: limit("mailbox-bytes", 1 << 20)?,

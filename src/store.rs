@@ -74,6 +74,17 @@ impl Body {
         }
     }
 
+    /// Whether its length is one a stored message can have (1 to
+    /// [`wire::MAX_SEALED`] bytes, or [`wire::MAX_TEXT`] of clear text):
+    /// every store refuses any other, before it could stop the next load.
+    pub fn fits(&self) -> bool {
+        let max = match self {
+            Body::Clear(_) => wire::MAX_TEXT,
+            _ => wire::MAX_SEALED,
+        };
+        (1..=max).contains(&self.len())
+    }
+
     /// Never true for a stored message; for clippy's len/is_empty pairing.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
@@ -241,6 +252,46 @@ impl StoreOp {
     }
 }
 
+/// Refuses a batch no store may keep (`InvalidData`, nothing of it
+/// written): a body of a length no stored message has ([`Body::fits`]),
+/// a shared channel body as one recipient's copy, or a mail id beyond
+/// `i64::MAX` (what SQL databases hold). Every [`Store`] calls it first.
+pub fn check_batch(ops: &[StoreOp]) -> io::Result<()> {
+    let invalid = |what: String| Err(io::Error::new(io::ErrorKind::InvalidData, what));
+    for op in ops {
+        let (mail, len, fits) = match op {
+            StoreOp::Put(m) => (m.mail, m.body.len(), m.body.fits()),
+            StoreOp::Rewrite { mail, body } => (*mail, body.len(), body.fits()),
+            StoreOp::Channel(c) => {
+                let len = c.body.len();
+                (c.mail, len, (1..=wire::MAX_SEALED).contains(&len))
+            }
+            StoreOp::Delete { .. } | StoreOp::Client(_) | StoreOp::Forget(_) => continue,
+        };
+        if i64::try_from(mail.0).is_err() {
+            return invalid(format!(
+                "mail id {} does not fit a database's integer",
+                mail.0
+            ));
+        }
+        if !fits {
+            return invalid(format!("mail {}: body of {len} bytes", mail.0));
+        }
+        if let StoreOp::Put(StoredMail {
+            body: Body::Channel(_),
+            ..
+        })
+        | StoreOp::Rewrite {
+            body: Body::Channel(_),
+            ..
+        } = op
+        {
+            return invalid(format!("mail {}: a shared channel body", mail.0));
+        }
+    }
+    Ok(())
+}
+
 /// What a [`Store`] holds, as loaded when the server starts.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Loaded {
@@ -266,6 +317,11 @@ pub trait Store {
     /// none, or its row is damaged): the server keeps committed bodies on
     /// disk, not in memory, and asks for one when it delivers it.
     fn fetch(&mut self, to: &Name, mail: MailId) -> io::Result<Option<Body>>;
+    /// What happened to the store since the last call that an operator
+    /// should read (a lost connection found again), for the server's log.
+    fn notes(&mut self) -> Vec<String> {
+        Vec::new()
+    }
 }
 
 /// Hands the server every body it asked for ([`Server::poll_fetch`]) from
@@ -317,6 +373,15 @@ impl MemoryStore {
         store
     }
 
+    /// Overwrites the body of `mail` as stored for `to`, past every check
+    /// of [`Store::commit`]: what an attacker with write access to the
+    /// database does, for the tests that play one.
+    pub fn tamper(&mut self, to: &Name, mail: MailId, body: Body) {
+        if let Some(m) = self.mail.get_mut(&(mail, to.clone())) {
+            m.body = body;
+        }
+    }
+
     /// The message `mail` as stored for `to`.
     pub fn get(&self, to: &Name, mail: MailId) -> Option<&StoredMail> {
         self.mail.get(&(mail, to.clone()))
@@ -344,6 +409,7 @@ impl Store for MemoryStore {
     }
 
     fn commit(&mut self, ops: &[StoreOp]) -> io::Result<()> {
+        check_batch(ops)?;
         for op in ops {
             match op {
                 StoreOp::Put(m) => self.put(m.clone()),

@@ -10,9 +10,10 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use common::stream::{self, Feed};
 use common::{
-    BYE, Client, DEADLINE, MAIL, QUIET, Run, SAVED, Server, TABLE, chat, free_udp_port,
-    line_matches, run_in, scratch_dir, send_to_offline,
+    BYE, Client, DEADLINE, MAIL, QUIET, Run, Server, TABLE, chat, free_udp_port, run_in,
+    scratch_dir, send_to_offline,
 };
 use rand_chacha::ChaCha8Rng;
 use rand_chacha::rand_core::{RngCore, SeedableRng};
@@ -21,10 +22,6 @@ use rand_chacha::rand_core::{RngCore, SeedableRng};
 /// three missed beats take well under a second.
 const FAST_BEAT: &str = "0.2";
 
-/// `>>> [Server not responding]`
-const NOT_RESPONDING: &str = ">>> [Server not responding]";
-/// `>>> [Exiting]`
-const EXITING: &str = ">>> [Exiting]";
 /// `>>> [Reconnected to server.]`
 const RECONNECTED: &str = ">>> [Reconnected to server.]";
 
@@ -74,126 +71,6 @@ const DEFAULT_SEED: u64 = 0x5eed_0003;
 /// left to give up by themselves (2.5 s of retries) and their exit checked;
 /// in the other rounds they are killed at once, to keep the rounds short.
 const WAIT_FOR_GIVE_UP_EVERY: usize = 5;
-/// How long one look at a sender's output lasts while the three senders are
-/// served in turn.
-const POLL: Duration = Duration::from_millis(1);
-
-/// Where a sender's current message stands.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Stage {
-    /// Nothing in flight; the next message may be typed.
-    Idle,
-    /// `send R …` typed, nothing printed for it yet.
-    Typed,
-    /// `[R is offline, message sent to server.]` printed: the save-message
-    /// request is with the server (or lost with it).
-    Forwarded,
-    /// `[Server not responding]` printed; `[Exiting]` must follow.
-    GivingUp,
-    /// `[Exiting]` printed; the process ends with status 1.
-    Exited,
-}
-
-/// One sender of the crash test and what it was told about its messages.
-struct Feed {
-    client: Client,
-    /// Index of the next message to type.
-    next: usize,
-    stage: Stage,
-    /// Messages whose saved line was printed: always `0..confirmed`, since
-    /// each is typed only after the previous one was saved.
-    confirmed: usize,
-}
-
-impl Feed {
-    fn text(&self, i: usize) -> String {
-        message_text(self.client.name(), i)
-    }
-
-    /// Types the next message if the sender is idle and has any left.
-    fn feed(&mut self) {
-        if self.stage == Stage::Idle && self.next < PER_SENDER {
-            let line = format!("send {RECIPIENT} {}", self.text(self.next));
-            self.client.send(&line);
-            self.next += 1;
-            self.stage = Stage::Typed;
-        }
-    }
-
-    /// The message typed last whose outcome was not seen, if any.
-    fn unconfirmed(&self) -> Option<usize> {
-        (self.next > self.confirmed).then_some(self.confirmed)
-    }
-
-    /// Takes in one stdout line; anything the current stage does not allow
-    /// fails the test with the transcript.
-    fn take(&mut self, line: &str) {
-        let forwarded = format!(">>> [{RECIPIENT} is offline, message sent to server.]");
-        self.stage = match (self.stage, line) {
-            (Stage::Typed, l) if l == forwarded => Stage::Forwarded,
-            (Stage::Forwarded, SAVED) => {
-                self.confirmed += 1;
-                Stage::Idle
-            }
-            (Stage::Forwarded, NOT_RESPONDING) => Stage::GivingUp,
-            (Stage::GivingUp, EXITING) => Stage::Exited,
-            (stage, _) => self
-                .client
-                .fail(&format!("unexpected line {line:?} in stage {stage:?}")),
-        };
-    }
-
-    /// Reads the rest of the output of a sender that has been killed.
-    fn drain_after_kill(&mut self) {
-        while let Some(line) = self.client.next_line(DEADLINE) {
-            self.take(&line);
-        }
-        if !self.client.stdout_closed() {
-            self.client
-                .fail("stdout still open after SIGKILL and the deadline");
-        }
-    }
-
-    /// Lets a sender whose server is gone end by itself: one with a request
-    /// in flight retries, gives up and exits 1; an idle one exits 0 at end
-    /// of input.
-    fn wait_for_give_up(&mut self) {
-        while matches!(
-            self.stage,
-            Stage::Typed | Stage::Forwarded | Stage::GivingUp
-        ) {
-            let Some(line) = self.client.next_line(DEADLINE) else {
-                self.client.fail(&format!(
-                    "no outcome within {DEADLINE:?} for the message in flight"
-                ));
-            };
-            self.take(&line);
-        }
-        if self.stage == Stage::Exited {
-            self.client.expect_exit(1);
-        } else {
-            // The ack got out before the crash: nothing is in flight.
-            self.client.finish();
-        }
-    }
-}
-
-fn message_text(sender: &str, i: usize) -> String {
-    format!("m-{sender}-{i}")
-}
-
-/// Parses `>>> <sender>: <ts> m-<sender>-<i>` into (sender, i).
-fn parse_mail(line: &str) -> Option<(String, usize)> {
-    let (sender, rest) = line.strip_prefix(">>> ")?.split_once(": ")?;
-    // The timestamp is 19 bytes, then a space, then the text.
-    let text = rest.get(20..)?;
-    let index = text
-        .strip_prefix(&format!("m-{sender}-"))?
-        .parse::<usize>()
-        .ok()?;
-    line_matches(&format!(">>> {sender}: <ts> {text}"), line).ok()?;
-    Some((sender.to_owned(), index))
-}
 
 fn env_number<T: std::str::FromStr>(name: &str, default: T) -> T {
     match std::env::var(name) {
@@ -232,12 +109,7 @@ fn crash_round(delay: Duration, wait_for_give_up: bool) {
 
     let [mut r, s1, s2, s3] =
         Client::join_all(&server, [RECIPIENT, SENDERS[0], SENDERS[1], SENDERS[2]]);
-    let mut feeds = [s1, s2, s3].map(|client| Feed {
-        client,
-        next: 0,
-        stage: Stage::Idle,
-        confirmed: 0,
-    });
+    let mut feeds = [s1, s2, s3].map(|client| Feed::new(client, RECIPIENT, PER_SENDER));
     {
         let [f1, f2, f3] = &mut feeds;
         dereg(
@@ -248,22 +120,7 @@ fn crash_round(delay: Duration, wait_for_give_up: bool) {
 
     // The stream: each sender has at most one message in flight and types
     // the next as soon as the previous one is saved.
-    let kill_at = Instant::now() + delay;
-    for feed in &mut feeds {
-        feed.feed();
-    }
-    while Instant::now() < kill_at {
-        for feed in &mut feeds {
-            if let Some(line) = feed.client.next_line(POLL) {
-                feed.take(&line);
-                feed.feed();
-            }
-        }
-        if feeds.iter().all(|f| f.stage == Stage::Idle) {
-            // Every sender sent all it had before the crash moment.
-            break;
-        }
-    }
+    stream::run_until(&mut feeds, Instant::now() + delay);
     server.kill();
 
     for feed in &mut feeds {
@@ -277,55 +134,7 @@ fn crash_round(delay: Duration, wait_for_give_up: bool) {
     }
 
     server.restart();
-    r.send(&format!("reg {RECIPIENT}"));
-    let mut shown: BTreeMap<String, Vec<usize>> = BTreeMap::new();
-    let mut first = true;
-    loop {
-        let Some(line) = r.next_line(DEADLINE) else {
-            r.fail(&format!("no {TABLE:?} within {DEADLINE:?} of reg"));
-        };
-        if line == TABLE {
-            break;
-        }
-        if first && line == MAIL {
-            first = false;
-            continue;
-        }
-        if first {
-            r.fail(&format!("{line:?} before {MAIL:?}"));
-        }
-        let Some((sender, index)) = parse_mail(&line) else {
-            r.fail(&format!("{line:?} is not a stored message of this test"));
-        };
-        shown.entry(sender).or_default().push(index);
-    }
-
-    let counts: Vec<usize> = feeds.iter().map(|f| f.confirmed).collect();
-    eprintln!("  confirmed saved per sender: {counts:?}, all shown once after the restart");
-    for feed in &feeds {
-        let name = feed.client.name().to_owned();
-        let got = shown.remove(&name).unwrap_or_default();
-        // Confirmed messages, in the order they were stored.
-        let saved: Vec<usize> = (0..feed.confirmed).collect();
-        // The one in flight at the crash may have been committed with its ack
-        // lost in the crash (commit, then kill, then no ack): then it is
-        // shown, once, after the confirmed ones. It may equally be missing.
-        let with_in_flight: Option<Vec<usize>> = feed
-            .unconfirmed()
-            .map(|i| saved.iter().copied().chain([i]).collect());
-        assert!(
-            got == saved || Some(&got) == with_in_flight.as_ref(),
-            "{RECIPIENT} was shown {name}'s messages {got:?}; confirmed saved: 0..{} \
-             (each exactly once, oldest first), unconfirmed in flight: {:?}\nR: {:#?}",
-            feed.confirmed,
-            feed.unconfirmed(),
-            r.transcript(),
-        );
-    }
-    assert!(
-        shown.is_empty(),
-        "{RECIPIENT} was shown messages from unknown senders: {shown:?}"
-    );
+    stream::check_delivered_once(&mut r, &feeds);
     r.finish();
     let stderr = server.stderr();
     assert!(

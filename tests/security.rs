@@ -1352,11 +1352,7 @@ fn a_body_swapped_on_disk_is_dropped_when_fetched_not_shown() {
     let ids: Vec<MailId> = s.server.mailbox(&name("Bob")).map(|m| m.mail).collect();
     assert_eq!(ids.len(), 2);
     let second = s.store.get(&name("Bob"), ids[1]).unwrap().body.clone();
-    let forged = udpchat::store::StoreOp::Rewrite {
-        mail: ids[0],
-        body: second,
-    };
-    udpchat::store::Store::commit(&mut s.store, &[forged]).unwrap();
+    s.store.tamper(&name("Bob"), ids[0], second);
     let b = s.nodes[1].lines.len();
     s.command(1, "reg Bob");
     s.settle();

@@ -5,6 +5,8 @@
 
 pub mod client;
 pub mod keys;
+pub mod postgres;
+mod rows;
 pub mod server;
 pub mod sqlite;
 pub mod term;

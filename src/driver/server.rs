@@ -9,6 +9,7 @@ use mio::Events;
 use mio::net::UdpSocket;
 
 use super::keys;
+use super::postgres::PgStore;
 use super::sqlite::SqliteStore;
 use super::{
     Fatal, RECV_BUF, SEND_BATCH, SERVER_BUFFERS, SIGNALS, bind, io_fatal, listen, random_seed,
@@ -28,8 +29,12 @@ pub const KEY_FILE: &str = "server.key";
 pub struct Options {
     /// Where to listen.
     pub addr: SocketAddr,
-    /// Where the database lives.
+    /// Where the server's key lives, and the SQLite database unless
+    /// `store` says otherwise.
     pub data_dir: PathBuf,
+    /// A PostgreSQL connection string: the registry and mailboxes are kept
+    /// there (see [`super::postgres`]).
+    pub store: Option<String>,
     /// The heartbeat interval clients use; three missed ones mark a client
     /// offline.
     pub heartbeat: Duration,
@@ -61,8 +66,24 @@ pub fn run(options: Options) -> Result<i32, Fatal> {
     let socket = bind(options.addr)?;
     let dir = options.data_dir.display();
     let data_error = |e: &dyn std::fmt::Display| Fatal(format!("error: data dir {dir}: {e}"));
-    let mut store = SqliteStore::open(&options.data_dir).map_err(|e| data_error(&e))?;
-    let loaded = store.load().map_err(|e| data_error(&e))?;
+    let store_error = |e: &dyn std::fmt::Display| Fatal(format!("error: --store: {e}"));
+    let (mut store, described): (Box<dyn Store>, String) = match &options.store {
+        None => {
+            let sqlite = SqliteStore::open(&options.data_dir).map_err(|e| data_error(&e))?;
+            (Box::new(sqlite), String::new())
+        }
+        Some(url) => {
+            // Only the key lives in the data directory then (created
+            // with it, 0700).
+            let pg = PgStore::open(url).map_err(|e| store_error(&e))?;
+            let shown = pg.describe().to_string();
+            (Box::new(pg), shown)
+        }
+    };
+    let loaded = store.load().map_err(|e| match options.store {
+        None => data_error(&e),
+        Some(_) => store_error(&e),
+    })?;
     // Created on first start, kept ever after: clients pin it.
     let secret = random_seed()?;
     let key_path = options.data_dir.join(KEY_FILE);
@@ -95,6 +116,9 @@ pub fn run(options: Options) -> Result<i32, Fatal> {
     log.line(&format!("server key {fingerprint}"));
     let absolute = std::fs::canonicalize(&options.data_dir).unwrap_or_default();
     log.line(&format!("data dir {dir} ({})", absolute.display()));
+    if !described.is_empty() {
+        log.line(&format!("store {described} (PostgreSQL)"));
+    }
     if known > options.max_clients {
         log.line(&format!(
             "the registry holds {known} names, more than --max-clients {}: new names are refused",
@@ -159,7 +183,7 @@ pub fn run(options: Options) -> Result<i32, Fatal> {
         server.handle_timeout(now);
         let sent = flush(
             &mut server,
-            &mut store,
+            store.as_mut(),
             &socket,
             now,
             &mut failing,
@@ -334,6 +358,9 @@ fn flush(
         while let Some(event) = server.poll_event() {
             log.line(&line(&event));
         }
+        for note in store.notes() {
+            log.line(&note);
+        }
         // A fan-out sent above may have asked for bodies: fetched now,
         // not at the next datagram.
         if ops.is_empty() && !server.wants_fetch() {
@@ -412,6 +439,7 @@ fn line(event: &ServerEvent) -> String {
             let why = match failure {
                 StoreFailure::Full => "the store is full",
                 StoreFailure::Busy => "the database is locked by another process",
+                StoreFailure::Unreachable => "the database cannot be reached",
             };
             format!("refused a {kind} from {from}: {why}")
         }

@@ -99,9 +99,7 @@ use std::collections::{BTreeMap, HashSet};
 use std::fmt;
 use std::fs;
 use std::io;
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::str::FromStr;
 use std::time::Duration;
 
 use rusqlite::types::ValueRef;
@@ -110,9 +108,9 @@ use rusqlite::{
     params,
 };
 
-use crate::crypto::PublicKey;
+use super::rows;
 use crate::store::{Body, ChannelMail, ClientRecord, Loaded, Store, StoreOp, StoredMail};
-use crate::wire::{MAX_SEALED, MAX_TEXT, MailId, MsgId, Name};
+use crate::wire::{MAX_SEALED, MailId, Name};
 
 /// The database's file name inside the data directory.
 pub const DB_FILE: &str = "udpchat.db";
@@ -177,12 +175,6 @@ const MIGRATIONS: &[&str] = &[
          PRIMARY KEY (mail, recipient)
      ) WITHOUT ROWID;",
 ];
-
-/// `mail.kind`: what `body` holds.
-const KIND_CLEAR: i64 = 0;
-const KIND_SEALED: i64 = 1;
-const KIND_AT_REST: i64 = 2;
-const KIND_LEGACY: i64 = 3;
 
 /// The schema version this build writes and understands.
 pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
@@ -255,7 +247,7 @@ const LOAD_CHANNEL: &str = "SELECT id, sender, stored_at, msg_id, body, pending,
 /// Why a data directory could not be opened: one line naming the file and
 /// what is wrong with it.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct StoreError(String);
+pub struct StoreError(pub(super) String);
 
 impl fmt::Display for StoreError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -540,13 +532,10 @@ impl SqliteStore {
     }
 }
 
-/// The names of `pending` (space-separated) not in `acked`, each once.
+/// The names of `pending` (space-separated) not in `acked` (the same, or
+/// NULL), each once.
 fn still_owed<'a>(pending: &'a str, acked: Option<&'a str>) -> impl Iterator<Item = &'a str> {
-    let acked: HashSet<&str> = acked.unwrap_or_default().split(' ').collect();
-    let mut seen = HashSet::new();
-    pending
-        .split(' ')
-        .filter(move |n| !n.is_empty() && !acked.contains(n) && seen.insert(*n))
+    rows::still_owed(pending.split(' '), acked.unwrap_or_default().split(' '))
 }
 
 impl Store for SqliteStore {
@@ -655,67 +644,24 @@ impl Store for SqliteStore {
     }
 }
 
-/// `mail.kind`, `body` and `sender_key` of a body. A body no load would
-/// accept is refused here, before it could stop the next start.
-fn body_columns(path: &Path, id: i64, body: &Body) -> io::Result<(i64, Vec<u8>, Option<Vec<u8>>)> {
-    let ok = match body {
-        Body::Sealed { sealed, .. } => (1..=MAX_SEALED).contains(&sealed.len()),
-        Body::AtRest(b) | Body::Legacy(b) => (1..=MAX_SEALED).contains(&b.len()),
-        Body::Channel(b) => (1..=MAX_SEALED).contains(&b.len()),
-        Body::Clear(t) => (1..=MAX_TEXT).contains(&t.len()),
-    };
-    if !ok {
-        return Err(invalid(
-            path,
-            format!("mail {id}: body of {} bytes", body.len()),
-        ));
-    }
-    Ok(match body {
-        Body::Sealed { key, sealed } => (KIND_SEALED, sealed.clone(), Some(key.0.to_vec())),
-        Body::AtRest(b) => (KIND_AT_REST, b.clone(), None),
-        Body::Legacy(b) => (KIND_LEGACY, b.clone(), None),
-        // Never a `mail` row: only `StoreOp::Channel` stores one.
-        Body::Channel(_) => {
-            return Err(invalid(path, format!("mail {id}: a shared channel body")));
-        }
-        Body::Clear(t) => (KIND_CLEAR, t.as_bytes().to_vec(), None),
-    })
+/// `mail.kind`, `body` and `sender_key` of a body (see
+/// [`rows::body_columns`]).
+fn body_columns(path: &Path, id: i64, body: &Body) -> io::Result<rows::BodyColumns> {
+    rows::body_columns(body).map_err(|what| invalid(path, format!("mail {id}: {what}")))
 }
 
 fn client_row(row: &Row<'_>) -> Result<ClientRecord, String> {
     let name = text(row, 1, "name")?;
-    let name = Name::new(&name).map_err(|e| format!("name {name:?} is not a valid name: {e}"))?;
     let addr = text(row, 2, "addr")?;
-    let addr = SocketAddr::from_str(&addr)
-        .map_err(|_| format!("addr {addr:?} of {name} is not an ip:port address"))?;
     let key = match row.get_ref(3).map_err(|e| format!("key: {e}"))? {
         ValueRef::Null => None,
-        _ => Some(key(row, 3, "key")?),
+        _ => Some(blob(row, 3, "key")?),
     };
     let seen_at = match row.get_ref(4).map_err(|e| format!("last_seen: {e}"))? {
         ValueRef::Null => None,
         _ => Some(integer(row, 4, "last_seen")?),
     };
-    Ok(ClientRecord {
-        name,
-        addr,
-        key,
-        seen_at,
-    })
-}
-
-/// Column `i` as a 32-byte key.
-fn key(row: &Row<'_>, i: usize, col: &str) -> Result<PublicKey, String> {
-    match row.get_ref(i).map_err(|e| format!("{col}: {e}"))? {
-        ValueRef::Blob(b) => b
-            .try_into()
-            .map(PublicKey)
-            .map_err(|_| format!("{col} is {} bytes, not 32", b.len())),
-        other => Err(format!(
-            "{col} is {}, not a 32-byte blob",
-            other.data_type()
-        )),
-    }
+    rows::client(&name, &addr, key.as_deref(), seen_at)
 }
 
 fn blob(row: &Row<'_>, i: usize, col: &str) -> Result<Vec<u8>, String> {
@@ -727,104 +673,63 @@ fn blob(row: &Row<'_>, i: usize, col: &str) -> Result<Vec<u8>, String> {
 
 /// A row of [`LOAD_CHANNEL`]: the message, with each recipient once.
 fn channel_row(row: &Row<'_>) -> Result<ChannelMail, String> {
-    let id = integer(row, 0, "id")?;
-    let mail = u64::try_from(id)
-        .map(MailId)
-        .map_err(|_| "negative id".to_string())?;
-    let from = text(row, 1, "sender")?;
-    let from = Name::new(&from).map_err(|e| format!("sender {from:?} is not a valid name: {e}"))?;
-    let stored_at = integer(row, 2, "stored_at")?;
-    let id = MsgId(integer(row, 3, "msg_id")?.cast_unsigned());
-    let body = blob(row, 4, "body")?;
-    if !(1..=MAX_SEALED).contains(&body.len()) {
-        return Err(format!(
-            "body is {} bytes long (must be 1 to {MAX_SEALED})",
-            body.len()
-        ));
-    }
     let pending = text(row, 5, "pending")?;
     let acked = match row.get_ref(6).map_err(|e| format!("acked: {e}"))? {
-        ValueRef::Null => None,
-        _ => Some(text(row, 6, "acked")?),
+        ValueRef::Null => String::new(),
+        _ => text(row, 6, "acked")?,
     };
-    let mut to = still_owed(&pending, acked.as_deref())
-        .map(|n| Name::new(n).map_err(|e| format!("pending {n:?} is not a valid name: {e}")))
-        .collect::<Result<Vec<Name>, String>>()?;
-    // A row nobody is owed is never left behind; one (a hand edit) would
-    // hide its id from the server, which could then give it out again.
-    if to.is_empty() {
-        return Err("pending is empty, or all of it acked".to_string());
-    }
-    // Counted down by acks; anything but a whole number no larger than
-    // the names (a hand edit) would stop the first ack's commit.
-    match row.get_ref(7).map_err(|e| format!("left: {e}"))? {
-        ValueRef::Integer(n) if (0..=to.len() as i64).contains(&n) => {}
-        other => return Err(format!("left is {other:?}, not 0 to {}", to.len())),
-    }
-    to.sort_unstable();
-    Ok(ChannelMail {
-        mail,
-        from,
-        stored_at,
-        id,
-        body: body.into(),
-        to,
+    let left = match row.get_ref(7).map_err(|e| format!("left: {e}"))? {
+        ValueRef::Integer(n) => n,
+        other => return Err(format!("left is {other:?}, not an integer")),
+    };
+    let words = |s: &str| s.split(' ').map(str::to_owned).collect();
+    rows::channel(rows::ChannelColumns {
+        id: integer(row, 0, "id")?,
+        from: text(row, 1, "sender")?,
+        stored_at: integer(row, 2, "stored_at")?,
+        msg_id: integer(row, 3, "msg_id")?,
+        body: blob(row, 4, "body")?,
+        pending: words(&pending),
+        acked: words(&acked),
+        left,
     })
 }
 
 fn mail_row(row: &Row<'_>) -> Result<StoredMail, String> {
     let id = integer(row, 0, "id")?;
-    let mail = u64::try_from(id)
-        .map(MailId)
-        .map_err(|_| "negative id".to_string())?;
-    let name = |i, col| {
-        let s = text(row, i, col)?;
-        Name::new(&s).map_err(|e| format!("{col} {s:?} is not a valid name: {e}"))
-    };
-    let to = name(1, "recipient")?;
-    let from = name(2, "sender")?;
-    let channel = match integer(row, 3, "channel")? {
-        0 => false,
-        1 => true,
-        n => return Err(format!("channel is {n}, not 0 or 1")),
-    };
+    rows::mail_id(id)?;
+    let to = text(row, 1, "recipient")?;
+    rows::name("recipient", &to)?;
+    let from = text(row, 2, "sender")?;
+    rows::name("sender", &from)?;
+    let channel = integer(row, 3, "channel")?;
     let stored_at = integer(row, 4, "stored_at")?;
-    let id = MsgId(integer(row, 5, "msg_id")?.cast_unsigned());
-    let bytes = blob(row, 7, "body")?;
-    let body = match integer(row, 6, "kind")? {
-        KIND_CLEAR => {
-            let text =
-                String::from_utf8(bytes).map_err(|_| "body is not valid UTF-8".to_string())?;
-            if !(1..=MAX_TEXT).contains(&text.len()) {
-                return Err(format!(
-                    "text is {} bytes long (must be 1 to {MAX_TEXT})",
-                    text.len()
-                ));
-            }
-            Body::Clear(text)
+    let msg_id = integer(row, 5, "msg_id")?;
+    let body = blob(row, 7, "body")?;
+    let kind = integer(row, 6, "kind")?;
+    let key = match (
+        kind,
+        row.get_ref(8).map_err(|e| format!("sender_key: {e}"))?,
+    ) {
+        (_, ValueRef::Blob(b)) => Some(b.to_vec()),
+        (rows::KIND_SEALED, other) => {
+            return Err(format!(
+                "sender_key is {}, not a 32-byte blob",
+                other.data_type()
+            ));
         }
-        KIND_SEALED => Body::Sealed {
-            key: key(row, 8, "sender_key")?,
-            sealed: bytes,
-        },
-        KIND_AT_REST => Body::AtRest(bytes),
-        KIND_LEGACY => Body::Legacy(bytes),
-        n => return Err(format!("kind is {n}, not 0, 1, 2 or 3")),
+        _ => None,
     };
-    if body.is_empty() || body.len() > MAX_SEALED {
-        return Err(format!(
-            "body is {} bytes long (must be 1 to {MAX_SEALED})",
-            body.len()
-        ));
-    }
-    Ok(StoredMail {
-        mail,
+    rows::mail(rows::MailColumns {
+        id,
         to,
         from,
         channel,
         stored_at,
-        id,
+        msg_id,
+        kind,
         body,
+        key,
     })
 }
 
@@ -1020,7 +925,9 @@ fn invalid(path: &Path, what: String) -> io::Error {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::crypto::PublicKey;
     use crate::store::{ChannelMail, MemoryStore};
+    use crate::wire::{MAX_TEXT, MsgId};
 
     /// A fresh directory under the system temp dir, removed when dropped
     /// (also when the test fails).
@@ -1769,11 +1676,11 @@ mod tests {
             ),
             (
                 "DELETE FROM mail WHERE id = 9; UPDATE channel SET left = 1.5",
-                "channel row 9: left is Real(1.5), not 0 to 1",
+                "channel row 9: left is Real(1.5), not an integer",
             ),
             (
                 "UPDATE channel SET left = 2",
-                "channel row 9: left is Integer(2)",
+                "channel row 9: left is 2, not 0 to 1",
             ),
         ] {
             raw(&store).execute_batch(sql).unwrap();

@@ -111,6 +111,8 @@ pub enum StoreFailure {
     Full,
     /// Another process holds the database's write lock.
     Busy,
+    /// The database server cannot be reached (no primary answers).
+    Unreachable,
 }
 
 impl StoreFailure {
@@ -121,6 +123,11 @@ impl StoreFailure {
         use std::io::ErrorKind;
         match e.kind() {
             ErrorKind::ResourceBusy => Some(StoreFailure::Busy),
+            ErrorKind::NotConnected
+            | ErrorKind::ConnectionRefused
+            | ErrorKind::ConnectionReset
+            | ErrorKind::ConnectionAborted
+            | ErrorKind::TimedOut => Some(StoreFailure::Unreachable),
             ErrorKind::StorageFull | ErrorKind::QuotaExceeded | ErrorKind::FileTooLarge => {
                 Some(StoreFailure::Full)
             }
@@ -131,7 +138,8 @@ impl StoreFailure {
     pub(super) fn refusal(self) -> Refusal {
         match self {
             StoreFailure::Full => Refusal::StoreFull,
-            StoreFailure::Busy => Refusal::StoreBusy,
+            // The client's "try again later" either way.
+            StoreFailure::Busy | StoreFailure::Unreachable => Refusal::StoreBusy,
         }
     }
 }

@@ -9,6 +9,9 @@
 // Each test crate uses a different part of the harness.
 #![allow(dead_code)]
 
+pub mod pg;
+pub mod stream;
+
 use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::io::{BufRead, BufReader, Read, Write};

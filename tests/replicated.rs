@@ -1,0 +1,144 @@
+//! Issue 11: a udpchat server on a replicated PostgreSQL (`--store`), a
+//! real primary with two synchronous standbys from the distribution's
+//! packages (see `common::pg`). What it acked survives the death of the
+//! primary: kill -9 of every process of it in the middle of a save stream,
+//! a standby promoted, and every message reported saved is delivered
+//! exactly once.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::pg::Cluster;
+use common::stream::{self, Feed, Stage};
+use common::{BYE, Client, MAIL, Server, TABLE, send_to_offline};
+
+/// Quotas and a request ration far above what the senders send, so that
+/// only the store answers, never a quota.
+const FLAGS: [&str; 6] = [
+    "--mailbox-messages",
+    "100000",
+    "--mailbox-bytes",
+    "67108864",
+    "--requests-per-source",
+    "1000000",
+];
+
+/// `client` deregisters; every client in `others` sees the table change.
+fn dereg(client: &mut Client, others: &mut [&mut Client]) {
+    let name = client.name().to_owned();
+    client.send(&format!("dereg {name}"));
+    client.expect(BYE);
+    for other in others {
+        other.expect(TABLE);
+    }
+}
+
+fn server_on(cluster: &Cluster, db: &str) -> Server {
+    let url = cluster.database(db);
+    let mut flags = vec!["--store", url.as_str()];
+    flags.extend(FLAGS);
+    Server::start_with(&flags)
+}
+
+#[test]
+fn a_server_on_postgres_keeps_mail_across_a_restart() {
+    let test = "a_server_on_postgres_keeps_mail_across_a_restart";
+    let Some(cluster) = Cluster::start(test, 2) else {
+        return;
+    };
+    let mut server = server_on(&cluster, "restart");
+    server.expect_stdout("(PostgreSQL)");
+    // The data directory holds the server's key only: no SQLite database.
+    let data = server.dir().join("udpchat-data");
+    assert!(data.join("server.key").is_file());
+    assert!(!data.join("udpchat.db").exists());
+
+    let [mut alice, mut bob] = Client::join_all(&server, ["Alice", "Bob"]);
+    dereg(&mut bob, &mut [&mut alice]);
+    send_to_offline(&mut alice, "Bob", "kept by PostgreSQL");
+    server.restart();
+    bob.send("reg Bob");
+    bob.expect(MAIL);
+    bob.expect(">>> Alice: <ts> kept by PostgreSQL");
+    bob.expect(TABLE);
+    // Stored once, delivered once: acked and deleted.
+    let rows = cluster.psql(cluster.primary, "restart", "SELECT count(*) FROM mail");
+    assert_eq!(rows, "0");
+}
+
+/// The recipient of the crash test; offline throughout.
+const RECIPIENT: &str = "R";
+/// Messages a sender sends at most.
+const PER_SENDER: usize = 3000;
+/// The kill comes this many milliseconds into the stream.
+const KILL_AFTER_MS: [u64; 3] = [150, 600, 1100];
+
+/// Kill -9 of the PostgreSQL primary at a moment of a stream of saves from
+/// three senders, then the standby with the most WAL promoted (what a
+/// failover tool does): the server finds the new primary by itself, every
+/// message reported saved is shown to the recipient exactly once, and the
+/// server saves on afterwards.
+#[test]
+fn saved_messages_survive_the_primary_killed_mid_stream() {
+    for (round, ms) in KILL_AFTER_MS.into_iter().enumerate() {
+        eprintln!("round {round}: kill -9 the primary {ms} ms into the stream");
+        let test = "saved_messages_survive_the_primary_killed_mid_stream";
+        let Some(mut cluster) = Cluster::start(test, 2) else {
+            return;
+        };
+        let server = server_on(&cluster, "crash");
+        let [mut r, s1, s2, s3] = Client::join_all(&server, [RECIPIENT, "S1", "S2", "S3"]);
+        let mut feeds = [s1, s2, s3].map(|c| Feed::new(c, RECIPIENT, PER_SENDER));
+        {
+            let [f1, f2, f3] = &mut feeds;
+            dereg(
+                &mut r,
+                &mut [&mut f1.client, &mut f2.client, &mut f3.client],
+            );
+        }
+        stream::run_until(&mut feeds, Instant::now() + Duration::from_millis(ms));
+        let before: usize = feeds.iter().map(|f| f.confirmed).sum();
+        cluster.kill_primary();
+        let failover = Instant::now();
+        let new = cluster.promote_best_standby();
+        eprintln!(
+            "  {before} saved before the kill; standby {new} promoted in {:?}",
+            failover.elapsed()
+        );
+        // The stream goes on through the failover; a sender whose request
+        // outlived its retries (2.5 s) gives up and exits, as it should.
+        stream::run_until(&mut feeds, Instant::now() + Duration::from_millis(1500));
+        for feed in &mut feeds {
+            feed.wait_for_give_up();
+        }
+        let after: usize = feeds.iter().map(|f| f.confirmed).sum();
+        eprintln!("  {after} saved in all");
+        // The server saves on the new primary: a fresh sender is told so.
+        let mut late = Feed::new(Client::start("S4", server.port()), RECIPIENT, 1);
+        late.client.expect_lines(&[common::WELCOME, TABLE]);
+        stream::run_until(
+            std::slice::from_mut(&mut late),
+            Instant::now() + common::DEADLINE,
+        );
+        assert_eq!(
+            (late.stage, late.confirmed),
+            (Stage::Idle, 1),
+            "S4: {:#?}",
+            late.client.transcript()
+        );
+        let mut all: Vec<Feed> = feeds.into_iter().collect();
+        all.push(late);
+        stream::check_delivered_once(&mut r, &all);
+        r.finish();
+        let mut server = server;
+        // The operator reads what happened.
+        server.expect_stdout("lost the database connection");
+        server.expect_stdout("connected to a read-write server of postgres://udpchat@");
+        let stderr = server.stderr();
+        assert!(
+            stderr.iter().all(|l| !l.contains("panicked")),
+            "server panicked: {stderr:#?}"
+        );
+    }
+}
