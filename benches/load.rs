@@ -48,6 +48,9 @@ use udpchat::{Client, ClientConfig, Event};
 /// Clients per loopback address.
 const PER_ADDRESS: usize = 16;
 
+/// `--store URL`: the server under load keeps its data in PostgreSQL.
+static STORE: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
 fn main() {
     let args: Vec<String> = std::env::args()
         .skip(1)
@@ -65,6 +68,14 @@ fn main() {
             None => default,
         }
     };
+    if let Some(i) = args.iter().position(|a| a == "--store") {
+        let url = args.get(i + 1).cloned().unwrap_or_else(|| usage());
+        println!(
+            "server store: PostgreSQL ({})",
+            url.split('@').next_back().unwrap_or("")
+        );
+        let _ = STORE.set(url);
+    }
     raise_fd_limit();
     match mode.as_str() {
         "join" => {
@@ -103,7 +114,7 @@ fn main() {
 
 fn usage() -> ! {
     eprintln!(
-        "usage: cargo bench --bench load -- join [--n N] [--spread SECS] [--deadline SECS] | saves [--senders K] [--secs S] [--presealed] | channel [--n N] [--rounds R] | echo"
+        "usage: cargo bench --bench load -- join [--n N] [--spread SECS] [--deadline SECS] | saves [--senders K] [--secs S] [--presealed] | channel [--n N] [--rounds R] | echo  (any mode: --store postgres://…)"
     );
     std::process::exit(2)
 }
@@ -780,6 +791,13 @@ impl ServerProcess {
             .args(["-s", &port.to_string(), "--data-dir"])
             .arg(dir.join("data"))
             .args(extra)
+            .args(
+                STORE
+                    .get()
+                    .map(|url| ["--store", url.as_str()])
+                    .into_iter()
+                    .flatten(),
+            )
             .current_dir(dir)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())

@@ -301,3 +301,61 @@ fn a_stored_time_far_in_the_future_does_not_stop_the_server() {
         assert_eq!(kept, usize::from(stamp > 0), "{stamp}");
     }
 }
+
+/// With a store thread, one batch is under commit while the next gathers:
+/// its commit releases only what was said before it was sealed; what came
+/// after waits for its own batch, and a failure of that one takes back
+/// only its own messages.
+#[test]
+fn a_batch_under_commit_releases_its_own_replies_and_the_next_waits_for_its_commit() {
+    let mut s = bob_away();
+    s.join("Dave", 5000);
+    s.command(2, "dereg Carol");
+    s.hold = true;
+    let (a, d) = (s.nodes[0].lines.len(), s.nodes[3].lines.len());
+    s.line(0, "send Bob first batch");
+    let bob = name("Bob");
+    assert!(
+        s.run_until(Duration::from_secs(5), |s| s.server.mailbox(&bob).count()
+            == 1)
+    );
+    s.seal();
+    s.line(3, "send Carol second batch");
+    let carol = name("Carol");
+    assert!(
+        s.run_until(Duration::from_secs(5), |s| s.server.mailbox(&carol).count()
+            == 1)
+    );
+    // Both under way: nobody has heard "saved".
+    assert!(!s.lines_since(0, a).contains(&SAVED));
+    assert!(!s.lines_since(3, d).contains(&SAVED));
+
+    s.commit_sealed(None);
+    assert!(s.run_until(Duration::from_secs(1), |s| {
+        s.lines_since(0, a).contains(&SAVED)
+    }));
+    assert!(
+        !s.lines_since(3, d).contains(&SAVED),
+        "{:?}",
+        s.lines_since(3, d)
+    );
+
+    // The second batch is sealed in turn, and its commit fails.
+    s.seal();
+    s.commit_sealed(Some(StoreFailure::Full));
+    s.hold = false;
+    s.settle();
+    let said = s.lines_since(3, d);
+    assert_eq!(said.last(), Some(&FULL), "{said:?}");
+    assert!(!said.contains(&SAVED), "{said:?}");
+    assert_eq!(s.server.mailbox(&carol).count(), 0);
+    assert_eq!(s.server.mailbox(&bob).count(), 1);
+    assert_eq!(s.store.len(), 1);
+    let b = s.nodes[1].lines.len();
+    s.command(1, "reg Bob");
+    let shown = s.lines_since(1, b);
+    assert!(
+        shown.iter().any(|l| l.ends_with(" first batch")),
+        "{shown:?}"
+    );
+}

@@ -5,9 +5,12 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::{Duration, Instant, SystemTime};
 
-use mio::Events;
-use mio::net::UdpSocket;
+use std::sync::Arc;
 
+use mio::net::UdpSocket;
+use mio::{Events, Token, Waker};
+
+use super::commits::{Commits, Done};
 use super::keys;
 use super::postgres::PgStore;
 use super::sqlite::SqliteStore;
@@ -17,9 +20,12 @@ use super::{
 };
 use crate::crypto::Keypair;
 use crate::server::ServerStats;
-use crate::store::{Store, StoreOp};
+use crate::store::Store;
 use crate::wire::{Name, Rejection};
 use crate::{Server, ServerConfig, ServerEvent, StoreFailure};
+
+/// The store's thread says it finished something.
+const STORE: Token = Token(2);
 
 /// The server's static key, in its data directory.
 pub const KEY_FILE: &str = "server.key";
@@ -67,7 +73,7 @@ pub fn run(options: Options) -> Result<i32, Fatal> {
     let dir = options.data_dir.display();
     let data_error = |e: &dyn std::fmt::Display| Fatal(format!("error: data dir {dir}: {e}"));
     let store_error = |e: &dyn std::fmt::Display| Fatal(format!("error: --store: {e}"));
-    let (mut store, described): (Box<dyn Store>, String) = match &options.store {
+    let (mut store, described): (Box<dyn Store + Send>, String) = match &options.store {
         None => {
             let sqlite = SqliteStore::open(&options.data_dir).map_err(|e| data_error(&e))?;
             (Box::new(sqlite), String::new())
@@ -94,6 +100,7 @@ pub fn run(options: Options) -> Result<i32, Fatal> {
     let (recv, send) = size_buffers(&socket, want);
     let (socket, mut poll, mut signals) = listen(socket)?;
     let local = socket.local_addr().map_err(io_fatal)?;
+    let waker = Arc::new(Waker::new(poll.registry(), STORE).map_err(io_fatal)?);
 
     let now = Instant::now();
     let mut config = ServerConfig::new(random_seed()?, key, (now, unix_now()));
@@ -110,6 +117,7 @@ pub fn run(options: Options) -> Result<i32, Fatal> {
     config.requests = (burst, Duration::from_secs(2) / burst.max(1));
     let known = loaded.clients.len();
     let mut server = Server::new(config, now, loaded);
+    let mut commits = Commits::start(store, waker).map_err(io_fatal)?;
     let mut log = Log::default();
     log.line(&format!("udpchat server listening on {local}"));
     // The public half only: what a user may compare out of band.
@@ -183,7 +191,7 @@ pub fn run(options: Options) -> Result<i32, Fatal> {
         server.handle_timeout(now);
         let sent = flush(
             &mut server,
-            store.as_mut(),
+            &mut commits,
             &socket,
             now,
             &mut failing,
@@ -292,37 +300,36 @@ impl Summary {
     }
 }
 
-/// Commits what the server wants stored, then sends what it released;
-/// returns how many datagrams it sent. `failing`: the last commit failed
-/// (said once, until one succeeds).
+/// Takes in what the store's thread finished, hands it what the server
+/// wants stored or fetched, then sends what the server released; returns
+/// how many datagrams it sent. `failing`: the last commit failed (said
+/// once, until one succeeds).
 fn flush(
     server: &mut Server,
-    store: &mut dyn Store,
+    commits: &mut Commits,
     socket: &UdpSocket,
     now: Instant,
     failing: &mut bool,
     log: &mut Log,
 ) -> Result<u64, Fatal> {
-    let mut ops: Vec<StoreOp> = Vec::new();
     let mut sent = 0;
     loop {
-        ops.clear();
-        // Bodies a delivery waits for: reads, not part of the commit.
-        crate::store::serve_fetches(server, store, now);
-        while let Some(op) = server.poll_store() {
-            ops.push(op);
-        }
-        if !ops.is_empty() {
-            match store.commit(&ops) {
-                Ok(()) => {
+        while let Some(done) = commits.take_done() {
+            let notes = match done {
+                Done::Committed(Ok(()), notes) => {
                     server.handle_committed();
                     if std::mem::take(failing) {
                         log.line("the store takes writes again");
                     }
+                    notes
                 }
-                Err(e) => {
-                    // A full disk or a lock someone else holds: refuse what
-                    // needed the store, serve everything else, try again.
+                Done::Committed(Err(e), notes) => {
+                    for note in notes {
+                        log.line(&note);
+                    }
+                    // A full disk, a lock someone else holds, a database
+                    // out of reach: refuse what needed the store, serve
+                    // everything else, try again.
                     let failure = StoreFailure::of(&e)
                         .ok_or_else(|| Fatal(format!("error: cannot store messages: {e}")))?;
                     if !std::mem::replace(failing, true) {
@@ -331,12 +338,18 @@ fn flush(
                         ));
                     }
                     server.handle_commit_failed(now, failure);
-                    // The refusals and everything else go out now; what is
-                    // left over waits for its retry.
-                    ops.clear();
+                    Vec::new()
                 }
+                Done::Fetched(to, mail, body, notes) => {
+                    server.handle_fetched(now, &to, mail, body);
+                    notes
+                }
+            };
+            for note in notes {
+                log.line(&note);
             }
         }
+        commits.dispatch(server);
         // UDP is lossy anyway: a full send buffer is one more loss that the
         // retransmissions cover.
         // In chunks as they come: a channel fan-out seals its copies as
@@ -358,12 +371,9 @@ fn flush(
         while let Some(event) = server.poll_event() {
             log.line(&line(&event));
         }
-        for note in store.notes() {
-            log.line(&note);
-        }
-        // A fan-out sent above may have asked for bodies: fetched now,
-        // not at the next datagram.
-        if ops.is_empty() && !server.wants_fetch() {
+        // A fan-out sent above may have asked for bodies: asked now, not
+        // at the next datagram.
+        if !server.wants_fetch() {
             return Ok(sent);
         }
     }

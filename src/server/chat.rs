@@ -170,7 +170,7 @@ impl Server {
                 if let Some(mail) = mail {
                     self.deliver_live(now, to, mail);
                 }
-                if self.batch.keys.contains(&key) {
+                if self.batch.keys.contains_key(&key) {
                     // Stored by this batch (now, or by a retry of it).
                     self.ack_saved(sender, seq, false);
                 } else {
@@ -247,7 +247,7 @@ impl Server {
                     pending.push(copy.to);
                 }
                 // A copy put by this batch (a retry while it commits).
-                Ok(false) if self.batch.channels.contains(&(from.clone(), id)) => stored = true,
+                Ok(false) if self.batch.channels.contains_key(&(from.clone(), id)) => stored = true,
                 Ok(false) => committed = true,
                 // This recipient's own mailbox is full: it misses the
                 // message (logged), as a full mailbox bounces direct mail.
@@ -262,7 +262,7 @@ impl Server {
         }
         if !pending.is_empty() {
             self.next_mail += 1;
-            self.batch.channels.insert((from.clone(), id));
+            self.batch.channels.insert((from.clone(), id), mail);
             self.batch.stored.push(ServerEvent::StoredChannel {
                 from: from.clone(),
                 recipients: pending.len(),

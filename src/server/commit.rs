@@ -36,17 +36,19 @@ pub(super) struct Batch {
     /// The first of them: ids only grow, so a message is the batch's if
     /// its id is at least this.
     pub(super) first_mail: Option<MailId>,
-    /// Their (recipient, sender, id), to spot a retry of one of them.
-    pub(super) keys: HashSet<(ClientId, Name, MsgId)>,
+    /// Their (recipient, sender, id), to spot a retry of one of them,
+    /// with the mail id.
+    pub(super) keys: HashMap<(ClientId, Name, MsgId), MailId>,
     /// The channel messages put, (sender, id): one entry for all copies.
-    pub(super) channels: HashSet<(Name, MsgId)>,
+    pub(super) channels: HashMap<(Name, MsgId), MailId>,
     /// Replies that hold only if this batch is committed: (client, seq,
     /// what they promised).
     pub(super) acks: Vec<(ClientId, Seq, Promise)>,
-    /// Those replies in `transmits` (first sends and cached resends), with
-    /// the session they were sealed for.
+    /// Those replies among the datagrams (by number, see `Server::sent`;
+    /// first sends and cached resends), with the session they were sealed
+    /// for.
     pub(super) ack_transmits: Vec<(usize, ClientId, Seq, LinkId)>,
-    /// Deliveries of the batch's messages in `transmits`.
+    /// Deliveries of the batch's messages among the datagrams (by number).
     pub(super) deliveries: Vec<(usize, MailId)>,
     /// The batch's other operations, polled already: they promised nobody
     /// "saved", so a failed commit defers them rather than undoing them.
@@ -55,25 +57,91 @@ pub(super) struct Batch {
     pub(super) stored: Vec<ServerEvent>,
 }
 
+/// Where the [`Batch`] stood when the driver took its operations to
+/// commit them ([`Server::seal_batch`]): what is before these marks is the
+/// sealed batch's, what comes after belongs to the next one.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Seal {
+    /// Datagrams made before it (by number) wait for its commit; later
+    /// ones for the next.
+    fence: usize,
+    /// Mail ids below this are its messages'.
+    next_mail: u64,
+    /// Operations polled.
+    polled: usize,
+    acks: usize,
+    ack_transmits: usize,
+    others: usize,
+    stored: usize,
+}
+
 impl Server {
-    /// The driver committed every [`StoreOp`] polled so far: release the
-    /// datagrams held behind them.
+    /// The operations polled so far are one commit, under way: the
+    /// driver may go on feeding the server, and polling the next batch's
+    /// operations, until it reports this one with
+    /// [`Server::handle_committed`] or [`Server::handle_commit_failed`].
+    /// Datagrams made meanwhile wait for the next batch's commit. One
+    /// sealed batch at a time: sealing again before it is reported adds
+    /// to it.
+    pub fn seal_batch(&mut self) {
+        let mark = Seal {
+            fence: self.sent + self.transmits.len(),
+            next_mail: self.next_mail,
+            polled: self.uncommitted,
+            acks: self.batch.acks.len(),
+            ack_transmits: self.batch.ack_transmits.len(),
+            others: self.batch.others.len(),
+            stored: self.batch.stored.len(),
+        };
+        self.sealed = Some(mark);
+    }
+
+    /// Every operation queued, sealed as one batch (see
+    /// [`Server::seal_batch`]): what a driver that commits on another
+    /// thread takes when none is under way.
+    #[must_use]
+    pub fn poll_batch(&mut self) -> Vec<StoreOp> {
+        let ops: Vec<StoreOp> = std::iter::from_fn(|| self.poll_store()).collect();
+        self.seal_batch();
+        ops
+    }
+
+    /// The driver committed the sealed batch (or, if none was sealed,
+    /// every [`StoreOp`] polled so far): release the datagrams held
+    /// behind it.
     pub fn handle_committed(&mut self) {
-        // The batch is everything polled: a driver polls all, then commits.
-        debug_assert!(self.store_ops.is_empty() || self.batch.mail.is_empty());
-        self.uncommitted = 0;
-        let batch = std::mem::take(&mut self.batch);
-        for event in batch.stored {
+        if self.sealed.is_none() {
+            self.seal_batch();
+        }
+        let Some(seal) = self.sealed.take() else {
+            return;
+        };
+        self.uncommitted -= seal.polled.min(self.uncommitted);
+        let done = MailId(seal.next_mail);
+        let stored: Vec<ServerEvent> = self.batch.stored.drain(..seal.stored).collect();
+        for event in stored {
             self.event(event);
         }
+        self.batch.acks.drain(..seal.acks);
+        self.batch.ack_transmits.drain(..seal.ack_transmits);
+        self.batch.others.drain(..seal.others);
+        self.batch.deliveries.retain(|&(_, mail)| mail >= done);
+        self.batch.keys.retain(|_, mail| *mail >= done);
+        self.batch.channels.retain(|_, mail| *mail >= done);
+        let split = self.batch.mail.partition_point(|&(_, mail)| mail < done);
+        let committed: Vec<(ClientId, MailId)> = self.batch.mail.drain(..split).collect();
+        self.batch.first_mail = self.batch.mail.first().map(|&(_, mail)| mail);
         // On disk now: a body no delivery is waiting for leaves memory.
-        for &(to, mail) in &batch.mail {
+        for (to, mail) in committed {
             if !self.table.get(to).online
                 && let Some(m) = held_mut(&mut self.mailboxes, to, mail)
             {
                 m.body = None;
             }
         }
+        // What was made before the seal may leave; what came since waits
+        // for the next commit (if anything of it is uncommitted).
+        self.hold_from = (self.uncommitted > 0 || !self.store_ops.is_empty()).then_some(seal.fence);
     }
 
     /// The driver's commit of the operations polled since the last
@@ -83,7 +151,11 @@ impl Server {
     /// of it is committed again before any newer operation, on its own
     /// after a second if nothing newer comes.
     pub fn handle_commit_failed(&mut self, now: Instant, failure: StoreFailure) {
+        // The sealed batch and everything since: the next batch's promises
+        // were made beside the failed one's (a retry of its messages).
         self.uncommitted = 0;
+        self.sealed = None;
+        self.hold_from = None;
         let batch = std::mem::take(&mut self.batch);
         // Not polled yet, so not tried, but made with the batch's promises.
         let unpolled: Vec<StoreOp> = self.store_ops.drain(..).collect();
@@ -106,7 +178,10 @@ impl Server {
                 self.pump(now, to);
             }
         }
-        let mut gone: HashSet<usize> = batch.deliveries.iter().map(|&(i, _)| i).collect();
+        // Datagram numbers as places in `transmits`: nothing of the batch
+        // has left.
+        let sent = self.sent;
+        let mut gone: HashSet<usize> = batch.deliveries.iter().map(|&(i, _)| i - sent).collect();
         let reason = failure.refusal();
         let mut refusals: HashMap<(ClientId, Seq), (What, Vec<u8>)> = HashMap::new();
         let mut relay_refusals = Vec::new();
@@ -162,7 +237,8 @@ impl Server {
             self.cache(client, seq, encoded.clone());
             refusals.insert((client, seq), encoded);
         }
-        for &(i, sender, seq, link) in &batch.ack_transmits {
+        for &(n, sender, seq, link) in &batch.ack_transmits {
+            let i = n - sent;
             // A reply the failure does not change stays as it is.
             let Some((what, plain)) = refusals.get(&(sender, seq)) else {
                 continue;
@@ -260,10 +336,11 @@ impl Server {
         self.batch.acks.push((id, seq, promise));
         let at = self.transmits.len();
         self.reply(id, seq, msg);
+        let at_number = self.sent + at;
         if self.transmits.len() > at
             && let Some(link) = self.sessions[id.index() as usize].link
         {
-            self.batch.ack_transmits.push((at, id, seq, link));
+            self.batch.ack_transmits.push((at_number, id, seq, link));
         }
     }
 }

@@ -218,7 +218,7 @@ impl Server {
             return Ok(None);
         }
         self.next_mail += 1;
-        self.batch.keys.insert((to, stored.from.clone(), stored.id));
+        (self.batch.keys).insert((to, stored.from.clone(), stored.id), stored.mail);
         let (to_name, from) = (stored.to.clone(), stored.from.clone());
         self.batch.stored.push(if relay {
             ServerEvent::Relaying { to: to_name, from }

@@ -14,6 +14,9 @@
 //! ([`Server::poll_transmit`] returns `None`). The driver commits the batch
 //! and calls [`Server::handle_committed`], so every ack that promises "saved"
 //! follows its write to disk, and replies keep the order they were made in.
+//! A driver that commits on another thread seals the batch
+//! ([`Server::poll_batch`]) and goes on: the next batch gathers meanwhile,
+//! and a commit releases only the datagrams made before its seal.
 //! A commit that fails (a full disk, a database another process locked) is
 //! reported with [`Server::handle_commit_failed`]: the messages of the batch
 //! are taken back and their senders refused (never acked), while the rest of
@@ -246,6 +249,15 @@ pub struct Server {
     store_ops: VecDeque<StoreOp>,
     uncommitted: usize,
     batch: Batch,
+    /// The batch the driver is committing while the next one gathers
+    /// ([`Server::seal_batch`]).
+    sealed: Option<Seal>,
+    /// Datagrams [`Server::poll_transmit`] has given out: `transmits[i]`
+    /// is datagram number `sent + i`.
+    sent: usize,
+    /// The first datagram held back for a commit, by number (`None`:
+    /// nothing is uncommitted, everything may leave).
+    hold_from: Option<usize>,
     /// Operations a failed commit left over, committed before any new one.
     deferred: Vec<StoreOp>,
     /// Where in `deferred` each client's row waits.
@@ -316,6 +328,9 @@ impl Server {
             store_ops: VecDeque::new(),
             uncommitted: 0,
             batch: Batch::default(),
+            sealed: None,
+            sent: 0,
+            hold_from: None,
             deferred: Vec::new(),
             deferred_rows: HashMap::new(),
             retry: None,
@@ -582,18 +597,25 @@ impl Server {
         self.schedule_deltas(now);
     }
 
-    /// The next datagram to send, or `None` (also while store operations
-    /// are waiting to be committed).
+    /// The next datagram to send, or `None` (also while the next one
+    /// waits for store operations to be committed: every datagram made
+    /// while any is uncommitted waits for the commit of the batch it was
+    /// made with, see [`Server::seal_batch`]).
     #[must_use]
     pub fn poll_transmit(&mut self) -> Option<Transmit> {
         if self.uncommitted > 0 || !self.store_ops.is_empty() {
-            return None;
+            // Everything queued now waits for the operations.
+            let from = *self.hold_from.get_or_insert(self.sent);
+            if self.sent >= from {
+                return None;
+            }
         }
         while self.transmits.is_empty() {
             let to = self.fanout.pop_front()?;
             self.pump(self.now, to);
         }
         let next = self.transmits.pop_front();
+        self.sent += 1;
         if self.transmits.is_empty() && self.transmits.capacity() > TRANSMITS_KEEP {
             self.transmits.shrink_to(TRANSMITS_KEEP);
         }
@@ -641,6 +663,7 @@ impl Server {
             && self.store_ops.is_empty()
             && self.deferred.is_empty()
             && self.uncommitted == 0
+            && self.sealed.is_none()
             && self.transmits.is_empty()
             && self.fanout.is_empty()
             && self.fetches.is_empty()

@@ -234,7 +234,9 @@ impl Server {
             if self.transmits.len() > at
                 && self.batch.acks.iter().any(|&(i, s, _)| i == id && s == seq)
             {
-                self.batch.ack_transmits.push((at, id, seq, link));
+                self.batch
+                    .ack_transmits
+                    .push((self.sent + at, id, seq, link));
             }
         }
         true

@@ -116,6 +116,10 @@ pub struct Params {
     /// Per slot: the NAT its host sits behind, if any, and whether that
     /// NAT rebinds (forgets its mappings) at some faults.
     pub nats: Vec<Option<(NatKind, bool)>>,
+    /// Commits run beside the server, as a store thread does: the batch
+    /// sealed at one commit point is reported at the next, while the
+    /// server goes on with the next batch's datagrams.
+    pub pipelined: bool,
 }
 
 impl Params {
@@ -165,6 +169,8 @@ impl Params {
             } else {
                 vec![None; clients]
             },
+            // Drawn last, like the ones above.
+            pipelined: rng.below(2) == 0,
         }
     }
 }
@@ -381,6 +387,8 @@ pub struct World {
     store: MemoryStore,
     /// Polled from the server, not committed yet.
     uncommitted: Vec<StoreOp>,
+    /// The batch sealed at the last commit point (pipelined runs).
+    inflight: Option<Vec<StoreOp>>,
     /// Committed registry, as slots.
     registry: BTreeSet<usize>,
     /// (recipient slot, text) → (mail id, stored_at) of committed puts.
@@ -456,6 +464,7 @@ impl World {
             server_restart: None,
             store: MemoryStore::new(),
             uncommitted: Vec::new(),
+            inflight: None,
             registry: BTreeSet::new(),
             puts: HashMap::new(),
             put_times: HashMap::new(),
@@ -691,6 +700,7 @@ impl World {
 
     fn commit(&mut self) {
         let mut deleted_unseen = Vec::new();
+        let mut first = true;
         loop {
             let Some(server) = self.server.as_mut() else {
                 return;
@@ -703,61 +713,42 @@ impl World {
                 .store_fails
                 .filter(|&(until, _)| until > self.now)
                 .map(|(_, failure)| failure);
-            if let Some(failure) = failing
-                && !self.uncommitted.is_empty()
-            {
-                // Nothing of the batch reached the store.
-                self.uncommitted.clear();
-                server.handle_commit_failed(self.now, failure);
-            } else if !self.uncommitted.is_empty() {
-                let ops = std::mem::take(&mut self.uncommitted);
-                self.store.commit(&ops).expect("memory store");
-                server.handle_committed();
-                for op in &ops {
-                    match op {
-                        StoreOp::Put(_) | StoreOp::Channel(_) => {
-                            for m in &op.stored() {
-                                self.put_times.insert(m.mail.0, self.now);
-                                if let (Some(slot), Some(text)) =
-                                    (slot_of(&m.to), open(&self.secrets, self.p.seed, m))
-                                {
-                                    self.puts
-                                        .insert((slot, text.clone()), (m.mail.0, m.stored_at));
-                                    self.mail_texts
-                                        .insert((m.mail.0, m.to.clone()), (slot, text));
-                                }
-                            }
-                        }
-                        StoreOp::Client(c) => {
-                            if let Some(slot) = slot_of(&c.name) {
-                                self.registry.insert(slot);
-                            }
-                        }
-                        StoreOp::Delete { to, mail } => {
-                            // Only the owner's ack deletes mail, and it acks
-                            // only what it showed.
-                            if let Some((slot, text)) = self.mail_texts.get(&(mail.0, to.clone())) {
-                                let shown = self
-                                    .displays
-                                    .get(text)
-                                    .is_some_and(|d| d.iter().any(|d| d.slot == *slot));
-                                if !shown {
-                                    deleted_unseen.push(format!(
-                                        "mail {} for c{slot} ({text}) deleted, never shown by c{slot}",
-                                        mail.0
-                                    ));
-                                }
-                            }
-                        }
-                        StoreOp::Forget(n) => {
-                            if let Some(slot) = slot_of(n) {
-                                self.registry.remove(&slot);
-                            }
-                        }
-                        StoreOp::Rewrite { .. } => {}
+            // Pipelined, the batch sealed at the last commit point is
+            // reported now (once per commit point), and the one gathered
+            // since is sealed; otherwise everything polled commits now.
+            let batch = if !self.p.pipelined {
+                Some(std::mem::take(&mut self.uncommitted)).filter(|b| !b.is_empty())
+            } else if first {
+                let sealed = self.inflight.take();
+                if sealed.is_none() && !self.uncommitted.is_empty() {
+                    self.inflight = Some(std::mem::take(&mut self.uncommitted));
+                    server.seal_batch();
+                }
+                sealed
+            } else {
+                None
+            };
+            first = false;
+            if let Some(ops) = batch {
+                if let Some(failure) = failing {
+                    // Nothing of the batch reached the store, and the
+                    // operations polled since are dropped with it.
+                    self.uncommitted.clear();
+                    server.handle_commit_failed(self.now, failure);
+                } else {
+                    self.store.commit(&ops).expect("memory store");
+                    server.handle_committed();
+                    self.note_committed(&ops, &mut deleted_unseen);
+                    let server = self.server.as_mut().expect("still running");
+                    if self.p.pipelined && !self.uncommitted.is_empty() {
+                        self.inflight = Some(std::mem::take(&mut self.uncommitted));
+                        server.seal_batch();
                     }
                 }
             }
+            let Some(server) = self.server.as_mut() else {
+                return;
+            };
             let mut out = Vec::new();
             while let Some(t) = server.poll_transmit() {
                 out.push(t);
@@ -778,6 +769,54 @@ impl World {
             }
             if !more {
                 return;
+            }
+        }
+    }
+
+    /// What a committed batch tells the checker.
+    fn note_committed(&mut self, ops: &[StoreOp], deleted_unseen: &mut Vec<String>) {
+        for op in ops {
+            match op {
+                StoreOp::Put(_) | StoreOp::Channel(_) => {
+                    for m in &op.stored() {
+                        self.put_times.insert(m.mail.0, self.now);
+                        if let (Some(slot), Some(text)) =
+                            (slot_of(&m.to), open(&self.secrets, self.p.seed, m))
+                        {
+                            self.puts
+                                .insert((slot, text.clone()), (m.mail.0, m.stored_at));
+                            self.mail_texts
+                                .insert((m.mail.0, m.to.clone()), (slot, text));
+                        }
+                    }
+                }
+                StoreOp::Client(c) => {
+                    if let Some(slot) = slot_of(&c.name) {
+                        self.registry.insert(slot);
+                    }
+                }
+                StoreOp::Delete { to, mail } => {
+                    // Only the owner's ack deletes mail, and it acks
+                    // only what it showed.
+                    if let Some((slot, text)) = self.mail_texts.get(&(mail.0, to.clone())) {
+                        let shown = self
+                            .displays
+                            .get(text)
+                            .is_some_and(|d| d.iter().any(|d| d.slot == *slot));
+                        if !shown {
+                            deleted_unseen.push(format!(
+                                "mail {} for c{slot} ({text}) deleted, never shown by c{slot}",
+                                mail.0
+                            ));
+                        }
+                    }
+                }
+                StoreOp::Forget(n) => {
+                    if let Some(slot) = slot_of(n) {
+                        self.registry.remove(&slot);
+                    }
+                }
+                StoreOp::Rewrite { .. } => {}
             }
         }
     }
@@ -1308,6 +1347,7 @@ impl World {
                     self.server = None;
                     // Polled but never committed: lost with the process.
                     self.uncommitted.clear();
+                    self.inflight = None;
                     self.server_restart = Some(now + self.rng.millis(100, 6000));
                 }
             }

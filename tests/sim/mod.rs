@@ -78,6 +78,8 @@ pub struct Sim {
     /// leaves the server) until [`Sim::release`].
     pub hold: bool,
     held: Vec<StoreOp>,
+    /// Operations sealed as the batch under commit ([`Sim::seal`]).
+    sealed: Vec<StoreOp>,
     /// Every event the server logged.
     pub events: Vec<ServerEvent>,
     pub nodes: Vec<Node>,
@@ -132,6 +134,7 @@ impl Sim {
             store_fails: None,
             hold: false,
             held: Vec::new(),
+            sealed: Vec::new(),
             events: Vec::new(),
             nodes: Vec::new(),
             queue: BTreeMap::new(),
@@ -267,6 +270,32 @@ impl Sim {
         let ops = std::mem::take(&mut self.held);
         match failure {
             Some(f) => self.server.handle_commit_failed(self.now, f),
+            None => {
+                self.store.commit(&ops).unwrap();
+                self.server.handle_committed();
+            }
+        }
+        self.drain_server();
+    }
+
+    /// While holding: the operations held so far become the batch under
+    /// commit, as a driver with a store thread takes them; what comes next
+    /// is held for the batch after it.
+    pub fn seal(&mut self) {
+        assert!(self.hold, "seal only while holding");
+        self.sealed.extend(std::mem::take(&mut self.held));
+        self.server.seal_batch();
+    }
+
+    /// Reports the sealed batch committed, or failed so (which takes the
+    /// held operations with it, as a driver drops them); holding goes on.
+    pub fn commit_sealed(&mut self, failure: Option<StoreFailure>) {
+        let ops = std::mem::take(&mut self.sealed);
+        match failure {
+            Some(f) => {
+                self.held.clear();
+                self.server.handle_commit_failed(self.now, f);
+            }
             None => {
                 self.store.commit(&ops).unwrap();
                 self.server.handle_committed();
@@ -417,12 +446,11 @@ impl Sim {
         loop {
             udpchat::store::serve_fetches(&mut self.server, &mut self.store, self.now);
             let ops: Vec<StoreOp> = std::iter::from_fn(|| self.server.poll_store()).collect();
-            if self.hold {
-                self.held.extend(ops);
-                return;
-            }
             let mut committed = false;
-            if !ops.is_empty() {
+            if self.hold {
+                // The server holds back what waits for them.
+                self.held.extend(ops);
+            } else if !ops.is_empty() {
                 match self.store_fails {
                     Some(failure) => self.server.handle_commit_failed(self.now, failure),
                     None => {

@@ -1,0 +1,112 @@
+//! The store on a thread of its own: the poll loop hands it a sealed batch
+//! ([`Server::poll_batch`]) or a body to fetch and goes on serving; the
+//! thread does the blocking work (an fsync, a round trip to PostgreSQL, a
+//! failover's reconnection) and hands each result back through a channel,
+//! waking the loop with a [`mio::Waker`]. The protocol never runs here.
+//!
+//! One batch is under commit at a time: the next one gathers in the
+//! server meanwhile and goes when this one is reported, so batches commit
+//! in order and a failed one is reported before anything after it.
+
+use std::io;
+use std::sync::Arc;
+use std::sync::mpsc::{self, Receiver, Sender};
+use std::thread;
+
+use mio::Waker;
+
+use crate::Server;
+use crate::store::{Body, Store, StoreOp};
+use crate::wire::{MailId, Name};
+
+/// Work for the store's thread.
+enum Job {
+    Commit(Vec<StoreOp>),
+    Fetch(Name, MailId),
+}
+
+/// What the store's thread did.
+pub enum Done {
+    /// The batch sent last was committed (or not), with what the store
+    /// has to say for the log.
+    Committed(io::Result<()>, Vec<String>),
+    /// A body asked for.
+    Fetched(Name, MailId, io::Result<Option<Body>>, Vec<String>),
+}
+
+/// The store's thread, and whether a batch is with it.
+pub struct Commits {
+    jobs: Option<Sender<Job>>,
+    done: Receiver<Done>,
+    /// A batch is being committed: the next waits.
+    busy: bool,
+}
+
+impl Commits {
+    /// Starts the thread that owns `store`; it wakes `waker` after each
+    /// result.
+    pub fn start(mut store: Box<dyn Store + Send>, waker: Arc<Waker>) -> io::Result<Commits> {
+        let (jobs, inbox) = mpsc::channel::<Job>();
+        let (outbox, done) = mpsc::channel();
+        thread::Builder::new()
+            .name("udpchat-store".to_string())
+            .spawn(move || {
+                // Ends when the loop drops its sender (or its receiver).
+                for job in inbox {
+                    let result = match job {
+                        Job::Commit(ops) => Done::Committed(store.commit(&ops), store.notes()),
+                        Job::Fetch(to, mail) => {
+                            let body = store.fetch(&to, mail);
+                            Done::Fetched(to, mail, body, store.notes())
+                        }
+                    };
+                    if outbox.send(result).is_err() {
+                        return;
+                    }
+                    // A loop that cannot be woken has gone.
+                    let _ = waker.wake();
+                }
+            })?;
+        Ok(Commits {
+            jobs: Some(jobs),
+            done,
+            busy: false,
+        })
+    }
+
+    /// Hands the thread the bodies the server asked for and, unless a
+    /// batch is under way, the next batch.
+    pub fn dispatch(&mut self, server: &mut Server) {
+        let Some(jobs) = &self.jobs else {
+            return;
+        };
+        while let Some((to, mail)) = server.poll_fetch() {
+            // The thread ends only with us: a send cannot fail before.
+            let _ = jobs.send(Job::Fetch(to, mail));
+        }
+        if !self.busy {
+            let ops = server.poll_batch();
+            if !ops.is_empty() {
+                self.busy = jobs.send(Job::Commit(ops)).is_ok();
+            }
+        }
+    }
+
+    /// The next result, if one is in.
+    pub fn take_done(&mut self) -> Option<Done> {
+        let done = self.done.try_recv().ok()?;
+        if matches!(done, Done::Committed(..)) {
+            self.busy = false;
+        }
+        Some(done)
+    }
+}
+
+impl Drop for Commits {
+    /// The thread ends after the job in hand (a commit is all or nothing
+    /// either way); nobody waits for it: a stopping server must not hang
+    /// on a database that does not answer.
+    fn drop(&mut self) {
+        self.jobs = None;
+    }
+}
