@@ -359,3 +359,107 @@ fn a_batch_under_commit_releases_its_own_replies_and_the_next_waits_for_its_comm
         "{shown:?}"
     );
 }
+
+/// A retry answered "saved" while its batch commits is that batch's
+/// promise, whichever batch it was filed with: once the batch is
+/// committed it is kept, and a later failed commit leaves it alone.
+#[test]
+fn a_retry_answered_while_its_batch_commits_is_settled_by_that_commit() {
+    let mut s = bob_away();
+    s.hold = true;
+    let a = s.nodes[0].lines.len();
+    s.line(0, "send Bob first");
+    let bob = name("Bob");
+    assert!(
+        s.run_until(Duration::from_secs(5), |s| s.server.mailbox(&bob).count()
+            == 1)
+    );
+    s.seal();
+    // The commit is slow: Alice's client retries its request meanwhile.
+    s.run_for(Duration::from_millis(1200));
+    s.commit_sealed(None);
+    assert!(s.run_until(Duration::from_secs(1), |s| {
+        s.lines_since(0, a).contains(&SAVED)
+    }));
+    // A later batch fails: only its own message is refused.
+    let c = s.nodes[2].lines.len();
+    s.line(2, "send Bob second");
+    assert!(
+        s.run_until(Duration::from_secs(5), |s| s.server.mailbox(&bob).count()
+            == 2)
+    );
+    s.seal();
+    s.commit_sealed(Some(StoreFailure::Full));
+    s.hold = false;
+    s.settle();
+    assert_eq!(s.lines_since(2, c).last(), Some(&FULL));
+    let said = s.lines_since(0, a);
+    assert!(!said.contains(&FULL), "{said:?}");
+    assert_eq!(said.iter().filter(|l| **l == SAVED).count(), 1, "{said:?}");
+    assert_eq!(s.store.len(), 1);
+}
+
+/// A relayed message whose recipient does not ack in time is answered
+/// "saved" by the relay's timer; when that happens while its batch is
+/// still committing, the answer rests on that batch, not on the next one:
+/// the next one failing does not refuse a message that was kept.
+#[test]
+fn a_relay_saved_while_its_batch_commits_is_not_refused_by_the_next_batch() {
+    let mut s = Sim::new();
+    s.join_behind("Alice", 2000, sim::nat::NatKind::Symmetric);
+    s.join_behind("Bob", 3000, sim::nat::NatKind::Symmetric);
+    s.settle();
+    s.join("Carol", 4000);
+    s.command(2, "dereg Carol");
+    s.join("Dave", 5000);
+    let bob_at = s.seen_at(1);
+    // The relay never reaches Bob in time: its timer answers "saved".
+    s.drop_rules.push(sim::drop_all(move |p| {
+        p.to == bob_at && p.is(udpchat::wire::What::Relayed)
+    }));
+    let (a, b) = (s.nodes[0].lines.len(), s.nodes[1].lines.len());
+    s.hold = true;
+    s.line(0, "send Bob relayed");
+    let bob = name("Bob");
+    // Earlier batches (the direct attempt's) go through until the relay
+    // is stored.
+    let mut turns = 0;
+    while s.server.mailbox(&bob).count() == 0 {
+        s.seal();
+        s.commit_sealed(None);
+        s.run_for(Duration::from_millis(2));
+        turns += 1;
+        assert!(turns < 5000, "the relay was never stored");
+    }
+    s.seal();
+    // A slow commit, longer than the relay's wait.
+    s.run_for(Duration::from_millis(1100));
+    s.line(3, "send Carol other");
+    let carol = name("Carol");
+    assert!(
+        s.run_until(Duration::from_secs(5), |s| s.server.mailbox(&carol).count()
+            == 1)
+    );
+    s.commit_sealed(None);
+    s.seal();
+    s.commit_sealed(Some(StoreFailure::Full));
+    s.hold = false;
+    s.drop_rules.clear();
+    s.run_for(Duration::from_secs(40));
+    let said = s.lines_since(0, a);
+    assert!(!said.contains(&FULL), "{said:?}");
+    assert!(
+        !s.events.iter().any(|e| matches!(
+            e,
+            ServerEvent::NotSaved { from, .. } if from.as_str() == "Alice"
+        )),
+        "{:?}",
+        s.events
+    );
+    let shown = s.lines_since(1, b);
+    assert_eq!(
+        shown.iter().filter(|l| l.ends_with(" relayed")).count(),
+        1,
+        "{shown:?}"
+    );
+}

@@ -75,31 +75,41 @@ impl Commits {
     }
 
     /// Hands the thread the bodies the server asked for and, unless a
-    /// batch is under way, the next batch.
-    pub fn dispatch(&mut self, server: &mut Server) {
+    /// batch is under way, the next batch. Fails if the thread is gone
+    /// (it panicked): nothing would ever be committed again.
+    pub fn dispatch(&mut self, server: &mut Server) -> io::Result<()> {
         let Some(jobs) = &self.jobs else {
-            return;
+            return Ok(());
         };
         while let Some((to, mail)) = server.poll_fetch() {
-            // The thread ends only with us: a send cannot fail before.
-            let _ = jobs.send(Job::Fetch(to, mail));
+            jobs.send(Job::Fetch(to, mail)).map_err(|_| gone())?;
         }
         if !self.busy {
             let ops = server.poll_batch();
             if !ops.is_empty() {
-                self.busy = jobs.send(Job::Commit(ops)).is_ok();
+                jobs.send(Job::Commit(ops)).map_err(|_| gone())?;
+                self.busy = true;
             }
         }
+        Ok(())
     }
 
-    /// The next result, if one is in.
-    pub fn take_done(&mut self) -> Option<Done> {
-        let done = self.done.try_recv().ok()?;
+    /// The next result, if one is in; fails if the thread is gone.
+    pub fn take_done(&mut self) -> io::Result<Option<Done>> {
+        let done = match self.done.try_recv() {
+            Ok(done) => done,
+            Err(mpsc::TryRecvError::Empty) => return Ok(None),
+            Err(mpsc::TryRecvError::Disconnected) => return Err(gone()),
+        };
         if matches!(done, Done::Committed(..)) {
             self.busy = false;
         }
-        Some(done)
+        Ok(Some(done))
     }
+}
+
+fn gone() -> io::Error {
+    io::Error::other("the store's thread ended")
 }
 
 impl Drop for Commits {

@@ -314,7 +314,8 @@ fn flush(
 ) -> Result<u64, Fatal> {
     let mut sent = 0;
     loop {
-        while let Some(done) = commits.take_done() {
+        let thread_gone = |e: io::Error| Fatal(format!("error: cannot store messages: {e}"));
+        while let Some(done) = commits.take_done().map_err(thread_gone)? {
             let notes = match done {
                 Done::Committed(Ok(()), notes) => {
                     server.handle_committed();
@@ -349,7 +350,7 @@ fn flush(
                 log.line(&note);
             }
         }
-        commits.dispatch(server);
+        commits.dispatch(server).map_err(thread_gone)?;
         // UDP is lossy anyway: a full send buffer is one more loss that the
         // retransmissions cover.
         // In chunks as they come: a channel fan-out seals its copies as

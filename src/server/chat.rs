@@ -170,9 +170,9 @@ impl Server {
                 if let Some(mail) = mail {
                     self.deliver_live(now, to, mail);
                 }
-                if self.batch.keys.contains_key(&key) {
+                if let Some(&mail) = self.batch.keys.get(&key) {
                     // Stored by this batch (now, or by a retry of it).
-                    self.ack_saved(sender, seq, false);
+                    self.ack_saved(sender, seq, false, mail);
                 } else {
                     self.reply(sender, seq, Message::Ack { seq });
                 }
@@ -228,6 +228,8 @@ impl Server {
         // does; a copy new in it that fails is missed like a full mailbox.
         let mut committed = false;
         let mut missed = false;
+        // The newest message "saved" would rest on.
+        let mut rests_on: Option<MailId> = None;
         let mut live = Vec::new();
         let mut pending = Vec::new();
         for r in recipients {
@@ -243,11 +245,16 @@ impl Server {
             match self.admit(now, r, &copy) {
                 Ok(true) => {
                     stored = true;
+                    rests_on = rests_on.max(Some(mail));
                     live.push((r, mail));
                     pending.push(copy.to);
                 }
                 // A copy put by this batch (a retry while it commits).
-                Ok(false) if self.batch.channels.contains_key(&(from.clone(), id)) => stored = true,
+                Ok(false) if self.batch.channels.contains_key(&(from.clone(), id)) => {
+                    stored = true;
+                    let earlier = self.batch.channels.get(&(from.clone(), id)).copied();
+                    rests_on = rests_on.max(earlier);
+                }
                 Ok(false) => committed = true,
                 // This recipient's own mailbox is full: it misses the
                 // message (logged), as a full mailbox bounces direct mail.
@@ -278,8 +285,8 @@ impl Server {
         }
         // SPEC: the sender's ack first, then the copies (all of them leave
         // after the commit, in this order).
-        if stored && !committed {
-            self.ack_saved(sender, seq, true);
+        if let (true, false, Some(mail)) = (stored, committed, rests_on) {
+            self.ack_saved(sender, seq, true, mail);
         } else if missed && !stored && !committed {
             // Every mailbox it was for is full: kept for nobody, and the
             // sender must not read "received".
@@ -304,7 +311,7 @@ impl Server {
         let seq = r.seq;
         if self.batch.first_mail.is_some_and(|first| mail >= first) {
             // Its commit is still under way: "saved" stands or falls with it.
-            self.ack_saved(r.from, seq, false);
+            self.ack_saved(r.from, seq, false, mail);
         } else {
             self.reply(r.from, seq, Message::Ack { seq });
         }

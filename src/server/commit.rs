@@ -10,8 +10,9 @@ pub(super) const STORE_RETRY: Duration = Duration::from_secs(1);
 /// A reply that rests on the batch under way.
 #[derive(Debug, Clone, Copy)]
 pub(super) enum Promise {
-    /// "Saved" (an ack of a save-message or a channel message).
-    Saved { channel: bool },
+    /// "Saved" (an ack of a save-message or a channel message), resting
+    /// on the commit of `mail` (the newest message it needs).
+    Saved { channel: bool, mail: MailId },
     /// A welcome that counted mail of this batch (the newest ids, so the
     /// last positions): a failed commit lowers the count.
     Welcome {
@@ -24,6 +25,17 @@ pub(super) enum Promise {
     /// A relay whose answer ("received" or "saved") comes later: a failed
     /// commit refuses it instead, since nothing of it was kept.
     Relay { to: ClientId, mail: MailId },
+}
+
+impl Promise {
+    /// The newest message whose commit the promise rests on: it holds once
+    /// the batch with that message is committed (batches commit in order).
+    fn rests_on(&self) -> MailId {
+        match *self {
+            Promise::Saved { mail, .. } | Promise::Relay { mail, .. } => mail,
+            Promise::Welcome { last, .. } => last,
+        }
+    }
 }
 
 /// What the batch since the last commit promised, so that a failed commit
@@ -69,8 +81,6 @@ pub(super) struct Seal {
     next_mail: u64,
     /// Operations polled.
     polled: usize,
-    acks: usize,
-    ack_transmits: usize,
     others: usize,
     stored: usize,
 }
@@ -84,12 +94,16 @@ impl Server {
     /// sealed batch at a time: sealing again before it is reported adds
     /// to it.
     pub fn seal_batch(&mut self) {
+        // Datagrams queued behind operations not polled yet may rest on
+        // those: none of them is released by this batch's commit.
+        let fence = match self.store_ops.is_empty() {
+            true => self.sent + self.transmits.len(),
+            false => self.hold_from.unwrap_or(self.sent),
+        };
         let mark = Seal {
-            fence: self.sent + self.transmits.len(),
+            fence,
             next_mail: self.next_mail,
             polled: self.uncommitted,
-            acks: self.batch.acks.len(),
-            ack_transmits: self.batch.ack_transmits.len(),
             others: self.batch.others.len(),
             stored: self.batch.stored.len(),
         };
@@ -102,7 +116,9 @@ impl Server {
     #[must_use]
     pub fn poll_batch(&mut self) -> Vec<StoreOp> {
         let ops: Vec<StoreOp> = std::iter::from_fn(|| self.poll_store()).collect();
-        self.seal_batch();
+        if !ops.is_empty() {
+            self.seal_batch();
+        }
         ops
     }
 
@@ -122,8 +138,13 @@ impl Server {
         for event in stored {
             self.event(event);
         }
-        self.batch.acks.drain(..seal.acks);
-        self.batch.ack_transmits.drain(..seal.ack_transmits);
+        // A promise made since the seal may rest on the sealed batch (a
+        // retry answered "saved", a relay's time running out): it holds
+        // now, wherever it was filed.
+        self.batch.acks.retain(|(_, _, p)| p.rests_on() >= done);
+        let open: HashSet<(ClientId, Seq)> =
+            self.batch.acks.iter().map(|&(c, s, _)| (c, s)).collect();
+        (self.batch.ack_transmits).retain(|&(_, c, s, _)| open.contains(&(c, s)));
         self.batch.others.drain(..seal.others);
         self.batch.deliveries.retain(|&(_, mail)| mail >= done);
         self.batch.keys.retain(|_, mail| *mail >= done);
@@ -181,13 +202,15 @@ impl Server {
         // Datagram numbers as places in `transmits`: nothing of the batch
         // has left.
         let sent = self.sent;
-        let mut gone: HashSet<usize> = batch.deliveries.iter().map(|&(i, _)| i - sent).collect();
+        let mut gone: HashSet<usize> = (batch.deliveries.iter())
+            .filter_map(|&(n, _)| n.checked_sub(sent))
+            .collect();
         let reason = failure.refusal();
         let mut refusals: HashMap<(ClientId, Seq), (What, Vec<u8>)> = HashMap::new();
         let mut relay_refusals = Vec::new();
         for &(client, seq, promise) in &batch.acks {
             let msg = match promise {
-                Promise::Saved { channel } => {
+                Promise::Saved { channel, .. } => {
                     let from = self.table.get(client).name.clone();
                     self.event(ServerEvent::NotSaved {
                         from,
@@ -238,7 +261,10 @@ impl Server {
             refusals.insert((client, seq), encoded);
         }
         for &(n, sender, seq, link) in &batch.ack_transmits {
-            let i = n - sent;
+            // Held, so never sent: below `sent` would be a bug, skipped.
+            let Some(i) = n.checked_sub(sent) else {
+                continue;
+            };
             // A reply the failure does not change stays as it is.
             let Some((what, plain)) = refusals.get(&(sender, seq)) else {
                 continue;
@@ -326,8 +352,9 @@ impl Server {
 
     /// Acks `seq` "saved": a promise that holds only once the batch is
     /// committed, so the ack is noted for [`Server::handle_commit_failed`].
-    pub(super) fn ack_saved(&mut self, id: ClientId, seq: Seq, channel: bool) {
-        self.promise(id, seq, Message::Ack { seq }, Promise::Saved { channel });
+    pub(super) fn ack_saved(&mut self, id: ClientId, seq: Seq, channel: bool, mail: MailId) {
+        let promise = Promise::Saved { channel, mail };
+        self.promise(id, seq, Message::Ack { seq }, promise);
     }
 
     /// Replies `msg`, which holds only if the batch is committed (see
