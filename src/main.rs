@@ -9,7 +9,7 @@ use std::time::Duration;
 use udpchat::driver::{self, Fatal};
 use udpchat::wire::Name;
 
-const USAGE: &str = "usage: udpchat -s <port> [options] | udpchat -c <name> <server-ip> <server-port> <client-port> [--key FILE] [--heartbeat SECS] [--timestamps] | udpchat --release <name> [--data-dir DIR]";
+const USAGE: &str = "usage: udpchat -s <port> [options] | udpchat -c <name> <server-ip> <server-port> <client-port> [--key FILE] [--heartbeat SECS] [--timestamps] | udpchat --release <name> [--data-dir DIR | --store URL]";
 
 const HELP: &str = "
   -s <port>               run the registry server on <port> (1024-65535)
@@ -35,8 +35,8 @@ const HELP: &str = "
                           else ~/.config/udpchat/<name>.key; created on first start)
     --heartbeat SECS      tell the server every SECS seconds that you are here (default 10)
     --timestamps          start each line of what happens with the local time (HH:MM:SS)
-  --release <name>        (server stopped) free <name> in --data-dir: the next key to
-                          register it owns it; its stored messages are deleted
+  --release <name>        (server stopped) free <name> in --data-dir (or --store URL): the
+                          next key to register it owns it; its stored messages are deleted
   -h, --help              show this help
   -V, --version           show the version";
 
@@ -59,7 +59,11 @@ const SERVER_ONLY: [&str; 12] = [
 enum Mode {
     Server(driver::server::Options),
     Client(driver::client::Options),
-    Release { name: Name, data_dir: PathBuf },
+    Release {
+        name: Name,
+        data_dir: PathBuf,
+        store: Option<String>,
+    },
     Help,
     Version,
 }
@@ -97,7 +101,11 @@ fn main() -> ExitCode {
         }
         Mode::Server(options) => driver::server::run(options),
         Mode::Client(options) => driver::client::run(options),
-        Mode::Release { name, data_dir } => driver::server::release(&data_dir, &name),
+        Mode::Release {
+            name,
+            data_dir,
+            store,
+        } => driver::server::release(&data_dir, store.as_deref(), &name),
     };
     match result {
         Ok(code) => ExitCode::from(u8::try_from(code).unwrap_or(1)),
@@ -145,13 +153,18 @@ fn parse(args: &[String]) -> Result<Mode, String> {
     };
     if let Some(name) = m.opt_str("release") {
         if m.opt_present("s") || m.opt_present("c") {
-            return Err("--release goes alone (with --data-dir)".to_string());
+            return Err("--release goes alone (with --data-dir or --store)".to_string());
         }
         if let Some(extra) = m.free.first() {
             return Err(format!("unexpected argument '{extra}'"));
         }
         let name = Name::new(&name).map_err(|e| format!("name '{name}': {e}"))?;
-        return Ok(Mode::Release { name, data_dir });
+        let store = m.opt_str("store");
+        return Ok(Mode::Release {
+            name,
+            data_dir,
+            store,
+        });
     }
     if m.opt_present("key") && !m.opt_present("c") {
         return Err("--key goes with -c".to_string());

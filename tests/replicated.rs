@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use common::pg::Cluster;
 use common::stream::{self, Feed, Stage};
-use common::{BYE, Client, MAIL, Server, TABLE, send_to_offline};
+use common::{BYE, Client, DEADLINE, MAIL, Server, TABLE, run, send_to_offline};
 
 /// Quotas and a request ration far above what the senders send, so that
 /// only the store answers, never a quota.
@@ -65,6 +65,67 @@ fn a_server_on_postgres_keeps_mail_across_a_restart() {
     // Stored once, delivered once: acked and deleted.
     let rows = cluster.psql(cluster.primary, "restart", "SELECT count(*) FROM mail");
     assert_eq!(rows, "0");
+}
+
+/// `--release NAME --store URL` frees a name in PostgreSQL as it does in
+/// a data directory: its key is forgotten and its mail, direct and
+/// channel, deleted.
+#[test]
+fn an_operator_release_works_on_postgres() {
+    let test = "an_operator_release_works_on_postgres";
+    let Some(cluster) = Cluster::start(test, 0) else {
+        return;
+    };
+    let url = cluster.database("release");
+    let mut server = Server::start_with(&["--store", &url]);
+    let [mut alice, mut bob] = Client::join_all(&server, ["Alice", "Bob"]);
+    dereg(&mut alice, &mut [&mut bob]);
+    send_to_offline(&mut bob, "Alice", "for the old Alice only");
+    bob.send("send_all to everyone");
+    bob.expect(">>> [Message received by Server.]");
+    let sql = |q: &str| cluster.psql(cluster.primary, "release", q);
+    assert_eq!(sql("SELECT count(*) FROM mail"), "1");
+    assert_eq!(sql("SELECT count(*) FROM channel"), "1");
+    server.interrupt();
+    assert!(
+        server.wait_exit(DEADLINE).is_some(),
+        "the server did not stop"
+    );
+
+    let out = run(&["--release", "Alice", "--store", &url]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{:?} {:?}",
+        out.stdout,
+        out.stderr
+    );
+    assert_eq!(
+        out.stdout,
+        [
+            "released Alice: the next key to register it owns it; 2 stored messages for it were deleted"
+        ]
+    );
+    assert_eq!(
+        sql("SELECT key IS NULL FROM clients WHERE name = 'Alice'"),
+        "t"
+    );
+    assert_eq!(
+        sql("SELECT key IS NULL FROM clients WHERE name = 'Bob'"),
+        "f"
+    );
+    assert_eq!(sql("SELECT count(*) FROM mail"), "0");
+    assert_eq!(sql("SELECT count(*) FROM channel"), "0");
+    // A name nobody registered: a clear error, nothing changed.
+    let out = run(&["--release", "Nobody", "--store", &url]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        out.stderr
+            .iter()
+            .any(|l| l.contains("no client named Nobody")),
+        "{:?}",
+        out.stderr
+    );
 }
 
 /// The recipient of the crash test; offline throughout.

@@ -279,6 +279,49 @@ impl PgStore {
         })
     }
 
+    /// Releases `name` (an operator's decision, e.g. for a user who lost
+    /// their key file), as [`SqliteStore::release`](super::sqlite::SqliteStore::release)
+    /// does: the key that owns it is forgotten and its mailbox deleted.
+    /// Returns how many messages were deleted. Run it with every server
+    /// on the database stopped: a running server keeps the binding it
+    /// loaded.
+    pub fn release(&mut self, name: &Name) -> Result<usize, StoreError> {
+        let shown = self.shown.clone();
+        let who = name.as_str();
+        let result = self.with_retry(|client, p| {
+            let mut tx = client.transaction()?;
+            let known = tx.execute("UPDATE clients SET key = NULL WHERE name = $1", &[&who])?;
+            if known == 0 {
+                return Ok(None);
+            }
+            let mut deleted = tx.execute("DELETE FROM mail WHERE recipient = $1", &[&who])?;
+            let owed: Vec<i64> = tx
+                .query(
+                    "SELECT id FROM channel WHERE $1 = ANY (pending)
+                     AND NOT EXISTS (SELECT 1 FROM channel_acked
+                                     WHERE mail = channel.id AND recipient = $1)",
+                    &[&who],
+                )?
+                .iter()
+                .map(|r| r.get(0))
+                .collect();
+            let gone = HashSet::from([who]);
+            for id in &owed {
+                take_pending(&mut tx, p, *id, &gone)?;
+                deleted += 1;
+            }
+            tx.commit()?;
+            Ok(Some(deleted))
+        });
+        match result {
+            Ok(Some(deleted)) => Ok(usize::try_from(deleted).unwrap_or(usize::MAX)),
+            Ok(None) => Err(StoreError(format!(
+                "{shown}: no client named {name} is registered"
+            ))),
+            Err(e) => Err(StoreError(e.to_string())),
+        }
+    }
+
     /// What the store is, for the log (no password).
     pub fn describe(&self) -> &str {
         &self.shown

@@ -464,20 +464,28 @@ fn say(line: &str) {
     let _ = out.flush();
 }
 
-/// `udpchat --release NAME`: frees a name in the data directory (the
-/// server stopped), so the next key to register it owns it.
-pub fn release(data_dir: &std::path::Path, name: &Name) -> Result<i32, Fatal> {
-    let dir = data_dir.display();
-    if !data_dir.join(super::sqlite::DB_FILE).is_file() {
-        return Err(Fatal(format!(
-            "error: data dir {dir}: no udpchat database here"
-        )));
-    }
-    let mut store =
-        SqliteStore::open(data_dir).map_err(|e| Fatal(format!("error: data dir {dir}: {e}")))?;
-    let deleted = store
-        .release(name)
-        .map_err(|e| Fatal(format!("error: {e}")))?;
+/// `udpchat --release NAME`: frees a name in the data directory, or in the
+/// PostgreSQL database of `--store` (the servers stopped), so the next key
+/// to register it owns it.
+pub fn release(data_dir: &std::path::Path, store: Option<&str>, name: &Name) -> Result<i32, Fatal> {
+    let deleted = match store {
+        Some(url) => PgStore::open(url)
+            .and_then(|mut pg| pg.release(name))
+            .map_err(|e| Fatal(format!("error: --store: {e}")))?,
+        None => {
+            let dir = data_dir.display();
+            if !data_dir.join(super::sqlite::DB_FILE).is_file() {
+                return Err(Fatal(format!(
+                    "error: data dir {dir}: no udpchat database here"
+                )));
+            }
+            let mut store = SqliteStore::open(data_dir)
+                .map_err(|e| Fatal(format!("error: data dir {dir}: {e}")))?;
+            store
+                .release(name)
+                .map_err(|e| Fatal(format!("error: {e}")))?
+        }
+    };
     say(&format!(
         "released {name}: the next key to register it owns it; {deleted} stored messages for it were deleted"
     ));
