@@ -155,7 +155,14 @@ fn put_is_idempotent(store: &mut dyn Store) {
     let mut again = mail(2, "Bob", "Alice", 7, "once");
     again.stored_at += 9;
     store.commit(&[StoreOp::Put(again)]).unwrap();
-    assert_eq!(store.load().unwrap().mail, [m]);
+    assert_eq!(store.load().unwrap().mail, [m.clone()]);
+    // Twice in one batch: the first is kept.
+    let first = mail(5, "Carol", "Alice", 9, "first");
+    let second = mail(6, "Carol", "Alice", 9, "second");
+    store
+        .commit(&[StoreOp::Put(first.clone()), StoreOp::Put(second)])
+        .unwrap();
+    assert_eq!(store.load().unwrap().mail, [m, first]);
 }
 
 fn delete_takes_only_the_acked_mail(store: &mut dyn Store) {

@@ -117,9 +117,15 @@ const SCHEMA: &str = "
 // `ON CONFLICT DO NOTHING`: a message already stored under its id or its
 // (recipient, sender, msg_id) is not stored again (a batch replayed after
 // a COMMIT whose outcome was unknown).
+// Many rows in one statement (one round trip for a batch's messages), in
+// their order: of two with one (recipient, sender, msg_id), the first is
+// kept, as one INSERT each would.
 const PUT: &str = "INSERT INTO mail
                        (id, recipient, sender, channel, stored_at, msg_id, kind, body, sender_key)
-                   VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) ON CONFLICT DO NOTHING";
+                   SELECT * FROM unnest($1::bigint[], $2::text[], $3::text[], $4::boolean[],
+                                        $5::bigint[], $6::bigint[], $7::smallint[], $8::bytea[],
+                                        $9::bytea[])
+                   ON CONFLICT DO NOTHING";
 const DELETE: &str = "DELETE FROM mail WHERE id = $1 AND recipient = $2";
 const PUT_CHANNEL: &str = "INSERT INTO channel (id, sender, stored_at, msg_id, body, pending, owed)
                            VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT DO NOTHING";
@@ -473,27 +479,8 @@ fn apply<'a>(
     acked: &mut BTreeMap<i64, HashSet<&'a str>>,
 ) -> Result<(), postgres::Error> {
     match op {
-        StoreOp::Put(m) => {
-            // Checked before the transaction began (`check_batch`).
-            let Ok((kind, body, key)) = rows::body_columns(&m.body) else {
-                return Ok(());
-            };
-            let id = m.mail.0.cast_signed();
-            tx.execute(
-                &p.put,
-                &[
-                    &id,
-                    &m.to.as_str(),
-                    &m.from.as_str(),
-                    &m.channel,
-                    &m.stored_at,
-                    &m.id.0.cast_signed(),
-                    &(kind as i16),
-                    &body,
-                    &key,
-                ],
-            )?;
-        }
+        // Gathered by the caller and written by `put_all`.
+        StoreOp::Put(_) => {}
         StoreOp::Rewrite { mail, body } => {
             if let (Ok(id), Ok((kind, body, key))) = (db_id(*mail), rows::body_columns(body)) {
                 tx.execute(&p.rewrite, &[&id, &(kind as i16), &body, &key])?;
@@ -536,6 +523,50 @@ fn apply<'a>(
             tx.execute(&p.forget, &[&name.as_str()])?;
         }
     }
+    Ok(())
+}
+
+/// Writes `puts` with one statement.
+fn put_all(
+    tx: &mut Transaction<'_>,
+    p: &Prepared,
+    puts: &[&StoredMail],
+) -> Result<(), postgres::Error> {
+    if puts.is_empty() {
+        return Ok(());
+    }
+    let mut cols = (
+        Vec::new(),
+        Vec::new(),
+        Vec::new(),
+        Vec::new(),
+        Vec::new(),
+        Vec::new(),
+        Vec::new(),
+        Vec::new(),
+        Vec::new(),
+    );
+    for m in puts {
+        // Checked before the transaction began (`check_batch`).
+        let Ok((kind, body, key)) = rows::body_columns(&m.body) else {
+            continue;
+        };
+        cols.0.push(m.mail.0.cast_signed());
+        cols.1.push(m.to.as_str());
+        cols.2.push(m.from.as_str());
+        cols.3.push(m.channel);
+        cols.4.push(m.stored_at);
+        cols.5.push(m.id.0.cast_signed());
+        cols.6.push(kind as i16);
+        cols.7.push(body);
+        cols.8.push(key);
+    }
+    tx.execute(
+        &p.put,
+        &[
+            &cols.0, &cols.1, &cols.2, &cols.3, &cols.4, &cols.5, &cols.6, &cols.7, &cols.8,
+        ],
+    )?;
     Ok(())
 }
 
@@ -688,9 +719,19 @@ impl Store for PgStore {
         self.with_retry(|client, p| {
             let mut tx = client.transaction()?;
             let mut acked = BTreeMap::new();
+            // Runs of messages go in one statement each; everything keeps
+            // its order.
+            let mut puts: Vec<&StoredMail> = Vec::new();
             for op in ops {
+                if let StoreOp::Put(m) = op {
+                    puts.push(m);
+                    continue;
+                }
+                put_all(&mut tx, p, &puts)?;
+                puts.clear();
                 apply(&mut tx, p, op, &mut acked)?;
             }
+            put_all(&mut tx, p, &puts)?;
             for (id, gone) in &acked {
                 take_pending(&mut tx, p, *id, gone)?;
             }
