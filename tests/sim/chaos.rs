@@ -56,6 +56,21 @@ pub const EPOCH_UNIX: i64 = 1_700_000_000;
 /// save again (2.5 s), `exists` and a last direct try (0.5 s): about 9.5 s.
 pub const OUTCOME_BOUND: Duration = Duration::from_secs(20);
 
+/// How much longer than [`OUTCOME_BOUND`] a send may go without an outcome
+/// when its sender was answered "busy" meanwhile: a client believes busy
+/// answers for up to 60 s in all before its tries run out (`BUSY_BUDGET`
+/// in src/client/join.rs), on top of the tries themselves.
+const BUSY_ALLOWANCE: Duration = Duration::from_secs(60);
+
+/// The extra time a send issued at `issued` has, given when its process was
+/// last answered "busy".
+fn busy_allowance(busy_at: Option<Instant>, issued: Instant) -> Duration {
+    match busy_at {
+        Some(at) if at >= issued => BUSY_ALLOWANCE,
+        _ => Duration::ZERO,
+    }
+}
+
 /// The ways a direct message may fail (see [`World::line`]): the server
 /// did not answer or refused it, or the sender could not send it. None of
 /// them is the peer's silence: the server relays to a peer it reaches.
@@ -235,6 +250,8 @@ struct Proc {
     /// mail batch (`[You Have Messages]`) began.
     last_stored: Option<u64>,
     batch_at: Option<Instant>,
+    /// When the server last answered this process "busy".
+    busy_at: Option<Instant>,
 }
 
 #[derive(Debug, Clone)]
@@ -825,10 +842,11 @@ impl World {
         let now = self.now;
         if self.trace_on {
             let at = (now - self.start).as_secs_f64();
+            // Whole addresses: hosts behind NATs share their ports.
             println!(
                 "{at:9.3} {} -> {} {:?} ({} bytes)",
-                p.from.port(),
-                p.to.port(),
+                p.from,
+                p.to,
                 p.payload.get(1),
                 p.payload.len()
             );
@@ -865,6 +883,9 @@ impl World {
             (at == Some(proc.addr) && proc.state == ProcState::Alive).then_some(pid)
         });
         if let Some(pid) = target {
+            if let Ok(packet::Datagram::Packet(Datagram::Busy { .. })) = packet::parse(&p.payload) {
+                self.procs[pid].busy_at = Some(now);
+            }
             self.procs[pid]
                 .client
                 .handle_datagram(now, p.from, &p.payload);
@@ -1428,6 +1449,7 @@ impl World {
             shown: HashSet::new(),
             last_stored: None,
             batch_at: None,
+            busy_at: None,
         });
         self.current[slot] = Some(pid);
         let at = (self.now - self.start).as_nanos();
@@ -1722,7 +1744,7 @@ impl World {
             } else if proc.state == ProcState::Alive && proc.client.is_idle() {
                 late.push(format!("c{}: send of {text} ended silently", proc.slot));
                 proc.pending = None;
-            } else if now - rec.issued > OUTCOME_BOUND {
+            } else if now - rec.issued > OUTCOME_BOUND + busy_allowance(proc.busy_at, rec.issued) {
                 late.push(format!(
                     "c{}: no outcome for {text} within {OUTCOME_BOUND:?}",
                     proc.slot
