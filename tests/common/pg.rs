@@ -307,9 +307,23 @@ impl Cluster {
         let _ = Command::new("pkill")
             .args(["-KILL", "-P", &pid.to_string()])
             .output();
-        let _ = Command::new("kill")
+        let killed = Command::new("kill")
             .args(["-KILL", &pid.to_string()])
             .output();
+        assert!(
+            killed.as_ref().is_ok_and(|o| o.status.success()),
+            "kill -KILL {pid}: {killed:?}"
+        );
+        // Gone (or a zombie, no longer serving) before the failover begins.
+        let deadline = Instant::now() + START;
+        let stat = format!("/proc/{pid}/stat");
+        while std::fs::read_to_string(&stat).is_ok_and(|s| !s.contains(") Z ")) {
+            assert!(
+                Instant::now() < deadline,
+                "the primary {pid} outlived SIGKILL"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
         self.nodes[i].down = true;
     }
 
