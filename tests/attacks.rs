@@ -26,8 +26,8 @@ use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
 use common::{
-    BYE, Client, DEADLINE, MAIL, PORT_RETRIES, QUIET, Run, SAVED, Server, TABLE, WELCOME, chat,
-    config_home, free_udp_port, key_file, port_in_use_error, run, run_in, scratch_dir,
+    Client, DEADLINE, MAIL, PORT_RETRIES, QUIET, Run, SAVED, Server, TABLE, WELCOME, chat,
+    config_home, dereg, free_udp_port, key_file, port_in_use_error, run, run_in, scratch_dir,
     send_to_offline,
 };
 use mio::{Events, Interest, Poll, Token, Waker};
@@ -68,17 +68,6 @@ fn stop_server(server: &mut Server) {
         server.wait_exit(DEADLINE).is_some(),
         "server did not exit within {DEADLINE:?} of SIGINT"
     );
-}
-
-/// `client` deregisters; every client in `others` sees the table change.
-#[track_caller]
-fn dereg(client: &mut Client, others: &mut [&mut Client]) {
-    let name = client.name().to_owned();
-    client.send(&format!("dereg {name}"));
-    client.expect(BYE);
-    for other in others {
-        other.expect(TABLE);
-    }
 }
 
 /// The first line of `help`, which ends a `list` in [`rows`].

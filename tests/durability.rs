@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use common::stream::{self, Feed};
 use common::{
-    BYE, Client, DEADLINE, MAIL, QUIET, Run, Server, TABLE, chat, free_udp_port, run_in,
+    Client, DEADLINE, MAIL, QUIET, Run, Server, TABLE, chat, dereg, free_udp_port, run_in,
     scratch_dir, send_to_offline,
 };
 use rand_chacha::ChaCha8Rng;
@@ -25,17 +25,6 @@ const FAST_BEAT: &str = "0.2";
 /// `>>> [Reconnected to server.]`
 const RECONNECTED: &str = ">>> [Reconnected to server.]";
 
-/// `client` deregisters; every client in `others` sees the table change.
-#[track_caller]
-fn dereg(client: &mut Client, others: &mut [&mut Client]) {
-    let name = client.name().to_owned();
-    client.send(&format!("dereg {name}"));
-    client.expect(BYE);
-    for other in others {
-        other.expect(TABLE);
-    }
-}
-
 // ---------------------------------------------------------------------------
 // Crash test: kill -9 at a random moment of a stream of saved messages.
 
@@ -47,20 +36,6 @@ const SENDERS: [&str; 3] = ["S1", "S2", "S3"];
 /// thousand a second, so the crash moment mostly falls inside the stream;
 /// the bound keeps R's mailbox quick to stream on `reg`.
 const PER_SENDER: usize = 2000;
-/// Mailbox quotas and a request ration for the crash test's server, far
-/// above what the senders can send, so that only the store answers, never
-/// a quota (three senders on one address save faster than the default
-/// ration's 1,000 a second on a quiet machine).
-const CRASH_SERVER_FLAGS: [&str; 8] = [
-    "--data-dir",
-    "store",
-    "--mailbox-messages",
-    "100000",
-    "--mailbox-bytes",
-    "67108864",
-    "--requests-per-source",
-    "1000000",
-];
 /// The crash comes this many milliseconds into the stream, uniformly.
 const KILL_AFTER_MS: (u64, u64) = (50, 1500);
 /// Rounds when `UDPCHAT_CRASH_ROUNDS` is not set.
@@ -103,7 +78,9 @@ fn saved_messages_survive_kill_9() {
 }
 
 fn crash_round(delay: Duration, wait_for_give_up: bool) {
-    let mut server = Server::start_with(&CRASH_SERVER_FLAGS);
+    let mut flags = vec!["--data-dir", "store"];
+    flags.extend(stream::SERVER_FLAGS);
+    let mut server = Server::start_with(&flags);
     let db = server.dir().join("store").join("udpchat.db");
     assert!(db.is_file(), "{} was not created", db.display());
 

@@ -11,33 +11,12 @@ use std::time::{Duration, Instant};
 
 use common::pg::Cluster;
 use common::stream::{self, Feed, Stage};
-use common::{BYE, Client, DEADLINE, MAIL, Server, TABLE, run, send_to_offline};
-
-/// Quotas and a request ration far above what the senders send, so that
-/// only the store answers, never a quota.
-const FLAGS: [&str; 6] = [
-    "--mailbox-messages",
-    "100000",
-    "--mailbox-bytes",
-    "67108864",
-    "--requests-per-source",
-    "1000000",
-];
-
-/// `client` deregisters; every client in `others` sees the table change.
-fn dereg(client: &mut Client, others: &mut [&mut Client]) {
-    let name = client.name().to_owned();
-    client.send(&format!("dereg {name}"));
-    client.expect(BYE);
-    for other in others {
-        other.expect(TABLE);
-    }
-}
+use common::{Client, DEADLINE, MAIL, Server, TABLE, dereg, run, send_to_offline};
 
 fn server_on(cluster: &Cluster, db: &str) -> Server {
     let url = cluster.database(db);
     let mut flags = vec!["--store", url.as_str()];
-    flags.extend(FLAGS);
+    flags.extend(stream::SERVER_FLAGS);
     Server::start_with(&flags)
 }
 

@@ -38,6 +38,17 @@ pub const BIN: &str = env!("CARGO_BIN_EXE_udpchat");
 /// picking it and the binary binding it.
 pub const PORT_RETRIES: usize = 10;
 
+/// `client` deregisters; every client in `others` sees the table change.
+#[track_caller]
+pub fn dereg(client: &mut Client, others: &mut [&mut Client]) {
+    let name = client.name().to_owned();
+    client.send(&format!("dereg {name}"));
+    client.expect(BYE);
+    for other in others {
+        other.expect(TABLE);
+    }
+}
+
 /// `>>> [Welcome, You are registered.]`
 pub const WELCOME: &str = ">>> [Welcome, You are registered.]";
 /// `>>> [Client table updated.]`
