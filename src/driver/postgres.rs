@@ -150,16 +150,26 @@ const CLIENT: &str = "INSERT INTO clients (name, addr, registered_at, key, last_
                           last_seen = coalesce(excluded.last_seen, clients.last_seen)";
 const FORGET: &str = "DELETE FROM clients WHERE name = $1";
 const LOAD_CLIENTS: &str = "SELECT seq, name, addr, key, last_seen FROM clients ORDER BY seq";
-const MAIL_COLUMNS: &str =
-    "SELECT id, recipient, sender, channel, stored_at, msg_id, kind, body, sender_key FROM mail";
+const LOAD_MAIL: &str = "SELECT id, recipient, sender, channel, stored_at, msg_id, kind, body,
+                                sender_key
+                         FROM mail ORDER BY id";
+const FETCH_MAIL: &str = "SELECT id, recipient, sender, channel, stored_at, msg_id, kind, body,
+                                 sender_key
+                          FROM mail WHERE id = $1 AND recipient = $2";
+// Only for a recipient still owed it, like a `mail` row of theirs.
+const FETCH_CHANNEL: &str = "SELECT body, pending,
+                                    array(SELECT recipient FROM channel_acked WHERE mail = $1)
+                             FROM channel WHERE id = $1";
 const LOAD_CHANNEL: &str = "SELECT id, sender, stored_at, msg_id, body, pending,
                                    array(SELECT recipient FROM channel_acked
                                          WHERE mail = channel.id),
                                    owed
                             FROM channel ORDER BY id";
 
-/// The statements a commit uses, prepared once per connection.
+/// The statements a commit or a fetch uses, prepared once per connection.
 struct Prepared {
+    fetch_mail: Statement,
+    fetch_channel: Statement,
     put: Statement,
     delete: Statement,
     put_channel: Statement,
@@ -176,6 +186,8 @@ struct Prepared {
 impl Prepared {
     fn new(client: &mut Client) -> Result<Prepared, postgres::Error> {
         Ok(Prepared {
+            fetch_mail: client.prepare(FETCH_MAIL)?,
+            fetch_channel: client.prepare(FETCH_CHANNEL)?,
             put: client.prepare(PUT)?,
             delete: client.prepare(DELETE)?,
             put_channel: client.prepare(PUT_CHANNEL)?,
@@ -621,7 +633,7 @@ impl Store for PgStore {
             // One snapshot for the three reads.
             tx.batch_execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")?;
             let clients = tx.query(LOAD_CLIENTS, &[])?;
-            let mail = tx.query(&format!("{MAIL_COLUMNS} ORDER BY id"), &[])?;
+            let mail = tx.query(LOAD_MAIL, &[])?;
             let channels = tx.query(LOAD_CHANNEL, &[])?;
             tx.commit()?;
             Ok((clients, mail, channels))
@@ -671,20 +683,12 @@ impl Store for PgStore {
     fn fetch(&mut self, to: &Name, mail: MailId) -> io::Result<Option<Body>> {
         let id = db_id(mail)?;
         let to_str = to.as_str();
-        let (direct, channel) = self.with_retry(|client, _| {
-            let direct = client.query_opt(
-                &format!("{MAIL_COLUMNS} WHERE id = $1 AND recipient = $2"),
-                &[&id, &to_str],
-            )?;
+        let (direct, channel) = self.with_retry(|client, p| {
+            let direct = client.query_opt(&p.fetch_mail, &[&id, &to_str])?;
             if direct.is_some() {
                 return Ok((direct, None));
             }
-            let channel = client.query_opt(
-                "SELECT body, pending,
-                        array(SELECT recipient FROM channel_acked WHERE mail = $1)
-                 FROM channel WHERE id = $1",
-                &[&id],
-            )?;
+            let channel = client.query_opt(&p.fetch_channel, &[&id])?;
             Ok((None, channel))
         })?;
         if let Some(row) = direct {

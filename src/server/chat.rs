@@ -249,13 +249,15 @@ impl Server {
                     live.push((r, mail));
                     pending.push(copy.to);
                 }
-                // A copy put by this batch (a retry while it commits).
-                Ok(false) if self.batch.channels.contains_key(&(from.clone(), id)) => {
-                    stored = true;
-                    let earlier = self.batch.channels.get(&(from.clone(), id)).copied();
-                    rests_on = rests_on.max(earlier);
-                }
-                Ok(false) => committed = true,
+                // Not new: a copy put by a batch still under way (a retry
+                // while it commits) rests on it; otherwise it is committed.
+                Ok(false) => match self.batch.channels.get(&(from.clone(), id)) {
+                    Some(&earlier) => {
+                        stored = true;
+                        rests_on = rests_on.max(Some(earlier));
+                    }
+                    None => committed = true,
+                },
                 // This recipient's own mailbox is full: it misses the
                 // message (logged), as a full mailbox bounces direct mail.
                 Err(_) => {
