@@ -107,6 +107,56 @@ fn an_operator_release_works_on_postgres() {
     );
 }
 
+/// (Attacker reading the server's log, or a user's terminal.) A password
+/// in the connection string is never printed: not in the log of a running
+/// server, nor in the error of one that cannot connect.
+#[test]
+fn a_password_in_the_connection_string_is_never_printed() {
+    let test = "a_password_in_the_connection_string_is_never_printed";
+    let Some(cluster) = Cluster::start(test, 0) else {
+        return;
+    };
+    const SECRET: &str = "hunter2-never-shown";
+    // Trust authentication on loopback: the password is carried, unused.
+    let url = cluster
+        .database("secret")
+        .replacen("udpchat@", &format!("udpchat:{SECRET}@"), 1);
+    assert!(url.contains(SECRET));
+    let mut server = Server::start_with(&["--store", &url]);
+    server.expect_stdout("(PostgreSQL)");
+    let [mut alice] = Client::join_all(&server, ["Alice"]);
+    alice.finish();
+    server.interrupt();
+    assert!(
+        server.wait_exit(DEADLINE).is_some(),
+        "the server did not stop"
+    );
+    let said: Vec<String> = server.stdout().into_iter().chain(server.stderr()).collect();
+    assert!(
+        said.iter().any(|l| l.contains("store postgres://udpchat@")),
+        "{said:#?}"
+    );
+    assert!(!said.iter().any(|l| l.contains(SECRET)), "{said:#?}");
+    // A host where nothing listens: the error names it, not the password.
+    let port = common::pg::free_tcp_port();
+    let bad = format!("postgres://udpchat:{SECRET}@127.0.0.1:{port}/secret");
+    let out = run(&["-s", &common::free_udp_port().to_string(), "--store", &bad]);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{:?} {:?}",
+        out.stdout,
+        out.stderr
+    );
+    let said: Vec<&String> = out.stdout.iter().chain(&out.stderr).collect();
+    assert!(
+        said.iter()
+            .any(|l| l.contains(&format!("127.0.0.1:{port}"))),
+        "{said:#?}"
+    );
+    assert!(!said.iter().any(|l| l.contains(SECRET)), "{said:#?}");
+}
+
 /// The recipient of the crash test; offline throughout.
 const RECIPIENT: &str = "R";
 /// Messages a sender sends at most.
