@@ -199,19 +199,11 @@ impl Cluster {
             self.root.display(),
             node.name,
         );
-        let file = node.dir.join("postgresql.conf");
-        let mut f = std::fs::OpenOptions::new()
-            .append(true)
-            .open(&file)
-            .unwrap_or_else(|e| panic!("{}: {e}", file.display()));
-        f.write_all(conf.as_bytes()).expect("write postgresql.conf");
-        let hba = node.dir.join("pg_hba.conf");
-        let mut f = std::fs::OpenOptions::new()
-            .append(true)
-            .open(&hba)
-            .unwrap_or_else(|e| panic!("{}: {e}", hba.display()));
-        f.write_all(b"host replication all 127.0.0.1/32 trust\n")
-            .expect("write pg_hba.conf");
+        append(&node.dir.join("postgresql.conf"), &conf);
+        append(
+            &node.dir.join("pg_hba.conf"),
+            "host replication all 127.0.0.1/32 trust\n",
+        );
     }
 
     /// `host:port` of every node, primary first.
@@ -427,6 +419,15 @@ fn is_root() -> bool {
         .arg("-u")
         .output()
         .is_ok_and(|o| o.stdout.trim_ascii() == b"0")
+}
+
+/// Adds `text` to the end of the file at `file`.
+fn append(file: &Path, text: &str) {
+    std::fs::OpenOptions::new()
+        .append(true)
+        .open(file)
+        .and_then(|mut f| f.write_all(text.as_bytes()))
+        .unwrap_or_else(|e| panic!("{}: {e}", file.display()));
 }
 
 fn path(p: &Path) -> &str {
