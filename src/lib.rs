@@ -154,7 +154,7 @@ pub mod timer;
 pub mod wire;
 
 pub use client::{Client, ClientConfig, CommandError, Event, Path, console};
-pub use server::{Census, Server, ServerConfig, ServerEvent, StoreFailure, Waiting};
+pub use server::{Census, Remote, Server, ServerConfig, ServerEvent, StoreFailure, Waiting};
 
 /// How long a sender waits for an ack before it gives up on a try (direct
 /// message) or resends (request to the server).

@@ -235,6 +235,18 @@ pub enum StoreOp {
         /// Its new body.
         body: Body,
     },
+    /// One of several servers sharing the store: a client came online at
+    /// this server (at `addr`) or left it. Only a store shared by several
+    /// servers keeps it (the others learn who is online where); any other
+    /// store takes it and does nothing.
+    Presence {
+        /// The client.
+        name: Name,
+        /// Where it is (or was last).
+        addr: SocketAddr,
+        /// Online here, or gone.
+        online: bool,
+    },
 }
 
 impl StoreOp {
@@ -247,7 +259,8 @@ impl StoreOp {
             StoreOp::Delete { .. }
             | StoreOp::Client(_)
             | StoreOp::Forget(_)
-            | StoreOp::Rewrite { .. } => Vec::new(),
+            | StoreOp::Rewrite { .. }
+            | StoreOp::Presence { .. } => Vec::new(),
         }
     }
 }
@@ -266,7 +279,10 @@ pub fn check_batch(ops: &[StoreOp]) -> io::Result<()> {
                 let len = c.body.len();
                 (c.mail, len, (1..=wire::MAX_SEALED).contains(&len))
             }
-            StoreOp::Delete { .. } | StoreOp::Client(_) | StoreOp::Forget(_) => continue,
+            StoreOp::Delete { .. }
+            | StoreOp::Client(_)
+            | StoreOp::Forget(_)
+            | StoreOp::Presence { .. } => continue,
         };
         if i64::try_from(mail.0).is_err() {
             return invalid(format!(
@@ -444,6 +460,8 @@ impl Store for MemoryStore {
                         m.body = body.clone();
                     }
                 }
+                // One server alone: nobody to tell.
+                StoreOp::Presence { .. } => {}
             }
         }
         Ok(())

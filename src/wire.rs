@@ -354,7 +354,7 @@ pub enum Content {
 pub enum Message {
     // ---- client → server -------------------------------------------------
     /// Register (or log back in) under `name`, as the session's key.
-    /// Answered by `Welcome`, `Rejected` or `Refused`.
+    /// Answered by `Welcome`, `Rejected`, `Refused` or `Redirect`.
     Register { seq: Seq, name: Name },
     /// Notified leave. Answered by `Ack`.
     Deregister { seq: Seq },
@@ -473,6 +473,13 @@ pub enum Message {
     /// answer; send it a datagram now, so that the NATs between you let
     /// its retry through (hole punching).
     Punch { entry: Entry },
+
+    // ---- added by several servers sharing one store (appended) ------------
+    /// Server → client, answering `Register`: `name`'s home is the server
+    /// of the same cluster (the same static key) at `to`; register there.
+    /// Sent on the session, so only a holder of the server key can move a
+    /// client (an off-path forgery cannot send it elsewhere).
+    Redirect { seq: Seq, to: SocketAddr },
 }
 
 /// What a datagram carries, for logs, tests and counters (the contents of
@@ -515,6 +522,7 @@ pub enum What {
     Relayed,
     Received,
     Punch,
+    Redirect,
 }
 
 impl Message {
@@ -547,6 +555,7 @@ impl Message {
             Message::Relayed { .. } => What::Relayed,
             Message::Received { .. } => What::Received,
             Message::Punch { .. } => What::Punch,
+            Message::Redirect { .. } => What::Redirect,
         }
     }
 }
@@ -817,6 +826,10 @@ mod tests {
             Message::Punch {
                 entry: widest_entry(2),
             },
+            Message::Redirect {
+                seq,
+                to: SocketAddr::from(([0xffff; 8], u16::MAX)),
+            },
         ]
     }
 
@@ -835,7 +848,7 @@ mod tests {
             whats.insert(msg.what());
         }
         // Every message variant (the packet types are the other eight).
-        assert_eq!(whats.len(), 26);
+        assert_eq!(whats.len(), 27);
     }
 
     #[test]

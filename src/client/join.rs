@@ -23,6 +23,29 @@ pub(super) struct Patience {
     pub(super) renewed: bool,
 }
 
+/// Redirects one round of a registration follows before it waits its
+/// tries out. A server redirects only to one that scores the name higher
+/// than itself, so among servers keeping the rule no chain is longer than
+/// the cluster; the bound is for a server that does not.
+pub(super) const MAX_REDIRECTS: u8 = 4;
+
+/// Rounds of five tries over the servers of a cluster before a
+/// registration gives up ("Server not responding"): a server killed takes
+/// its lease's length to drop out of the others' lists, and meanwhile they
+/// may still send us to it.
+pub(super) const MAX_ROUNDS: u8 = 3;
+
+/// Most server addresses kept (given, or learned from redirects).
+pub(super) const MAX_SERVERS: usize = 16;
+
+/// How far a registration has roamed over the servers of a cluster since
+/// the last welcome.
+#[derive(Debug, Default)]
+pub(super) struct Roaming {
+    pub(super) redirects: u8,
+    pub(super) rounds: u8,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Joining {
     /// At start-up.
@@ -138,6 +161,90 @@ impl Client {
         }
     }
 
+    /// `Redirect`: the registration under way belongs on the server at
+    /// `to` (another server of the cluster, the name's home). The session
+    /// it came on proved the server's key, and the new handshake must meet
+    /// the same key, so a redirect cannot hand us to anyone else.
+    pub(super) fn on_redirect(&mut self, now: Instant, seq: Seq, to: SocketAddr) {
+        if self.register_op().is_none_or(|(_, s)| s != seq)
+            || self.roaming.redirects >= MAX_REDIRECTS
+        {
+            // Past the bound the tries run out as for silence.
+            return;
+        }
+        let Some(Kind::Register { joining, .. }) =
+            self.take_server_op(seq, |k| matches!(k, Kind::Register { .. }))
+        else {
+            return;
+        };
+        self.roaming.redirects += 1;
+        self.config.failover = true;
+        self.session.end_join();
+        self.point_at(to);
+        self.register(now, joining);
+    }
+
+    /// Talks to the server at `to` from now on, keeping the one it was at
+    /// among the alternates (a later failover may need it).
+    fn point_at(&mut self, to: SocketAddr) {
+        if to != self.config.server {
+            let old = std::mem::replace(&mut self.config.server, to);
+            let alternates = &mut self.config.alternates;
+            match alternates.iter().position(|a| *a == to) {
+                Some(i) => alternates[i] = old,
+                None if alternates.len() < MAX_SERVERS => alternates.push(old),
+                None => {}
+            }
+        }
+        // Only `to` now: not the next address in turn.
+        self.server_answered = true;
+    }
+
+    /// Five tries of `op` unanswered while other servers of the cluster
+    /// may answer: register again through them (true) rather than give up.
+    /// What was under way waits for the new registration and goes again
+    /// (same ids: stored once whatever the silent server did with it).
+    pub(super) fn fail_over(&mut self, now: Instant, op: OpId) -> bool {
+        if !self.config.failover || self.config.alternates.is_empty() {
+            return false;
+        }
+        let Some(entry) = self.requests.get(op) else {
+            return false;
+        };
+        match entry.kind {
+            Kind::Register { joining, .. } => {
+                // A key or version not ours is not a silent server.
+                if self.session.troubled() || self.roaming.rounds >= MAX_ROUNDS {
+                    return false;
+                }
+                self.roaming.rounds += 1;
+                // A fresh round may follow redirects again: the servers
+                // that disagreed may agree by now.
+                self.roaming.redirects = 0;
+                self.finish(op);
+                self.session.end_join();
+                self.try_every_server();
+                self.register(now, joining);
+                true
+            }
+            _ if self.presence == Presence::Online && entry.session == self.sessions => {
+                self.try_every_server();
+                // As if the server had said it lost us: messages park,
+                // the rest ends, and we register again.
+                self.on_lost_session(now);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// The next handshake goes to each address in turn, the silent one
+    /// last.
+    fn try_every_server(&mut self) {
+        self.server_answered = false;
+        self.join_turn = 1;
+    }
+
     /// Sends the handshake datagram the registration is at: until the
     /// server has answered, each try goes to the next of its addresses.
     pub(super) fn send_join(&mut self) {
@@ -232,6 +339,7 @@ impl Client {
         };
         self.session.end_join();
         self.session.set_reset(reset);
+        self.roaming = Roaming::default();
         self.sessions = self.sessions.wrapping_add(1);
         self.presence = Presence::Online;
         match joining {

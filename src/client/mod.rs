@@ -68,6 +68,13 @@ pub struct ClientConfig {
     /// registration tries `server` and these in turn until one answers,
     /// which is the server's address from then on.
     pub alternates: Vec<SocketAddr>,
+    /// The alternates are other servers of one cluster (sharing one store
+    /// and one static key), not only other addresses of one server: when
+    /// the server goes silent (five tries of a request or a heartbeat
+    /// unanswered) the client registers again through them instead of
+    /// giving up, and what it had under way goes again once it is back.
+    /// A [`Message::Redirect`] turns this on too.
+    pub failover: bool,
     /// Seeds message ids, sequence numbers, session indexes and every
     /// handshake's ephemeral key. Use OS randomness in production.
     pub seed: [u8; 32],
@@ -91,6 +98,7 @@ impl std::fmt::Debug for ClientConfig {
             .field("name", &self.name)
             .field("server", &self.server)
             .field("alternates", &self.alternates)
+            .field("failover", &self.failover)
             .field("key", &self.key)
             .field("server_key", &self.server_key)
             .field("max_table", &self.max_table)
@@ -114,6 +122,7 @@ impl ClientConfig {
             name,
             server,
             alternates: Vec::new(),
+            failover: false,
             seed,
             key,
             server_key,
@@ -155,6 +164,9 @@ pub struct Client {
     server_answered: bool,
     /// Tries of message 1 sent while no address had answered.
     join_turn: usize,
+    /// Redirects followed and rounds over the servers since the last
+    /// welcome (bounded: servers that disagree cannot keep us going round).
+    roaming: Roaming,
     batch: Option<Batch>,
     /// The welcome that opened the latest mail batch.
     last_batch: Option<Seq>,
@@ -193,6 +205,7 @@ impl Client {
             patience: Patience::default(),
             server_answered: false,
             join_turn: 0,
+            roaming: Roaming::default(),
             batch: None,
             last_batch: None,
             heartbeat: None,
@@ -327,6 +340,7 @@ impl Client {
                 self.close(true);
             }
             Message::Ack { seq } => self.on_ack(now, seq),
+            Message::Redirect { seq, to } => self.on_redirect(now, seq, to),
             Message::Alive { seq, version } => {
                 let heartbeat = |k: &Kind| matches!(k, Kind::Heartbeat { .. });
                 let idle = self.requests.sync().is_none() && self.batch.is_none();

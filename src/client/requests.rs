@@ -432,12 +432,15 @@ impl Client {
                     ACK_TIMEOUT.mul_f64(1.0 + f64::from(self.rng.next_u32() % 1000) / 5000.0);
                 self.resend(now, op, wait);
             }
-            _ => self.give_up(op),
+            _ => self.give_up(now, op),
         }
     }
 
     /// Five tries without an answer from the server.
-    pub(super) fn give_up(&mut self, op: OpId) {
+    pub(super) fn give_up(&mut self, now: Instant, op: OpId) {
+        if self.fail_over(now, op) {
+            return;
+        }
         let Some(kind) = self.finish(op) else {
             return;
         };

@@ -114,6 +114,12 @@ impl ServerSession {
         matches!(&self.join, Some(Join::Initial { local, cookie: Some(_), .. }) if *local == receiver)
     }
 
+    /// Whether something was noted against the handshake under way (a key
+    /// or version that is not ours): not a silent server.
+    pub fn troubled(&self) -> bool {
+        self.trouble.is_some()
+    }
+
     /// Whether a handshake is under way.
     pub fn joining(&self) -> bool {
         self.join.is_some()

@@ -534,6 +534,8 @@ fn apply<'a>(
         StoreOp::Forget(name) => {
             tx.execute(&p.forget, &[&name.as_str()])?;
         }
+        // Written with the batch's feed row (see `cluster`), when there is one.
+        StoreOp::Presence { .. } => {}
     }
     Ok(())
 }

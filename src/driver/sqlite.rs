@@ -421,6 +421,8 @@ impl SqliteStore {
                     })
                     .map_err(sql)?;
             }
+            // One server alone on its file: nobody to tell.
+            StoreOp::Presence { .. } => {}
             StoreOp::Rewrite { mail, body } => {
                 if let Some(id) = mail_id(*mail) {
                     let (kind, body, key) = body_columns(path, id, body)?;

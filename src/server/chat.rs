@@ -40,7 +40,9 @@ impl Server {
             return;
         };
         self.pending(sender, seq);
-        if self.table.get(to).online {
+        // Online at another server of the cluster: stored, and its home
+        // delivers it at once (this server cannot probe it).
+        if self.is_here(to) {
             // The sender could not reach it: while the probe asks whether
             // it is there, it opens its side of a path to the sender.
             self.punch(to, sender);
@@ -98,7 +100,7 @@ impl Server {
         let Some(to) = self.recipient(sender, seq, &to) else {
             return;
         };
-        let relay = self.table.get(to).online && self.relays.len() < MAX_RELAYS;
+        let relay = self.is_here(to) && self.relays.len() < MAX_RELAYS;
         self.store_direct(now, sender, seq, to, mail, relay);
         if relay {
             // Direct stays the goal: the recipient tries to open a path
@@ -202,7 +204,7 @@ impl Server {
         // one pending row per recipient), so a fan-out costs one seal and
         // one body's bytes however large the table. If the store cannot
         // take it for everyone, it is refused: never acked half-kept.
-        let mail = MailId(self.next_mail);
+        let mail = self.mail_id_of(self.next_mail);
         let body = wire::encode_body(&MailBody { id, text });
         let mut salt = [0; AT_REST_SALT];
         self.rng.fill_bytes(&mut salt);

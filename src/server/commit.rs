@@ -133,7 +133,7 @@ impl Server {
             return;
         };
         self.uncommitted -= seal.polled.min(self.uncommitted);
-        let done = MailId(seal.next_mail);
+        let done = self.mail_id_of(seal.next_mail);
         let stored: Vec<ServerEvent> = self.batch.stored.drain(..seal.stored).collect();
         for event in stored {
             self.event(event);
@@ -154,7 +154,7 @@ impl Server {
         self.batch.first_mail = self.batch.mail.first().map(|&(_, mail)| mail);
         // On disk now: a body no delivery is waiting for leaves memory.
         for (to, mail) in committed {
-            if !self.table.get(to).online
+            if !self.is_here(to)
                 && let Some(m) = held_mut(&mut self.mailboxes, to, mail)
             {
                 m.body = None;
@@ -195,7 +195,7 @@ impl Server {
         online.sort_unstable();
         online.dedup();
         for to in online {
-            if self.table.get(to).online {
+            if self.is_here(to) {
                 self.pump(now, to);
             }
         }
@@ -313,6 +313,14 @@ impl Server {
                 self.deferred_rows
                     .insert(c.name.clone(), self.deferred.len());
             }
+            StoreOp::Presence { name, .. } => {
+                // Only the newest says where it is: one per client waits.
+                if let Some(&i) = self.deferred_presence.get(name) {
+                    self.deferred[i] = op;
+                    return;
+                }
+                (self.deferred_presence).insert(name.clone(), self.deferred.len());
+            }
             StoreOp::Delete { .. } | StoreOp::Forget(_) | StoreOp::Rewrite { .. } => {}
         }
         self.deferred.push(op);
@@ -321,6 +329,7 @@ impl Server {
     /// Puts what a failed commit left over in front of the queue.
     pub(super) fn undefer(&mut self) {
         self.deferred_rows.clear();
+        self.deferred_presence.clear();
         for op in self.deferred.drain(..).rev() {
             self.store_ops.push_front(op);
         }

@@ -20,7 +20,7 @@ impl Server {
 
     /// Queues a just-stored message for its recipient if it is online.
     pub(super) fn queue_live(&mut self, to: ClientId, mail: MailId) -> bool {
-        let online = self.table.get(to).online;
+        let online = self.is_here(to);
         if online {
             self.sessions[to.index() as usize]
                 .queue

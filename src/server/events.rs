@@ -155,6 +155,8 @@ pub struct ServerStats {
     pub limited: u64,
     /// Stored messages acked by their recipients (channel copies included).
     pub delivered: u64,
+    /// Registrations sent to their name's home server (several servers).
+    pub redirected: u64,
     /// The session layer's counters.
     pub links: LinkStats,
 }

@@ -206,7 +206,7 @@ impl Server {
         relay: bool,
     ) -> Result<Option<MailId>, Refusal> {
         let stored = StoredMail {
-            mail: MailId(self.next_mail),
+            mail: self.mail_id_of(self.next_mail),
             to: self.table.get(to).name.clone(),
             from: mail.from,
             channel: false,

@@ -28,6 +28,8 @@
 //! deltas; `requests` sessions' requests (authenticated, rate-limited,
 //! answered once); `chat` saves, relays, punches and channel messages;
 //! `mailbox` mail held and its bytes; `delivery` stored mail going out;
+//! `routing` which server of several is a name's home; `cluster` what the
+//! others did;
 //! `probes` liveness probes; `commit` the batch under commit and its
 //! promises; `events` what the server reports; [`links`] the Noise
 //! sessions; [`limits`] rate limits.
@@ -54,6 +56,7 @@ use crate::wire::{
 use crate::{RETRANSMIT, TICK, Transmit};
 
 mod chat;
+mod cluster;
 mod commit;
 mod delivery;
 mod events;
@@ -63,8 +66,10 @@ mod mailbox;
 mod probes;
 mod registry;
 mod requests;
+mod routing;
 
 use chat::*;
+pub use cluster::Remote;
 use commit::*;
 pub use events::{Census, ServerEvent, ServerStats, StoreFailure, Waiting};
 pub use mailbox::MAIL_TTL;
@@ -73,6 +78,7 @@ use probes::*;
 use registry::*;
 pub use registry::{DELTA_INTERVAL, NAME_TTL};
 use requests::*;
+use routing::*;
 
 pub use links::{AMPLIFICATION, LinkId, LinkStats};
 use links::{Incoming, Links};
@@ -117,6 +123,13 @@ pub struct ServerConfig {
     /// Requests (syncs, heartbeats, saves, channel messages) one source
     /// may send at once, and how often it earns one more.
     pub requests: (u32, Duration),
+    /// One of several servers sharing a store: the number the store gave
+    /// this one, the low 16 bits of every mail id it gives out, so that
+    /// two servers never give out the same id (`None`: alone, ids count
+    /// 1, 2, 3…). The counter above them follows the highest id seen
+    /// from any server (a Lamport clock), so ids stay in store order
+    /// across servers, as closely as the servers hear of each other.
+    pub instance: Option<u16>,
 }
 
 impl std::fmt::Debug for ServerConfig {
@@ -133,6 +146,7 @@ impl std::fmt::Debug for ServerConfig {
             .field("name_ttl", &self.name_ttl)
             .field("new_names", &self.new_names)
             .field("requests", &self.requests)
+            .field("instance", &self.instance)
             .finish_non_exhaustive()
     }
 }
@@ -158,6 +172,7 @@ impl ServerConfig {
             name_ttl: Some(NAME_TTL),
             new_names: (64, Duration::from_secs(10)),
             requests: (2000, Duration::from_millis(1)),
+            instance: None,
         }
     }
 }
@@ -262,11 +277,18 @@ pub struct Server {
     deferred: Vec<StoreOp>,
     /// Where in `deferred` each client's row waits.
     deferred_rows: HashMap<Name, usize>,
+    /// Where in `deferred` each client's presence waits.
+    deferred_presence: HashMap<Name, usize>,
     retry: Option<TimerKey>,
     /// A [`Timer::Deltas`] is armed.
     deltas_armed: bool,
     events: VecDeque<ServerEvent>,
     stats: ServerStats,
+    /// The servers sharing the store, when there are several
+    /// ([`Server::set_servers`]).
+    cluster: Option<Cluster>,
+    /// Rows online at another server of the cluster, and which.
+    remote: HashMap<ClientId, SocketAddr>,
 }
 
 impl Server {
@@ -333,10 +355,13 @@ impl Server {
             hold_from: None,
             deferred: Vec::new(),
             deferred_rows: HashMap::new(),
+            deferred_presence: HashMap::new(),
             retry: None,
             deltas_armed: false,
             events: VecDeque::new(),
             stats: ServerStats::default(),
+            cluster: None,
+            remote: HashMap::new(),
             config,
         };
         // A row without a "last seen" (older than schema 3) counts from now.
@@ -346,70 +371,8 @@ impl Server {
                 server.sessions.seen[id.index() as usize] = c.seen_at.unwrap_or(unix);
             }
         }
-        // Mail for a name the registry lacks (a store edited by hand) still
-        // gets a row, so it is not lost.
-        let unknown = SocketAddr::from(([0, 0, 0, 0], 0));
-        for mut m in loaded.mail {
-            // Before anything can skip it: an id in the store is never
-            // given out again (a new message under it would be lost to the
-            // store's conflict rule).
-            server.next_mail = server.next_mail.max(m.mail.0.saturating_add(1));
-            let Some(to) = server.row(&m.to, unknown, PublicKey::NONE) else {
-                continue;
-            };
-            if let Body::Clear(text) = &m.body {
-                let body = server.legacy_at_rest(&m, text);
-                server.store_ops.push_back(StoreOp::Rewrite {
-                    mail: m.mail,
-                    body: body.clone(),
-                });
-                m.body = body;
-            }
-            // Sealed mail is delivered with the key it was stored with: it
-            // must be the key the sender's name is bound to, or a forgery
-            // written into the store would be vouched for.
-            if let Body::Sealed { key, .. } = &m.body {
-                let bound = server
-                    .table
-                    .lookup(&m.from)
-                    .map(|id| server.table.get(id).key);
-                if bound != Some(*key) {
-                    server.event(ServerEvent::Unverifiable {
-                        to: m.to.clone(),
-                        from: m.from.clone(),
-                        mail: m.mail,
-                    });
-                    server.store_ops.push_back(StoreOp::Delete {
-                        to: m.to.clone(),
-                        mail: m.mail,
-                    });
-                    continue;
-                }
-            }
-            if server
-                .content(&m.to, m.mail, &Held::new(&m), &m.body)
-                .is_none()
-            {
-                // Encrypted under a server key that is gone, or damaged:
-                // nobody can ever read it. Said once, then dropped.
-                server.event(ServerEvent::Undecryptable(m.to.clone(), m.mail));
-                server.store_ops.push_back(StoreOp::Delete {
-                    to: m.to.clone(),
-                    mail: m.mail,
-                });
-                continue;
-            }
-            let mut held = Held::new(&m);
-            // Checked; it stays on disk until a delivery needs it (a body
-            // rewritten now may still be fetched clear: `handle_fetched`).
-            held.body = None;
-            server.charge(m.mail, held.shared, server.cost(m.mail, &held));
-            server.by_age.insert((m.stored_at, m.mail, to));
-            let key = server.dedup_key(&m.from, m.id);
-            let mb = server.mailboxes.entry(to).or_default();
-            mb.bytes += held.size();
-            *mb.keys.entry(key).or_default() += 1;
-            mb.mail.insert(m.mail, Box::new(held));
+        for m in loaded.mail {
+            server.hold_committed(m);
         }
         // Loading is not a change anyone needs to hear about.
         let _ = server.table.take_deltas();
@@ -713,6 +676,22 @@ impl Server {
         stats.links = self.links.stats();
         stats.malformed += stats.links.malformed;
         stats
+    }
+
+    /// The mail id of counter value `n` (see [`ServerConfig::instance`]).
+    fn mail_id_of(&self, n: u64) -> MailId {
+        match self.config.instance {
+            None => MailId(n),
+            Some(i) => MailId(n << 16 | u64::from(i)),
+        }
+    }
+
+    /// The counter value of mail id `mail`, whichever server gave it out.
+    fn counter_of(&self, mail: MailId) -> u64 {
+        match self.config.instance {
+            None => mail.0,
+            Some(_) => mail.0 >> 16,
+        }
     }
 
     fn unix_time(&self, now: Instant) -> i64 {

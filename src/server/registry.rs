@@ -52,6 +52,15 @@ impl Server {
             }
             return;
         }
+        // Another server of the cluster is the name's home: it holds the
+        // name's mail and presence, so the client goes there. Nothing is
+        // kept here (the session stays unclaimed and ages out).
+        if let Some(to) = self.elsewhere(&name) {
+            self.stats.redirected += 1;
+            let msg = Message::Redirect { seq, to };
+            self.links.send(link, &msg, &mut self.transmits);
+            return;
+        }
         let Some(id) = self.table.lookup(&name) else {
             // A new row is for good: one source may not fill the registry.
             // (Checked after the lookup, so known names always log in.)
@@ -83,7 +92,10 @@ impl Server {
             return;
         };
         let entry = self.table.get(id);
-        let (same_addr, online, owner) = (entry.addr == from, entry.online, entry.key);
+        let (same_addr, owner) = (entry.addr == from, entry.key);
+        // Online at another server of the cluster: this one is its home
+        // now (that one died, or the servers changed), and cannot probe it.
+        let online = self.is_here(id);
         if !owner.is_none() && owner != key {
             // Whether the owner is online, silent or gone: never its mail,
             // never its name.
@@ -121,6 +133,9 @@ impl Server {
         self.table.set(id, addr, online);
         // Its row as the table now has it, new address and all.
         self.note_seen(now, id);
+        if online {
+            self.publish_presence(id);
+        }
         self.event(ServerEvent::Moved(name.clone(), addr));
         if self.sessions[id.index() as usize].gone {
             self.revive(now, id, name, addr);
@@ -155,6 +170,7 @@ impl Server {
             self.timers.cancel(timer);
         }
         self.table.set(id, addr, true);
+        self.publish_presence(id);
         let mail = self.mail_ids(id);
         let session = &mut self.sessions[id.index() as usize];
         session.queue = mail.into_iter().map(|m| (m, None)).collect();
@@ -201,6 +217,8 @@ impl Server {
         }
         self.table.set_key(id, key);
         self.table.set(id, addr, true);
+        self.remote.remove(&id);
+        self.publish_presence(id);
         self.cancel_deliveries(id);
         let mail = self.mail_ids(id);
         let session = &mut self.sessions[id.index() as usize];
@@ -258,6 +276,7 @@ impl Server {
         // Seen until now: what the name's time-to-live counts from.
         self.note_seen(self.now, id);
         self.table.set(id, addr, false);
+        self.publish_presence(id);
         self.cancel_deliveries(id);
         self.unload(id);
         // The session is kept until a presence timeout from now
@@ -316,11 +335,12 @@ impl Server {
     }
 
     pub(super) fn on_presence_timer(&mut self, now: Instant, id: ClientId) {
+        let here = self.is_here(id);
         let session = &mut self.sessions[id.index() as usize];
         session.presence = None;
         let heard = session.last_heard.unwrap_or(now);
         let due = heard + self.config.presence_timeout;
-        if !self.table.get(id).online {
+        if !here {
             // Deregistered (its session answered retried deregs, which stop
             // within 2.5 s) or taken for gone (a client that only moved had
             // that long to prove its new address): a presence timeout later

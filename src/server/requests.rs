@@ -176,7 +176,7 @@ impl Server {
         seq: Seq,
     ) -> Option<ClientId> {
         let id = self.request(now, link, seq)?;
-        if !self.table.get(id).online {
+        if !self.is_here(id) {
             self.refuse_session(link, seq);
             return None;
         }

@@ -833,7 +833,7 @@ impl World {
                         self.registry.remove(&slot);
                     }
                 }
-                StoreOp::Rewrite { .. } => {}
+                StoreOp::Rewrite { .. } | StoreOp::Presence { .. } => {}
             }
         }
     }

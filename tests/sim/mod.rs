@@ -14,7 +14,7 @@ use udpchat::crypto::{Keypair, PublicKey, ServerSecrets};
 use udpchat::store::{MemoryStore, Store, StoreOp};
 use udpchat::wire::{self, Name, What};
 use udpchat::{
-    Client, ClientConfig, Event, Server, ServerConfig, ServerEvent, StoreFailure, console,
+    Client, ClientConfig, Event, Remote, Server, ServerConfig, ServerEvent, StoreFailure, console,
 };
 
 use nat::{Nat, NatKind};
@@ -65,6 +65,15 @@ pub struct Node {
     pub console: console::Console,
 }
 
+/// Another server of a cluster beside the simulation's own (same key, a
+/// store of its own: these test routing, not shared mail).
+pub struct Peer {
+    pub addr: SocketAddr,
+    pub server: Server,
+    pub store: MemoryStore,
+    pub up: bool,
+}
+
 pub struct Sim {
     pub start: Instant,
     pub now: Instant,
@@ -89,6 +98,13 @@ pub struct Sim {
     pub drop_rules: Vec<DropRule>,
     /// Every packet that was sent, for assertions on the wire.
     pub log: Vec<Packet>,
+    /// The other servers of a cluster ([`Sim::cluster`]).
+    pub peers: Vec<Peer>,
+    /// The cluster shares one store ([`Sim::shared_cluster`]): every
+    /// server commits to `store`, and what one commits reaches the others
+    /// through `feed`, as the replicated store's feed carries it.
+    pub shared: bool,
+    feed: std::collections::VecDeque<(SocketAddr, Vec<Remote>)>,
 }
 
 pub fn name(s: &str) -> Name {
@@ -141,6 +157,134 @@ impl Sim {
             sent: 0,
             drop_rules: Vec::new(),
             log: Vec::new(),
+            peers: Vec::new(),
+            shared: false,
+            feed: Default::default(),
+        }
+    }
+
+    /// [`Sim::cluster`] on one shared store: mail, presence and the table
+    /// cross servers. Each server has its own instance number (mail ids).
+    pub fn shared_cluster(&mut self, n: u16) {
+        assert!(
+            self.nodes.is_empty(),
+            "a cluster is made before its clients"
+        );
+        let config = |port: u16, start| {
+            let mut c = ServerConfig::new([port as u8; 32], server_key(), (start, EPOCH_UNIX));
+            c.instance = Some(port - 1024);
+            c
+        };
+        self.server = Server::new(config(1024, self.start), self.now, Default::default());
+        self.shared = true;
+        self.cluster(n);
+        for p in &mut self.peers {
+            p.server = Server::new(
+                config(p.addr.port(), self.start),
+                self.now,
+                Default::default(),
+            );
+        }
+        let live: Vec<SocketAddr> = (1024..1024 + n).map(addr).collect();
+        self.set_live(&live);
+    }
+
+    /// What a commit of `ops` by the server at `origin` tells the others.
+    fn publish(&mut self, origin: SocketAddr, ops: &[StoreOp]) {
+        if !self.shared {
+            return;
+        }
+        let changes: Vec<Remote> = (ops.iter())
+            .filter_map(|op| match op {
+                StoreOp::Put(m) => Some(Remote::Mail(m.clone())),
+                StoreOp::Channel(c) => Some(Remote::Channel(c.clone())),
+                StoreOp::Delete { to, mail } => Some(Remote::Deleted {
+                    to: to.clone(),
+                    mail: *mail,
+                }),
+                StoreOp::Client(c) => Some(Remote::Client(c.clone())),
+                StoreOp::Presence { name, addr, online } => Some(Remote::Presence {
+                    name: name.clone(),
+                    addr: *addr,
+                    online: *online,
+                    server: origin,
+                }),
+                StoreOp::Forget(_) | StoreOp::Rewrite { .. } => None,
+            })
+            .collect();
+        if !changes.is_empty() {
+            self.feed.push_back((origin, changes));
+        }
+    }
+
+    /// Hands every committed change to the other running servers.
+    fn flow_feed(&mut self) {
+        while let Some((origin, changes)) = self.feed.pop_front() {
+            let now = self.now;
+            if self.server_up && self.server_addr != origin {
+                self.server.handle_remote(now, changes.clone());
+                self.drain_server();
+            }
+            for i in 0..self.peers.len() {
+                if self.peers[i].up && self.peers[i].addr != origin {
+                    self.peers[i].server.handle_remote(now, changes.clone());
+                    self.drain_peer(i);
+                }
+            }
+        }
+    }
+
+    /// Makes the server one of `n` servers of a cluster, at ports 1024 to
+    /// 1024 + n - 1, all with its key, each told the others are live.
+    pub fn cluster(&mut self, n: u16) {
+        for port in 1025..1024 + n {
+            let seed = [port as u8; 32];
+            let config = ServerConfig::new(seed, server_key(), (self.start, EPOCH_UNIX));
+            self.peers.push(Peer {
+                addr: addr(port),
+                server: Server::new(config, self.now, Default::default()),
+                store: MemoryStore::new(),
+                up: true,
+            });
+        }
+        let live: Vec<SocketAddr> = (1024..1024 + n).map(addr).collect();
+        self.set_live(&live);
+    }
+
+    /// Tells every running server of the cluster which servers are live.
+    pub fn set_live(&mut self, live: &[SocketAddr]) {
+        if self.server_up {
+            self.server.set_servers(self.server_addr, live);
+        }
+        for p in self.peers.iter_mut().filter(|p| p.up) {
+            p.server.set_servers(p.addr, live);
+        }
+    }
+
+    /// The server of the cluster at `at`.
+    pub fn server_at(&self, at: SocketAddr) -> &Server {
+        if at == self.server_addr {
+            return &self.server;
+        }
+        let peer = self.peers.iter().find(|p| p.addr == at);
+        &peer.expect("a server of the cluster").server
+    }
+
+    /// A name (`prefix` and a number) whose home is the server at `home`.
+    pub fn name_homed_at(&self, prefix: &str, home: SocketAddr) -> String {
+        (0..1000)
+            .map(|i| format!("{prefix}{i}"))
+            .find(|n| self.server.home_of(&name(n)) == Some(home))
+            .expect("some name lands on every server")
+    }
+
+    /// The server of the cluster at `at` stops (kill -9).
+    pub fn stop_server_at(&mut self, at: SocketAddr) {
+        if at == self.server_addr {
+            self.server_up = false;
+        }
+        for p in self.peers.iter_mut().filter(|p| p.addr == at) {
+            p.up = false;
         }
     }
 
@@ -340,7 +484,9 @@ impl Sim {
 
     /// No datagram in flight and the server has nothing under way.
     pub fn quiet(&self) -> bool {
-        self.queue.is_empty() && (!self.server_up || self.server.is_idle())
+        self.queue.is_empty()
+            && (!self.server_up || self.server.is_idle())
+            && self.peers.iter().all(|p| !p.up || p.server.is_idle())
     }
 
     /// Silent leave: the client stops, the server is not told.
@@ -388,6 +534,10 @@ impl Sim {
         } else {
             None
         };
+        let peers = self.peers.iter().filter(|p| p.up);
+        let server = server
+            .into_iter()
+            .chain(peers.filter_map(|p| p.server.poll_timeout()));
         let clients = self
             .nodes
             .iter()
@@ -405,10 +555,17 @@ impl Sim {
             }
             let packet = entry.remove();
             self.deliver(packet);
+            self.flow_feed();
         }
         if self.server_up {
             self.server.handle_timeout(now);
             self.drain_server();
+        }
+        for p in 0..self.peers.len() {
+            if self.peers[p].up {
+                self.peers[p].server.handle_timeout(now);
+                self.drain_peer(p);
+            }
         }
         for i in 0..self.nodes.len() {
             if self.nodes[i].alive && self.nodes[i].exit.is_none() {
@@ -416,6 +573,7 @@ impl Sim {
                 self.drain_node(i);
             }
         }
+        self.flow_feed();
     }
 
     fn deliver(&mut self, p: Packet) {
@@ -425,6 +583,13 @@ impl Sim {
             if self.server_up {
                 self.server.handle_datagram(now, p.from, &bytes);
                 self.drain_server();
+            }
+            return;
+        }
+        if let Some(i) = self.peers.iter().position(|peer| peer.addr == p.to) {
+            if self.peers[i].up {
+                self.peers[i].server.handle_datagram(now, p.from, &bytes);
+                self.drain_peer(i);
             }
             return;
         }
@@ -456,6 +621,7 @@ impl Sim {
                     None => {
                         self.store.commit(&ops).unwrap();
                         self.server.handle_committed();
+                        self.publish(self.server_addr, &ops);
                         committed = true;
                     }
                 }
@@ -468,6 +634,37 @@ impl Sim {
                 self.events.push(event);
             }
             if !committed && !self.server.wants_fetch() {
+                break;
+            }
+        }
+    }
+
+    /// A cluster peer's output, committed at once to its own store.
+    fn drain_peer(&mut self, i: usize) {
+        loop {
+            let now = self.now;
+            let peer = &mut self.peers[i];
+            let store = match self.shared {
+                true => &mut self.store,
+                false => &mut peer.store,
+            };
+            udpchat::store::serve_fetches(&mut peer.server, store, now);
+            let ops: Vec<StoreOp> = std::iter::from_fn(|| peer.server.poll_store()).collect();
+            if !ops.is_empty() {
+                store.commit(&ops).unwrap();
+                peer.server.handle_committed();
+                let origin = peer.addr;
+                self.publish(origin, &ops);
+            }
+            let peer = &mut self.peers[i];
+            let from = peer.addr;
+            let out: Vec<_> = std::iter::from_fn(|| peer.server.poll_transmit()).collect();
+            while peer.server.poll_event().is_some() {}
+            let again = !ops.is_empty() || peer.server.wants_fetch();
+            for t in out {
+                self.enqueue(from, t.to, Some(t.what), t.payload);
+            }
+            if !again {
                 break;
             }
         }

@@ -1,0 +1,248 @@
+//! What the other servers of a cluster did, as the store tells it: every
+//! server keeps the whole registry and every mailbox (bodies on disk, as
+//! alone), writes its own changes to the shared store, and applies the
+//! others' ([`Server::handle_remote`]) in the order they were committed.
+//! A client is served by one server at a time, its home: only that one
+//! delivers its mail and commits its acks; the others store mail for it
+//! and show it in their tables as online "elsewhere".
+
+use super::*;
+
+/// A change another server of the cluster committed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Remote {
+    /// A registry row written: a registration, a new address, a key bound.
+    Client(ClientRecord),
+    /// A direct message stored, for its recipient's home to deliver.
+    Mail(StoredMail),
+    /// A channel message stored once, with the recipients still owed it.
+    Channel(ChannelMail),
+    /// A message acked by its recipient (deleted from its mailbox).
+    Deleted {
+        /// The recipient.
+        to: Name,
+        /// The message.
+        mail: MailId,
+    },
+    /// A client came online at the server `server` (at `addr`), or left it.
+    Presence {
+        /// The client.
+        name: Name,
+        /// Where the client is.
+        addr: SocketAddr,
+        /// Online or gone.
+        online: bool,
+        /// The server it is (or was) at, as clients reach it.
+        server: SocketAddr,
+    },
+}
+
+impl Server {
+    /// Applies what other servers of the cluster committed, in commit
+    /// order (the store already holds it: nothing of it is committed
+    /// again). Mail for a client online here is delivered at once;
+    /// presence changes reach every client's table as deltas.
+    pub fn handle_remote(&mut self, now: Instant, changes: Vec<Remote>) {
+        self.now = self.now.max(now);
+        for change in changes {
+            match change {
+                Remote::Client(c) => self.remote_row(c),
+                Remote::Mail(m) => self.remote_mail(m),
+                Remote::Channel(c) => {
+                    for copy in c.copies() {
+                        self.remote_mail(copy);
+                    }
+                }
+                Remote::Deleted { to, mail } => {
+                    if let Some(id) = self.table.lookup(&to) {
+                        self.unput(id, mail);
+                    }
+                }
+                Remote::Presence {
+                    name,
+                    addr,
+                    online,
+                    server,
+                } => self.remote_presence(name, addr, online, server),
+            }
+        }
+        self.schedule_deltas(now);
+    }
+
+    /// Whether `id` is online at this server (not elsewhere in the
+    /// cluster): only then does this server deliver to it, probe it,
+    /// relay to it or take its requests.
+    pub(super) fn is_here(&self, id: ClientId) -> bool {
+        self.table.get(id).online && !self.remote.contains_key(&id)
+    }
+
+    /// Writes `id`'s presence to the store for the other servers, when
+    /// there are any.
+    pub(super) fn publish_presence(&mut self, id: ClientId) {
+        if self.cluster.is_some() {
+            let entry = self.table.get(id);
+            self.store_ops.push_back(StoreOp::Presence {
+                name: entry.name.clone(),
+                addr: entry.addr,
+                online: entry.online,
+            });
+        }
+    }
+
+    /// Clients online at servers no longer live are offline: a server
+    /// killed says nothing, its lease just runs out.
+    pub(super) fn drop_dead_servers(&mut self) {
+        let Some(cluster) = &self.cluster else {
+            return;
+        };
+        let dead: Vec<ClientId> = (self.remote.iter())
+            .filter(|(_, server)| !cluster.live.contains(server))
+            .map(|(&id, _)| id)
+            .collect();
+        for id in dead {
+            self.remote.remove(&id);
+            let addr = self.table.get(id).addr;
+            self.table.set(id, addr, false);
+        }
+    }
+
+    fn remote_row(&mut self, c: ClientRecord) {
+        let key = c.key.unwrap_or(PublicKey::NONE);
+        let Some(id) = self.row(&c.name, c.addr, key) else {
+            return;
+        };
+        // A name's key changes only from none to one, here as in the store.
+        if self.table.get(id).key.is_none() && !key.is_none() {
+            self.table.set_key(id, key);
+        }
+        if !self.is_here(id) {
+            let online = self.table.get(id).online;
+            self.table.set(id, c.addr, online);
+        }
+        if let Some(seen) = c.seen_at {
+            let i = id.index() as usize;
+            self.sessions.seen[i] = self.sessions.seen[i].max(seen);
+        }
+    }
+
+    fn remote_mail(&mut self, m: StoredMail) {
+        let mail = m.mail;
+        let Some(to) = self.hold_committed(m) else {
+            return;
+        };
+        if self.expiry.is_none() {
+            self.expire(self.now);
+        }
+        if self.queue_live(to, mail) {
+            self.fanout.push_back(to);
+        }
+    }
+
+    fn remote_presence(&mut self, name: Name, addr: SocketAddr, online: bool, server: SocketAddr) {
+        let Some(id) = self.table.lookup(&name) else {
+            return;
+        };
+        let me = self.cluster.as_ref().map(|c| c.me);
+        if online {
+            if Some(server) == me {
+                return;
+            }
+            if self.is_here(id) {
+                // It registered at another server after it did here (the
+                // store's order): that one serves it now.
+                self.let_go(id);
+            }
+            self.remote.insert(id, server);
+            self.table.set(id, addr, true);
+        } else if self.remote.get(&id) == Some(&server) {
+            self.remote.remove(&id);
+            self.table.set(id, addr, false);
+        }
+    }
+
+    /// Stops serving `id` here without telling anyone (another server does
+    /// now): deliveries stop, its body cache goes, its session ends.
+    fn let_go(&mut self, id: ClientId) {
+        self.cancel_deliveries(id);
+        self.unload(id);
+        let session = &mut self.sessions[id.index() as usize];
+        let (link, presence) = (session.link.take(), session.presence.take());
+        if let Some(link) = link {
+            self.links.remove(link);
+        }
+        if let Some(timer) = presence {
+            self.timers.cancel(timer);
+        }
+        self.release(id);
+    }
+
+    /// Holds a message the store has committed (at start, or from another
+    /// server) in its recipient's mailbox, body on disk: `None` when it is
+    /// already held, or dropped (unverifiable, undecryptable).
+    pub(super) fn hold_committed(&mut self, mut m: StoredMail) -> Option<ClientId> {
+        // Before anything can skip it: an id in the store is never
+        // given out again (a new message under it would be lost to the
+        // store's conflict rule).
+        self.next_mail = self.next_mail.max(self.counter_of(m.mail) + 1);
+        // Mail for a name the registry lacks (a store edited by hand) still
+        // gets a row, so it is not lost.
+        let unknown = SocketAddr::from(([0, 0, 0, 0], 0));
+        let to = self.row(&m.to, unknown, PublicKey::NONE)?;
+        if let Some(mb) = self.mailboxes.get(&to) {
+            let key = self.dedup_key(&m.from, m.id);
+            let twin = mb.keys.contains_key(&key)
+                && (mb.mail.values()).any(|h| h.id == m.id && h.from == m.from);
+            if mb.mail.contains_key(&m.mail) || twin {
+                return None;
+            }
+        }
+        if let Body::Clear(text) = &m.body {
+            let body = self.legacy_at_rest(&m, text);
+            self.store_ops.push_back(StoreOp::Rewrite {
+                mail: m.mail,
+                body: body.clone(),
+            });
+            m.body = body;
+        }
+        // Sealed mail is delivered with the key it was stored with: it
+        // must be the key the sender's name is bound to, or a forgery
+        // written into the store would be vouched for.
+        if !self.vouched(&m.from, &m.body) {
+            self.event(ServerEvent::Unverifiable {
+                to: m.to.clone(),
+                from: m.from.clone(),
+                mail: m.mail,
+            });
+            self.store_ops.push_back(StoreOp::Delete {
+                to: m.to.clone(),
+                mail: m.mail,
+            });
+            return None;
+        }
+        if self
+            .content(&m.to, m.mail, &Held::new(&m), &m.body)
+            .is_none()
+        {
+            // Encrypted under a server key that is gone, or damaged:
+            // nobody can ever read it. Said once, then dropped.
+            self.event(ServerEvent::Undecryptable(m.to.clone(), m.mail));
+            self.store_ops.push_back(StoreOp::Delete {
+                to: m.to.clone(),
+                mail: m.mail,
+            });
+            return None;
+        }
+        let mut held = Held::new(&m);
+        // Checked; it stays on disk until a delivery needs it (a body
+        // rewritten now may still be fetched clear: `handle_fetched`).
+        held.body = None;
+        self.charge(m.mail, held.shared, self.cost(m.mail, &held));
+        self.by_age.insert((m.stored_at, m.mail, to));
+        let key = self.dedup_key(&m.from, m.id);
+        let mb = self.mailboxes.entry(to).or_default();
+        mb.bytes += held.size();
+        *mb.keys.entry(key).or_default() += 1;
+        mb.mail.insert(m.mail, Box::new(held));
+        Some(to)
+    }
+}

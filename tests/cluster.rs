@@ -1,0 +1,354 @@
+//! Several servers of one cluster on the simulated network: a name's home
+//! by rendezvous hashing, redirects to it, and clients that move to the
+//! next home by themselves when theirs goes silent. (Each simulated server
+//! keeps a store of its own here: these are the routing rules; shared mail
+//! is the replicated store's.)
+
+mod sim;
+
+use std::time::Duration;
+
+use sim::{Peer, Sim, addr, key_of, name, server_key};
+use udpchat::crypto::Keypair;
+use udpchat::store::MemoryStore;
+use udpchat::wire::What;
+use udpchat::{Server, ServerConfig};
+
+const WELCOME: &str = ">>> [Welcome, You are registered.]";
+const RECONNECTED: &str = ">>> [Reconnected to server.]";
+
+/// Whether `who` is online at the server at `at`.
+fn online_at(s: &Sim, at: u16, who: &str) -> bool {
+    let server = s.server_at(addr(at));
+    let id = server.table().lookup(&name(who));
+    id.is_some_and(|id| server.table().get(id).online)
+}
+
+/// Starts `who` pointed at the server at `first`, knowing the others of
+/// `all` too, and runs until it registered somewhere (or exited).
+fn join_via(s: &mut Sim, who: &str, port: u16, first: u16, all: &[u16]) -> usize {
+    let pin = Some(server_key().public());
+    let others: Vec<_> = all
+        .iter()
+        .filter(|&&p| p != first)
+        .map(|&p| addr(p))
+        .collect();
+    let i = s.spawn_configured(who, addr(port), key_of(who), pin, |c| {
+        c.server = addr(first);
+        c.alternates = others;
+        c.failover = true;
+    });
+    s.run_until(Duration::from_secs(30), |s| {
+        s.nodes[i].exit.is_some() || s.lines(i).contains(&WELCOME)
+    });
+    i
+}
+
+#[test]
+fn a_registration_at_another_server_is_redirected_to_the_name_s_home() {
+    let mut s = Sim::new();
+    s.cluster(3);
+    let home = addr(1026);
+    let who = s.name_homed_at("walker", home);
+    // Pointed at the first server only, as `-c` with one address is.
+    let i = s.spawn(&who, 2000);
+    assert!(s.run_until(Duration::from_secs(10), |s| s.lines(i).contains(&WELCOME)));
+    assert!(online_at(&s, 1026, &who), "not registered at its home");
+    for other in [1024, 1025] {
+        let server = s.server_at(addr(other));
+        assert_eq!(server.table().lookup(&name(&who)), None, "a row at {other}");
+    }
+    assert_eq!(s.server.stats().redirected, 1);
+    assert_eq!(s.count(|p| p.is(What::Redirect)), 1);
+    // Every server agrees where it lives.
+    for at in [1024, 1025, 1026] {
+        assert_eq!(s.server_at(addr(at)).home_of(&name(&who)), Some(home));
+    }
+}
+
+#[test]
+fn a_name_homed_at_the_server_it_asks_is_not_redirected() {
+    let mut s = Sim::new();
+    s.cluster(3);
+    let who = s.name_homed_at("stayer", addr(1024));
+    let i = s.join(&who, 2000);
+    assert!(s.lines(i).contains(&WELCOME));
+    assert!(online_at(&s, 1024, &who));
+    assert_eq!(s.count(|p| p.is(What::Redirect)), 0);
+}
+
+#[test]
+fn a_client_whose_server_dies_registers_at_the_next_home_by_itself() {
+    let mut s = Sim::new();
+    s.cluster(3);
+    let all = [1024, 1025, 1026];
+    let who = s.name_homed_at("mover", addr(1025));
+    let i = join_via(&mut s, &who, 2000, 1025, &all);
+    assert!(online_at(&s, 1025, &who));
+    // kill -9 of its server; its lease runs out and the others drop it.
+    s.stop_server_at(addr(1025));
+    s.set_live(&[addr(1024), addr(1026)]);
+    let next = s.server.home_of(&name(&who)).unwrap();
+    assert_ne!(next, addr(1025));
+    // Five unanswered heartbeats, then a registration through the others.
+    let back = s.run_until(Duration::from_secs(60), |s| {
+        s.lines(i).contains(&RECONNECTED) && s.nodes[i].client.is_idle()
+    });
+    assert!(back, "{:?}", s.lines(i));
+    assert_eq!(s.nodes[i].exit, None);
+    assert!(
+        online_at(&s, next.port(), &who),
+        "not at the new home {next}"
+    );
+}
+
+#[test]
+fn a_save_under_way_when_the_server_dies_goes_again_to_the_next_home() {
+    let mut s = Sim::new();
+    s.cluster(3);
+    let all = [1024, 1025, 1026];
+    let who = s.name_homed_at("sender", addr(1025));
+    let peer = s.name_homed_at("absent", addr(1025));
+    let j = join_via(&mut s, &peer, 2001, 1025, &all);
+    s.command(j, &format!("dereg {peer}"));
+    let i = join_via(&mut s, &who, 2000, 1025, &all);
+    s.settle();
+    // The server dies between the line and its save.
+    s.stop_server_at(addr(1025));
+    s.set_live(&[addr(1024), addr(1026)]);
+    let next = s.server.home_of(&name(&who)).unwrap();
+    s.line(i, &format!("send {peer} are you there"));
+    let answered = s.run_until(Duration::from_secs(60), |s| {
+        s.count(|p| p.is(What::SaveMessage) && p.to == next) > 0 && s.nodes[i].client.is_idle()
+    });
+    assert!(answered, "{:?}", s.lines(i));
+    assert_eq!(s.nodes[i].exit, None, "{:?}", s.lines(i));
+    assert!(s.lines(i).contains(&RECONNECTED));
+    assert!(!s.lines(i).iter().any(|l| l.contains("not responding")));
+}
+
+#[test]
+fn a_redirect_cannot_hand_a_client_to_a_server_without_the_cluster_key() {
+    let mut s = Sim::new();
+    s.cluster(2);
+    // The host at the second address is not the cluster's: another key.
+    let rogue = ServerConfig::new([9; 32], Keypair::from_secret([0x66; 32]), (s.start, 0));
+    s.peers[0] = Peer {
+        addr: addr(1025),
+        server: Server::new(rogue, s.now, Default::default()),
+        store: MemoryStore::new(),
+        up: true,
+    };
+    let who = s.name_homed_at("victim", addr(1025));
+    let i = s.spawn(&who, 2000);
+    s.run_until(Duration::from_secs(60), |s| s.nodes[i].exit.is_some());
+    assert_eq!(s.nodes[i].exit, Some(1), "{:?}", s.lines(i));
+    assert!(
+        s.lines(i).iter().any(|l| l.contains("not connecting")),
+        "{:?}",
+        s.lines(i)
+    );
+    let rogue = s.server_at(addr(1025));
+    assert_eq!(rogue.table().lookup(&name(&who)), None);
+}
+
+#[test]
+fn a_redirect_to_a_server_that_died_is_left_once_its_lease_runs_out() {
+    let mut s = Sim::new();
+    s.cluster(3);
+    let who = s.name_homed_at("latecomer", addr(1025));
+    // Dead, but its lease has not run out yet: the others still send
+    // its names to it.
+    s.stop_server_at(addr(1025));
+    let pin = Some(server_key().public());
+    let i = s.spawn_configured(&who, addr(2000), key_of(&who), pin, |c| {
+        c.alternates = vec![addr(1025), addr(1026)];
+        c.failover = true;
+    });
+    s.run_for(Duration::from_secs(4));
+    assert!(s.count(|p| p.is(What::Redirect)) >= 1);
+    assert!(!s.lines(i).contains(&WELCOME));
+    s.set_live(&[addr(1024), addr(1026)]);
+    let next = s.server.home_of(&name(&who)).unwrap();
+    let welcomed = s.run_until(Duration::from_secs(60), |s| s.lines(i).contains(&WELCOME));
+    assert!(welcomed, "{:?}", s.lines(i));
+    assert!(online_at(&s, next.port(), &who));
+}
+
+#[test]
+fn a_client_whose_servers_all_stay_silent_gives_up_in_bounded_time() {
+    let mut s = Sim::new();
+    s.cluster(3);
+    let who = s.name_homed_at("alone", addr(1025));
+    s.stop_server_at(addr(1025));
+    let pin = Some(server_key().public());
+    let i = s.spawn_configured(&who, addr(2000), key_of(&who), pin, |c| {
+        c.alternates = vec![addr(1025), addr(1026)];
+        c.failover = true;
+    });
+    // The live servers keep sending it to the dead one, round after round.
+    let ended = s.run_until(Duration::from_secs(120), |s| s.nodes[i].exit.is_some());
+    assert!(ended, "{:?}", s.lines(i));
+    assert_eq!(s.nodes[i].exit, Some(1));
+    assert!(s.lines(i).contains(&">>> [Server not responding]"));
+    // Four rounds of five tries, and the redirects they were given.
+    let handshakes = s.count(|p| p.is(What::Initial) && p.from == addr(2000));
+    assert!(handshakes <= 40, "{handshakes} handshakes");
+}
+
+// ---- one shared store: mail, channel and table across servers ----------
+
+/// Three servers on one store, and `names[i]` homed at server `homes[i]`,
+/// each started pointed at the first server (redirected to its home).
+fn shared(names: &[&str], homes: &[u16]) -> (Sim, Vec<String>, Vec<usize>) {
+    let mut s = Sim::new();
+    s.shared_cluster(3);
+    let mut who = Vec::new();
+    let mut nodes = Vec::new();
+    for (i, (prefix, home)) in names.iter().zip(homes).enumerate() {
+        let n = s.name_homed_at(prefix, addr(*home));
+        nodes.push(join_via(
+            &mut s,
+            &n,
+            2000 + i as u16,
+            1024,
+            &[1024, 1025, 1026],
+        ));
+        who.push(n);
+    }
+    s.settle();
+    (s, who, nodes)
+}
+
+#[test]
+fn clients_homed_on_different_servers_see_one_table_and_chat_directly() {
+    let (mut s, who, n) = shared(&["ann", "ben", "cal"], &[1024, 1025, 1026]);
+    for (i, name) in who.iter().enumerate() {
+        let home = 1024 + i as u16;
+        assert!(online_at(&s, home, name), "{name} not at {home}");
+    }
+    for &i in &n {
+        let rows = s.nodes[i].client.table().len();
+        assert_eq!(rows, 3, "{:?}", s.lines(i));
+    }
+    // Every server shows every client online, wherever it is served.
+    for at in [1024, 1025, 1026] {
+        for name in &who {
+            assert!(online_at(&s, at, name), "{name} offline at {at}");
+        }
+    }
+    let from = s.nodes[n[2]].lines.len();
+    s.command(n[0], &format!("send {} across the cluster", who[2]));
+    let shown = format!(">>> {}: across the cluster", who[0]);
+    assert_eq!(s.lines_since(n[2], from), [shown.as_str()]);
+    let received = format!(">>> [Message received by {}.]", who[2]);
+    assert_eq!(s.lines(n[0]).last(), Some(&received.as_str()));
+}
+
+#[test]
+fn a_message_saved_at_one_server_is_delivered_by_the_recipient_s_home() {
+    let (mut s, who, n) = shared(&["ann", "ben"], &[1024, 1026]);
+    s.command(n[1], &format!("dereg {}", who[1]));
+    // Every server hears it left.
+    for at in [1024, 1025, 1026] {
+        assert!(!online_at(&s, at, &who[1]), "still online at {at}");
+    }
+    s.command(n[0], &format!("send {} while you were out", who[1]));
+    let offline = format!(">>> [{} is offline, message sent to server.]", who[1]);
+    let lines = s.lines(n[0]);
+    assert_eq!(
+        lines[lines.len() - 2..],
+        [
+            offline.as_str(),
+            ">>> [Messages received by the server and saved]"
+        ]
+    );
+    let from = s.nodes[n[1]].lines.len();
+    s.command(n[1], &format!("reg {}", who[1]));
+    let shown: Vec<_> = (s.lines_since(n[1], from).into_iter())
+        .filter(|l| l.contains("while you were out"))
+        .map(str::to_string)
+        .collect();
+    assert_eq!(shown, [format!(">>> {}: T+0 while you were out", who[0])]);
+    assert!(online_at(&s, 1026, &who[1]));
+    // Acked at its home, gone from every server's copy and the store.
+    assert_eq!(s.store.len(), 0);
+    for at in [1024, 1025, 1026] {
+        let server = s.server_at(addr(at));
+        assert_eq!(server.mailbox(&name(&who[1])).count(), 0, "at {at}");
+    }
+}
+
+#[test]
+fn a_save_for_a_client_online_elsewhere_is_delivered_there_at_once() {
+    let (mut s, who, n) = shared(&["ann", "ben"], &[1024, 1026]);
+    // No direct path between them: only the servers reach both.
+    let (a, b) = (addr(2000), addr(2001));
+    s.drop_rules.push(sim::drop_all(move |p| {
+        (p.from == a && p.to == b) || (p.from == b && p.to == a)
+    }));
+    let from = s.nodes[n[1]].lines.len();
+    s.command(n[0], &format!("send {} through the store", who[1]));
+    let shown: Vec<_> = (s.lines_since(n[1], from).into_iter())
+        .filter(|l| l.contains("through the store"))
+        .map(str::to_string)
+        .collect();
+    assert_eq!(shown.len(), 1, "{:?}", s.lines(n[1]));
+    assert!(
+        s.lines(n[0])
+            .contains(&">>> [Messages received by the server and saved]")
+    );
+    assert_eq!(s.store.len(), 0, "not acked at its home");
+}
+
+#[test]
+fn a_channel_message_reaches_the_clients_of_every_server_once() {
+    let (mut s, who, n) = shared(&["ann", "ben", "cal", "dan"], &[1024, 1025, 1026, 1026]);
+    s.command(n[3], &format!("dereg {}", who[3]));
+    s.command(n[0], "send_all hello everyone");
+    let line = format!(">>> [Channel_Message {}: hello everyone]", who[0]);
+    for &i in &n[1..3] {
+        let got = s.lines(i).iter().filter(|l| **l == line).count();
+        assert_eq!(got, 1, "{:?}", s.lines(i));
+    }
+    // The one offline gets its stored copy when it logs back in.
+    s.command(n[3], &format!("reg {}", who[3]));
+    let stored = s
+        .lines(n[3])
+        .iter()
+        .filter(|l| l.contains("hello everyone"))
+        .count();
+    assert_eq!(stored, 1, "{:?}", s.lines(n[3]));
+    assert_eq!(s.store.len(), 0);
+}
+
+#[test]
+fn a_killed_server_s_client_gets_its_mail_once_at_the_next_home() {
+    let (mut s, who, n) = shared(&["ann", "ben"], &[1024, 1025]);
+    s.stop_server_at(addr(1025));
+    s.set_live(&[addr(1024), addr(1026)]);
+    assert!(!online_at(&s, 1024, &who[1]), "its server's lease ran out");
+    // Its client is alive, but nothing reaches it directly now.
+    let (a, b) = (addr(2000), addr(2001));
+    s.drop_rules
+        .push(sim::drop_first(1000, move |p| p.from == a && p.to == b));
+    s.line(n[0], &format!("send {} are you still there", who[1]));
+    let next = s.server.home_of(&name(&who[1])).unwrap();
+    let done = s.run_until(Duration::from_secs(60), |s| {
+        s.lines(n[1])
+            .iter()
+            .any(|l| l.contains("are you still there"))
+            && s.nodes[n[1]].client.is_idle()
+            && s.quiet()
+    });
+    assert!(done, "{:?}", s.lines(n[1]));
+    assert!(online_at(&s, next.port(), &who[1]));
+    s.settle();
+    let shown = s
+        .lines(n[1])
+        .iter()
+        .filter(|l| l.contains("are you still there"))
+        .count();
+    assert_eq!(shown, 1, "{:?}", s.lines(n[1]));
+    assert_eq!(s.store.len(), 0);
+}
