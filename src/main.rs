@@ -9,7 +9,7 @@ use std::time::Duration;
 use udpchat::driver::{self, Fatal};
 use udpchat::wire::Name;
 
-const USAGE: &str = "usage: udpchat -s <port> [options] | udpchat -c <name> <server-ip> <server-port> <client-port> [--key FILE] [--heartbeat SECS] [--timestamps] | udpchat --release <name> [--data-dir DIR | --store URL]";
+const USAGE: &str = "usage: udpchat -s <port> [options] | udpchat -c <name> <server-ip> <server-port> <client-port> [--key FILE] [--heartbeat SECS] [--timestamps] [--server IP:PORT]... | udpchat --release <name> [--data-dir DIR | --store URL]";
 
 const HELP: &str = "
   -s <port>               run the registry server on <port> (1024-65535)
@@ -18,6 +18,9 @@ const HELP: &str = "
     --data-dir DIR        keep the registry and mailboxes in DIR (default ./udpchat-data)
     --store URL           keep them in PostgreSQL instead (postgres://user@host:port,host2:port/db,
                           every node of a replicated cluster); DIR then holds only server.key
+    --advertise IP:PORT   with --store: one of several servers on it, reached by clients at
+                          IP:PORT (names are spread over the live servers; give every one
+                          the same server.key)
     --mailbox-messages N  most messages kept for one client (default 1000)
     --mailbox-bytes N     most bytes kept for one client (default 1048576)
     --store-bytes N       most bytes kept in all (default 268435456)
@@ -35,13 +38,16 @@ const HELP: &str = "
                           else ~/.config/udpchat/<name>.key; created on first start)
     --heartbeat SECS      tell the server every SECS seconds that you are here (default 10)
     --timestamps          start each line of what happens with the local time (HH:MM:SS)
+    --server IP:PORT      another server of the same cluster: tried when the first is
+                          silent (may be given more than once)
   --release <name>        (server stopped) free <name> in --data-dir (or --store URL): the
                           next key to register it owns it; its stored messages are deleted
   -h, --help              show this help
   -V, --version           show the version";
 
 /// Flags only the server takes.
-const SERVER_ONLY: [&str; 12] = [
+const SERVER_ONLY: [&str; 13] = [
+    "advertise",
     "bind",
     "data-dir",
     "store",
@@ -123,6 +129,13 @@ fn parse(args: &[String]) -> Result<Mode, String> {
     opts.optopt("", "bind", "server listen address", "ADDR");
     opts.optopt("", "data-dir", "server data directory", "DIR");
     opts.optopt("", "store", "PostgreSQL connection string", "URL");
+    opts.optopt(
+        "",
+        "advertise",
+        "this server's address among several",
+        "IP:PORT",
+    );
+    opts.optmulti("", "server", "another server of the cluster", "IP:PORT");
     opts.optopt("", "mailbox-messages", "messages per mailbox", "N");
     opts.optopt("", "mailbox-bytes", "bytes per mailbox", "N");
     opts.optopt("", "store-bytes", "bytes stored in all", "N");
@@ -172,6 +185,9 @@ fn parse(args: &[String]) -> Result<Mode, String> {
     if m.opt_present("timestamps") && !m.opt_present("c") {
         return Err("--timestamps goes with -c".to_string());
     }
+    if m.opt_present("server") && !m.opt_present("c") {
+        return Err("--server goes with -c".to_string());
+    }
     match (m.opt_str("s"), m.opt_str("c")) {
         (Some(_), Some(_)) => Err("-s and -c cannot be combined".to_string()),
         (Some(port), None) => {
@@ -194,10 +210,21 @@ fn parse(args: &[String]) -> Result<Mode, String> {
                 Some(url) => Some(url),
                 None => None,
             };
+            let advertise = match m.opt_str("advertise") {
+                Some(_) if store.is_none() => {
+                    return Err(
+                        "--advertise goes with --store (several servers share one database)"
+                            .to_string(),
+                    );
+                }
+                Some(a) => Some(parse_server_addr("--advertise", &a)?),
+                None => None,
+            };
             Ok(Mode::Server(driver::server::Options {
                 addr: SocketAddr::new(ip, port),
                 data_dir,
                 store,
+                advertise,
                 heartbeat,
                 mailbox_messages: limit("mailbox-messages", 1000)?,
                 mailbox_bytes: limit("mailbox-bytes", 1 << 20)?,
@@ -230,10 +257,14 @@ fn parse(args: &[String]) -> Result<Mode, String> {
                 Some(k) if k.is_empty() => return Err("--key: an empty path".to_string()),
                 k => k.map(PathBuf::from),
             };
+            let others = (m.opt_strs("server").iter())
+                .map(|s| parse_server_addr("--server", s))
+                .collect::<Result<Vec<_>, _>>()?;
             Ok(Mode::Client(driver::client::Options {
                 name,
                 servers,
                 server_text,
+                others,
                 port,
                 heartbeat,
                 key,
@@ -303,6 +334,22 @@ fn parse_heartbeat(s: Option<String>) -> Result<Duration, String> {
             "--heartbeat '{s}': must be a number of seconds from 0.05 to 3600"
         )),
     }
+}
+
+/// A server's `IP:PORT` (`[v6]:port` for IPv6): a specific address,
+/// since clients are sent there.
+fn parse_server_addr(what: &str, s: &str) -> Result<SocketAddr, String> {
+    let addr = s.parse::<SocketAddr>().map_err(|_| {
+        format!("{what} '{s}': not IP:PORT (e.g. 192.0.2.7:2000, [2001:db8::7]:2000)")
+    })?;
+    if addr.ip().is_unspecified() {
+        return Err(format!(
+            "{what} '{s}': a specific address, not {}",
+            addr.ip()
+        ));
+    }
+    parse_port(what, &addr.port().to_string())?;
+    Ok(driver::canonical(addr))
 }
 
 fn parse_ip(what: &str, s: &str) -> Result<IpAddr, String> {

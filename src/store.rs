@@ -338,6 +338,31 @@ pub trait Store {
     fn notes(&mut self) -> Vec<String> {
         Vec::new()
     }
+    /// One of several servers on this store: what the others committed
+    /// since the last call, and who is live (asked every few dozen
+    /// milliseconds, and after each commit). `None`: the store serves this
+    /// server alone, there is never news. An error other than
+    /// [`io::ErrorKind::NotConnected`] (asked again later) means this
+    /// server must stop: it was taken for dead and its place given away.
+    fn news(&mut self) -> Option<io::Result<News>> {
+        None
+    }
+}
+
+/// What the other servers of a cluster did, for [`Store::news`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct News {
+    /// Every live server as clients reach it, when it was read again.
+    pub live: Option<Vec<SocketAddr>>,
+    /// Their commits, in commit order.
+    pub changes: Vec<crate::Remote>,
+}
+
+impl News {
+    /// Nothing to tell.
+    pub fn is_empty(&self) -> bool {
+        self.live.is_none() && self.changes.is_empty()
+    }
 }
 
 /// Hands the server every body it asked for ([`Server::poll_fetch`]) from

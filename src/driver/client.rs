@@ -41,6 +41,8 @@ pub struct Options {
     pub servers: Vec<SocketAddr>,
     /// The server as typed (`host:port`): its line in `known_servers`.
     pub server_text: String,
+    /// `--server`: other servers of the same cluster (the same key).
+    pub others: Vec<SocketAddr>,
     /// The local port.
     pub port: u16,
     /// The heartbeat interval.
@@ -57,6 +59,7 @@ pub fn run(options: Options) -> Result<i32, Fatal> {
         name,
         servers,
         server_text,
+        others,
         port,
         heartbeat,
         key,
@@ -94,6 +97,14 @@ pub fn run(options: Options) -> Result<i32, Fatal> {
     let mut config = ClientConfig::new(name, server, random_seed()?, key, pinned.map(|p| p.0));
     config.heartbeat = heartbeat;
     config.alternates = alternates.to_vec();
+    // The cluster's other servers: tried in turn, and turned to when the
+    // one in use goes silent. They share its key, pinned under the first.
+    config.failover = !others.is_empty();
+    for other in others {
+        if other != server && !config.alternates.contains(&other) {
+            config.alternates.push(other);
+        }
+    }
     let mut client = Client::new(config, now);
     let mut events = Events::with_capacity(16);
     let mut buf = [0u8; RECV_BUF];

@@ -12,11 +12,12 @@ use std::io;
 use std::sync::Arc;
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::thread;
+use std::time::Duration;
 
 use mio::Waker;
 
 use crate::Server;
-use crate::store::{Body, Store, StoreOp};
+use crate::store::{Body, News, Store, StoreOp};
 use crate::wire::{MailId, Name};
 
 /// Work for the store's thread.
@@ -32,7 +33,14 @@ pub enum Done {
     Committed(io::Result<()>, Vec<String>),
     /// A body asked for.
     Fetched(Name, MailId, io::Result<Option<Body>>, Vec<String>),
+    /// What the other servers of a cluster did ([`Store::news`]).
+    News(io::Result<News>, Vec<String>),
 }
+
+/// How often the thread asks a shared store for news when it has nothing
+/// else to do: how late, at most, a message saved at another server
+/// reaches its recipient here (after each commit it asks at once, too).
+const NEWS_EVERY: Duration = Duration::from_millis(50);
 
 /// The store's thread, and whether a batch is with it.
 pub struct Commits {
@@ -51,20 +59,55 @@ impl Commits {
         thread::Builder::new()
             .name("udpchat-store".to_string())
             .spawn(move || {
-                // Ends when the loop drops its sender (or its receiver).
-                for job in inbox {
-                    let result = match job {
-                        Job::Commit(ops) => Done::Committed(store.commit(&ops), store.notes()),
-                        Job::Fetch(to, mail) => {
-                            let body = store.fetch(&to, mail);
-                            Done::Fetched(to, mail, body, store.notes())
-                        }
+                // Asks for news only of a store that has any.
+                let mut shared = true;
+                let send = |done| {
+                    let sent = outbox.send(done).is_ok();
+                    // A loop that cannot be woken has gone.
+                    sent && waker.wake().is_ok()
+                };
+                loop {
+                    // Ends when the loop drops its sender (or its receiver).
+                    let job = match shared {
+                        true => match inbox.recv_timeout(NEWS_EVERY) {
+                            Ok(job) => Some(job),
+                            Err(mpsc::RecvTimeoutError::Timeout) => None,
+                            Err(mpsc::RecvTimeoutError::Disconnected) => return,
+                        },
+                        false => match inbox.recv() {
+                            Ok(job) => Some(job),
+                            Err(_) => return,
+                        },
                     };
-                    if outbox.send(result).is_err() {
+                    // After a commit, or when idle; not after each fetch
+                    // (a delivery's), which may come by the thousand.
+                    let ask = !matches!(job, Some(Job::Fetch(..)));
+                    let result = match job {
+                        Some(Job::Commit(ops)) => {
+                            Some(Done::Committed(store.commit(&ops), store.notes()))
+                        }
+                        Some(Job::Fetch(to, mail)) => {
+                            let body = store.fetch(&to, mail);
+                            Some(Done::Fetched(to, mail, body, store.notes()))
+                        }
+                        None => None,
+                    };
+                    if let Some(done) = result
+                        && !send(done)
+                    {
                         return;
                     }
-                    // A loop that cannot be woken has gone.
-                    let _ = waker.wake();
+                    if ask {
+                        match store.news() {
+                            None => shared = false,
+                            Some(Ok(news)) if news.is_empty() => {}
+                            Some(news) => {
+                                if !send(Done::News(news, store.notes())) {
+                                    return;
+                                }
+                            }
+                        }
+                    }
                 }
             })?;
         Ok(Commits {

@@ -4,6 +4,7 @@
 //! protocol logic lives here.
 
 pub mod client;
+pub mod cluster;
 pub mod commits;
 pub mod keys;
 pub mod postgres;

@@ -55,13 +55,16 @@ use std::time::{Duration, Instant};
 use postgres::error::SqlState;
 use postgres::{Client, Config, NoTls, Statement, Transaction};
 
+use super::cluster;
 use super::rows;
 use super::sqlite::StoreError;
-use crate::store::{Body, Loaded, Store, StoreOp, StoredMail};
+use crate::store::{Body, Loaded, News, Store, StoreOp, StoredMail};
 use crate::wire::{MAX_SEALED, MailId, Name};
 
-/// The schema version this build writes and understands.
-pub const SCHEMA_VERSION: i32 = 1;
+/// The schema version this build writes and understands (2 added the
+/// tables of several servers, see [`super::cluster`]; a version-1 database
+/// is brought up to it at start).
+pub const SCHEMA_VERSION: i32 = 2;
 
 /// How long a commit keeps trying to reach a primary (a failover: the old
 /// one dies, a standby is promoted) before its batch fails. The poll loop
@@ -167,7 +170,7 @@ const LOAD_CHANNEL: &str = "SELECT id, sender, stored_at, msg_id, body, pending,
                             FROM channel ORDER BY id";
 
 /// The statements a commit or a fetch uses, prepared once per connection.
-struct Prepared {
+pub(super) struct Prepared {
     fetch_mail: Statement,
     fetch_channel: Statement,
     put: Statement,
@@ -181,6 +184,9 @@ struct Prepared {
     rewrite: Statement,
     client: Statement,
     forget: Statement,
+    pub(super) feed_append: Statement,
+    pub(super) feed_read: Statement,
+    presence: Statement,
 }
 
 impl Prepared {
@@ -199,6 +205,9 @@ impl Prepared {
             rewrite: client.prepare(REWRITE)?,
             client: client.prepare(CLIENT)?,
             forget: client.prepare(FORGET)?,
+            feed_append: client.prepare(cluster::FEED_APPEND)?,
+            feed_read: client.prepare(cluster::FEED_READ)?,
+            presence: client.prepare(cluster::PRESENCE)?,
         })
     }
 }
@@ -212,6 +221,8 @@ pub struct PgStore {
     conn: Option<(Client, Prepared)>,
     /// For the log: connections lost and found (see [`Store::notes`]).
     notes: Vec<String>,
+    /// One of several servers on the database ([`PgStore::join`]).
+    pub(super) member: Option<cluster::Member>,
 }
 
 impl fmt::Debug for PgStore {
@@ -294,6 +305,7 @@ impl PgStore {
             shown: shown.clone(),
             conn: Some((client, prepared)),
             notes: Vec::new(),
+            member: None,
         })
     }
 
@@ -365,7 +377,7 @@ impl PgStore {
     /// Runs `work` on a connection, again on a new one while it fails for
     /// a lost connection or a primary that is not one any more, for up to
     /// [`PATIENCE`]. `work` must be safe to repeat (see the module's text).
-    fn with_retry<T>(
+    pub(super) fn with_retry<T>(
         &mut self,
         mut work: impl FnMut(&mut Client, &Prepared) -> Result<T, postgres::Error>,
     ) -> io::Result<T> {
@@ -449,6 +461,7 @@ fn create_schema(client: &mut Client) -> Result<Result<(), StoreError>, postgres
             )));
         }
         tx.batch_execute(SCHEMA)?;
+        tx.batch_execute(super::cluster::SCHEMA)?;
         tx.execute(
             "INSERT INTO udpchat_schema (version) VALUES ($1)",
             &[&SCHEMA_VERSION],
@@ -456,9 +469,15 @@ fn create_schema(client: &mut Client) -> Result<Result<(), StoreError>, postgres
         tx.commit()?;
         return Ok(Ok(()));
     }
-    let version: Option<i32> = tx
+    let mut version: Option<i32> = tx
         .query_opt("SELECT max(version) FROM udpchat_schema", &[])?
         .and_then(|r| r.get(0));
+    if version == Some(1) {
+        // Version 2 only adds tables: an older database takes them as is.
+        tx.batch_execute(super::cluster::SCHEMA)?;
+        tx.execute("UPDATE udpchat_schema SET version = $1", &[&SCHEMA_VERSION])?;
+        version = Some(SCHEMA_VERSION);
+    }
     tx.commit()?;
     Ok(match version {
         Some(SCHEMA_VERSION) => Ok(()),
@@ -722,6 +741,12 @@ impl Store for PgStore {
             return Ok(());
         }
         crate::store::check_batch(ops)?;
+        // What the other servers are told, in the same transaction.
+        let shared = self.member.as_ref().map(|m| {
+            let me = m.me.to_string();
+            let presence = cluster::presence_rows(ops, m.me);
+            (me, cluster::feed_entries(ops), presence)
+        });
         self.with_retry(|client, p| {
             let mut tx = client.transaction()?;
             let mut acked = BTreeMap::new();
@@ -741,12 +766,24 @@ impl Store for PgStore {
             for (id, gone) in &acked {
                 take_pending(&mut tx, p, *id, gone)?;
             }
+            if let Some((me, entries, presence)) = &shared {
+                if let Some((names, servers, addrs, online)) = presence {
+                    tx.execute(&p.presence, &[names, servers, addrs, online])?;
+                }
+                if let Some(entries) = entries {
+                    tx.execute(&p.feed_append, &[me, entries])?;
+                }
+            }
             tx.commit()
         })
     }
+
+    fn news(&mut self) -> Option<io::Result<News>> {
+        self.member.is_some().then(|| self.news_now())
+    }
 }
 
-fn mail_row(row: &postgres::Row) -> Result<StoredMail, String> {
+pub(super) fn mail_row(row: &postgres::Row) -> Result<StoredMail, String> {
     let kind: i16 = row.get(6);
     rows::mail(rows::MailColumns {
         id: row.get(0),

@@ -41,6 +41,9 @@ pub struct Options {
     /// A PostgreSQL connection string: the registry and mailboxes are kept
     /// there (see [`super::postgres`]).
     pub store: Option<String>,
+    /// One of several servers on `store`: the address clients reach this
+    /// one at (the others redirect there; see [`super::cluster`]).
+    pub advertise: Option<SocketAddr>,
     /// The heartbeat interval clients use; three missed ones mark a client
     /// offline.
     pub heartbeat: Duration,
@@ -73,6 +76,7 @@ pub fn run(options: Options) -> Result<i32, Fatal> {
     let dir = options.data_dir.display();
     let data_error = |e: &dyn std::fmt::Display| Fatal(format!("error: data dir {dir}: {e}"));
     let store_error = |e: &dyn std::fmt::Display| Fatal(format!("error: --store: {e}"));
+    let mut joined = None;
     let (mut store, described): (Box<dyn Store + Send>, String) = match &options.store {
         None => {
             let sqlite = SqliteStore::open(&options.data_dir).map_err(|e| data_error(&e))?;
@@ -81,7 +85,12 @@ pub fn run(options: Options) -> Result<i32, Fatal> {
         Some(url) => {
             // Only the key lives in the data directory then (created
             // with it, 0700).
-            let pg = PgStore::open(url).map_err(|e| store_error(&e))?;
+            let mut pg = PgStore::open(url).map_err(|e| store_error(&e))?;
+            if let Some(me) = options.advertise {
+                // Before the load: what others commit meanwhile comes twice
+                // (harmless), not never.
+                joined = Some((me, pg.join(me).map_err(|e| store_error(&e))?));
+            }
             let shown = pg.describe().to_string();
             (Box::new(pg), shown)
         }
@@ -115,8 +124,14 @@ pub fn run(options: Options) -> Result<i32, Fatal> {
     let burst = u32::try_from(options.requests_per_source).unwrap_or(u32::MAX);
     // Half the burst a second: a source that keeps to that never waits.
     config.requests = (burst, Duration::from_secs(2) / burst.max(1));
+    config.instance = joined.as_ref().map(|(_, j)| j.instance);
     let known = loaded.clients.len();
     let mut server = Server::new(config, now, loaded);
+    let me = joined.as_ref().map(|(me, _)| *me);
+    if let Some((me, joined)) = joined {
+        server.set_servers(me, &joined.live);
+        server.handle_remote(now, joined.presence);
+    }
     let mut commits = Commits::start(store, waker).map_err(io_fatal)?;
     let mut log = Log::default();
     log.line(&format!("udpchat server listening on {local}"));
@@ -126,6 +141,12 @@ pub fn run(options: Options) -> Result<i32, Fatal> {
     log.line(&format!("data dir {dir} ({})", absolute.display()));
     if !described.is_empty() {
         log.line(&format!("store {described} (PostgreSQL)"));
+    }
+    if let Some(me) = me {
+        let live = server.cluster_size();
+        log.line(&format!(
+            "one of {live} servers on the store; clients reach this one at {me}"
+        ));
     }
     if known > options.max_clients {
         log.line(&format!(
@@ -193,7 +214,7 @@ pub fn run(options: Options) -> Result<i32, Fatal> {
             &mut server,
             &mut commits,
             &socket,
-            now,
+            (now, me),
             &mut failing,
             &mut log,
         )?;
@@ -308,7 +329,7 @@ fn flush(
     server: &mut Server,
     commits: &mut Commits,
     socket: &UdpSocket,
-    now: Instant,
+    (now, me): (Instant, Option<SocketAddr>),
     failing: &mut bool,
     log: &mut Log,
 ) -> Result<u64, Fatal> {
@@ -345,6 +366,20 @@ fn flush(
                     server.handle_fetched(now, &to, mail, body);
                     notes
                 }
+                Done::News(Ok(news), notes) => {
+                    if let (Some(me), Some(live)) = (me, news.live) {
+                        let before = server.cluster_size();
+                        server.set_servers(me, &live);
+                        if server.cluster_size() != before {
+                            log.line(&format!("{} servers live", server.cluster_size()));
+                        }
+                    }
+                    server.handle_remote(now, news.changes);
+                    notes
+                }
+                // Asked again shortly: the connection is being looked for.
+                Done::News(Err(e), notes) if e.kind() == io::ErrorKind::NotConnected => notes,
+                Done::News(Err(e), _) => return Err(Fatal(format!("error: {e}"))),
             };
             for note in notes {
                 log.line(&note);

@@ -78,6 +78,7 @@ use probes::*;
 use registry::*;
 pub use registry::{DELTA_INTERVAL, NAME_TTL};
 use requests::*;
+pub use routing::home;
 use routing::*;
 
 pub use links::{AMPLIFICATION, LinkId, LinkStats};

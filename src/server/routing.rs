@@ -34,6 +34,18 @@ impl Cluster {
     }
 }
 
+/// The home of `name` among the servers `live` (as clients reach them):
+/// what every server of a cluster that knows the same live servers
+/// answers. `None` for no servers.
+pub fn home(name: &Name, live: &[SocketAddr]) -> Option<SocketAddr> {
+    let first = *live.first()?;
+    let cluster = Cluster {
+        me: first,
+        live: live.to_vec(),
+    };
+    Some(cluster.home(name))
+}
+
 /// A server's weight for a name. Not a secret and not a defence (a user
 /// may pick a name that lands anywhere), but it must be the same in every
 /// process and every build, so it is spelled out (FNV-1a, then
@@ -77,6 +89,12 @@ impl Server {
         self.cluster = Some(Cluster { me, live });
         self.drop_dead_servers();
         self.schedule_deltas(self.now);
+    }
+
+    /// How many servers are live in the cluster, this one included (1
+    /// alone).
+    pub fn cluster_size(&self) -> usize {
+        self.cluster.as_ref().map_or(1, |c| c.live.len())
     }
 
     /// Where `name` registers: this server's address when it is its home

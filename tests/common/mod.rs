@@ -434,7 +434,8 @@ fn spawn_server(dir: &Path, port: u16, extra: &[String], netns: Option<&str>) ->
     let mut child = binary(netns)
         .arg("-s")
         .arg(port.to_string())
-        .args(extra)
+        // `{port}` in a flag is the port chosen (`--advertise 127.0.0.1:{port}`).
+        .args(extra.iter().map(|a| a.replace("{port}", &port.to_string())))
         .current_dir(dir)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -857,6 +858,55 @@ impl Client {
             ));
         }
         self.cursor += 1;
+    }
+
+    /// [`Client::expect`], passing over table updates first: where the
+    /// table changes on other servers (a cluster), their deltas arrive
+    /// when the store's feed brings them, not in step with this client's
+    /// own lines.
+    #[track_caller]
+    pub fn expect_amid_updates(&mut self, pattern: &str) {
+        let deadline = Instant::now() + DEADLINE;
+        loop {
+            self.skip_presence(deadline);
+            let want = self.cursor + 1;
+            self.output
+                .pump_until(deadline, |o| o.stdout.len() >= want || o.out_done);
+            match self.output.stdout.get(self.cursor) {
+                Some(line) if line == TABLE && pattern != TABLE => self.cursor += 1,
+                _ => break,
+            }
+        }
+        self.expect(pattern);
+    }
+
+    /// Types `list` until its header says `header` (the table converges
+    /// as other servers' changes arrive), within [`DEADLINE`].
+    #[track_caller]
+    pub fn await_list(&mut self, header: &str) {
+        let deadline = Instant::now() + DEADLINE;
+        let left = || deadline.saturating_duration_since(Instant::now());
+        let mut last = String::new();
+        while Instant::now() < deadline {
+            self.send("list");
+            while let Some(line) = self.next_line(left()) {
+                if is_list_header(&line) || line == ">>> The client table is empty." {
+                    last = line;
+                    break;
+                }
+            }
+            // Its rows, read too: the next expectation starts after them.
+            let rows = last.split(" of ").nth(1).and_then(|r| r.split(' ').next());
+            for _ in 0..rows.and_then(|r| r.parse::<usize>().ok()).unwrap_or(0) {
+                self.next_line(left());
+            }
+            if last == header {
+                return;
+            }
+            // The next look a moment later: the change is on its way.
+            thread::sleep(Duration::from_millis(100));
+        }
+        self.fail(&format!("the list never said {header:?}; last {last:?}"));
     }
 
     /// The next unread stdout line, if one arrives within `within`; it

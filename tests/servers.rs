@@ -1,0 +1,245 @@
+//! Issue 11: three udpchat servers on one replicated PostgreSQL (a real
+//! primary with two synchronous standbys, see `common::pg`), each started
+//! with `--store URL --advertise 127.0.0.1:<port>` and one shared
+//! `server.key`. Names are spread over the servers by rendezvous hashing;
+//! clients are given every server and pointed at the first.
+
+mod common;
+
+use std::net::SocketAddr;
+
+use common::pg::Cluster;
+use common::stream;
+use common::{
+    BYE, Client, MAIL, Server, TABLE, TempDir, WELCOME, key_file, scratch_dir, send_to_offline,
+};
+use udpchat::wire::Name;
+
+/// Three servers sharing `cluster`'s database `db` and one data directory
+/// (so one `server.key`), each knowing the other two are live.
+struct Three {
+    servers: Vec<Server>,
+    _data: TempDir,
+}
+
+impl Three {
+    fn start(cluster: &Cluster, db: &str) -> Three {
+        let url = cluster.database(db);
+        let data = scratch_dir();
+        let dir = data.path().join("shared").display().to_string();
+        let mut flags = vec![
+            "--store",
+            url.as_str(),
+            "--data-dir",
+            dir.as_str(),
+            "--advertise",
+            "127.0.0.1:{port}",
+            "--heartbeat",
+            "1",
+        ];
+        flags.extend(stream::SERVER_FLAGS);
+        let mut servers: Vec<Server> = Vec::new();
+        for n in 1..=3 {
+            // One after another: the first creates the key the others load.
+            let mut server = Server::start_with(&flags);
+            server.expect_stdout(&format!("one of {n} servers on the store"));
+            servers.push(server);
+        }
+        for server in &mut servers[..2] {
+            server.expect_stdout("3 servers live");
+        }
+        Three {
+            servers,
+            _data: data,
+        }
+    }
+
+    /// Every server as clients reach it.
+    fn live(&self) -> Vec<SocketAddr> {
+        (self.servers.iter())
+            .map(|s| SocketAddr::from(([127, 0, 0, 1], s.port())))
+            .collect()
+    }
+
+    /// A name (`prefix` and a number) whose home is server `i`.
+    fn homed_at(&self, prefix: &str, i: usize) -> String {
+        let live = self.live();
+        (0..10_000)
+            .map(|n| format!("{prefix}{n}"))
+            .find(|n| udpchat::server::home(&Name::new(n).unwrap(), &live) == Some(live[i]))
+            .expect("some name lands on every server")
+    }
+
+    /// `--server` flags for every server but `first`, and a heartbeat of a
+    /// second (a dead server is noticed within seconds).
+    fn client_flags(&self, first: usize) -> Vec<String> {
+        let mut flags = vec!["--heartbeat".to_string(), "1".to_string()];
+        for (i, s) in self.servers.iter().enumerate() {
+            if i != first {
+                flags.push("--server".to_string());
+                flags.push(format!("127.0.0.1:{}", s.port()));
+            }
+        }
+        flags
+    }
+
+    /// Starts `name` pointed at server `first` (with the key it had with
+    /// server 0's clients, if any).
+    fn client(&self, name: &str, first: usize) -> Client {
+        let key = key_file(self.servers[0].port(), name).display().to_string();
+        let mut flags = self.client_flags(first);
+        if first != 0 {
+            flags.extend(["--key".to_string(), key]);
+        }
+        let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+        Client::start_with(name, self.servers[first].port(), &flags)
+    }
+}
+
+/// `line`, a message kept for `client`, after its log back in: announced
+/// with `[You Have Messages]`, or (saved at another server moments before
+/// the registration, before its home read the store's feed) delivered
+/// live just after the welcome. Shown once either way.
+fn expect_kept(client: &mut Client, line: &str) {
+    let mut next = String::new();
+    while let Some(l) = client.next_line(common::DEADLINE) {
+        if l != TABLE {
+            next = l;
+            break;
+        }
+    }
+    if next == MAIL {
+        client.expect(line);
+    } else if let Err(why) = common::line_matches(line, &next) {
+        panic!("{next:?} is neither {MAIL:?} nor {line:?}: {why}");
+    }
+}
+
+/// Whether server `s` logged `name` registering.
+fn registered_at(s: &mut Server, name: &str) -> bool {
+    let said = format!("{name} registered from");
+    s.stdout().iter().any(|l| l.contains(&said))
+}
+
+#[test]
+fn three_servers_serve_one_chat() {
+    let test = "three_servers_serve_one_chat";
+    let Some(cluster) = Cluster::start(test, 2) else {
+        return;
+    };
+    let mut three = Three::start(&cluster, "three");
+    let names: Vec<String> = (0..3).map(|i| three.homed_at("user", i)).collect();
+    // All pointed at the first server: the others are redirected home.
+    let mut clients: Vec<Client> = Vec::new();
+    for name in &names {
+        let mut newcomer = three.client(name, 0);
+        newcomer.expect_lines(&[WELCOME, TABLE]);
+        clients.push(newcomer);
+    }
+    for (i, name) in names.iter().enumerate() {
+        for (j, server) in three.servers.iter_mut().enumerate() {
+            assert_eq!(registered_at(server, name), i == j, "{name} at server {j}");
+        }
+    }
+    let [a, b, c] = &mut clients[..] else {
+        unreachable!()
+    };
+    // One table: everyone online everywhere.
+    for client in [&mut *a, &mut *b, &mut *c] {
+        client.await_list(">>> [Client table: 3 of 3 online.]");
+    }
+    // Direct, across servers.
+    c.send(&format!("send {} straight across", names[0]));
+    a.expect_amid_updates(&format!(">>> {}: straight across", names[2]));
+    c.expect_amid_updates(&format!(">>> [Message received by {}.]", names[0]));
+    // Saved at the first server, delivered by the third when it is back.
+    c.send(&format!("dereg {}", names[2]));
+    c.expect_amid_updates(BYE);
+    a.await_list(">>> [Client table: 2 of 3 online.]");
+    send_to_offline(a, &names[2], "kept for you");
+    c.send(&format!("reg {}", names[2]));
+    expect_kept(c, &format!(">>> {}: <ts> kept for you", names[0]));
+    // The channel reaches the clients of every server.
+    b.await_list(">>> [Client table: 3 of 3 online.]");
+    b.send("send_all hello all servers");
+    b.expect_amid_updates(">>> [Message received by Server.]");
+    for client in [&mut *a, &mut *c] {
+        let line = format!(">>> [Channel_Message {}: hello all servers]", names[1]);
+        client.expect_amid_updates(&line);
+    }
+    // A message saved for it while it is away, then a log back in through
+    // a server that is not its home: redirected there, mail and all.
+    c.send(&format!("dereg {}", names[2]));
+    c.expect_amid_updates(BYE);
+    a.await_list(">>> [Client table: 2 of 3 online.]");
+    send_to_offline(a, &names[2], "through any door");
+    c.finish();
+    drop(clients);
+    let mut back = three.client(&names[2], 1);
+    back.expect(WELCOME);
+    expect_kept(
+        &mut back,
+        &format!(">>> {}: <ts> through any door", names[0]),
+    );
+    back.await_list(">>> [Client table: 3 of 3 online.]");
+    assert_eq!(
+        back.transcript()
+            .iter()
+            .filter(|l| l.contains("door"))
+            .count(),
+        1
+    );
+    // Acked at its home: nothing left in the store.
+    let left = cluster.psql(cluster.primary, "three", "SELECT count(*) FROM mail");
+    assert_eq!(left, "0");
+}
+
+#[test]
+fn a_killed_server_s_clients_move_on_and_get_their_mail_once() {
+    let test = "a_killed_server_s_clients_move_on_and_get_their_mail_once";
+    let Some(cluster) = Cluster::start(test, 2) else {
+        return;
+    };
+    let mut three = Three::start(&cluster, "killed");
+    let a_name = three.homed_at("anna", 0);
+    let b_name = three.homed_at("bert", 1);
+    let mut a = three.client(&a_name, 0);
+    a.expect_lines(&[WELCOME, TABLE]);
+    let mut b = three.client(&b_name, 0);
+    b.expect_lines(&[WELCOME, TABLE]);
+    assert!(registered_at(&mut three.servers[1], &b_name));
+    // A message kept for it and delivered (acked) before the kill.
+    b.send(&format!("dereg {b_name}"));
+    b.expect_amid_updates(BYE);
+    a.await_list(">>> [Client table: 1 of 2 online.]");
+    send_to_offline(&mut a, &b_name, "before the kill");
+    b.send(&format!("reg {b_name}"));
+    expect_kept(&mut b, &format!(">>> {a_name}: <ts> before the kill"));
+    a.await_list(">>> [Client table: 2 of 2 online.]");
+
+    // kill -9 of its home server.
+    three.servers[1].kill();
+    three.servers[1].wait_exit(common::DEADLINE);
+    // Stored for it while it has no server: a channel message.
+    a.send("send_all after the kill");
+    a.expect_amid_updates(">>> [Message received by Server.]");
+    // It notices the silence, registers at the next home by itself and
+    // gets the channel message there, once.
+    b.expect_amid_updates(">>> [Reconnected to server.]");
+    b.expect_amid_updates(MAIL);
+    b.expect(&format!(
+        ">>> Channel_Message {a_name}: <ts> after the kill"
+    ));
+    let live = [three.live()[0], three.live()[2]];
+    let next = udpchat::server::home(&Name::new(&b_name).unwrap(), &live).unwrap();
+    let next = three.live().iter().position(|&s| s == next).unwrap();
+    assert!(registered_at(&mut three.servers[next], &b_name));
+    b.await_list(">>> [Client table: 2 of 2 online.]");
+    // Nothing shown twice: the first message was acked before the kill.
+    let transcript = b.transcript();
+    let once = |text: &str| transcript.iter().filter(|l| l.contains(text)).count();
+    assert_eq!(once("before the kill"), 1, "{transcript:#?}");
+    assert_eq!(once("after the kill"), 1, "{transcript:#?}");
+    let left = cluster.psql(cluster.primary, "killed", "SELECT count(*) FROM mail");
+    assert_eq!(left, "0");
+}
