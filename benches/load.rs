@@ -51,6 +51,10 @@ const PER_ADDRESS: usize = 16;
 /// `--store URL`: the server under load keeps its data in PostgreSQL.
 static STORE: std::sync::OnceLock<String> = std::sync::OnceLock::new();
 
+/// `--servers N` (with `--store`): N servers share the database, each
+/// client pointed at the first and given the others.
+static SERVERS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+
 fn main() {
     let args: Vec<String> = std::env::args()
         .skip(1)
@@ -76,6 +80,12 @@ fn main() {
         );
         let _ = STORE.set(url);
     }
+    let servers = flag("--servers", 1.0) as usize;
+    if servers > 1 && STORE.get().is_none() {
+        eprintln!("--servers N needs --store: several servers share one database");
+        usage();
+    }
+    let _ = SERVERS.set(servers.max(1));
     raise_fd_limit();
     match mode.as_str() {
         "join" => {
@@ -114,7 +124,7 @@ fn main() {
 
 fn usage() -> ! {
     eprintln!(
-        "usage: cargo bench --bench load -- join [--n N] [--spread SECS] [--deadline SECS] | saves [--senders K] [--secs S] [--presealed] | channel [--n N] [--rounds R] | echo  (any mode: --store postgres://…)"
+        "usage: cargo bench --bench load -- join [--n N] [--spread SECS] [--deadline SECS] | saves [--senders K] [--secs S] [--presealed] | channel [--n N] [--rounds R] | echo  (any mode: --store postgres://… [--servers N])"
     );
     std::process::exit(2)
 }
@@ -133,6 +143,8 @@ struct Fleet {
     events: Events,
     members: Vec<Member>,
     server: SocketAddr,
+    /// The cluster's other servers.
+    others: Vec<SocketAddr>,
     t0: Instant,
     sent: u64,
     received: u64,
@@ -140,12 +152,15 @@ struct Fleet {
 }
 
 impl Fleet {
-    fn new(server: SocketAddr) -> Fleet {
+    fn new(servers: &Servers) -> Fleet {
+        let mut addrs = servers.addrs();
+        let server = addrs.remove(0);
         Fleet {
             poll: Poll::new().expect("poll"),
             events: Events::with_capacity(1024),
             members: Vec::new(),
             server,
+            others: addrs,
             t0: Instant::now(),
             sent: 0,
             received: 0,
@@ -175,7 +190,10 @@ impl Fleet {
         secret[..8].copy_from_slice(&(i as u64).to_le_bytes());
         let mut seed = [3u8; 32];
         seed[..8].copy_from_slice(&(i as u64).to_le_bytes());
-        let config = ClientConfig::new(name, self.server, seed, Keypair::from_secret(secret), None);
+        let mut config =
+            ClientConfig::new(name, self.server, seed, Keypair::from_secret(secret), None);
+        config.alternates = self.others.clone();
+        config.failover = !self.others.is_empty();
         let client = Client::new(config, Instant::now());
         self.members.push(Member {
             client,
@@ -311,12 +329,12 @@ struct Joiner {
 
 fn join(n: usize, spread: Duration, deadline: Duration, echo: f64) -> bool {
     let dir = scratch("load-join");
-    let server = ServerProcess::start(&dir, &[]);
+    let server = Servers::start(&dir, &[]);
     let rss_before = server.rss();
     let cpu_before = server.cpu();
-    let drops_before = udp_drops(server.port);
+    let drops_before = server.drops();
     let client_drops_before = client_drops();
-    let mut fleet = Fleet::new(SocketAddr::from((Ipv4Addr::LOCALHOST, server.port)));
+    let mut fleet = Fleet::new(&server);
     let starts: Vec<Duration> = (0..n)
         .map(|i| {
             if n > 1 {
@@ -372,7 +390,7 @@ fn join(n: usize, spread: Duration, deadline: Duration, echo: f64) -> bool {
     let elapsed = fleet.at();
     let cpu = server.cpu() - cpu_before;
     let rss_after = server.rss();
-    let drops = udp_drops(server.port).saturating_sub(drops_before);
+    let drops = server.drops().saturating_sub(drops_before);
     let client_drops = client_drops().saturating_sub(client_drops_before);
 
     let registered = joiners.iter().filter(|j| j.welcomed.is_some()).count();
@@ -429,8 +447,8 @@ fn join(n: usize, spread: Duration, deadline: Duration, echo: f64) -> bool {
 fn saves(k: usize, secs: f64, presealed: bool) -> bool {
     let dir = scratch("load-saves");
     let ceiling = sqlite_ceiling(&dir.join("ceiling"));
-    let server = ServerProcess::start(&dir, &["--mailbox-messages", "1000000"]);
-    let mut fleet = Fleet::new(SocketAddr::from((Ipv4Addr::LOCALHOST, server.port)));
+    let server = Servers::start(&dir, &["--mailbox-messages", "1000000"]);
+    let mut fleet = Fleet::new(&server);
     // The recipients: registered, then deregistered (offline, known).
     if !gather(&mut fleet, "sink", k, Duration::from_secs(60)) {
         eprintln!("the recipients did not register");
@@ -619,8 +637,8 @@ fn sqlite_ceiling(dir: &Path) -> f64 {
 /// each.
 fn channel(n: usize, rounds: usize) -> bool {
     let dir = scratch("load-channel");
-    let server = ServerProcess::start(&dir, &[]);
-    let mut fleet = Fleet::new(SocketAddr::from((Ipv4Addr::LOCALHOST, server.port)));
+    let server = Servers::start(&dir, &[]);
+    let mut fleet = Fleet::new(&server);
     if !gather(&mut fleet, "member", n, Duration::from_secs(120)) {
         eprintln!("the members did not all register");
         return false;
@@ -776,21 +794,65 @@ fn thread_cpu() -> f64 {
 // ---------------------------------------------------------------------------
 // The server process and what /proc says about it.
 
+/// The servers under load: one, or `--servers N` on one database.
+struct Servers(Vec<ServerProcess>);
+
+impl Servers {
+    /// Starts them one after another (the first makes the key the others
+    /// load from the shared data directory) and, for several, waits until
+    /// each knows them all.
+    fn start(dir: &Path, extra: &[&str]) -> Servers {
+        let n = SERVERS.get().copied().unwrap_or(1);
+        if n == 1 {
+            return Servers(vec![ServerProcess::start(dir, extra, None)]);
+        }
+        let servers: Vec<ServerProcess> = (0..n)
+            .map(|i| ServerProcess::start(dir, extra, Some((i + 1, n))))
+            .collect();
+        Servers(servers)
+    }
+
+    fn addrs(&self) -> Vec<SocketAddr> {
+        (self.0.iter())
+            .map(|s| SocketAddr::from((Ipv4Addr::LOCALHOST, s.port)))
+            .collect()
+    }
+
+    /// Resident memory of them all, in bytes.
+    fn rss(&self) -> u64 {
+        self.0.iter().map(ServerProcess::rss).sum()
+    }
+
+    /// CPU seconds of them all.
+    fn cpu(&self) -> f64 {
+        self.0.iter().map(ServerProcess::cpu).sum()
+    }
+
+    /// Datagrams the kernel dropped on their sockets.
+    fn drops(&self) -> u64 {
+        self.0.iter().map(|s| udp_drops(s.port)).sum()
+    }
+}
+
 struct ServerProcess {
     child: Child,
     port: u16,
 }
 
 impl ServerProcess {
-    fn start(dir: &Path, extra: &[&str]) -> ServerProcess {
+    /// `cluster`: the `i`th of `n` servers on `--store` (from 1): it
+    /// advertises its loopback address and is started once it lists `i`.
+    fn start(dir: &Path, extra: &[&str], cluster: Option<(usize, usize)>) -> ServerProcess {
         let port = {
             let probe = UdpSocket::bind("127.0.0.1:0").expect("probe port");
             probe.local_addr().expect("probe addr").port()
         };
+        let advertise = cluster.map(|_| format!("127.0.0.1:{port}"));
         let mut child = Command::new(env!("CARGO_BIN_EXE_udpchat"))
             .args(["-s", &port.to_string(), "--data-dir"])
             .arg(dir.join("data"))
             .args(extra)
+            .args(advertise.iter().flat_map(|a| ["--advertise", a.as_str()]))
             .args(
                 STORE
                     .get()
@@ -808,7 +870,10 @@ impl ServerProcess {
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
             for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if line.contains("listening on") || line.contains("buffer is") {
+                if line.contains("listening on")
+                    || line.contains("buffer is")
+                    || line.contains("servers")
+                {
                     let _ = tx.send(line);
                 }
                 // The rest (a line per registration) is read and dropped,
@@ -819,8 +884,29 @@ impl ServerProcess {
             .recv_timeout(Duration::from_secs(30))
             .expect("the server did not say it listens");
         assert!(line.contains("listening on"), "{line}");
+        // The last of several waits until it sees them all; the others
+        // were started before it and see it within a second.
+        let want = cluster.map(|(i, _)| format!("one of {i} servers"));
+        let end = Instant::now() + Duration::from_secs(30);
         while let Ok(line) = rx.recv_timeout(Duration::from_millis(200)) {
             println!("server: {line}");
+            if want.as_ref().is_some_and(|w| line.contains(w.as_str())) {
+                break;
+            }
+            if Instant::now() > end {
+                break;
+            }
+        }
+        if let Some((i, n)) = cluster
+            && i == n
+        {
+            // Every server renews and reads the live list each second.
+            let settle = Instant::now() + Duration::from_millis(1500);
+            while Instant::now() < settle {
+                if let Ok(line) = rx.recv_timeout(Duration::from_millis(100)) {
+                    println!("server: {line}");
+                }
+            }
         }
         ServerProcess { child, port }
     }

@@ -249,6 +249,28 @@ fn key_and_release_flags_are_checked() {
 }
 
 #[test]
+fn cluster_flags_are_checked() {
+    // --advertise needs the database the servers share.
+    assert_usage_error(&["-s", "5000", "--advertise", "127.0.0.1:5000"], &["--advertise"]);
+    let store = ["-s", "5000", "--store", "postgres://u@127.0.0.1/db"];
+    for bad in ["127.0.0.1", "0.0.0.0:5000", "[::]:5000", "127.0.0.1:80", "host:5000", ""] {
+        let mut args = store.to_vec();
+        args.extend(["--advertise", bad]);
+        assert_usage_error(&args, &["--advertise"]);
+    }
+    let client = ["-c", "Alice", "127.0.0.1", "5000", "6000"];
+    for bad in ["127.0.0.1", "0.0.0.0:5000", "127.0.0.1:70000", "x"] {
+        let mut args = client.to_vec();
+        args.extend(["--server", bad]);
+        assert_usage_error(&args, &["--server"]);
+    }
+    assert_usage_error(&["-s", "5000", "--server", "127.0.0.1:5001"], &["--server"]);
+    let mut args = client.to_vec();
+    args.extend(["--advertise", "127.0.0.1:5001"]);
+    assert_usage_error(&args, &["--advertise"]);
+}
+
+#[test]
 fn release_without_a_database_is_a_clear_error() {
     let dir = scratch_dir();
     let out = run_in(
