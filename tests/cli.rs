@@ -251,9 +251,19 @@ fn key_and_release_flags_are_checked() {
 #[test]
 fn cluster_flags_are_checked() {
     // --advertise needs the database the servers share.
-    assert_usage_error(&["-s", "5000", "--advertise", "127.0.0.1:5000"], &["--advertise"]);
+    assert_usage_error(
+        &["-s", "5000", "--advertise", "127.0.0.1:5000"],
+        &["--advertise"],
+    );
     let store = ["-s", "5000", "--store", "postgres://u@127.0.0.1/db"];
-    for bad in ["127.0.0.1", "0.0.0.0:5000", "[::]:5000", "127.0.0.1:80", "host:5000", ""] {
+    for bad in [
+        "127.0.0.1",
+        "0.0.0.0:5000",
+        "[::]:5000",
+        "127.0.0.1:80",
+        "host:5000",
+        "",
+    ] {
         let mut args = store.to_vec();
         args.extend(["--advertise", bad]);
         assert_usage_error(&args, &["--advertise"]);
