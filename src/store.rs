@@ -356,12 +356,16 @@ pub struct News {
     pub live: Option<Vec<SocketAddr>>,
     /// Their commits, in commit order.
     pub changes: Vec<crate::Remote>,
+    /// This server's lease had run out (it was stuck): the others took
+    /// its clients for offline, so it must say again who is online here
+    /// ([`crate::Server::republish_presence`]).
+    pub rejoined: bool,
 }
 
 impl News {
     /// Nothing to tell.
     pub fn is_empty(&self) -> bool {
-        self.live.is_none() && self.changes.is_empty()
+        self.live.is_none() && self.changes.is_empty() && !self.rejoined
     }
 }
 

@@ -352,3 +352,28 @@ fn a_killed_server_s_client_gets_its_mail_once_at_the_next_home() {
     assert_eq!(shown, 1, "{:?}", s.lines(n[1]));
     assert_eq!(s.store.len(), 0);
 }
+
+#[test]
+fn a_server_back_from_a_stall_announces_its_clients_again() {
+    let (mut s, who, _) = shared(&["ann", "ben"], &[1024, 1025]);
+    let all = [addr(1024), addr(1025), addr(1026)];
+    let others = [addr(1024), addr(1026)];
+    // The second server stalls past its lease: the others drop it, and
+    // take its client for offline.
+    s.server.set_servers(addr(1024), &others);
+    s.peers[1].server.set_servers(addr(1026), &others);
+    s.run_for(Duration::from_secs(1));
+    assert!(!online_at(&s, 1024, &who[1]));
+    // It renews again, finds its lease had run out, and says so.
+    s.set_live(&all);
+    assert!(
+        !online_at(&s, 1026, &who[1]),
+        "live again is not online again"
+    );
+    s.peers[0].server.republish_presence();
+    s.drain_servers();
+    s.run_for(Duration::from_secs(1));
+    for at in [1024, 1026] {
+        assert!(online_at(&s, at, &who[1]), "{} offline at {at}", who[1]);
+    }
+}

@@ -243,3 +243,70 @@ fn a_killed_server_s_clients_move_on_and_get_their_mail_once() {
     let left = cluster.psql(cluster.primary, "killed", "SELECT count(*) FROM mail");
     assert_eq!(left, "0");
 }
+
+#[test]
+fn a_server_without_advertise_is_refused_beside_running_servers() {
+    let test = "a_server_without_advertise_is_refused_beside_running_servers";
+    let Some(cluster) = Cluster::start(test, 0) else {
+        return;
+    };
+    let url = cluster.database("beside");
+    let mut first = Server::start_with(&["--store", &url, "--advertise", "127.0.0.1:{port}"]);
+    first.expect_stdout("one of 1 servers");
+    let port = common::free_udp_port().to_string();
+    let out = common::run(&["-s", &port, "--store", &url, "--data-dir", "/nonexistent/x"]);
+    assert_eq!(out.status.code(), Some(1), "{:?}", out.stderr);
+    assert!(
+        out.stderr
+            .iter()
+            .any(|l| l.contains("start this one with --advertise too")),
+        "{:?}",
+        out.stderr
+    );
+}
+
+/// A server frozen (SIGSTOP) past its lease is taken for dead; the others
+/// carry on and drop the feed rows it never read. Woken, it must not serve
+/// from what it had: it stops with a line.
+#[test]
+fn a_server_stuck_past_its_lease_stops_rather_than_serve_stale_state() {
+    let test = "a_server_stuck_past_its_lease_stops_rather_than_serve_stale_state";
+    let Some(cluster) = Cluster::start(test, 0) else {
+        return;
+    };
+    let mut three = Three::start(&cluster, "stuck");
+    let frozen = three.servers[2].pid();
+    let frozen_addr = three.live()[2].to_string();
+    let signal = |sig| {
+        // SAFETY: kill(2) on our own child's pid, with a valid signal.
+        let rc = unsafe { libc::kill(frozen as libc::pid_t, sig) };
+        assert_eq!(rc, 0);
+    };
+    signal(libc::SIGSTOP);
+    three.servers[0].expect_stdout("2 servers live");
+    // A change while it is frozen: a registration.
+    let mut late = three.client(&three.homed_at("late", 0), 0);
+    late.expect_lines(&[WELCOME, TABLE]);
+    // Until the others have deleted feed rows it never read.
+    let gone = format!(
+        "SELECT coalesce((SELECT min(seq) FROM feed), (SELECT seq FROM feed_head) + 1)
+                > (SELECT cursor FROM servers WHERE addr = '{frozen_addr}') + 1"
+    );
+    let deadline = std::time::Instant::now() + common::DEADLINE;
+    while cluster.psql(cluster.primary, "stuck", &gone) != "t" {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the feed was never pruned"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    signal(libc::SIGCONT);
+    let status = three.servers[2].wait_exit(common::DEADLINE);
+    assert_eq!(status.and_then(|s| s.code()), Some(1));
+    let said = three.servers[2].stderr();
+    assert!(
+        said.iter()
+            .any(|l| l.contains("taken for dead") && l.contains("restart it")),
+        "{said:#?}"
+    );
+}

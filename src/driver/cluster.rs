@@ -313,6 +313,19 @@ impl PgStore {
         }
     }
 
+    /// The servers of a cluster running on this database now: a server
+    /// without `--advertise` refuses to start beside them (it would not
+    /// hear of their writes, nor they of its).
+    pub fn cluster_running(&mut self) -> Result<Vec<SocketAddr>, StoreError> {
+        self.with_retry(|client, _| {
+            let mut tx = client.transaction()?;
+            let live = live_servers(&mut tx)?;
+            tx.commit()?;
+            Ok(live)
+        })
+        .map_err(|e| StoreError(e.to_string()))
+    }
+
     /// [`crate::store::Store::news`] of a member: the lease renewed when
     /// due, then the feed read on from where it stopped.
     pub(super) fn news_now(&mut self) -> io::Result<News> {
@@ -326,7 +339,31 @@ impl PgStore {
             let lease = LEASE.as_secs_f64();
             let renewed = self.with_retry(|client, _| {
                 let mut tx = client.transaction()?;
-                let ours = tx.execute(
+                // Ours still, and had it run out (the others took this
+                // server for dead meanwhile)?
+                let lapsed: Option<bool> = tx
+                    .query_opt(
+                        "SELECT lease_until < now() FROM servers
+                         WHERE addr = $1 AND instance = $2 FOR UPDATE",
+                        &[&me_text, &instance],
+                    )?
+                    .map(|r| r.get(0));
+                let Some(lapsed) = lapsed else {
+                    return Ok(Renewal::TakenOver);
+                };
+                // Rows this server has not read, deleted while it was
+                // taken for dead: what they said cannot be had again.
+                let (head, oldest): (i64, Option<i64>) = {
+                    let r = tx.query_one(
+                        "SELECT (SELECT seq FROM feed_head), (SELECT min(seq) FROM feed)",
+                        &[],
+                    )?;
+                    (r.get(0), r.get(1))
+                };
+                if cursor < head && oldest.is_none_or(|o| o > cursor + 1) {
+                    return Ok(Renewal::Behind);
+                }
+                tx.execute(
                     "UPDATE servers SET lease_until = now() + make_interval(secs => $3),
                          cursor = $4
                      WHERE addr = $1 AND instance = $2",
@@ -340,17 +377,26 @@ impl PgStore {
                     &[],
                 )?;
                 tx.commit()?;
-                Ok((ours, live))
+                Ok(Renewal::Renewed { live, lapsed })
             })?;
+            let stuck = LEASE.as_secs();
             match renewed {
-                (0, _) => {
+                Renewal::TakenOver => {
                     return Err(io::Error::other(format!(
-                        "{}: this server's lease was taken over (it was stuck for longer than {} s and taken for dead); restart it",
+                        "{}: another server took this one's address while it was stuck (longer than {stuck} s); stopping",
                         self.describe(),
-                        LEASE.as_secs()
                     )));
                 }
-                (_, live) => news.live = Some(live),
+                Renewal::Behind => {
+                    return Err(io::Error::other(format!(
+                        "{}: this server was taken for dead (stuck longer than {stuck} s) and the others' changes since are gone; restart it",
+                        self.describe(),
+                    )));
+                }
+                Renewal::Renewed { live, lapsed } => {
+                    news.live = Some(live);
+                    news.rejoined = lapsed;
+                }
             }
             if let Some(m) = &mut self.member {
                 m.renewed = Instant::now();
@@ -486,6 +532,17 @@ impl PgStore {
         }
         Ok(changes)
     }
+}
+
+/// What a lease renewal found.
+enum Renewal {
+    /// Renewed; `lapsed`: it had run out (the others took this server for
+    /// dead meanwhile, and its clients for offline).
+    Renewed { live: Vec<SocketAddr>, lapsed: bool },
+    /// Another server holds this one's address now.
+    TakenOver,
+    /// Feed rows this server never read are deleted.
+    Behind,
 }
 
 /// Every server whose lease is current.

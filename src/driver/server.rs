@@ -86,10 +86,20 @@ pub fn run(options: Options) -> Result<i32, Fatal> {
             // Only the key lives in the data directory then (created
             // with it, 0700).
             let mut pg = PgStore::open(url).map_err(|e| store_error(&e))?;
-            if let Some(me) = options.advertise {
+            match options.advertise {
                 // Before the load: what others commit meanwhile comes twice
                 // (harmless), not never.
-                joined = Some((me, pg.join(me).map_err(|e| store_error(&e))?));
+                Some(me) => joined = Some((me, pg.join(me).map_err(|e| store_error(&e))?)),
+                None => {
+                    let live = pg.cluster_running().map_err(|e| store_error(&e))?;
+                    if let Some(one) = live.first() {
+                        return Err(store_error(&format!(
+                            "{}: {} servers with --advertise run on this database (e.g. {one}); start this one with --advertise too",
+                            pg.describe(),
+                            live.len()
+                        )));
+                    }
+                }
             }
             let shown = pg.describe().to_string();
             (Box::new(pg), shown)
@@ -375,6 +385,10 @@ fn flush(
                         }
                     }
                     server.handle_remote(now, news.changes);
+                    if news.rejoined {
+                        log.line("this server's lease had run out (it was stuck): its clients are announced again");
+                        server.republish_presence();
+                    }
                     notes
                 }
                 // Asked again shortly: the connection is being looked for.

@@ -89,6 +89,19 @@ impl Server {
         }
     }
 
+    /// Says again, for the other servers, who is online here: after this
+    /// server's lease ran out (it was stuck) they took its clients for
+    /// offline.
+    pub fn republish_presence(&mut self) {
+        let here: Vec<ClientId> = (self.table.iter())
+            .map(|(id, _)| id)
+            .filter(|&id| self.is_here(id))
+            .collect();
+        for id in here {
+            self.publish_presence(id);
+        }
+    }
+
     /// Clients online at servers no longer live are offline: a server
     /// killed says nothing, its lease just runs out.
     pub(super) fn drop_dead_servers(&mut self) {

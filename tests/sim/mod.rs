@@ -261,6 +261,21 @@ impl Sim {
         }
     }
 
+    /// Hands every running server's output on (its commits to the store
+    /// and the feed, its datagrams to the network), as a driver does after
+    /// calling into it: for tests that call a server directly.
+    pub fn drain_servers(&mut self) {
+        if self.server_up {
+            self.drain_server();
+        }
+        for i in 0..self.peers.len() {
+            if self.peers[i].up {
+                self.drain_peer(i);
+            }
+        }
+        self.flow_feed();
+    }
+
     /// The server of the cluster at `at`.
     pub fn server_at(&self, at: SocketAddr) -> &Server {
         if at == self.server_addr {
