@@ -246,6 +246,9 @@ pub enum StoreOp {
         addr: SocketAddr,
         /// Online here, or gone.
         online: bool,
+        /// Its registrations counted across the cluster: a newer one
+        /// (higher epoch) wins over an older one, wherever each was.
+        epoch: u64,
     },
 }
 

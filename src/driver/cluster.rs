@@ -4,37 +4,43 @@
 //! - **Leases.** Each server holds a row of `servers` with a lease it
 //!   renews every [`RENEW`]; a server whose lease ran out ([`LEASE`]) is
 //!   dead to the others, who read the live list with each renewal and route
-//!   names over it ([`crate::Server::set_servers`]). A server that finds its
-//!   row taken (it was stuck past its lease and another started at its
-//!   address) stops: its place was given away.
+//!   names over it ([`crate::Server::set_servers`]).
 //! - **The feed.** Every commit of a server appends one row to `feed`
 //!   naming what it wrote (mail, acks, registry rows, presence), in the
-//!   same transaction. Feed numbers come from a one-row counter updated in
-//!   that transaction, so committers take turns on its row lock and the
-//!   numbers become visible in order, without gaps: a reader that has seen
-//!   number n has seen everything before it. Each server reads the feed
-//!   after its own commits and every [`NEWS_EVERY`](super::commits) while
-//!   idle, fetches the rows named, and hands them to the core
-//!   ([`crate::Server::handle_remote`]). Nothing is lost across a
-//!   reconnection or a failover of the database: the feed is a table and
-//!   the reader keeps its place in it (why not `LISTEN/NOTIFY`:
-//!   notifications are not kept while a listener is disconnected, so a
-//!   table to catch up from is needed anyway, and reading it costs one
-//!   round trip).
-//! - **Presence.** Who is online at which server, kept in `presence` for
-//!   servers that start later; changes travel in the feed.
+//!   same transaction, numbered in that server's own sequence (its
+//!   *origin*, one per server start). A server commits one batch at a
+//!   time, so its rows become visible in its order; a number is skipped
+//!   only after a commit whose outcome stayed unknown, and nothing of that
+//!   origin can appear below a number already seen. Servers never wait on
+//!   each other to commit. Each server reads every other origin on from
+//!   where it stopped, after its own commits and every
+//!   [`NEWS_EVERY`](super::commits) while idle, reads the rows the entries
+//!   name (as they are then: a message acked meanwhile is simply gone) and
+//!   hands them to the core ([`crate::Server::handle_remote`]). Nothing is
+//!   lost across a reconnection or a failover of the database: the feed is
+//!   a table and the reader keeps its place in it (why not
+//!   `LISTEN/NOTIFY`: notifications are not kept while a listener is
+//!   disconnected, so a table to catch up from is needed anyway, and
+//!   reading it costs one round trip). Rows are kept [`FEED_KEEP`]; a
+//!   server that has not read for half of that stops rather than serve
+//!   from what it may have missed.
+//! - **Presence.** Who is online at which server, with the name's epoch
+//!   (its registrations counted: the newer claim wins, between servers
+//!   that have no common order), kept in `presence` for servers that
+//!   start later; changes travel in the feed.
 //!
-//! A batch replayed after a lost COMMIT appends its feed row again: every
-//! change applies idempotently, so a reader seeing it twice is harmless.
+//! A batch replayed after a lost COMMIT writes its feed row under the same
+//! number, which the database keeps once.
 //!
 //! ```sql
 //! CREATE TABLE servers  (addr text PRIMARY KEY, instance integer NOT NULL,
-//!                        lease_until timestamptz NOT NULL, cursor bigint NOT NULL);
+//!                        origin text NOT NULL, lease_until timestamptz NOT NULL);
 //! CREATE SEQUENCE udpchat_instances;
-//! CREATE TABLE feed_head (seq bigint NOT NULL);      -- one row
-//! CREATE TABLE feed     (seq bigint PRIMARY KEY, origin text NOT NULL, entries bytea NOT NULL);
-//! CREATE TABLE presence (name text PRIMARY KEY, server text NOT NULL,
-//!                        addr text NOT NULL, online boolean NOT NULL);
+//! CREATE TABLE origins  (origin text PRIMARY KEY);     -- "addr#start"
+//! CREATE TABLE feed     (origin text, seq bigint, at timestamptz DEFAULT now(),
+//!                        entries bytea NOT NULL, PRIMARY KEY (origin, seq));
+//! CREATE TABLE presence (name text PRIMARY KEY, server text NOT NULL, addr text NOT NULL,
+//!                        online boolean NOT NULL, epoch bigint NOT NULL);
 //! ```
 
 use std::collections::{HashMap, HashSet};
@@ -60,7 +66,14 @@ pub const LEASE: Duration = Duration::from_secs(6);
 /// How often a server renews its lease (and reads who is live).
 pub const RENEW: Duration = Duration::from_secs(1);
 
-/// Feed rows read at once.
+/// How long feed rows are kept. A server that has not read the feed for
+/// half of it (stuck) stops: it may have missed rows.
+pub const FEED_KEEP: Duration = Duration::from_secs(600);
+
+/// How often a server deletes feed rows past [`FEED_KEEP`].
+const PRUNE_EVERY: Duration = Duration::from_secs(60);
+
+/// Feed rows read at once, per origin.
 const FEED_PAGE: i64 = 512;
 
 /// The tables of several servers (schema version 2).
@@ -68,39 +81,53 @@ pub const SCHEMA: &str = "
     CREATE TABLE servers (
         addr        text PRIMARY KEY,
         instance    integer NOT NULL,
-        lease_until timestamptz NOT NULL,
-        cursor      bigint NOT NULL
+        origin      text NOT NULL,
+        lease_until timestamptz NOT NULL
     );
     CREATE SEQUENCE udpchat_instances;
-    CREATE TABLE feed_head (seq bigint NOT NULL);
-    INSERT INTO feed_head (seq) VALUES (0);
+    CREATE TABLE origins (origin text PRIMARY KEY);
     CREATE TABLE feed (
-        seq     bigint PRIMARY KEY,
         origin  text NOT NULL,
-        entries bytea NOT NULL
+        seq     bigint NOT NULL,
+        at      timestamptz NOT NULL DEFAULT now(),
+        entries bytea NOT NULL,
+        PRIMARY KEY (origin, seq)
     );
+    CREATE INDEX feed_at ON feed (at);
     CREATE TABLE presence (
         name   text PRIMARY KEY,
         server text NOT NULL,
         addr   text NOT NULL,
-        online boolean NOT NULL
+        online boolean NOT NULL,
+        epoch  bigint NOT NULL
     );";
 
-// One statement, one round trip: the counter's row lock is held to the
-// COMMIT, which is what keeps feed numbers in commit order.
-pub(super) const FEED_APPEND: &str = "WITH h AS (UPDATE feed_head SET seq = seq + 1 RETURNING seq)
-                                      INSERT INTO feed (seq, origin, entries)
-                                      SELECT seq, $1, $2 FROM h";
-pub(super) const FEED_READ: &str = "SELECT seq, origin, entries FROM feed
-                                    WHERE seq > $1 ORDER BY seq LIMIT $2";
-// An "offline" from a server the client already left does not undo its
-// "online" at the next one.
-pub(super) const PRESENCE: &str = "INSERT INTO presence (name, server, addr, online)
+// Written again by a replay after a lost COMMIT: kept once.
+pub(super) const FEED_APPEND: &str = "INSERT INTO feed (origin, seq, entries) VALUES ($1, $2, $3)
+                                      ON CONFLICT DO NOTHING";
+// Every other origin from where this reader stopped (0 for one it has not
+// seen), by the primary key's index.
+pub(super) const FEED_READ: &str = "SELECT o.origin, f.seq, f.entries
+                                    FROM origins o
+                                    LEFT JOIN unnest($1::text[], $2::bigint[]) AS c (origin, seq)
+                                        ON c.origin = o.origin
+                                    CROSS JOIN LATERAL (
+                                        SELECT seq, entries FROM feed
+                                        WHERE feed.origin = o.origin
+                                          AND feed.seq > coalesce(c.seq, 0)
+                                        ORDER BY seq LIMIT $4) f
+                                    WHERE o.origin <> $3
+                                    ORDER BY o.origin, f.seq";
+// The newer claim (epoch, then server, byte order) wins; a server's
+// "gone" counts for its own claim.
+pub(super) const PRESENCE: &str = "INSERT INTO presence (name, server, addr, online, epoch)
                                    SELECT * FROM unnest($1::text[], $2::text[], $3::text[],
-                                                        $4::boolean[])
+                                                        $4::boolean[], $5::bigint[])
                                    ON CONFLICT (name) DO UPDATE SET server = excluded.server,
-                                       addr = excluded.addr, online = excluded.online
-                                   WHERE excluded.online OR presence.server = excluded.server";
+                                       addr = excluded.addr, online = excluded.online,
+                                       epoch = excluded.epoch
+                                   WHERE (excluded.epoch, excluded.server COLLATE \"C\")
+                                       >= (presence.epoch, presence.server COLLATE \"C\")";
 
 /// One change named in a feed row; the rows it names are read from their
 /// tables (a message acked meanwhile is simply gone).
@@ -124,6 +151,7 @@ enum Entry {
         name: Name,
         addr: SocketAddr,
         online: bool,
+        epoch: u64,
     },
 }
 
@@ -134,10 +162,16 @@ pub struct Member {
     pub me: SocketAddr,
     /// Its number, the low bits of its mail ids.
     pub instance: u16,
-    /// The last feed row read.
-    cursor: i64,
-    /// When the lease was last renewed.
+    /// Its feed rows' origin (`addr#start`) and the next row's number.
+    pub(super) origin: String,
+    pub(super) next_seq: i64,
+    /// The last row read of each other origin.
+    cursors: HashMap<String, i64>,
+    /// When the lease was last renewed, the feed last read, old rows last
+    /// deleted.
     renewed: Instant,
+    read: Instant,
+    pruned: Instant,
 }
 
 /// What a server learns when it joins: its number, who is live, who is
@@ -148,7 +182,7 @@ pub struct Joined {
     pub instance: u16,
     /// Every live server, itself included.
     pub live: Vec<SocketAddr>,
-    /// Clients online at the other live servers.
+    /// Every name's latest claim (online at a live server, or gone).
     pub presence: Vec<Remote>,
 }
 
@@ -169,10 +203,16 @@ pub(super) fn feed_entries(ops: &[StoreOp]) -> Option<Vec<u8>> {
             StoreOp::Client(c) => Some(Entry::Client {
                 name: c.name.clone(),
             }),
-            StoreOp::Presence { name, addr, online } => Some(Entry::Presence {
+            StoreOp::Presence {
+                name,
+                addr,
+                online,
+                epoch,
+            } => Some(Entry::Presence {
                 name: name.clone(),
                 addr: *addr,
                 online: *online,
+                epoch: *epoch,
             }),
             // Every server forgets names by the same rule, and rewrites
             // happen at start: nobody needs telling.
@@ -183,15 +223,20 @@ pub(super) fn feed_entries(ops: &[StoreOp]) -> Option<Vec<u8>> {
 }
 
 /// The presence rows of a batch, the last per client: (names, servers,
-/// addresses, online).
-pub(super) type PresenceRows = (Vec<String>, Vec<String>, Vec<String>, Vec<bool>);
+/// addresses, online, epochs).
+pub(super) type PresenceRows = (Vec<String>, Vec<String>, Vec<String>, Vec<bool>, Vec<i64>);
 
 pub(super) fn presence_rows(ops: &[StoreOp], me: SocketAddr) -> Option<PresenceRows> {
-    let mut last: HashMap<&Name, (SocketAddr, bool)> = HashMap::new();
+    let mut last: HashMap<&Name, (SocketAddr, bool, u64)> = HashMap::new();
     let mut order = Vec::new();
     for op in ops {
-        if let StoreOp::Presence { name, addr, online } = op
-            && last.insert(name, (*addr, *online)).is_none()
+        if let StoreOp::Presence {
+            name,
+            addr,
+            online,
+            epoch,
+        } = op
+            && last.insert(name, (*addr, *online, *epoch)).is_none()
         {
             order.push(name);
         }
@@ -201,23 +246,29 @@ pub(super) fn presence_rows(ops: &[StoreOp], me: SocketAddr) -> Option<PresenceR
     }
     let mut rows: PresenceRows = Default::default();
     for name in order {
-        let (addr, online) = last[name];
+        let (addr, online, epoch) = last[name];
         rows.0.push(name.as_str().to_string());
         rows.1.push(me.to_string());
         rows.2.push(addr.to_string());
         rows.3.push(online);
+        rows.4.push(i64::try_from(epoch).unwrap_or(i64::MAX));
     }
     Some(rows)
+}
+
+/// The server of an origin (`addr#start`).
+fn server_of(origin: &str) -> Option<SocketAddr> {
+    origin.split('#').next()?.parse().ok()
 }
 
 impl PgStore {
     /// Joins the servers of this database as the one clients reach at
     /// `me`: takes a lease (waiting out the one a killed predecessor at
-    /// the same address left, up to [`LEASE`]), a number, and the place in
-    /// the feed to read from. Call it before [`Store::load`]: what is
-    /// committed between the two is applied twice, which is harmless,
-    /// rather than missed. Clients the previous server at `me` had online
-    /// are marked offline for the others.
+    /// the same address left, up to [`LEASE`]), a number, an origin for
+    /// its feed rows and the place in the others' to read from. Call it
+    /// before [`Store::load`]: what is committed between the two is
+    /// applied twice, which is harmless, rather than missed. Clients the
+    /// previous server at `me` had online are marked gone for the others.
     ///
     /// [`Store::load`]: crate::store::Store::load
     pub fn join(&mut self, me: SocketAddr) -> Result<Joined, StoreError> {
@@ -226,52 +277,59 @@ impl PgStore {
         loop {
             let attempt = self.with_retry(|client, p| {
                 let mut tx = client.transaction()?;
-                let instance: i64 = tx
+                let start: i64 = tx
                     .query_one("SELECT nextval('udpchat_instances')", &[])?
                     .get(0);
                 // 16 bits: the low bits of mail ids. Two live servers share
                 // them only 65,536 starts apart.
-                let instance = i32::try_from((instance - 1).rem_euclid(1 << 16)).unwrap_or(0);
-                let cursor: i64 = tx.query_one("SELECT seq FROM feed_head", &[])?.get(0);
+                let instance = i32::try_from((start - 1).rem_euclid(1 << 16)).unwrap_or(0);
+                let origin = format!("{me_text}#{start}");
                 let lease = LEASE.as_secs_f64();
                 let taken = tx.execute(
-                    "INSERT INTO servers (addr, instance, lease_until, cursor)
-                     VALUES ($1, $2, now() + make_interval(secs => $3), $4)
+                    "INSERT INTO servers (addr, instance, origin, lease_until)
+                     VALUES ($1, $2, $3, now() + make_interval(secs => $4))
                      ON CONFLICT (addr) DO UPDATE SET instance = excluded.instance,
-                         lease_until = excluded.lease_until, cursor = excluded.cursor
+                         origin = excluded.origin, lease_until = excluded.lease_until
                      WHERE servers.lease_until < now()",
-                    &[&me_text, &instance, &lease, &cursor],
+                    &[&me_text, &instance, &origin, &lease],
                 )?;
                 if taken == 0 {
                     return Ok(None);
                 }
+                tx.execute("INSERT INTO origins (origin) VALUES ($1)", &[&origin])?;
+                let cursors: HashMap<String, i64> = (tx
+                    .query("SELECT origin, max(seq) FROM feed GROUP BY origin", &[])?
+                    .iter())
+                .map(|r| (r.get(0), r.get(1)))
+                .collect();
                 // Its predecessor's clients are not here any more.
                 let gone = tx.query(
                     "UPDATE presence SET online = false WHERE server = $1 AND online
-                     RETURNING name, addr",
+                     RETURNING name, addr, epoch",
                     &[&me_text],
                 )?;
                 let entries: Vec<Entry> = (gone.iter())
                     .filter_map(|r| {
-                        let name = Name::new(r.get::<_, &str>(0)).ok()?;
-                        let addr = r.get::<_, &str>(1).parse().ok()?;
                         Some(Entry::Presence {
-                            name,
-                            addr,
+                            name: Name::new(r.get::<_, &str>(0)).ok()?,
+                            addr: r.get::<_, &str>(1).parse().ok()?,
                             online: false,
+                            epoch: u64::try_from(r.get::<_, i64>(2)).ok()?,
                         })
                     })
                     .collect();
+                let mut next_seq = 1;
                 if !entries.is_empty() {
                     let bytes = postcard::to_allocvec(&entries).unwrap_or_default();
-                    tx.execute(&p.feed_append, &[&me_text, &bytes])?;
+                    tx.execute(&p.feed_append, &[&origin, &next_seq, &bytes])?;
+                    next_seq += 1;
                 }
                 let live = live_servers(&mut tx)?;
                 let presence = tx.query(
-                    "SELECT p.name, p.addr, p.server FROM presence p
-                     JOIN servers s ON s.addr = p.server
-                     WHERE p.online AND s.lease_until > now() AND p.server <> $1",
-                    &[&me_text],
+                    "SELECT p.name, p.addr, p.server, p.epoch,
+                            p.online AND coalesce(s.lease_until > now(), false)
+                     FROM presence p LEFT JOIN servers s ON s.addr = p.server",
+                    &[],
                 )?;
                 tx.commit()?;
                 let presence: Vec<Remote> = (presence.iter())
@@ -279,21 +337,27 @@ impl PgStore {
                         Some(Remote::Presence {
                             name: Name::new(r.get::<_, &str>(0)).ok()?,
                             addr: r.get::<_, &str>(1).parse().ok()?,
-                            online: true,
                             server: r.get::<_, &str>(2).parse().ok()?,
+                            epoch: u64::try_from(r.get::<_, i64>(3)).ok()?,
+                            online: r.get(4),
                         })
                     })
                     .collect();
-                Ok(Some((instance, cursor, live, presence)))
+                Ok(Some((instance, origin, next_seq, cursors, live, presence)))
             });
             match attempt {
-                Ok(Some((instance, cursor, live, presence))) => {
+                Ok(Some((instance, origin, next_seq, cursors, live, presence))) => {
                     let instance = u16::try_from(instance).unwrap_or(0);
+                    let now = Instant::now();
                     self.member = Some(Member {
                         me,
                         instance,
-                        cursor,
-                        renewed: Instant::now(),
+                        origin,
+                        next_seq,
+                        cursors,
+                        renewed: now,
+                        read: now,
+                        pruned: now,
                     });
                     return Ok(Joined {
                         instance,
@@ -332,11 +396,22 @@ impl PgStore {
         let Some(member) = &self.member else {
             return Ok(News::default());
         };
-        let (me, instance, cursor) = (member.me, i32::from(member.instance), member.cursor);
+        let stuck = LEASE.as_secs();
+        if member.read.elapsed() > FEED_KEEP / 2 {
+            return Err(io::Error::other(format!(
+                "{}: this server has not read the others' changes for {} s (stuck, taken for dead); restart it",
+                self.describe(),
+                member.read.elapsed().as_secs()
+            )));
+        }
+        let (me, instance) = (member.me, i32::from(member.instance));
+        let origin = member.origin.clone();
+        let prune = member.pruned.elapsed() >= PRUNE_EVERY;
         let me_text = me.to_string();
         let mut news = News::default();
         if member.renewed.elapsed() >= RENEW {
             let lease = LEASE.as_secs_f64();
+            let keep = FEED_KEEP.as_secs_f64();
             let renewed = self.with_retry(|client, _| {
                 let mut tx = client.transaction()?;
                 // Ours still, and had it run out (the others took this
@@ -351,35 +426,44 @@ impl PgStore {
                 let Some(lapsed) = lapsed else {
                     return Ok(Renewal::TakenOver);
                 };
-                // Rows this server has not read, deleted while it was
-                // taken for dead: what they said cannot be had again.
-                let (head, oldest): (i64, Option<i64>) = {
-                    let r = tx.query_one(
-                        "SELECT (SELECT seq FROM feed_head), (SELECT min(seq) FROM feed)",
-                        &[],
-                    )?;
-                    (r.get(0), r.get(1))
-                };
-                if cursor < head && oldest.is_none_or(|o| o > cursor + 1) {
-                    return Ok(Renewal::Behind);
-                }
                 tx.execute(
-                    "UPDATE servers SET lease_until = now() + make_interval(secs => $3),
-                         cursor = $4
+                    "UPDATE servers SET lease_until = now() + make_interval(secs => $3)
                      WHERE addr = $1 AND instance = $2",
-                    &[&me_text, &instance, &lease, &cursor],
+                    &[&me_text, &instance, &lease],
                 )?;
                 let live = live_servers(&mut tx)?;
-                // Rows every live server has read are of no more use.
+                let mut origins = None;
+                if prune {
+                    tx.execute(
+                        "DELETE FROM feed WHERE at < now() - make_interval(secs => $1)",
+                        &[&keep],
+                    )?;
+                    tx.execute(
+                        "DELETE FROM origins o
+                         WHERE NOT EXISTS (SELECT 1 FROM feed f WHERE f.origin = o.origin)
+                           AND NOT EXISTS (SELECT 1 FROM servers s WHERE s.origin = o.origin
+                                                                    AND s.lease_until > now())",
+                        &[],
+                    )?;
+                    origins = Some(
+                        (tx.query("SELECT origin FROM origins", &[])?.iter())
+                            .map(|r| r.get::<_, String>(0))
+                            .collect::<HashSet<String>>(),
+                    );
+                }
+                // Deleted with the others' while this one was taken for
+                // dead: listed again, so its rows are read.
                 tx.execute(
-                    "DELETE FROM feed WHERE seq <= (SELECT min(cursor) FROM servers
-                                                    WHERE lease_until > now())",
-                    &[],
+                    "INSERT INTO origins (origin) VALUES ($1) ON CONFLICT DO NOTHING",
+                    &[&origin],
                 )?;
                 tx.commit()?;
-                Ok(Renewal::Renewed { live, lapsed })
+                Ok(Renewal::Renewed {
+                    live,
+                    lapsed,
+                    origins,
+                })
             })?;
-            let stuck = LEASE.as_secs();
             match renewed {
                 Renewal::TakenOver => {
                     return Err(io::Error::other(format!(
@@ -387,44 +471,51 @@ impl PgStore {
                         self.describe(),
                     )));
                 }
-                Renewal::Behind => {
-                    return Err(io::Error::other(format!(
-                        "{}: this server was taken for dead (stuck longer than {stuck} s) and the others' changes since are gone; restart it",
-                        self.describe(),
-                    )));
-                }
-                Renewal::Renewed { live, lapsed } => {
+                Renewal::Renewed {
+                    live,
+                    lapsed,
+                    origins,
+                } => {
                     news.live = Some(live);
                     news.rejoined = lapsed;
+                    if let Some(m) = &mut self.member {
+                        m.renewed = Instant::now();
+                        if let Some(origins) = origins {
+                            // Places kept only in origins still listed.
+                            m.cursors.retain(|o, _| origins.contains(o));
+                            m.pruned = Instant::now();
+                        }
+                    }
                 }
             }
-            if let Some(m) = &mut self.member {
-                m.renewed = Instant::now();
-            }
         }
-        let rows =
-            self.with_retry(|client, p| client.query(&p.feed_read, &[&cursor, &FEED_PAGE]))?;
-        let Some(last) = rows.last().map(|r| r.get::<_, i64>(0)) else {
-            return Ok(news);
+        let (origins, seqs): (Vec<String>, Vec<i64>) = match &self.member {
+            Some(m) => m.cursors.iter().map(|(o, s)| (o.clone(), *s)).unzip(),
+            None => return Ok(news),
         };
+        let rows = self.with_retry(|client, p| {
+            client.query(&p.feed_read, &[&origins, &seqs, &origin, &FEED_PAGE])
+        })?;
         let mut named: Vec<(SocketAddr, Entry)> = Vec::new();
+        let mut read: HashMap<String, i64> = HashMap::new();
         for row in &rows {
-            let origin: &str = row.get(1);
-            let Ok(origin) = origin.parse::<SocketAddr>() else {
+            let from: String = row.get(0);
+            let seq: i64 = row.get(1);
+            let place = read.entry(from.clone()).or_insert(seq);
+            *place = (*place).max(seq);
+            let Some(server) = server_of(&from) else {
                 continue;
             };
-            if origin == me {
-                continue;
-            }
             let bytes: &[u8] = row.get(2);
             // A row this build cannot read names nothing it can apply.
             if let Ok(entries) = postcard::from_bytes::<Vec<Entry>>(bytes) {
-                named.extend(entries.into_iter().map(|e| (origin, e)));
+                named.extend(entries.into_iter().map(|e| (server, e)));
             }
         }
         news.changes = self.resolve(named)?;
         if let Some(m) = &mut self.member {
-            m.cursor = last;
+            m.read = Instant::now();
+            m.cursors.extend(read);
         }
         Ok(news)
     }
@@ -521,11 +612,17 @@ impl PgStore {
                 Entry::Channel { mail: id } => channels.remove(&id).map(Remote::Channel),
                 Entry::Delete { to, mail } => Some(Remote::Deleted { to, mail }),
                 Entry::Client { name } => clients.remove(name.as_str()).map(Remote::Client),
-                Entry::Presence { name, addr, online } => Some(Remote::Presence {
+                Entry::Presence {
+                    name,
+                    addr,
+                    online,
+                    epoch,
+                } => Some(Remote::Presence {
                     name,
                     addr,
                     online,
                     server: origin,
+                    epoch,
                 }),
             };
             changes.extend(change);
@@ -537,12 +634,15 @@ impl PgStore {
 /// What a lease renewal found.
 enum Renewal {
     /// Renewed; `lapsed`: it had run out (the others took this server for
-    /// dead meanwhile, and its clients for offline).
-    Renewed { live: Vec<SocketAddr>, lapsed: bool },
+    /// dead meanwhile, and its clients for offline); `origins`: every
+    /// origin listed, when old rows were deleted.
+    Renewed {
+        live: Vec<SocketAddr>,
+        lapsed: bool,
+        origins: Option<HashSet<String>>,
+    },
     /// Another server holds this one's address now.
     TakenOver,
-    /// Feed rows this server never read are deleted.
-    Behind,
 }
 
 /// Every server whose lease is current.

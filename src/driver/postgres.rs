@@ -743,11 +743,15 @@ impl Store for PgStore {
         crate::store::check_batch(ops)?;
         // What the other servers are told, in the same transaction.
         let shared = self.member.as_ref().map(|m| {
-            let me = m.me.to_string();
             let presence = cluster::presence_rows(ops, m.me);
-            (me, cluster::feed_entries(ops), presence)
+            (
+                m.origin.clone(),
+                m.next_seq,
+                cluster::feed_entries(ops),
+                presence,
+            )
         });
-        self.with_retry(|client, p| {
+        let result = self.with_retry(|client, p| {
             let mut tx = client.transaction()?;
             let mut acked = BTreeMap::new();
             // Runs of messages go in one statement each; everything keeps
@@ -766,16 +770,23 @@ impl Store for PgStore {
             for (id, gone) in &acked {
                 take_pending(&mut tx, p, *id, gone)?;
             }
-            if let Some((me, entries, presence)) = &shared {
-                if let Some((names, servers, addrs, online)) = presence {
-                    tx.execute(&p.presence, &[names, servers, addrs, online])?;
+            if let Some((origin, seq, entries, presence)) = &shared {
+                if let Some((names, servers, addrs, online, epochs)) = presence {
+                    tx.execute(&p.presence, &[names, servers, addrs, online, epochs])?;
                 }
                 if let Some(entries) = entries {
-                    tx.execute(&p.feed_append, &[me, entries])?;
+                    tx.execute(&p.feed_append, &[origin, seq, entries])?;
                 }
             }
             tx.commit()
-        })
+        });
+        // The number is used, whatever became of the commit: one whose
+        // outcome stayed unknown may have written its row, and the next
+        // batch's must not be taken for its replay.
+        if let (Some(m), Some((_, _, Some(_), _))) = (&mut self.member, &shared) {
+            m.next_seq += 1;
+        }
+        result
     }
 
     fn news(&mut self) -> Option<io::Result<News>> {

@@ -34,14 +34,22 @@ pub enum Remote {
         online: bool,
         /// The server it is (or was) at, as clients reach it.
         server: SocketAddr,
+        /// Its registrations counted: with the server, what orders two
+        /// claims to one name (see [`Server::handle_remote`]).
+        epoch: u64,
     },
 }
 
 impl Server {
-    /// Applies what other servers of the cluster committed, in commit
-    /// order (the store already holds it: nothing of it is committed
-    /// again). Mail for a client online here is delivered at once;
-    /// presence changes reach every client's table as deltas.
+    /// Applies what other servers of the cluster committed (the store
+    /// already holds it: nothing of it is committed again), each server's
+    /// in its commit order. Mail for a client online here is delivered at
+    /// once; presence changes reach every client's table as deltas.
+    ///
+    /// Between servers there is no order, so presence carries its own:
+    /// each registration counts one more epoch for its name, and a claim
+    /// (epoch, server) wins over a lower one, the server's address
+    /// breaking ties; a server's "gone" counts only for its own claim.
     pub fn handle_remote(&mut self, now: Instant, changes: Vec<Remote>) {
         self.now = self.now.max(now);
         for change in changes {
@@ -63,7 +71,8 @@ impl Server {
                     addr,
                     online,
                     server,
-                } => self.remote_presence(name, addr, online, server),
+                    epoch,
+                } => self.remote_presence(name, addr, (online, epoch), server),
             }
         }
         self.schedule_deltas(now);
@@ -77,16 +86,39 @@ impl Server {
     }
 
     /// Writes `id`'s presence to the store for the other servers, when
-    /// there are any.
+    /// there are any: online here or gone, under its current epoch.
     pub(super) fn publish_presence(&mut self, id: ClientId) {
-        if self.cluster.is_some() {
-            let entry = self.table.get(id);
-            self.store_ops.push_back(StoreOp::Presence {
-                name: entry.name.clone(),
-                addr: entry.addr,
-                online: entry.online,
-            });
-        }
+        let Some(cluster) = &self.cluster else {
+            return;
+        };
+        let me = cluster.me;
+        let epoch = match self.epochs.get(&id) {
+            Some(&(epoch, server)) if server == me => epoch,
+            // Not ours (any more): nothing to say for it.
+            Some(_) => return,
+            None => 0,
+        };
+        let entry = self.table.get(id);
+        self.store_ops.push_back(StoreOp::Presence {
+            name: entry.name.clone(),
+            addr: entry.addr,
+            online: entry.online,
+            epoch,
+        });
+    }
+
+    /// A registration here: the name's next epoch is this server's, and
+    /// the others hear of it.
+    pub(super) fn claim_presence(&mut self, id: ClientId) {
+        let Some(cluster) = &self.cluster else {
+            return;
+        };
+        let next = self
+            .epochs
+            .get(&id)
+            .map_or(1, |&(e, _)| e.saturating_add(1));
+        self.epochs.insert(id, (next, cluster.me));
+        self.publish_presence(id);
     }
 
     /// Says again, for the other servers, who is online here: after this
@@ -151,25 +183,47 @@ impl Server {
         }
     }
 
-    fn remote_presence(&mut self, name: Name, addr: SocketAddr, online: bool, server: SocketAddr) {
+    fn remote_presence(
+        &mut self,
+        name: Name,
+        addr: SocketAddr,
+        (online, epoch): (bool, u64),
+        server: SocketAddr,
+    ) {
         let Some(id) = self.table.lookup(&name) else {
             return;
         };
-        let me = self.cluster.as_ref().map(|c| c.me);
-        if online {
-            if Some(server) == me {
-                return;
-            }
+        let claim = (epoch, server.to_string());
+        let held = self.epochs.get(&id).map(|&(e, s)| (e, s.to_string()));
+        if held.as_ref().is_some_and(|h| claim < *h) {
+            // Older than what this server knows: stale.
+            return;
+        }
+        let same = held.as_ref() == Some(&claim);
+        self.epochs.insert(id, (epoch, server));
+        if self.cluster.as_ref().is_some_and(|c| c.me == server) {
+            // This server's own claim from before a restart (as the store
+            // kept it): counted, so the next registration here is newer.
+            return;
+        }
+        if online || !same {
+            // A newer claim, online or already gone again, supersedes any
+            // older one, this server's included.
             if self.is_here(id) {
-                // It registered at another server after it did here (the
-                // store's order): that one serves it now.
                 self.let_go(id);
             }
+            self.remote.remove(&id);
+        }
+        if online {
             self.remote.insert(id, server);
             self.table.set(id, addr, true);
-        } else if self.remote.get(&id) == Some(&server) {
+        } else if same && self.remote.get(&id) == Some(&server) {
+            // Its server says it left.
             self.remote.remove(&id);
             self.table.set(id, addr, false);
+        } else if !same {
+            let at = self.table.get(id).addr;
+            self.table.set(id, at, false);
         }
     }
 

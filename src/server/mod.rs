@@ -290,6 +290,9 @@ pub struct Server {
     cluster: Option<Cluster>,
     /// Rows online at another server of the cluster, and which.
     remote: HashMap<ClientId, SocketAddr>,
+    /// Each name's latest claim in the cluster: its epoch and the server
+    /// that made it ([`Server::handle_remote`]).
+    epochs: HashMap<ClientId, (u64, SocketAddr)>,
 }
 
 impl Server {
@@ -363,6 +366,7 @@ impl Server {
             stats: ServerStats::default(),
             cluster: None,
             remote: HashMap::new(),
+            epochs: HashMap::new(),
             config,
         };
         // A row without a "last seen" (older than schema 3) counts from now.

@@ -218,7 +218,7 @@ impl Server {
         self.table.set_key(id, key);
         self.table.set(id, addr, true);
         self.remote.remove(&id);
-        self.publish_presence(id);
+        self.claim_presence(id);
         self.cancel_deliveries(id);
         let mail = self.mail_ids(id);
         let session = &mut self.sessions[id.index() as usize];
@@ -425,6 +425,10 @@ impl Server {
                 self.timers.cancel(key);
             }
             self.mailboxes.remove(&id);
+            // The row goes to the next new name: nothing of this one's
+            // cluster presence may stick to it.
+            self.epochs.remove(&id);
+            self.remote.remove(&id);
             self.table.remove(id);
             self.event(ServerEvent::Forgotten {
                 name: name.clone(),

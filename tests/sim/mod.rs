@@ -203,11 +203,17 @@ impl Sim {
                     mail: *mail,
                 }),
                 StoreOp::Client(c) => Some(Remote::Client(c.clone())),
-                StoreOp::Presence { name, addr, online } => Some(Remote::Presence {
+                StoreOp::Presence {
+                    name,
+                    addr,
+                    online,
+                    epoch,
+                } => Some(Remote::Presence {
                     name: name.clone(),
                     addr: *addr,
                     online: *online,
                     server: origin,
+                    epoch: *epoch,
                 }),
                 StoreOp::Forget(_) | StoreOp::Rewrite { .. } => None,
             })
