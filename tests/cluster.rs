@@ -377,3 +377,201 @@ fn a_server_back_from_a_stall_announces_its_clients_again() {
         assert!(online_at(&s, at, &who[1]), "{} offline at {at}", who[1]);
     }
 }
+
+/// Messages typed while the client fails over (its home killed, the lease
+/// not yet run out) each end in an answer from the next server: none ends
+/// the client, none is dropped.
+#[test]
+fn a_message_falling_back_during_a_failover_waits_for_the_next_server() {
+    let (mut s, who, n) = shared(&["ann", "ben"], &[1025, 1024]);
+    let (ann, ben) = (n[0], n[1]);
+    // No direct path between them: every message falls back to a server.
+    let (a, b) = (addr(2000), addr(2001));
+    s.drop_rules.push(sim::drop_all(move |p| {
+        (p.from == a && p.to == b) || (p.from == b && p.to == a)
+    }));
+    // kill -9 of ann's home; its lease (6 s) has not run out yet.
+    s.stop_server_at(addr(1025));
+    let mut sent = 0;
+    // The user keeps typing while the client notices the silence.
+    while s.nodes[ann].client.is_online() && sent < 100 {
+        s.line(ann, &format!("send {} m{sent}", who[1]));
+        sent += 1;
+        s.run_for(Duration::from_millis(100));
+    }
+    assert!(!s.nodes[ann].client.is_online(), "never failed over");
+    // Still roaming (the others send it to the dead home) for the rest of
+    // the lease; then the lease runs out.
+    s.run_for(Duration::from_secs(5));
+    s.set_live(&[addr(1024), addr(1026)]);
+    s.run_until(Duration::from_secs(60), |s| {
+        s.nodes[ann].exit.is_some() || (s.nodes[ann].client.is_idle() && s.quiet())
+    });
+    assert_eq!(s.nodes[ann].exit, None, "{:?}", s.lines(ann));
+    let lines = s.lines(ann);
+    let answered = (lines.iter())
+        .filter(|l| l.contains("received by the server and saved") || l.contains("received by ben"))
+        .count();
+    assert_eq!(answered, sent, "{lines:#?}");
+    assert!(!lines.iter().any(|l| l.contains("Error")), "{lines:#?}");
+    // Each shown to ben once.
+    for i in 0..sent {
+        let text = format!("m{i}");
+        let shown = (s.lines(ben).iter())
+            .filter(|l| l.ends_with(&format!(" {text}")))
+            .count();
+        assert_eq!(shown, 1, "{text}: {:#?}", s.lines(ben));
+    }
+}
+
+/// The same with one message only, no direct attempt under way when the
+/// failover starts.
+#[test]
+fn one_message_during_a_failover_is_sent_again_to_the_next_server() {
+    let (mut s, who, n) = shared(&["ann", "ben"], &[1025, 1024]);
+    let ann = n[0];
+    let (a, b) = (addr(2000), addr(2001));
+    s.drop_rules.push(sim::drop_all(move |p| {
+        (p.from == a && p.to == b) || (p.from == b && p.to == a)
+    }));
+    s.stop_server_at(addr(1025));
+    s.line(ann, &format!("send {} only", who[1]));
+    s.run_until(Duration::from_secs(30), |s| {
+        !s.nodes[ann].client.is_online()
+    });
+    s.run_for(Duration::from_secs(5));
+    s.set_live(&[addr(1024), addr(1026)]);
+    s.run_until(Duration::from_secs(60), |s| {
+        s.nodes[ann].exit.is_some() || (s.nodes[ann].client.is_idle() && s.quiet())
+    });
+    assert_eq!(s.nodes[ann].exit, None, "{:?}", s.lines(ann));
+    let got = s.lines(n[1]).iter().filter(|l| l.contains("only")).count();
+    assert_eq!(got, 1, "{:?}", s.lines(n[1]));
+}
+
+/// A server of the cluster whose config differs (`tweak`), as the peer at
+/// `port`, live with the others.
+fn replace_peer(s: &mut Sim, port: u16, tweak: impl FnOnce(&mut ServerConfig)) {
+    let mut c = ServerConfig::new([port as u8; 32], server_key(), (s.start, sim::EPOCH_UNIX));
+    c.instance = Some(port - 1024);
+    tweak(&mut c);
+    let i = s.peers.iter().position(|p| p.addr == addr(port)).unwrap();
+    s.peers[i].server = Server::new(c, s.now, Default::default());
+    let live: Vec<_> = (1024..1027).map(addr).collect();
+    s.set_live(&live);
+}
+
+#[test]
+fn a_server_that_cannot_read_the_cluster_s_mail_never_deletes_it() {
+    let (mut s, who, n) = shared(&["ann", "ben"], &[1024, 1025]);
+    s.command(n[1], &format!("dereg {}", who[1]));
+    // A third server started with a fresh data dir: a server.key of its own
+    // (the README's `cp server.key` step forgotten).
+    replace_peer(&mut s, 1026, |c| {
+        *c = ServerConfig::new(
+            [9; 32],
+            Keypair::from_secret([0x66; 32]),
+            (c.clock.0, c.clock.1),
+        );
+        c.instance = Some(2);
+    });
+    s.command(n[0], "send_all hello everyone");
+    assert!(s.lines(n[0]).contains(&">>> [Message received by Server.]"));
+    s.command(n[1], &format!("reg {}", who[1]));
+    let got = s
+        .lines(n[1])
+        .iter()
+        .filter(|l| l.contains("hello everyone"))
+        .count();
+    assert_eq!(
+        got,
+        1,
+        "ben never gets the channel message: {:?}",
+        s.lines(n[1])
+    );
+}
+
+#[test]
+fn a_server_that_does_not_know_a_sender_leaves_its_mail_to_the_home() {
+    let (mut s, who, n) = shared(&["ann", "ben"], &[1024, 1025]);
+    s.command(n[1], &format!("dereg {}", who[1]));
+    // The third server's table has room for the two names it knows only
+    // (a smaller --max-clients, or one filled by names of its own).
+    replace_peer(&mut s, 1026, |c| c.max_clients = 2);
+    for (i, w) in who.iter().enumerate() {
+        let k = key_of(w);
+        s.peers[1].server.handle_remote(
+            s.now,
+            vec![udpchat::Remote::Client(udpchat::store::ClientRecord {
+                name: name(w),
+                addr: addr(2000 + i as u16),
+                key: Some(k.public()),
+                seen_at: None,
+            })],
+        );
+    }
+    // A newcomer at the first server: the third has no row for it.
+    let cal = s.name_homed_at("cal", addr(1024));
+    let c = join_via(&mut s, &cal, 2005, 1024, &[1024, 1025, 1026]);
+    s.settle();
+    s.command(c, &format!("send {} are you there", who[1]));
+    assert!(
+        s.lines(c)
+            .iter()
+            .any(|l| l.contains("received by the server and saved")),
+        "{:?}",
+        s.lines(c)
+    );
+    s.command(n[1], &format!("reg {}", who[1]));
+    let got = s
+        .lines(n[1])
+        .iter()
+        .filter(|l| l.contains("are you there"))
+        .count();
+    assert_eq!(got, 1, "saved, then lost: {:?}", s.lines(n[1]));
+}
+
+/// (Attacker racing the owner while two servers both take themselves for
+/// a new name's home, their leases disagreeing for a moment.) The store
+/// keeps the first key committed; the server that bound the other one
+/// gives the name up, and the squatter is refused from then on.
+#[test]
+fn a_name_claimed_at_two_servers_at_once_stays_with_the_key_the_store_kept() {
+    let mut s = Sim::new();
+    s.shared_cluster(2);
+    s.server.set_servers(addr(1024), &[addr(1024)]);
+    s.peers[0].server.set_servers(addr(1025), &[addr(1025)]);
+    s.feed_held = true;
+    let pin = Some(server_key().public());
+    let owner = s.spawn_configured("dup", addr(2000), key_of("dup"), pin, |c| {
+        c.server = addr(1024);
+    });
+    assert!(s.run_until(Duration::from_secs(10), |s| {
+        s.lines(owner).contains(&WELCOME)
+    }));
+    let other = Keypair::from_secret([0x77; 32]);
+    let squatter = s.spawn_configured("dup", addr(2001), other, pin, |c| {
+        c.server = addr(1025);
+    });
+    assert!(s.run_until(Duration::from_secs(10), |s| {
+        s.lines(squatter).contains(&WELCOME)
+    }));
+    // They hear of each other.
+    s.feed_held = false;
+    s.drain_servers();
+    s.set_live(&[addr(1024), addr(1025)]);
+    s.run_until(Duration::from_secs(60), |s| {
+        s.nodes[squatter].exit.is_some()
+    });
+    assert_eq!(s.nodes[squatter].exit, Some(1), "{:?}", s.lines(squatter));
+    for at in [1024, 1025] {
+        let server = s.server_at(addr(at));
+        let id = server.table().lookup(&name("dup")).unwrap();
+        assert_eq!(
+            server.table().get(id).key,
+            key_of("dup").public(),
+            "at {at}"
+        );
+    }
+    assert_eq!(s.nodes[owner].exit, None, "{:?}", s.lines(owner));
+}

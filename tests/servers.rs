@@ -296,3 +296,40 @@ fn a_server_frozen_past_its_lease_catches_up_when_woken() {
     here.await_list(">>> [Client table: 2 of 2 online.]");
     assert!(three.servers[2].running());
 }
+
+/// (An operator who forgot to copy `server.key`.) A server whose key is
+/// not the running servers' is refused: clients pin one key, and channel
+/// mail is sealed with it.
+#[test]
+fn a_server_with_another_key_is_refused_by_the_cluster() {
+    let test = "a_server_with_another_key_is_refused_by_the_cluster";
+    let Some(cluster) = Cluster::start(test, 0) else {
+        return;
+    };
+    let url = cluster.database("otherkey");
+    let mut first = Server::start_with(&["--store", &url, "--advertise", "127.0.0.1:{port}"]);
+    first.expect_stdout("one of 1 servers");
+    let dir = scratch_dir();
+    let data = dir.path().join("data").display().to_string();
+    let port = common::free_udp_port().to_string();
+    let advertise = format!("127.0.0.1:{port}");
+    let out = common::run(&[
+        "-s",
+        &port,
+        "--store",
+        &url,
+        "--advertise",
+        &advertise,
+        "--data-dir",
+        &data,
+    ]);
+    assert_eq!(out.status.code(), Some(1), "{:?}", out.stderr);
+    assert!(
+        out.stderr
+            .iter()
+            .any(|l| l.contains("give every server of the cluster the same server.key")),
+        "{:?}",
+        out.stderr
+    );
+    assert!(first.running());
+}

@@ -227,6 +227,13 @@ impl Client {
                 self.register(now, joining);
                 true
             }
+            // Failing over already: a message that went to the server
+            // meanwhile (a fallback) waits for the new registration too.
+            Kind::Direct { .. } | Kind::Channel { .. } if self.presence == Presence::Joining => {
+                self.timers.cancel(entry.timer);
+                self.requests.update(op, |entry| entry.parked = true);
+                true
+            }
             _ if self.presence == Presence::Online && entry.session == self.sessions => {
                 self.try_every_server();
                 // As if the server had said it lost us: messages park,

@@ -34,7 +34,8 @@
 //!
 //! ```sql
 //! CREATE TABLE servers  (addr text PRIMARY KEY, instance integer NOT NULL,
-//!                        origin text NOT NULL, lease_until timestamptz NOT NULL);
+//!                        origin text NOT NULL, lease_until timestamptz NOT NULL,
+//!                        key bytea NOT NULL);            -- the server's public key
 //! CREATE SEQUENCE udpchat_instances;
 //! CREATE TABLE origins  (origin text PRIMARY KEY);     -- "addr#start"
 //! CREATE TABLE feed     (origin text, seq bigint, at timestamptz DEFAULT now(),
@@ -54,6 +55,7 @@ use super::postgres::{PgStore, mail_row};
 use super::rows;
 use super::sqlite::StoreError;
 use crate::Remote;
+use crate::crypto::PublicKey;
 use crate::store::{News, StoreOp};
 use crate::wire::{MailId, Name};
 
@@ -73,6 +75,9 @@ pub const FEED_KEEP: Duration = Duration::from_secs(600);
 /// How often a server deletes feed rows past [`FEED_KEEP`].
 const PRUNE_EVERY: Duration = Duration::from_secs(60);
 
+/// The lock a joining server holds while it picks its instance number.
+const JOIN_LOCK: i64 = 0x7564_7064;
+
 /// Feed rows read at once, per origin.
 const FEED_PAGE: i64 = 512;
 
@@ -82,7 +87,8 @@ pub const SCHEMA: &str = "
         addr        text PRIMARY KEY,
         instance    integer NOT NULL,
         origin      text NOT NULL,
-        lease_until timestamptz NOT NULL
+        lease_until timestamptz NOT NULL,
+        key         bytea NOT NULL
     );
     CREATE SEQUENCE udpchat_instances;
     CREATE TABLE origins (origin text PRIMARY KEY);
@@ -271,30 +277,53 @@ impl PgStore {
     /// previous server at `me` had online are marked gone for the others.
     ///
     /// [`Store::load`]: crate::store::Store::load
-    pub fn join(&mut self, me: SocketAddr) -> Result<Joined, StoreError> {
+    pub fn join(&mut self, me: SocketAddr, key: &PublicKey) -> Result<Joined, StoreError> {
         let deadline = Instant::now() + LEASE + RENEW;
         let me_text = me.to_string();
+        let key_bytes = key.0.to_vec();
         loop {
             let attempt = self.with_retry(|client, p| {
                 let mut tx = client.transaction()?;
+                // One join at a time: the instance number is chosen among
+                // the live servers' and must not be chosen twice.
+                tx.execute("SELECT pg_advisory_xact_lock($1)", &[&JOIN_LOCK])?;
+                let others = tx.query(
+                    "SELECT addr, key FROM servers WHERE lease_until > now() AND key <> $1",
+                    &[&key_bytes],
+                )?;
+                if let Some(other) = others.first() {
+                    return Ok(Err(other.get::<_, String>(0)));
+                }
                 let start: i64 = tx
                     .query_one("SELECT nextval('udpchat_instances')", &[])?
                     .get(0);
-                // 16 bits: the low bits of mail ids. Two live servers share
-                // them only 65,536 starts apart.
-                let instance = i32::try_from((start - 1).rem_euclid(1 << 16)).unwrap_or(0);
+                // 16 bits: the low bits of mail ids. Never one a live
+                // server has: the next free one from the sequence's.
+                let used: HashSet<i32> = (tx
+                    .query(
+                        "SELECT instance FROM servers WHERE lease_until > now() AND addr <> $1",
+                        &[&me_text],
+                    )?
+                    .iter())
+                .map(|r| r.get(0))
+                .collect();
+                let instance = (0..1 << 16)
+                    .map(|i| i32::try_from((start - 1 + i).rem_euclid(1 << 16)).unwrap_or(0))
+                    .find(|i| !used.contains(i))
+                    .unwrap_or(0);
                 let origin = format!("{me_text}#{start}");
                 let lease = LEASE.as_secs_f64();
                 let taken = tx.execute(
-                    "INSERT INTO servers (addr, instance, origin, lease_until)
-                     VALUES ($1, $2, $3, now() + make_interval(secs => $4))
+                    "INSERT INTO servers (addr, instance, origin, lease_until, key)
+                     VALUES ($1, $2, $3, now() + make_interval(secs => $4), $5)
                      ON CONFLICT (addr) DO UPDATE SET instance = excluded.instance,
-                         origin = excluded.origin, lease_until = excluded.lease_until
+                         origin = excluded.origin, lease_until = excluded.lease_until,
+                         key = excluded.key
                      WHERE servers.lease_until < now()",
-                    &[&me_text, &instance, &origin, &lease],
+                    &[&me_text, &instance, &origin, &lease, &key_bytes],
                 )?;
                 if taken == 0 {
-                    return Ok(None);
+                    return Ok(Ok(None));
                 }
                 tx.execute("INSERT INTO origins (origin) VALUES ($1)", &[&origin])?;
                 let cursors: HashMap<String, i64> = (tx
@@ -343,10 +372,18 @@ impl PgStore {
                         })
                     })
                     .collect();
-                Ok(Some((instance, origin, next_seq, cursors, live, presence)))
+                Ok(Ok(Some((
+                    instance, origin, next_seq, cursors, live, presence,
+                ))))
             });
             match attempt {
-                Ok(Some((instance, origin, next_seq, cursors, live, presence))) => {
+                Ok(Err(other)) => {
+                    return Err(StoreError(format!(
+                        "{}: this server's key is not the one the servers already running have (e.g. {other}): give every server of the cluster the same server.key",
+                        self.describe()
+                    )));
+                }
+                Ok(Ok(Some((instance, origin, next_seq, cursors, live, presence)))) => {
                     let instance = u16::try_from(instance).unwrap_or(0);
                     let now = Instant::now();
                     self.member = Some(Member {
@@ -365,8 +402,8 @@ impl PgStore {
                         presence,
                     });
                 }
-                Ok(None) if Instant::now() < deadline => std::thread::sleep(RENEW / 4),
-                Ok(None) => {
+                Ok(Ok(None)) if Instant::now() < deadline => std::thread::sleep(RENEW / 4),
+                Ok(Ok(None)) => {
                     return Err(StoreError(format!(
                         "{}: another server with --advertise {me} is running",
                         self.describe()

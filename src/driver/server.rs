@@ -88,8 +88,16 @@ pub fn run(options: Options) -> Result<i32, Fatal> {
             let mut pg = PgStore::open(url).map_err(|e| store_error(&e))?;
             match options.advertise {
                 // Before the load: what others commit meanwhile comes twice
-                // (harmless), not never.
-                Some(me) => joined = Some((me, pg.join(me).map_err(|e| store_error(&e))?)),
+                // (harmless), not never. With its key: the cluster's must
+                // be one (clients pin it, channel mail is sealed with it).
+                Some(me) => {
+                    let secret = random_seed()?;
+                    let key_path = options.data_dir.join(KEY_FILE);
+                    let (key, _) =
+                        keys::load_or_create(&key_path, || Keypair::from_secret(secret))?;
+                    let joining = pg.join(me, &key.public()).map_err(|e| store_error(&e))?;
+                    joined = Some((me, joining));
+                }
                 None => {
                     let live = pg.cluster_running().map_err(|e| store_error(&e))?;
                     if let Some(one) = live.first() {

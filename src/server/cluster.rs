@@ -156,8 +156,16 @@ impl Server {
         let Some(id) = self.row(&c.name, c.addr, key) else {
             return;
         };
-        // A name's key changes only from none to one, here as in the store.
-        if self.table.get(id).key.is_none() && !key.is_none() {
+        // The store's key is the name's (the first registration committed
+        // wins): a server that bound another one (two servers both took
+        // themselves for its home at once) gives it up, and the session
+        // of that key with it.
+        if !key.is_none() && self.table.get(id).key != key {
+            if !self.table.get(id).key.is_none() && self.is_here(id) {
+                self.let_go(id);
+                let at = self.table.get(id).addr;
+                self.table.set(id, at, false);
+            }
             self.table.set_key(id, key);
         }
         if !self.is_here(id) {
@@ -172,7 +180,7 @@ impl Server {
 
     fn remote_mail(&mut self, m: StoredMail) {
         let mail = m.mail;
-        let Some(to) = self.hold_committed(m) else {
+        let Some(to) = self.hold_committed(m, false) else {
             return;
         };
         if self.expiry.is_none() {
@@ -245,8 +253,13 @@ impl Server {
 
     /// Holds a message the store has committed (at start, or from another
     /// server) in its recipient's mailbox, body on disk: `None` when it is
-    /// already held, or dropped (unverifiable, undecryptable).
-    pub(super) fn hold_committed(&mut self, mut m: StoredMail) -> Option<ClientId> {
+    /// already held, or dropped (unverifiable, undecryptable). `mine`:
+    /// loaded at start, this server's to repair (a clear body encrypted,
+    /// an unreadable one deleted). Another server's mail is never changed
+    /// from here: what this server cannot check (a sender it does not
+    /// know, a key it does not have) is that server's to judge, not a
+    /// reason to delete it for the whole cluster.
+    pub(super) fn hold_committed(&mut self, mut m: StoredMail, mine: bool) -> Option<ClientId> {
         // Before anything can skip it: an id in the store is never
         // given out again (a new message under it would be lost to the
         // store's conflict rule).
@@ -262,6 +275,9 @@ impl Server {
             if mb.mail.contains_key(&m.mail) || twin {
                 return None;
             }
+        }
+        if !mine && matches!(m.body, Body::Clear(_)) {
+            return None;
         }
         if let Body::Clear(text) = &m.body {
             let body = self.legacy_at_rest(&m, text);
@@ -280,10 +296,12 @@ impl Server {
                 from: m.from.clone(),
                 mail: m.mail,
             });
-            self.store_ops.push_back(StoreOp::Delete {
-                to: m.to.clone(),
-                mail: m.mail,
-            });
+            if mine {
+                self.store_ops.push_back(StoreOp::Delete {
+                    to: m.to.clone(),
+                    mail: m.mail,
+                });
+            }
             return None;
         }
         if self
@@ -293,10 +311,12 @@ impl Server {
             // Encrypted under a server key that is gone, or damaged:
             // nobody can ever read it. Said once, then dropped.
             self.event(ServerEvent::Undecryptable(m.to.clone(), m.mail));
-            self.store_ops.push_back(StoreOp::Delete {
-                to: m.to.clone(),
-                mail: m.mail,
-            });
+            if mine {
+                self.store_ops.push_back(StoreOp::Delete {
+                    to: m.to.clone(),
+                    mail: m.mail,
+                });
+            }
             return None;
         }
         let mut held = Held::new(&m);

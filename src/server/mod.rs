@@ -377,7 +377,7 @@ impl Server {
             }
         }
         for m in loaded.mail {
-            server.hold_committed(m);
+            server.hold_committed(m, true);
         }
         // Loading is not a change anyone needs to hear about.
         let _ = server.table.take_deltas();

@@ -89,7 +89,8 @@ impl Server {
             return;
         };
         self.probes.remove(&probe.nonce);
-        if self.table.get(id).online {
+        // (Online at another server now: not this one's to take offline.)
+        if self.is_here(id) {
             self.set_offline(id, false);
         }
         let mut waiters = probe.waiters;

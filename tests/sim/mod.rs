@@ -105,6 +105,9 @@ pub struct Sim {
     /// through `feed`, as the replicated store's feed carries it.
     pub shared: bool,
     feed: std::collections::VecDeque<(SocketAddr, Vec<Remote>)>,
+    /// While set, committed changes wait in the feed (servers that have
+    /// not read it yet).
+    pub feed_held: bool,
 }
 
 pub fn name(s: &str) -> Name {
@@ -160,6 +163,7 @@ impl Sim {
             peers: Vec::new(),
             shared: false,
             feed: Default::default(),
+            feed_held: false,
         }
     }
 
@@ -202,7 +206,11 @@ impl Sim {
                     to: to.clone(),
                     mail: *mail,
                 }),
-                StoreOp::Client(c) => Some(Remote::Client(c.clone())),
+                // As the store has it when read (the first key committed
+                // for a name is its key), as the replicated store reads it.
+                StoreOp::Client(c) => (self.store.load().ok()?.clients.into_iter())
+                    .find(|row| row.name == c.name)
+                    .map(Remote::Client),
                 StoreOp::Presence {
                     name,
                     addr,
@@ -225,6 +233,9 @@ impl Sim {
 
     /// Hands every committed change to the other running servers.
     fn flow_feed(&mut self) {
+        if self.feed_held {
+            return;
+        }
         while let Some((origin, changes)) = self.feed.pop_front() {
             let now = self.now;
             if self.server_up && self.server_addr != origin {
