@@ -333,3 +333,122 @@ fn a_server_with_another_key_is_refused_by_the_cluster() {
     );
     assert!(first.running());
 }
+
+/// The feed, store to store: what one server commits, another's `news`
+/// brings, in order and as the tables have it when read (a message acked
+/// meanwhile is gone); a server's own commits are not brought back to it;
+/// a batch committed twice (a replay) is harmless to apply twice.
+#[test]
+fn the_feed_brings_one_server_what_another_committed() {
+    use udpchat::Remote;
+    use udpchat::crypto::{Keypair, PublicKey};
+    use udpchat::driver::postgres::PgStore;
+    use udpchat::store::{Body, ClientRecord, Store, StoreOp, StoredMail};
+    use udpchat::wire::{MailId, MsgId};
+
+    let test = "the_feed_brings_one_server_what_another_committed";
+    let Some(cluster) = Cluster::start(test, 0) else {
+        return;
+    };
+    let url = cluster.database("feed");
+    let key = Keypair::from_secret([5; 32]).public();
+    let at = |port: u16| SocketAddr::from(([127, 0, 0, 1], port));
+    let mut a = PgStore::open(&url).unwrap();
+    let joined_a = a.join(at(5000), &key).unwrap();
+    let mut b = PgStore::open(&url).unwrap();
+    let joined_b = b.join(at(5001), &key).unwrap();
+    assert_ne!(joined_a.instance, joined_b.instance);
+    assert_eq!(joined_b.live.len(), 2);
+    let name = |s: &str| Name::new(s).unwrap();
+    let record = |n: &str, port| {
+        StoreOp::Client(ClientRecord {
+            name: name(n),
+            addr: at(port),
+            key: Some(PublicKey([port as u8; 32])),
+            seen_at: None,
+        })
+    };
+    let put = |id: u64, text: &str| {
+        StoreOp::Put(StoredMail {
+            mail: MailId(id << 16 | u64::from(joined_a.instance)),
+            to: name("bob"),
+            from: name("ann"),
+            channel: false,
+            stored_at: 1_700_000_000,
+            id: MsgId(id),
+            body: Body::Sealed {
+                key: PublicKey([7; 32]),
+                sealed: text.as_bytes().to_vec(),
+            },
+        })
+    };
+    let online = StoreOp::Presence {
+        name: name("ann"),
+        addr: at(6000),
+        online: true,
+        epoch: 1,
+    };
+    let batch = [
+        record("ann", 6000),
+        record("bob", 6001),
+        online,
+        put(1, "one"),
+        put(2, "two"),
+    ];
+    a.commit(&batch).unwrap();
+    a.commit(&batch).unwrap();
+    let news = b.news().expect("a member has news").unwrap();
+    let changes = news.changes;
+    let mails: Vec<u64> = (changes.iter())
+        .filter_map(|c| match c {
+            Remote::Mail(m) => Some(m.id.0),
+            _ => None,
+        })
+        .collect();
+    // In commit order, once each though the batch was committed twice.
+    assert_eq!(mails, [1, 2], "{changes:#?}");
+    assert!(changes.iter().any(|c| matches!(c,
+        Remote::Presence { name: n, server, epoch: 1, online: true, .. }
+            if n.as_str() == "ann" && *server == at(5000))));
+    assert!(
+        changes
+            .iter()
+            .any(|c| matches!(c, Remote::Client(r) if r.name.as_str() == "bob"))
+    );
+    // Nothing new: read on from where it stopped.
+    assert!(b.news().unwrap().unwrap().changes.is_empty());
+    // A put acked before it is read is not brought at all; the ack is.
+    let MailId(first) = match &batch[3] {
+        StoreOp::Put(m) => m.mail,
+        _ => unreachable!(),
+    };
+    a.commit(&[put(3, "three")]).unwrap();
+    let three = match put(3, "three") {
+        StoreOp::Put(m) => m.mail,
+        _ => unreachable!(),
+    };
+    a.commit(&[StoreOp::Delete {
+        to: name("bob"),
+        mail: three,
+    }])
+    .unwrap();
+    let changes = b.news().unwrap().unwrap().changes;
+    assert!(
+        !changes.iter().any(|c| matches!(c, Remote::Mail(_))),
+        "{changes:#?}"
+    );
+    assert!(
+        changes
+            .iter()
+            .any(|c| matches!(c, Remote::Deleted { mail, .. } if *mail == three))
+    );
+    // What b commits, a hears; a never hears its own.
+    b.commit(&[StoreOp::Delete {
+        to: name("bob"),
+        mail: MailId(first),
+    }])
+    .unwrap();
+    let changes = a.news().unwrap().unwrap().changes;
+    assert_eq!(changes.len(), 1, "{changes:#?}");
+    assert!(matches!(&changes[0], Remote::Deleted { mail, .. } if mail.0 == first));
+}
