@@ -135,6 +135,15 @@ pub(super) const PRESENCE: &str = "INSERT INTO presence (name, server, addr, onl
                                    WHERE (excluded.epoch, excluded.server COLLATE \"C\")
                                        >= (presence.epoch, presence.server COLLATE \"C\")";
 
+pub(super) const RESOLVE_MAIL: &str =
+    "SELECT id, recipient, sender, channel, stored_at, msg_id, kind, body, sender_key
+     FROM mail WHERE id = ANY($1)";
+pub(super) const RESOLVE_CHANNEL: &str = "SELECT id, sender, stored_at, msg_id, body, pending,
+            array(SELECT recipient FROM channel_acked WHERE mail = channel.id), owed
+     FROM channel WHERE id = ANY($1)";
+pub(super) const RESOLVE_CLIENTS: &str =
+    "SELECT name, addr, key, last_seen FROM clients WHERE name = ANY($1)";
+
 /// One change named in a feed row; the rows it names are read from their
 /// tables (a message acked meanwhile is simply gone).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -581,36 +590,21 @@ impl PgStore {
             channel_ids.into_iter().collect(),
             names.into_iter().collect(),
         );
-        let (mail, channels, clients) = self.with_retry(|client, _| {
-            let mut tx = client.transaction()?;
-            tx.batch_execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")?;
+        // Each kind in one statement, prepared once per connection; no
+        // common snapshot is needed (each row is read as it is now).
+        let (mail, channels, clients) = self.with_retry(|client, p| {
             let mail = match mail_ids.is_empty() {
                 true => Vec::new(),
-                false => tx.query(
-                    "SELECT id, recipient, sender, channel, stored_at, msg_id, kind, body,
-                            sender_key
-                     FROM mail WHERE id = ANY($1)",
-                    &[&mail_ids],
-                )?,
+                false => client.query(&p.resolve_mail, &[&mail_ids])?,
             };
             let channels = match channel_ids.is_empty() {
                 true => Vec::new(),
-                false => tx.query(
-                    "SELECT id, sender, stored_at, msg_id, body, pending,
-                            array(SELECT recipient FROM channel_acked WHERE mail = channel.id),
-                            owed
-                     FROM channel WHERE id = ANY($1)",
-                    &[&channel_ids],
-                )?,
+                false => client.query(&p.resolve_channel, &[&channel_ids])?,
             };
             let clients = match names.is_empty() {
                 true => Vec::new(),
-                false => tx.query(
-                    "SELECT name, addr, key, last_seen FROM clients WHERE name = ANY($1)",
-                    &[&names],
-                )?,
+                false => client.query(&p.resolve_clients, &[&names])?,
             };
-            tx.commit()?;
             Ok((mail, channels, clients))
         })?;
         // Rows that no longer decode are skipped, as a fetch skips them.

@@ -12,7 +12,7 @@ use std::io;
 use std::sync::Arc;
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::thread;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use mio::Waker;
 
@@ -61,6 +61,7 @@ impl Commits {
             .spawn(move || {
                 // Asks for news only of a store that has any.
                 let mut shared = true;
+                let mut asked = Instant::now();
                 let send = |done| {
                     let sent = outbox.send(done).is_ok();
                     // A loop that cannot be woken has gone.
@@ -79,9 +80,10 @@ impl Commits {
                             Err(_) => return,
                         },
                     };
-                    // After a commit, or when idle; not after each fetch
-                    // (a delivery's), which may come by the thousand.
-                    let ask = !matches!(job, Some(Job::Fetch(..)));
+                    // When idle, and between jobs once the last look is
+                    // NEWS_EVERY old: not after every commit, whose
+                    // latency a read of the feed would double under load.
+                    let ask = job.is_none() || asked.elapsed() >= NEWS_EVERY;
                     let result = match job {
                         Some(Job::Commit(ops)) => {
                             Some(Done::Committed(store.commit(&ops), store.notes()))
@@ -97,7 +99,8 @@ impl Commits {
                     {
                         return;
                     }
-                    if ask {
+                    if ask && shared {
+                        asked = Instant::now();
                         match store.news() {
                             None => shared = false,
                             Some(Ok(news)) if news.is_empty() => {}

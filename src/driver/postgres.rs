@@ -187,6 +187,9 @@ pub(super) struct Prepared {
     pub(super) feed_append: Statement,
     pub(super) feed_read: Statement,
     presence: Statement,
+    pub(super) resolve_mail: Statement,
+    pub(super) resolve_channel: Statement,
+    pub(super) resolve_clients: Statement,
 }
 
 impl Prepared {
@@ -208,6 +211,9 @@ impl Prepared {
             feed_append: client.prepare(cluster::FEED_APPEND)?,
             feed_read: client.prepare(cluster::FEED_READ)?,
             presence: client.prepare(cluster::PRESENCE)?,
+            resolve_mail: client.prepare(cluster::RESOLVE_MAIL)?,
+            resolve_channel: client.prepare(cluster::RESOLVE_CHANNEL)?,
+            resolve_clients: client.prepare(cluster::RESOLVE_CLIENTS)?,
         })
     }
 }
