@@ -575,3 +575,190 @@ fn a_name_claimed_at_two_servers_at_once_stays_with_the_key_the_store_kept() {
     }
     assert_eq!(s.nodes[owner].exit, None, "{:?}", s.lines(owner));
 }
+
+// ---- random runs: every promise kept across servers ---------------------
+
+/// splitmix64, for the random runs.
+struct Rng(u64);
+
+impl Rng {
+    fn below(&mut self, n: u64) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        (z ^ (z >> 31)) % n.max(1)
+    }
+}
+
+/// What client node `i` showed of messages: every text, as often as shown.
+fn shown_texts(s: &Sim, i: usize) -> Vec<String> {
+    (s.nodes[i].events.iter())
+        .filter_map(|e| match e {
+            udpchat::Event::Direct { text, .. }
+            | udpchat::Event::Stored { text, .. }
+            | udpchat::Event::Channel { text, .. } => Some(text.to_string()),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Outcome events of node `i`'s sends so far: (promised, ended).
+fn outcomes(s: &Sim, i: usize) -> (usize, usize) {
+    let (mut promised, mut ended) = (0, 0);
+    for e in &s.nodes[i].events {
+        match e {
+            udpchat::Event::ReceivedBy { .. } | udpchat::Event::Saved { .. } => {
+                promised += 1;
+                ended += 1;
+            }
+            udpchat::Event::Refused { .. }
+            | udpchat::Event::MailboxFull { .. }
+            | udpchat::Event::Error(_)
+            | udpchat::Event::ServerNotResponding => ended += 1,
+            _ => {}
+        }
+    }
+    (promised, ended)
+}
+
+/// One random run: five clients on three servers sharing a store, 3 %
+/// loss, the feed held back now and then (servers that have not read it
+/// yet), direct messages one at a time per sender, deregs and log-backs,
+/// and one server killed at a random moment, its lease running out a
+/// random while later. Every message its sender was told was received or
+/// saved is shown to its recipient exactly once, and none twice.
+fn random_run(seed: u64) -> (usize, usize) {
+    let mut rng = Rng(seed);
+    let mut s = Sim::new();
+    s.shared_cluster(3);
+    let mut loss = Rng(seed ^ 0x5eed);
+    s.drop_rules.push(Box::new(move |_| loss.below(100) < 3));
+    let all = [1024u16, 1025, 1026];
+    let names: Vec<String> = (0..5).map(|i| format!("r{seed}c{i}")).collect();
+    let mut nodes: Vec<Vec<usize>> = Vec::new();
+    for (i, n) in names.iter().enumerate() {
+        let first = all[rng.below(3) as usize];
+        nodes.push(vec![join_via(&mut s, n, 2000 + i as u16, first, &all)]);
+    }
+    s.settle();
+    let mut killed: Option<u16> = None;
+    let mut lease_due: Option<std::time::Instant> = None;
+    // (sender name index, recipient name index, text, promised)
+    let mut sent: Vec<(usize, usize, String, bool)> = Vec::new();
+    for step in 0..30 {
+        if let Some(due) = lease_due
+            && s.now >= due
+        {
+            let live: Vec<_> = all
+                .iter()
+                .filter(|&&p| Some(p) != killed)
+                .map(|&p| addr(p))
+                .collect();
+            s.set_live(&live);
+            lease_due = None;
+        }
+        s.feed_held = rng.below(4) == 0;
+        let a = rng.below(5) as usize;
+        let node = *nodes[a].last().unwrap();
+        if s.nodes[node].exit.is_some() {
+            continue;
+        }
+        match rng.below(10) {
+            0..=6 if s.nodes[node].client.is_online() => {
+                let b = (a + 1 + rng.below(4) as usize) % 5;
+                let text = format!("s{seed}n{step}");
+                let before = outcomes(&s, node);
+                s.line(node, &format!("send {} {text}", names[b]));
+                s.run_until(Duration::from_secs(30), |s| {
+                    outcomes(s, node).1 > before.1 || s.nodes[node].exit.is_some()
+                });
+                let promised = outcomes(&s, node).0 > before.0;
+                sent.push((a, b, text, promised));
+            }
+            7 if s.nodes[node].client.is_online() => {
+                s.line(node, &format!("dereg {}", names[a]));
+            }
+            8 if !s.nodes[node].client.is_online() => {
+                s.line(node, &format!("reg {}", names[a]));
+            }
+            9 if killed.is_none() => {
+                let victim = all[rng.below(3) as usize];
+                s.stop_server_at(addr(victim));
+                killed = Some(victim);
+                lease_due = Some(s.now + Duration::from_millis(rng.below(8000)));
+            }
+            _ => {}
+        }
+        s.run_for(Duration::from_millis(rng.below(1500)));
+    }
+    // The lease runs out, the feed flows, everyone logs back in (a client
+    // that gave up starts again, same name and key).
+    s.feed_held = false;
+    let live: Vec<_> = all
+        .iter()
+        .filter(|&&p| Some(p) != killed)
+        .map(|&p| addr(p))
+        .collect();
+    s.set_live(&live);
+    s.drain_servers();
+    s.run_for(Duration::from_secs(10));
+    let first = live[0].port();
+    for (i, n) in names.iter().enumerate() {
+        let node = *nodes[i].last().unwrap();
+        if s.nodes[node].exit.is_some() {
+            let ports: Vec<u16> = live.iter().map(|a| a.port()).collect();
+            nodes[i].push(join_via(&mut s, n, 3000 + i as u16, first, &ports));
+        } else if !s.nodes[node].client.is_online() {
+            s.line(node, &format!("reg {n}"));
+        }
+    }
+    s.run_until(Duration::from_secs(120), |s| {
+        s.quiet()
+            && s.nodes
+                .iter()
+                .all(|n| !n.alive || n.exit.is_some() || n.client.is_idle())
+    });
+    s.run_for(Duration::from_secs(30));
+    for (a, b, text, promised) in &sent {
+        let shown: usize = (nodes[*b].iter())
+            .map(|&i| shown_texts(&s, i).iter().filter(|t| *t == text).count())
+            .sum();
+        assert!(
+            shown <= 1,
+            "seed {seed}: {text} from {} shown {shown} times to {}",
+            names[*a],
+            names[*b]
+        );
+        if *promised {
+            let lines: Vec<_> = nodes[*b].iter().map(|&i| s.lines(i)).collect();
+            assert_eq!(
+                shown, 1,
+                "seed {seed}: {text} from {} promised, never shown to {}: {lines:#?}",
+                names[*a], names[*b]
+            );
+        }
+    }
+    (sent.len(), sent.iter().filter(|m| m.3).count())
+}
+
+#[test]
+fn random_runs_keep_every_promise_across_servers() {
+    let first: u64 = std::env::var("UDPCHAT_CLUSTER_FIRST")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    let seeds: u64 = std::env::var("UDPCHAT_CLUSTER_SEEDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(40);
+    let (mut sent, mut promised) = (0, 0);
+    for seed in first..first + seeds {
+        let (n, p) = random_run(seed);
+        sent += n;
+        promised += p;
+    }
+    // The runs do something: most messages get an answer.
+    eprintln!("{seeds} runs from {first}: {sent} sent, {promised} received or saved");
+    assert!(promised * 2 > sent, "{promised} of {sent}");
+}

@@ -323,6 +323,13 @@ impl Client {
     pub fn reg(&mut self, now: Instant) -> Result<(), CommandError> {
         match self.presence {
             Presence::Offline => {
+                // A log-back of the user's own: rounds over the servers
+                // counted afresh, starting with any of them (the one it
+                // was at may have died while it was offline).
+                self.roaming = Roaming::default();
+                if self.config.failover {
+                    self.try_every_server();
+                }
                 self.register(now, Joining::LogBack);
                 Ok(())
             }
@@ -484,6 +491,7 @@ impl Client {
         if self.presence != Presence::Online {
             return;
         }
+        self.roaming = Roaming::default();
         self.register(now, Joining::Reconnect);
     }
 
