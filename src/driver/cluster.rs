@@ -535,6 +535,13 @@ impl PgStore {
                 }
             }
         }
+        // The feed's rows and the rows they name are read on one
+        // connection, or the read counts for nothing: after a failover the
+        // new primary may lack rows the old one showed (a COMMIT is visible
+        // there before a standby has it) until their batch is replayed,
+        // under the same feed number, so a row must not be passed over on
+        // the strength of a half-read.
+        let connection = self.connections;
         let (origins, seqs): (Vec<String>, Vec<i64>) = match &self.member {
             Some(m) => m.cursors.iter().map(|(o, s)| (o.clone(), *s)).unzip(),
             None => return Ok(news),
@@ -542,6 +549,10 @@ impl PgStore {
         let rows = self.with_retry(|client, p| {
             client.query(&p.feed_read, &[&origins, &seqs, &origin, &FEED_PAGE])
         })?;
+        if self.connections != connection {
+            // Read on a new connection after all: again next time.
+            return Ok(news);
+        }
         let mut named: Vec<(SocketAddr, Entry)> = Vec::new();
         let mut read: HashMap<String, i64> = HashMap::new();
         for row in &rows {
@@ -558,7 +569,13 @@ impl PgStore {
                 named.extend(entries.into_iter().map(|e| (server, e)));
             }
         }
-        news.changes = self.resolve(named)?;
+        let changes = self.resolve(named)?;
+        if self.connections != connection {
+            // The rows they name were read on another connection: the
+            // entries again next time.
+            return Ok(news);
+        }
+        news.changes = changes;
         if let Some(m) = &mut self.member {
             m.read = Instant::now();
             m.cursors.extend(read);

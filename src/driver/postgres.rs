@@ -229,6 +229,9 @@ pub struct PgStore {
     notes: Vec<String>,
     /// One of several servers on the database ([`PgStore::join`]).
     pub(super) member: Option<cluster::Member>,
+    /// Connections made so far: what was read on an earlier one may be
+    /// gone (see `cluster`'s feed reader).
+    pub(super) connections: u64,
 }
 
 impl fmt::Debug for PgStore {
@@ -312,6 +315,7 @@ impl PgStore {
             conn: Some((client, prepared)),
             notes: Vec::new(),
             member: None,
+            connections: 1,
         })
     }
 
@@ -372,6 +376,7 @@ impl PgStore {
             let mut client = self.config.connect(NoTls)?;
             let prepared = Prepared::new(&mut client)?;
             self.conn = Some((client, prepared));
+            self.connections += 1;
             self.notes.push(format!(
                 "connected to a read-write server of {}",
                 self.shown

@@ -12,6 +12,8 @@ use super::{Client, DEADLINE, MAIL, SAVED, TABLE, line_matches};
 pub const NOT_RESPONDING: &str = ">>> [Server not responding]";
 /// `>>> [Exiting]`
 pub const EXITING: &str = ">>> [Exiting]";
+/// `>>> [Reconnected to server.]`
+pub const RECONNECTED: &str = ">>> [Reconnected to server.]";
 
 /// Mailbox quotas and a request ration for a stream's server, far above
 /// what the senders can send, so that only the store answers, never a
@@ -101,6 +103,9 @@ impl Feed {
             self.recipient
         );
         self.stage = match (self.stage, line) {
+            // Table changes, and a move to another server of a cluster
+            // (its message goes again there), come between outcomes.
+            (stage, TABLE | RECONNECTED) => stage,
             (Stage::Typed, l) if l == forwarded => Stage::Forwarded,
             (Stage::Forwarded, SAVED) => {
                 self.confirmed += 1;
@@ -215,6 +220,53 @@ pub fn check_delivered_once(r: &mut Client, feeds: &[Feed]) {
         };
         shown.entry(sender).or_default().push(index);
     }
+    check_shown(r, feeds, shown);
+}
+
+/// [`check_delivered_once`] for a recipient homed on one of several
+/// servers: what other servers saved in the last moments before its
+/// registration (before its home read them from the store's feed) comes
+/// just after the welcome's batch, live. Every confirmed message must come
+/// within [`DEADLINE`]; then nothing more for a while (no second copy).
+pub fn check_delivered_once_across_servers(r: &mut Client, feeds: &[Feed]) {
+    let recipient = r.name().to_owned();
+    r.send(&format!("reg {recipient}"));
+    let mut shown: BTreeMap<String, Vec<usize>> = BTreeMap::new();
+    let all_in = |shown: &BTreeMap<String, Vec<usize>>| {
+        feeds.iter().all(|f| {
+            let got = shown.get(f.client.name()).map_or(0, Vec::len);
+            got >= f.confirmed
+        })
+    };
+    let deadline = std::time::Instant::now() + DEADLINE;
+    while !all_in(&shown) {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        let Some(line) = r.next_line(left) else {
+            r.fail(&format!(
+                "not every saved message within {DEADLINE:?} of reg"
+            ));
+        };
+        if line == TABLE || line == MAIL {
+            continue;
+        }
+        let Some((sender, index)) = parse_mail(&line) else {
+            r.fail(&format!("{line:?} is not a stored message of this test"));
+        };
+        shown.entry(sender).or_default().push(index);
+    }
+    // A duplicate, or the message in flight at the crash, would come now.
+    while let Some(line) = r.next_line(super::QUIET) {
+        if let Some((sender, index)) = parse_mail(&line) {
+            shown.entry(sender).or_default().push(index);
+        }
+    }
+    check_shown(r, feeds, shown);
+}
+
+/// Each sender's confirmed messages shown once, oldest first, with its
+/// unconfirmed one at most once after them; nothing else.
+fn check_shown(r: &mut Client, feeds: &[Feed], mut shown: BTreeMap<String, Vec<usize>>) {
+    let recipient = r.name().to_owned();
 
     let counts: Vec<usize> = feeds.iter().map(|f| f.confirmed).collect();
     eprintln!("  confirmed saved per sender: {counts:?}, all shown once");
