@@ -264,6 +264,14 @@ fn a_server_without_advertise_is_refused_beside_running_servers() {
         "{:?}",
         out.stderr
     );
+    // Nor is a name released under them.
+    let out = common::run(&["--release", "anyone", "--store", &url]);
+    assert_eq!(out.status.code(), Some(1), "{:?}", out.stderr);
+    assert!(
+        out.stderr.iter().any(|l| l.contains("stop them first")),
+        "{:?}",
+        out.stderr
+    );
 }
 
 /// A server frozen (SIGSTOP) past its lease is taken for dead; the others

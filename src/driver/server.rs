@@ -527,7 +527,19 @@ fn say(line: &str) {
 pub fn release(data_dir: &std::path::Path, store: Option<&str>, name: &Name) -> Result<i32, Fatal> {
     let deleted = match store {
         Some(url) => PgStore::open(url)
-            .and_then(|mut pg| pg.release(name))
+            .and_then(|mut pg| {
+                // Servers running on the database keep the binding they
+                // hold (and would give the mail back): they stop first.
+                let live = pg.cluster_running()?;
+                match live.first() {
+                    Some(one) => Err(super::sqlite::StoreError(format!(
+                        "{}: {} servers run on this database (e.g. {one}); stop them first",
+                        pg.describe(),
+                        live.len()
+                    ))),
+                    None => pg.release(name),
+                }
+            })
             .map_err(|e| Fatal(format!("error: --store: {e}")))?,
         None => {
             let dir = data_dir.display();
