@@ -6,7 +6,7 @@
 //! transaction per loop iteration). Bodies are read back on demand
 //! ([`Store::fetch`], [`serve_fetches`]) when a delivery needs one.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -350,6 +350,13 @@ pub trait Store {
     fn news(&mut self) -> Option<io::Result<News>> {
         None
     }
+    /// Messages of the last commit that the store already held under
+    /// another id, stored first by another server of a cluster (the same
+    /// message sent again through this one): this server's id, and the
+    /// row the store kept. A store of one server never has any.
+    fn kept_instead(&mut self) -> Vec<(MailId, StoredMail)> {
+        Vec::new()
+    }
 }
 
 /// What the other servers of a cluster did, for [`Store::news`].
@@ -390,7 +397,9 @@ pub struct MemoryStore {
     index: HashMap<Name, usize>,
     /// By mail id, then recipient: a channel message has one id for all.
     mail: BTreeMap<(MailId, Name), StoredMail>,
-    keys: HashSet<(Name, Name, MsgId)>,
+    keys: HashMap<(Name, Name, MsgId), MailId>,
+    /// [`Store::kept_instead`] of the last commit.
+    kept: Vec<(MailId, StoredMail)>,
 }
 
 impl MemoryStore {
@@ -438,8 +447,20 @@ impl MemoryStore {
 
 impl MemoryStore {
     fn put(&mut self, m: StoredMail) {
-        if self.keys.insert((m.to.clone(), m.from.clone(), m.id)) {
-            self.mail.insert((m.mail, m.to.clone()), m);
+        let key = (m.to.clone(), m.from.clone(), m.id);
+        match self.keys.get(&key) {
+            None => {
+                self.keys.insert(key, m.mail);
+                self.mail.insert((m.mail, m.to.clone()), m);
+            }
+            // Stored first under another id (by another server sharing
+            // this store): that copy is kept.
+            Some(&kept) if kept != m.mail => {
+                if let Some(row) = self.mail.get(&(kept, m.to.clone())) {
+                    self.kept.push((m.mail, row.clone()));
+                }
+            }
+            Some(_) => {}
         }
     }
 }
@@ -456,8 +477,13 @@ impl Store for MemoryStore {
         Ok(self.mail.get(&(mail, to.clone())).map(|m| m.body.clone()))
     }
 
+    fn kept_instead(&mut self) -> Vec<(MailId, StoredMail)> {
+        std::mem::take(&mut self.kept)
+    }
+
     fn commit(&mut self, ops: &[StoreOp]) -> io::Result<()> {
         check_batch(ops)?;
+        self.kept.clear();
         for op in ops {
             match op {
                 StoreOp::Put(m) => self.put(m.clone()),

@@ -783,3 +783,49 @@ fn random_runs_keep_every_promise_across_servers() {
     eprintln!("{seeds} runs from {first}: {sent} sent, {promised} received or saved");
     assert!(promised * 2 > sent, "{promised} of {sent}");
 }
+
+/// The same message stored through two servers: its server died after
+/// committing it but before the "saved" reached the sender, which sent it
+/// again through the next server before that one had read the feed. The
+/// store keeps the first copy; the second server holds that one instead of
+/// its own, and the recipient is shown the message once.
+#[test]
+fn a_message_saved_again_through_another_server_is_held_as_the_store_kept_it() {
+    let mut s = Sim::new();
+    s.shared_cluster(2);
+    let all = [1024, 1025];
+    let sender = s.name_homed_at("sender", addr(1024));
+    let rcpt = s.name_homed_at("rcpt", addr(1025));
+    let r = join_via(&mut s, &rcpt, 2001, 1025, &all);
+    s.command(r, &format!("dereg {rcpt}"));
+    let i = join_via(&mut s, &sender, 2000, 1024, &all);
+    s.settle();
+    // The first server commits the save; its "saved" never leaves.
+    let from = addr(1024);
+    s.drop_rules
+        .push(sim::drop_all(move |p| p.from == from && p.to == addr(2000)));
+    s.feed_held = true;
+    s.line(i, &format!("send {rcpt} said once"));
+    s.run_until(Duration::from_secs(5), |s| s.store.len() == 1);
+    assert_eq!(s.store.len(), 1);
+    s.stop_server_at(addr(1024));
+    s.set_live(&[addr(1025)]);
+    // Five silent tries, a failover, the same message again (same id).
+    let saved = s.run_until(Duration::from_secs(60), |s| {
+        s.lines(i)
+            .contains(&">>> [Messages received by the server and saved]")
+    });
+    assert!(saved, "{:?}", s.lines(i));
+    assert_eq!(s.store.len(), 1, "stored once");
+    s.feed_held = false;
+    s.drain_servers();
+    s.command(r, &format!("reg {rcpt}"));
+    s.settle();
+    let shown = s
+        .lines(r)
+        .iter()
+        .filter(|l| l.ends_with("said once"))
+        .count();
+    assert_eq!(shown, 1, "{:?}", s.lines(r));
+    assert_eq!(s.store.len(), 0, "acked: nothing left");
+}

@@ -460,6 +460,17 @@ fn the_feed_brings_one_server_what_another_committed() {
     let changes = a.news().unwrap().unwrap().changes;
     assert_eq!(changes.len(), 1, "{changes:#?}");
     assert!(matches!(&changes[0], Remote::Deleted { mail, .. } if mail.0 == first));
+    // The same message through b under b's own id: the store keeps a's,
+    // and says so.
+    let (StoreOp::Put(theirs), StoreOp::Put(mut again)) = (put(2, "two"), put(2, "two")) else {
+        unreachable!()
+    };
+    again.mail = MailId(9 << 16 | u64::from(joined_b.instance));
+    b.commit(&[StoreOp::Put(again.clone())]).unwrap();
+    assert_eq!(b.kept_instead(), [(again.mail, theirs)]);
+    // A batch whose messages are all new, or already its own, keeps none.
+    b.commit(&[record("bob", 6001)]).unwrap();
+    assert!(b.kept_instead().is_empty());
 }
 
 /// kill -9 of the PostgreSQL primary in the middle of a save stream from

@@ -56,7 +56,7 @@ use super::rows;
 use super::sqlite::StoreError;
 use crate::Remote;
 use crate::crypto::PublicKey;
-use crate::store::{News, StoreOp};
+use crate::store::{News, StoreOp, StoredMail};
 use crate::wire::{MailId, Name};
 
 /// How long a server's lease lasts past its last renewal: how long a
@@ -269,6 +269,39 @@ pub(super) fn presence_rows(ops: &[StoreOp], me: SocketAddr) -> Option<PresenceR
         rows.4.push(i64::try_from(epoch).unwrap_or(i64::MAX));
     }
     Some(rows)
+}
+
+/// For each of `puts` the store holds under another id (another server
+/// stored the same message first): our id, and the row kept.
+pub(super) fn kept_instead(
+    store: &mut PgStore,
+    puts: &[&StoredMail],
+) -> io::Result<Vec<(MailId, StoredMail)>> {
+    let (mut to, mut from, mut msg, mut ours) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for m in puts {
+        to.push(m.to.as_str().to_string());
+        from.push(m.from.as_str().to_string());
+        msg.push(m.id.0.cast_signed());
+        ours.push(m.mail.0.cast_signed());
+    }
+    let rows = store.with_retry(|client, _| {
+        client.query(
+            "SELECT m.id, m.recipient, m.sender, m.channel, m.stored_at, m.msg_id, m.kind,
+                    m.body, m.sender_key, o.id
+             FROM unnest($1::text[], $2::text[], $3::bigint[], $4::bigint[])
+                  AS o (recipient, sender, msg_id, id)
+             JOIN mail m ON m.recipient = o.recipient AND m.sender = o.sender
+                        AND m.msg_id = o.msg_id
+             WHERE m.id <> o.id",
+            &[&to, &from, &msg, &ours],
+        )
+    })?;
+    Ok((rows.iter())
+        .filter_map(|r| {
+            let ours = MailId(r.get::<_, i64>(9).cast_unsigned());
+            Some((ours, mail_row(r).ok()?))
+        })
+        .collect())
 }
 
 /// The server of an origin (`addr#start`).

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use mio::Waker;
 
 use crate::Server;
-use crate::store::{Body, News, Store, StoreOp};
+use crate::store::{Body, News, Store, StoreOp, StoredMail};
 use crate::wire::{MailId, Name};
 
 /// Work for the store's thread.
@@ -29,8 +29,9 @@ enum Job {
 /// What the store's thread did.
 pub enum Done {
     /// The batch sent last was committed (or not), with what the store
-    /// has to say for the log.
-    Committed(io::Result<()>, Vec<String>),
+    /// has to say for the log, and its messages the store already held
+    /// under other ids ([`Store::kept_instead`]).
+    Committed(io::Result<()>, Vec<String>, Vec<(MailId, StoredMail)>),
     /// A body asked for.
     Fetched(Name, MailId, io::Result<Option<Body>>, Vec<String>),
     /// What the other servers of a cluster did ([`Store::news`]).
@@ -86,7 +87,9 @@ impl Commits {
                     let ask = job.is_none() || asked.elapsed() >= NEWS_EVERY;
                     let result = match job {
                         Some(Job::Commit(ops)) => {
-                            Some(Done::Committed(store.commit(&ops), store.notes()))
+                            let result = store.commit(&ops);
+                            let kept = store.kept_instead();
+                            Some(Done::Committed(result, store.notes(), kept))
                         }
                         Some(Job::Fetch(to, mail)) => {
                             let body = store.fetch(&to, mail);

@@ -232,6 +232,8 @@ pub struct PgStore {
     /// Connections made so far: what was read on an earlier one may be
     /// gone (see `cluster`'s feed reader).
     pub(super) connections: u64,
+    /// [`Store::kept_instead`] of the last commit.
+    kept: Vec<(MailId, StoredMail)>,
 }
 
 impl fmt::Debug for PgStore {
@@ -316,6 +318,7 @@ impl PgStore {
             notes: Vec::new(),
             member: None,
             connections: 1,
+            kept: Vec::new(),
         })
     }
 
@@ -571,13 +574,15 @@ fn apply<'a>(
 }
 
 /// Writes `puts` with one statement.
+/// Returns whether every message was inserted (one already there, by id
+/// or by (recipient, sender, message id), is not).
 fn put_all(
     tx: &mut Transaction<'_>,
     p: &Prepared,
     puts: &[&StoredMail],
-) -> Result<(), postgres::Error> {
+) -> Result<bool, postgres::Error> {
     if puts.is_empty() {
-        return Ok(());
+        return Ok(true);
     }
     let mut cols = (
         Vec::new(),
@@ -605,13 +610,13 @@ fn put_all(
         cols.7.push(body);
         cols.8.push(key);
     }
-    tx.execute(
+    let inserted = tx.execute(
         &p.put,
         &[
             &cols.0, &cols.1, &cols.2, &cols.3, &cols.4, &cols.5, &cols.6, &cols.7, &cols.8,
         ],
     )?;
-    Ok(())
+    Ok(inserted == cols.0.len() as u64)
 }
 
 /// Counts the acks of `gone` for channel message `id`, and deletes the
@@ -752,6 +757,7 @@ impl Store for PgStore {
             return Ok(());
         }
         crate::store::check_batch(ops)?;
+        self.kept.clear();
         // What the other servers are told, in the same transaction.
         let shared = self.member.as_ref().map(|m| {
             let presence = cluster::presence_rows(ops, m.me);
@@ -768,16 +774,17 @@ impl Store for PgStore {
             // Runs of messages go in one statement each; everything keeps
             // its order.
             let mut puts: Vec<&StoredMail> = Vec::new();
+            let mut all_new = true;
             for op in ops {
                 if let StoreOp::Put(m) = op {
                     puts.push(m);
                     continue;
                 }
-                put_all(&mut tx, p, &puts)?;
+                all_new &= put_all(&mut tx, p, &puts)?;
                 puts.clear();
                 apply(&mut tx, p, op, &mut acked)?;
             }
-            put_all(&mut tx, p, &puts)?;
+            all_new &= put_all(&mut tx, p, &puts)?;
             for (id, gone) in &acked {
                 take_pending(&mut tx, p, *id, gone)?;
             }
@@ -789,7 +796,8 @@ impl Store for PgStore {
                     tx.execute(&p.feed_append, &[origin, seq, entries])?;
                 }
             }
-            tx.commit()
+            tx.commit()?;
+            Ok(all_new)
         });
         // The number is used, whatever became of the commit: one whose
         // outcome stayed unknown may have written its row, and the next
@@ -797,7 +805,22 @@ impl Store for PgStore {
         if let (Some(m), Some((_, _, Some(_), _))) = (&mut self.member, &shared) {
             m.next_seq += 1;
         }
-        result
+        // Of several servers, another may have stored the same message
+        // first (a retry through this one): the store kept that copy.
+        if let (Ok(false), Some(_)) = (&result, &self.member) {
+            let puts: Vec<&StoredMail> = (ops.iter())
+                .filter_map(|op| match op {
+                    StoreOp::Put(m) => Some(m),
+                    _ => None,
+                })
+                .collect();
+            self.kept = cluster::kept_instead(self, &puts)?;
+        }
+        result.map(|_| ())
+    }
+
+    fn kept_instead(&mut self) -> Vec<(MailId, StoredMail)> {
+        std::mem::take(&mut self.kept)
     }
 
     fn news(&mut self) -> Option<io::Result<News>> {

@@ -356,14 +356,17 @@ fn flush(
         let thread_gone = |e: io::Error| Fatal(format!("error: cannot store messages: {e}"));
         while let Some(done) = commits.take_done().map_err(thread_gone)? {
             let notes = match done {
-                Done::Committed(Ok(()), notes) => {
+                Done::Committed(Ok(()), notes, kept) => {
                     server.handle_committed();
+                    if !kept.is_empty() {
+                        server.handle_kept_instead(now, kept);
+                    }
                     if std::mem::take(failing) {
                         log.line("the store takes writes again");
                     }
                     notes
                 }
-                Done::Committed(Err(e), notes) => {
+                Done::Committed(Err(e), notes, _) => {
                     for note in notes {
                         log.line(&note);
                     }

@@ -78,6 +78,31 @@ impl Server {
         self.schedule_deltas(now);
     }
 
+    /// The store already held some messages of the batch just committed
+    /// under other ids (another server stored the same message first, and
+    /// its sender sent it again through this one): this server's copies
+    /// go, the store's are held instead (and delivered, to a recipient
+    /// online here). The senders were told "saved", which is true.
+    pub fn handle_kept_instead(&mut self, now: Instant, kept: Vec<(MailId, StoredMail)>) {
+        self.now = self.now.max(now);
+        for (ours, theirs) in kept {
+            let Some(id) = self.table.lookup(&theirs.to) else {
+                continue;
+            };
+            self.unput(id, ours);
+            let mail = theirs.mail;
+            if self.hold_committed(theirs, false).is_some() {
+                if self.expiry.is_none() {
+                    self.expire(now);
+                }
+                if self.queue_live(id, mail) {
+                    self.fanout.push_back(id);
+                }
+            }
+        }
+        self.schedule_deltas(now);
+    }
+
     /// Whether `id` is online at this server (not elsewhere in the
     /// cluster): only then does this server deliver to it, probe it,
     /// relay to it or take its requests.

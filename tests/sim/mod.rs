@@ -653,6 +653,10 @@ impl Sim {
                     None => {
                         self.store.commit(&ops).unwrap();
                         self.server.handle_committed();
+                        let kept = self.store.kept_instead();
+                        if !kept.is_empty() {
+                            self.server.handle_kept_instead(self.now, kept);
+                        }
                         self.publish(self.server_addr, &ops);
                         committed = true;
                     }
@@ -685,6 +689,10 @@ impl Sim {
             if !ops.is_empty() {
                 store.commit(&ops).unwrap();
                 peer.server.handle_committed();
+                let kept = store.kept_instead();
+                if !kept.is_empty() {
+                    peer.server.handle_kept_instead(now, kept);
+                }
                 let origin = peer.addr;
                 self.publish(origin, &ops);
             }
