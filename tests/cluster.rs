@@ -17,6 +17,15 @@ use udpchat::{Server, ServerConfig};
 const WELCOME: &str = ">>> [Welcome, You are registered.]";
 const RECONNECTED: &str = ">>> [Reconnected to server.]";
 
+/// Nothing passes between the clients at ports `a` and `b` directly:
+/// only the servers reach both.
+fn cut_direct_path(s: &mut Sim, a: u16, b: u16) {
+    let (a, b) = (addr(a), addr(b));
+    s.drop_rules.push(sim::drop_all(move |p| {
+        (p.from == a && p.to == b) || (p.from == b && p.to == a)
+    }));
+}
+
 /// Whether `who` is online at the server at `at`.
 fn online_at(s: &Sim, at: u16, who: &str) -> bool {
     let server = s.server_at(addr(at));
@@ -25,19 +34,24 @@ fn online_at(s: &Sim, at: u16, who: &str) -> bool {
 }
 
 /// Starts `who` pointed at the server at `first`, knowing the others of
-/// `all` too, and runs until it registered somewhere (or exited).
-fn join_via(s: &mut Sim, who: &str, port: u16, first: u16, all: &[u16]) -> usize {
+/// `all` too (the servers of one cluster).
+fn spawn_via(s: &mut Sim, who: &str, port: u16, first: u16, all: &[u16]) -> usize {
     let pin = Some(server_key().public());
     let others: Vec<_> = all
         .iter()
         .filter(|&&p| p != first)
         .map(|&p| addr(p))
         .collect();
-    let i = s.spawn_configured(who, addr(port), key_of(who), pin, |c| {
+    s.spawn_configured(who, addr(port), key_of(who), pin, |c| {
         c.server = addr(first);
         c.alternates = others;
         c.failover = true;
-    });
+    })
+}
+
+/// [`spawn_via`], run until it registered somewhere (or exited).
+fn join_via(s: &mut Sim, who: &str, port: u16, first: u16, all: &[u16]) -> usize {
+    let i = spawn_via(s, who, port, first, all);
     s.run_until(Duration::from_secs(30), |s| {
         s.nodes[i].exit.is_some() || s.lines(i).contains(&WELCOME)
     });
@@ -160,11 +174,7 @@ fn a_redirect_to_a_server_that_died_is_left_once_its_lease_runs_out() {
     // Dead, but its lease has not run out yet: the others still send
     // its names to it.
     s.stop_server_at(addr(1025));
-    let pin = Some(server_key().public());
-    let i = s.spawn_configured(&who, addr(2000), key_of(&who), pin, |c| {
-        c.alternates = vec![addr(1025), addr(1026)];
-        c.failover = true;
-    });
+    let i = spawn_via(&mut s, &who, 2000, 1024, &[1024, 1025, 1026]);
     s.run_for(Duration::from_secs(4));
     assert!(s.count(|p| p.is(What::Redirect)) >= 1);
     assert!(!s.lines(i).contains(&WELCOME));
@@ -181,11 +191,7 @@ fn a_client_whose_servers_all_stay_silent_gives_up_in_bounded_time() {
     s.cluster(3);
     let who = s.name_homed_at("alone", addr(1025));
     s.stop_server_at(addr(1025));
-    let pin = Some(server_key().public());
-    let i = s.spawn_configured(&who, addr(2000), key_of(&who), pin, |c| {
-        c.alternates = vec![addr(1025), addr(1026)];
-        c.failover = true;
-    });
+    let i = spawn_via(&mut s, &who, 2000, 1024, &[1024, 1025, 1026]);
     // The live servers keep sending it to the dead one, round after round.
     let ended = s.run_until(Duration::from_secs(120), |s| s.nodes[i].exit.is_some());
     assert!(ended, "{:?}", s.lines(i));
@@ -283,10 +289,7 @@ fn a_message_saved_at_one_server_is_delivered_by_the_recipient_s_home() {
 fn a_save_for_a_client_online_elsewhere_is_delivered_there_at_once() {
     let (mut s, who, n) = shared(&["ann", "ben"], &[1024, 1026]);
     // No direct path between them: only the servers reach both.
-    let (a, b) = (addr(2000), addr(2001));
-    s.drop_rules.push(sim::drop_all(move |p| {
-        (p.from == a && p.to == b) || (p.from == b && p.to == a)
-    }));
+    cut_direct_path(&mut s, 2000, 2001);
     let from = s.nodes[n[1]].lines.len();
     s.command(n[0], &format!("send {} through the store", who[1]));
     let shown: Vec<_> = (s.lines_since(n[1], from).into_iter())
@@ -386,10 +389,7 @@ fn a_message_falling_back_during_a_failover_waits_for_the_next_server() {
     let (mut s, who, n) = shared(&["ann", "ben"], &[1025, 1024]);
     let (ann, ben) = (n[0], n[1]);
     // No direct path between them: every message falls back to a server.
-    let (a, b) = (addr(2000), addr(2001));
-    s.drop_rules.push(sim::drop_all(move |p| {
-        (p.from == a && p.to == b) || (p.from == b && p.to == a)
-    }));
+    cut_direct_path(&mut s, 2000, 2001);
     // kill -9 of ann's home; its lease (6 s) has not run out yet.
     s.stop_server_at(addr(1025));
     let mut sent = 0;
@@ -430,10 +430,7 @@ fn a_message_falling_back_during_a_failover_waits_for_the_next_server() {
 fn one_message_during_a_failover_is_sent_again_to_the_next_server() {
     let (mut s, who, n) = shared(&["ann", "ben"], &[1025, 1024]);
     let ann = n[0];
-    let (a, b) = (addr(2000), addr(2001));
-    s.drop_rules.push(sim::drop_all(move |p| {
-        (p.from == a && p.to == b) || (p.from == b && p.to == a)
-    }));
+    cut_direct_path(&mut s, 2000, 2001);
     s.stop_server_at(addr(1025));
     s.line(ann, &format!("send {} only", who[1]));
     s.run_until(Duration::from_secs(30), |s| {
