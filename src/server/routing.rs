@@ -23,27 +23,22 @@ pub(super) struct Cluster {
 }
 
 impl Cluster {
-    /// The home of `name`: the live server with the highest score. Ties
-    /// (two equal 64-bit scores) go to the lower address, so every server
-    /// still agrees.
+    /// The home of `name` ([`home`]); never empty: this server is live.
     pub(super) fn home(&self, name: &Name) -> SocketAddr {
-        (self.live.iter())
-            .map(|addr| (score(addr, name), std::cmp::Reverse(*addr)))
-            .max()
-            .map_or(self.me, |(_, std::cmp::Reverse(addr))| addr)
+        home(name, &self.live).unwrap_or(self.me)
     }
 }
 
 /// The home of `name` among the servers `live` (as clients reach them):
-/// what every server of a cluster that knows the same live servers
-/// answers. `None` for no servers.
+/// the one with the highest score, what every server of a cluster that
+/// knows the same live servers answers. Ties (two equal 64-bit scores) go
+/// to the lower address, so every server still agrees. `None` for no
+/// servers.
 pub fn home(name: &Name, live: &[SocketAddr]) -> Option<SocketAddr> {
-    let first = *live.first()?;
-    let cluster = Cluster {
-        me: first,
-        live: live.to_vec(),
-    };
-    Some(cluster.home(name))
+    (live.iter())
+        .map(|addr| (score(addr, name), std::cmp::Reverse(*addr)))
+        .max()
+        .map(|(_, std::cmp::Reverse(addr))| addr)
 }
 
 /// A server's weight for a name. Not a secret and not a defence (a user
