@@ -881,7 +881,8 @@ impl Client {
     }
 
     /// Types `list` until its header says `header` (the table converges
-    /// as other servers' changes arrive), within [`DEADLINE`].
+    /// as other servers' changes arrive), within [`DEADLINE`]: again after
+    /// each `[Client table updated.]`.
     #[track_caller]
     pub fn await_list(&mut self, header: &str) {
         let deadline = Instant::now() + DEADLINE;
@@ -903,8 +904,15 @@ impl Client {
             if last == header {
                 return;
             }
-            // The next look a moment later: the change is on its way.
-            thread::sleep(Duration::from_millis(100));
+            // Listed again once the table changes (a delta, or the sync
+            // a heartbeat starts when it finds the table behind).
+            match self.next_line(left()) {
+                Some(line) if line == TABLE => {}
+                Some(line) => self.fail(&format!(
+                    "{line:?} while waiting for the list to say {header:?}"
+                )),
+                None => self.fail(&format!("the list never said {header:?}; last {last:?}")),
+            }
         }
         self.fail(&format!("the list never said {header:?}; last {last:?}"));
     }
