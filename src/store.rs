@@ -319,7 +319,12 @@ pub struct Loaded {
     pub clients: Vec<ClientRecord>,
     /// Every stored message, in store order: a channel message once per
     /// recipient still owed it, all copies sharing one [`Body::Channel`].
+    /// Empty for one of several servers: it fetches a mailbox when it
+    /// needs it ([`Store::mailboxes`]).
     pub mail: Vec<StoredMail>,
+    /// The highest mail id in the store, when `mail` does not hold them
+    /// all (no id is given out twice).
+    pub highest_mail: Option<MailId>,
 }
 
 /// Where committed [`StoreOp`]s go.
@@ -336,6 +341,17 @@ pub trait Store {
     /// none, or its row is damaged): the server keeps committed bodies on
     /// disk, not in memory, and asks for one when it delivers it.
     fn fetch(&mut self, to: &Name, mail: MailId) -> io::Result<Option<Body>>;
+    /// Every message stored for `names`, in store order, as
+    /// [`Store::load`] gives them: what one of several servers reads when
+    /// it needs a mailbox it does not hold ([`crate::Server::poll_mailboxes`]).
+    /// A store only ever used by one server need not have it.
+    fn mailboxes(&mut self, names: &[Name]) -> io::Result<Vec<StoredMail>> {
+        let _ = names;
+        Err(io::Error::new(
+            io::ErrorKind::Unsupported,
+            "this store serves one server, which loads every mailbox at start",
+        ))
+    }
     /// What happened to the store since the last call that an operator
     /// should read (a lost connection found again), for the server's log.
     fn notes(&mut self) -> Vec<String> {
@@ -379,12 +395,22 @@ impl News {
     }
 }
 
-/// Hands the server every body it asked for ([`Server::poll_fetch`]) from
-/// `store`: what a driver does each turn, before it commits.
+/// Hands the server every mailbox ([`Server::poll_mailboxes`]) and body
+/// ([`Server::poll_fetch`]) it asked for from `store`: what a driver does
+/// each turn, before it commits.
 ///
 /// [`Server::poll_fetch`]: crate::Server::poll_fetch
+/// [`Server::poll_mailboxes`]: crate::Server::poll_mailboxes
 pub fn serve_fetches<S: Store + ?Sized>(server: &mut crate::Server, store: &mut S, now: Instant) {
-    while let Some((to, mail)) = server.poll_fetch() {
+    loop {
+        let names = server.poll_mailboxes();
+        if !names.is_empty() {
+            let mail = store.mailboxes(&names);
+            server.handle_mailboxes(now, &names, mail);
+        }
+        let Some((to, mail)) = server.poll_fetch() else {
+            break;
+        };
         let body = store.fetch(&to, mail);
         server.handle_fetched(now, &to, mail, body);
     }
@@ -470,7 +496,16 @@ impl Store for MemoryStore {
         Ok(Loaded {
             clients: self.clients.clone(),
             mail: self.mail.values().cloned().collect(),
+            highest_mail: None,
         })
+    }
+
+    fn mailboxes(&mut self, names: &[Name]) -> io::Result<Vec<StoredMail>> {
+        let names: std::collections::HashSet<&Name> = names.iter().collect();
+        Ok((self.mail.values())
+            .filter(|m| names.contains(&m.to))
+            .cloned()
+            .collect())
     }
 
     fn fetch(&mut self, to: &Name, mail: MailId) -> io::Result<Option<Body>> {

@@ -826,3 +826,125 @@ fn a_message_saved_again_through_another_server_is_held_as_the_store_kept_it() {
     assert_eq!(shown, 1, "{:?}", s.lines(r));
     assert_eq!(s.store.len(), 0, "acked: nothing left");
 }
+
+// ---- mailboxes held where they are needed ------------------------------
+
+/// Each server holds only the mailboxes it needs: the recipient's home,
+/// and the server a message for it was saved through (it fetched the
+/// mailbox to save into). A server that never needed it holds none of
+/// the store's mail; the sender's server lets go of it once the
+/// recipient is served at its home again.
+#[test]
+fn a_server_holds_only_the_mailboxes_it_needs() {
+    let (mut s, who, n) = shared(&["ann", "ben"], &[1024, 1026]);
+    s.command(n[1], &format!("dereg {}", who[1]));
+    s.command(n[0], &format!("send {} held where needed", who[1]));
+    assert!(
+        s.lines(n[0])
+            .contains(&">>> [Messages received by the server and saved]")
+    );
+    s.settle();
+    assert_eq!(s.store.len(), 1);
+    let held = |s: &Sim, at: u16| s.server_at(addr(at)).mailbox(&name(&who[1])).count();
+    assert_eq!(held(&s, 1024), 1, "fetched to save into");
+    assert_eq!(held(&s, 1026), 1, "its home, from the feed");
+    assert_eq!(held(&s, 1025), 0, "never needed it");
+    assert_eq!(s.server_at(addr(1025)).stored_bytes(), 0);
+    // Its home's deliveries are lost on the way: the message stays
+    // unacked while the recipient is online at its home.
+    let (home, rcpt) = (addr(1026), addr(2001));
+    s.drop_rules.push(sim::drop_all(move |p| {
+        p.from == home && p.to == rcpt && p.is(What::Deliver)
+    }));
+    s.line(n[1], &format!("reg {}", who[1]));
+    let served = s.run_until(Duration::from_secs(10), |s| {
+        online_at(s, 1026, &who[1]) && online_at(s, 1024, &who[1])
+    });
+    assert!(served, "{:?}", s.lines(n[1]));
+    assert_eq!(held(&s, 1026), 1, "not acked yet");
+    assert_eq!(held(&s, 1024), 0, "let go once served at its home");
+    s.drop_rules.clear();
+    let shown = s.run_until(Duration::from_secs(30), |s| {
+        s.lines(n[1])
+            .iter()
+            .any(|l| l.ends_with("held where needed"))
+    });
+    assert!(shown, "{:?}", s.lines(n[1]));
+    s.settle();
+    assert_eq!(s.store.len(), 0);
+}
+
+/// A message saved through another server while the feed is behind (the
+/// home has not read it yet) is in the mailbox the recipient is welcomed
+/// with: its home fetches the mailbox from the store for each
+/// registration, so it is announced ([You Have Messages]) and comes in
+/// the welcome's batch, once.
+#[test]
+fn a_message_the_home_has_not_read_from_the_feed_is_in_the_welcome() {
+    let (mut s, who, n) = shared(&["ann", "ben"], &[1024, 1026]);
+    s.command(n[1], &format!("dereg {}", who[1]));
+    s.feed_held = true;
+    s.command(n[0], &format!("send {} ahead of the feed", who[1]));
+    assert!(
+        s.lines(n[0])
+            .contains(&">>> [Messages received by the server and saved]")
+    );
+    assert_eq!(s.store.len(), 1);
+    assert_eq!(
+        s.server_at(addr(1026)).mailbox(&name(&who[1])).count(),
+        0,
+        "the home has not read the feed"
+    );
+    let from = s.nodes[n[1]].lines.len();
+    s.command(n[1], &format!("reg {}", who[1]));
+    let lines = s.lines_since(n[1], from);
+    let have = lines
+        .iter()
+        .position(|l| l.ends_with("[You Have Messages]"));
+    let text = lines.iter().position(|l| l.ends_with("ahead of the feed"));
+    assert!(
+        matches!((have, text), (Some(h), Some(t)) if h < t),
+        "{lines:?}"
+    );
+    s.feed_held = false;
+    s.drain_servers();
+    s.settle();
+    let shown = (s.lines(n[1]).iter())
+        .filter(|l| l.ends_with("ahead of the feed"))
+        .count();
+    assert_eq!(shown, 1, "{:?}", s.lines(n[1]));
+    assert_eq!(s.store.len(), 0);
+}
+
+/// A save through a server that does not hold the recipient's mailbox
+/// waits for it, so the mailbox's limit holds across servers: the
+/// messages stored through the recipient's home count.
+#[test]
+fn a_mailbox_s_limit_counts_what_other_servers_stored() {
+    let mut s = Sim::new();
+    s.shared_cluster_with(3, |c| c.mailbox_messages = 2);
+    let all = [1024, 1025, 1026];
+    let homes = [1024, 1025, 1026];
+    let names: Vec<String> = ["ann", "ben", "cat"]
+        .iter()
+        .zip(homes)
+        .map(|(p, h)| s.name_homed_at(p, addr(h)))
+        .collect();
+    let n: Vec<usize> = (names.iter().enumerate())
+        .map(|(i, who)| join_via(&mut s, who, 2000 + i as u16, homes[i], &all))
+        .collect();
+    s.settle();
+    s.command(n[2], &format!("dereg {}", names[2]));
+    // Two through its home's neighbours: the mailbox is full.
+    s.command(n[1], &format!("send {} first", names[2]));
+    s.command(n[1], &format!("send {} second", names[2]));
+    s.settle();
+    assert_eq!(s.store.len(), 2);
+    // A third through a server that has not held the mailbox before.
+    assert_eq!(s.server_at(addr(1024)).mailbox(&name(&names[2])).count(), 0);
+    s.command(n[0], &format!("send {} third", names[2]));
+    s.settle();
+    assert_eq!(s.store.len(), 2, "{:?}", s.lines(n[0]));
+    let full = (s.lines(n[0]).iter()).any(|l| l.contains("mailbox") && l.contains("full"));
+    assert!(full, "{:?}", s.lines(n[0]));
+}

@@ -124,6 +124,7 @@ fn a_small_order_key_gets_no_peer_session() {
             seen_at: None,
         }],
         mail: vec![],
+        highest_mail: None,
     };
     server_with(&mut sim, loaded, 4096);
     let bob = sim.join("Bob", 2001);
@@ -401,6 +402,7 @@ fn stored_mail_is_shown_as_alices_only_if_her_key_sealed_it() {
             ),
             row(2, Body::Clear("forged in clear".to_string())),
         ],
+        highest_mail: None,
     };
     server_with(&mut sim, loaded, 4096);
     let bob = sim.join("Bob", 2001);
@@ -1160,6 +1162,7 @@ fn a_clear_channel_row_written_into_the_store_is_shown_unverified() {
             id: MsgId(7),
             body: Body::Clear("pay Mallory 100".to_string()),
         }],
+        highest_mail: None,
     };
     let config = ServerConfig::new([1; 32], server_key(), (sim.start, EPOCH_UNIX));
     sim.store = udpchat::store::MemoryStore::holding(&loaded);
@@ -1394,6 +1397,7 @@ fn a_clear_message_whose_rewrite_is_deferred_is_still_delivered() {
             id: MsgId(7),
             body: Body::Clear("hello from version one".to_string()),
         }],
+        highest_mail: None,
     };
     let config = ServerConfig::new([1; 32], server_key(), (s.start, EPOCH_UNIX));
     s.store = udpchat::store::MemoryStore::holding(&loaded);

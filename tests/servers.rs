@@ -519,3 +519,46 @@ fn three_servers_keep_every_saved_message_across_a_failover_of_the_primary() {
     assert!(after > before, "nothing saved after the failover");
     stream::check_delivered_once_across_servers(&mut r, &feeds);
 }
+
+/// A database of schema 2 (written by the previous build) is brought up to
+/// schema 3 when a server opens it: the index one of several servers uses
+/// to fetch a mailbox is made, and what was stored stays.
+#[test]
+fn a_schema_2_database_gains_the_mailbox_index() {
+    use udpchat::driver::postgres::{PgStore, SCHEMA_VERSION};
+    use udpchat::store::{ChannelMail, Store, StoreOp};
+    use udpchat::wire::{MailId, MsgId};
+
+    let test = "a_schema_2_database_gains_the_mailbox_index";
+    let Some(cluster) = Cluster::start(test, 0) else {
+        return;
+    };
+    let url = cluster.database("upgrade");
+    let name = |s: &str| Name::new(s).unwrap();
+    let kept = ChannelMail {
+        mail: MailId(7),
+        from: name("ann"),
+        stored_at: 1_700_000_000,
+        id: MsgId(1),
+        body: vec![9; 40].into(),
+        to: vec![name("bob"), name("cal")],
+    };
+    PgStore::open(&url)
+        .unwrap()
+        .commit(&[StoreOp::Channel(kept.clone())])
+        .unwrap();
+    let index = "SELECT count(*) FROM pg_indexes WHERE indexname = 'channel_pending'";
+    let version = "SELECT version FROM udpchat_schema";
+    assert_eq!(cluster.psql(0, "upgrade", index), "1");
+    // As the previous build left it.
+    cluster.psql(0, "upgrade", "DROP INDEX channel_pending");
+    cluster.psql(0, "upgrade", "UPDATE udpchat_schema SET version = 2");
+    let mut store = PgStore::open(&url).unwrap();
+    assert_eq!(cluster.psql(0, "upgrade", index), "1");
+    assert_eq!(
+        cluster.psql(0, "upgrade", version),
+        SCHEMA_VERSION.to_string()
+    );
+    let bob: Vec<_> = kept.copies().filter(|m| m.to == name("bob")).collect();
+    assert_eq!(store.mailboxes(&[name("bob")]).unwrap(), bob);
+}

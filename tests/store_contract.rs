@@ -368,6 +368,16 @@ fn random_batches_match_the_model(store: &mut dyn Store) {
         }
         let (got, want) = (store.load().unwrap(), model.load().unwrap());
         assert_eq!(got.mail, want.mail, "after {batch:?}");
+        // Two names' mailboxes, as one of several servers fetches them.
+        let asked = [
+            name(NAMES[rng.below(5) as usize]),
+            name(NAMES[rng.below(5) as usize]),
+        ];
+        assert_eq!(
+            store.mailboxes(&asked).unwrap(),
+            model.mailboxes(&asked).unwrap(),
+            "mailboxes of {asked:?} after {batch:?}"
+        );
         assert_eq!(got.clients, want.clients, "after {batch:?}");
         for m in &want.mail {
             assert_eq!(

@@ -141,6 +141,17 @@ pub(super) const RESOLVE_MAIL: &str =
 pub(super) const RESOLVE_CHANNEL: &str = "SELECT id, sender, stored_at, msg_id, body, pending,
             array(SELECT recipient FROM channel_acked WHERE mail = channel.id), owed
      FROM channel WHERE id = ANY($1)";
+// A mailbox's mail, by the (recipient, sender, msg_id) key's index.
+pub(super) const MAILBOX_MAIL: &str =
+    "SELECT id, recipient, sender, channel, stored_at, msg_id, kind, body, sender_key
+     FROM mail WHERE recipient = ANY($1) ORDER BY id";
+// The channel messages still pending for any of them, by `channel_pending`.
+pub(super) const MAILBOX_CHANNEL: &str = "SELECT id, sender, stored_at, msg_id, body, pending,
+            array(SELECT recipient FROM channel_acked WHERE mail = channel.id), owed
+     FROM channel WHERE pending && $1::text[] ORDER BY id";
+/// What schema version 3 adds: an index to find the channel messages
+/// pending for a name (a mailbox fetched when its client registers).
+pub const SCHEMA_3: &str = "CREATE INDEX channel_pending ON channel USING GIN (pending);";
 pub(super) const RESOLVE_CLIENTS: &str =
     "SELECT name, addr, key, last_seen FROM clients WHERE name = ANY($1)";
 
@@ -709,6 +720,45 @@ impl PgStore {
             changes.extend(change);
         }
         Ok(changes)
+    }
+}
+
+impl PgStore {
+    /// [`crate::store::Store::mailboxes`]: every message stored for
+    /// `names`, in store order (rows that no longer decode are skipped, as
+    /// a fetch skips them).
+    pub(super) fn mailboxes_now(&mut self, names: &[Name]) -> io::Result<Vec<StoredMail>> {
+        let names: Vec<&str> = names.iter().map(Name::as_str).collect();
+        let (mail, channels) = self.with_retry(|client, p| {
+            let mail = client.query(&p.mailbox_mail, &[&names])?;
+            let channels = client.query(&p.mailbox_channel, &[&names])?;
+            Ok((mail, channels))
+        })?;
+        let wanted: HashSet<&str> = names.iter().copied().collect();
+        let mut found: Vec<StoredMail> = (mail.iter())
+            .filter_map(|r| mail_row(r).ok())
+            .filter(|m| wanted.contains(m.to.as_str()))
+            .collect();
+        for r in &channels {
+            let owed: i32 = r.get(7);
+            let Ok(c) = rows::channel(rows::ChannelColumns {
+                id: r.get(0),
+                from: r.get(1),
+                stored_at: r.get(2),
+                msg_id: r.get(3),
+                body: r.get(4),
+                pending: r.get(5),
+                acked: r.get(6),
+                left: i64::from(owed),
+            }) else {
+                continue;
+            };
+            found.extend(c.copies().filter(|m| wanted.contains(m.to.as_str())));
+        }
+        // Store order, a channel message's copies by name (as every
+        // store gives them).
+        found.sort_by(|a, b| (a.mail, &a.to).cmp(&(b.mail, &b.to)));
+        Ok(found)
     }
 }
 

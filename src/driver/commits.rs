@@ -1,8 +1,9 @@
 //! The store on a thread of its own: the poll loop hands it a sealed batch
-//! ([`Server::poll_batch`]) or a body to fetch and goes on serving; the
-//! thread does the blocking work (an fsync, a round trip to PostgreSQL, a
-//! failover's reconnection) and hands each result back through a channel,
-//! waking the loop with a [`mio::Waker`]. The protocol never runs here.
+//! ([`Server::poll_batch`]), a body or mailboxes to fetch, and goes on
+//! serving; the thread does the blocking work (an fsync, a round trip to
+//! PostgreSQL, a failover's reconnection) and hands each result back
+//! through a channel, waking the loop with a [`mio::Waker`]. The protocol
+//! never runs here.
 //!
 //! One batch is under commit at a time: the next one gathers in the
 //! server meanwhile and goes when this one is reported, so batches commit
@@ -24,6 +25,7 @@ use crate::wire::{MailId, Name};
 enum Job {
     Commit(Vec<StoreOp>),
     Fetch(Name, MailId),
+    Mailboxes(Vec<Name>),
 }
 
 /// What the store's thread did.
@@ -34,6 +36,8 @@ pub enum Done {
     Committed(io::Result<()>, Vec<String>, Vec<(MailId, StoredMail)>),
     /// A body asked for.
     Fetched(Name, MailId, io::Result<Option<Body>>, Vec<String>),
+    /// Mailboxes asked for ([`Server::poll_mailboxes`]).
+    Mailboxes(Vec<Name>, io::Result<Vec<StoredMail>>, Vec<String>),
     /// What the other servers of a cluster did ([`Store::news`]).
     News(io::Result<News>, Vec<String>),
 }
@@ -95,6 +99,10 @@ impl Commits {
                             let body = store.fetch(&to, mail);
                             Some(Done::Fetched(to, mail, body, store.notes()))
                         }
+                        Some(Job::Mailboxes(names)) => {
+                            let mail = store.mailboxes(&names);
+                            Some(Done::Mailboxes(names, mail, store.notes()))
+                        }
                         None => None,
                     };
                     if let Some(done) = result
@@ -130,6 +138,10 @@ impl Commits {
         let Some(jobs) = &self.jobs else {
             return Ok(());
         };
+        let names = server.poll_mailboxes();
+        if !names.is_empty() {
+            jobs.send(Job::Mailboxes(names)).map_err(|_| gone())?;
+        }
         while let Some((to, mail)) = server.poll_fetch() {
             jobs.send(Job::Fetch(to, mail)).map_err(|_| gone())?;
         }

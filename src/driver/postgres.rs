@@ -62,9 +62,9 @@ use crate::store::{Body, Loaded, News, Store, StoreOp, StoredMail};
 use crate::wire::{MAX_SEALED, MailId, Name};
 
 /// The schema version this build writes and understands (2 added the
-/// tables of several servers, see [`super::cluster`]; a version-1 database
-/// is brought up to it at start).
-pub const SCHEMA_VERSION: i32 = 2;
+/// tables of several servers, see [`super::cluster`], 3 an index to fetch
+/// one mailbox; an older database is brought up to it at start).
+pub const SCHEMA_VERSION: i32 = 3;
 
 /// How long a commit keeps trying to reach a primary (a failover: the old
 /// one dies, a standby is promoted) before its batch fails. The poll loop
@@ -163,6 +163,8 @@ const FETCH_MAIL: &str = "SELECT id, recipient, sender, channel, stored_at, msg_
 const FETCH_CHANNEL: &str = "SELECT body, pending,
                                     array(SELECT recipient FROM channel_acked WHERE mail = $1)
                              FROM channel WHERE id = $1";
+const HIGHEST_MAIL: &str =
+    "SELECT greatest((SELECT max(id) FROM mail), (SELECT max(id) FROM channel))";
 const LOAD_CHANNEL: &str = "SELECT id, sender, stored_at, msg_id, body, pending,
                                    array(SELECT recipient FROM channel_acked
                                          WHERE mail = channel.id),
@@ -190,6 +192,8 @@ pub(super) struct Prepared {
     pub(super) resolve_mail: Statement,
     pub(super) resolve_channel: Statement,
     pub(super) resolve_clients: Statement,
+    pub(super) mailbox_mail: Statement,
+    pub(super) mailbox_channel: Statement,
 }
 
 impl Prepared {
@@ -214,6 +218,8 @@ impl Prepared {
             resolve_mail: client.prepare(cluster::RESOLVE_MAIL)?,
             resolve_channel: client.prepare(cluster::RESOLVE_CHANNEL)?,
             resolve_clients: client.prepare(cluster::RESOLVE_CLIENTS)?,
+            mailbox_mail: client.prepare(cluster::MAILBOX_MAIL)?,
+            mailbox_channel: client.prepare(cluster::MAILBOX_CHANNEL)?,
         })
     }
 }
@@ -476,6 +482,7 @@ fn create_schema(client: &mut Client) -> Result<Result<(), StoreError>, postgres
         }
         tx.batch_execute(SCHEMA)?;
         tx.batch_execute(super::cluster::SCHEMA)?;
+        tx.batch_execute(super::cluster::SCHEMA_3)?;
         tx.execute(
             "INSERT INTO udpchat_schema (version) VALUES ($1)",
             &[&SCHEMA_VERSION],
@@ -489,6 +496,11 @@ fn create_schema(client: &mut Client) -> Result<Result<(), StoreError>, postgres
     if version == Some(1) {
         // Version 2 only adds tables: an older database takes them as is.
         tx.batch_execute(super::cluster::SCHEMA)?;
+        version = Some(2);
+    }
+    if version == Some(2) {
+        // Version 3 only adds an index.
+        tx.batch_execute(super::cluster::SCHEMA_3)?;
         tx.execute("UPDATE udpchat_schema SET version = $1", &[&SCHEMA_VERSION])?;
         version = Some(SCHEMA_VERSION);
     }
@@ -665,15 +677,23 @@ impl Store for PgStore {
     /// Clients in registration order, mail in id order; the first bad row
     /// is an `InvalidData` error naming it.
     fn load(&mut self) -> io::Result<Loaded> {
-        let (clients, mail, channels) = self.with_retry(|client, _| {
+        // One of several servers fetches a mailbox when it needs it: at
+        // start only the registry, and where mail ids have got to.
+        let every_mailbox = self.member.is_none();
+        let (clients, mail, channels, highest) = self.with_retry(|client, _| {
             let mut tx = client.transaction()?;
             // One snapshot for the three reads.
             tx.batch_execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")?;
             let clients = tx.query(LOAD_CLIENTS, &[])?;
+            if !every_mailbox {
+                let highest: Option<i64> = tx.query_one(HIGHEST_MAIL, &[])?.get(0);
+                tx.commit()?;
+                return Ok((clients, Vec::new(), Vec::new(), highest));
+            }
             let mail = tx.query(LOAD_MAIL, &[])?;
             let channels = tx.query(LOAD_CHANNEL, &[])?;
             tx.commit()?;
-            Ok((clients, mail, channels))
+            Ok((clients, mail, channels, None))
         })?;
         let shown = &self.shown;
         let invalid =
@@ -713,6 +733,7 @@ impl Store for PgStore {
             loaded.mail.extend(channel.copies());
         }
         loaded.mail.sort_by_key(|m| m.mail);
+        loaded.highest_mail = highest.and_then(|h| u64::try_from(h).ok()).map(MailId);
         Ok(loaded)
     }
 
@@ -825,6 +846,10 @@ impl Store for PgStore {
 
     fn news(&mut self) -> Option<io::Result<News>> {
         self.member.is_some().then(|| self.news_now())
+    }
+
+    fn mailboxes(&mut self, names: &[Name]) -> io::Result<Vec<StoredMail>> {
+        self.mailboxes_now(names)
     }
 }
 

@@ -387,6 +387,10 @@ fn flush(
                     server.handle_fetched(now, &to, mail, body);
                     notes
                 }
+                Done::Mailboxes(names, mail, notes) => {
+                    server.handle_mailboxes(now, &names, mail);
+                    notes
+                }
                 Done::News(Ok(news), notes) => {
                     if let (Some(me), Some(live)) = (me, news.live) {
                         let before = server.cluster_size();

@@ -541,6 +541,14 @@ fn still_owed<'a>(pending: &'a str, acked: Option<&'a str>) -> impl Iterator<Ite
 }
 
 impl Store for SqliteStore {
+    /// From a whole load: only one of several servers asks, and those
+    /// share a PostgreSQL store, never this one (kept for the contract).
+    fn mailboxes(&mut self, names: &[Name]) -> io::Result<Vec<StoredMail>> {
+        let mut mail = self.load()?.mail;
+        mail.retain(|m| names.contains(&m.to));
+        Ok(mail)
+    }
+
     /// Clients in registration order, mail in id order. Every row is
     /// checked; the first bad one is an `InvalidData` error naming it.
     fn load(&mut self) -> io::Result<Loaded> {

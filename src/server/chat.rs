@@ -40,6 +40,29 @@ impl Server {
             return;
         };
         self.pending(sender, seq);
+        if !self.holds(to) {
+            let mail = Box::new(mail);
+            let waiter = Waiter::Save {
+                from: sender,
+                seq,
+                mail,
+            };
+            self.wait_for_mailbox(to, waiter);
+            return;
+        }
+        self.save_or_probe(now, sender, seq, to, mail);
+    }
+
+    /// Stores a message for `to`, whose mailbox is held, or first asks it
+    /// whether it is there when it is online here.
+    pub(super) fn save_or_probe(
+        &mut self,
+        now: Instant,
+        sender: ClientId,
+        seq: Seq,
+        to: ClientId,
+        mail: NewMail,
+    ) {
         // Online at another server of the cluster: stored, and its home
         // delivers it at once (this server cannot probe it).
         if self.is_here(to) {
@@ -101,6 +124,18 @@ impl Server {
             return;
         };
         let relay = self.is_here(to) && self.relays.len() < MAX_RELAYS;
+        if !relay && !self.holds(to) {
+            // Saved, as it would be, once the mailbox is here.
+            self.pending(sender, seq);
+            let mail = Box::new(mail);
+            let waiter = Waiter::Save {
+                from: sender,
+                seq,
+                mail,
+            };
+            self.wait_for_mailbox(to, waiter);
+            return;
+        }
         self.store_direct(now, sender, seq, to, mail, relay);
         if relay {
             // Direct stays the goal: the recipient tries to open a path
@@ -234,6 +269,11 @@ impl Server {
         let mut rests_on: Option<MailId> = None;
         let mut live = Vec::new();
         let mut pending = Vec::new();
+        // One of several servers: a recipient whose mailbox another
+        // server holds gets its copy in the store only (that server reads
+        // it from the feed), unless the message is there already.
+        let (recipients, elsewhere): (Vec<ClientId>, Vec<ClientId>) =
+            recipients.into_iter().partition(|&r| self.holds(r));
         for r in recipients {
             let copy = StoredMail {
                 mail,
@@ -270,6 +310,17 @@ impl Server {
                     });
                 }
             }
+        }
+        let before = self.batch.channels.get(&(from.clone(), id)).copied();
+        if !elsewhere.is_empty() && !committed && before.is_none() {
+            // Their mailboxes' limits are their servers' to keep: this
+            // one only bounds its own memory (the store's bytes above).
+            stored = true;
+            rests_on = rests_on.max(Some(mail));
+            pending.extend(elsewhere.iter().map(|&r| self.table.get(r).name.clone()));
+        } else if let Some(earlier) = before {
+            stored = true;
+            rests_on = rests_on.max(Some(earlier));
         }
         if !pending.is_empty() {
             self.next_mail += 1;

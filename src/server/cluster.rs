@@ -250,6 +250,8 @@ impl Server {
         if online {
             self.remote.insert(id, server);
             self.table.set(id, addr, true);
+            // Its server holds its mailbox now.
+            self.drop_mailbox(id);
         } else if same && self.remote.get(&id) == Some(&server) {
             // Its server says it left.
             self.remote.remove(&id);
@@ -293,6 +295,11 @@ impl Server {
         // gets a row, so it is not lost.
         let unknown = SocketAddr::from(([0, 0, 0, 0], 0));
         let to = self.row(&m.to, unknown, PublicKey::NONE)?;
+        if !self.holds(to) {
+            // One of several servers, not serving this client: its
+            // mailbox is fetched whole if this server ever needs it.
+            return None;
+        }
         if let Some(mb) = self.mailboxes.get(&to) {
             let key = self.dedup_key(&m.from, m.id);
             let twin = mb.keys.contains_key(&key)

@@ -121,9 +121,10 @@ impl Server {
         None
     }
 
-    /// Whether a [`Server::poll_fetch`] is waiting.
+    /// Whether a [`Server::poll_fetch`] or a [`Server::poll_mailboxes`] is
+    /// waiting.
     pub fn wants_fetch(&self) -> bool {
-        !self.fetches.is_empty()
+        !self.fetches.is_empty() || !self.loads.is_empty()
     }
 
     /// What the store gave for a [`Server::poll_fetch`]. A body that is

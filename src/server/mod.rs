@@ -60,6 +60,7 @@ mod cluster;
 mod commit;
 mod delivery;
 mod events;
+mod holding;
 pub mod limits;
 pub mod links;
 mod mailbox;
@@ -293,6 +294,16 @@ pub struct Server {
     /// Each name's latest claim in the cluster: its epoch and the server
     /// that made it ([`Server::handle_remote`]).
     epochs: HashMap<ClientId, (u64, SocketAddr)>,
+    /// One of several servers: the mailboxes it holds in full (see
+    /// [`holding`]).
+    full: HashSet<ClientId>,
+    /// Mailboxes being fetched, and the requests waiting for them.
+    loading: HashMap<ClientId, Vec<Waiter>>,
+    /// Mailboxes to fetch: [`Server::poll_mailboxes`].
+    loads: VecDeque<ClientId>,
+    /// The session whose registration is being taken with its mailbox
+    /// just fetched (or none to fetch): not fetched again.
+    fresh: Option<LinkId>,
 }
 
 impl Server {
@@ -367,6 +378,10 @@ impl Server {
             cluster: None,
             remote: HashMap::new(),
             epochs: HashMap::new(),
+            full: HashSet::new(),
+            loading: HashMap::new(),
+            loads: VecDeque::new(),
+            fresh: None,
             config,
         };
         // A row without a "last seen" (older than schema 3) counts from now.
@@ -375,6 +390,11 @@ impl Server {
             if let Some(id) = server.row(&c.name, c.addr, c.key.unwrap_or(PublicKey::NONE)) {
                 server.sessions.seen[id.index() as usize] = c.seen_at.unwrap_or(unix);
             }
+        }
+        // One of several servers loads no mail (it fetches a mailbox when
+        // it needs one): its ids still go past every id in the store.
+        if let Some(highest) = loaded.highest_mail {
+            server.next_mail = server.next_mail.max(server.counter_of(highest) + 1);
         }
         for m in loaded.mail {
             server.hold_committed(m, true);

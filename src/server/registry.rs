@@ -80,7 +80,11 @@ impl Server {
                 Ok(id) => {
                     let unix = self.unix_time(now);
                     self.sessions.reset(id.index() as usize, unix);
+                    // New here: nothing stored for it to fetch.
+                    self.hold_new(id);
+                    self.fresh = Some(link);
                     self.accept(now, id, link, seq);
+                    self.fresh = None;
                 }
                 // No row, so no session to cache in: a retry is refused again.
                 Err(_) => {
@@ -193,6 +197,10 @@ impl Server {
             self.stats.ignored += 1;
             return;
         }
+        if self.fetch_for_registration(id, link, seq) {
+            return;
+        }
+        let entry = self.table.get(id);
         let changed = !(entry.online && entry.addr == addr && entry.key == key);
         let name = entry.name.clone();
         let session = &mut self.sessions[id.index() as usize];
@@ -399,6 +407,12 @@ impl Server {
         let Some(ttl) = self.config.name_ttl else {
             return;
         };
+        if self.config.instance.is_some() {
+            // One of several servers does not hold every mailbox, so it
+            // cannot tell an unseen name's mailbox is empty, nor that no
+            // mail from it waits anywhere: names are kept.
+            return;
+        }
         let ttl = i64::try_from(ttl.as_secs()).unwrap_or(i64::MAX);
         let unix = self.unix_time(now);
         let senders: HashSet<&Name> = (self.mailboxes.values())

@@ -170,6 +170,12 @@ impl Sim {
     /// [`Sim::cluster`] on one shared store: mail, presence and the table
     /// cross servers. Each server has its own instance number (mail ids).
     pub fn shared_cluster(&mut self, n: u16) {
+        self.shared_cluster_with(n, |_| {});
+    }
+
+    /// [`Sim::shared_cluster`] with every server's config changed by
+    /// `tweak`.
+    pub fn shared_cluster_with(&mut self, n: u16, tweak: impl Fn(&mut ServerConfig)) {
         assert!(
             self.nodes.is_empty(),
             "a cluster is made before its clients"
@@ -177,6 +183,7 @@ impl Sim {
         let config = |port: u16, start| {
             let mut c = ServerConfig::new([port as u8; 32], server_key(), (start, EPOCH_UNIX));
             c.instance = Some(port - 1024);
+            tweak(&mut c);
             c
         };
         self.server = Server::new(config(1024, self.start), self.now, Default::default());

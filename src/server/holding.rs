@@ -1,0 +1,190 @@
+//! Which mailboxes a server holds. Alone, it holds every one (loaded at
+//! start). One of several ([`ServerConfig::instance`]) holds only those it
+//! needs: a client's mailbox is fetched from the store when the client
+//! registers here, or when a message is saved for it here, and dropped
+//! again when the client comes online at another server. So a server's
+//! memory grows with the clients it serves, not with the whole store's
+//! mail; the others' changes to a mailbox it holds reach it through the
+//! feed ([`Server::handle_remote`]).
+//!
+//! A request that needs a mailbox not held waits for it, as one waits for
+//! a liveness probe ([`Waiter`]); the store thread fetches the mailboxes
+//! asked for ([`Server::poll_mailboxes`]) in its order with commits and
+//! feed reads, so a mailbox fetched is never older than the feed read
+//! before it, and the feed read after it brings anything newer.
+
+use super::*;
+
+/// Most mailboxes being fetched at once; past it a request that needs one
+/// more is refused as busy (a save) or dropped (a registration, which its
+/// client sends again).
+pub(super) const MAX_LOADS: usize = 1024;
+
+impl Server {
+    /// Whether this server holds `id`'s whole mailbox: always when alone;
+    /// one of several, only a mailbox it fetched (or of a name new here).
+    pub(super) fn holds(&self, id: ClientId) -> bool {
+        self.config.instance.is_none() || self.full.contains(&id)
+    }
+
+    /// Holds `id`'s mailbox from now on without fetching it: a name
+    /// registered here first has nothing stored yet.
+    pub(super) fn hold_new(&mut self, id: ClientId) {
+        if self.config.instance.is_some() {
+            self.full.insert(id);
+        }
+    }
+
+    /// Makes `waiter` wait for `id`'s mailbox, fetched from the store
+    /// unless it is held already: `false` when it is (go on at once).
+    pub(super) fn wait_for_mailbox(&mut self, id: ClientId, waiter: Waiter) -> bool {
+        if self.holds(id) {
+            return false;
+        }
+        self.fetch_mailbox(id, waiter);
+        true
+    }
+
+    /// One of several servers welcomes a client with its mailbox as the
+    /// store has it: fetched again for each registration (a message saved
+    /// at another server may not have come through the feed yet), the
+    /// registration waiting. `false`: go on (alone, or fetched just now
+    /// for this session, or a name new here).
+    pub(super) fn fetch_for_registration(&mut self, id: ClientId, link: LinkId, seq: Seq) -> bool {
+        if self.config.instance.is_none() || self.fresh == Some(link) {
+            return false;
+        }
+        self.fetch_mailbox(id, Waiter::Register { link, seq });
+        true
+    }
+
+    /// Fetches `id`'s mailbox, `waiter` waiting for it.
+    fn fetch_mailbox(&mut self, id: ClientId, waiter: Waiter) {
+        let same = |w: &Waiter| match (w, &waiter) {
+            (Waiter::Register { link, seq }, Waiter::Register { link: l, seq: s }) => {
+                link == l && seq == s
+            }
+            (
+                Waiter::Save { from, seq, .. },
+                Waiter::Save {
+                    from: f, seq: s, ..
+                },
+            ) => from == f && seq == s,
+            _ => false,
+        };
+        let waiters = self.loading.get(&id);
+        if waiters.is_some_and(|w| w.iter().any(same)) {
+            // A retransmission of what already waits.
+            return;
+        }
+        let full = match waiters {
+            Some(w) => w.len() >= PROBE_WAITERS,
+            None => self.loading.len() >= MAX_LOADS,
+        };
+        if full {
+            self.stats.ignored += 1;
+            self.not_loaded(waiter, Refusal::Busy);
+            return;
+        }
+        if !self.loading.contains_key(&id) {
+            self.loads.push_back(id);
+        }
+        self.loading.entry(id).or_default().push(waiter);
+    }
+
+    /// The mailboxes to fetch (by their owners' names): the driver reads
+    /// each one's stored mail ([`crate::store::Store::mailboxes`]) and
+    /// hands it to [`Server::handle_mailboxes`].
+    #[must_use]
+    pub fn poll_mailboxes(&mut self) -> Vec<Name> {
+        let ids: Vec<ClientId> = self.loads.drain(..).collect();
+        (ids.into_iter())
+            .filter(|id| self.loading.contains_key(id))
+            .map(|id| self.table.get(id).name.clone())
+            .collect()
+    }
+
+    /// What the store gave for [`Server::poll_mailboxes`]: every message
+    /// stored for `names`. The mailboxes are held from now on and what
+    /// waited for them goes on; a store that failed leaves them not held
+    /// (a save waiting is refused, its sender may send again; a
+    /// registration waiting is dropped, its client sends it again).
+    pub fn handle_mailboxes(
+        &mut self,
+        now: Instant,
+        names: &[Name],
+        mail: std::io::Result<Vec<StoredMail>>,
+    ) {
+        self.now = self.now.max(now);
+        let ids: HashSet<ClientId> = (names.iter())
+            .filter_map(|n| self.table.lookup(n))
+            .filter(|id| self.loading.contains_key(id))
+            .collect();
+        match mail {
+            Err(_) => {
+                for id in ids {
+                    for waiter in self.loading.remove(&id).unwrap_or_default() {
+                        self.not_loaded(waiter, Refusal::StoreBusy);
+                    }
+                }
+            }
+            Ok(mail) => {
+                self.full.extend(ids.iter().copied());
+                for m in mail {
+                    if self.table.lookup(&m.to).is_some_and(|id| ids.contains(&id)) {
+                        self.hold_committed(m, false);
+                    }
+                }
+                // What expired while nobody held it goes now.
+                self.expire(now);
+                for id in ids {
+                    let waiters = self.loading.remove(&id).unwrap_or_default();
+                    self.resume(now, id, waiters);
+                }
+            }
+        }
+        self.schedule_deltas(now);
+    }
+
+    /// What waited for `id`'s mailbox goes on: mail first, so a client
+    /// registering finds it in the mailbox it is welcomed with.
+    fn resume(&mut self, now: Instant, id: ClientId, mut waiters: Vec<Waiter>) {
+        waiters.sort_by_key(|w| matches!(w, Waiter::Register { .. }));
+        for waiter in waiters {
+            match waiter {
+                Waiter::Save { from, seq, mail } => self.save_or_probe(now, from, seq, id, *mail),
+                Waiter::Register { link, seq } => {
+                    // Checked again from the start: the name's key, its
+                    // home and its presence may have changed meanwhile.
+                    if self.links.get(link).is_some() {
+                        let name = self.table.get(id).name.clone();
+                        self.fresh = Some(link);
+                        self.on_register(now, link, seq, name);
+                        self.fresh = None;
+                    }
+                }
+            }
+        }
+    }
+
+    /// A request whose mailbox could not be fetched: a save is refused
+    /// with `reason`; a registration gets no answer (its client sends it
+    /// again, which asks the store again).
+    fn not_loaded(&mut self, waiter: Waiter, reason: Refusal) {
+        if let Waiter::Save { from, seq, .. } = waiter {
+            self.reply(from, seq, Message::Refused { seq, reason });
+        }
+    }
+
+    /// Lets go of `id`'s mailbox: another server serves the client now and
+    /// holds it. Nothing of it is deleted from the store.
+    pub(super) fn drop_mailbox(&mut self, id: ClientId) {
+        if self.config.instance.is_none() || !self.full.remove(&id) {
+            return;
+        }
+        for mail in self.mail_ids(id) {
+            self.unput(id, mail);
+        }
+        self.mailboxes.remove(&id);
+    }
+}
