@@ -352,7 +352,7 @@ fn the_feed_brings_one_server_what_another_committed() {
     use udpchat::Remote;
     use udpchat::crypto::{Keypair, PublicKey};
     use udpchat::driver::postgres::PgStore;
-    use udpchat::store::{Body, ClientRecord, Store, StoreOp, StoredMail};
+    use udpchat::store::{Body, ChannelMail, ClientRecord, Store, StoreOp, StoredMail};
     use udpchat::wire::{MailId, MsgId};
 
     let test = "the_feed_brings_one_server_what_another_committed";
@@ -471,6 +471,45 @@ fn the_feed_brings_one_server_what_another_committed() {
     // A batch whose messages are all new, or already its own, keeps none.
     b.commit(&[record("bob", 6001)]).unwrap();
     assert!(b.kept_instead().is_empty());
+    // A channel message sent again through b (to one more recipient, who
+    // registered meanwhile): stored once, as a stored it; b is told the
+    // copies its recipients hold, and the message is not stored anew.
+    let channel = |mail: u64, to: &[&str]| ChannelMail {
+        mail: MailId(mail),
+        from: name("ann"),
+        stored_at: 1_700_000_000,
+        id: MsgId(77),
+        body: vec![3; 40].into(),
+        to: to.iter().map(|n| name(n)).collect(),
+    };
+    let first = channel(20 << 16 | u64::from(joined_a.instance), &["bob", "cal"]);
+    a.commit(&[StoreOp::Channel(first.clone())]).unwrap();
+    assert!(a.kept_instead().is_empty());
+    a.commit(&[StoreOp::Delete {
+        to: name("cal"),
+        mail: first.mail,
+    }])
+    .unwrap();
+    let again = channel(
+        21 << 16 | u64::from(joined_b.instance),
+        &["bob", "cal", "dan"],
+    );
+    b.commit(&[StoreOp::Channel(again.clone())]).unwrap();
+    let bob: Vec<_> = (first.copies().filter(|m| m.to == name("bob")))
+        .map(|m| (again.mail, m))
+        .collect();
+    assert_eq!(b.kept_instead(), bob, "cal acked it: no copy of its own");
+    let stored: Vec<_> = (b
+        .mailboxes(&[name("bob"), name("cal"), name("dan")])
+        .unwrap())
+    .into_iter()
+    .filter(|m| m.channel)
+    .map(|m| (m.mail, m.to.as_str().to_string()))
+    .collect();
+    assert_eq!(stored, [(first.mail, "bob".to_string())]);
+    // Committed again (a replay after a lost COMMIT): nothing kept instead.
+    a.commit(&[StoreOp::Channel(first.clone())]).unwrap();
+    assert!(a.kept_instead().is_empty());
 }
 
 /// kill -9 of the PostgreSQL primary in the middle of a save stream from
@@ -522,14 +561,16 @@ fn three_servers_keep_every_saved_message_across_a_failover_of_the_primary() {
 
 /// A database of schema 2 (written by the previous build) is brought up to
 /// schema 3 when a server opens it: the index one of several servers uses
-/// to fetch a mailbox is made, and what was stored stays.
+/// to fetch a mailbox is made, a channel message stored twice is kept
+/// once (its first copy) under the new (sender, message id) key, and what
+/// else was stored stays.
 #[test]
-fn a_schema_2_database_gains_the_mailbox_index() {
+fn a_schema_2_database_is_brought_up_to_schema_3() {
     use udpchat::driver::postgres::{PgStore, SCHEMA_VERSION};
     use udpchat::store::{ChannelMail, Store, StoreOp};
     use udpchat::wire::{MailId, MsgId};
 
-    let test = "a_schema_2_database_gains_the_mailbox_index";
+    let test = "a_schema_2_database_is_brought_up_to_schema_3";
     let Some(cluster) = Cluster::start(test, 0) else {
         return;
     };
@@ -543,18 +584,29 @@ fn a_schema_2_database_gains_the_mailbox_index() {
         body: vec![9; 40].into(),
         to: vec![name("bob"), name("cal")],
     };
-    PgStore::open(&url)
-        .unwrap()
-        .commit(&[StoreOp::Channel(kept.clone())])
-        .unwrap();
-    let index = "SELECT count(*) FROM pg_indexes WHERE indexname = 'channel_pending'";
+    let mut old = PgStore::open(&url).unwrap();
+    old.commit(&[StoreOp::Channel(kept.clone())]).unwrap();
+    let indexes = "SELECT count(*) FROM pg_indexes
+                   WHERE indexname IN ('channel_pending', 'channel_message')";
     let version = "SELECT version FROM udpchat_schema";
-    assert_eq!(cluster.psql(0, "upgrade", index), "1");
-    // As the previous build left it.
+    assert_eq!(cluster.psql(0, "upgrade", indexes), "2");
+    // As the previous build left it: no indexes, and the same message
+    // stored twice (sent again through a second server).
     cluster.psql(0, "upgrade", "DROP INDEX channel_pending");
+    cluster.psql(0, "upgrade", "DROP INDEX channel_message");
     cluster.psql(0, "upgrade", "UPDATE udpchat_schema SET version = 2");
+    let mut twice = kept.clone();
+    twice.mail = MailId(8);
+    old.commit(&[StoreOp::Channel(twice)]).unwrap();
+    let rows = "SELECT string_agg(id::text, ',') FROM channel";
+    assert_eq!(cluster.psql(0, "upgrade", rows), "7,8");
     let mut store = PgStore::open(&url).unwrap();
-    assert_eq!(cluster.psql(0, "upgrade", index), "1");
+    assert_eq!(cluster.psql(0, "upgrade", indexes), "2");
+    assert_eq!(
+        cluster.psql(0, "upgrade", rows),
+        "7",
+        "kept once, the first"
+    );
     assert_eq!(
         cluster.psql(0, "upgrade", version),
         SCHEMA_VERSION.to_string()

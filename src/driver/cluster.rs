@@ -150,8 +150,12 @@ pub(super) const MAILBOX_CHANNEL: &str = "SELECT id, sender, stored_at, msg_id, 
             array(SELECT recipient FROM channel_acked WHERE mail = channel.id), owed
      FROM channel WHERE pending && $1::text[] ORDER BY id";
 /// What schema version 3 adds: an index to find the channel messages
-/// pending for a name (a mailbox fetched when its client registers).
-pub const SCHEMA_3: &str = "CREATE INDEX channel_pending ON channel USING GIN (pending);";
+/// pending for a name (a mailbox fetched when its client registers), and
+/// a channel message's (sender, message id) as a key, so that one sent
+/// again through a second server is stored once (as a direct message's
+/// (recipient, sender, message id) always was).
+pub const SCHEMA_3: &str = "CREATE INDEX channel_pending ON channel USING GIN (pending);
+    CREATE UNIQUE INDEX channel_message ON channel (sender, msg_id);";
 pub(super) const RESOLVE_CLIENTS: &str =
     "SELECT name, addr, key, last_seen FROM clients WHERE name = ANY($1)";
 
@@ -282,21 +286,36 @@ pub(super) fn presence_rows(ops: &[StoreOp], me: SocketAddr) -> Option<PresenceR
     Some(rows)
 }
 
-/// For each of `puts` the store holds under another id (another server
-/// stored the same message first): our id, and the row kept.
+/// For each message of `ops` the store holds under another id (another
+/// server stored the same message first): our id, and the row kept (a
+/// channel message's, one per recipient).
 pub(super) fn kept_instead(
     store: &mut PgStore,
-    puts: &[&StoredMail],
+    ops: &[StoreOp],
 ) -> io::Result<Vec<(MailId, StoredMail)>> {
     let (mut to, mut from, mut msg, mut ours) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-    for m in puts {
-        to.push(m.to.as_str().to_string());
-        from.push(m.from.as_str().to_string());
-        msg.push(m.id.0.cast_signed());
-        ours.push(m.mail.0.cast_signed());
+    let (mut c_from, mut c_msg, mut c_ours) = (Vec::new(), Vec::new(), Vec::new());
+    // Each channel message's recipients, by this server's id.
+    let mut recipients: HashMap<i64, HashSet<&Name>> = HashMap::new();
+    for op in ops {
+        match op {
+            StoreOp::Put(m) => {
+                to.push(m.to.as_str().to_string());
+                from.push(m.from.as_str().to_string());
+                msg.push(m.id.0.cast_signed());
+                ours.push(m.mail.0.cast_signed());
+            }
+            StoreOp::Channel(c) => {
+                c_from.push(c.from.as_str().to_string());
+                c_msg.push(c.id.0.cast_signed());
+                c_ours.push(c.mail.0.cast_signed());
+                recipients.insert(c.mail.0.cast_signed(), c.to.iter().collect());
+            }
+            _ => {}
+        }
     }
-    let rows = store.with_retry(|client, _| {
-        client.query(
+    let (rows, channels) = store.with_retry(|client, _| {
+        let rows = client.query(
             "SELECT m.id, m.recipient, m.sender, m.channel, m.stored_at, m.msg_id, m.kind,
                     m.body, m.sender_key, o.id
              FROM unnest($1::text[], $2::text[], $3::bigint[], $4::bigint[])
@@ -305,14 +324,55 @@ pub(super) fn kept_instead(
                         AND m.msg_id = o.msg_id
              WHERE m.id <> o.id",
             &[&to, &from, &msg, &ours],
-        )
+        )?;
+        let channels = match c_ours.is_empty() {
+            true => Vec::new(),
+            false => client.query(
+                "SELECT c.id, c.sender, c.stored_at, c.msg_id, c.body, c.pending,
+                        array(SELECT recipient FROM channel_acked WHERE mail = c.id), c.owed,
+                        o.id
+                 FROM unnest($1::text[], $2::bigint[], $3::bigint[]) AS o (sender, msg_id, id)
+                 JOIN channel c ON c.sender = o.sender AND c.msg_id = o.msg_id
+                 WHERE c.id <> o.id",
+                &[&c_from, &c_msg, &c_ours],
+            )?,
+        };
+        Ok((rows, channels))
     })?;
-    Ok((rows.iter())
+    let mut kept: Vec<(MailId, StoredMail)> = (rows.iter())
         .filter_map(|r| {
             let ours = MailId(r.get::<_, i64>(9).cast_unsigned());
             Some((ours, mail_row(r).ok()?))
         })
-        .collect())
+        .collect();
+    // A channel message: the store's copies for the recipients this
+    // server stored it for (one who is not owed the store's, acked or
+    // not among its recipients, has none).
+    for r in &channels {
+        let ours: i64 = r.get(8);
+        let owed: i32 = r.get(7);
+        let Ok(theirs) = rows::channel(rows::ChannelColumns {
+            id: r.get(0),
+            from: r.get(1),
+            stored_at: r.get(2),
+            msg_id: r.get(3),
+            body: r.get(4),
+            pending: r.get(5),
+            acked: r.get(6),
+            left: i64::from(owed),
+        }) else {
+            continue;
+        };
+        let Some(wanted) = recipients.get(&ours) else {
+            continue;
+        };
+        kept.extend(
+            (theirs.copies())
+                .filter(|m| wanted.contains(&m.to))
+                .map(|m| (MailId(ours.cast_unsigned()), m)),
+        );
+    }
+    Ok(kept)
 }
 
 /// The server of an origin (`addr#start`).

@@ -45,6 +45,11 @@
 //!     PRIMARY KEY (mail, recipient)
 //! );
 //! ```
+//!
+//! Version 2 adds the tables of several servers ([`super::cluster`]);
+//! version 3 indexes `channel` by `pending` (a mailbox fetched) and makes
+//! its (sender, msg_id) unique (a channel message stored once however
+//! many servers it is sent through).
 
 use std::collections::{BTreeMap, HashSet};
 use std::fmt;
@@ -499,7 +504,14 @@ fn create_schema(client: &mut Client) -> Result<Result<(), StoreError>, postgres
         version = Some(2);
     }
     if version == Some(2) {
-        // Version 3 only adds an index.
+        // Version 3 adds indexes. A channel message that one build stored
+        // twice (sent again through a second server) is kept once: the
+        // first copy, which every recipient it was stored for still owes
+        // or has acked.
+        tx.batch_execute(
+            "DELETE FROM channel c USING channel d
+             WHERE c.sender = d.sender AND c.msg_id = d.msg_id AND c.id > d.id",
+        )?;
         tx.batch_execute(super::cluster::SCHEMA_3)?;
         tx.execute("UPDATE udpchat_schema SET version = $1", &[&SCHEMA_VERSION])?;
         version = Some(SCHEMA_VERSION);
@@ -528,13 +540,14 @@ fn db_id(mail: MailId) -> io::Result<i64> {
 }
 
 /// Applies one operation; a channel copy's ack is gathered into `acked`
-/// (message id → recipients), counted at the end of the batch.
+/// (message id → recipients), counted at the end of the batch. Returns
+/// whether it wrote all it was to (a message already there is not).
 fn apply<'a>(
     tx: &mut Transaction<'_>,
     p: &Prepared,
     op: &'a StoreOp,
     acked: &mut BTreeMap<i64, HashSet<&'a str>>,
-) -> Result<(), postgres::Error> {
+) -> Result<bool, postgres::Error> {
     match op {
         // Gathered by the caller and written by `put_all`.
         StoreOp::Put(_) => {}
@@ -546,7 +559,9 @@ fn apply<'a>(
         StoreOp::Channel(c) => {
             let pending: Vec<&str> = c.to.iter().map(Name::as_str).collect();
             let owed = i32::try_from(pending.len()).unwrap_or(i32::MAX);
-            tx.execute(
+            // Not written: a replay (its id is there), or the same
+            // message stored first under another id (`kept_instead`).
+            let new = tx.execute(
                 &p.put_channel,
                 &[
                     &c.mail.0.cast_signed(),
@@ -558,6 +573,7 @@ fn apply<'a>(
                     &owed,
                 ],
             )?;
+            return Ok(new == 1);
         }
         StoreOp::Delete { to, mail } => {
             // An id beyond bigint was never stored: nothing to delete.
@@ -582,7 +598,7 @@ fn apply<'a>(
         // Written with the batch's feed row (see `cluster`), when there is one.
         StoreOp::Presence { .. } => {}
     }
-    Ok(())
+    Ok(true)
 }
 
 /// Writes `puts` with one statement.
@@ -803,7 +819,7 @@ impl Store for PgStore {
                 }
                 all_new &= put_all(&mut tx, p, &puts)?;
                 puts.clear();
-                apply(&mut tx, p, op, &mut acked)?;
+                all_new &= apply(&mut tx, p, op, &mut acked)?;
             }
             all_new &= put_all(&mut tx, p, &puts)?;
             for (id, gone) in &acked {
@@ -829,13 +845,7 @@ impl Store for PgStore {
         // Of several servers, another may have stored the same message
         // first (a retry through this one): the store kept that copy.
         if let (Ok(false), Some(_)) = (&result, &self.member) {
-            let puts: Vec<&StoredMail> = (ops.iter())
-                .filter_map(|op| match op {
-                    StoreOp::Put(m) => Some(m),
-                    _ => None,
-                })
-                .collect();
-            self.kept = cluster::kept_instead(self, &puts)?;
+            self.kept = cluster::kept_instead(self, ops)?;
         }
         result.map(|_| ())
     }

@@ -85,11 +85,24 @@ impl Server {
     /// online here). The senders were told "saved", which is true.
     pub fn handle_kept_instead(&mut self, now: Instant, kept: Vec<(MailId, StoredMail)>) {
         self.now = self.now.max(now);
-        for (ours, theirs) in kept {
+        // Every copy of ours goes, also a channel message's for a
+        // recipient the store's copy was not stored for (it was not
+        // stored again for it either).
+        let ours: HashSet<MailId> = kept.iter().map(|(o, _)| *o).collect();
+        let phantoms: Vec<(ClientId, MailId)> = (self.mailboxes.iter())
+            .flat_map(|(&to, mb)| {
+                (ours.iter())
+                    .filter(|m| mb.mail.contains_key(m))
+                    .map(move |&m| (to, m))
+            })
+            .collect();
+        for (to, mail) in phantoms {
+            self.unput(to, mail);
+        }
+        for (_, theirs) in kept {
             let Some(id) = self.table.lookup(&theirs.to) else {
                 continue;
             };
-            self.unput(id, ours);
             let mail = theirs.mail;
             if self.hold_committed(theirs, false).is_some() {
                 if self.expiry.is_none() {
