@@ -948,3 +948,38 @@ fn a_mailbox_s_limit_counts_what_other_servers_stored() {
     let full = (s.lines(n[0]).iter()).any(|l| l.contains("mailbox") && l.contains("full"));
     assert!(full, "{:?}", s.lines(n[0]));
 }
+
+/// A mailbox that cannot be fetched (the database out of reach for
+/// reads): a save waiting for it is refused, said so, and nothing is
+/// stored; a registration waiting for it gets no answer, and its client's
+/// next try asks the store again. Once the store answers, both go
+/// through.
+#[test]
+fn a_mailbox_the_store_cannot_give_refuses_the_save_and_holds_the_registration() {
+    let (mut s, who, n) = shared(&["ann", "ben"], &[1024, 1026]);
+    s.command(n[1], &format!("dereg {}", who[1]));
+    s.mailboxes_fail = true;
+    s.command(n[0], &format!("send {} not yet", who[1]));
+    let refused = (s.lines(n[0]).iter()).any(|l| l.contains("store is busy"));
+    assert!(refused, "{:?}", s.lines(n[0]));
+    assert_eq!(s.store.len(), 0);
+    // Its sender logs back in meanwhile: the registration waits.
+    s.command(n[0], &format!("dereg {}", who[0]));
+    let welcome = |s: &Sim| s.count(|p| p.is(What::Welcome) && p.to == addr(2000));
+    let before = welcome(&s);
+    s.line(n[0], &format!("reg {}", who[0]));
+    s.run_for(Duration::from_millis(700));
+    assert_eq!(welcome(&s), before, "welcomed without its mailbox");
+    assert!(!online_at(&s, 1024, &who[0]));
+    s.mailboxes_fail = false;
+    let back = s.run_until(Duration::from_secs(30), |s| online_at(s, 1024, &who[0]));
+    assert!(back, "{:?}", s.lines(n[0]));
+    assert_eq!(welcome(&s), before + 1);
+    s.settle();
+    s.command(n[0], &format!("send {} now", who[1]));
+    assert!(
+        s.lines(n[0])
+            .contains(&">>> [Messages received by the server and saved]")
+    );
+    assert_eq!(s.store.len(), 1);
+}

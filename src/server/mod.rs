@@ -655,6 +655,7 @@ impl Server {
             && self.transmits.is_empty()
             && self.fanout.is_empty()
             && self.fetches.is_empty()
+            && self.loading.is_empty()
             && !self.deltas_armed
             && self
                 .sessions

@@ -83,6 +83,9 @@ pub struct Sim {
     pub store: MemoryStore,
     /// While set, every commit fails so.
     pub store_fails: Option<StoreFailure>,
+    /// Mailboxes the server asks for cannot be read (its commits may
+    /// still go through).
+    pub mailboxes_fail: bool,
     /// While set, store operations are polled but not committed (nothing
     /// leaves the server) until [`Sim::release`].
     pub hold: bool,
@@ -151,6 +154,7 @@ impl Sim {
             server_up: true,
             store: MemoryStore::new(),
             store_fails: None,
+            mailboxes_fail: false,
             hold: false,
             held: Vec::new(),
             sealed: Vec::new(),
@@ -648,6 +652,13 @@ impl Sim {
 
     fn drain_server(&mut self) {
         loop {
+            if self.mailboxes_fail {
+                let names = self.server.poll_mailboxes();
+                if !names.is_empty() {
+                    let down = std::io::Error::from(std::io::ErrorKind::NotConnected);
+                    self.server.handle_mailboxes(self.now, &names, Err(down));
+                }
+            }
             udpchat::store::serve_fetches(&mut self.server, &mut self.store, self.now);
             let ops: Vec<StoreOp> = std::iter::from_fn(|| self.server.poll_store()).collect();
             let mut committed = false;
