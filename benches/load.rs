@@ -809,6 +809,11 @@ impl Servers {
         let servers: Vec<ServerProcess> = (0..n)
             .map(|i| ServerProcess::start(dir, extra, Some((i + 1, n))))
             .collect();
+        // The last started knows them all; each earlier one says so once
+        // its next lease renewal lists the newcomers.
+        for s in &servers[..n - 1] {
+            s.wait_for(&format!("{n} servers live"));
+        }
         Servers(servers)
     }
 
@@ -837,6 +842,8 @@ impl Servers {
 struct ServerProcess {
     child: Child,
     port: u16,
+    /// Its log lines about listening, buffers and the other servers.
+    lines: std::sync::mpsc::Receiver<String>,
 }
 
 impl ServerProcess {
@@ -897,18 +904,25 @@ impl ServerProcess {
                 break;
             }
         }
-        if let Some((i, n)) = cluster
-            && i == n
-        {
-            // Every server renews and reads the live list each second.
-            let settle = Instant::now() + Duration::from_millis(1500);
-            while Instant::now() < settle {
-                if let Ok(line) = rx.recv_timeout(Duration::from_millis(100)) {
-                    println!("server: {line}");
+        ServerProcess {
+            child,
+            port,
+            lines: rx,
+        }
+    }
+
+    /// Waits (up to 30 s) until the server logs a line containing `what`.
+    fn wait_for(&self, what: &str) {
+        let end = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < end {
+            if let Ok(line) = self.lines.recv_timeout(Duration::from_millis(200)) {
+                println!("server: {line}");
+                if line.contains(what) {
+                    return;
                 }
             }
         }
-        ServerProcess { child, port }
+        panic!("the server at port {} never said {what:?}", self.port);
     }
 
     fn stat(&self, file: &str) -> String {
