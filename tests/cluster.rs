@@ -983,3 +983,87 @@ fn a_mailbox_the_store_cannot_give_refuses_the_save_and_holds_the_registration()
     );
     assert_eq!(s.store.len(), 1);
 }
+
+// ---- found by review ---------------------------------------------------
+
+/// A channel message still waiting for its commit (the store thread takes
+/// one batch at a time) when a recipient's registration fetches its
+/// mailbox: the fetch reads the store before the message is in it, and a
+/// server's own commits never come back through the feed. The mailbox is
+/// fetched once more after that commit, and the recipient, online here by
+/// then, gets the message during its session, once. (Found by review.)
+#[test]
+fn a_channel_message_waiting_for_its_commit_reaches_a_client_registering_meanwhile() {
+    let mut s = Sim::new();
+    s.shared_cluster(2);
+    let all = [1024, 1025];
+    let ann = s.name_homed_at("ann", addr(1024));
+    let ben = s.name_homed_at("ben", addr(1025));
+    let a = join_via(&mut s, &ann, 2000, 1024, &all);
+    let b = join_via(&mut s, &ben, 2001, 1025, &all);
+    s.settle();
+    // ben's server dies; its lease runs out: ben's home is the first
+    // server now, which never held ben's mailbox.
+    s.crash(b);
+    s.stop_server_at(addr(1025));
+    s.set_live(&[addr(1024)]);
+    s.settle();
+    // ben starts again there; its first registration is lost, so the
+    // retry comes while ann's channel message waits for its commit.
+    let me = addr(2002);
+    // (The registration rides in the handshake's third message.)
+    s.drop_rules.push(sim::drop_first(1, move |p| {
+        p.is(What::Finish) && p.from == me
+    }));
+    let b2 = spawn_via(&mut s, &ben, 2002, 1024, &[1024]);
+    let regs = |s: &Sim| s.count(|p| p.is(What::Finish) && p.from == me);
+    assert!(s.run_until(Duration::from_secs(10), |s| regs(s) >= 1));
+    s.hold = true;
+    s.line(a, "send_all while you log in");
+    assert!(s.run_until(Duration::from_secs(10), |s| regs(s) >= 2));
+    s.run_for(Duration::from_millis(20));
+    s.release(None);
+    s.settle();
+    assert!(
+        s.lines(a).contains(&">>> [Message received by Server.]"),
+        "{:?}",
+        s.lines(a)
+    );
+    assert!(online_at(&s, 1024, &ben), "{:?}", s.lines(b2));
+    let shown = (s.lines(b2).iter())
+        .filter(|l| l.contains("while you log in"))
+        .count();
+    assert_eq!(shown, 1, "{:?}", s.lines(b2));
+    assert_eq!(s.store.len(), 0, "acked");
+}
+
+/// Channel messages for a recipient whose mailbox the sending server does
+/// not hold keep that mailbox's limit all the same: the server counts what
+/// waits there (from the feed, and its own copies), so one sender cannot
+/// fill the shared store, nor the mailbox its home fetches. (Found by
+/// review.)
+#[test]
+fn channel_messages_through_another_server_keep_the_mailbox_limit() {
+    let mut s = Sim::new();
+    s.shared_cluster_with(3, |c| c.mailbox_messages = 2);
+    let all = [1024, 1025, 1026];
+    let ann = s.name_homed_at("ann", addr(1024));
+    let ben = s.name_homed_at("ben", addr(1026));
+    let a = join_via(&mut s, &ann, 2000, 1024, &all);
+    let b = join_via(&mut s, &ben, 2001, 1026, &all);
+    s.settle();
+    s.command(b, &format!("dereg {ben}"));
+    for i in 0..6 {
+        s.command(a, &format!("send_all flood{i}"));
+    }
+    s.settle();
+    let held_at_home = s.server_at(addr(1026)).mailbox(&name(&ben)).count();
+    s.command(b, &format!("reg {ben}"));
+    s.settle();
+    let shown = (s.lines(b).iter()).filter(|l| l.contains("flood")).count();
+    assert!(
+        shown <= 2 && held_at_home <= 2,
+        "mailbox limit 2: {shown} shown, {held_at_home} held at its home: {:?}",
+        s.lines(b)
+    );
+}

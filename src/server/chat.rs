@@ -313,11 +313,22 @@ impl Server {
         }
         let before = self.batch.channels.get(&(from.clone(), id)).copied();
         if !elsewhere.is_empty() && !committed && before.is_none() {
-            // Their mailboxes' limits are their servers' to keep: this
-            // one only bounds its own memory (the store's bytes above).
-            stored = true;
-            rests_on = rests_on.max(Some(mail));
-            pending.extend(elsewhere.iter().map(|&r| self.table.get(r).name.clone()));
+            // Their mailboxes are counted, not held: a full one misses
+            // the message as a held one does.
+            for r in elsewhere {
+                let name = self.table.get(r).name.clone();
+                if self.count_waiting(r) {
+                    stored = true;
+                    rests_on = rests_on.max(Some(mail));
+                    pending.push(name);
+                } else {
+                    missed = true;
+                    self.event(ServerEvent::MailboxFull {
+                        to: name,
+                        from: from.clone(),
+                    });
+                }
+            }
         } else if let Some(earlier) = before {
             stored = true;
             rests_on = rests_on.max(Some(earlier));

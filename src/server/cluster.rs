@@ -63,6 +63,11 @@ impl Server {
                 }
                 Remote::Deleted { to, mail } => {
                     if let Some(id) = self.table.lookup(&to) {
+                        if !self.holds(id)
+                            && let Some(n) = self.waiting.get_mut(&id)
+                        {
+                            *n = n.saturating_sub(1);
+                        }
                         self.unput(id, mail);
                     }
                 }
@@ -310,7 +315,10 @@ impl Server {
         let to = self.row(&m.to, unknown, PublicKey::NONE)?;
         if !self.holds(to) {
             // One of several servers, not serving this client: its
-            // mailbox is fetched whole if this server ever needs it.
+            // mailbox is fetched whole if this server ever needs it, and
+            // only counted meanwhile.
+            let n = self.waiting.entry(to).or_default();
+            *n = n.saturating_add(1);
             return None;
         }
         if let Some(mb) = self.mailboxes.get(&to) {

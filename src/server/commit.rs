@@ -163,6 +163,9 @@ impl Server {
         // What was made before the seal may leave; what came since waits
         // for the next commit (if anything of it is uncommitted).
         self.hold_from = (self.uncommitted > 0 || !self.store_ops.is_empty()).then_some(seal.fence);
+        if !self.refetch.is_empty() {
+            self.refetch_after(done);
+        }
     }
 
     /// The driver's commit of the operations polled since the last

@@ -120,30 +120,71 @@ impl Server {
             .filter_map(|n| self.table.lookup(n))
             .filter(|id| self.loading.contains_key(id))
             .collect();
+        // Messages this server stored that are not committed yet: a
+        // fetch cannot have seen them, and this server's own commits never
+        // come back through the feed, so a mailbox fetched now is fetched
+        // once more after they are (nothing waiting on that second one).
+        let uncommitted = !self.batch.keys.is_empty() || !self.batch.channels.is_empty();
+        let watermark = self.mail_id_of(self.next_mail);
         match mail {
             Err(_) => {
                 for id in ids {
-                    for waiter in self.loading.remove(&id).unwrap_or_default() {
+                    let waiters = self.loading.remove(&id).unwrap_or_default();
+                    if waiters.is_empty() {
+                        // A second fetch that failed: tried again after
+                        // the next commit.
+                        self.refetch.push((id, watermark));
+                    }
+                    for waiter in waiters {
                         self.not_loaded(waiter, Refusal::StoreBusy);
                     }
                 }
             }
             Ok(mail) => {
                 self.full.extend(ids.iter().copied());
+                for id in &ids {
+                    // Held now: counted whole.
+                    self.waiting.remove(id);
+                }
                 for m in mail {
-                    if self.table.lookup(&m.to).is_some_and(|id| ids.contains(&id)) {
-                        self.hold_committed(m, false);
+                    let Some(id) = self.table.lookup(&m.to).filter(|id| ids.contains(id)) else {
+                        continue;
+                    };
+                    let mail = m.mail;
+                    // New to this server: a client online here gets it now
+                    // (one registering is welcomed with it).
+                    if self.hold_committed(m, false).is_some()
+                        && self.is_here(id)
+                        && self.queue_live(id, mail)
+                    {
+                        self.fanout.push_back(id);
                     }
                 }
                 // What expired while nobody held it goes now.
                 self.expire(now);
                 for id in ids {
                     let waiters = self.loading.remove(&id).unwrap_or_default();
+                    if uncommitted && !waiters.is_empty() && self.refetch.len() < MAX_LOADS {
+                        self.refetch.push((id, watermark));
+                    }
                     self.resume(now, id, waiters);
                 }
             }
         }
         self.schedule_deltas(now);
+    }
+
+    /// After a commit that took every message up to `done`: the mailboxes
+    /// fetched while those were under way are fetched again.
+    pub(super) fn refetch_after(&mut self, done: MailId) {
+        let (due, wait): (Vec<_>, Vec<_>) = (self.refetch.drain(..)).partition(|&(_, w)| w <= done);
+        self.refetch = wait;
+        for (id, _) in due {
+            if self.holds(id) && !self.loading.contains_key(&id) {
+                self.loading.insert(id, Vec::new());
+                self.loads.push_back(id);
+            }
+        }
     }
 
     /// What waited for `id`'s mailbox goes on: mail first, so a client
@@ -182,9 +223,24 @@ impl Server {
         if self.config.instance.is_none() || !self.full.remove(&id) {
             return;
         }
-        for mail in self.mail_ids(id) {
+        let mail = self.mail_ids(id);
+        self.waiting
+            .insert(id, u32::try_from(mail.len()).unwrap_or(u32::MAX));
+        for mail in mail {
             self.unput(id, mail);
         }
         self.mailboxes.remove(&id);
+    }
+
+    /// Counts one more message for `id`'s mailbox, not held here, unless
+    /// it holds its limit already (`false`).
+    pub(super) fn count_waiting(&mut self, id: ClientId) -> bool {
+        let limit = u32::try_from(self.config.mailbox_messages).unwrap_or(u32::MAX);
+        let n = self.waiting.entry(id).or_default();
+        if *n >= limit {
+            return false;
+        }
+        *n += 1;
+        true
     }
 }

@@ -301,6 +301,13 @@ pub struct Server {
     loading: HashMap<ClientId, Vec<Waiter>>,
     /// Mailboxes to fetch: [`Server::poll_mailboxes`].
     loads: VecDeque<ClientId>,
+    /// Messages waiting in mailboxes this server does not hold, as it
+    /// counted them (the others' from the feed, its own channel copies):
+    /// what a channel message's fan-out checks their limit against.
+    waiting: HashMap<ClientId, u32>,
+    /// Mailboxes to fetch once more after the commit of every message
+    /// below the id given (see [`Server::handle_mailboxes`]).
+    refetch: Vec<(ClientId, MailId)>,
     /// The session whose registration is being taken with its mailbox
     /// just fetched (or none to fetch): not fetched again.
     fresh: Option<LinkId>,
@@ -381,6 +388,8 @@ impl Server {
             full: HashSet::new(),
             loading: HashMap::new(),
             loads: VecDeque::new(),
+            waiting: HashMap::new(),
+            refetch: Vec::new(),
             fresh: None,
             config,
         };
