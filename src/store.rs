@@ -366,6 +366,14 @@ pub trait Store {
     fn news(&mut self) -> Option<io::Result<News>> {
         None
     }
+    /// Whether [`Store::news`] has anything new, as far as the store can
+    /// tell without a round trip: `Some(true)` when another server rang
+    /// since the last call (or a ring may have been missed), `None` for a
+    /// store without a doorbell (its news is asked for every few dozen
+    /// milliseconds).
+    fn news_rung(&mut self) -> Option<bool> {
+        None
+    }
     /// Messages of the last commit that the store already held under
     /// another id, stored first by another server of a cluster (the same
     /// message sent again through this one): this server's id, and the

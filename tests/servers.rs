@@ -356,6 +356,58 @@ fn a_server_with_another_key_is_refused_by_the_cluster() {
 /// meanwhile is gone); a server's own commits are not brought back to it;
 /// a batch committed twice (a replay) is harmless to apply twice.
 #[test]
+fn another_server_s_commit_rings_the_doorbell_and_its_own_does_not() {
+    use udpchat::crypto::Keypair;
+    use udpchat::driver::postgres::PgStore;
+    use udpchat::store::{ClientRecord, Store, StoreOp};
+
+    let test = "another_server_s_commit_rings_the_doorbell_and_its_own_does_not";
+    let Some(cluster) = Cluster::start(test, 0) else {
+        return;
+    };
+    let url = cluster.database("bell");
+    let key = Keypair::from_secret([5; 32]).public();
+    let at = |port: u16| SocketAddr::from(([127, 0, 0, 1], port));
+    let mut a = PgStore::open(&url).unwrap();
+    a.join(at(5000), &key).unwrap();
+    let mut b = PgStore::open(&url).unwrap();
+    b.join(at(5001), &key).unwrap();
+    let record = |n: &str| {
+        [StoreOp::Client(ClientRecord {
+            name: Name::new(n).unwrap(),
+            addr: at(6000),
+            key: None,
+            seen_at: None,
+        })]
+    };
+    // A new connection may have missed rings: the feed is read.
+    assert_eq!(b.news_rung(), Some(true));
+    b.news().unwrap().unwrap();
+    assert_eq!(b.news_rung(), Some(false));
+    // Its own commit rings on its own connection too, and is passed over.
+    b.commit(&record("bob")).unwrap();
+    assert_eq!(b.news_rung(), Some(false));
+    // The other's is heard (delivered at its COMMIT; awaited, it travels).
+    a.commit(&record("ann")).unwrap();
+    let deadline = Instant::now() + common::DEADLINE;
+    while b.news_rung() != Some(true) {
+        assert!(Instant::now() < deadline, "b never heard a's commit");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let changes = b.news().unwrap().unwrap().changes;
+    assert!(
+        changes
+            .iter()
+            .any(|c| matches!(c, udpchat::Remote::Client(r) if r.name.as_str() == "ann")),
+        "{changes:#?}"
+    );
+    assert_eq!(b.news_rung(), Some(false));
+    // A store of one server has no doorbell.
+    let mut alone = PgStore::open(&cluster.database("alone")).unwrap();
+    assert_eq!(alone.news_rung(), None);
+}
+
+#[test]
 fn the_feed_brings_one_server_what_another_committed() {
     use udpchat::Remote;
     use udpchat::crypto::{Keypair, PublicKey};

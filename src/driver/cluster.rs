@@ -12,18 +12,20 @@
 //!   time, so its rows become visible in its order; a number is skipped
 //!   only after a commit whose outcome stayed unknown, and nothing of that
 //!   origin can appear below a number already seen. Servers never wait on
-//!   each other to commit. Each server reads every other origin on from
-//!   where it stopped, after its own commits and every
-//!   [`NEWS_EVERY`](super::commits) while idle, reads the rows the entries
-//!   name (as they are then: a message acked meanwhile is simply gone) and
-//!   hands them to the core ([`crate::Server::handle_remote`]). Nothing is
-//!   lost across a reconnection or a failover of the database: the feed is
-//!   a table and the reader keeps its place in it (why not
-//!   `LISTEN/NOTIFY`: notifications are not kept while a listener is
-//!   disconnected, so a table to catch up from is needed anyway, and
-//!   reading it costs one round trip). Rows are kept [`FEED_KEEP`]; a
-//!   server that has not read for half of that stops rather than serve
-//!   from what it may have missed.
+//!   each other to commit. The same transaction rings a doorbell,
+//!   `NOTIFY` on [`FEED_CHANNEL`] (delivered at COMMIT, once per
+//!   transaction); every server `LISTEN`s on its connection and, when
+//!   another's ring comes in (or on a new connection, which may have
+//!   missed some), reads every other origin on from where it stopped,
+//!   reads the rows the entries name (as they are then: a message acked
+//!   meanwhile is simply gone) and hands them to the core
+//!   ([`crate::Server::handle_remote`]). The doorbell is only that: nothing
+//!   is lost across a reconnection or a failover of the database, because
+//!   the feed is a table and the reader keeps its place in it
+//!   (notifications are not kept while a listener is disconnected), and a
+//!   server reads it at least every [`RENEW`] anyway. Rows are kept
+//!   [`FEED_KEEP`]; a server that has not read for half of that stops
+//!   rather than serve from what it may have missed.
 //! - **Presence.** Who is online at which server, with the name's epoch
 //!   (its registrations counted: the newer claim wins, between servers
 //!   that have no common order), kept in `presence` for servers that
@@ -109,8 +111,15 @@ pub const SCHEMA: &str = "
     );";
 
 // Written again by a replay after a lost COMMIT: kept once.
-pub(super) const FEED_APPEND: &str = "INSERT INTO feed (origin, seq, entries) VALUES ($1, $2, $3)
-                                      ON CONFLICT DO NOTHING";
+// With the doorbell ([`FEED_CHANNEL`]), sent when the transaction commits
+// (one per transaction, however many rows: the database folds repeats).
+pub(super) const FEED_APPEND: &str = "WITH appended AS (INSERT INTO feed (origin, seq, entries)
+                                                      VALUES ($1, $2, $3) ON CONFLICT DO NOTHING)
+                                      SELECT pg_notify('udpchat_feed', $1)";
+/// The `LISTEN/NOTIFY` channel every commit with a feed row rings, its
+/// origin as the payload: a doorbell, not the feed (notifications are
+/// lost while a listener is disconnected, the feed table is not).
+pub(super) const FEED_CHANNEL: &str = "udpchat_feed";
 // Every other origin from where this reader stopped (0 for one it has not
 // seen), by the primary key's index.
 pub(super) const FEED_READ: &str = "SELECT o.origin, f.seq, f.entries
@@ -680,6 +689,8 @@ impl PgStore {
             return Ok(news);
         }
         news.changes = changes;
+        // A full page: more to read, doorbell or not.
+        self.rung |= rows.len() >= FEED_PAGE as usize;
         if let Some(m) = &mut self.member {
             m.read = Instant::now();
             m.cursors.extend(read);

@@ -42,10 +42,21 @@ pub enum Done {
     News(io::Result<News>, Vec<String>),
 }
 
-/// How often the thread asks a shared store for news when it has nothing
-/// else to do: how late, at most, a message saved at another server
-/// reaches its recipient here (after each commit it asks at once, too).
+/// How often the thread asks a shared store without a doorbell for news
+/// when it has nothing else to do: how late, at most, a message saved at
+/// another server reaches its recipient here. Busy, it asks between jobs
+/// no more often than this, doorbell or not: a read of the feed after
+/// every commit would double a commit's latency under load.
 const NEWS_EVERY: Duration = Duration::from_millis(50);
+
+/// How often the thread looks for a doorbell ring when it has nothing
+/// else to do ([`Store::news_rung`]: a look costs no round trip, and
+/// waits at most a millisecond).
+const RING_EVERY: Duration = Duration::from_millis(5);
+
+/// How often the thread asks a store with a doorbell for news though
+/// nobody rang: its lease is renewed and the live servers read then.
+const NEWS_AT_LEAST: Duration = Duration::from_secs(1);
 
 /// The store's thread, and whether a batch is with it.
 pub struct Commits {
@@ -67,6 +78,10 @@ impl Commits {
                 // Asks for news only of a store that has any.
                 let mut shared = true;
                 let mut asked = Instant::now();
+                // A store with a doorbell, and whether it rang since the
+                // last read of the news.
+                let mut bell = store.news_rung().is_some();
+                let mut rang = true;
                 let send = |done| {
                     let sent = outbox.send(done).is_ok();
                     // A loop that cannot be woken has gone.
@@ -74,8 +89,9 @@ impl Commits {
                 };
                 loop {
                     // Ends when the loop drops its sender (or its receiver).
+                    let idle = if bell { RING_EVERY } else { NEWS_EVERY };
                     let job = match shared {
-                        true => match inbox.recv_timeout(NEWS_EVERY) {
+                        true => match inbox.recv_timeout(idle) {
                             Ok(job) => Some(job),
                             Err(mpsc::RecvTimeoutError::Timeout) => None,
                             Err(mpsc::RecvTimeoutError::Disconnected) => return,
@@ -85,10 +101,21 @@ impl Commits {
                             Err(_) => return,
                         },
                     };
-                    // When idle, and between jobs once the last look is
-                    // NEWS_EVERY old: not after every commit, whose
-                    // latency a read of the feed would double under load.
-                    let ask = job.is_none() || asked.elapsed() >= NEWS_EVERY;
+                    // Without a doorbell: when idle, and between jobs once
+                    // the last look is NEWS_EVERY old. With one: the same,
+                    // once it rang, and every NEWS_AT_LEAST regardless.
+                    let now = job.is_none() || asked.elapsed() >= NEWS_EVERY;
+                    let ask = match shared.then(|| store.news_rung()).flatten() {
+                        Some(rung) => {
+                            bell = true;
+                            rang |= rung;
+                            (rang && now) || asked.elapsed() >= NEWS_AT_LEAST
+                        }
+                        None => {
+                            bell = false;
+                            now
+                        }
+                    };
                     let result = match job {
                         Some(Job::Commit(ops)) => {
                             let result = store.commit(&ops);
@@ -112,6 +139,7 @@ impl Commits {
                     }
                     if ask && shared {
                         asked = Instant::now();
+                        rang = false;
                         match store.news() {
                             None => shared = false,
                             Some(Ok(news)) if news.is_empty() => {}

@@ -58,6 +58,7 @@ use std::str::FromStr;
 use std::time::{Duration, Instant};
 
 use postgres::error::SqlState;
+use postgres::fallible_iterator::FallibleIterator;
 use postgres::{Client, Config, NoTls, Statement, Transaction};
 
 use super::cluster;
@@ -79,6 +80,13 @@ pub const PATIENCE: Duration = Duration::from_secs(10);
 /// How long one connection attempt to one host may take, unless the
 /// connection string says (`connect_timeout`).
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Most doorbell rings taken off the connection per look (one of another
+/// server is enough to read the feed; this server's own are passed over).
+const RINGS_AT_ONCE: usize = 4096;
+
+/// How long a look for a doorbell ring waits on the connection.
+const RING_WAIT: Duration = Duration::from_millis(1);
 
 /// A lock every udpchat server takes while it creates the schema, so that
 /// several starting at once do not race (`pg_advisory_xact_lock`).
@@ -202,7 +210,10 @@ pub(super) struct Prepared {
 }
 
 impl Prepared {
+    /// Sets up a new connection: its statements, and it listens to the
+    /// doorbell of the other servers' commits (see `cluster`).
     fn new(client: &mut Client) -> Result<Prepared, postgres::Error> {
+        client.batch_execute(&format!("LISTEN {}", cluster::FEED_CHANNEL))?;
         Ok(Prepared {
             fetch_mail: client.prepare(FETCH_MAIL)?,
             fetch_channel: client.prepare(FETCH_CHANNEL)?,
@@ -245,6 +256,10 @@ pub struct PgStore {
     pub(super) connections: u64,
     /// [`Store::kept_instead`] of the last commit.
     kept: Vec<(MailId, StoredMail)>,
+    /// The feed is to be read whatever the doorbell says: a connection
+    /// new since the last read (it missed what rang before it listened),
+    /// or a read that stopped at a full page.
+    pub(super) rung: bool,
 }
 
 impl fmt::Debug for PgStore {
@@ -330,6 +345,7 @@ impl PgStore {
             member: None,
             connections: 1,
             kept: Vec::new(),
+            rung: true,
         })
     }
 
@@ -391,6 +407,7 @@ impl PgStore {
             let prepared = Prepared::new(&mut client)?;
             self.conn = Some((client, prepared));
             self.connections += 1;
+            self.rung = true;
             self.notes.push(format!(
                 "connected to a read-write server of {}",
                 self.shown
@@ -856,6 +873,36 @@ impl Store for PgStore {
 
     fn news(&mut self) -> Option<io::Result<News>> {
         self.member.is_some().then(|| self.news_now())
+    }
+
+    fn news_rung(&mut self) -> Option<bool> {
+        let own = self.member.as_ref()?.origin.clone();
+        let mut rung = std::mem::take(&mut self.rung);
+        let Some((client, _)) = &mut self.conn else {
+            // Connected again by the read, which then reads.
+            return Some(true);
+        };
+        {
+            let mut notifications = client.notifications();
+            // A moment's wait, not a look: a look without one does not
+            // read the socket (the client's runtime never turns), so only
+            // rings that came in with other replies would be seen.
+            let mut rings = notifications.timeout_iter(RING_WAIT);
+            // Bounded: what came in since the last look, in one pass.
+            for _ in 0..RINGS_AT_ONCE {
+                match rings.next() {
+                    Ok(Some(ring)) if ring.payload() != own => {
+                        rung = true;
+                        break;
+                    }
+                    Ok(Some(_)) => {}
+                    Ok(None) => break,
+                    // A lost connection: the read finds out, connects again.
+                    Err(_) => return Some(true),
+                }
+            }
+        }
+        Some(rung || client.is_closed())
     }
 
     fn mailboxes(&mut self, names: &[Name]) -> io::Result<Vec<StoredMail>> {
