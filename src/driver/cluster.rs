@@ -13,7 +13,7 @@
 //!   only after a commit whose outcome stayed unknown, and nothing of that
 //!   origin can appear below a number already seen. Servers never wait on
 //!   each other to commit. The same transaction rings a doorbell,
-//!   `NOTIFY` on [`FEED_CHANNEL`] (delivered at COMMIT, once per
+//!   `NOTIFY` on `udpchat_feed` (delivered at COMMIT, once per
 //!   transaction); every server `LISTEN`s on its connection and, when
 //!   another's ring comes in (or on a new connection, which may have
 //!   missed some), reads every other origin on from where it stopped,
@@ -23,7 +23,7 @@
 //!   is lost across a reconnection or a failover of the database, because
 //!   the feed is a table and the reader keeps its place in it
 //!   (notifications are not kept while a listener is disconnected), and a
-//!   server reads it at least every [`RENEW`] anyway. Rows are kept
+//!   server reads it at least every quarter second anyway. Rows are kept
 //!   [`FEED_KEEP`]; a server that has not read for half of that stops
 //!   rather than serve from what it may have missed.
 //! - **Presence.** Who is online at which server, with the name's epoch

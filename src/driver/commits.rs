@@ -55,8 +55,9 @@ const NEWS_EVERY: Duration = Duration::from_millis(50);
 const RING_EVERY: Duration = Duration::from_millis(5);
 
 /// How often the thread asks a store with a doorbell for news though
-/// nobody rang: its lease is renewed and the live servers read then.
-const NEWS_AT_LEAST: Duration = Duration::from_secs(1);
+/// nobody rang (a ring may be lost): its lease is renewed then too, every
+/// second ([`RENEW`](super::cluster::RENEW)), so this is well below that.
+const NEWS_AT_LEAST: Duration = Duration::from_millis(250);
 
 /// The store's thread, and whether a batch is with it.
 pub struct Commits {
