@@ -370,8 +370,9 @@ pub trait Store {
     /// tell without a round trip: `Some(true)` when another server rang
     /// since the last call (or a ring may have been missed), `None` for a
     /// store without a doorbell (its news is asked for every few dozen
-    /// milliseconds).
-    fn news_rung(&mut self) -> Option<bool> {
+    /// milliseconds). `idle`: nothing else to do, it may wait a moment
+    /// for a ring.
+    fn news_rung(&mut self, _idle: bool) -> Option<bool> {
         None
     }
     /// Messages of the last commit that the store already held under

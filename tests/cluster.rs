@@ -1067,3 +1067,36 @@ fn channel_messages_through_another_server_keep_the_mailbox_limit() {
         s.lines(b)
     );
 }
+
+/// Channel copies counted for a mailbox another server holds are counted
+/// back when their commit fails (they were never stored): failed sends do
+/// not use up the recipient's limit. (Found by review.)
+#[test]
+fn channel_copies_of_a_failed_commit_do_not_use_up_a_mailbox_elsewhere() {
+    let mut s = Sim::new();
+    s.shared_cluster_with(3, |c| c.mailbox_messages = 2);
+    let all = [1024, 1025, 1026];
+    let ann = s.name_homed_at("ann", addr(1024));
+    let ben = s.name_homed_at("ben", addr(1026));
+    let a = join_via(&mut s, &ann, 2000, 1024, &all);
+    let b = join_via(&mut s, &ben, 2001, 1026, &all);
+    s.settle();
+    s.command(b, &format!("dereg {ben}"));
+    s.settle();
+    s.store_fails = Some(udpchat::StoreFailure::Busy);
+    for i in 0..3 {
+        s.command(a, &format!("send_all lost{i}"));
+    }
+    s.settle();
+    s.store_fails = None;
+    for i in 0..2 {
+        s.command(a, &format!("send_all kept{i}"));
+    }
+    s.settle();
+    s.command(b, &format!("reg {ben}"));
+    s.settle();
+    let lines = s.lines(b);
+    let shown = |text: &str| lines.iter().filter(|l| l.contains(text)).count();
+    assert_eq!(shown("lost"), 0, "{lines:?}");
+    assert_eq!(shown("kept"), 2, "{lines:?}");
+}

@@ -51,7 +51,7 @@ const NEWS_EVERY: Duration = Duration::from_millis(50);
 
 /// How often the thread looks for a doorbell ring when it has nothing
 /// else to do ([`Store::news_rung`]: a look costs no round trip, and
-/// waits at most a millisecond).
+/// waits at most a millisecond; between jobs it does not wait).
 const RING_EVERY: Duration = Duration::from_millis(5);
 
 /// How often the thread asks a store with a doorbell for news though
@@ -81,7 +81,7 @@ impl Commits {
                 let mut asked = Instant::now();
                 // A store with a doorbell, and whether it rang since the
                 // last read of the news.
-                let mut bell = store.news_rung().is_some();
+                let mut bell = store.news_rung(false).is_some();
                 let mut rang = true;
                 let send = |done| {
                     let sent = outbox.send(done).is_ok();
@@ -106,7 +106,7 @@ impl Commits {
                     // the last look is NEWS_EVERY old. With one: the same,
                     // once it rang, and every NEWS_AT_LEAST regardless.
                     let now = job.is_none() || asked.elapsed() >= NEWS_EVERY;
-                    let ask = match shared.then(|| store.news_rung()).flatten() {
+                    let ask = match shared.then(|| store.news_rung(job.is_none())).flatten() {
                         Some(rung) => {
                             bell = true;
                             rang |= rung;

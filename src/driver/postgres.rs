@@ -82,7 +82,8 @@ pub const PATIENCE: Duration = Duration::from_secs(10);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Most doorbell rings taken off the connection per look (one of another
-/// server is enough to read the feed; this server's own are passed over).
+/// server is enough to read the feed; this server's own are passed over):
+/// more than come in between two looks.
 const RINGS_AT_ONCE: usize = 4096;
 
 /// How long a look for a doorbell ring waits on the connection.
@@ -875,33 +876,46 @@ impl Store for PgStore {
         self.member.is_some().then(|| self.news_now())
     }
 
-    fn news_rung(&mut self) -> Option<bool> {
+    fn news_rung(&mut self, idle: bool) -> Option<bool> {
         let own = self.member.as_ref()?.origin.clone();
         let mut rung = std::mem::take(&mut self.rung);
         let Some((client, _)) = &mut self.conn else {
             // Connected again by the read, which then reads.
             return Some(true);
         };
-        {
-            let mut notifications = client.notifications();
-            // A moment's wait, not a look: a look without one does not
-            // read the socket (the client's runtime never turns), so only
-            // rings that came in with other replies would be seen.
-            let mut rings = notifications.timeout_iter(RING_WAIT);
-            // Bounded: what came in since the last look, in one pass.
+        let mut notifications = client.notifications();
+        // Every ring buffered goes (this server's own too, or they would
+        // pile up), in one bounded pass.
+        let drain = |notifications: &mut postgres::Notifications<'_>, rung: &mut bool| {
+            let mut rings = notifications.iter();
             for _ in 0..RINGS_AT_ONCE {
                 match rings.next() {
-                    Ok(Some(ring)) if ring.payload() != own => {
-                        rung = true;
-                        break;
-                    }
-                    Ok(Some(_)) => {}
-                    Ok(None) => break,
+                    Ok(Some(ring)) => *rung |= ring.payload() != own,
+                    Ok(None) => return true,
                     // A lost connection: the read finds out, connects again.
-                    Err(_) => return Some(true),
+                    Err(_) => return false,
                 }
             }
+            true
+        };
+        if !drain(&mut notifications, &mut rung) {
+            return Some(true);
         }
+        if idle && !rung {
+            // Nothing else to do: a moment's wait on the connection (a
+            // look without one does not read the socket, as the client's
+            // runtime never turns, so it sees only rings that came in
+            // with other replies).
+            match notifications.timeout_iter(RING_WAIT).next() {
+                Ok(Some(ring)) => rung |= ring.payload() != own,
+                Ok(None) => {}
+                Err(_) => return Some(true),
+            }
+            if !drain(&mut notifications, &mut rung) {
+                return Some(true);
+            }
+        }
+        drop(notifications);
         Some(rung || client.is_closed())
     }
 

@@ -317,7 +317,8 @@ impl Server {
             // the message as a held one does.
             for r in elsewhere {
                 let name = self.table.get(r).name.clone();
-                if self.count_waiting(r) {
+                if self.count_waiting(r, stored_at) {
+                    self.batch.counted.push((mail, r));
                     stored = true;
                     rests_on = rests_on.max(Some(mail));
                     pending.push(name);

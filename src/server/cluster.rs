@@ -63,10 +63,8 @@ impl Server {
                 }
                 Remote::Deleted { to, mail } => {
                     if let Some(id) = self.table.lookup(&to) {
-                        if !self.holds(id)
-                            && let Some(n) = self.waiting.get_mut(&id)
-                        {
-                            *n = n.saturating_sub(1);
+                        if !self.holds(id) {
+                            self.uncount(id);
                         }
                         self.unput(id, mail);
                     }
@@ -94,6 +92,12 @@ impl Server {
         // recipient the store's copy was not stored for (it was not
         // stored again for it either).
         let ours: HashSet<MailId> = kept.iter().map(|(o, _)| *o).collect();
+        // Counted for mailboxes held elsewhere, not stored: the store's
+        // copy is counted as the feed brings it.
+        let counted = std::mem::take(&mut self.counted_last);
+        for (_, to) in counted.into_iter().filter(|(m, _)| ours.contains(m)) {
+            self.uncount(to);
+        }
         let phantoms: Vec<(ClientId, MailId)> = (self.mailboxes.iter())
             .flat_map(|(&to, mb)| {
                 (ours.iter())
@@ -317,8 +321,7 @@ impl Server {
             // One of several servers, not serving this client: its
             // mailbox is fetched whole if this server ever needs it, and
             // only counted meanwhile.
-            let n = self.waiting.entry(to).or_default();
-            *n = n.saturating_add(1);
+            self.count(to, m.stored_at);
             return None;
         }
         if let Some(mb) = self.mailboxes.get(&to) {

@@ -67,6 +67,9 @@ pub(super) struct Batch {
     pub(super) others: Vec<StoreOp>,
     /// Log lines saying "stored": given once it is true.
     pub(super) stored: Vec<ServerEvent>,
+    /// Copies of the batch's messages counted in mailboxes held
+    /// elsewhere (see `holding`), in id order: uncounted if it fails.
+    pub(super) counted: Vec<(MailId, ClientId)>,
 }
 
 /// Where the [`Batch`] stood when the driver took its operations to
@@ -151,6 +154,8 @@ impl Server {
         self.batch.channels.retain(|_, mail| *mail >= done);
         let split = self.batch.mail.partition_point(|&(_, mail)| mail < done);
         let committed: Vec<(ClientId, MailId)> = self.batch.mail.drain(..split).collect();
+        let split = self.batch.counted.partition_point(|&(mail, _)| mail < done);
+        self.counted_last = self.batch.counted.drain(..split).collect();
         self.batch.first_mail = self.batch.mail.first().map(|&(_, mail)| mail);
         // On disk now: a body no delivery is waiting for leaves memory.
         for (to, mail) in committed {
@@ -192,6 +197,9 @@ impl Server {
         self.schedule_deltas(now);
         for &(to, mail) in &batch.mail {
             self.unput(to, mail);
+        }
+        for &(_, to) in &batch.counted {
+            self.uncount(to);
         }
         // Window slots the taken-back deliveries held are free again.
         let mut online: Vec<ClientId> = batch.mail.iter().map(|&(to, _)| to).collect();

@@ -124,8 +124,21 @@ impl Server {
         // fetch cannot have seen them, and this server's own commits never
         // come back through the feed, so a mailbox fetched now is fetched
         // once more after they are (nothing waiting on that second one).
-        let uncommitted = !self.batch.keys.is_empty() || !self.batch.channels.is_empty();
+        let uncommitted = |server: &Server, id: ClientId| {
+            !server.batch.channels.is_empty() || server.batch.mail.iter().any(|&(to, _)| to == id)
+        };
         let watermark = self.mail_id_of(self.next_mail);
+        // Deleted here but not in the store yet (acked, expired): a fetch
+        // may still find them, and must not bring them back.
+        // (A channel message's copies share its id: by recipient too.)
+        let deleting: HashSet<(Name, MailId)> = (self.store_ops.iter())
+            .chain(&self.batch.others)
+            .chain(&self.deferred)
+            .filter_map(|op| match op {
+                StoreOp::Delete { to, mail } => Some((to.clone(), *mail)),
+                _ => None,
+            })
+            .collect();
         match mail {
             Err(_) => {
                 for id in ids {
@@ -150,6 +163,9 @@ impl Server {
                     let Some(id) = self.table.lookup(&m.to).filter(|id| ids.contains(id)) else {
                         continue;
                     };
+                    if deleting.contains(&(m.to.clone(), m.mail)) {
+                        continue;
+                    }
                     let mail = m.mail;
                     // New to this server: a client online here gets it now
                     // (one registering is welcomed with it).
@@ -164,7 +180,10 @@ impl Server {
                 self.expire(now);
                 for id in ids {
                     let waiters = self.loading.remove(&id).unwrap_or_default();
-                    if uncommitted && !waiters.is_empty() && self.refetch.len() < MAX_LOADS {
+                    if uncommitted(self, id)
+                        && !waiters.is_empty()
+                        && self.refetch.len() < MAX_LOADS
+                    {
                         self.refetch.push((id, watermark));
                     }
                     self.resume(now, id, waiters);
@@ -218,29 +237,80 @@ impl Server {
     }
 
     /// Lets go of `id`'s mailbox: another server serves the client now and
-    /// holds it. Nothing of it is deleted from the store.
+    /// holds it. Nothing of it is deleted from the store; what it held is
+    /// counted from now on.
     pub(super) fn drop_mailbox(&mut self, id: ClientId) {
         if self.config.instance.is_none() || !self.full.remove(&id) {
             return;
         }
-        let mail = self.mail_ids(id);
-        self.waiting
-            .insert(id, u32::try_from(mail.len()).unwrap_or(u32::MAX));
-        for mail in mail {
+        let held: Vec<(MailId, i64)> = (self.mailboxes.get(&id).into_iter())
+            .flat_map(|mb| mb.mail.iter().map(|(&mail, h)| (mail, h.stored_at)))
+            .collect();
+        self.waiting.remove(&id);
+        for &(mail, stored_at) in &held {
+            self.count(id, stored_at);
+            if self.batch.mail.contains(&(id, mail)) {
+                // Not committed yet: uncounted if its commit fails.
+                self.batch.counted.push((mail, id));
+            }
+        }
+        self.batch.counted.sort_unstable();
+        for (mail, _) in held {
             self.unput(id, mail);
         }
         self.mailboxes.remove(&id);
     }
 
-    /// Counts one more message for `id`'s mailbox, not held here, unless
-    /// it holds its limit already (`false`).
-    pub(super) fn count_waiting(&mut self, id: ClientId) -> bool {
+    /// Counts one more message, stored at `stored_at`, for `id`'s mailbox,
+    /// not held here, unless it holds its limit already (`false`).
+    pub(super) fn count_waiting(&mut self, id: ClientId, stored_at: i64) -> bool {
         let limit = u32::try_from(self.config.mailbox_messages).unwrap_or(u32::MAX);
-        let n = self.waiting.entry(id).or_default();
-        if *n >= limit {
+        if self.counted(id) >= limit {
             return false;
         }
-        *n += 1;
+        self.count(id, stored_at);
         true
     }
+
+    /// Messages counted for `id`'s mailbox; none once the newest of them
+    /// is past the mail's time to live (nobody here expires them one by
+    /// one: they are counted, not held).
+    fn counted(&mut self, id: ClientId) -> u32 {
+        let unix = self.unix_time(self.now);
+        let ttl = (self.config.mail_ttl).map(|t| i64::try_from(t.as_secs()).unwrap_or(i64::MAX));
+        match self.waiting.get(&id) {
+            Some(w) if ttl.is_some_and(|t| w.newest.saturating_add(t) <= unix) => {
+                self.waiting.remove(&id);
+                0
+            }
+            Some(w) => w.n,
+            None => 0,
+        }
+    }
+
+    /// Counts one more message, stored at `stored_at`, for `id`'s mailbox.
+    pub(super) fn count(&mut self, id: ClientId, stored_at: i64) {
+        self.counted(id);
+        let w = self.waiting.entry(id).or_default();
+        w.n = w.n.saturating_add(1);
+        w.newest = w.newest.max(stored_at);
+    }
+
+    /// One message fewer in `id`'s mailbox, not held here.
+    pub(super) fn uncount(&mut self, id: ClientId) {
+        if let Some(w) = self.waiting.get_mut(&id) {
+            w.n = w.n.saturating_sub(1);
+            if w.n == 0 {
+                self.waiting.remove(&id);
+            }
+        }
+    }
+}
+
+/// Messages counted in a mailbox another server holds: how many, and when
+/// the newest was stored (unix seconds).
+#[derive(Debug, Clone, Copy, Default)]
+pub(super) struct Waiting {
+    n: u32,
+    newest: i64,
 }

@@ -304,7 +304,10 @@ pub struct Server {
     /// Messages waiting in mailboxes this server does not hold, as it
     /// counted them (the others' from the feed, its own channel copies):
     /// what a channel message's fan-out checks their limit against.
-    waiting: HashMap<ClientId, u32>,
+    waiting: HashMap<ClientId, holding::Waiting>,
+    /// The channel copies counted in `waiting` for the batch committed
+    /// last: uncounted if the store kept another server's copies instead.
+    counted_last: Vec<(MailId, ClientId)>,
     /// Mailboxes to fetch once more after the commit of every message
     /// below the id given (see [`Server::handle_mailboxes`]).
     refetch: Vec<(ClientId, MailId)>,
@@ -389,6 +392,7 @@ impl Server {
             loading: HashMap::new(),
             loads: VecDeque::new(),
             waiting: HashMap::new(),
+            counted_last: Vec::new(),
             refetch: Vec::new(),
             fresh: None,
             config,
