@@ -1100,3 +1100,39 @@ fn channel_copies_of_a_failed_commit_do_not_use_up_a_mailbox_elsewhere() {
     assert_eq!(shown("lost"), 0, "{lines:?}");
     assert_eq!(shown("kept"), 2, "{lines:?}");
 }
+
+/// Copies counted for a mailbox nobody holds (its home died; the new one
+/// has not fetched it) are forgotten once past the mail's time to live,
+/// as they would have expired: a mailbox full of old messages takes new
+/// ones, and its owner, back, is shown only the new.
+#[test]
+fn counted_copies_past_the_mail_ttl_free_the_mailbox() {
+    let mut s = Sim::new();
+    s.shared_cluster_with(2, |c| {
+        c.mailbox_messages = 2;
+        c.mail_ttl = Some(Duration::from_secs(60));
+    });
+    let all = [1024, 1025];
+    let ann = s.name_homed_at("ann", addr(1024));
+    let ben = s.name_homed_at("ben", addr(1025));
+    let a = join_via(&mut s, &ann, 2000, 1024, &all);
+    let b = join_via(&mut s, &ben, 2001, 1025, &all);
+    s.settle();
+    s.command(b, &format!("dereg {ben}"));
+    s.settle();
+    s.stop_server_at(addr(1025));
+    s.set_live(&[addr(1024)]);
+    s.settle();
+    for i in 0..2 {
+        s.command(a, &format!("send_all old{i}"));
+    }
+    s.run_for(Duration::from_secs(61));
+    s.command(a, "send_all fresh");
+    s.settle();
+    let b2 = join_via(&mut s, &ben, 2002, 1024, &[1024]);
+    s.settle();
+    let lines = s.lines(b2);
+    let shown = |text: &str| lines.iter().filter(|l| l.contains(text)).count();
+    assert_eq!(shown("fresh"), 1, "{lines:?}");
+    assert_eq!(shown("old"), 0, "{lines:?}");
+}
