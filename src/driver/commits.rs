@@ -51,8 +51,13 @@ const NEWS_EVERY: Duration = Duration::from_millis(50);
 
 /// How often the thread looks for a doorbell ring when it has nothing
 /// else to do ([`Store::news_rung`]: a look costs no round trip, and
-/// waits at most a millisecond; between jobs it does not wait).
-const RING_EVERY: Duration = Duration::from_millis(5);
+/// waits at most a millisecond; between jobs it does not wait): how late,
+/// at most, a message saved at another server reaches its recipient here
+/// when all is quiet. Every look wakes the thread: idle, one of three
+/// servers spent 1.2 % of a core at 5 ms, 0.6 % at 20 ms (its database
+/// backend 0.2–0.3 %); reading the feed every 50 ms, as before the
+/// doorbell, cost 0.3 % and 0.5 % in the backend.
+const RING_EVERY: Duration = Duration::from_millis(20);
 
 /// How often the thread asks a store with a doorbell for news though
 /// nobody rang (a ring may be lost): its lease is renewed then too, every
