@@ -52,12 +52,22 @@ impl Server {
     /// breaking ties; a server's "gone" counts only for its own claim.
     pub fn handle_remote(&mut self, now: Instant, changes: Vec<Remote>) {
         self.now = self.now.max(now);
+        // Acked here, its delete not committed yet: the store (read just
+        // now) still had it, but it must not come back. (Once the delete
+        // is committed the store no longer gives it.)
+        let mail = |c: &Remote| matches!(c, Remote::Mail(_) | Remote::Channel(_));
+        let deleting = match changes.iter().any(mail) {
+            true => self.deleting(),
+            false => HashSet::new(),
+        };
+        let gone = |m: &StoredMail| deleting.contains(&(m.to.clone(), m.mail));
         for change in changes {
             match change {
                 Remote::Client(c) => self.remote_row(c),
+                Remote::Mail(m) if gone(&m) => {}
                 Remote::Mail(m) => self.remote_mail(m),
                 Remote::Channel(c) => {
-                    for copy in c.copies() {
+                    for copy in c.copies().filter(|m| !gone(m)) {
                         self.remote_mail(copy);
                     }
                 }

@@ -130,15 +130,7 @@ impl Server {
         let watermark = self.mail_id_of(self.next_mail);
         // Deleted here but not in the store yet (acked, expired): a fetch
         // may still find them, and must not bring them back.
-        // (A channel message's copies share its id: by recipient too.)
-        let deleting: HashSet<(Name, MailId)> = (self.store_ops.iter())
-            .chain(&self.batch.others)
-            .chain(&self.deferred)
-            .filter_map(|op| match op {
-                StoreOp::Delete { to, mail } => Some((to.clone(), *mail)),
-                _ => None,
-            })
-            .collect();
+        let deleting = self.deleting();
         match mail {
             Err(_) => {
                 for id in ids {
@@ -158,6 +150,26 @@ impl Server {
                 for id in &ids {
                     // Held now: counted whole.
                     self.waiting.remove(id);
+                }
+                // Held here from before, gone from the store since (acked
+                // or expired through another server while this one's feed
+                // was behind): it goes, unless it is this server's and not
+                // committed yet. Not while its client is online here,
+                // whose deliveries may be under way.
+                let stored: HashSet<(Name, MailId)> =
+                    mail.iter().map(|m| (m.to.clone(), m.mail)).collect();
+                let away: Vec<ClientId> = (ids.iter().copied())
+                    .filter(|&id| !self.is_here(id))
+                    .collect();
+                for id in away {
+                    let name = self.table.get(id).name.clone();
+                    for held in self.mail_ids(id) {
+                        if !stored.contains(&(name.clone(), held))
+                            && !self.batch.mail.contains(&(id, held))
+                        {
+                            self.unput(id, held);
+                        }
+                    }
                 }
                 for m in mail {
                     let Some(id) = self.table.lookup(&m.to).filter(|id| ids.contains(id)) else {
@@ -191,6 +203,20 @@ impl Server {
             }
         }
         self.schedule_deltas(now);
+    }
+
+    /// Messages deleted here whose deletes are not committed yet (acked,
+    /// expired): the store may still give them, by recipient and id (a
+    /// channel message's copies share its id).
+    pub(super) fn deleting(&self) -> HashSet<(Name, MailId)> {
+        (self.store_ops.iter())
+            .chain(&self.batch.others)
+            .chain(&self.deferred)
+            .filter_map(|op| match op {
+                StoreOp::Delete { to, mail } => Some((to.clone(), *mail)),
+                _ => None,
+            })
+            .collect()
     }
 
     /// After a commit that took every message up to `done`: the mailboxes

@@ -6,13 +6,13 @@
 
 pub mod nat;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use udpchat::crypto::{Keypair, PublicKey, ServerSecrets};
 use udpchat::store::{MemoryStore, Store, StoreOp};
-use udpchat::wire::{self, Name, What};
+use udpchat::wire::{self, MailId, Name, What};
 use udpchat::{
     Client, ClientConfig, Event, Remote, Server, ServerConfig, ServerEvent, StoreFailure, console,
 };
@@ -242,12 +242,47 @@ impl Sim {
         }
     }
 
+    /// Messages as the store has them when the feed is read, as the
+    /// replicated store reads the rows a feed entry names: one deleted
+    /// meanwhile (acked, expired) is not brought.
+    fn as_stored_now(&mut self, changes: Vec<Remote>) -> Vec<Remote> {
+        let mut names: Vec<Name> = Vec::new();
+        for change in &changes {
+            match change {
+                Remote::Mail(m) => names.push(m.to.clone()),
+                Remote::Channel(c) => names.extend(c.to.iter().cloned()),
+                _ => {}
+            }
+        }
+        if names.is_empty() {
+            return changes;
+        }
+        names.sort();
+        names.dedup();
+        let stored: HashSet<(Name, MailId)> = (self.store.mailboxes(&names).unwrap().into_iter())
+            .map(|m| (m.to, m.mail))
+            .collect();
+        (changes.into_iter())
+            .filter_map(|change| match change {
+                Remote::Mail(m) => stored
+                    .contains(&(m.to.clone(), m.mail))
+                    .then_some(Remote::Mail(m)),
+                Remote::Channel(mut c) => {
+                    c.to.retain(|to| stored.contains(&(to.clone(), c.mail)));
+                    (!c.to.is_empty()).then_some(Remote::Channel(c))
+                }
+                other => Some(other),
+            })
+            .collect()
+    }
+
     /// Hands every committed change to the other running servers.
     fn flow_feed(&mut self) {
         if self.feed_held {
             return;
         }
         while let Some((origin, changes)) = self.feed.pop_front() {
+            let changes = self.as_stored_now(changes);
             let now = self.now;
             if self.server_up && self.server_addr != origin {
                 self.server.handle_remote(now, changes.clone());
