@@ -135,7 +135,7 @@ impl Server {
             Err(_) => {
                 for id in ids {
                     let waiters = self.loading.remove(&id).unwrap_or_default();
-                    if waiters.is_empty() {
+                    if waiters.is_empty() && self.refetch.len() < self.table.capacity() {
                         // A second fetch that failed: tried again after
                         // the next commit.
                         self.refetch.push((id, watermark));
@@ -194,7 +194,10 @@ impl Server {
                     let waiters = self.loading.remove(&id).unwrap_or_default();
                     if uncommitted(self, id)
                         && !waiters.is_empty()
-                        && self.refetch.len() < MAX_LOADS
+                        // Bounded by the table, not by MAX_LOADS: in a
+                        // join storm a copy left out would wait for its
+                        // client's next login.
+                        && self.refetch.len() < self.table.capacity()
                     {
                         self.refetch.push((id, watermark));
                     }
