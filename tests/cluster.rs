@@ -1138,7 +1138,7 @@ fn counted_copies_past_the_mail_ttl_free_the_mailbox() {
 }
 
 // ---- attacks on mailboxes held where needed ------------------------------
-// (Written by an attacking review. A "ghost" is a message the store no
+// (Written by two attacking reviews. A "ghost" is a message the store no
 // longer has, acked or expired, held again by a server from a late feed
 // row: the feed reads rows as the store has them then, as the replicated
 // store does, and a message whose delete is not committed yet is passed
@@ -1560,4 +1560,234 @@ fn mail_acked_while_its_delete_commits_is_not_brought_back_by_the_feed() {
     assert_eq!(s.store.len(), 0);
     let times = s.lines(b).iter().filter(|l| l.contains("ghostly")).count();
     assert_eq!(times, 1);
+}
+
+// ---- attacks, second round -------------------------------------------------
+// (Written by a second attacking review.)
+
+/// A name (`prefix` and a number) whose home is `home` for each (live
+/// servers, home) of `want`.
+fn name_with_homes(s: &Sim, prefix: &str, want: &[(&[u16], u16)]) -> String {
+    let probe = |live: &[u16]| {
+        let mut p = udpchat::Server::new(
+            ServerConfig::new([7; 32], server_key(), (s.start, sim::EPOCH_UNIX)),
+            s.now,
+            Default::default(),
+        );
+        let live: Vec<_> = live.iter().map(|&p| addr(p)).collect();
+        p.set_servers(live[0], &live);
+        p
+    };
+    let probes: Vec<(udpchat::Server, u16)> = want
+        .iter()
+        .map(|&(live, home)| (probe(live), home))
+        .collect();
+    (0..2000)
+        .map(|i| format!("{prefix}{i}"))
+        .find(|n| (probes.iter()).all(|(p, home)| p.home_of(&name(n)) == Some(addr(*home))))
+        .expect("a name with those homes")
+}
+
+fn full_events(s: &Sim) -> Vec<String> {
+    (s.events.iter())
+        .filter(|e| matches!(e, udpchat::ServerEvent::MailboxFull { .. }))
+        .map(|e| format!("{e:?}"))
+        .collect()
+}
+
+/// A channel message committed at its sender's home B, whose "received"
+/// is lost; B dies and the sender sends it again (same id) through A. The
+/// store keeps B's copy. A counts the recipient's copy (held at C) from
+/// B's feed row, and again for the copy the store kept instead of its
+/// own: one message in the mailbox, which A must count once. With a
+/// limit of two, the next channel message through A must still reach it.
+#[test]
+fn attack2_a_channel_message_sent_again_through_another_server_is_counted_once() {
+    let mut s = Sim::new();
+    s.shared_cluster_with(3, |c| c.mailbox_messages = 2);
+    let all = [1024, 1025, 1026];
+    let ann = name_with_homes(&s, "ann", &[(&all, 1025), (&[1024, 1026], 1024)]);
+    let ben = s.name_homed_at("ben", addr(1026));
+    let cal = s.name_homed_at("cal", addr(1024));
+    let b = join_via(&mut s, &ben, 2001, 1026, &all);
+    let c = join_via(&mut s, &cal, 2002, 1024, &all);
+    let a = join_via(&mut s, &ann, 2000, 1025, &all);
+    s.settle();
+    s.command(b, &format!("dereg {ben}"));
+    // B commits the channel message; its answer never reaches ann.
+    let home = addr(1025);
+    s.drop_rules
+        .push(sim::drop_all(move |p| p.from == home && p.to == addr(2000)));
+    s.line(a, "send_all first try");
+    s.run_until(Duration::from_secs(5), |s| !s.store.is_empty());
+    assert!(!s.store.is_empty());
+    s.run_for(Duration::from_millis(100));
+    s.stop_server_at(addr(1025));
+    s.set_live(&[addr(1024), addr(1026)]);
+    let said = s.run_until(Duration::from_secs(60), |s| {
+        s.lines(a).contains(&">>> [Message received by Server.]")
+    });
+    assert!(said, "{:?}", s.lines(a));
+    s.settle();
+    s.command(a, "send_all second");
+    let told = (s.lines(a).iter())
+        .filter(|l| **l == ">>> [Message received by Server.]")
+        .count();
+    assert_eq!(told, 2, "{:?}", s.lines(a));
+    let full = full_events(&s);
+    let b2 = join_via(&mut s, &ben, 2003, 1026, &[1024, 1026]);
+    s.settle();
+    s.run_for(Duration::from_secs(5));
+    let lines = s.lines(b2);
+    let shown = |t: &str| lines.iter().filter(|l| l.contains(t)).count();
+    assert_eq!(shown("first try"), 1, "{lines:?}");
+    assert_eq!(
+        shown("second"),
+        1,
+        "ben's mailbox held one message (limit 2), yet A logged {full:?}: {lines:?}"
+    );
+    let _ = c;
+}
+
+/// A direct message saved through the sender's home B for a recipient
+/// online at its own home C: C delivers it, it is acked and deleted. B's
+/// "saved" was lost and B dies; the sender sends it again through A. A
+/// fetches the mailbox (empty now), puts its copy, and the store, which
+/// still knows the message's key, stores nothing and reports nothing
+/// kept. A holds a copy the store never had: with a limit of one, a later
+/// message through A for the same recipient (its mailbox empty) must not
+/// be refused as full.
+#[test]
+fn attack2_a_retry_of_a_message_already_acked_leaves_no_phantom_filling_the_mailbox() {
+    let mut s = Sim::new();
+    s.shared_cluster_with(3, |c| c.mailbox_messages = 1);
+    let all = [1024, 1025, 1026];
+    let ann = name_with_homes(&s, "ann", &[(&all, 1025), (&[1024, 1026], 1024)]);
+    let ben = s.name_homed_at("ben", addr(1026));
+    let cal = s.name_homed_at("cal", addr(1024));
+    let b = join_via(&mut s, &ben, 2001, 1026, &all);
+    let c = join_via(&mut s, &cal, 2002, 1024, &all);
+    let a = join_via(&mut s, &ann, 2000, 1025, &all);
+    s.settle();
+    cut_direct_path(&mut s, 2000, 2001);
+    cut_direct_path(&mut s, 2002, 2001);
+    let home = addr(1025);
+    s.drop_rules
+        .push(sim::drop_all(move |p| p.from == home && p.to == addr(2000)));
+    s.line(a, &format!("send {ben} once"));
+    assert!(s.run_until(Duration::from_secs(10), |s| shown_in(s, &[b], "once") == 1));
+    s.run_for(Duration::from_millis(200));
+    s.stop_server_at(addr(1025));
+    s.set_live(&[addr(1024), addr(1026)]);
+    let answered = s.run_until(Duration::from_secs(60), |s| {
+        (s.lines(a).iter()).any(|l| l.contains("saved") || l.contains("received by"))
+    });
+    assert!(answered, "{:?}", s.lines(a));
+    s.settle();
+    assert_eq!(s.store.len(), 0, "nothing waits for ben");
+    let held = s.server_at(addr(1024)).mailbox(&name(&ben)).count();
+    s.command(c, &format!("send {ben} later"));
+    s.run_for(Duration::from_secs(3));
+    s.settle();
+    assert_eq!(
+        shown_in(&s, &[b], "later"),
+        1,
+        "A holds {held} for ben (store: {}); cal: {:?}",
+        s.store.len(),
+        s.lines(c)
+    );
+    assert_eq!(shown_in(&s, &[b], "once"), 1);
+}
+
+/// Copies counted at A for a mailbox its home C holds are forgotten once
+/// the newest is past the mail's time to live; C's deletes of those
+/// expired copies reach A a moment later (the feed is behind) and must
+/// not count out the new copies A counted meanwhile (A would then take as
+/// many again: the mailbox would end with twice its limit).
+#[test]
+fn attack2_late_expiry_deletes_do_not_count_out_copies_counted_after_the_ttl_reset() {
+    let mut s = Sim::new();
+    s.shared_cluster_with(3, |c| {
+        c.mailbox_messages = 2;
+        c.mail_ttl = Some(Duration::from_secs(60));
+    });
+    let all = [1024, 1025, 1026];
+    let ann = s.name_homed_at("ann", addr(1024));
+    let ben = s.name_homed_at("ben", addr(1026));
+    let a = join_via(&mut s, &ann, 2000, 1024, &all);
+    let b = join_via(&mut s, &ben, 2001, 1026, &all);
+    s.settle();
+    s.command(b, &format!("dereg {ben}"));
+    s.settle();
+    for i in 0..2 {
+        s.command(a, &format!("send_all old{i}"));
+    }
+    s.run_for(Duration::from_secs(59));
+    // C expires them at 60 s; A reads the feed a moment late.
+    s.feed_held = true;
+    s.run_for(Duration::from_secs(2));
+    for i in 0..2 {
+        s.command(a, &format!("send_all fresh{i}"));
+    }
+    s.feed_held = false;
+    s.drain_servers();
+    s.settle();
+    for i in 2..4 {
+        s.command(a, &format!("send_all fresh{i}"));
+    }
+    s.settle();
+    let held = s.server_at(addr(1026)).mailbox(&name(&ben)).count();
+    let b2 = join_via(&mut s, &ben, 2002, 1026, &all);
+    s.settle();
+    let lines = s.lines(b2);
+    let shown = lines.iter().filter(|l| l.contains("fresh")).count();
+    assert!(
+        held <= 2 && shown <= 2,
+        "limit 2: {held} held at its home, {shown} shown: {lines:?}"
+    );
+}
+
+/// A sealed batch with a message for a client that registers while it
+/// commits (the registration's fetch misses it, a refetch waits for the
+/// commit), and the commit fails: the message is refused to its sender,
+/// the welcome's count is lowered, and nothing is shown; the next message
+/// reaches it once.
+#[test]
+fn attack2_a_failed_commit_beside_a_registration_fetch_shows_nothing_refused() {
+    let mut s = Sim::new();
+    s.shared_cluster(2);
+    let all = [1024, 1025];
+    let ann = s.name_homed_at("ann", addr(1024));
+    let ben = s.name_homed_at("ben", addr(1024));
+    let a = join_via(&mut s, &ann, 2000, 1024, &all);
+    let b = join_via(&mut s, &ben, 2001, 1024, &all);
+    s.settle();
+    s.command(b, &format!("dereg {ben}"));
+    s.hold = true;
+    s.line(a, &format!("send {ben} refused one"));
+    s.line(a, "send_all refused too");
+    s.run_for(Duration::from_millis(300));
+    s.seal();
+    s.line(b, &format!("reg {ben}"));
+    s.run_for(Duration::from_millis(300));
+    s.commit_sealed(Some(udpchat::StoreFailure::Busy));
+    s.release(None);
+    s.settle();
+    s.run_for(Duration::from_secs(5));
+    s.settle();
+    let told = (s.lines(a).iter())
+        .filter(|l| **l == SAVED || **l == ">>> [Message received by Server.]")
+        .count();
+    let shown = shown_in(&s, &[b], "refused");
+    assert!(shown <= 2, "{:?}", s.lines(b));
+    assert!(
+        shown >= told,
+        "told {told}, shown {shown}: {:?} / {:?}",
+        s.lines(a),
+        s.lines(b)
+    );
+    s.command(a, "send_all after");
+    s.run_for(Duration::from_secs(3));
+    s.settle();
+    assert_eq!(shown_in(&s, &[b], "after"), 1, "{:?}", s.lines(b));
 }

@@ -122,6 +122,11 @@ impl Server {
             let Some(id) = self.table.lookup(&theirs.to) else {
                 continue;
             };
+            if !self.holds(id) {
+                // Counted when the feed brings the other server's commit
+                // of it (or counted already): not twice.
+                continue;
+            }
             let mail = theirs.mail;
             if self.hold_committed(theirs, false).is_some() {
                 if self.expiry.is_none() {

@@ -307,14 +307,16 @@ impl Server {
     fn counted(&mut self, id: ClientId) -> u32 {
         let unix = self.unix_time(self.now);
         let ttl = (self.config.mail_ttl).map(|t| i64::try_from(t.as_secs()).unwrap_or(i64::MAX));
-        match self.waiting.get(&id) {
-            Some(w) if ttl.is_some_and(|t| w.newest.saturating_add(t) <= unix) => {
-                self.waiting.remove(&id);
-                0
-            }
-            Some(w) => w.n,
-            None => 0,
+        let Some(w) = self.waiting.get_mut(&id) else {
+            return 0;
+        };
+        if w.n > 0 && ttl.is_some_and(|t| w.newest.saturating_add(t) <= unix) {
+            // Their deletes may still come (the home expiring them): those
+            // are theirs, not the next messages'.
+            w.expired = w.expired.saturating_add(w.n);
+            w.n = 0;
         }
+        w.n
     }
 
     /// Counts one more message, stored at `stored_at`, for `id`'s mailbox.
@@ -325,11 +327,16 @@ impl Server {
         w.newest = w.newest.max(stored_at);
     }
 
-    /// One message fewer in `id`'s mailbox, not held here.
+    /// One message fewer in `id`'s mailbox, not held here: one taken for
+    /// expired first (its late delete), else one counted.
     pub(super) fn uncount(&mut self, id: ClientId) {
         if let Some(w) = self.waiting.get_mut(&id) {
-            w.n = w.n.saturating_sub(1);
-            if w.n == 0 {
+            if w.expired > 0 {
+                w.expired -= 1;
+            } else {
+                w.n = w.n.saturating_sub(1);
+            }
+            if w.n == 0 && w.expired == 0 {
                 self.waiting.remove(&id);
             }
         }
@@ -337,9 +344,11 @@ impl Server {
 }
 
 /// Messages counted in a mailbox another server holds: how many, and when
-/// the newest was stored (unix seconds).
+/// the newest was stored (unix seconds); and how many were let go as past
+/// the mail's time to live whose deletes have not come.
 #[derive(Debug, Clone, Copy, Default)]
 pub(super) struct Waiting {
     n: u32,
     newest: i64,
+    expired: u32,
 }
