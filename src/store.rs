@@ -6,7 +6,7 @@
 //! transaction per loop iteration). Bodies are read back on demand
 //! ([`Store::fetch`], [`serve_fetches`]) when a delivery needs one.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -433,6 +433,10 @@ pub struct MemoryStore {
     /// By mail id, then recipient: a channel message has one id for all.
     mail: BTreeMap<(MailId, Name), StoredMail>,
     keys: HashMap<(Name, Name, MsgId), MailId>,
+    /// Channel messages by (sender, message id), as first stored, with
+    /// every recipient they were ever stored for: as a database's channel
+    /// row with its recipients, acked ones included.
+    channels: HashMap<(Name, MsgId), (ChannelMail, HashSet<Name>)>,
     /// [`Store::kept_instead`] of the last commit.
     kept: Vec<(MailId, StoredMail)>,
 }
@@ -481,6 +485,56 @@ impl MemoryStore {
 }
 
 impl MemoryStore {
+    /// A channel message: stored once per (sender, message id). Sent
+    /// again under another id (through another server of a cluster), the
+    /// first row is kept and gains the recipients it lacks; every copy
+    /// the recipients given hold is reported kept instead.
+    fn put_channel(&mut self, c: &ChannelMail) {
+        let key = (c.from.clone(), c.id);
+        let first = self.channels.get(&key).map(|(first, _)| first.mail);
+        // Every copy of the first row gone: it is gone, as a database
+        // deletes a channel row nobody is owed.
+        let first = first.filter(|&id| self.mail.keys().any(|(m, _)| *m == id));
+        let Some(theirs) = first.filter(|&id| id != c.mail) else {
+            let to: HashSet<Name> = c.to.iter().cloned().collect();
+            match self.channels.get_mut(&key) {
+                // A replay of the first: the same row.
+                Some((first, ever)) if first.mail == c.mail => ever.extend(to),
+                _ => {
+                    self.channels.insert(key, (c.clone(), to));
+                }
+            }
+            c.copies().for_each(|m| self.put(m));
+            return;
+        };
+        let (template, ever) = self.channels.get_mut(&key).expect("looked up above");
+        let template = ChannelMail {
+            to: Vec::new(),
+            ..template.clone()
+        };
+        let mut new = Vec::new();
+        for to in &c.to {
+            if ever.insert(to.clone()) {
+                new.push(to.clone());
+            }
+        }
+        for m in (ChannelMail {
+            to: new,
+            ..template
+        })
+        .copies()
+        {
+            self.keys
+                .insert((m.to.clone(), m.from.clone(), m.id), m.mail);
+            self.mail.insert((m.mail, m.to.clone()), m);
+        }
+        for to in &c.to {
+            if let Some(row) = self.mail.get(&(theirs, to.clone())) {
+                self.kept.push((c.mail, row.clone()));
+            }
+        }
+    }
+
     fn put(&mut self, m: StoredMail) {
         let key = (m.to.clone(), m.from.clone(), m.id);
         match self.keys.get(&key) {
@@ -531,7 +585,7 @@ impl Store for MemoryStore {
         for op in ops {
             match op {
                 StoreOp::Put(m) => self.put(m.clone()),
-                StoreOp::Channel(c) => c.copies().for_each(|m| self.put(m)),
+                StoreOp::Channel(c) => self.put_channel(c),
                 StoreOp::Delete { to, mail } => {
                     if let Some(m) = self.mail.remove(&(*mail, to.clone())) {
                         self.keys.remove(&(m.to, m.from, m.id));

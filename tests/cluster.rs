@@ -1791,3 +1791,49 @@ fn attack2_a_failed_commit_beside_a_registration_fetch_shows_nothing_refused() {
     s.settle();
     assert_eq!(shown_in(&s, &[b], "after"), 1, "{:?}", s.lines(b));
 }
+
+/// A channel message committed at B (its "received" lost) for the names B
+/// knew, sent again through A, which knows one more: dan, new at A while
+/// the feed was behind, online at A. The store keeps B's row, which
+/// gains dan (as PostgreSQL's channel row gains a recipient), and reports
+/// dan's copy kept instead of A's: dan, online at A, is shown it without
+/// logging in again, once.
+#[test]
+fn attack2_a_channel_retry_keeps_the_copy_for_a_name_the_first_server_did_not_know() {
+    let mut s = Sim::new();
+    s.shared_cluster(3);
+    let all = [1024, 1025, 1026];
+    let ann = name_with_homes(&s, "ann", &[(&all, 1025), (&[1024, 1026], 1024)]);
+    let ben = s.name_homed_at("ben", addr(1026));
+    let dan = s.name_homed_at("dan", addr(1024));
+    let b = join_via(&mut s, &ben, 2001, 1026, &all);
+    let a = join_via(&mut s, &ann, 2000, 1025, &all);
+    s.settle();
+    s.feed_held = true;
+    let d = join_via(&mut s, &dan, 2003, 1024, &all);
+    let home = addr(1025);
+    s.drop_rules
+        .push(sim::drop_all(move |p| p.from == home && p.to == addr(2000)));
+    s.line(a, "send_all to whom it knew");
+    s.run_until(Duration::from_secs(5), |s| !s.store.is_empty());
+    s.run_for(Duration::from_millis(100));
+    s.stop_server_at(addr(1025));
+    s.set_live(&[addr(1024), addr(1026)]);
+    let said = s.run_until(Duration::from_secs(60), |s| {
+        s.lines(a).contains(&">>> [Message received by Server.]")
+    });
+    assert!(said, "{:?}", s.lines(a));
+    s.feed_held = false;
+    s.drain_servers();
+    s.settle();
+    s.run_for(Duration::from_secs(10));
+    s.settle();
+    let stored_for_dan = s.store.len();
+    assert_eq!(shown_in(&s, &[b], "whom it knew"), 1, "{:?}", s.lines(b));
+    assert_eq!(
+        shown_in(&s, &[d], "whom it knew"),
+        1,
+        "dan online at A all along ({stored_for_dan} rows in the store): {:?}",
+        s.lines(d)
+    );
+}

@@ -532,8 +532,9 @@ fn the_feed_brings_one_server_what_another_committed() {
     b.commit(&[record("bob", 6001)]).unwrap();
     assert!(b.kept_instead().is_empty());
     // A channel message sent again through b (to one more recipient, who
-    // registered meanwhile): stored once, as a stored it; b is told the
-    // copies its recipients hold, and the message is not stored anew.
+    // registered meanwhile): stored once, as a stored it, and a's row
+    // gains dan; b is told the copies its recipients hold, dan's too, and
+    // the message is not stored anew.
     let channel = |mail: u64, to: &[&str]| ChannelMail {
         mail: MailId(mail),
         from: name("ann"),
@@ -555,10 +556,21 @@ fn the_feed_brings_one_server_what_another_committed() {
         &["bob", "cal", "dan"],
     );
     b.commit(&[StoreOp::Channel(again.clone())]).unwrap();
-    let bob: Vec<_> = (first.copies().filter(|m| m.to == name("bob")))
-        .map(|m| (again.mail, m))
-        .collect();
-    assert_eq!(b.kept_instead(), bob, "cal acked it: no copy of its own");
+    let grown = ChannelMail {
+        to: vec![name("bob"), name("dan")],
+        ..first.clone()
+    };
+    let copies: Vec<_> = grown.copies().map(|m| (again.mail, m)).collect();
+    let mut kept = b.kept_instead();
+    kept.sort_by(|x, y| x.1.to.cmp(&y.1.to));
+    assert_eq!(kept, copies, "cal acked it: no copy of its own");
+    // The others hear of dan's copy, under the id it is kept under.
+    let changes = a.news().unwrap().unwrap().changes;
+    assert!(
+        changes.iter().any(|c| matches!(c, Remote::Channel(c)
+            if c.mail == first.mail && c.to.contains(&name("dan")))),
+        "{changes:#?}"
+    );
     let stored: Vec<_> = (b
         .mailboxes(&[name("bob"), name("cal"), name("dan")])
         .unwrap())
@@ -566,10 +578,23 @@ fn the_feed_brings_one_server_what_another_committed() {
     .filter(|m| m.channel)
     .map(|m| (m.mail, m.to.as_str().to_string()))
     .collect();
-    assert_eq!(stored, [(first.mail, "bob".to_string())]);
+    let mut stored: Vec<_> = stored;
+    stored.sort();
+    assert_eq!(
+        stored,
+        [
+            (first.mail, "bob".to_string()),
+            (first.mail, "dan".to_string())
+        ]
+    );
     // Committed again (a replay after a lost COMMIT): nothing kept instead.
     a.commit(&[StoreOp::Channel(first.clone())]).unwrap();
     assert!(a.kept_instead().is_empty());
+    // Sent again once more: nobody new, nothing stored, the same copies.
+    b.commit(&[StoreOp::Channel(again.clone())]).unwrap();
+    let mut kept = b.kept_instead();
+    kept.sort_by(|x, y| x.1.to.cmp(&y.1.to));
+    assert_eq!(kept, copies);
 }
 
 /// kill -9 of the PostgreSQL primary in the middle of a save stream from

@@ -225,6 +225,17 @@ pub struct Joined {
     pub presence: Vec<Remote>,
 }
 
+/// A feed row naming channel messages by the ids the store keeps them
+/// under: a retry's row names its own id, which the store did not keep,
+/// but the kept row may have gained recipients (see `PUT_CHANNEL`) whose
+/// servers must hear of them.
+pub(super) fn channel_entries(ids: &[MailId]) -> Option<Vec<u8>> {
+    let entries: Vec<Entry> = (ids.iter()).map(|&mail| Entry::Channel { mail }).collect();
+    (!entries.is_empty())
+        .then(|| postcard::to_allocvec(&entries).ok())
+        .flatten()
+}
+
 /// The feed row of a batch: what it changed that the others must know
 /// (`None`: nothing, e.g. a rewrite at start).
 pub(super) fn feed_entries(ops: &[StoreOp]) -> Option<Vec<u8>> {

@@ -144,8 +144,23 @@ const PUT: &str = "INSERT INTO mail
                                         $9::bytea[])
                    ON CONFLICT DO NOTHING";
 const DELETE: &str = "DELETE FROM mail WHERE id = $1 AND recipient = $2";
+// The same message stored first under another id (by another server of a
+// cluster, before a retry through this one): its row gains the recipients
+// it lacks (registered in between), not acked ones; `inserted` says
+// whether the row is this batch's. Nothing returned: a replay, or nobody
+// new.
 const PUT_CHANNEL: &str = "INSERT INTO channel (id, sender, stored_at, msg_id, body, pending, owed)
-                           VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT DO NOTHING";
+                           VALUES ($1, $2, $3, $4, $5, $6, $7)
+                           ON CONFLICT (sender, msg_id) DO UPDATE
+                           SET pending = channel.pending || ARRAY(
+                                   SELECT r FROM unnest(EXCLUDED.pending) AS r
+                                   WHERE r <> ALL (channel.pending)),
+                               owed = channel.owed + cardinality(ARRAY(
+                                   SELECT r FROM unnest(EXCLUDED.pending) AS r
+                                   WHERE r <> ALL (channel.pending)))
+                           WHERE channel.id <> EXCLUDED.id
+                             AND NOT EXCLUDED.pending <@ channel.pending
+                           RETURNING xmax = 0 AS inserted";
 // Only for a message that exists, and counted once however often it is
 // committed.
 const ACK: &str = "INSERT INTO channel_acked (mail, recipient)
@@ -578,8 +593,9 @@ fn apply<'a>(
             let pending: Vec<&str> = c.to.iter().map(Name::as_str).collect();
             let owed = i32::try_from(pending.len()).unwrap_or(i32::MAX);
             // Not written: a replay (its id is there), or the same
-            // message stored first under another id (`kept_instead`).
-            let new = tx.execute(
+            // message stored first under another id (`kept_instead`),
+            // maybe for more recipients now.
+            let row = tx.query_opt(
                 &p.put_channel,
                 &[
                     &c.mail.0.cast_signed(),
@@ -591,7 +607,7 @@ fn apply<'a>(
                     &owed,
                 ],
             )?;
-            return Ok(new == 1);
+            return Ok(row.is_some_and(|r| r.get::<_, bool>(0)));
         }
         StoreOp::Delete { to, mail } => {
             // An id beyond bigint was never stored: nothing to delete.
@@ -864,6 +880,30 @@ impl Store for PgStore {
         // first (a retry through this one): the store kept that copy.
         if let (Ok(false), Some(_)) = (&result, &self.member) {
             self.kept = cluster::kept_instead(self, ops)?;
+            // Their rows may have gained recipients: a row of its own in
+            // the feed names them by the ids they are kept under.
+            let mut kept: Vec<MailId> = (self.kept.iter())
+                .filter(|(_, m)| m.channel)
+                .map(|(_, m)| m.mail)
+                .collect();
+            kept.sort_unstable();
+            kept.dedup();
+            if let (Some(entries), Some(m)) = (cluster::channel_entries(&kept), &self.member) {
+                let (origin, seq) = (m.origin.clone(), m.next_seq);
+                let appended = self.with_retry(|client, p| {
+                    client.execute(&p.feed_append, &[&origin, &seq, &entries])
+                });
+                if let Some(m) = &mut self.member {
+                    m.next_seq += 1;
+                }
+                // The batch is committed whatever becomes of this row:
+                // without it the others see the new copies at their
+                // clients' next login.
+                if let Err(e) = appended {
+                    self.notes
+                        .push(format!("a retried channel message's feed row: {e}"));
+                }
+            }
         }
         result.map(|_| ())
     }
