@@ -226,6 +226,26 @@ fn shared(names: &[&str], homes: &[u16]) -> (Sim, Vec<String>, Vec<usize>) {
     (s, who, nodes)
 }
 
+/// A shared cluster of `n` servers, each config changed by `tweak`, and a
+/// client per `(name prefix, home, port)` logged in at its home in that
+/// order: the cluster, the names and the clients' nodes.
+fn homed<const K: usize>(
+    n: u16,
+    tweak: impl Fn(&mut ServerConfig),
+    clients: [(&str, u16, u16); K],
+) -> (Sim, [String; K], [usize; K]) {
+    let mut s = Sim::new();
+    s.shared_cluster_with(n, tweak);
+    let all: Vec<u16> = (1024..1024 + n).collect();
+    let names = clients.map(|(prefix, home, _)| s.name_homed_at(prefix, addr(home)));
+    let mut nodes = [0; K];
+    for (i, (_, home, port)) in clients.into_iter().enumerate() {
+        nodes[i] = join_via(&mut s, &names[i], port, home, &all);
+    }
+    s.settle();
+    (s, names, nodes)
+}
+
 #[test]
 fn clients_homed_on_different_servers_see_one_table_and_chat_directly() {
     let (mut s, who, n) = shared(&["ann", "ben", "cal"], &[1024, 1025, 1026]);
@@ -1044,14 +1064,11 @@ fn a_channel_message_waiting_for_its_commit_reaches_a_client_registering_meanwhi
 /// review.)
 #[test]
 fn channel_messages_through_another_server_keep_the_mailbox_limit() {
-    let mut s = Sim::new();
-    s.shared_cluster_with(3, |c| c.mailbox_messages = 2);
-    let all = [1024, 1025, 1026];
-    let ann = s.name_homed_at("ann", addr(1024));
-    let ben = s.name_homed_at("ben", addr(1026));
-    let a = join_via(&mut s, &ann, 2000, 1024, &all);
-    let b = join_via(&mut s, &ben, 2001, 1026, &all);
-    s.settle();
+    let (mut s, [_, ben], [a, b]) = homed(
+        3,
+        |c| c.mailbox_messages = 2,
+        [("ann", 1024, 2000), ("ben", 1026, 2001)],
+    );
     s.command(b, &format!("dereg {ben}"));
     for i in 0..6 {
         s.command(a, &format!("send_all flood{i}"));
@@ -1073,14 +1090,11 @@ fn channel_messages_through_another_server_keep_the_mailbox_limit() {
 /// not use up the recipient's limit. (Found by review.)
 #[test]
 fn channel_copies_of_a_failed_commit_do_not_use_up_a_mailbox_elsewhere() {
-    let mut s = Sim::new();
-    s.shared_cluster_with(3, |c| c.mailbox_messages = 2);
-    let all = [1024, 1025, 1026];
-    let ann = s.name_homed_at("ann", addr(1024));
-    let ben = s.name_homed_at("ben", addr(1026));
-    let a = join_via(&mut s, &ann, 2000, 1024, &all);
-    let b = join_via(&mut s, &ben, 2001, 1026, &all);
-    s.settle();
+    let (mut s, [_, ben], [a, b]) = homed(
+        3,
+        |c| c.mailbox_messages = 2,
+        [("ann", 1024, 2000), ("ben", 1026, 2001)],
+    );
     s.command(b, &format!("dereg {ben}"));
     s.settle();
     s.store_fails = Some(udpchat::StoreFailure::Busy);
@@ -1107,17 +1121,14 @@ fn channel_copies_of_a_failed_commit_do_not_use_up_a_mailbox_elsewhere() {
 /// ones, and its owner, back, is shown only the new.
 #[test]
 fn counted_copies_past_the_mail_ttl_free_the_mailbox() {
-    let mut s = Sim::new();
-    s.shared_cluster_with(2, |c| {
-        c.mailbox_messages = 2;
-        c.mail_ttl = Some(Duration::from_secs(60));
-    });
-    let all = [1024, 1025];
-    let ann = s.name_homed_at("ann", addr(1024));
-    let ben = s.name_homed_at("ben", addr(1025));
-    let a = join_via(&mut s, &ann, 2000, 1024, &all);
-    let b = join_via(&mut s, &ben, 2001, 1025, &all);
-    s.settle();
+    let (mut s, [_, ben], [a, b]) = homed(
+        2,
+        |c| {
+            c.mailbox_messages = 2;
+            c.mail_ttl = Some(Duration::from_secs(60));
+        },
+        [("ann", 1024, 2000), ("ben", 1025, 2001)],
+    );
     s.command(b, &format!("dereg {ben}"));
     s.settle();
     s.stop_server_at(addr(1025));
@@ -1159,14 +1170,8 @@ const SAVED: &str = ">>> [Messages received by the server and saved]";
 /// message is shown once, never again.
 #[test]
 fn attack_a_message_acked_before_the_feed_brings_it_is_not_shown_again() {
-    let mut s = Sim::new();
-    s.shared_cluster(2);
+    let (mut s, [ben, _], [b, a]) = homed(2, |_| {}, [("ben", 1024, 2001), ("ann", 1025, 2000)]);
     let all = [1024, 1025];
-    let ben = s.name_homed_at("ben", addr(1024));
-    let ann = s.name_homed_at("ann", addr(1025));
-    let b = join_via(&mut s, &ben, 2001, 1024, &all);
-    let a = join_via(&mut s, &ann, 2000, 1025, &all);
-    s.settle();
     s.command(b, &format!("dereg {ben}"));
     s.feed_held = true;
     s.command(a, &format!("send {ben} ghostly"));
@@ -1201,14 +1206,7 @@ fn attack_a_message_acked_before_the_feed_brings_it_is_not_shown_again() {
 /// when a delivery found no body.)
 #[test]
 fn attack_a_mailbox_held_at_the_old_server_is_not_stale_when_the_client_comes_back() {
-    let mut s = Sim::new();
-    s.shared_cluster(2);
-    let all = [1024, 1025];
-    let ben = s.name_homed_at("ben", addr(1025));
-    let ann = s.name_homed_at("ann", addr(1024));
-    let a = join_via(&mut s, &ann, 2000, 1024, &all);
-    let b = join_via(&mut s, &ben, 2001, 1025, &all);
-    s.settle();
+    let (mut s, [_, ben], [a, b]) = homed(2, |_| {}, [("ann", 1024, 2000), ("ben", 1025, 2001)]);
     s.command(b, &format!("dereg {ben}"));
     // Saved through A: A fetches ben's mailbox and holds it.
     s.command(a, &format!("send {ben} stale copy"));
@@ -1243,16 +1241,16 @@ fn attack_a_mailbox_held_at_the_old_server_is_not_stale_when_the_client_comes_ba
 /// sent through the home afterwards reaches the recipient.
 #[test]
 fn attack_a_ghost_message_does_not_take_a_channel_message_s_place() {
-    let mut s = Sim::new();
-    s.shared_cluster_with(2, |c| c.mailbox_messages = 1);
+    let (mut s, [ben, _, _], [b, a, c]) = homed(
+        2,
+        |c| c.mailbox_messages = 1,
+        [
+            ("ben", 1024, 2001),
+            ("ann", 1025, 2000),
+            ("cal", 1024, 2003),
+        ],
+    );
     let all = [1024, 1025];
-    let ben = s.name_homed_at("ben", addr(1024));
-    let ann = s.name_homed_at("ann", addr(1025));
-    let cal = s.name_homed_at("cal", addr(1024));
-    let b = join_via(&mut s, &ben, 2001, 1024, &all);
-    let a = join_via(&mut s, &ann, 2000, 1025, &all);
-    let c = join_via(&mut s, &cal, 2003, 1024, &all);
-    s.settle();
     s.command(b, &format!("dereg {ben}"));
     s.feed_held = true;
     s.command(a, &format!("send {ben} ghostly"));
@@ -1380,14 +1378,8 @@ fn attack_a_client_hopping_a_b_a_behind_the_feed_gets_what_a_third_server_saved(
 /// ghost ahead of a real message saved meanwhile, which is shown.
 #[test]
 fn attack_a_ghost_message_does_not_stall_the_welcome_batch() {
-    let mut s = Sim::new();
-    s.shared_cluster(2);
+    let (mut s, [ben, _], [b, a]) = homed(2, |_| {}, [("ben", 1024, 2001), ("ann", 1025, 2000)]);
     let all = [1024, 1025];
-    let ben = s.name_homed_at("ben", addr(1024));
-    let ann = s.name_homed_at("ann", addr(1025));
-    let b = join_via(&mut s, &ben, 2001, 1024, &all);
-    let a = join_via(&mut s, &ann, 2000, 1025, &all);
-    s.settle();
     s.command(b, &format!("dereg {ben}"));
     s.feed_held = true;
     s.command(a, &format!("send {ben} ghostly"));
@@ -1431,16 +1423,15 @@ fn attack_a_ghost_message_does_not_stall_the_welcome_batch() {
 /// stores afterwards reaches that recipient, online elsewhere.
 #[test]
 fn attack_a_ghost_counted_at_the_old_home_does_not_fill_the_mailbox_for_good() {
-    let mut s = Sim::new();
-    s.shared_cluster_with(2, |c| c.mailbox_messages = 1);
-    let all = [1024, 1025];
-    let ben = s.name_homed_at("ben", addr(1024));
-    let ann = s.name_homed_at("ann", addr(1025));
-    let cal = s.name_homed_at("cal", addr(1024));
-    let b = join_via(&mut s, &ben, 2001, 1024, &all);
-    let a = join_via(&mut s, &ann, 2000, 1025, &all);
-    let c = join_via(&mut s, &cal, 2003, 1024, &all);
-    s.settle();
+    let (mut s, [ben, _, _], [b, a, c]) = homed(
+        2,
+        |c| c.mailbox_messages = 1,
+        [
+            ("ben", 1024, 2001),
+            ("ann", 1025, 2000),
+            ("cal", 1024, 2003),
+        ],
+    );
     s.command(b, &format!("dereg {ben}"));
     s.feed_held = true;
     s.command(a, &format!("send {ben} ghostly"));
@@ -1487,14 +1478,7 @@ fn attack_a_ghost_counted_at_the_old_home_does_not_fill_the_mailbox_for_good() {
 /// new home, which delivers it once.
 #[test]
 fn attack_a_save_under_commit_when_the_recipient_moves_reaches_it_at_the_new_home() {
-    let mut s = Sim::new();
-    s.shared_cluster(3);
-    let all = [1024, 1025, 1026];
-    let ben = s.name_homed_at("ben", addr(1024));
-    let ann = s.name_homed_at("ann", addr(1024));
-    let a = join_via(&mut s, &ann, 2000, 1024, &all);
-    let b = join_via(&mut s, &ben, 2001, 1024, &all);
-    s.settle();
+    let (mut s, [_, ben], [a, b]) = homed(3, |_| {}, [("ann", 1024, 2000), ("ben", 1024, 2001)]);
     cut_direct_path(&mut s, 2000, 2001);
     s.crash(b);
     s.hold = true;
@@ -1526,14 +1510,7 @@ fn attack_a_save_under_commit_when_the_recipient_moves_reaches_it_at_the_new_hom
 /// ghost, which would be counted against the limit for good.
 #[test]
 fn mail_acked_while_its_delete_commits_is_not_brought_back_by_the_feed() {
-    let mut s = Sim::new();
-    s.shared_cluster(2);
-    let all = [1024, 1025];
-    let ben = s.name_homed_at("ben", addr(1024));
-    let ann = s.name_homed_at("ann", addr(1025));
-    let b = join_via(&mut s, &ben, 2001, 1024, &all);
-    let a = join_via(&mut s, &ann, 2000, 1025, &all);
-    s.settle();
+    let (mut s, [ben, _], [b, a]) = homed(2, |_| {}, [("ben", 1024, 2001), ("ann", 1025, 2000)]);
     s.command(b, &format!("dereg {ben}"));
     s.feed_held = true;
     s.command(a, &format!("send {ben} ghostly"));
@@ -1706,17 +1683,15 @@ fn attack2_a_retry_of_a_message_already_acked_leaves_no_phantom_filling_the_mail
 /// many again: the mailbox would end with twice its limit).
 #[test]
 fn attack2_late_expiry_deletes_do_not_count_out_copies_counted_after_the_ttl_reset() {
-    let mut s = Sim::new();
-    s.shared_cluster_with(3, |c| {
-        c.mailbox_messages = 2;
-        c.mail_ttl = Some(Duration::from_secs(60));
-    });
+    let (mut s, [_, ben], [a, b]) = homed(
+        3,
+        |c| {
+            c.mailbox_messages = 2;
+            c.mail_ttl = Some(Duration::from_secs(60));
+        },
+        [("ann", 1024, 2000), ("ben", 1026, 2001)],
+    );
     let all = [1024, 1025, 1026];
-    let ann = s.name_homed_at("ann", addr(1024));
-    let ben = s.name_homed_at("ben", addr(1026));
-    let a = join_via(&mut s, &ann, 2000, 1024, &all);
-    let b = join_via(&mut s, &ben, 2001, 1026, &all);
-    s.settle();
     s.command(b, &format!("dereg {ben}"));
     s.settle();
     for i in 0..2 {
@@ -1754,14 +1729,7 @@ fn attack2_late_expiry_deletes_do_not_count_out_copies_counted_after_the_ttl_res
 /// reaches it once.
 #[test]
 fn attack2_a_failed_commit_beside_a_registration_fetch_shows_nothing_refused() {
-    let mut s = Sim::new();
-    s.shared_cluster(2);
-    let all = [1024, 1025];
-    let ann = s.name_homed_at("ann", addr(1024));
-    let ben = s.name_homed_at("ben", addr(1024));
-    let a = join_via(&mut s, &ann, 2000, 1024, &all);
-    let b = join_via(&mut s, &ben, 2001, 1024, &all);
-    s.settle();
+    let (mut s, [_, ben], [a, b]) = homed(2, |_| {}, [("ann", 1024, 2000), ("ben", 1024, 2001)]);
     s.command(b, &format!("dereg {ben}"));
     s.hold = true;
     s.line(a, &format!("send {ben} refused one"));
