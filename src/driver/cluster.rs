@@ -230,10 +230,16 @@ pub struct Joined {
 /// but the kept row may have gained recipients (see `PUT_CHANNEL`) whose
 /// servers must hear of them.
 pub(super) fn channel_entries(ids: &[MailId]) -> Option<Vec<u8>> {
-    let entries: Vec<Entry> = (ids.iter()).map(|&mail| Entry::Channel { mail }).collect();
-    (!entries.is_empty())
-        .then(|| postcard::to_allocvec(&entries).ok())
-        .flatten()
+    encode(
+        &(ids.iter())
+            .map(|&mail| Entry::Channel { mail })
+            .collect::<Vec<_>>(),
+    )
+}
+
+/// A feed row's bytes (`None`: nothing to tell).
+fn encode(entries: &[Entry]) -> Option<Vec<u8>> {
+    (!entries.is_empty()).then(|| postcard::to_allocvec(entries).unwrap_or_default())
 }
 
 /// The feed row of a batch: what it changed that the others must know
@@ -269,7 +275,7 @@ pub(super) fn feed_entries(ops: &[StoreOp]) -> Option<Vec<u8>> {
             StoreOp::Forget(_) | StoreOp::Rewrite { .. } => None,
         })
         .collect();
-    (!entries.is_empty()).then(|| postcard::to_allocvec(&entries).unwrap_or_default())
+    encode(&entries)
 }
 
 /// The presence rows of a batch, the last per client: (names, servers,

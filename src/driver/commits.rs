@@ -84,9 +84,9 @@ impl Commits {
                 // Asks for news only of a store that has any.
                 let mut shared = true;
                 let mut asked = Instant::now();
-                // A store with a doorbell, and whether it rang since the
-                // last read of the news.
-                let mut bell = store.news_rung(false).is_some();
+                // A store with a doorbell (known after the first look),
+                // and whether it rang since the last read of the news.
+                let mut bell = false;
                 let mut rang = true;
                 let send = |done| {
                     let sent = outbox.send(done).is_ok();

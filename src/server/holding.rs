@@ -125,12 +125,9 @@ impl Server {
         // come back through the feed, so a mailbox fetched now is fetched
         // once more after they are (nothing waiting on that second one).
         let uncommitted = |server: &Server, id: ClientId| {
-            !server.batch.channels.is_empty() || server.batch.mail.iter().any(|&(to, _)| to == id)
+            !server.batch.channels.is_empty() || !server.uncommitted_to(id).is_empty()
         };
         let watermark = self.mail_id_of(self.next_mail);
-        // Deleted here but not in the store yet (acked, expired): a fetch
-        // may still find them, and must not bring them back.
-        let deleting = self.deleting();
         match mail {
             Err(_) => {
                 for id in ids {
@@ -146,6 +143,9 @@ impl Server {
                 }
             }
             Ok(mail) => {
+                // Deleted here but not in the store yet (acked, expired):
+                // a fetch may still find them, and must not bring them back.
+                let deleting = self.deleting();
                 self.full.extend(ids.iter().copied());
                 for id in &ids {
                     // Held now: counted whole.
@@ -163,10 +163,9 @@ impl Server {
                     .collect();
                 for id in away {
                     let name = self.table.get(id).name.clone();
+                    let mine = self.uncommitted_to(id);
                     for held in self.mail_ids(id) {
-                        if !stored.contains(&(name.clone(), held))
-                            && !self.batch.mail.contains(&(id, held))
-                        {
+                        if !stored.contains(&(name.clone(), held)) && !mine.contains(&held) {
                             self.unput(id, held);
                         }
                     }
@@ -206,6 +205,15 @@ impl Server {
             }
         }
         self.schedule_deltas(now);
+    }
+
+    /// The messages this server put in `id`'s mailbox that are not
+    /// committed yet.
+    fn uncommitted_to(&self, id: ClientId) -> HashSet<MailId> {
+        (self.batch.mail.iter())
+            .filter(|&&(to, _)| to == id)
+            .map(|&(_, mail)| mail)
+            .collect()
     }
 
     /// Messages deleted here whose deletes are not committed yet (acked,
@@ -276,14 +284,17 @@ impl Server {
             .flat_map(|mb| mb.mail.iter().map(|(&mail, h)| (mail, h.stored_at)))
             .collect();
         self.waiting.remove(&id);
+        let mine = self.uncommitted_to(id);
         for &(mail, stored_at) in &held {
             self.count(id, stored_at);
-            if self.batch.mail.contains(&(id, mail)) {
+            if mine.contains(&mail) {
                 // Not committed yet: uncounted if its commit fails.
                 self.batch.counted.push((mail, id));
             }
         }
-        self.batch.counted.sort_unstable();
+        if !mine.is_empty() {
+            self.batch.counted.sort_unstable();
+        }
         for (mail, _) in held {
             self.unput(id, mail);
         }
