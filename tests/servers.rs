@@ -351,13 +351,32 @@ fn a_server_with_another_key_is_refused_by_the_cluster() {
     assert!(first.running());
 }
 
-/// The feed, store to store: what one server commits, another's `news`
-/// brings, in order and as the tables have it when read (a message acked
-/// meanwhile is gone); a server's own commits are not brought back to it;
-/// a batch committed twice (a replay) is harmless to apply twice.
+/// Two servers' stores joined to one cluster on database `db`: a at port
+/// 5000, b at 5001, with what each learned when it joined.
+fn two_members(
+    cluster: &Cluster,
+    db: &str,
+) -> (
+    udpchat::driver::postgres::PgStore,
+    udpchat::driver::cluster::Joined,
+    udpchat::driver::postgres::PgStore,
+    udpchat::driver::cluster::Joined,
+) {
+    use udpchat::driver::postgres::PgStore;
+    let url = cluster.database(db);
+    let key = udpchat::crypto::Keypair::from_secret([5; 32]).public();
+    let at = |port: u16| SocketAddr::from(([127, 0, 0, 1], port));
+    let mut a = PgStore::open(&url).unwrap();
+    let joined_a = a.join(at(5000), &key).unwrap();
+    let mut b = PgStore::open(&url).unwrap();
+    let joined_b = b.join(at(5001), &key).unwrap();
+    (a, joined_a, b, joined_b)
+}
+
+/// The doorbell: a server hears another's commit, never its own, and a
+/// new connection reads the feed whatever rang.
 #[test]
 fn another_server_s_commit_rings_the_doorbell_and_its_own_does_not() {
-    use udpchat::crypto::Keypair;
     use udpchat::driver::postgres::PgStore;
     use udpchat::store::{ClientRecord, Store, StoreOp};
 
@@ -365,13 +384,8 @@ fn another_server_s_commit_rings_the_doorbell_and_its_own_does_not() {
     let Some(cluster) = Cluster::start(test, 0) else {
         return;
     };
-    let url = cluster.database("bell");
-    let key = Keypair::from_secret([5; 32]).public();
+    let (mut a, _, mut b, _) = two_members(&cluster, "bell");
     let at = |port: u16| SocketAddr::from(([127, 0, 0, 1], port));
-    let mut a = PgStore::open(&url).unwrap();
-    a.join(at(5000), &key).unwrap();
-    let mut b = PgStore::open(&url).unwrap();
-    b.join(at(5001), &key).unwrap();
     let record = |n: &str| {
         [StoreOp::Client(ClientRecord {
             name: Name::new(n).unwrap(),
@@ -407,11 +421,14 @@ fn another_server_s_commit_rings_the_doorbell_and_its_own_does_not() {
     assert_eq!(alone.news_rung(true), None);
 }
 
+/// The feed, store to store: what one server commits, another's `news`
+/// brings, in order and as the tables have it when read (a message acked
+/// meanwhile is gone); a server's own commits are not brought back to it;
+/// a batch committed twice (a replay) is harmless to apply twice.
 #[test]
 fn the_feed_brings_one_server_what_another_committed() {
     use udpchat::Remote;
-    use udpchat::crypto::{Keypair, PublicKey};
-    use udpchat::driver::postgres::PgStore;
+    use udpchat::crypto::PublicKey;
     use udpchat::store::{Body, ChannelMail, ClientRecord, Store, StoreOp, StoredMail};
     use udpchat::wire::{MailId, MsgId};
 
@@ -419,13 +436,8 @@ fn the_feed_brings_one_server_what_another_committed() {
     let Some(cluster) = Cluster::start(test, 0) else {
         return;
     };
-    let url = cluster.database("feed");
-    let key = Keypair::from_secret([5; 32]).public();
+    let (mut a, joined_a, mut b, joined_b) = two_members(&cluster, "feed");
     let at = |port: u16| SocketAddr::from(([127, 0, 0, 1], port));
-    let mut a = PgStore::open(&url).unwrap();
-    let joined_a = a.join(at(5000), &key).unwrap();
-    let mut b = PgStore::open(&url).unwrap();
-    let joined_b = b.join(at(5001), &key).unwrap();
     assert_ne!(joined_a.instance, joined_b.instance);
     assert_eq!(joined_b.live.len(), 2);
     let name = |s: &str| Name::new(s).unwrap();
