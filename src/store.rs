@@ -375,13 +375,50 @@ pub trait Store {
     fn news_rung(&mut self, _idle: bool) -> Option<bool> {
         None
     }
-    /// Messages of the last commit that the store already held under
-    /// another id, stored first by another server of a cluster (the same
-    /// message sent again through this one): this server's id, and the
-    /// row the store kept. A store of one server never has any.
-    fn kept_instead(&mut self) -> Vec<(MailId, StoredMail)> {
+    /// What the last commit did otherwise than asked, operation by
+    /// operation (every message not named here was stored as asked). A
+    /// store of one server never has any: its server's own view is the
+    /// whole truth.
+    fn outcomes(&mut self) -> Vec<Outcome> {
         Vec::new()
     }
+}
+
+/// What a commit did with a message otherwise than asked
+/// ([`Store::outcomes`]): several servers write the same mailboxes, so
+/// only the store can tell.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// The store held the message already under another id, stored first
+    /// by another server of a cluster (the same message sent again
+    /// through this one): this server's id, and the row the store kept
+    /// (a channel message's, one per recipient).
+    Kept {
+        /// This server's id for it.
+        ours: MailId,
+        /// The store's row.
+        row: StoredMail,
+    },
+    /// Not stored for `to`: its mailbox, as the store counts it across
+    /// every server, would have gone over [`MailboxLimits`]. A direct
+    /// message is then not stored at all; a channel message is not
+    /// pending for `to` (its other recipients keep it).
+    Full {
+        /// The recipient.
+        to: Name,
+        /// The message.
+        mail: MailId,
+    },
+}
+
+/// How much one mailbox may hold, as a store shared by several servers
+/// enforces it ([`Outcome::Full`]): the server's `--mailbox-*` limits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MailboxLimits {
+    /// Messages waiting.
+    pub messages: usize,
+    /// Bytes waiting, each message counted as [`StoredMail::size`].
+    pub bytes: usize,
 }
 
 /// What the other servers of a cluster did, for [`Store::news`].
@@ -437,14 +474,29 @@ pub struct MemoryStore {
     /// every recipient they were ever stored for: as a database's channel
     /// row with its recipients, acked ones included.
     channels: HashMap<(Name, MsgId), (ChannelMail, HashSet<Name>)>,
-    /// [`Store::kept_instead`] of the last commit.
-    kept: Vec<(MailId, StoredMail)>,
+    /// Each mailbox's messages and bytes ([`StoredMail::size`]).
+    tally: HashMap<Name, (usize, usize)>,
+    /// Enforced when set, as a store shared by several servers does
+    /// ([`MemoryStore::with_limits`]).
+    limits: Option<MailboxLimits>,
+    /// [`Store::outcomes`] of the last commit.
+    outcomes: Vec<Outcome>,
 }
 
 impl MemoryStore {
     /// An empty store.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// An empty store that refuses a message its recipient's mailbox has
+    /// no room for ([`Outcome::Full`]), as one shared by several servers
+    /// does: the sans-IO stand-in for PostgreSQL in a simulated cluster.
+    pub fn with_limits(limits: MailboxLimits) -> Self {
+        MemoryStore {
+            limits: Some(limits),
+            ..Self::default()
+        }
     }
 
     /// Number of stored messages.
@@ -485,10 +537,11 @@ impl MemoryStore {
 }
 
 impl MemoryStore {
-    /// A channel message: stored once per (sender, message id). Sent
-    /// again under another id (through another server of a cluster), the
-    /// first row is kept and gains the recipients it lacks; every copy
-    /// the recipients given hold is reported kept instead.
+    /// A channel message: stored once per (sender, message id), pending
+    /// for each recipient whose mailbox has room. Sent again under
+    /// another id (through another server of a cluster), the first row
+    /// is kept and gains the recipients it lacks; every copy the
+    /// recipients given hold is reported kept instead.
     fn put_channel(&mut self, c: &ChannelMail) {
         let key = (c.from.clone(), c.id);
         let first = self.channels.get(&key).map(|(first, _)| first.mail);
@@ -496,61 +549,110 @@ impl MemoryStore {
         // deletes a channel row nobody is owed.
         let first = first.filter(|&id| self.mail.keys().any(|(m, _)| *m == id));
         let Some(theirs) = first.filter(|&id| id != c.mail) else {
-            let to: HashSet<Name> = c.to.iter().cloned().collect();
-            match self.channels.get_mut(&key) {
-                // A replay of the first: the same row.
-                Some((first, ever)) if first.mail == c.mail => ever.extend(to),
-                _ => {
-                    self.channels.insert(key, (c.clone(), to));
+            let mut stored = HashSet::new();
+            for m in c.copies() {
+                let to = m.to.clone();
+                if self.put(m) {
+                    stored.insert(to);
                 }
             }
-            c.copies().for_each(|m| self.put(m));
+            match self.channels.get_mut(&key) {
+                // A replay of the first: the same row.
+                Some((first, ever)) if first.mail == c.mail => ever.extend(stored),
+                // Pending for nobody: no row.
+                _ if stored.is_empty() => {}
+                _ => {
+                    self.channels.insert(key, (c.clone(), stored));
+                }
+            }
             return;
         };
-        let (template, ever) = self.channels.get_mut(&key).expect("looked up above");
+        let (template, ever) = self.channels.get(&key).expect("looked up above");
         let template = ChannelMail {
             to: Vec::new(),
             ..template.clone()
         };
-        let mut new = Vec::new();
-        for to in &c.to {
-            if ever.insert(to.clone()) {
-                new.push(to.clone());
-            }
-        }
+        let new: Vec<Name> = (c.to.iter())
+            .filter(|to| !ever.contains(*to))
+            .cloned()
+            .collect();
         for m in (ChannelMail {
             to: new,
             ..template
         })
         .copies()
         {
-            self.keys
-                .insert((m.to.clone(), m.from.clone(), m.id), m.mail);
-            self.mail.insert((m.mail, m.to.clone()), m);
+            let to = m.to.clone();
+            match self.insert(m) {
+                true => {
+                    if let Some((_, ever)) = self.channels.get_mut(&key) {
+                        ever.insert(to);
+                    }
+                }
+                false => self.outcomes.push(Outcome::Full { to, mail: c.mail }),
+            }
         }
         for to in &c.to {
             if let Some(row) = self.mail.get(&(theirs, to.clone())) {
-                self.kept.push((c.mail, row.clone()));
+                let row = row.clone();
+                self.outcomes.push(Outcome::Kept { ours: c.mail, row });
             }
         }
     }
 
-    fn put(&mut self, m: StoredMail) {
+    /// Whether `m` is in the store now: stored (if its mailbox has room),
+    /// or there already under its id. Not: refused for a full mailbox,
+    /// or stored first under another id (both reported).
+    fn put(&mut self, m: StoredMail) -> bool {
         let key = (m.to.clone(), m.from.clone(), m.id);
         match self.keys.get(&key) {
             None => {
-                self.keys.insert(key, m.mail);
-                self.mail.insert((m.mail, m.to.clone()), m);
+                let (to, mail) = (m.to.clone(), m.mail);
+                let stored = self.insert(m);
+                if !stored {
+                    self.outcomes.push(Outcome::Full { to, mail });
+                }
+                stored
             }
             // Stored first under another id (by another server sharing
             // this store): that copy is kept.
             Some(&kept) if kept != m.mail => {
                 if let Some(row) = self.mail.get(&(kept, m.to.clone())) {
-                    self.kept.push((m.mail, row.clone()));
+                    let row = row.clone();
+                    self.outcomes.push(Outcome::Kept { ours: m.mail, row });
                 }
+                false
             }
-            Some(_) => {}
+            Some(_) => true,
         }
+    }
+
+    /// Stores `m` if its mailbox has room.
+    fn insert(&mut self, m: StoredMail) -> bool {
+        let (count, bytes) = self.tally.get(&m.to).copied().unwrap_or_default();
+        if let Some(limits) = self.limits
+            && (count >= limits.messages || bytes + m.size() > limits.bytes)
+        {
+            return false;
+        }
+        self.tally
+            .insert(m.to.clone(), (count + 1, bytes + m.size()));
+        self.keys
+            .insert((m.to.clone(), m.from.clone(), m.id), m.mail);
+        self.mail.insert((m.mail, m.to.clone()), m);
+        true
+    }
+
+    /// Takes message `mail` out of `to`'s mailbox.
+    fn remove(&mut self, to: &Name, mail: MailId) {
+        let Some(m) = self.mail.remove(&(mail, to.clone())) else {
+            return;
+        };
+        if let Some((count, bytes)) = self.tally.get_mut(to) {
+            *count = count.saturating_sub(1);
+            *bytes = bytes.saturating_sub(m.size());
+        }
+        self.keys.remove(&(m.to, m.from, m.id));
     }
 }
 
@@ -575,22 +677,20 @@ impl Store for MemoryStore {
         Ok(self.mail.get(&(mail, to.clone())).map(|m| m.body.clone()))
     }
 
-    fn kept_instead(&mut self) -> Vec<(MailId, StoredMail)> {
-        std::mem::take(&mut self.kept)
+    fn outcomes(&mut self) -> Vec<Outcome> {
+        std::mem::take(&mut self.outcomes)
     }
 
     fn commit(&mut self, ops: &[StoreOp]) -> io::Result<()> {
         check_batch(ops)?;
-        self.kept.clear();
+        self.outcomes.clear();
         for op in ops {
             match op {
-                StoreOp::Put(m) => self.put(m.clone()),
-                StoreOp::Channel(c) => self.put_channel(c),
-                StoreOp::Delete { to, mail } => {
-                    if let Some(m) = self.mail.remove(&(*mail, to.clone())) {
-                        self.keys.remove(&(m.to, m.from, m.id));
-                    }
+                StoreOp::Put(m) => {
+                    self.put(m.clone());
                 }
+                StoreOp::Channel(c) => self.put_channel(c),
+                StoreOp::Delete { to, mail } => self.remove(to, *mail),
                 StoreOp::Client(c) => match self.index.get(&c.name) {
                     Some(&i) => {
                         let row = &mut self.clients[i];
@@ -613,6 +713,9 @@ impl Store for MemoryStore {
                 }
                 StoreOp::Rewrite { mail, body } => {
                     for m in self.mail.values_mut().filter(|m| m.mail == *mail) {
+                        if let Some((_, bytes)) = self.tally.get_mut(&m.to) {
+                            *bytes = (*bytes + body.len()).saturating_sub(m.body.len());
+                        }
                         m.body = body.clone();
                     }
                 }

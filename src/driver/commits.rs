@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use mio::Waker;
 
 use crate::Server;
-use crate::store::{Body, News, Store, StoreOp, StoredMail};
+use crate::store::{Body, News, Outcome, Store, StoreOp, StoredMail};
 use crate::wire::{MailId, Name};
 
 /// Work for the store's thread.
@@ -31,9 +31,9 @@ enum Job {
 /// What the store's thread did.
 pub enum Done {
     /// The batch sent last was committed (or not), with what the store
-    /// has to say for the log, and its messages the store already held
-    /// under other ids ([`Store::kept_instead`]).
-    Committed(io::Result<()>, Vec<String>, Vec<(MailId, StoredMail)>),
+    /// has to say for the log, and what it did otherwise than asked
+    /// ([`Store::outcomes`]).
+    Committed(io::Result<()>, Vec<String>, Vec<Outcome>),
     /// A body asked for.
     Fetched(Name, MailId, io::Result<Option<Body>>, Vec<String>),
     /// Mailboxes asked for ([`Server::poll_mailboxes`]).
@@ -125,8 +125,8 @@ impl Commits {
                     let result = match job {
                         Some(Job::Commit(ops)) => {
                             let result = store.commit(&ops);
-                            let kept = store.kept_instead();
-                            Some(Done::Committed(result, store.notes(), kept))
+                            let outcomes = store.outcomes();
+                            Some(Done::Committed(result, store.notes(), outcomes))
                         }
                         Some(Job::Fetch(to, mail)) => {
                             let body = store.fetch(&to, mail);

@@ -64,7 +64,7 @@ use postgres::{Client, Config, NoTls, Statement, Transaction};
 use super::cluster;
 use super::rows;
 use super::sqlite::StoreError;
-use crate::store::{Body, Loaded, News, Store, StoreOp, StoredMail};
+use crate::store::{Body, Loaded, News, Outcome, Store, StoreOp, StoredMail};
 use crate::wire::{MAX_SEALED, MailId, Name};
 
 /// The schema version this build writes and understands (2 added the
@@ -270,8 +270,8 @@ pub struct PgStore {
     /// Connections made so far: what was read on an earlier one may be
     /// gone (see `cluster`'s feed reader).
     pub(super) connections: u64,
-    /// [`Store::kept_instead`] of the last commit.
-    kept: Vec<(MailId, StoredMail)>,
+    /// [`Store::outcomes`] of the last commit.
+    outcomes: Vec<Outcome>,
     /// The feed is to be read whatever the doorbell says: a connection
     /// new since the last read (it missed what rang before it listened),
     /// or a read that stopped at a full page.
@@ -360,7 +360,7 @@ impl PgStore {
             notes: Vec::new(),
             member: None,
             connections: 1,
-            kept: Vec::new(),
+            outcomes: Vec::new(),
             rung: true,
         })
     }
@@ -828,7 +828,7 @@ impl Store for PgStore {
             return Ok(());
         }
         crate::store::check_batch(ops)?;
-        self.kept.clear();
+        self.outcomes.clear();
         // What the other servers are told, in the same transaction.
         let shared = self.member.as_ref().map(|m| {
             let presence = cluster::presence_rows(ops, m.me);
@@ -879,16 +879,20 @@ impl Store for PgStore {
         // Of several servers, another may have stored the same message
         // first (a retry through this one): the store kept that copy.
         if let (Ok(false), Some(_)) = (&result, &self.member) {
-            self.kept = cluster::kept_instead(self, ops)?;
+            let kept = cluster::kept_instead(self, ops)?;
             // Their rows may have gained recipients: a row of its own in
             // the feed names them by the ids they are kept under.
-            let mut kept: Vec<MailId> = (self.kept.iter())
+            let mut ids: Vec<MailId> = (kept.iter())
                 .filter(|(_, m)| m.channel)
                 .map(|(_, m)| m.mail)
                 .collect();
-            kept.sort_unstable();
-            kept.dedup();
-            if let (Some(entries), Some(m)) = (cluster::channel_entries(&kept), &self.member) {
+            (self.outcomes).extend(
+                kept.into_iter()
+                    .map(|(ours, row)| Outcome::Kept { ours, row }),
+            );
+            ids.sort_unstable();
+            ids.dedup();
+            if let (Some(entries), Some(m)) = (cluster::channel_entries(&ids), &self.member) {
                 let (origin, seq) = (m.origin.clone(), m.next_seq);
                 let appended = self.with_retry(|client, p| {
                     client.execute(&p.feed_append, &[&origin, &seq, &entries])
@@ -908,8 +912,8 @@ impl Store for PgStore {
         result.map(|_| ())
     }
 
-    fn kept_instead(&mut self) -> Vec<(MailId, StoredMail)> {
-        std::mem::take(&mut self.kept)
+    fn outcomes(&mut self) -> Vec<Outcome> {
+        std::mem::take(&mut self.outcomes)
     }
 
     fn news(&mut self) -> Option<io::Result<News>> {

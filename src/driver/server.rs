@@ -356,11 +356,8 @@ fn flush(
         let thread_gone = |e: io::Error| Fatal(format!("error: cannot store messages: {e}"));
         while let Some(done) = commits.take_done().map_err(thread_gone)? {
             let notes = match done {
-                Done::Committed(Ok(()), notes, kept) => {
-                    server.handle_committed();
-                    if !kept.is_empty() {
-                        server.handle_kept_instead(now, kept);
-                    }
+                Done::Committed(Ok(()), notes, outcomes) => {
+                    server.handle_committed_as(now, outcomes);
                     if std::mem::take(failing) {
                         log.line("the store takes writes again");
                     }
@@ -494,8 +491,13 @@ fn line(event: &ServerEvent) -> String {
             "stored message {} for {name} cannot be decrypted (damaged, or server.key changed): dropped",
             mail.0
         ),
-        ServerEvent::MailboxFull { to, from } => {
-            format!("mailbox of {to} is full: a channel message from {from} was not kept")
+        ServerEvent::MailboxFull { to, from, channel } => {
+            let what = if *channel {
+                "a channel message"
+            } else {
+                "a message"
+            };
+            format!("mailbox of {to} is full: {what} from {from} was not kept")
         }
         ServerEvent::Expired { to, from, mail } => format!(
             "stored message {} for {to} from {from} expired undelivered: deleted",

@@ -307,6 +307,7 @@ impl Server {
                     self.event(ServerEvent::MailboxFull {
                         to: copy.to,
                         from: from.clone(),
+                        channel: true,
                     });
                 }
             }
@@ -327,6 +328,7 @@ impl Server {
                     self.event(ServerEvent::MailboxFull {
                         to: name,
                         from: from.clone(),
+                        channel: true,
                     });
                 }
             }

@@ -96,7 +96,7 @@ impl Server {
     /// its sender sent it again through this one): this server's copies
     /// go, the store's are held instead (and delivered, to a recipient
     /// online here). The senders were told "saved", which is true.
-    pub fn handle_kept_instead(&mut self, now: Instant, kept: Vec<(MailId, StoredMail)>) {
+    pub(super) fn handle_kept_instead(&mut self, now: Instant, kept: Vec<(MailId, StoredMail)>) {
         self.now = self.now.max(now);
         // Every copy of ours goes, also a channel message's for a
         // recipient the store's copy was not stored for (it was not

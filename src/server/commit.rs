@@ -72,6 +72,10 @@ pub(super) struct Batch {
     pub(super) counted: Vec<(MailId, ClientId)>,
 }
 
+/// New answers to requests whose replies were held back for a commit, by
+/// (client, seq): the message kind and its encoding.
+type Answers = HashMap<(ClientId, Seq), (What, Vec<u8>)>;
+
 /// Where the [`Batch`] stood when the driver took its operations to
 /// commit them ([`Server::seal_batch`]): what is before these marks is the
 /// sealed batch's, what comes after belongs to the next one.
@@ -173,6 +177,172 @@ impl Server {
         }
     }
 
+    /// The driver committed the sealed batch, as [`Server::handle_committed`],
+    /// and the store did some of it otherwise than asked
+    /// ([`Store::outcomes`](crate::store::Store::outcomes)): a message it
+    /// held already under another id, or refused for a mailbox that other
+    /// servers filled.
+    pub fn handle_committed_as(&mut self, now: Instant, outcomes: Vec<Outcome>) {
+        let mut full = Vec::new();
+        let mut kept = Vec::new();
+        for outcome in outcomes {
+            match outcome {
+                Outcome::Full { to, mail } => full.push((to, mail)),
+                Outcome::Kept { ours, row } => kept.push((ours, row)),
+            }
+        }
+        if !full.is_empty() {
+            // Before the batch is let go: the replies it holds back are
+            // still here to be changed.
+            self.refuse_full(now, full);
+        }
+        self.handle_committed();
+        if !kept.is_empty() {
+            self.handle_kept_instead(now, kept);
+        }
+    }
+
+    /// Messages of the sealed batch the store refused for a full mailbox
+    /// (the server's own count said there was room: other servers filled
+    /// it meanwhile). Each copy is taken back, and each request is
+    /// answered as if the server had seen the mailbox full: a direct
+    /// message's "saved" becomes "mailbox full", as does a channel
+    /// message's when no recipient kept it; a relay is refused; a welcome
+    /// counts one message less.
+    fn refuse_full(&mut self, now: Instant, full: Vec<(Name, MailId)>) {
+        self.now = self.now.max(now);
+        let mut refused: HashSet<(ClientId, MailId)> = HashSet::new();
+        for (name, mail) in full {
+            let Some(to) = self.table.lookup(&name) else {
+                continue;
+            };
+            if !refused.insert((to, mail)) {
+                continue;
+            }
+            let direct = (self.batch.keys.iter())
+                .find(|&(&(c, _, _), &m)| c == to && m == mail)
+                .map(|((_, from, _), _)| from.clone());
+            let channel = (self.batch.channels.iter())
+                .find(|&(_, &m)| m == mail)
+                .map(|((from, _), _)| from.clone());
+            match self.batch.counted.iter().position(|&c| c == (mail, to)) {
+                Some(i) => {
+                    self.batch.counted.remove(i);
+                    self.uncount(to);
+                }
+                None => self.unput(to, mail),
+            }
+            self.batch.mail.retain(|&c| c != (to, mail));
+            if let Some(from) = direct.clone().or(channel) {
+                self.unlog_stored(&name, &from, direct.is_none());
+                let channel = direct.is_none();
+                self.event(ServerEvent::MailboxFull {
+                    to: name,
+                    from,
+                    channel,
+                });
+            }
+        }
+        let mails: HashSet<MailId> = refused.iter().map(|&(_, m)| m).collect();
+        // Channel messages no recipient kept.
+        let kept_by_nobody = |mail: &MailId, batch: &Batch| {
+            !batch.mail.iter().any(|(_, m)| m == mail)
+                && !batch.counted.iter().any(|(m, _)| m == mail)
+        };
+        let reason = Refusal::MailboxFull;
+        let mut answers: Answers = HashMap::new();
+        let mut relay_refusals = Vec::new();
+        for (client, seq, promise) in self.batch.acks.clone() {
+            let msg = match promise {
+                Promise::Saved { channel, mail } if mails.contains(&mail) => {
+                    if channel && !kept_by_nobody(&mail, &self.batch) {
+                        continue;
+                    }
+                    Message::Refused { seq, reason }
+                }
+                Promise::Saved { .. } => continue,
+                Promise::Relay { to, mail } => {
+                    if refused.contains(&(to, mail))
+                        && let Some(r) = self.relays.remove(&(to, mail))
+                    {
+                        // Its answer was never sent: it is sent now.
+                        self.timers.cancel(r.timer);
+                        relay_refusals.push((client, seq));
+                    }
+                    continue;
+                }
+                Promise::Welcome {
+                    version,
+                    mail,
+                    reset,
+                    last,
+                } => {
+                    let taken = (refused.iter())
+                        .filter(|&&(to, m)| to == client && m <= last)
+                        .count();
+                    if taken == 0 {
+                        continue;
+                    }
+                    Message::Welcome {
+                        seq,
+                        version,
+                        mail: mail.saturating_sub(taken as u32),
+                        reset,
+                    }
+                }
+            };
+            answers.insert((client, seq), self.answer(client, seq, &msg));
+        }
+        self.batch
+            .acks
+            .retain(|&(c, s, _)| !answers.contains_key(&(c, s)));
+        // A direct message's live delivery goes with it (a channel
+        // message's shares its id with copies that stay: it goes out).
+        let sent = self.sent;
+        let direct: HashSet<MailId> = (mails.iter())
+            .filter(|m| !self.batch.channels.values().any(|c| c == *m))
+            .copied()
+            .collect();
+        let gone: HashSet<usize> = (self.batch.deliveries.iter())
+            .filter(|(_, m)| direct.contains(m))
+            .filter_map(|&(n, _)| n.checked_sub(sent))
+            .collect();
+        let held = self.batch.ack_transmits.clone();
+        let gone = self.rewrite_held(&held, &answers, gone);
+        self.renumber_held(&gone);
+        for (client, seq) in relay_refusals {
+            self.reply(client, seq, Message::Refused { seq, reason });
+        }
+    }
+
+    /// Takes a refused message's "stored" out of the log lines the sealed
+    /// batch gives once committed.
+    fn unlog_stored(&mut self, to: &Name, from: &Name, channel: bool) {
+        let upto = self.sealed.map_or(self.batch.stored.len(), |s| s.stored);
+        let at = (self.batch.stored[..upto].iter_mut()).position(|e| match e {
+            ServerEvent::Stored {
+                to: t,
+                from: f,
+                channel: false,
+            }
+            | ServerEvent::Relaying { to: t, from: f } => !channel && t == to && f == from,
+            ServerEvent::StoredChannel {
+                from: f,
+                recipients,
+            } if channel && f == from => {
+                *recipients = recipients.saturating_sub(1);
+                *recipients == 0
+            }
+            _ => false,
+        });
+        if let Some(i) = at {
+            self.batch.stored.remove(i);
+            if let Some(seal) = &mut self.sealed {
+                seal.stored -= 1;
+            }
+        }
+    }
+
     /// The driver's commit of the operations polled since the last
     /// [`Server::handle_committed`] failed: none of them reached the store.
     /// Its messages are taken back and every request they answered is
@@ -213,11 +383,11 @@ impl Server {
         // Datagram numbers as places in `transmits`: nothing of the batch
         // has left.
         let sent = self.sent;
-        let mut gone: HashSet<usize> = (batch.deliveries.iter())
+        let gone: HashSet<usize> = (batch.deliveries.iter())
             .filter_map(|&(n, _)| n.checked_sub(sent))
             .collect();
         let reason = failure.refusal();
-        let mut refusals: HashMap<(ClientId, Seq), (What, Vec<u8>)> = HashMap::new();
+        let mut refusals: Answers = HashMap::new();
         let mut relay_refusals = Vec::new();
         for &(client, seq, promise) in &batch.acks {
             let msg = match promise {
@@ -266,18 +436,42 @@ impl Server {
                     }
                 }
             };
-            let encoded = (msg.what(), wire::encode_to_vec(&msg));
-            // A retry of the request gets the same answer.
-            self.cache(client, seq, encoded.clone());
-            refusals.insert((client, seq), encoded);
+            refusals.insert((client, seq), self.answer(client, seq, &msg));
         }
-        for &(n, sender, seq, link) in &batch.ack_transmits {
+        // Nothing numbered is kept: no renumbering.
+        self.rewrite_held(&batch.ack_transmits, &refusals, gone);
+        for (client, seq) in relay_refusals {
+            self.reply(client, seq, Message::Refused { seq, reason });
+        }
+    }
+
+    /// `msg` as the answer to `client`'s request `seq`, encoded, and
+    /// cached: a retry of the request gets the same answer.
+    fn answer(&mut self, client: ClientId, seq: Seq, msg: &Message) -> (What, Vec<u8>) {
+        let encoded = (msg.what(), wire::encode_to_vec(msg));
+        self.cache(client, seq, encoded.clone());
+        encoded
+    }
+
+    /// Replaces replies held back for a commit (`held`, see
+    /// [`Batch::ack_transmits`]) by new `answers`, sealed again for their
+    /// session, and drops the held datagrams at the places `gone` in
+    /// `transmits`; returns the places dropped (more, for replies whose
+    /// session is gone), in order.
+    fn rewrite_held(
+        &mut self,
+        held: &[(usize, ClientId, Seq, LinkId)],
+        answers: &Answers,
+        mut gone: HashSet<usize>,
+    ) -> Vec<usize> {
+        let sent = self.sent;
+        for &(n, sender, seq, link) in held {
             // Held, so never sent: below `sent` would be a bug, skipped.
             let Some(i) = n.checked_sub(sent) else {
                 continue;
             };
             // A reply the failure does not change stays as it is.
-            let Some((what, plain)) = refusals.get(&(sender, seq)) else {
+            let Some((what, plain)) = answers.get(&(sender, seq)) else {
                 continue;
             };
             // Sealed for the session the reply was for, or not at all (a
@@ -303,9 +497,39 @@ impl Server {
                 !gone.contains(&(i - 1))
             });
         }
-        for (client, seq) in relay_refusals {
-            self.reply(client, seq, Message::Refused { seq, reason });
+        let mut gone: Vec<usize> = gone.into_iter().collect();
+        gone.sort_unstable();
+        gone
+    }
+
+    /// Datagrams at the places `gone` (in order) of `transmits` were
+    /// dropped: the numbers of those after them go down by as many, and
+    /// what was noted of the dropped ones goes.
+    fn renumber_held(&mut self, gone: &[usize]) {
+        if gone.is_empty() {
+            return;
         }
+        let sent = self.sent;
+        let dropped = |n: usize| {
+            n.checked_sub(sent)
+                .is_some_and(|i| gone.binary_search(&i).is_ok())
+        };
+        let shift = |n: usize| match n.checked_sub(sent) {
+            Some(i) => n - gone.partition_point(|&g| g < i),
+            None => n,
+        };
+        (self.batch.ack_transmits).retain(|&(n, ..)| !dropped(n));
+        self.batch.deliveries.retain(|&(n, _)| !dropped(n));
+        for t in &mut self.batch.ack_transmits {
+            t.0 = shift(t.0);
+        }
+        for d in &mut self.batch.deliveries {
+            d.0 = shift(d.0);
+        }
+        if let Some(seal) = &mut self.sealed {
+            seal.fence = shift(seal.fence);
+        }
+        self.hold_from = self.hold_from.map(shift);
     }
 
     /// Keeps `op` for the next commit; a client's newest row replaces an

@@ -68,12 +68,16 @@ pub enum ServerEvent {
         /// The message.
         mail: MailId,
     },
-    /// A recipient's mailbox was full, so it did not get a channel message.
+    /// A recipient's mailbox was full, so it did not get a message (a
+    /// channel message; or a direct one the store refused, its mailbox
+    /// filled through other servers: its sender is told).
     MailboxFull {
         /// The recipient.
         to: Name,
-        /// The channel message's sender.
+        /// The message's sender.
         from: Name,
+        /// A channel message.
+        channel: bool,
     },
     /// A name not seen online for the name time-to-live was forgotten: the
     /// next key to register it owns it.

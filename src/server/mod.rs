@@ -45,8 +45,8 @@ use rand_core::{RngCore, SeedableRng};
 
 use crate::crypto::{AT_REST_SALT, Keypair, PublicKey};
 use crate::store::{
-    Body, ChannelMail, ClientRecord, Loaded, MAIL_OVERHEAD, StoreOp, StoredMail, at_rest_ad,
-    channel_ad,
+    Body, ChannelMail, ClientRecord, Loaded, MAIL_OVERHEAD, Outcome, StoreOp, StoredMail,
+    at_rest_ad, channel_ad,
 };
 use crate::table::{ClientId, Directory};
 use crate::timer::{TimerKey, TimerWheel};

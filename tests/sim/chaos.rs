@@ -906,7 +906,7 @@ impl World {
         }
         let mut bounced = Vec::new();
         while let Some(event) = server.poll_event() {
-            if let ServerEvent::MailboxFull { to, from } = event {
+            if let ServerEvent::MailboxFull { to, from, .. } = event {
                 bounced.push((to, from));
             }
         }

@@ -705,11 +705,8 @@ impl Sim {
                     Some(failure) => self.server.handle_commit_failed(self.now, failure),
                     None => {
                         self.store.commit(&ops).unwrap();
-                        self.server.handle_committed();
-                        let kept = self.store.kept_instead();
-                        if !kept.is_empty() {
-                            self.server.handle_kept_instead(self.now, kept);
-                        }
+                        let outcomes = self.store.outcomes();
+                        self.server.handle_committed_as(self.now, outcomes);
                         self.publish(self.server_addr, &ops);
                         committed = true;
                     }
@@ -741,11 +738,8 @@ impl Sim {
             let ops: Vec<StoreOp> = std::iter::from_fn(|| peer.server.poll_store()).collect();
             if !ops.is_empty() {
                 store.commit(&ops).unwrap();
-                peer.server.handle_committed();
-                let kept = store.kept_instead();
-                if !kept.is_empty() {
-                    peer.server.handle_kept_instead(now, kept);
-                }
+                let outcomes = store.outcomes();
+                peer.server.handle_committed_as(now, outcomes);
                 let origin = peer.addr;
                 self.publish(origin, &ops);
             }
