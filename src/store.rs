@@ -419,6 +419,10 @@ pub struct MailboxLimits {
     pub messages: usize,
     /// Bytes waiting, each message counted as [`StoredMail::size`].
     pub bytes: usize,
+    /// The mail's time to live: a message stored this long before the
+    /// new one does not count (expired, whether or not a server has
+    /// deleted it yet: nobody does while nobody holds the mailbox).
+    pub ttl: Option<std::time::Duration>,
 }
 
 /// What the other servers of a cluster did, for [`Store::news`].
@@ -630,10 +634,24 @@ impl MemoryStore {
     /// Stores `m` if its mailbox has room.
     fn insert(&mut self, m: StoredMail) -> bool {
         let (count, bytes) = self.tally.get(&m.to).copied().unwrap_or_default();
+        let over = |(count, bytes): (usize, usize), limits: MailboxLimits| {
+            count >= limits.messages || bytes + m.size() > limits.bytes
+        };
         if let Some(limits) = self.limits
-            && (count >= limits.messages || bytes + m.size() > limits.bytes)
+            && over((count, bytes), limits)
         {
-            return false;
+            // The tally counts every row; without the expired ones it may
+            // fit (counted one by one: a full mailbox is rare).
+            let Some(ttl) = limits.ttl else {
+                return false;
+            };
+            let ttl = i64::try_from(ttl.as_secs()).unwrap_or(i64::MAX);
+            let live = (self.mail.values())
+                .filter(|x| x.to == m.to && x.stored_at.saturating_add(ttl) > m.stored_at)
+                .fold((0, 0), |(n, b), x| (n + 1, b + x.size()));
+            if over(live, limits) {
+                return false;
+            }
         }
         self.tally
             .insert(m.to.clone(), (count + 1, bytes + m.size()));

@@ -649,10 +649,11 @@ fn outcomes(s: &Sim, i: usize) -> (usize, usize) {
 /// and one server killed at a random moment, its lease running out a
 /// random while later. Every message its sender was told was received or
 /// saved is shown to its recipient, and none twice to one process.
-fn random_run(seed: u64) -> (usize, usize) {
+fn random_run(seed: u64) -> (usize, usize, usize) {
     let mut rng = Rng(seed);
     let mut s = Sim::new();
-    s.shared_cluster(3);
+    // Small mailboxes: some fill up, through several servers at once.
+    s.shared_cluster_with(3, |c| c.mailbox_messages = 2);
     let mut loss = Rng(seed ^ 0x5eed);
     s.drop_rules.push(Box::new(move |_| loss.below(100) < 3));
     let all = [1024u16, 1025, 1026];
@@ -704,13 +705,28 @@ fn random_run(seed: u64) -> (usize, usize) {
             7 if s.nodes[node].client.is_online() => {
                 let text = format!("s{seed}all{step}");
                 let before = outcomes(&s, node);
+                let logged = (s.events.len(), s.peer_events.len());
                 s.line(node, &format!("send_all {text}"));
                 s.run_until(Duration::from_secs(30), |s| {
                     outcomes(s, node).1 > before.1 || s.nodes[node].exit.is_some()
                 });
                 let promised = outcomes(&s, node).0 > before.0;
+                // A recipient whose mailbox was full (its server logged
+                // it) is not owed the message.
+                let missed: Vec<String> = (s.events[logged.0..].iter())
+                    .chain(&s.peer_events[logged.1..])
+                    .filter_map(|e| match e {
+                        udpchat::ServerEvent::MailboxFull { to, from, .. }
+                            if from.as_str() == names[a] =>
+                        {
+                            Some(to.as_str().to_string())
+                        }
+                        _ => None,
+                    })
+                    .collect();
                 for b in (0..5).filter(|&b| b != a) {
-                    sent.push((a, b, text.clone(), promised));
+                    let owed = promised && !missed.contains(&names[b]);
+                    sent.push((a, b, text.clone(), owed));
                 }
             }
             8 if !s.nodes[node].client.is_online() => {
@@ -777,7 +793,11 @@ fn random_run(seed: u64) -> (usize, usize) {
             );
         }
     }
-    (sent.len(), sent.iter().filter(|m| m.3).count())
+    (
+        sent.len(),
+        sent.iter().filter(|m| m.3).count(),
+        s.refused_full,
+    )
 }
 
 #[test]
@@ -790,14 +810,18 @@ fn random_runs_keep_every_promise_across_servers() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(40);
-    let (mut sent, mut promised) = (0, 0);
+    let (mut sent, mut promised, mut full) = (0, 0, 0);
     for seed in first..first + seeds {
-        let (n, p) = random_run(seed);
+        let (n, p, f) = random_run(seed);
         sent += n;
         promised += p;
+        full += f;
     }
     // The runs do something: most messages get an answer.
-    eprintln!("{seeds} runs from {first}: {sent} sent, {promised} received or saved");
+    eprintln!(
+        "{seeds} runs from {first}: {sent} sent, {promised} received or saved, \
+         {full} copies refused by the store for a full mailbox"
+    );
     assert!(promised * 2 > sent, "{promised} of {sent}");
 }
 
@@ -1804,4 +1828,138 @@ fn attack2_a_channel_retry_keeps_the_copy_for_a_name_the_first_server_did_not_kn
         "dan online at A all along ({stored_for_dan} rows in the store): {:?}",
         s.lines(d)
     );
+}
+
+// ---- the store decides a full mailbox ------------------------------------
+// (Each server checks a mailbox's limit against what it holds or counted;
+// servers saving to one mailbox at once can each see room that is gone.
+// The shared store counts every mailbox across the servers, as PostgreSQL
+// does, and refuses the message that would go over: its sender is told.)
+
+/// A message written to the store by a server that tells nobody (its feed
+/// row not read yet): the other servers' view of `to`'s mailbox is stale.
+fn stored_behind_their_backs(s: &mut Sim, to: &str, id: u64) {
+    use udpchat::store::{Body, Store, StoreOp, StoredMail};
+    let m = StoredMail {
+        mail: udpchat::wire::MailId(1 << 40 | id),
+        to: name(to),
+        from: name("someone"),
+        channel: false,
+        stored_at: sim::EPOCH_UNIX,
+        id: udpchat::wire::MsgId(id),
+        body: Body::AtRest(vec![7; 40]),
+    };
+    s.store.commit(&[StoreOp::Put(m)]).unwrap();
+}
+
+/// Two servers save to one offline mailbox, neither hearing of the
+/// other's commits: the one whose save would pass the limit is refused by
+/// the store, and its sender reads "mailbox full", not "saved". The
+/// owner, back, gets exactly the messages reported saved.
+#[test]
+fn two_servers_filling_one_mailbox_at_once_save_no_more_than_it_holds() {
+    let (mut s, [_, _, cat], [a, b, c]) = homed(
+        3,
+        |c| c.mailbox_messages = 2,
+        [
+            ("ann", 1024, 2000),
+            ("ben", 1025, 2001),
+            ("cat", 1026, 2002),
+        ],
+    );
+    s.command(c, &format!("dereg {cat}"));
+    s.settle();
+    s.feed_held = true;
+    s.command(a, &format!("send {cat} from ann one"));
+    s.command(b, &format!("send {cat} from ben one"));
+    // a's server holds the mailbox with its own one message: room, it
+    // thinks; the store has two.
+    let from = s.lines(a).len();
+    s.command(a, &format!("send {cat} from ann two"));
+    let full = format!(">>> [Error: mailbox of {cat} is full, message not saved.]");
+    let said = s.lines_since(a, from);
+    assert_eq!(said.last(), Some(&full.as_str()), "{said:?}");
+    assert!(said.iter().all(|l| !l.contains("saved]")), "{said:?}");
+    assert_eq!(s.store.len(), 2);
+    let logged = (s.events.iter()).any(|e| {
+        matches!(e, udpchat::ServerEvent::MailboxFull { to, channel: false, .. }
+            if to.as_str() == cat)
+    });
+    assert!(logged, "{:?}", s.events);
+    // The refused message is gone from a's server too: its next save
+    // is refused by the server itself, and the store has the same two.
+    assert_eq!(s.server_at(addr(1024)).mailbox(&name(&cat)).count(), 1);
+    s.feed_held = false;
+    s.settle();
+    let c2 = join_via(&mut s, &cat, 2003, 1026, &[1024, 1025, 1026]);
+    s.settle();
+    let lines = s.lines(c2);
+    let shown = |text: &str| lines.iter().filter(|l| l.contains(text)).count();
+    assert_eq!(shown("from ann one"), 1, "{lines:?}");
+    assert_eq!(shown("from ben one"), 1, "{lines:?}");
+    assert_eq!(shown("from ann two"), 0, "{lines:?}");
+}
+
+/// A channel message whose copy for one recipient the store refuses (its
+/// mailbox filled through another server): the others get it, the sender
+/// is told it was saved, and the full mailbox never shows it.
+#[test]
+fn a_channel_copy_the_store_refuses_is_kept_for_the_others_only() {
+    let (mut s, [_, _, cat], [a, b, c]) = homed(
+        3,
+        |c| c.mailbox_messages = 1,
+        [
+            ("ann", 1024, 2000),
+            ("ben", 1025, 2001),
+            ("cat", 1026, 2002),
+        ],
+    );
+    s.command(c, &format!("dereg {cat}"));
+    s.settle();
+    stored_behind_their_backs(&mut s, &cat, 1);
+    let from = s.lines(a).len();
+    s.command(a, "send_all hello all");
+    s.settle();
+    let saved = s.lines_since(a, from);
+    assert!(
+        saved.iter().all(|l| !l.contains("full")) && !saved.is_empty(),
+        "{saved:?}"
+    );
+    assert_eq!(
+        (s.lines(b).iter())
+            .filter(|l| l.contains("hello all"))
+            .count(),
+        1
+    );
+    let logged = (s.events.iter()).any(|e| {
+        matches!(e, udpchat::ServerEvent::MailboxFull { to, channel: true, .. }
+            if to.as_str() == cat)
+    });
+    assert!(logged, "{:?}", s.events);
+    let c2 = join_via(&mut s, &cat, 2003, 1026, &[1024, 1025, 1026]);
+    s.settle();
+    let lines = s.lines(c2);
+    assert!(lines.iter().all(|l| !l.contains("hello all")), "{lines:?}");
+}
+
+/// A channel message the store keeps for nobody (every recipient's
+/// mailbox full, by writes the sending server never heard of): its
+/// sender reads "mailbox full", as when the server sees them full.
+#[test]
+fn a_channel_message_the_store_keeps_for_nobody_is_refused() {
+    let (mut s, [_, cat], [a, c]) = homed(
+        2,
+        |c| c.mailbox_messages = 1,
+        [("ann", 1024, 2000), ("cat", 1025, 2001)],
+    );
+    s.command(c, &format!("dereg {cat}"));
+    s.settle();
+    stored_behind_their_backs(&mut s, &cat, 1);
+    let from = s.lines(a).len();
+    s.command(a, "send_all nobody keeps this");
+    s.settle();
+    let lines = s.lines_since(a, from);
+    assert!(lines.iter().any(|l| l.contains("full")), "{lines:?}");
+    assert!(lines.iter().all(|l| !l.contains("saved]")), "{lines:?}");
+    assert_eq!(s.store.len(), 1);
 }

@@ -11,7 +11,7 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use udpchat::crypto::{Keypair, PublicKey, ServerSecrets};
-use udpchat::store::{MemoryStore, Store, StoreOp};
+use udpchat::store::{MailboxLimits, MemoryStore, Outcome, Store, StoreOp};
 use udpchat::wire::{self, MailId, Name, What};
 use udpchat::{
     Client, ClientConfig, Event, Remote, Server, ServerConfig, ServerEvent, StoreFailure, console,
@@ -94,6 +94,10 @@ pub struct Sim {
     sealed: Vec<StoreOp>,
     /// Every event the server logged.
     pub events: Vec<ServerEvent>,
+    /// Every event the cluster's other servers logged.
+    pub peer_events: Vec<ServerEvent>,
+    /// Copies the store refused for a full mailbox ([`Outcome::Full`]).
+    pub refused_full: usize,
     pub nodes: Vec<Node>,
     /// Delivery time → packets, in send order.
     queue: BTreeMap<(Instant, u64), Packet>,
@@ -168,6 +172,8 @@ impl Sim {
             shared: false,
             feed: Default::default(),
             feed_held: false,
+            peer_events: Vec::new(),
+            refused_full: 0,
         }
     }
 
@@ -190,7 +196,15 @@ impl Sim {
             tweak(&mut c);
             c
         };
-        self.server = Server::new(config(1024, self.start), self.now, Default::default());
+        let first = config(1024, self.start);
+        // The store counts every mailbox across the servers, as
+        // PostgreSQL does, and refuses what goes over the servers' limits.
+        self.store = MemoryStore::with_limits(MailboxLimits {
+            messages: first.mailbox_messages,
+            bytes: first.mailbox_bytes,
+            ttl: first.mail_ttl,
+        });
+        self.server = Server::new(first, self.now, Default::default());
         self.shared = true;
         self.cluster(n);
         for p in &mut self.peers {
@@ -706,6 +720,7 @@ impl Sim {
                     None => {
                         self.store.commit(&ops).unwrap();
                         let outcomes = self.store.outcomes();
+                        self.refused_full += full_in(&outcomes);
                         self.server.handle_committed_as(self.now, outcomes);
                         self.publish(self.server_addr, &ops);
                         committed = true;
@@ -739,6 +754,7 @@ impl Sim {
             if !ops.is_empty() {
                 store.commit(&ops).unwrap();
                 let outcomes = store.outcomes();
+                self.refused_full += full_in(&outcomes);
                 peer.server.handle_committed_as(now, outcomes);
                 let origin = peer.addr;
                 self.publish(origin, &ops);
@@ -746,7 +762,8 @@ impl Sim {
             let peer = &mut self.peers[i];
             let from = peer.addr;
             let out: Vec<_> = std::iter::from_fn(|| peer.server.poll_transmit()).collect();
-            while peer.server.poll_event().is_some() {}
+            self.peer_events
+                .extend(std::iter::from_fn(|| peer.server.poll_event()));
             let again = !ops.is_empty() || peer.server.wants_fetch();
             for t in out {
                 self.enqueue(from, t.to, Some(t.what), t.payload);
@@ -877,4 +894,11 @@ pub fn drop_first(mut n: usize, f: impl Fn(&Packet) -> bool + 'static) -> DropRu
 /// Drops every packet matching `f`.
 pub fn drop_all(f: impl Fn(&Packet) -> bool + 'static) -> DropRule {
     Box::new(f)
+}
+
+/// How many of `outcomes` say a mailbox was full.
+fn full_in(outcomes: &[Outcome]) -> usize {
+    (outcomes.iter())
+        .filter(|o| matches!(o, Outcome::Full { .. }))
+        .count()
 }
