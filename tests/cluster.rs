@@ -1963,3 +1963,34 @@ fn a_channel_message_the_store_keeps_for_nobody_is_refused() {
     assert!(lines.iter().all(|l| !l.contains("saved]")), "{lines:?}");
     assert_eq!(s.store.len(), 1);
 }
+
+/// A save relayed live to a recipient online at the same server, whose
+/// mailbox the store finds full: the relay is refused with the message
+/// (its sender reads "mailbox full"), and the live copy never leaves.
+#[test]
+fn a_relay_the_store_refuses_is_not_delivered() {
+    let (mut s, [_, cat], [a, c]) = homed(
+        2,
+        |c| c.mailbox_messages = 1,
+        [("ann", 1024, 2000), ("cat", 1024, 2001)],
+    );
+    cut_direct_path(&mut s, 2000, 2001);
+    stored_behind_their_backs(&mut s, &cat, 1);
+    let from = (s.lines(a).len(), s.lines(c).len());
+    s.command(a, &format!("send {cat} relayed or not"));
+    s.settle();
+    let said = s.lines_since(a, from.0);
+    let full = format!(">>> [Error: mailbox of {cat} is full, message not saved.]");
+    assert_eq!(said.last(), Some(&full.as_str()), "{said:?}");
+    assert!(
+        said.iter()
+            .all(|l| !l.contains("saved]") && !l.contains("received")),
+        "{said:?}"
+    );
+    let shown = s.lines_since(c, from.1);
+    assert!(
+        shown.iter().all(|l| !l.contains("relayed or not")),
+        "{shown:?}"
+    );
+    assert_eq!(s.store.len(), 1);
+}
