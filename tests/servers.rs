@@ -840,3 +840,75 @@ fn a_schema_3_database_is_brought_up_to_schema_4_with_its_mailboxes_counted() {
     );
     assert_eq!(store.mailboxes(&[name("eve")]).unwrap().len(), 1);
 }
+
+/// Two servers store messages for one mailbox at the same moment, each
+/// through its own connection: the database's limit holds across them
+/// (the mailbox ends with exactly its limit, and exactly that many of
+/// their messages were not refused).
+#[test]
+fn two_servers_filling_one_mailbox_at_once_stop_at_its_limit() {
+    use udpchat::crypto::PublicKey;
+    use udpchat::store::{Body, MailboxLimits, Outcome, Store, StoreOp, StoredMail};
+    use udpchat::wire::{MailId, MsgId};
+
+    let test = "two_servers_filling_one_mailbox_at_once_stop_at_its_limit";
+    let Some(cluster) = Cluster::start(test, 0) else {
+        return;
+    };
+    const LIMIT: usize = 50;
+    let (mut a, _, mut b, _) = two_members(&cluster, "race");
+    for store in [&mut a, &mut b] {
+        store.limit_mailboxes(MailboxLimits {
+            messages: LIMIT,
+            bytes: 1 << 20,
+        });
+    }
+    let barrier = std::sync::Barrier::new(2);
+    // Each server: batches of 4 messages to bob (its own ids and sender),
+    // 120 in all; returns how many were stored.
+    let fill = |store: &mut udpchat::driver::postgres::PgStore, from: &str, base: u64| {
+        barrier.wait();
+        let mut stored = 0;
+        for batch in 0..30u64 {
+            let ops: Vec<StoreOp> = (0..4u64)
+                .map(|i| {
+                    let n = batch * 4 + i + 1;
+                    StoreOp::Put(StoredMail {
+                        mail: MailId(base + n),
+                        to: Name::new("bob").unwrap(),
+                        from: Name::new(from).unwrap(),
+                        channel: false,
+                        stored_at: 1_700_000_000,
+                        id: MsgId(n),
+                        body: Body::Sealed {
+                            key: PublicKey([7; 32]),
+                            sealed: vec![1; 64],
+                        },
+                    })
+                })
+                .collect();
+            store.commit(&ops).unwrap();
+            let refused = (store.outcomes().iter())
+                .filter(|o| matches!(o, Outcome::Full { .. }))
+                .count();
+            stored += ops.len() - refused;
+        }
+        stored
+    };
+    let (stored_a, stored_b) = std::thread::scope(|s| {
+        let by_a = s.spawn(|| fill(&mut a, "ann", 1_000_000));
+        let by_b = s.spawn(|| fill(&mut b, "cal", 2_000_000));
+        (by_a.join().unwrap(), by_b.join().unwrap())
+    });
+    let rows = a.mailboxes(&[Name::new("bob").unwrap()]).unwrap();
+    assert_eq!(rows.len(), LIMIT, "bob's mailbox");
+    assert_eq!(
+        stored_a + stored_b,
+        LIMIT,
+        "a stored {stored_a}, b {stored_b}"
+    );
+    assert_eq!(
+        cluster.psql(0, "race", "SELECT messages FROM mailbox WHERE name = 'bob'"),
+        LIMIT.to_string()
+    );
+}
