@@ -670,8 +670,8 @@ fn three_servers_keep_every_saved_message_across_a_failover_of_the_primary() {
     stream::check_delivered_once_across_servers(&mut r, &feeds);
 }
 
-/// A database of schema 2 (written by the previous build) is brought up to
-/// schema 3 when a server opens it: the index one of several servers uses
+/// A database of schema 2 (written by an earlier build) is brought up to
+/// schema 3, and on to this build's, when a server opens it: the index one of several servers uses
 /// to fetch a mailbox is made, a channel message stored twice is kept
 /// once (its first copy) under the new (sender, message id) key, and what
 /// else was stored stays.
@@ -705,6 +705,7 @@ fn a_schema_2_database_is_brought_up_to_schema_3() {
     // stored twice (sent again through a second server).
     cluster.psql(0, "upgrade", "DROP INDEX channel_pending");
     cluster.psql(0, "upgrade", "DROP INDEX channel_message");
+    cluster.psql(0, "upgrade", "DROP TABLE mailbox");
     cluster.psql(0, "upgrade", "UPDATE udpchat_schema SET version = 2");
     // (Written as that build wrote it: this one's statement needs the
     // index.)
@@ -729,4 +730,185 @@ fn a_schema_2_database_is_brought_up_to_schema_3() {
     );
     let bob: Vec<_> = kept.copies().filter(|m| m.to == name("bob")).collect();
     assert_eq!(store.mailboxes(&[name("bob")]).unwrap(), bob);
+    // On to schema 4 in the same start: the copy kept counted once each.
+    assert_eq!(
+        cluster.psql(
+            0,
+            "upgrade",
+            "SELECT string_agg(name || ':' || messages || ':' || bytes, ',' ORDER BY name)
+             FROM mailbox"
+        ),
+        "bob:1:200,cal:1:200"
+    );
+}
+
+/// A database of schema 3 (written by the previous build) is brought up to
+/// schema 4 when a server opens it: each mailbox's counters are computed
+/// from its rows (direct messages, and channel messages pending for it
+/// that it has not acked), the same as the counters a store of this build
+/// kept while it wrote those rows; an ack of a recipient a channel message
+/// was never pending for is dropped.
+#[test]
+fn a_schema_3_database_is_brought_up_to_schema_4_with_its_mailboxes_counted() {
+    use udpchat::crypto::PublicKey;
+    use udpchat::driver::postgres::{PgStore, SCHEMA_VERSION};
+    use udpchat::store::{Body, ChannelMail, Store, StoreOp, StoredMail};
+    use udpchat::wire::{MailId, MsgId};
+
+    let test = "a_schema_3_database_is_brought_up_to_schema_4_with_its_mailboxes_counted";
+    let Some(cluster) = Cluster::start(test, 0) else {
+        return;
+    };
+    let url = cluster.database("upgrade4");
+    let name = |s: &str| Name::new(s).unwrap();
+    let direct = |mail: u64, to: &str, len: usize| {
+        StoreOp::Put(StoredMail {
+            mail: MailId(mail),
+            to: name(to),
+            from: name("ann"),
+            channel: false,
+            stored_at: 1_700_000_000,
+            id: MsgId(mail),
+            body: Body::Sealed {
+                key: PublicKey([7; 32]),
+                sealed: vec![1; len],
+            },
+        })
+    };
+    let channel = |mail: u64, to: &[&str], len: usize| {
+        StoreOp::Channel(ChannelMail {
+            mail: MailId(mail),
+            from: name("ann"),
+            stored_at: 1_700_000_000,
+            id: MsgId(mail),
+            body: vec![9; len].into(),
+            to: to.iter().map(|n| name(n)).collect(),
+        })
+    };
+    let delete = |to: &str, mail: u64| StoreOp::Delete {
+        to: name(to),
+        mail: MailId(mail),
+    };
+    let mut old = PgStore::open(&url).unwrap();
+    old.commit(&[
+        direct(1, "bob", 10),
+        direct(2, "bob", 20),
+        direct(3, "cal", 30),
+        channel(4, &["bob", "cal", "dan"], 40),
+        channel(5, &["cal"], 50),
+    ])
+    .unwrap();
+    old.commit(&[delete("cal", 3), delete("cal", 4), delete("dan", 4)])
+        .unwrap();
+    // Every mailbox owed something, as the store counted it: bob 1, 2
+    // and 4; cal 5; dan nothing.
+    let counters = "SELECT string_agg(name || ':' || messages || ':' || bytes, ',' ORDER BY name)
+                    FROM mailbox WHERE messages > 0";
+    let counted = cluster.psql(0, "upgrade4", counters);
+    assert_eq!(counted, "bob:3:550,cal:1:210");
+    drop(old);
+    // As the previous build left it: no counters, and an ack of a
+    // recipient message 4 was never pending for.
+    cluster.psql(0, "upgrade4", "DROP TABLE mailbox");
+    cluster.psql(0, "upgrade4", "UPDATE udpchat_schema SET version = 3");
+    cluster.psql(
+        0,
+        "upgrade4",
+        "INSERT INTO channel_acked (mail, recipient) VALUES (4, 'eve')",
+    );
+    let mut store = PgStore::open(&url).unwrap();
+    assert_eq!(
+        cluster.psql(0, "upgrade4", "SELECT version FROM udpchat_schema"),
+        SCHEMA_VERSION.to_string()
+    );
+    assert_eq!(cluster.psql(0, "upgrade4", counters), counted);
+    let strays = "SELECT count(*) FROM channel_acked WHERE recipient = 'eve'";
+    assert_eq!(cluster.psql(0, "upgrade4", strays), "0");
+    // And counted on from there: eve, gaining message 4, is owed it.
+    let gained = StoreOp::Channel(ChannelMail {
+        mail: MailId(6),
+        from: name("ann"),
+        stored_at: 1_700_000_000,
+        id: MsgId(4),
+        body: vec![9; 40].into(),
+        to: vec![name("eve")],
+    });
+    store.commit(&[gained, delete("bob", 1)]).unwrap();
+    assert_eq!(
+        cluster.psql(0, "upgrade4", counters),
+        "bob:2:380,cal:1:210,eve:1:200"
+    );
+    assert_eq!(store.mailboxes(&[name("eve")]).unwrap().len(), 1);
+}
+
+/// Two servers store messages for one mailbox at the same moment, each
+/// through its own connection: the database's limit holds across them
+/// (the mailbox ends with exactly its limit, and exactly that many of
+/// their messages were not refused).
+#[test]
+fn two_servers_filling_one_mailbox_at_once_stop_at_its_limit() {
+    use udpchat::crypto::PublicKey;
+    use udpchat::store::{Body, MailboxLimits, Outcome, Store, StoreOp, StoredMail};
+    use udpchat::wire::{MailId, MsgId};
+
+    let test = "two_servers_filling_one_mailbox_at_once_stop_at_its_limit";
+    let Some(cluster) = Cluster::start(test, 0) else {
+        return;
+    };
+    const LIMIT: usize = 50;
+    let (mut a, _, mut b, _) = two_members(&cluster, "race");
+    for store in [&mut a, &mut b] {
+        store.limit_mailboxes(MailboxLimits {
+            messages: LIMIT,
+            bytes: 1 << 20,
+        });
+    }
+    let barrier = std::sync::Barrier::new(2);
+    // Each server: batches of 4 messages to bob (its own ids and sender),
+    // 120 in all; returns how many were stored.
+    let fill = |store: &mut udpchat::driver::postgres::PgStore, from: &str, base: u64| {
+        barrier.wait();
+        let mut stored = 0;
+        for batch in 0..30u64 {
+            let ops: Vec<StoreOp> = (0..4u64)
+                .map(|i| {
+                    let n = batch * 4 + i + 1;
+                    StoreOp::Put(StoredMail {
+                        mail: MailId(base + n),
+                        to: Name::new("bob").unwrap(),
+                        from: Name::new(from).unwrap(),
+                        channel: false,
+                        stored_at: 1_700_000_000,
+                        id: MsgId(n),
+                        body: Body::Sealed {
+                            key: PublicKey([7; 32]),
+                            sealed: vec![1; 64],
+                        },
+                    })
+                })
+                .collect();
+            store.commit(&ops).unwrap();
+            let refused = (store.outcomes().iter())
+                .filter(|o| matches!(o, Outcome::Full { .. }))
+                .count();
+            stored += ops.len() - refused;
+        }
+        stored
+    };
+    let (stored_a, stored_b) = std::thread::scope(|s| {
+        let by_a = s.spawn(|| fill(&mut a, "ann", 1_000_000));
+        let by_b = s.spawn(|| fill(&mut b, "cal", 2_000_000));
+        (by_a.join().unwrap(), by_b.join().unwrap())
+    });
+    let rows = a.mailboxes(&[Name::new("bob").unwrap()]).unwrap();
+    assert_eq!(rows.len(), LIMIT, "bob's mailbox");
+    assert_eq!(
+        stored_a + stored_b,
+        LIMIT,
+        "a stored {stored_a}, b {stored_b}"
+    );
+    assert_eq!(
+        cluster.psql(0, "race", "SELECT messages FROM mailbox WHERE name = 'bob'"),
+        LIMIT.to_string()
+    );
 }

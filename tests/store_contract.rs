@@ -14,7 +14,8 @@ use udpchat::crypto::PublicKey;
 use udpchat::driver::postgres::PgStore;
 use udpchat::driver::sqlite::SqliteStore;
 use udpchat::store::{
-    Body, ChannelMail, ClientRecord, Loaded, MemoryStore, Store, StoreOp, StoredMail,
+    Body, ChannelMail, ClientRecord, Loaded, MailboxLimits, MemoryStore, Outcome, Store, StoreOp,
+    StoredMail,
 };
 use udpchat::wire::{MailId, MsgId, Name};
 
@@ -323,9 +324,32 @@ fn forget_and_rewrite(store: &mut dyn Store) {
 /// Random batches of every operation, each sometimes committed twice,
 /// against the memory store as the model: loads and fetches agree.
 fn random_batches_match_the_model(store: &mut dyn Store) {
+    random_batches_match(store, MemoryStore::new(), 0x5eed);
+}
+
+/// [`random_batches_match_the_model`] for a store that enforces
+/// [`LIMITS`], against a memory store that does: the same messages are
+/// refused, in the same order.
+fn random_batches_match_the_limited_model(store: &mut dyn Store) {
+    let refusals = random_batches_match(store, MemoryStore::with_limits(LIMITS), 0x11_4175);
+    assert!(
+        refusals > 20,
+        "only {refusals} refused: the case tests little"
+    );
+}
+
+/// What the last commit of `store` refused.
+fn refused(store: &mut dyn Store) -> Vec<Outcome> {
+    (store.outcomes().into_iter())
+        .filter(|o| matches!(o, Outcome::Full { .. }))
+        .collect()
+}
+
+/// Returns how many messages were refused.
+fn random_batches_match(store: &mut dyn Store, mut model: MemoryStore, seed: u64) -> usize {
     const NAMES: [&str; 5] = ["Alice", "Bob", "Carol", "Dave", "Eve"];
-    let mut rng = TestRng::new(0x5eed);
-    let mut model = MemoryStore::new();
+    let mut rng = TestRng::new(seed);
+    let mut refusals = 0;
     let mut next = 1u64;
     for _ in 0..40 {
         let mut batch = Vec::new();
@@ -342,7 +366,12 @@ fn random_batches_match_the_model(store: &mut dyn Store) {
                 1 | 2 => {
                     next += 1;
                     let id = rng.below(8);
-                    StoreOp::Put(mail(next, who, other, id, &format!("m{next}")))
+                    // Now and then a long one (a mailbox's bytes fill up).
+                    let text = match rng.below(4) {
+                        0 => "x".repeat(300),
+                        _ => format!("m{next}"),
+                    };
+                    StoreOp::Put(mail(next, who, other, id, &text))
                 }
                 3 => {
                     next += 1;
@@ -365,6 +394,9 @@ fn random_batches_match_the_model(store: &mut dyn Store) {
         for _ in 0..replays {
             store.commit(&batch).unwrap();
             model.commit(&batch).unwrap();
+            let want = refused(&mut model);
+            assert_eq!(refused(store), want, "refused of {batch:?}");
+            refusals += want.len();
         }
         let (got, want) = (store.load().unwrap(), model.load().unwrap());
         assert_eq!(got.mail, want.mail, "after {batch:?}");
@@ -389,12 +421,122 @@ fn random_batches_match_the_model(store: &mut dyn Store) {
             );
         }
     }
+    refusals
+}
+
+/// The limits of [`LIMITED_CASES`]: three messages, 1000 bytes (six
+/// small messages' worth, each counted with `MAIL_OVERHEAD`, 160).
+const LIMITS: MailboxLimits = MailboxLimits {
+    messages: 3,
+    bytes: 1000,
+};
+
+/// The cases of a store that enforces [`LIMITS`] (one shared by several
+/// servers; a store of one server never refuses: its server does).
+const LIMITED_CASES: &[Case] = &[
+    ("a full mailbox refuses", a_full_mailbox_refuses),
+    (
+        "random batches match the memory store with limits",
+        random_batches_match_the_limited_model,
+    ),
+];
+
+fn full(to: &str, mail: u64) -> Outcome {
+    Outcome::Full {
+        to: name(to),
+        mail: MailId(mail),
+    }
+}
+
+/// Commits `ops`, and what it refused.
+fn commit(store: &mut dyn Store, ops: &[StoreOp]) -> Vec<Outcome> {
+    store.commit(ops).unwrap();
+    refused(store)
+}
+
+/// The mail ids in `to`'s mailbox.
+fn mailbox(store: &mut dyn Store, to: &str) -> Vec<u64> {
+    (store.mailboxes(&[name(to)]).unwrap().iter())
+        .map(|m| m.mail.0)
+        .collect()
+}
+
+fn put(id: u64, to: &str, text: &str) -> StoreOp {
+    StoreOp::Put(mail(id, to, "Alice", id, text))
+}
+
+fn a_full_mailbox_refuses(store: &mut dyn Store) {
+    // Up to the limit: stored.
+    for i in 1..=3 {
+        assert_eq!(commit(store, &[put(i, "Bob", "hi")]), []);
+    }
+    // The next is refused, and found nowhere.
+    assert_eq!(commit(store, &[put(4, "Bob", "hi")]), [full("Bob", 4)]);
+    assert_eq!(mailbox(store, "Bob"), [1, 2, 3]);
+    assert_eq!(store.fetch(&name("Bob"), MailId(4)).unwrap(), None);
+    // A delete makes room (in the same batch, before the message).
+    assert_eq!(commit(store, &[delete("Bob", 1), put(5, "Bob", "hi")]), []);
+    assert_eq!(mailbox(store, "Bob"), [2, 3, 5]);
+    // A channel message to a full and a non-full mailbox: pending only
+    // for the latter.
+    let to_both = StoreOp::Channel(channel(6, "Alice", &["Bob", "Carol"], "to all"));
+    assert_eq!(commit(store, &[to_both]), [full("Bob", 6)]);
+    assert_eq!(mailbox(store, "Bob"), [2, 3, 5]);
+    assert_eq!(mailbox(store, "Carol"), [6]);
+    assert_eq!(store.fetch(&name("Bob"), MailId(6)).unwrap(), None);
+    assert!(store.fetch(&name("Carol"), MailId(6)).unwrap().is_some());
+    // To full mailboxes only: kept for nobody.
+    let to_bob = StoreOp::Channel(channel(7, "Alice", &["Bob"], "to Bob"));
+    assert_eq!(
+        commit(store, std::slice::from_ref(&to_bob)),
+        [full("Bob", 7)]
+    );
+    assert!(store.load().unwrap().mail.iter().all(|m| m.mail.0 != 7));
+    // Sent again once there is room: stored.
+    assert_eq!(commit(store, &[delete("Bob", 2)]), []);
+    assert_eq!(commit(store, &[to_bob]), []);
+    assert_eq!(mailbox(store, "Bob"), [3, 5, 7]);
+    // A replayed batch whose messages were stored reports nothing, and
+    // changes nothing (Carol then holds 8 and 9, room for one more).
+    let batch = [
+        put(8, "Carol", "a"),
+        StoreOp::Channel(channel(9, "Alice", &["Carol", "Dave"], "b")),
+        delete("Carol", 6),
+    ];
+    assert_eq!(commit(store, &batch), []);
+    let once = store.load().unwrap();
+    assert_eq!(commit(store, &batch), []);
+    assert_eq!(store.load().unwrap(), once);
+    assert_eq!(
+        commit(store, &[put(10, "Carol", "c"), put(11, "Carol", "d")]),
+        [full("Carol", 11)]
+    );
+    // Several messages to one mailbox in one batch: the first ones are
+    // kept, in batch order.
+    let batch: Vec<StoreOp> = (20..25).map(|i| put(i, "Eve", "e")).collect();
+    assert_eq!(commit(store, &batch), [full("Eve", 23), full("Eve", 24)]);
+    assert_eq!(mailbox(store, "Eve"), [20, 21, 22]);
+    // Bytes: a long message takes the room of several; a shorter one
+    // after a refused one may still fit.
+    let batch = [
+        put(30, "Frank", &"x".repeat(600)),
+        put(31, "Frank", &"y".repeat(300)),
+        put(32, "Frank", &"z".repeat(50)),
+    ];
+    assert_eq!(commit(store, &batch), [full("Frank", 31)]);
+    assert_eq!(mailbox(store, "Frank"), [30, 32]);
+    // One longer than a mailbox holds: refused into an empty one.
+    assert_eq!(
+        commit(store, &[put(40, "Gus", &"g".repeat(900))]),
+        [full("Gus", 40)]
+    );
+    assert_eq!(mailbox(store, "Gus"), Vec::<u64>::new());
 }
 
 /// Runs every case on a fresh store from `fresh`, naming the one that
 /// failed.
-fn run_cases(store_kind: &str, mut fresh: impl FnMut(usize) -> Box<dyn Store>) {
-    for (i, (what, case)) in CASES.iter().enumerate() {
+fn run_cases(store_kind: &str, cases: &[Case], mut fresh: impl FnMut(usize) -> Box<dyn Store>) {
+    for (i, (what, case)) in cases.iter().enumerate() {
         let mut store = fresh(i);
         let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             case(store.as_mut());
@@ -412,13 +554,20 @@ fn run_cases(store_kind: &str, mut fresh: impl FnMut(usize) -> Box<dyn Store>) {
 
 #[test]
 fn the_memory_store_keeps_the_contract() {
-    run_cases("MemoryStore", |_| Box::new(MemoryStore::new()));
+    run_cases("MemoryStore", CASES, |_| Box::new(MemoryStore::new()));
+}
+
+#[test]
+fn the_memory_store_with_limits_refuses_what_has_no_room() {
+    run_cases("MemoryStore::with_limits", LIMITED_CASES, |_| {
+        Box::new(MemoryStore::with_limits(LIMITS))
+    });
 }
 
 #[test]
 fn the_sqlite_store_keeps_the_contract() {
     let dir = common::scratch_dir();
-    run_cases("SqliteStore", |i| {
+    run_cases("SqliteStore", CASES, |i| {
         Box::new(SqliteStore::open(&dir.path().join(format!("case-{i}"))).unwrap())
     });
 }
@@ -429,9 +578,17 @@ fn the_postgres_store_keeps_the_contract() {
         return;
     };
     static NEXT: AtomicUsize = AtomicUsize::new(0);
-    run_cases("PgStore", |i| {
+    run_cases("PgStore", CASES, |i| {
         let n = NEXT.fetch_add(1, Ordering::Relaxed);
         let url = cluster.database(&format!("contract_{i}_{n}"));
         Box::new(PgStore::open(&url).unwrap())
+    });
+    // One cluster for both: each start takes seconds.
+    run_cases("PgStore with limits", LIMITED_CASES, |i| {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let url = cluster.database(&format!("limited_{i}_{n}"));
+        let mut store = PgStore::open(&url).unwrap();
+        store.limit_mailboxes(LIMITS);
+        Box::new(store)
     });
 }

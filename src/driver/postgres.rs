@@ -49,9 +49,34 @@
 //! Version 2 adds the tables of several servers ([`super::cluster`]);
 //! version 3 indexes `channel` by `pending` (a mailbox fetched) and makes
 //! its (sender, msg_id) unique (a channel message stored once however
-//! many servers it is sent through).
+//! many servers it is sent through). Version 4 counts each mailbox, so
+//! that servers sharing the database enforce one limit on it
+//! ([`PgStore::limit_mailboxes`]):
+//!
+//! ```sql
+//! CREATE TABLE mailbox (               -- what each recipient is owed
+//!     name     text PRIMARY KEY,
+//!     messages bigint NOT NULL,        -- its `mail` rows, and the `channel` rows
+//!                                      -- pending for it that it has not acked
+//!     bytes    bigint NOT NULL         -- theirs, each length(body) + MAIL_OVERHEAD
+//! );
+//! ```
+//!
+//! Every change to `mail`, `channel.pending` or `channel_acked` changes the
+//! counters in the same transaction, by what it really changed (rows
+//! inserted, deleted, acked: a replayed batch changes nothing). A commit
+//! applies its batch's sum to the counters in one statement, names in one
+//! order (concurrent commits lock counter rows in that order: no deadlock
+//! between them), and the row lock it then holds makes it see every
+//! earlier commit's messages: with limits set, it goes through its own
+//! messages for each mailbox in batch order, as [`MemoryStore`] does, and
+//! takes back, in one more statement, each one the mailbox had no room
+//! for ([`Outcome::Full`]). Acks are only recorded for a recipient the
+//! message is pending for.
+//!
+//! [`MemoryStore`]: crate::store::MemoryStore
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
 use std::io;
 use std::str::FromStr;
@@ -64,13 +89,16 @@ use postgres::{Client, Config, NoTls, Statement, Transaction};
 use super::cluster;
 use super::rows;
 use super::sqlite::StoreError;
-use crate::store::{Body, Loaded, News, Outcome, Store, StoreOp, StoredMail};
+use crate::store::{
+    Body, Loaded, MAIL_OVERHEAD, MailboxLimits, News, Outcome, Store, StoreOp, StoredMail,
+};
 use crate::wire::{MAX_SEALED, MailId, Name};
 
 /// The schema version this build writes and understands (2 added the
 /// tables of several servers, see [`super::cluster`], 3 an index to fetch
-/// one mailbox; an older database is brought up to it at start).
-pub const SCHEMA_VERSION: i32 = 3;
+/// one mailbox, 4 the mailbox counters; an older database is brought up
+/// to it at start).
+pub const SCHEMA_VERSION: i32 = 4;
 
 /// How long a commit keeps trying to reach a primary (a failover: the old
 /// one dies, a standby is promoted) before its batch fails. The poll loop
@@ -131,6 +159,29 @@ const SCHEMA: &str = "
         PRIMARY KEY (mail, recipient)
     );";
 
+/// What schema version 4 adds: each mailbox's counters.
+const SCHEMA_4: &str = "CREATE TABLE mailbox (
+        name     text PRIMARY KEY,
+        messages bigint NOT NULL,
+        bytes    bigint NOT NULL
+    );";
+
+/// A schema-3 database's counters, from its rows (after its acks of
+/// recipients a message was never pending for are dropped: a recipient
+/// it gains later is owed it). `$1`: [`MAIL_OVERHEAD`].
+const COUNT_ALL: &str = "INSERT INTO mailbox (name, messages, bytes)
+    SELECT name, count(*), sum(size) FROM (
+        SELECT recipient AS name, length(body) + $1 AS size FROM mail
+        UNION ALL
+        SELECT p.name, length(c.body) + $1 FROM channel c
+        CROSS JOIN LATERAL (SELECT DISTINCT r AS name FROM unnest(c.pending) AS r
+                            WHERE r <> '') AS p
+        WHERE NOT EXISTS (SELECT 1 FROM channel_acked a
+                          WHERE a.mail = c.id AND a.recipient = p.name)
+    ) AS owed GROUP BY name";
+const DROP_STRAY_ACKS: &str = "DELETE FROM channel_acked a USING channel c
+                               WHERE a.mail = c.id AND a.recipient <> ALL (c.pending)";
+
 // `ON CONFLICT DO NOTHING`: a message already stored under its id or its
 // (recipient, sender, msg_id) is not stored again (a batch replayed after
 // a COMMIT whose outcome was unknown).
@@ -142,37 +193,83 @@ const PUT: &str = "INSERT INTO mail
                    SELECT * FROM unnest($1::bigint[], $2::text[], $3::text[], $4::boolean[],
                                         $5::bigint[], $6::bigint[], $7::smallint[], $8::bytea[],
                                         $9::bytea[])
-                   ON CONFLICT DO NOTHING";
-const DELETE: &str = "DELETE FROM mail WHERE id = $1 AND recipient = $2";
-// The same message stored first under another id (by another server of a
-// cluster, before a retry through this one): its row gains the recipients
-// it lacks (registered in between), not acked ones; `inserted` says
-// whether the row is this batch's. Nothing returned: a replay, or nobody
-// new.
+                   ON CONFLICT DO NOTHING
+                   RETURNING id";
+const DELETE: &str = "DELETE FROM mail WHERE id = $1 AND recipient = $2 RETURNING length(body)";
+// A new channel message (nothing returned: its id or its (sender, msg_id)
+// is there already, see `GAIN_CHANNEL`).
 const PUT_CHANNEL: &str = "INSERT INTO channel (id, sender, stored_at, msg_id, body, pending, owed)
                            VALUES ($1, $2, $3, $4, $5, $6, $7)
-                           ON CONFLICT (sender, msg_id) DO UPDATE
-                           SET pending = channel.pending || ARRAY(
-                                   SELECT r FROM unnest(EXCLUDED.pending) AS r
-                                   WHERE r <> ALL (channel.pending)),
-                               owed = channel.owed + cardinality(ARRAY(
-                                   SELECT r FROM unnest(EXCLUDED.pending) AS r
-                                   WHERE r <> ALL (channel.pending)))
-                           WHERE channel.id <> EXCLUDED.id
-                             AND NOT EXCLUDED.pending <@ channel.pending
-                           RETURNING xmax = 0 AS inserted";
-// Only for a message that exists, and counted once however often it is
-// committed.
-const ACK: &str = "INSERT INTO channel_acked (mail, recipient)
-                   SELECT $1, $2 WHERE EXISTS (SELECT 1 FROM channel WHERE id = $1)
-                   ON CONFLICT DO NOTHING";
+                           ON CONFLICT DO NOTHING
+                           RETURNING id";
+// The row of a channel message already stored (by a replay of this batch,
+// or first by another server of a cluster, before a retry through this
+// one) gains the recipients it lacks: registered in between, or refused
+// for a full mailbox before; not acked ones. Locked first, so the
+// recipients it gains are counted from the row as this transaction
+// changes it. Nothing returned: the row went in between.
+const GAIN_CHANNEL: &str = "UPDATE channel c SET pending = c.pending || g.added,
+                                owed = c.owed + cardinality(g.added)
+                            FROM (SELECT id, ARRAY(SELECT r FROM unnest($3::text[]) AS r
+                                                   WHERE r <> ALL (channel.pending)) AS added
+                                  FROM channel WHERE sender = $1 AND msg_id = $2
+                                  FOR UPDATE) AS g
+                            WHERE c.id = g.id
+                            RETURNING c.id, g.added, length(c.body)";
+// Only for a message that exists and is pending for the recipient, and
+// counted once however often it is committed: the body's length when it
+// was.
+const ACK: &str = "WITH c AS (SELECT id, length(body) AS len FROM channel
+                             WHERE id = $1 AND $2 = ANY (pending)),
+                        acked AS (INSERT INTO channel_acked (mail, recipient)
+                                  SELECT id, $2 FROM c
+                                  ON CONFLICT DO NOTHING
+                                  RETURNING mail)
+                   SELECT c.len FROM c JOIN acked ON acked.mail = c.id";
 const COUNT_DOWN: &str = "UPDATE channel SET owed = owed - $2 WHERE id = $1 RETURNING owed";
 const OWED: &str = "SELECT pending,
                            array(SELECT recipient FROM channel_acked WHERE mail = $1)
                     FROM channel WHERE id = $1";
 const SET_OWED: &str = "UPDATE channel SET owed = $2 WHERE id = $1";
 const DELETE_CHANNEL: &str = "DELETE FROM channel WHERE id = $1";
-const REWRITE: &str = "UPDATE mail SET kind = $2, body = $3, sender_key = $4 WHERE id = $1";
+// The recipient, and how many bytes longer the body is now.
+const REWRITE: &str = "UPDATE mail m SET kind = $2, body = $3, sender_key = $4
+                       FROM (SELECT id, length(body) AS len FROM mail WHERE id = $1
+                             FOR UPDATE) AS o
+                       WHERE m.id = o.id
+                       RETURNING m.recipient, length(m.body) - o.len";
+// A batch's changes to the counters, in one order of names (as every
+// commit's: they lock counter rows in that order); each mailbox as it is
+// now, this batch's changes in.
+const COUNT: &str = "INSERT INTO mailbox (name, messages, bytes)
+                     SELECT * FROM unnest($1::text[], $2::bigint[], $3::bigint[])
+                         AS d (name, messages, bytes)
+                     ORDER BY name COLLATE \"C\"
+                     ON CONFLICT (name) DO UPDATE
+                     SET messages = mailbox.messages + EXCLUDED.messages,
+                         bytes = mailbox.bytes + EXCLUDED.bytes
+                     RETURNING name, messages, bytes";
+// Takes back what this batch stored for mailboxes without room: direct
+// rows ($1), recipients of channel rows ($2, $3; a row pending for nobody
+// else goes), and the counters ($4 to $6: names, messages, bytes). Every
+// row named is this transaction's (written or locked by it).
+const REFUSE: &str = "WITH refused (id, names) AS (
+                          SELECT id, array_agg(name)
+                          FROM unnest($2::bigint[], $3::text[]) AS t (id, name) GROUP BY id),
+                      gone AS (DELETE FROM channel c USING refused r
+                               WHERE c.id = r.id AND c.owed <= cardinality(r.names)),
+                      kept AS (UPDATE channel c
+                               SET pending = ARRAY(SELECT n FROM unnest(c.pending) AS n
+                                                   WHERE n <> ALL (r.names)),
+                                   owed = c.owed - cardinality(r.names)
+                               FROM refused r
+                               WHERE c.id = r.id AND c.owed > cardinality(r.names)),
+                      direct AS (DELETE FROM mail WHERE id = ANY ($1))
+                      UPDATE mailbox m SET messages = m.messages - t.messages,
+                                           bytes = m.bytes - t.bytes
+                      FROM unnest($4::text[], $5::bigint[], $6::bigint[])
+                          AS t (name, messages, bytes)
+                      WHERE m.name = t.name";
 // A name's key is set once (from NULL); registered_at keeps the first
 // registration, by the database's clock.
 const CLIENT: &str = "INSERT INTO clients (name, addr, registered_at, key, last_seen)
@@ -207,6 +304,9 @@ pub(super) struct Prepared {
     put: Statement,
     delete: Statement,
     put_channel: Statement,
+    gain_channel: Statement,
+    count: Statement,
+    refuse: Statement,
     ack: Statement,
     count_down: Statement,
     owed: Statement,
@@ -236,6 +336,9 @@ impl Prepared {
             put: client.prepare(PUT)?,
             delete: client.prepare(DELETE)?,
             put_channel: client.prepare(PUT_CHANNEL)?,
+            gain_channel: client.prepare(GAIN_CHANNEL)?,
+            count: client.prepare(COUNT)?,
+            refuse: client.prepare(REFUSE)?,
             ack: client.prepare(ACK)?,
             count_down: client.prepare(COUNT_DOWN)?,
             owed: client.prepare(OWED)?,
@@ -272,6 +375,8 @@ pub struct PgStore {
     pub(super) connections: u64,
     /// [`Store::outcomes`] of the last commit.
     outcomes: Vec<Outcome>,
+    /// Enforced by each commit when set ([`PgStore::limit_mailboxes`]).
+    limits: Option<MailboxLimits>,
     /// The feed is to be read whatever the doorbell says: a connection
     /// new since the last read (it missed what rang before it listened),
     /// or a read that stopped at a full page.
@@ -361,8 +466,18 @@ impl PgStore {
             member: None,
             connections: 1,
             outcomes: Vec::new(),
+            limits: None,
             rung: true,
         })
+    }
+
+    /// Refuses, from now on, a message its recipient's mailbox has no
+    /// room for as the database counts it, whichever server stored the
+    /// rest ([`Outcome::Full`]): what one of several servers sharing the
+    /// database sets, from its `--mailbox-*` limits. Without it nothing
+    /// is refused (the counters are kept all the same).
+    pub fn limit_mailboxes(&mut self, limits: MailboxLimits) {
+        self.limits = Some(limits);
     }
 
     /// Releases `name` (an operator's decision, e.g. for a user who lost
@@ -391,11 +506,16 @@ impl PgStore {
                 .iter()
                 .map(|r| r.get(0))
                 .collect();
-            let gone = HashSet::from([who]);
+            let gone = BTreeMap::from([(name, 0)]);
             for id in &owed {
-                take_pending(&mut tx, p, *id, &gone)?;
+                take_pending(&mut tx, p, *id, &gone, &mut Tally::default())?;
                 deleted += 1;
             }
+            // Owed nothing now.
+            tx.execute(
+                "UPDATE mailbox SET messages = 0, bytes = 0 WHERE name = $1",
+                &[&who],
+            )?;
             tx.commit()?;
             Ok(Some(deleted))
         });
@@ -521,6 +641,7 @@ fn create_schema(client: &mut Client) -> Result<Result<(), StoreError>, postgres
         tx.batch_execute(SCHEMA)?;
         tx.batch_execute(super::cluster::SCHEMA)?;
         tx.batch_execute(super::cluster::SCHEMA_3)?;
+        tx.batch_execute(SCHEMA_4)?;
         tx.execute(
             "INSERT INTO udpchat_schema (version) VALUES ($1)",
             &[&SCHEMA_VERSION],
@@ -546,6 +667,13 @@ fn create_schema(client: &mut Client) -> Result<Result<(), StoreError>, postgres
              WHERE c.sender = d.sender AND c.msg_id = d.msg_id AND c.id > d.id",
         )?;
         tx.batch_execute(super::cluster::SCHEMA_3)?;
+        version = Some(3);
+    }
+    if version == Some(3) {
+        // Version 4 counts each mailbox: from its rows, once.
+        tx.batch_execute(SCHEMA_4)?;
+        tx.batch_execute(DROP_STRAY_ACKS)?;
+        tx.execute(COUNT_ALL, &[&(MAIL_OVERHEAD as i32)])?;
         tx.execute("UPDATE udpchat_schema SET version = $1", &[&SCHEMA_VERSION])?;
         version = Some(SCHEMA_VERSION);
     }
@@ -572,50 +700,101 @@ fn db_id(mail: MailId) -> io::Result<i64> {
     })
 }
 
-/// Applies one operation; a channel copy's ack is gathered into `acked`
-/// (message id → recipients), counted at the end of the batch. Returns
-/// whether it wrote all it was to (a message already there is not).
+/// A channel copy's acks, gathered by [`apply`]: message id → recipients,
+/// each with the place in the batch of its first ack.
+type Acked<'a> = BTreeMap<i64, BTreeMap<&'a Name, usize>>;
+
+/// A message's bytes as the counters count them.
+fn counted(len: usize) -> i64 {
+    i64::try_from(len + MAIL_OVERHEAD).unwrap_or(i64::MAX)
+}
+
+/// Applies operation `at` of the batch, noting in `tally` what it changed
+/// in which mailbox; a channel copy's ack is gathered into `acked`,
+/// counted at the end of the batch. Returns whether it wrote all it was
+/// to (a message already there is not).
 fn apply<'a>(
     tx: &mut Transaction<'_>,
     p: &Prepared,
+    at: usize,
     op: &'a StoreOp,
-    acked: &mut BTreeMap<i64, HashSet<&'a str>>,
+    acked: &mut Acked<'a>,
+    tally: &mut Tally,
 ) -> Result<bool, postgres::Error> {
     match op {
         // Gathered by the caller and written by `put_all`.
         StoreOp::Put(_) => {}
         StoreOp::Rewrite { mail, body } => {
             if let (Ok(id), Ok((kind, body, key))) = (db_id(*mail), rows::body_columns(body)) {
-                tx.execute(&p.rewrite, &[&id, &(kind as i16), &body, &key])?;
+                let row = tx.query_opt(&p.rewrite, &[&id, &(kind as i16), &body, &key])?;
+                if let Some(row) = row
+                    && let Ok(to) = Name::new(row.get::<_, &str>(0))
+                {
+                    let longer: i32 = row.get(1);
+                    tally.note(at, to, 0, i64::from(longer), Change::Resized);
+                }
             }
         }
         StoreOp::Channel(c) => {
-            let pending: Vec<&str> = c.to.iter().map(Name::as_str).collect();
+            // Each recipient once (as the counters count them).
+            let mut seen = HashSet::new();
+            let to: Vec<&Name> = c.to.iter().filter(|n| seen.insert(*n)).collect();
+            let pending: Vec<&str> = to.iter().map(|n| n.as_str()).collect();
             let owed = i32::try_from(pending.len()).unwrap_or(i32::MAX);
-            // Not written: a replay (its id is there), or the same
-            // message stored first under another id (`kept_instead`),
-            // maybe for more recipients now.
-            let row = tx.query_opt(
-                &p.put_channel,
-                &[
-                    &c.mail.0.cast_signed(),
-                    &c.from.as_str(),
-                    &c.stored_at,
-                    &c.id.0.cast_signed(),
-                    &&c.body[..],
-                    &pending,
-                    &owed,
-                ],
-            )?;
-            return Ok(row.is_some_and(|r| r.get::<_, bool>(0)));
+            let (id, msg_id) = (c.mail.0.cast_signed(), c.id.0.cast_signed());
+            // Twice at most: a row there at the insert may be gone (acked
+            // by its last recipient) when it is to gain recipients.
+            for _ in 0..2 {
+                let row = tx.query_opt(
+                    &p.put_channel,
+                    &[
+                        &id,
+                        &c.from.as_str(),
+                        &c.stored_at,
+                        &msg_id,
+                        &&c.body[..],
+                        &pending,
+                        &owed,
+                    ],
+                )?;
+                if row.is_some() {
+                    let size = counted(c.body.len());
+                    for name in to {
+                        let added = Change::Added(id, true, c.mail);
+                        tally.note(at, name.clone(), 1, size, added);
+                    }
+                    return Ok(true);
+                }
+                // Not written: a replay (its id is there), or the same
+                // message stored first under another id (`kept_instead`);
+                // its row gains the recipients it lacks.
+                let gained =
+                    tx.query_opt(&p.gain_channel, &[&c.from.as_str(), &msg_id, &pending])?;
+                if let Some(row) = gained {
+                    let (kept, names, len): (i64, Vec<String>, i32) =
+                        (row.get(0), row.get(1), row.get(2));
+                    let size = counted(usize::try_from(len).unwrap_or(0));
+                    for name in names.iter().filter_map(|n| Name::new(n).ok()) {
+                        tally.note(at, name, 1, size, Change::Added(kept, true, c.mail));
+                    }
+                    return Ok(false);
+                }
+            }
+            return Ok(false);
         }
         StoreOp::Delete { to, mail } => {
             // An id beyond bigint was never stored: nothing to delete.
             if let Ok(id) = db_id(*mail) {
-                let deleted = tx.execute(&p.delete, &[&id, &to.as_str()])?;
-                // Not a direct message: a copy of a channel message.
-                if deleted == 0 {
-                    acked.entry(id).or_default().insert(to.as_str());
+                match tx.query_opt(&p.delete, &[&id, &to.as_str()])? {
+                    Some(row) => {
+                        let len: i32 = row.get(0);
+                        let size = counted(usize::try_from(len).unwrap_or(0));
+                        tally.note(at, to.clone(), -1, -size, Change::Removed(id));
+                    }
+                    // Not a direct message: a copy of a channel message.
+                    None => {
+                        acked.entry(id).or_default().entry(to).or_insert(at);
+                    }
                 }
             }
         }
@@ -635,13 +814,15 @@ fn apply<'a>(
     Ok(true)
 }
 
-/// Writes `puts` with one statement.
-/// Returns whether every message was inserted (one already there, by id
-/// or by (recipient, sender, message id), is not).
+/// Writes `puts` (each with its place in the batch) with one statement,
+/// noting in `tally` those really stored. Returns whether every message
+/// was inserted (one already there, by id or by (recipient, sender,
+/// message id), is not).
 fn put_all(
     tx: &mut Transaction<'_>,
     p: &Prepared,
-    puts: &[&StoredMail],
+    puts: &[(usize, &StoredMail)],
+    tally: &mut Tally,
 ) -> Result<bool, postgres::Error> {
     if puts.is_empty() {
         return Ok(true);
@@ -657,12 +838,15 @@ fn put_all(
         Vec::new(),
         Vec::new(),
     );
-    for m in puts {
+    let mut by_id = HashMap::new();
+    for &(at, m) in puts {
         // Checked before the transaction began (`check_batch`).
         let Ok((kind, body, key)) = rows::body_columns(&m.body) else {
             continue;
         };
-        cols.0.push(m.mail.0.cast_signed());
+        let id = m.mail.0.cast_signed();
+        by_id.entry(id).or_insert((at, m));
+        cols.0.push(id);
         cols.1.push(m.to.as_str());
         cols.2.push(m.from.as_str());
         cols.3.push(m.channel);
@@ -672,26 +856,40 @@ fn put_all(
         cols.7.push(body);
         cols.8.push(key);
     }
-    let inserted = tx.execute(
+    let inserted = tx.query(
         &p.put,
         &[
             &cols.0, &cols.1, &cols.2, &cols.3, &cols.4, &cols.5, &cols.6, &cols.7, &cols.8,
         ],
     )?;
-    Ok(inserted == cols.0.len() as u64)
+    for row in &inserted {
+        if let Some(&(at, m)) = by_id.get(&row.get::<_, i64>(0)) {
+            let size = counted(m.body.len());
+            let added = Change::Added(m.mail.0.cast_signed(), false, m.mail);
+            tally.note(at, m.to.clone(), 1, size, added);
+        }
+    }
+    Ok(inserted.len() == cols.0.len())
 }
 
-/// Counts the acks of `gone` for channel message `id`, and deletes the
-/// message once nobody is owed it.
+/// Counts the acks of `gone` (each with its place in the batch) for
+/// channel message `id`, noting them in `tally`, and deletes the message
+/// once nobody is owed it.
 fn take_pending(
     tx: &mut Transaction<'_>,
     p: &Prepared,
     id: i64,
-    gone: &HashSet<&str>,
+    gone: &BTreeMap<&Name, usize>,
+    tally: &mut Tally,
 ) -> Result<(), postgres::Error> {
     let mut acked: i32 = 0;
-    for name in gone {
-        acked += i32::try_from(tx.execute(&p.ack, &[&id, name])?).unwrap_or(0);
+    for (&name, &at) in gone {
+        if let Some(row) = tx.query_opt(&p.ack, &[&id, &name.as_str()])? {
+            let len: i32 = row.get(0);
+            let size = counted(usize::try_from(len).unwrap_or(0));
+            tally.note(at, name.clone(), -1, -size, Change::Removed(id));
+            acked += 1;
+        }
     }
     if acked == 0 {
         return Ok(());
@@ -721,6 +919,146 @@ fn take_pending(
         tx.execute(&p.set_owed, &[&id, &left])?;
     }
     Ok(())
+}
+
+/// What a change did to a mailbox, for [`Tally`].
+#[derive(Debug, Clone, Copy)]
+enum Change {
+    /// A message stored: its row's id, whether that is a `channel` row
+    /// (else a `mail` row), and the operation's mail id.
+    Added(i64, bool, MailId),
+    /// A message acked or deleted: its row.
+    Removed(i64),
+    /// A body rewritten to another length.
+    Resized,
+}
+
+/// What one batch changed in each mailbox, change by change, as the
+/// writes found it (a row already there, or already gone, changes
+/// nothing): the counters' side of a commit.
+#[derive(Debug, Default)]
+struct Tally {
+    /// (place in the batch, mailbox, messages, bytes, change).
+    changes: Vec<(usize, Name, i64, i64, Change)>,
+}
+
+impl Tally {
+    fn note(&mut self, at: usize, to: Name, messages: i64, bytes: i64, change: Change) {
+        self.changes.push((at, to, messages, bytes, change));
+    }
+
+    /// Adds the batch's changes to the counters (one statement) and,
+    /// with `limits`, takes back each message a mailbox had no room for
+    /// (one more, when there is one): each mailbox's messages go in in
+    /// batch order, after everything committed before (its counter row
+    /// is locked from here to the COMMIT), as into a
+    /// [`MemoryStore`](crate::store::MemoryStore). Returns the messages
+    /// refused.
+    fn settle(
+        mut self,
+        tx: &mut Transaction<'_>,
+        p: &Prepared,
+        limits: Option<MailboxLimits>,
+    ) -> Result<Vec<Outcome>, postgres::Error> {
+        if self.changes.is_empty() {
+            return Ok(Vec::new());
+        }
+        // Byte order of names, as `COUNT` sorts them.
+        let mut sums: BTreeMap<&str, (i64, i64)> = BTreeMap::new();
+        for (_, to, messages, bytes, _) in &self.changes {
+            let sum = sums.entry(to.as_str()).or_default();
+            sum.0 += messages;
+            sum.1 += bytes;
+        }
+        let names: Vec<&str> = sums.keys().copied().collect();
+        let (messages, bytes): (Vec<i64>, Vec<i64>) = sums.values().copied().unzip();
+        let now = tx.query(&p.count, &[&names, &messages, &bytes])?;
+        let Some(limits) = limits else {
+            return Ok(Vec::new());
+        };
+        let most = |n: usize| i64::try_from(n).unwrap_or(i64::MAX);
+        let (most_messages, most_bytes) = (most(limits.messages), most(limits.bytes));
+        // Each mailbox as it was before this batch.
+        let mut held: HashMap<String, (i64, i64)> = HashMap::new();
+        for row in &now {
+            let name: String = row.get(0);
+            let (m, b): (i64, i64) = (row.get(1), row.get(2));
+            let (dm, db) = sums.get(name.as_str()).copied().unwrap_or_default();
+            held.insert(name, (m - dm, b - db));
+        }
+        let mut order: Vec<usize> = (0..self.changes.len()).collect();
+        order.sort_by_key(|&i| self.changes[i].0);
+        // (row, mailbox, a channel row's, messages, bytes, still to be
+        // taken back), by the message's place among them.
+        let mut refused: Vec<(i64, &str, bool, i64, i64, bool)> = Vec::new();
+        let mut refused_at: HashMap<(i64, &str), usize> = HashMap::new();
+        let mut outcomes = Vec::new();
+        for &i in &order {
+            let (_, to, messages, bytes, change) = &self.changes[i];
+            let Some(now) = held.get_mut(to.as_str()) else {
+                continue;
+            };
+            match *change {
+                Change::Added(row, channel, ours)
+                    if now.0 + messages > most_messages || now.1 + bytes > most_bytes =>
+                {
+                    refused_at.insert((row, to.as_str()), refused.len());
+                    refused.push((row, to.as_str(), channel, *messages, *bytes, true));
+                    outcomes.push(Outcome::Full {
+                        to: to.clone(),
+                        mail: ours,
+                    });
+                }
+                // The ack or delete of a message this batch stored where
+                // there was no room: it is gone already, and its counts
+                // with it.
+                Change::Removed(row)
+                    if refused_at
+                        .get(&(row, to.as_str()))
+                        .is_some_and(|&r| refused[r].5) =>
+                {
+                    if let Some(&r) = refused_at.get(&(row, to.as_str())) {
+                        refused[r].5 = false;
+                    }
+                }
+                _ => {
+                    now.0 += messages;
+                    now.1 += bytes;
+                }
+            }
+        }
+        let mut take_back: BTreeMap<&str, (i64, i64)> = BTreeMap::new();
+        let (mut direct, mut channel_ids, mut channel_names) = (Vec::new(), Vec::new(), Vec::new());
+        for &(row, to, channel, messages, bytes, _) in refused.iter().filter(|r| r.5) {
+            let back = take_back.entry(to).or_default();
+            back.0 += messages;
+            back.1 += bytes;
+            match channel {
+                true => {
+                    channel_ids.push(row);
+                    channel_names.push(to);
+                }
+                false => direct.push(row),
+            }
+        }
+        if !take_back.is_empty() {
+            let names: Vec<&str> = take_back.keys().copied().collect();
+            let (messages, bytes): (Vec<i64>, Vec<i64>) = take_back.values().copied().unzip();
+            tx.execute(
+                &p.refuse,
+                &[
+                    &direct,
+                    &channel_ids,
+                    &channel_names,
+                    &names,
+                    &messages,
+                    &bytes,
+                ],
+            )?;
+        }
+        self.changes.clear();
+        Ok(outcomes)
+    }
 }
 
 impl Store for PgStore {
@@ -839,26 +1177,30 @@ impl Store for PgStore {
                 presence,
             )
         });
+        let limits = self.limits;
         let result = self.with_retry(|client, p| {
             let mut tx = client.transaction()?;
-            let mut acked = BTreeMap::new();
+            let mut acked = Acked::new();
+            let mut tally = Tally::default();
             // Runs of messages go in one statement each; everything keeps
             // its order.
-            let mut puts: Vec<&StoredMail> = Vec::new();
+            let mut puts: Vec<(usize, &StoredMail)> = Vec::new();
             let mut all_new = true;
-            for op in ops {
+            for (at, op) in ops.iter().enumerate() {
                 if let StoreOp::Put(m) = op {
-                    puts.push(m);
+                    puts.push((at, m));
                     continue;
                 }
-                all_new &= put_all(&mut tx, p, &puts)?;
+                all_new &= put_all(&mut tx, p, &puts, &mut tally)?;
                 puts.clear();
-                all_new &= apply(&mut tx, p, op, &mut acked)?;
+                all_new &= apply(&mut tx, p, at, op, &mut acked, &mut tally)?;
             }
-            all_new &= put_all(&mut tx, p, &puts)?;
+            all_new &= put_all(&mut tx, p, &puts, &mut tally)?;
             for (id, gone) in &acked {
-                take_pending(&mut tx, p, *id, gone)?;
+                take_pending(&mut tx, p, *id, gone, &mut tally)?;
             }
+            // The counters, and what a full mailbox had no room for.
+            let refused = tally.settle(&mut tx, p, limits)?;
             if let Some((origin, seq, entries, presence)) = &shared {
                 if let Some((names, servers, addrs, online, epochs)) = presence {
                     tx.execute(&p.presence, &[names, servers, addrs, online, epochs])?;
@@ -868,7 +1210,11 @@ impl Store for PgStore {
                 }
             }
             tx.commit()?;
-            Ok(all_new)
+            Ok((all_new, refused))
+        });
+        let result = result.map(|(all_new, refused)| {
+            self.outcomes.extend(refused);
+            all_new
         });
         // The number is used, whatever became of the commit: one whose
         // outcome stayed unknown may have written its row, and the next

@@ -20,7 +20,7 @@ use super::{
 };
 use crate::crypto::Keypair;
 use crate::server::ServerStats;
-use crate::store::Store;
+use crate::store::{MailboxLimits, Store};
 use crate::wire::{Name, Rejection};
 use crate::{Server, ServerConfig, ServerEvent, StoreFailure};
 
@@ -97,6 +97,12 @@ pub fn run(options: Options) -> Result<i32, Fatal> {
                         keys::load_or_create(&key_path, || Keypair::from_secret(secret))?;
                     let joining = pg.join(me, &key.public()).map_err(|e| store_error(&e))?;
                     joined = Some((me, joining));
+                    // The others write the same mailboxes: the database
+                    // counts them, and refuses what one has no room for.
+                    pg.limit_mailboxes(MailboxLimits {
+                        messages: options.mailbox_messages,
+                        bytes: options.mailbox_bytes,
+                    });
                 }
                 None => {
                     let live = pg.cluster_running().map_err(|e| store_error(&e))?;
