@@ -861,6 +861,7 @@ fn two_servers_filling_one_mailbox_at_once_stop_at_its_limit() {
         store.limit_mailboxes(MailboxLimits {
             messages: LIMIT,
             bytes: 1 << 20,
+            ttl: None,
         });
     }
     let barrier = std::sync::Barrier::new(2);

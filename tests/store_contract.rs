@@ -429,7 +429,49 @@ fn random_batches_match(store: &mut dyn Store, mut model: MemoryStore, seed: u64
 const LIMITS: MailboxLimits = MailboxLimits {
     messages: 3,
     bytes: 1000,
+    ttl: None,
 };
+
+/// [`LIMITS`] with a mail time to live of a minute.
+const LIMITS_TTL: MailboxLimits = MailboxLimits {
+    ttl: Some(std::time::Duration::from_secs(60)),
+    ..LIMITS
+};
+
+/// A message stored a minute and a second before [`mail`]'s.
+fn old_put(id: u64, to: &str) -> StoreOp {
+    let mut m = mail(id, to, "Alice", id, "old");
+    m.stored_at -= 61;
+    StoreOp::Put(m)
+}
+
+/// With [`LIMITS_TTL`]: messages past the time to live do not count,
+/// deleted or not (nobody expires a mailbox nobody holds), and their
+/// late deletes do not make room twice.
+fn expired_messages_do_not_count(store: &mut dyn Store) {
+    let old: Vec<StoreOp> = (1..=3).map(|i| old_put(i, "Hal")).collect();
+    assert_eq!(commit(store, &old), []);
+    let mut old_channel = channel(4, "Alice", &["Ivy"], "old");
+    old_channel.stored_at -= 61;
+    assert_eq!(commit(store, &[StoreOp::Channel(old_channel)]), []);
+    // A full mailbox of expired messages takes new ones: Hal's, up to
+    // the limit of live ones; the expired ones' deletes in the same
+    // batch count once.
+    let batch = [
+        put(5, "Hal", "new"),
+        put(6, "Hal", "new"),
+        delete("Hal", 1),
+        put(7, "Hal", "new"),
+        put(8, "Hal", "new"),
+    ];
+    assert_eq!(commit(store, &batch), [full("Hal", 8)]);
+    assert_eq!(mailbox(store, "Hal"), [2, 3, 5, 6, 7]);
+    assert_eq!(commit(store, &[put(9, "Hal", "new")]), [full("Hal", 9)]);
+    // An expired channel copy does not count either.
+    let batch: Vec<StoreOp> = (10..14).map(|i| put(i, "Ivy", "new")).collect();
+    assert_eq!(commit(store, &batch), [full("Ivy", 13)]);
+    assert_eq!(mailbox(store, "Ivy"), [4, 10, 11, 12]);
+}
 
 /// The cases of a store that enforces [`LIMITS`] (one shared by several
 /// servers; a store of one server never refuses: its server does).
@@ -565,6 +607,12 @@ fn the_memory_store_with_limits_refuses_what_has_no_room() {
 }
 
 #[test]
+fn the_memory_store_with_a_mail_ttl_does_not_count_expired_mail() {
+    let mut store = MemoryStore::with_limits(LIMITS_TTL);
+    expired_messages_do_not_count(&mut store);
+}
+
+#[test]
 fn the_sqlite_store_keeps_the_contract() {
     let dir = common::scratch_dir();
     run_cases("SqliteStore", CASES, |i| {
@@ -591,4 +639,7 @@ fn the_postgres_store_keeps_the_contract() {
         store.limit_mailboxes(LIMITS);
         Box::new(store)
     });
+    let mut store = PgStore::open(&cluster.database("limited_ttl")).unwrap();
+    store.limit_mailboxes(LIMITS_TTL);
+    expired_messages_do_not_count(&mut store);
 }

@@ -238,6 +238,15 @@ const REWRITE: &str = "UPDATE mail m SET kind = $2, body = $3, sender_key = $4
                              FOR UPDATE) AS o
                        WHERE m.id = o.id
                        RETURNING m.recipient, length(m.body) - o.len";
+// The messages of mailbox $1 stored at $2 or before (past the mail's time
+// to live, expired whether or not a server deleted them yet): each row's
+// id and body length.
+const EXPIRED: &str = "SELECT id, length(body) FROM mail WHERE recipient = $1 AND stored_at <= $2
+                       UNION ALL
+                       SELECT c.id, length(c.body) FROM channel c
+                       WHERE c.pending @> ARRAY[$1::text] AND c.stored_at <= $2
+                         AND NOT EXISTS (SELECT 1 FROM channel_acked a
+                                         WHERE a.mail = c.id AND a.recipient = $1)";
 // A batch's changes to the counters, in one order of names (as every
 // commit's: they lock counter rows in that order); each mailbox as it is
 // now, this batch's changes in.
@@ -306,6 +315,7 @@ pub(super) struct Prepared {
     put_channel: Statement,
     gain_channel: Statement,
     count: Statement,
+    expired: Statement,
     refuse: Statement,
     ack: Statement,
     count_down: Statement,
@@ -338,6 +348,7 @@ impl Prepared {
             put_channel: client.prepare(PUT_CHANNEL)?,
             gain_channel: client.prepare(GAIN_CHANNEL)?,
             count: client.prepare(COUNT)?,
+            expired: client.prepare(EXPIRED)?,
             refuse: client.prepare(REFUSE)?,
             ack: client.prepare(ACK)?,
             count_down: client.prepare(COUNT_DOWN)?,
@@ -760,7 +771,7 @@ fn apply<'a>(
                 if row.is_some() {
                     let size = counted(c.body.len());
                     for name in to {
-                        let added = Change::Added(id, true, c.mail);
+                        let added = Change::Added(id, true, c.mail, c.stored_at);
                         tally.note(at, name.clone(), 1, size, added);
                     }
                     return Ok(true);
@@ -775,7 +786,8 @@ fn apply<'a>(
                         (row.get(0), row.get(1), row.get(2));
                     let size = counted(usize::try_from(len).unwrap_or(0));
                     for name in names.iter().filter_map(|n| Name::new(n).ok()) {
-                        tally.note(at, name, 1, size, Change::Added(kept, true, c.mail));
+                        let added = Change::Added(kept, true, c.mail, c.stored_at);
+                        tally.note(at, name, 1, size, added);
                     }
                     return Ok(false);
                 }
@@ -865,7 +877,7 @@ fn put_all(
     for row in &inserted {
         if let Some(&(at, m)) = by_id.get(&row.get::<_, i64>(0)) {
             let size = counted(m.body.len());
-            let added = Change::Added(m.mail.0.cast_signed(), false, m.mail);
+            let added = Change::Added(m.mail.0.cast_signed(), false, m.mail, m.stored_at);
             tally.note(at, m.to.clone(), 1, size, added);
         }
     }
@@ -925,8 +937,9 @@ fn take_pending(
 #[derive(Debug, Clone, Copy)]
 enum Change {
     /// A message stored: its row's id, whether that is a `channel` row
-    /// (else a `mail` row), and the operation's mail id.
-    Added(i64, bool, MailId),
+    /// (else a `mail` row), the operation's mail id, and when it was
+    /// stored (Unix seconds).
+    Added(i64, bool, MailId, i64),
     /// A message acked or deleted: its row.
     Removed(i64),
     /// A body rewritten to another length.
@@ -992,16 +1005,41 @@ impl Tally {
         // taken back), by the message's place among them.
         let mut refused: Vec<(i64, &str, bool, i64, i64, bool)> = Vec::new();
         let mut refused_at: HashMap<(i64, &str), usize> = HashMap::new();
+        // By mailbox, its expired rows, once looked for (see below).
+        let mut expired: HashMap<&str, HashSet<i64>> = HashMap::new();
         let mut outcomes = Vec::new();
         for &i in &order {
             let (_, to, messages, bytes, change) = &self.changes[i];
             let Some(now) = held.get_mut(to.as_str()) else {
                 continue;
             };
+            let over =
+                |now: &(i64, i64)| now.0 + messages > most_messages || now.1 + bytes > most_bytes;
+            if let Change::Added(.., stored_at) = *change
+                && over(now)
+                && let Some(ttl) = limits.ttl
+                && !expired.contains_key(to.as_str())
+            {
+                // Rows past the mail's time to live do not count (nobody
+                // may have deleted them: nobody holds the mailbox): they
+                // are looked for once the counter says it is full.
+                let ttl = i64::try_from(ttl.as_secs()).unwrap_or(i64::MAX);
+                let cutoff = stored_at.saturating_sub(ttl);
+                let rows = tx.query(&p.expired, &[&to.as_str(), &cutoff])?;
+                let mut gone = HashSet::new();
+                for row in &rows {
+                    let (id, len): (i64, i32) = (row.get(0), row.get(1));
+                    gone.insert(id);
+                    now.0 -= 1;
+                    now.1 -= counted(usize::try_from(len).unwrap_or(0));
+                }
+                expired.insert(to.as_str(), gone);
+            }
             match *change {
-                Change::Added(row, channel, ours)
-                    if now.0 + messages > most_messages || now.1 + bytes > most_bytes =>
-                {
+                // Deleted in this batch, and not counted already.
+                Change::Removed(row)
+                    if expired.get(to.as_str()).is_some_and(|e| e.contains(&row)) => {}
+                Change::Added(row, channel, ours, _) if over(now) => {
                     refused_at.insert((row, to.as_str()), refused.len());
                     refused.push((row, to.as_str(), channel, *messages, *bytes, true));
                     outcomes.push(Outcome::Full {

@@ -102,6 +102,7 @@ pub fn run(options: Options) -> Result<i32, Fatal> {
                     pg.limit_mailboxes(MailboxLimits {
                         messages: options.mailbox_messages,
                         bytes: options.mailbox_bytes,
+                        ttl: options.mail_ttl,
                     });
                 }
                 None => {
