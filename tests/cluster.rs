@@ -1994,3 +1994,69 @@ fn a_relay_the_store_refuses_is_not_delivered() {
     );
     assert_eq!(s.store.len(), 1);
 }
+
+// ---- attacks on the store's full mailbox ----
+
+/// Drops the first packet from `from` to `to` carrying `what`, and keeps
+/// it, to be injected later (a delayed datagram).
+fn delay_first(
+    s: &mut Sim,
+    from: u16,
+    to: u16,
+    what: What,
+) -> std::rc::Rc<std::cell::RefCell<Option<sim::Packet>>> {
+    let kept = std::rc::Rc::new(std::cell::RefCell::new(None));
+    let slot = kept.clone();
+    let (from, to) = (addr(from), addr(to));
+    s.drop_rules.push(Box::new(move |p| {
+        let mut slot = slot.borrow_mut();
+        if slot.is_none() && p.from == from && p.to == to && p.is(what) {
+            *slot = Some(p.clone());
+            return true;
+        }
+        false
+    }));
+    kept
+}
+
+/// A channel message the store keeps for nobody, whose live copy was
+/// sealed into the datagrams held for the commit (the recipient's ack of
+/// an older message pumped its queue meanwhile): the sender reads
+/// "mailbox full", so the recipient must never be shown it.
+#[test]
+fn attack_full_a_channel_copy_pumped_during_the_commit_never_leaves() {
+    let (mut s, [_, cat], [a, c]) = homed(
+        2,
+        |c| c.mailbox_messages = 2,
+        [("ann", 1024, 2000), ("cat", 1024, 2001)],
+    );
+    cut_direct_path(&mut s, 2000, 2001);
+    let ack = delay_first(&mut s, 2001, 1024, What::Delivered);
+    s.line(a, &format!("send {cat} zero"));
+    s.run_until(Duration::from_secs(5), |_| ack.borrow().is_some());
+    assert!(
+        s.lines(c).iter().any(|l| l.contains("zero")),
+        "{:?}",
+        s.lines(c)
+    );
+    // The store has zero and one more: the channel copy does not fit.
+    stored_behind_their_backs(&mut s, &cat, 1);
+    s.hold = true;
+    let from = (s.lines(a).len(), s.lines(c).len());
+    s.line(a, "send_all hello all");
+    s.run_for(Duration::from_millis(10));
+    // cat's late ack of zero frees its window: its queue (the channel
+    // copy) is pumped into the held datagrams.
+    let p = ack.borrow_mut().take().unwrap();
+    s.inject(p.from, p.to, p.payload);
+    s.run_for(Duration::from_millis(10));
+    s.release(None);
+    s.settle();
+    let said = s.lines_since(a, from.0);
+    assert!(said.iter().any(|l| l.contains("full")), "{said:?}");
+    let shown = s.lines_since(c, from.1);
+    assert!(
+        shown.iter().all(|l| !l.contains("hello all")),
+        "told not saved, yet shown: {shown:?}"
+    );
+}

@@ -60,8 +60,10 @@ pub(super) struct Batch {
     /// first sends and cached resends), with the session they were sealed
     /// for.
     pub(super) ack_transmits: Vec<(usize, ClientId, Seq, LinkId)>,
-    /// Deliveries of the batch's messages among the datagrams (by number).
-    pub(super) deliveries: Vec<(usize, MailId)>,
+    /// Deliveries of the batch's messages among the datagrams (by
+    /// number), with their recipients (a channel message's copies share
+    /// its id).
+    pub(super) deliveries: Vec<(usize, ClientId, MailId)>,
     /// The batch's other operations, polled already: they promised nobody
     /// "saved", so a failed commit defers them rather than undoing them.
     pub(super) others: Vec<StoreOp>,
@@ -153,7 +155,7 @@ impl Server {
             self.batch.acks.iter().map(|&(c, s, _)| (c, s)).collect();
         (self.batch.ack_transmits).retain(|&(_, c, s, _)| open.contains(&(c, s)));
         self.batch.others.drain(..seal.others);
-        self.batch.deliveries.retain(|&(_, mail)| mail >= done);
+        self.batch.deliveries.retain(|&(_, _, mail)| mail >= done);
         self.batch.keys.retain(|_, mail| *mail >= done);
         self.batch.channels.retain(|_, mail| *mail >= done);
         let split = self.batch.mail.partition_point(|&(_, mail)| mail < done);
@@ -296,16 +298,13 @@ impl Server {
         self.batch
             .acks
             .retain(|&(c, s, _)| !answers.contains_key(&(c, s)));
-        // A direct message's live delivery goes with it (a channel
-        // message's shares its id with copies that stay: it goes out).
+        // A refused copy's live delivery goes with it, a channel copy's
+        // too (by recipient: its other copies go out): its recipient must
+        // not see what the store did not keep for it.
         let sent = self.sent;
-        let direct: HashSet<MailId> = (mails.iter())
-            .filter(|m| !self.batch.channels.values().any(|c| c == *m))
-            .copied()
-            .collect();
         let gone: HashSet<usize> = (self.batch.deliveries.iter())
-            .filter(|(_, m)| direct.contains(m))
-            .filter_map(|&(n, _)| n.checked_sub(sent))
+            .filter(|&&(_, to, m)| refused.contains(&(to, m)))
+            .filter_map(|&(n, _, _)| n.checked_sub(sent))
             .collect();
         let held = self.batch.ack_transmits.clone();
         let gone = self.rewrite_held(&held, &answers, gone);
@@ -384,7 +383,7 @@ impl Server {
         // has left.
         let sent = self.sent;
         let gone: HashSet<usize> = (batch.deliveries.iter())
-            .filter_map(|&(n, _)| n.checked_sub(sent))
+            .filter_map(|&(n, _, _)| n.checked_sub(sent))
             .collect();
         let reason = failure.refusal();
         let mut refusals: Answers = HashMap::new();
@@ -519,7 +518,7 @@ impl Server {
             None => n,
         };
         (self.batch.ack_transmits).retain(|&(n, ..)| !dropped(n));
-        self.batch.deliveries.retain(|&(n, _)| !dropped(n));
+        self.batch.deliveries.retain(|&(n, _, _)| !dropped(n));
         for t in &mut self.batch.ack_transmits {
             t.0 = shift(t.0);
         }

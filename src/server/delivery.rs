@@ -203,7 +203,7 @@ impl Server {
         let at = self.transmits.len();
         self.send_to(id, &msg);
         if self.transmits.len() > at && self.batch.first_mail.is_some_and(|first| mail >= first) {
-            self.batch.deliveries.push((self.sent + at, mail));
+            self.batch.deliveries.push((self.sent + at, id, mail));
         }
     }
 
