@@ -1997,6 +1997,22 @@ fn a_relay_the_store_refuses_is_not_delivered() {
 
 // ---- attacks on the store's full mailbox ----
 
+/// [`stored_behind_their_backs`] with a body of `len` bytes: a message
+/// that fills `to`'s mailbox by bytes in the store only.
+fn stored_behind_their_backs_sized(s: &mut Sim, to: &str, id: u64, len: usize) {
+    use udpchat::store::{Body, Store, StoreOp, StoredMail};
+    let m = StoredMail {
+        mail: udpchat::wire::MailId(1 << 40 | id),
+        to: name(to),
+        from: name("someone"),
+        channel: false,
+        stored_at: sim::EPOCH_UNIX,
+        id: udpchat::wire::MsgId(id),
+        body: Body::AtRest(vec![7; len]),
+    };
+    s.store.commit(&[StoreOp::Put(m)]).unwrap();
+}
+
 /// Drops the first packet from `from` to `to` carrying `what`, and keeps
 /// it, to be injected later (a delayed datagram).
 fn delay_first(
@@ -2058,5 +2074,69 @@ fn attack_full_a_channel_copy_pumped_during_the_commit_never_leaves() {
     assert!(
         shown.iter().all(|l| !l.contains("hello all")),
         "told not saved, yet shown: {shown:?}"
+    );
+}
+
+/// A welcome that counted two messages of the batch under commit, the
+/// first of which the store refuses (over the bytes limit) and the
+/// second keeps: the welcome counts one, and the one kept is delivered
+/// (and shown once), not left at a position the client never expects.
+#[test]
+fn attack_full_a_welcome_with_a_refused_message_before_a_kept_one_delivers_the_kept_one() {
+    let (mut s, [_, ben, cat], [a, b, c]) = homed(
+        2,
+        |c| c.mailbox_bytes = 1200,
+        [
+            ("ann", 1024, 2000),
+            ("ben", 1024, 2001),
+            ("cat", 1024, 2002),
+        ],
+    );
+    let _ = ben;
+    s.command(c, &format!("dereg {cat}"));
+    s.settle();
+    // 660 bytes of the store's 1200: ann's long message (over 500) does
+    // not fit, ben's short one does; the server sees room for both.
+    stored_behind_their_backs_sized(&mut s, &cat, 1, 500);
+    // cat's new process: its registration (in its handshake's last
+    // datagram) arrives while the saves are under commit.
+    let register = delay_first(&mut s, 2003, 1024, What::Finish);
+    let c2 = spawn_via(&mut s, &cat, 2003, 1024, &[1024, 1025]);
+    s.run_until(Duration::from_secs(5), |_| register.borrow().is_some());
+    s.hold = true;
+    let from = (s.lines(a).len(), s.lines(b).len());
+    let long = "l".repeat(400);
+    s.line(a, &format!("send {cat} {long}"));
+    s.run_for(Duration::from_millis(10));
+    s.line(b, &format!("send {cat} short one"));
+    s.run_for(Duration::from_millis(10));
+    let p = register.borrow_mut().take().unwrap();
+    s.inject(p.from, p.to, p.payload);
+    s.run_for(Duration::from_millis(10));
+    // Registered, its welcome held for the commit.
+    assert!(online_at(&s, 1024, &cat));
+    s.release(None);
+    let prompt = s.run_until(Duration::from_secs(3), |s| {
+        s.lines(c2).iter().any(|l| l.contains("short one"))
+    });
+    s.settle();
+    let ann_said = s.lines_since(a, from.0);
+    assert!(ann_said.iter().any(|l| l.contains("full")), "{ann_said:?}");
+    let ben_said = s.lines_since(b, from.1);
+    assert!(ben_said.iter().any(|l| l.contains("saved")), "{ben_said:?}");
+    let lines = s.lines(c2);
+    let shown = |t: &str| lines.iter().filter(|l| l.contains(t)).count();
+    assert_eq!(shown("short one"), 1, "{lines:?}");
+    assert_eq!(shown(&long), 0, "{lines:?}");
+    // Shown with the welcome's batch, not after the server took the
+    // client for gone (it never acked a position past its count) and it
+    // registered again.
+    let dropped = (s.events.iter())
+        .any(|e| matches!(e, udpchat::ServerEvent::Offline(n, false) if n.as_str() == cat));
+    assert!(
+        prompt && !dropped,
+        "{:?} {:?}",
+        s.nodes[c2].events,
+        s.events
     );
 }

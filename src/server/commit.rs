@@ -214,12 +214,17 @@ impl Server {
     fn refuse_full(&mut self, now: Instant, full: Vec<(Name, MailId)>) {
         self.now = self.now.max(now);
         let mut refused: HashSet<(ClientId, MailId)> = HashSet::new();
+        // Places in welcomes' batches the refused messages had.
+        let mut holes: HashMap<ClientId, Vec<u32>> = HashMap::new();
         for (name, mail) in full {
             let Some(to) = self.table.lookup(&name) else {
                 continue;
             };
             if !refused.insert((to, mail)) {
                 continue;
+            }
+            if let Some(pos) = self.place_of(to, mail) {
+                holes.entry(to).or_default().push(pos);
             }
             let direct = (self.batch.keys.iter())
                 .find(|&(&(c, _, _), &m)| c == to && m == mail)
@@ -306,11 +311,50 @@ impl Server {
             .filter(|&&(_, to, m)| refused.contains(&(to, m)))
             .filter_map(|&(n, _, _)| n.checked_sub(sent))
             .collect();
+        // A welcome counts one less: the places after a refused one's
+        // move up, or the client would never be given the last (beyond
+        // its count) and its batch would stall.
+        let mut gone = gone;
+        let mut resend = Vec::new();
+        for (to, holes) in holes {
+            let moved = |p: u32| p - holes.iter().filter(|&&h| h < p).count() as u32;
+            let Some(session) = self.sessions.get_mut(to.index() as usize) else {
+                continue;
+            };
+            for (_, pos) in &mut session.queue {
+                *pos = pos.map(moved);
+            }
+            for (&mail, f) in &mut session.inflight {
+                if let Some(p) = f.pos.filter(|&p| moved(p) != p) {
+                    f.pos = Some(moved(p));
+                    resend.push((to, mail, moved(p)));
+                }
+            }
+        }
+        // Their datagrams, sealed with the old places, go: sent again.
+        gone.extend(
+            (self.batch.deliveries.iter())
+                .filter(|&&(_, to, m)| resend.iter().any(|&(t, r, _)| t == to && r == m))
+                .filter_map(|&(n, _, _)| n.checked_sub(sent)),
+        );
         let held = self.batch.ack_transmits.clone();
         let gone = self.rewrite_held(&held, &answers, gone);
         self.renumber_held(&gone);
+        for (to, mail, pos) in resend {
+            self.transmit_delivery(to, mail, Some(pos));
+        }
         for (client, seq) in relay_refusals {
             self.reply(client, seq, Message::Refused { seq, reason });
+        }
+    }
+
+    /// The place `to`'s message `mail` has in the batch its welcome
+    /// announced, if it is being delivered in one.
+    fn place_of(&self, to: ClientId, mail: MailId) -> Option<u32> {
+        let session = &self.sessions[to.index() as usize];
+        match session.inflight.get(&mail) {
+            Some(f) => f.pos,
+            None => (session.queue.iter()).find_map(|&(m, pos)| pos.filter(|_| m == mail)),
         }
     }
 
@@ -382,7 +426,9 @@ impl Server {
         // Datagram numbers as places in `transmits`: nothing of the batch
         // has left.
         let sent = self.sent;
+        let ours = |m: MailId| batch.first_mail.is_some_and(|first| m >= first);
         let gone: HashSet<usize> = (batch.deliveries.iter())
+            .filter(|&&(_, _, m)| ours(m))
             .filter_map(|&(n, _, _)| n.checked_sub(sent))
             .collect();
         let reason = failure.refusal();
