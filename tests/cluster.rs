@@ -2140,3 +2140,57 @@ fn attack_full_a_welcome_with_a_refused_message_before_a_kept_one_delivers_the_k
         s.events
     );
 }
+
+/// A relay the store refuses in the sealed batch, and another relay to
+/// the same recipient made after the seal: the refused one's live copy
+/// goes, and renumbering the held datagrams must not let the next
+/// batch's copy out before its own commit, which fails: its recipient
+/// never sees it, its sender is not told it was received.
+#[test]
+fn attack_full_a_refusal_in_the_sealed_batch_does_not_release_the_next_one() {
+    let (mut s, [_, cat], [a, c]) = homed(
+        2,
+        |c| c.mailbox_messages = 2,
+        [("ann", 1024, 2000), ("cat", 1024, 2001)],
+    );
+    cut_direct_path(&mut s, 2000, 2001);
+    stored_behind_their_backs(&mut s, &cat, 1);
+    stored_behind_their_backs(&mut s, &cat, 2);
+    s.hold = true;
+    let from = (s.lines(a).len(), s.lines(c).len());
+    // Each goes to the server once the direct path failed.
+    let relays = |s: &Sim| s.count(|p| p.is(What::RelayMessage));
+    let sent = relays(&s);
+    s.line(a, &format!("send {cat} first refused"));
+    s.run_until(Duration::from_secs(5), |s| relays(s) > sent);
+    s.run_for(Duration::from_millis(5));
+    s.seal();
+    s.line(a, &format!("send {cat} second fails"));
+    s.run_until(Duration::from_secs(5), |s| relays(s) > sent + 1);
+    s.run_for(Duration::from_millis(5));
+    s.commit_sealed(None);
+    s.run_for(Duration::from_millis(50));
+    let shown = s.lines_since(c, from.1);
+    assert!(
+        shown.iter().all(|l| !l.contains("second fails")),
+        "out before its commit: {shown:?}"
+    );
+    s.seal();
+    s.commit_sealed(Some(udpchat::StoreFailure::Unreachable));
+    s.hold = false;
+    s.settle();
+    let said = s.lines_since(a, from.0);
+    assert!(said.iter().any(|l| l.contains("full")), "{said:?}");
+    assert!(
+        said.iter()
+            .all(|l| !l.contains("received") && !l.contains("saved]")),
+        "{said:?}"
+    );
+    let shown = s.lines_since(c, from.1);
+    assert!(
+        shown
+            .iter()
+            .all(|l| !l.contains("first refused") && !l.contains("second fails")),
+        "{shown:?}"
+    );
+}
