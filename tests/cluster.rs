@@ -1994,3 +1994,203 @@ fn a_relay_the_store_refuses_is_not_delivered() {
     );
     assert_eq!(s.store.len(), 1);
 }
+
+// ---- attacks on the store's full mailbox ----
+
+/// [`stored_behind_their_backs`] with a body of `len` bytes: a message
+/// that fills `to`'s mailbox by bytes in the store only.
+fn stored_behind_their_backs_sized(s: &mut Sim, to: &str, id: u64, len: usize) {
+    use udpchat::store::{Body, Store, StoreOp, StoredMail};
+    let m = StoredMail {
+        mail: udpchat::wire::MailId(1 << 40 | id),
+        to: name(to),
+        from: name("someone"),
+        channel: false,
+        stored_at: sim::EPOCH_UNIX,
+        id: udpchat::wire::MsgId(id),
+        body: Body::AtRest(vec![7; len]),
+    };
+    s.store.commit(&[StoreOp::Put(m)]).unwrap();
+}
+
+/// Drops the first packet from `from` to `to` carrying `what`, and keeps
+/// it, to be injected later (a delayed datagram).
+fn delay_first(
+    s: &mut Sim,
+    from: u16,
+    to: u16,
+    what: What,
+) -> std::rc::Rc<std::cell::RefCell<Option<sim::Packet>>> {
+    let kept = std::rc::Rc::new(std::cell::RefCell::new(None));
+    let slot = kept.clone();
+    let (from, to) = (addr(from), addr(to));
+    s.drop_rules.push(Box::new(move |p| {
+        let mut slot = slot.borrow_mut();
+        if slot.is_none() && p.from == from && p.to == to && p.is(what) {
+            *slot = Some(p.clone());
+            return true;
+        }
+        false
+    }));
+    kept
+}
+
+/// A channel message the store keeps for nobody, whose live copy was
+/// sealed into the datagrams held for the commit (the recipient's ack of
+/// an older message pumped its queue meanwhile): the sender reads
+/// "mailbox full", so the recipient must never be shown it.
+#[test]
+fn attack_full_a_channel_copy_pumped_during_the_commit_never_leaves() {
+    let (mut s, [_, cat], [a, c]) = homed(
+        2,
+        |c| c.mailbox_messages = 2,
+        [("ann", 1024, 2000), ("cat", 1024, 2001)],
+    );
+    cut_direct_path(&mut s, 2000, 2001);
+    let ack = delay_first(&mut s, 2001, 1024, What::Delivered);
+    s.line(a, &format!("send {cat} zero"));
+    s.run_until(Duration::from_secs(5), |_| ack.borrow().is_some());
+    assert!(
+        s.lines(c).iter().any(|l| l.contains("zero")),
+        "{:?}",
+        s.lines(c)
+    );
+    // The store has zero and one more: the channel copy does not fit.
+    stored_behind_their_backs(&mut s, &cat, 1);
+    s.hold = true;
+    let from = (s.lines(a).len(), s.lines(c).len());
+    s.line(a, "send_all hello all");
+    s.run_for(Duration::from_millis(10));
+    // cat's late ack of zero frees its window: its queue (the channel
+    // copy) is pumped into the held datagrams.
+    let p = ack.borrow_mut().take().unwrap();
+    s.inject(p.from, p.to, p.payload);
+    s.run_for(Duration::from_millis(10));
+    s.release(None);
+    s.settle();
+    let said = s.lines_since(a, from.0);
+    assert!(said.iter().any(|l| l.contains("full")), "{said:?}");
+    let shown = s.lines_since(c, from.1);
+    assert!(
+        shown.iter().all(|l| !l.contains("hello all")),
+        "told not saved, yet shown: {shown:?}"
+    );
+}
+
+/// A welcome that counted two messages of the batch under commit, the
+/// first of which the store refuses (over the bytes limit) and the
+/// second keeps: the welcome counts one, and the one kept is delivered
+/// (and shown once), not left at a position the client never expects.
+#[test]
+fn attack_full_a_welcome_with_a_refused_message_before_a_kept_one_delivers_the_kept_one() {
+    let (mut s, [_, ben, cat], [a, b, c]) = homed(
+        2,
+        |c| c.mailbox_bytes = 1200,
+        [
+            ("ann", 1024, 2000),
+            ("ben", 1024, 2001),
+            ("cat", 1024, 2002),
+        ],
+    );
+    let _ = ben;
+    s.command(c, &format!("dereg {cat}"));
+    s.settle();
+    // 660 bytes of the store's 1200: ann's long message (over 500) does
+    // not fit, ben's short one does; the server sees room for both.
+    stored_behind_their_backs_sized(&mut s, &cat, 1, 500);
+    // cat's new process: its registration (in its handshake's last
+    // datagram) arrives while the saves are under commit.
+    let register = delay_first(&mut s, 2003, 1024, What::Finish);
+    let c2 = spawn_via(&mut s, &cat, 2003, 1024, &[1024, 1025]);
+    s.run_until(Duration::from_secs(5), |_| register.borrow().is_some());
+    s.hold = true;
+    let from = (s.lines(a).len(), s.lines(b).len());
+    let long = "l".repeat(400);
+    s.line(a, &format!("send {cat} {long}"));
+    s.run_for(Duration::from_millis(10));
+    s.line(b, &format!("send {cat} short one"));
+    s.run_for(Duration::from_millis(10));
+    let p = register.borrow_mut().take().unwrap();
+    s.inject(p.from, p.to, p.payload);
+    s.run_for(Duration::from_millis(10));
+    // Registered, its welcome held for the commit.
+    assert!(online_at(&s, 1024, &cat));
+    s.release(None);
+    let prompt = s.run_until(Duration::from_secs(3), |s| {
+        s.lines(c2).iter().any(|l| l.contains("short one"))
+    });
+    s.settle();
+    let ann_said = s.lines_since(a, from.0);
+    assert!(ann_said.iter().any(|l| l.contains("full")), "{ann_said:?}");
+    let ben_said = s.lines_since(b, from.1);
+    assert!(ben_said.iter().any(|l| l.contains("saved")), "{ben_said:?}");
+    let lines = s.lines(c2);
+    let shown = |t: &str| lines.iter().filter(|l| l.contains(t)).count();
+    assert_eq!(shown("short one"), 1, "{lines:?}");
+    assert_eq!(shown(&long), 0, "{lines:?}");
+    // Shown with the welcome's batch, not after the server took the
+    // client for gone (it never acked a position past its count) and it
+    // registered again.
+    let dropped = (s.events.iter())
+        .any(|e| matches!(e, udpchat::ServerEvent::Offline(n, false) if n.as_str() == cat));
+    assert!(
+        prompt && !dropped,
+        "{:?} {:?}",
+        s.nodes[c2].events,
+        s.events
+    );
+}
+
+/// A relay the store refuses in the sealed batch, and another relay to
+/// the same recipient made after the seal: the refused one's live copy
+/// goes, and renumbering the held datagrams must not let the next
+/// batch's copy out before its own commit, which fails: its recipient
+/// never sees it, its sender is not told it was received.
+#[test]
+fn attack_full_a_refusal_in_the_sealed_batch_does_not_release_the_next_one() {
+    let (mut s, [_, cat], [a, c]) = homed(
+        2,
+        |c| c.mailbox_messages = 2,
+        [("ann", 1024, 2000), ("cat", 1024, 2001)],
+    );
+    cut_direct_path(&mut s, 2000, 2001);
+    stored_behind_their_backs(&mut s, &cat, 1);
+    stored_behind_their_backs(&mut s, &cat, 2);
+    s.hold = true;
+    let from = (s.lines(a).len(), s.lines(c).len());
+    // Each goes to the server once the direct path failed.
+    let relays = |s: &Sim| s.count(|p| p.is(What::RelayMessage));
+    let sent = relays(&s);
+    s.line(a, &format!("send {cat} first refused"));
+    s.run_until(Duration::from_secs(5), |s| relays(s) > sent);
+    s.run_for(Duration::from_millis(5));
+    s.seal();
+    s.line(a, &format!("send {cat} second fails"));
+    s.run_until(Duration::from_secs(5), |s| relays(s) > sent + 1);
+    s.run_for(Duration::from_millis(5));
+    s.commit_sealed(None);
+    s.run_for(Duration::from_millis(50));
+    let shown = s.lines_since(c, from.1);
+    assert!(
+        shown.iter().all(|l| !l.contains("second fails")),
+        "out before its commit: {shown:?}"
+    );
+    s.seal();
+    s.commit_sealed(Some(udpchat::StoreFailure::Unreachable));
+    s.hold = false;
+    s.settle();
+    let said = s.lines_since(a, from.0);
+    assert!(said.iter().any(|l| l.contains("full")), "{said:?}");
+    assert!(
+        said.iter()
+            .all(|l| !l.contains("received") && !l.contains("saved]")),
+        "{said:?}"
+    );
+    let shown = s.lines_since(c, from.1);
+    assert!(
+        shown
+            .iter()
+            .all(|l| !l.contains("first refused") && !l.contains("second fails")),
+        "{shown:?}"
+    );
+}

@@ -60,8 +60,10 @@ pub(super) struct Batch {
     /// first sends and cached resends), with the session they were sealed
     /// for.
     pub(super) ack_transmits: Vec<(usize, ClientId, Seq, LinkId)>,
-    /// Deliveries of the batch's messages among the datagrams (by number).
-    pub(super) deliveries: Vec<(usize, MailId)>,
+    /// Deliveries of the batch's messages among the datagrams (by
+    /// number), with their recipients (a channel message's copies share
+    /// its id).
+    pub(super) deliveries: Vec<(usize, ClientId, MailId)>,
     /// The batch's other operations, polled already: they promised nobody
     /// "saved", so a failed commit defers them rather than undoing them.
     pub(super) others: Vec<StoreOp>,
@@ -153,7 +155,7 @@ impl Server {
             self.batch.acks.iter().map(|&(c, s, _)| (c, s)).collect();
         (self.batch.ack_transmits).retain(|&(_, c, s, _)| open.contains(&(c, s)));
         self.batch.others.drain(..seal.others);
-        self.batch.deliveries.retain(|&(_, mail)| mail >= done);
+        self.batch.deliveries.retain(|&(_, _, mail)| mail >= done);
         self.batch.keys.retain(|_, mail| *mail >= done);
         self.batch.channels.retain(|_, mail| *mail >= done);
         let split = self.batch.mail.partition_point(|&(_, mail)| mail < done);
@@ -212,12 +214,17 @@ impl Server {
     fn refuse_full(&mut self, now: Instant, full: Vec<(Name, MailId)>) {
         self.now = self.now.max(now);
         let mut refused: HashSet<(ClientId, MailId)> = HashSet::new();
+        // Places in welcomes' batches the refused messages had.
+        let mut holes: HashMap<ClientId, Vec<u32>> = HashMap::new();
         for (name, mail) in full {
             let Some(to) = self.table.lookup(&name) else {
                 continue;
             };
             if !refused.insert((to, mail)) {
                 continue;
+            }
+            if let Some(pos) = self.place_of(to, mail) {
+                holes.entry(to).or_default().push(pos);
             }
             let direct = (self.batch.keys.iter())
                 .find(|&(&(c, _, _), &m)| c == to && m == mail)
@@ -296,22 +303,58 @@ impl Server {
         self.batch
             .acks
             .retain(|&(c, s, _)| !answers.contains_key(&(c, s)));
-        // A direct message's live delivery goes with it (a channel
-        // message's shares its id with copies that stay: it goes out).
+        // A refused copy's live delivery goes with it, a channel copy's
+        // too (by recipient: its other copies go out): its recipient must
+        // not see what the store did not keep for it.
         let sent = self.sent;
-        let direct: HashSet<MailId> = (mails.iter())
-            .filter(|m| !self.batch.channels.values().any(|c| c == *m))
-            .copied()
-            .collect();
         let gone: HashSet<usize> = (self.batch.deliveries.iter())
-            .filter(|(_, m)| direct.contains(m))
-            .filter_map(|&(n, _)| n.checked_sub(sent))
+            .filter(|&&(_, to, m)| refused.contains(&(to, m)))
+            .filter_map(|&(n, _, _)| n.checked_sub(sent))
             .collect();
+        // A welcome counts one less: the places after a refused one's
+        // move up, or the client would never be given the last (beyond
+        // its count) and its batch would stall.
+        let mut gone = gone;
+        let mut resend = Vec::new();
+        for (to, holes) in holes {
+            let moved = |p: u32| p - holes.iter().filter(|&&h| h < p).count() as u32;
+            let Some(session) = self.sessions.get_mut(to.index() as usize) else {
+                continue;
+            };
+            for (_, pos) in &mut session.queue {
+                *pos = pos.map(moved);
+            }
+            for (&mail, f) in &mut session.inflight {
+                if let Some(p) = f.pos.filter(|&p| moved(p) != p) {
+                    f.pos = Some(moved(p));
+                    resend.push((to, mail, moved(p)));
+                }
+            }
+        }
+        // Their datagrams, sealed with the old places, go: sent again.
+        gone.extend(
+            (self.batch.deliveries.iter())
+                .filter(|&&(_, to, m)| resend.iter().any(|&(t, r, _)| t == to && r == m))
+                .filter_map(|&(n, _, _)| n.checked_sub(sent)),
+        );
         let held = self.batch.ack_transmits.clone();
         let gone = self.rewrite_held(&held, &answers, gone);
         self.renumber_held(&gone);
+        for (to, mail, pos) in resend {
+            self.transmit_delivery(to, mail, Some(pos));
+        }
         for (client, seq) in relay_refusals {
             self.reply(client, seq, Message::Refused { seq, reason });
+        }
+    }
+
+    /// The place `to`'s message `mail` has in the batch its welcome
+    /// announced, if it is being delivered in one.
+    fn place_of(&self, to: ClientId, mail: MailId) -> Option<u32> {
+        let session = &self.sessions[to.index() as usize];
+        match session.inflight.get(&mail) {
+            Some(f) => f.pos,
+            None => (session.queue.iter()).find_map(|&(m, pos)| pos.filter(|_| m == mail)),
         }
     }
 
@@ -383,8 +426,10 @@ impl Server {
         // Datagram numbers as places in `transmits`: nothing of the batch
         // has left.
         let sent = self.sent;
+        let ours = |m: MailId| batch.first_mail.is_some_and(|first| m >= first);
         let gone: HashSet<usize> = (batch.deliveries.iter())
-            .filter_map(|&(n, _)| n.checked_sub(sent))
+            .filter(|&&(_, _, m)| ours(m))
+            .filter_map(|&(n, _, _)| n.checked_sub(sent))
             .collect();
         let reason = failure.refusal();
         let mut refusals: Answers = HashMap::new();
@@ -519,7 +564,7 @@ impl Server {
             None => n,
         };
         (self.batch.ack_transmits).retain(|&(n, ..)| !dropped(n));
-        self.batch.deliveries.retain(|&(n, _)| !dropped(n));
+        self.batch.deliveries.retain(|&(n, _, _)| !dropped(n));
         for t in &mut self.batch.ack_transmits {
             t.0 = shift(t.0);
         }

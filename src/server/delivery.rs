@@ -202,8 +202,11 @@ impl Server {
         };
         let at = self.transmits.len();
         self.send_to(id, &msg);
-        if self.transmits.len() > at && self.batch.first_mail.is_some_and(|first| mail >= first) {
-            self.batch.deliveries.push((self.sent + at, mail));
+        // A welcome's place too, while mail is uncommitted: a refused
+        // message before it moves it (see `refuse_full`).
+        let noted = |first: MailId| pos.is_some() || mail >= first;
+        if self.transmits.len() > at && self.batch.first_mail.is_some_and(noted) {
+            self.batch.deliveries.push((self.sent + at, id, mail));
         }
     }
 

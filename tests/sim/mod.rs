@@ -506,12 +506,19 @@ impl Sim {
         let ops = std::mem::take(&mut self.held);
         match failure {
             Some(f) => self.server.handle_commit_failed(self.now, f),
-            None => {
-                self.store.commit(&ops).unwrap();
-                self.server.handle_committed();
-            }
+            None => self.commit_held(&ops),
         }
         self.drain_server();
+    }
+
+    /// Commits `ops`, held or sealed, to the store and reports what the
+    /// store did with them ([`Store::outcomes`]), as a driver does.
+    fn commit_held(&mut self, ops: &[StoreOp]) {
+        self.store.commit(ops).unwrap();
+        let outcomes = self.store.outcomes();
+        self.refused_full += full_in(&outcomes);
+        self.server.handle_committed_as(self.now, outcomes);
+        self.publish(self.server_addr, ops);
     }
 
     /// While holding: the operations held so far become the batch under
@@ -532,10 +539,7 @@ impl Sim {
                 self.held.clear();
                 self.server.handle_commit_failed(self.now, f);
             }
-            None => {
-                self.store.commit(&ops).unwrap();
-                self.server.handle_committed();
-            }
+            None => self.commit_held(&ops),
         }
         self.drain_server();
     }
