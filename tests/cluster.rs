@@ -2194,3 +2194,66 @@ fn attack_full_a_refusal_in_the_sealed_batch_does_not_release_the_next_one() {
         "{shown:?}"
     );
 }
+
+/// A welcome that counted a message of a commit that then fails, before
+/// messages another server committed under higher ids (its mail counter
+/// was ahead, the feed behind): the welcome counts one less, and the
+/// others move up a place, so all of them are delivered in the welcome's
+/// batch, not left past its count until the client registers again.
+#[test]
+fn a_welcome_whose_first_message_s_commit_fails_delivers_the_rest_at_once() {
+    let (mut s, [_, ben, cat], [a, b, c]) = homed(
+        2,
+        |_| {},
+        [
+            ("ann", 1024, 2000),
+            ("ben", 1025, 2001),
+            ("cat", 1024, 2002),
+        ],
+    );
+    let _ = ben;
+    s.command(c, &format!("dereg {cat}"));
+    s.settle();
+    // ben's server stores three for cat; cat's home has not read them.
+    s.feed_held = true;
+    for i in 0..3 {
+        s.command(b, &format!("send {cat} from ben {i}"));
+    }
+    assert_eq!(s.store.len(), 3);
+    // cat's new process: its registration arrives while ann's save, with
+    // a lower id than ben's, is under commit.
+    let register = delay_first(&mut s, 2003, 1024, What::Finish);
+    let c2 = spawn_via(&mut s, &cat, 2003, 1024, &[1024, 1025]);
+    s.run_until(Duration::from_secs(5), |_| register.borrow().is_some());
+    s.hold = true;
+    let from = s.lines(a).len();
+    s.line(a, &format!("send {cat} from ann"));
+    s.run_for(Duration::from_millis(10));
+    let p = register.borrow_mut().take().unwrap();
+    s.inject(p.from, p.to, p.payload);
+    s.run_for(Duration::from_millis(10));
+    assert!(online_at(&s, 1024, &cat));
+    s.release(Some(udpchat::StoreFailure::Unreachable));
+    let prompt = s.run_until(Duration::from_secs(3), |s| {
+        (0..3).all(|i| {
+            let text = format!("from ben {i}");
+            s.lines(c2).iter().any(|l| l.contains(&text))
+        })
+    });
+    s.feed_held = false;
+    s.settle();
+    let ann_said = s.lines_since(a, from);
+    assert!(
+        ann_said.iter().all(|l| !l.contains("saved]")),
+        "{ann_said:?}"
+    );
+    let lines = s.lines(c2);
+    for i in 0..3 {
+        let text = format!("from ben {i}");
+        let shown = lines.iter().filter(|l| l.contains(&text)).count();
+        assert_eq!(shown, 1, "{lines:?}");
+    }
+    let dropped = (s.events.iter())
+        .any(|e| matches!(e, udpchat::ServerEvent::Offline(n, false) if n.as_str() == cat));
+    assert!(prompt && !dropped, "{lines:?} {:?}", s.events);
+}

@@ -457,7 +457,9 @@ fn line(event: &ServerEvent) -> String {
         ServerEvent::Forgotten { name, days } => {
             format!("forgot {name}: not online for {days} days (--name-ttl); the name is free")
         }
-        ServerEvent::StoredChannel { from, recipients } => {
+        ServerEvent::StoredChannel {
+            from, recipients, ..
+        } => {
             let whom = if *recipients == 1 {
                 "client"
             } else {

@@ -342,6 +342,7 @@ impl Server {
             self.batch.stored.push(ServerEvent::StoredChannel {
                 from: from.clone(),
                 recipients: pending.len(),
+                mail,
             });
             self.store_ops.push_back(StoreOp::Channel(ChannelMail {
                 mail,

@@ -241,7 +241,7 @@ impl Server {
             }
             self.batch.mail.retain(|&c| c != (to, mail));
             if let Some(from) = direct.clone().or(channel) {
-                self.unlog_stored(&name, &from, direct.is_none());
+                self.unlog_stored(&name, &from, direct.is_none().then_some(mail));
                 let channel = direct.is_none();
                 self.event(ServerEvent::MailboxFull {
                     to: name,
@@ -311,10 +311,28 @@ impl Server {
             .filter(|&&(_, to, m)| refused.contains(&(to, m)))
             .filter_map(|&(n, _, _)| n.checked_sub(sent))
             .collect();
-        // A welcome counts one less: the places after a refused one's
-        // move up, or the client would never be given the last (beyond
-        // its count) and its batch would stall.
         let mut gone = gone;
+        let resend = self.close_places(holes);
+        // Their datagrams, sealed with the old places, go: sent again.
+        gone.extend(resent_places(&self.batch.deliveries, &resend, sent));
+        let held = self.batch.ack_transmits.clone();
+        let gone = self.rewrite_held(&held, &answers, gone);
+        self.renumber_held(&gone);
+        for (to, mail, pos) in resend {
+            self.transmit_delivery(to, mail, Some(pos));
+        }
+        for (client, seq) in relay_refusals {
+            self.reply(client, seq, Message::Refused { seq, reason });
+        }
+    }
+
+    /// Messages at the places `holes` of their clients' welcome batches
+    /// are gone (refused, or their commit failed): a welcome counts them
+    /// no more, so the places after them move up, or the client would
+    /// never be given the last ones (beyond its count) and its batch would
+    /// stall. Returns the deliveries in flight that moved, to be sent
+    /// again with their new places: (client, mail, place).
+    fn close_places(&mut self, holes: HashMap<ClientId, Vec<u32>>) -> Vec<(ClientId, MailId, u32)> {
         let mut resend = Vec::new();
         for (to, holes) in holes {
             let moved = |p: u32| p - holes.iter().filter(|&&h| h < p).count() as u32;
@@ -331,21 +349,7 @@ impl Server {
                 }
             }
         }
-        // Their datagrams, sealed with the old places, go: sent again.
-        gone.extend(
-            (self.batch.deliveries.iter())
-                .filter(|&&(_, to, m)| resend.iter().any(|&(t, r, _)| t == to && r == m))
-                .filter_map(|&(n, _, _)| n.checked_sub(sent)),
-        );
-        let held = self.batch.ack_transmits.clone();
-        let gone = self.rewrite_held(&held, &answers, gone);
-        self.renumber_held(&gone);
-        for (to, mail, pos) in resend {
-            self.transmit_delivery(to, mail, Some(pos));
-        }
-        for (client, seq) in relay_refusals {
-            self.reply(client, seq, Message::Refused { seq, reason });
-        }
+        resend
     }
 
     /// The place `to`'s message `mail` has in the batch its welcome
@@ -359,8 +363,9 @@ impl Server {
     }
 
     /// Takes a refused message's "stored" out of the log lines the sealed
-    /// batch gives once committed.
-    fn unlog_stored(&mut self, to: &Name, from: &Name, channel: bool) {
+    /// batch gives once committed (`channel`: a channel message's copy,
+    /// with its id: one line counts all its recipients).
+    fn unlog_stored(&mut self, to: &Name, from: &Name, channel: Option<MailId>) {
         let upto = self.sealed.map_or(self.batch.stored.len(), |s| s.stored);
         let at = (self.batch.stored[..upto].iter_mut()).position(|e| match e {
             ServerEvent::Stored {
@@ -368,11 +373,10 @@ impl Server {
                 from: f,
                 channel: false,
             }
-            | ServerEvent::Relaying { to: t, from: f } => !channel && t == to && f == from,
+            | ServerEvent::Relaying { to: t, from: f } => channel.is_none() && t == to && f == from,
             ServerEvent::StoredChannel {
-                from: f,
-                recipients,
-            } if channel && f == from => {
+                recipients, mail, ..
+            } if channel == Some(*mail) => {
                 *recipients = recipients.saturating_sub(1);
                 *recipients == 0
             }
@@ -408,9 +412,18 @@ impl Server {
             self.retry = Some(self.timers.insert(now + STORE_RETRY, Timer::StoreRetry));
         }
         self.schedule_deltas(now);
+        // Places in welcomes' batches the taken-back messages had.
+        let mut holes: HashMap<ClientId, Vec<u32>> = HashMap::new();
+        for &(to, mail) in &batch.mail {
+            if let Some(pos) = self.place_of(to, mail) {
+                holes.entry(to).or_default().push(pos);
+            }
+        }
         for &(to, mail) in &batch.mail {
             self.unput(to, mail);
         }
+        // Before the pump below, which sends queued mail with its place.
+        let resend = self.close_places(holes);
         for &(_, to) in &batch.counted {
             self.uncount(to);
         }
@@ -427,10 +440,11 @@ impl Server {
         // has left.
         let sent = self.sent;
         let ours = |m: MailId| batch.first_mail.is_some_and(|first| m >= first);
-        let gone: HashSet<usize> = (batch.deliveries.iter())
+        let mut gone: HashSet<usize> = (batch.deliveries.iter())
             .filter(|&&(_, _, m)| ours(m))
             .filter_map(|&(n, _, _)| n.checked_sub(sent))
             .collect();
+        gone.extend(resent_places(&batch.deliveries, &resend, sent));
         let reason = failure.refusal();
         let mut refusals: Answers = HashMap::new();
         let mut relay_refusals = Vec::new();
@@ -485,6 +499,9 @@ impl Server {
         }
         // Nothing numbered is kept: no renumbering.
         self.rewrite_held(&batch.ack_transmits, &refusals, gone);
+        for (to, mail, pos) in resend {
+            self.transmit_delivery(to, mail, Some(pos));
+        }
         for (client, seq) in relay_refusals {
             self.reply(client, seq, Message::Refused { seq, reason });
         }
@@ -659,4 +676,18 @@ impl Server {
             self.batch.ack_transmits.push((at_number, id, seq, link));
         }
     }
+}
+
+/// Where in `transmits` (`sent` datagrams on) the held `deliveries` (see
+/// `Batch::deliveries`) of the moved messages `resend` are (see
+/// `Server::close_places`): they carry the old places.
+fn resent_places(
+    deliveries: &[(usize, ClientId, MailId)],
+    resend: &[(ClientId, MailId, u32)],
+    sent: usize,
+) -> Vec<usize> {
+    (deliveries.iter())
+        .filter(|&&(_, to, m)| resend.iter().any(|&(t, r, _)| t == to && r == m))
+        .filter_map(|&(n, _, _)| n.checked_sub(sent))
+        .collect()
 }

@@ -18,6 +18,8 @@ pub enum ServerEvent {
         from: Name,
         /// Recipients it is pending for.
         recipients: usize,
+        /// Its id in the store.
+        mail: MailId,
     },
     /// A message was stored for a recipient.
     Stored {
