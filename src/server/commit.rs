@@ -307,11 +307,10 @@ impl Server {
         // too (by recipient: its other copies go out): its recipient must
         // not see what the store did not keep for it.
         let sent = self.sent;
-        let gone: HashSet<usize> = (self.batch.deliveries.iter())
+        let mut gone: HashSet<usize> = (self.batch.deliveries.iter())
             .filter(|&&(_, to, m)| refused.contains(&(to, m)))
             .filter_map(|&(n, _, _)| n.checked_sub(sent))
             .collect();
-        let mut gone = gone;
         let resend = self.close_places(holes);
         // Their datagrams, sealed with the old places, go: sent again.
         gone.extend(resent_places(&self.batch.deliveries, &resend, sent));
