@@ -28,6 +28,28 @@ pub(super) enum Promise {
 }
 
 impl Promise {
+    /// A welcome (to request `seq`) that counts none of the messages
+    /// `gone` (its client's, taken back): `None` if it counted none of
+    /// them, or is not a welcome.
+    fn welcome_without(&self, seq: Seq, gone: impl Iterator<Item = MailId>) -> Option<Message> {
+        let Promise::Welcome {
+            version,
+            mail,
+            reset,
+            last,
+        } = *self
+        else {
+            return None;
+        };
+        let taken = gone.filter(|&m| m <= last).count();
+        (taken > 0).then(|| Message::Welcome {
+            seq,
+            version,
+            mail: mail.saturating_sub(u32::try_from(taken).unwrap_or(u32::MAX)),
+            reset,
+        })
+    }
+
     /// The newest message whose commit the promise rests on: it holds once
     /// the batch with that message is committed (batches commit in order).
     fn rests_on(&self) -> MailId {
@@ -278,23 +300,11 @@ impl Server {
                     }
                     continue;
                 }
-                Promise::Welcome {
-                    version,
-                    mail,
-                    reset,
-                    last,
-                } => {
-                    let taken = (refused.iter())
-                        .filter(|&&(to, m)| to == client && m <= last)
-                        .count();
-                    if taken == 0 {
-                        continue;
-                    }
-                    Message::Welcome {
-                        seq,
-                        version,
-                        mail: mail.saturating_sub(taken as u32),
-                        reset,
+                Promise::Welcome { .. } => {
+                    let gone = (refused.iter()).filter(|&&(to, _)| to == client);
+                    match promise.welcome_without(seq, gone.map(|&(_, m)| m)) {
+                        Some(msg) => msg,
+                        None => continue,
                     }
                 }
             };
@@ -472,25 +482,11 @@ impl Server {
                     }
                     continue;
                 }
-                Promise::Welcome {
-                    version,
-                    mail,
-                    reset,
-                    last,
-                } => {
-                    let taken = batch
-                        .mail
-                        .iter()
-                        .filter(|&&(to, m)| to == client && m <= last)
-                        .count();
-                    if taken == 0 {
-                        continue;
-                    }
-                    Message::Welcome {
-                        seq,
-                        version,
-                        mail: mail.saturating_sub(taken as u32),
-                        reset,
+                Promise::Welcome { .. } => {
+                    let gone = (batch.mail.iter()).filter(|&&(to, _)| to == client);
+                    match promise.welcome_without(seq, gone.map(|&(_, m)| m)) {
+                        Some(msg) => msg,
+                        None => continue,
                     }
                 }
             };
