@@ -1179,6 +1179,24 @@ fn counted_copies_past_the_mail_ttl_free_the_mailbox() {
 // store does, and a message whose delete is not committed yet is passed
 // over.)
 
+/// The makings of a ghost: `ben` (node `b`) logs out; ann (node `a`)
+/// saves "ghostly" for it while the feed is held; ben logs back in, is
+/// shown it and acks it, logs out and crashes; then the feed catches up,
+/// late, with the message and its delete.
+fn acked_behind_the_feed(s: &mut Sim, ben: &str, b: usize, a: usize) {
+    s.command(b, &format!("dereg {ben}"));
+    s.feed_held = true;
+    s.command(a, &format!("send {ben} ghostly"));
+    assert!(s.lines(a).contains(&SAVED), "{:?}", s.lines(a));
+    s.command(b, &format!("reg {ben}"));
+    s.settle();
+    s.command(b, &format!("dereg {ben}"));
+    s.crash(b);
+    s.feed_held = false;
+    s.drain_servers();
+    s.settle();
+}
+
 /// How many lines of each of `nodes` contain `text`, summed.
 fn shown_in(s: &Sim, nodes: &[usize], text: &str) -> usize {
     (nodes.iter())
@@ -1275,17 +1293,7 @@ fn attack_a_ghost_message_does_not_take_a_channel_message_s_place() {
         ],
     );
     let all = [1024, 1025];
-    s.command(b, &format!("dereg {ben}"));
-    s.feed_held = true;
-    s.command(a, &format!("send {ben} ghostly"));
-    assert!(s.lines(a).contains(&SAVED), "{:?}", s.lines(a));
-    s.command(b, &format!("reg {ben}"));
-    s.settle();
-    s.command(b, &format!("dereg {ben}"));
-    s.crash(b);
-    s.feed_held = false;
-    s.drain_servers();
-    s.settle();
+    acked_behind_the_feed(&mut s, &ben, b, a);
     s.command(c, "send_all after the ghost");
     assert!(
         s.lines(c).contains(&">>> [Message received by Server.]"),
@@ -1321,34 +1329,8 @@ fn attack_a_client_hopping_a_b_a_behind_the_feed_gets_what_a_third_server_saved(
     s.shared_cluster(3);
     let all = [1024, 1025, 1026];
     // ben: home A (1024) with all three live, B (1025) without A.
-    let ben = (0..1000)
-        .map(|i| format!("ben{i}"))
-        .find(|n| {
-            s.server.home_of(&name(n)) == Some(addr(1024)) && {
-                let mut probe = udpchat::Server::new(
-                    ServerConfig::new([7; 32], server_key(), (s.start, sim::EPOCH_UNIX)),
-                    s.now,
-                    Default::default(),
-                );
-                probe.set_servers(addr(1025), &[addr(1025), addr(1026)]);
-                probe.home_of(&name(n)) == Some(addr(1025))
-            }
-        })
-        .unwrap();
-    let cal = (0..1000)
-        .map(|i| format!("cal{i}"))
-        .find(|n| {
-            s.server.home_of(&name(n)) == Some(addr(1026)) && {
-                let mut probe = udpchat::Server::new(
-                    ServerConfig::new([7; 32], server_key(), (s.start, sim::EPOCH_UNIX)),
-                    s.now,
-                    Default::default(),
-                );
-                probe.set_servers(addr(1025), &[addr(1025), addr(1026)]);
-                probe.home_of(&name(n)) == Some(addr(1026))
-            }
-        })
-        .unwrap();
+    let ben = name_with_homes(&s, "ben", &[(&all, 1024), (&[1025, 1026], 1025)]);
+    let cal = name_with_homes(&s, "cal", &[(&all, 1026), (&[1025, 1026], 1026)]);
     let c = join_via(&mut s, &cal, 2000, 1026, &all);
     let b1 = join_via(&mut s, &ben, 2001, 1024, &all);
     s.settle();
@@ -1404,17 +1386,7 @@ fn attack_a_client_hopping_a_b_a_behind_the_feed_gets_what_a_third_server_saved(
 fn attack_a_ghost_message_does_not_stall_the_welcome_batch() {
     let (mut s, [ben, _], [b, a]) = homed(2, |_| {}, [("ben", 1024, 2001), ("ann", 1025, 2000)]);
     let all = [1024, 1025];
-    s.command(b, &format!("dereg {ben}"));
-    s.feed_held = true;
-    s.command(a, &format!("send {ben} ghostly"));
-    assert!(s.lines(a).contains(&SAVED), "{:?}", s.lines(a));
-    s.command(b, &format!("reg {ben}"));
-    s.settle();
-    s.command(b, &format!("dereg {ben}"));
-    s.crash(b);
-    s.feed_held = false;
-    s.drain_servers();
-    s.settle();
+    acked_behind_the_feed(&mut s, &ben, b, a);
     // A real message, saved through the same server (a later id).
     s.command(a, &format!("send {ben} the real one"));
     assert_eq!(
@@ -1456,17 +1428,7 @@ fn attack_a_ghost_counted_at_the_old_home_does_not_fill_the_mailbox_for_good() {
             ("cal", 1024, 2003),
         ],
     );
-    s.command(b, &format!("dereg {ben}"));
-    s.feed_held = true;
-    s.command(a, &format!("send {ben} ghostly"));
-    assert!(s.lines(a).contains(&SAVED), "{:?}", s.lines(a));
-    s.command(b, &format!("reg {ben}"));
-    s.settle();
-    s.command(b, &format!("dereg {ben}"));
-    s.crash(b);
-    s.feed_held = false;
-    s.drain_servers();
-    s.settle();
+    acked_behind_the_feed(&mut s, &ben, b, a);
     assert_eq!(s.store.len(), 0);
     // A stalls a moment: ben's home is B, and ben logs in there (and
     // stays). A lets go of ben's mailbox, counting what it held.
@@ -1589,6 +1551,23 @@ fn name_with_homes(s: &Sim, prefix: &str, want: &[(&[u16], u16)]) -> String {
         .expect("a name with those homes")
 }
 
+/// Three servers (A 1024, B 1025, C 1026) with `mailbox` messages a
+/// mailbox: ann homed at B (at A once B is gone), ben at C, cal at A,
+/// all online. ben's name, and the clients ann, ben, cal.
+fn ann_moving_to_a(mailbox: usize) -> (Sim, String, [usize; 3]) {
+    let mut s = Sim::new();
+    s.shared_cluster_with(3, |c| c.mailbox_messages = mailbox);
+    let all = [1024, 1025, 1026];
+    let ann = name_with_homes(&s, "ann", &[(&all, 1025), (&[1024, 1026], 1024)]);
+    let ben = s.name_homed_at("ben", addr(1026));
+    let cal = s.name_homed_at("cal", addr(1024));
+    let b = join_via(&mut s, &ben, 2001, 1026, &all);
+    let c = join_via(&mut s, &cal, 2002, 1024, &all);
+    let a = join_via(&mut s, &ann, 2000, 1025, &all);
+    s.settle();
+    (s, ben, [a, b, c])
+}
+
 fn full_events(s: &Sim) -> Vec<String> {
     (s.events.iter())
         .filter(|e| matches!(e, udpchat::ServerEvent::MailboxFull { .. }))
@@ -1604,16 +1583,7 @@ fn full_events(s: &Sim) -> Vec<String> {
 /// limit of two, the next channel message through A must still reach it.
 #[test]
 fn attack2_a_channel_message_sent_again_through_another_server_is_counted_once() {
-    let mut s = Sim::new();
-    s.shared_cluster_with(3, |c| c.mailbox_messages = 2);
-    let all = [1024, 1025, 1026];
-    let ann = name_with_homes(&s, "ann", &[(&all, 1025), (&[1024, 1026], 1024)]);
-    let ben = s.name_homed_at("ben", addr(1026));
-    let cal = s.name_homed_at("cal", addr(1024));
-    let b = join_via(&mut s, &ben, 2001, 1026, &all);
-    let c = join_via(&mut s, &cal, 2002, 1024, &all);
-    let a = join_via(&mut s, &ann, 2000, 1025, &all);
-    s.settle();
+    let (mut s, ben, [a, b, c]) = ann_moving_to_a(2);
     s.command(b, &format!("dereg {ben}"));
     // B commits the channel message; its answer never reaches ann.
     let home = addr(1025);
@@ -1660,16 +1630,7 @@ fn attack2_a_channel_message_sent_again_through_another_server_is_counted_once()
 /// be refused as full.
 #[test]
 fn attack2_a_retry_of_a_message_already_acked_leaves_no_phantom_filling_the_mailbox() {
-    let mut s = Sim::new();
-    s.shared_cluster_with(3, |c| c.mailbox_messages = 1);
-    let all = [1024, 1025, 1026];
-    let ann = name_with_homes(&s, "ann", &[(&all, 1025), (&[1024, 1026], 1024)]);
-    let ben = s.name_homed_at("ben", addr(1026));
-    let cal = s.name_homed_at("cal", addr(1024));
-    let b = join_via(&mut s, &ben, 2001, 1026, &all);
-    let c = join_via(&mut s, &cal, 2002, 1024, &all);
-    let a = join_via(&mut s, &ann, 2000, 1025, &all);
-    s.settle();
+    let (mut s, ben, [a, b, c]) = ann_moving_to_a(1);
     cut_direct_path(&mut s, 2000, 2001);
     cut_direct_path(&mut s, 2002, 2001);
     let home = addr(1025);
@@ -1836,9 +1797,41 @@ fn attack2_a_channel_retry_keeps_the_copy_for_a_name_the_first_server_did_not_kn
 // The shared store counts every mailbox across the servers, as PostgreSQL
 // does, and refuses the message that would go over: its sender is told.)
 
+/// ann, ben and cat homed on three servers with `mailbox` messages a
+/// mailbox, cat logged out: cat's name, and the three clients.
+fn cat_away(mailbox: usize) -> (Sim, String, [usize; 3]) {
+    let (mut s, [_, _, cat], nodes) = homed(
+        3,
+        |c| c.mailbox_messages = mailbox,
+        [
+            ("ann", 1024, 2000),
+            ("ben", 1025, 2001),
+            ("cat", 1026, 2002),
+        ],
+    );
+    s.command(nodes[2], &format!("dereg {cat}"));
+    s.settle();
+    (s, cat, nodes)
+}
+
+/// Whether the cluster's first server logged `to`'s mailbox full (for a
+/// channel message or a direct one).
+fn logged_full(s: &Sim, to: &str, channel: bool) -> bool {
+    (s.events.iter()).any(|e| {
+        matches!(e, udpchat::ServerEvent::MailboxFull { to: t, channel: c, .. }
+            if t.as_str() == to && *c == channel)
+    })
+}
+
 /// A message written to the store by a server that tells nobody (its feed
 /// row not read yet): the other servers' view of `to`'s mailbox is stale.
 fn stored_behind_their_backs(s: &mut Sim, to: &str, id: u64) {
+    stored_behind_their_backs_sized(s, to, id, 40);
+}
+
+/// [`stored_behind_their_backs`] with a body of `len` bytes: a message
+/// that fills `to`'s mailbox by bytes in the store only.
+fn stored_behind_their_backs_sized(s: &mut Sim, to: &str, id: u64, len: usize) {
     use udpchat::store::{Body, Store, StoreOp, StoredMail};
     let m = StoredMail {
         mail: udpchat::wire::MailId(1 << 40 | id),
@@ -1847,7 +1840,7 @@ fn stored_behind_their_backs(s: &mut Sim, to: &str, id: u64) {
         channel: false,
         stored_at: sim::EPOCH_UNIX,
         id: udpchat::wire::MsgId(id),
-        body: Body::AtRest(vec![7; 40]),
+        body: Body::AtRest(vec![7; len]),
     };
     s.store.commit(&[StoreOp::Put(m)]).unwrap();
 }
@@ -1858,17 +1851,7 @@ fn stored_behind_their_backs(s: &mut Sim, to: &str, id: u64) {
 /// owner, back, gets exactly the messages reported saved.
 #[test]
 fn two_servers_filling_one_mailbox_at_once_save_no_more_than_it_holds() {
-    let (mut s, [_, _, cat], [a, b, c]) = homed(
-        3,
-        |c| c.mailbox_messages = 2,
-        [
-            ("ann", 1024, 2000),
-            ("ben", 1025, 2001),
-            ("cat", 1026, 2002),
-        ],
-    );
-    s.command(c, &format!("dereg {cat}"));
-    s.settle();
+    let (mut s, cat, [a, b, _]) = cat_away(2);
     s.feed_held = true;
     s.command(a, &format!("send {cat} from ann one"));
     s.command(b, &format!("send {cat} from ben one"));
@@ -1881,11 +1864,7 @@ fn two_servers_filling_one_mailbox_at_once_save_no_more_than_it_holds() {
     assert_eq!(said.last(), Some(&full.as_str()), "{said:?}");
     assert!(said.iter().all(|l| !l.contains("saved]")), "{said:?}");
     assert_eq!(s.store.len(), 2);
-    let logged = (s.events.iter()).any(|e| {
-        matches!(e, udpchat::ServerEvent::MailboxFull { to, channel: false, .. }
-            if to.as_str() == cat)
-    });
-    assert!(logged, "{:?}", s.events);
+    assert!(logged_full(&s, &cat, false), "{:?}", s.events);
     // The refused message is gone from a's server too: its next save
     // is refused by the server itself, and the store has the same two.
     assert_eq!(s.server_at(addr(1024)).mailbox(&name(&cat)).count(), 1);
@@ -1905,17 +1884,7 @@ fn two_servers_filling_one_mailbox_at_once_save_no_more_than_it_holds() {
 /// is told it was saved, and the full mailbox never shows it.
 #[test]
 fn a_channel_copy_the_store_refuses_is_kept_for_the_others_only() {
-    let (mut s, [_, _, cat], [a, b, c]) = homed(
-        3,
-        |c| c.mailbox_messages = 1,
-        [
-            ("ann", 1024, 2000),
-            ("ben", 1025, 2001),
-            ("cat", 1026, 2002),
-        ],
-    );
-    s.command(c, &format!("dereg {cat}"));
-    s.settle();
+    let (mut s, cat, [a, b, _]) = cat_away(1);
     stored_behind_their_backs(&mut s, &cat, 1);
     let from = s.lines(a).len();
     s.command(a, "send_all hello all");
@@ -1931,11 +1900,7 @@ fn a_channel_copy_the_store_refuses_is_kept_for_the_others_only() {
             .count(),
         1
     );
-    let logged = (s.events.iter()).any(|e| {
-        matches!(e, udpchat::ServerEvent::MailboxFull { to, channel: true, .. }
-            if to.as_str() == cat)
-    });
-    assert!(logged, "{:?}", s.events);
+    assert!(logged_full(&s, &cat, true), "{:?}", s.events);
     let c2 = join_via(&mut s, &cat, 2003, 1026, &[1024, 1025, 1026]);
     s.settle();
     let lines = s.lines(c2);
@@ -1996,22 +1961,6 @@ fn a_relay_the_store_refuses_is_not_delivered() {
 }
 
 // ---- attacks on the store's full mailbox ----
-
-/// [`stored_behind_their_backs`] with a body of `len` bytes: a message
-/// that fills `to`'s mailbox by bytes in the store only.
-fn stored_behind_their_backs_sized(s: &mut Sim, to: &str, id: u64, len: usize) {
-    use udpchat::store::{Body, Store, StoreOp, StoredMail};
-    let m = StoredMail {
-        mail: udpchat::wire::MailId(1 << 40 | id),
-        to: name(to),
-        from: name("someone"),
-        channel: false,
-        stored_at: sim::EPOCH_UNIX,
-        id: udpchat::wire::MsgId(id),
-        body: Body::AtRest(vec![7; len]),
-    };
-    s.store.commit(&[StoreOp::Put(m)]).unwrap();
-}
 
 /// Drops the first packet from `from` to `to` carrying `what`, and keeps
 /// it, to be injected later (a delayed datagram).
